@@ -1,0 +1,224 @@
+"""Turn what happened to one request into its usage row, and log the bill in four stages.
+
+The stages (one request id on each line) are what an operator checks a bill with:
+raw upstream usage -> mapped token classes -> billed counts with prices -> cost term by term.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from codex_gateway.billing.pricing import Cost, Price, PriceTable, base_model, compute_cost, plain
+from codex_gateway.relay.usage import (
+    FLAG_CACHED_OVER_INPUT,
+    FLAG_INVALID,
+    FLAG_REASONING_OVER_OUTPUT,
+    NO_USAGE,
+    MappedUsage,
+    map_usage,
+)
+
+log = logging.getLogger("codex_gateway.billing")
+
+FLAG_MODEL_MISMATCH = "upstream_model_differs"
+FLAG_NEEDS_REVIEW = "needs_review"
+REVIEW_FLAGS = frozenset({FLAG_INVALID, FLAG_CACHED_OVER_INPUT, FLAG_REASONING_OVER_OUTPUT})
+
+
+@dataclass
+class Outcome:
+    """Everything the relay learned about one request, filled in as it goes."""
+
+    request_id: str
+    started_at: datetime
+    started: float
+    endpoint: str
+    model: str
+    stream: bool
+    price: Price
+    user_id: int | None = None
+    key_id: int | None = None
+    account_id: int | None = None
+    status: str = "completed"
+    http_status: int = 200
+    error: str | None = None
+    usage: Any = None
+    usage_reported: bool = False
+    upstream_model: str | None = None
+    response_id: str | None = None
+    flags: list[str] = field(default_factory=list)
+    ttfb_ms: float | None = None
+    duration_ms: float = 0.0
+    client_bytes: int = 0
+
+    def flag(self, name: str) -> None:
+        if name not in self.flags:
+            self.flags.append(name)
+
+
+def bill(outcome: Outcome, prices: PriceTable) -> dict[str, Any]:
+    """The usage row for `outcome`: raw usage, mapped counts, price snapshot and each term."""
+    mapped = map_usage(outcome.usage) if outcome.usage_reported else NO_USAGE
+    price = _price_for(outcome, prices)
+    cost = compute_cost(mapped, price)
+    flags = list(outcome.flags)
+    flags.extend(flag for flag in mapped.flags if flag not in flags)
+    if any(flag in REVIEW_FLAGS for flag in mapped.flags):
+        flags.append(FLAG_NEEDS_REVIEW)
+    if price.model != outcome.price.model:
+        flags.append(FLAG_MODEL_MISMATCH)
+    if log.isEnabledFor(logging.DEBUG):
+        _log_stages(outcome, mapped, price, cost)
+    return {
+        "request_id": outcome.request_id,
+        "started_at": outcome.started_at,
+        "user_id": outcome.user_id,
+        "key_id": outcome.key_id,
+        "account_id": outcome.account_id,
+        "endpoint": outcome.endpoint,
+        "model": outcome.model,
+        "upstream_model": outcome.upstream_model,
+        "stream": outcome.stream,
+        "status": outcome.status,
+        "http_status": outcome.http_status,
+        "error": outcome.error,
+        "response_id": outcome.response_id,
+        "raw_usage": orjson.dumps(outcome.usage).decode() if outcome.usage_reported else None,
+        "input_tokens": mapped.input_tokens,
+        "cached_tokens": mapped.cached_tokens,
+        "uncached_input_tokens": mapped.uncached_input_tokens,
+        "output_tokens": mapped.output_tokens,
+        "reasoning_tokens": mapped.reasoning_tokens,
+        "price_model": price.model,
+        "price_input": price.input,
+        "price_cached_input": price.cached_input,
+        "price_output": price.output,
+        "markup": price.markup,
+        "cost_uncached_input": cost.uncached_input,
+        "cost_cached_input": cost.cached_input,
+        "cost_output": cost.output,
+        "cost_before_markup": cost.before_markup,
+        "cost_usd": cost.total,
+        "flags": orjson.dumps(flags).decode(),
+        "duration_ms": outcome.duration_ms,
+        "ttfb_ms": outcome.ttfb_ms,
+        "client_bytes": outcome.client_bytes,
+    }
+
+
+def _price_for(outcome: Outcome, prices: PriceTable) -> Price:
+    """Price by the model the upstream says it ran when that is priced; else as admitted."""
+    if outcome.upstream_model and base_model(outcome.upstream_model) != base_model(outcome.model):
+        reported = prices.resolve(outcome.upstream_model)
+        if reported is not None:
+            return reported
+    return outcome.price
+
+
+def _log_stages(outcome: Outcome, mapped: MappedUsage, price: Price, cost: Cost) -> None:
+    extra = {"request_id": outcome.request_id}
+    raw = orjson.dumps(outcome.usage).decode() if outcome.usage_reported else "none reported"
+    log.debug(
+        "stage=raw status=%s upstream_model=%s usage=%s",
+        outcome.status,
+        outcome.upstream_model,
+        raw,
+        extra=extra,
+    )
+    log.debug(
+        "stage=mapped input=%d cached=%d uncached=%d output=%d reasoning=%d flags=%s",
+        mapped.input_tokens,
+        mapped.cached_tokens,
+        mapped.uncached_input_tokens,
+        mapped.output_tokens,
+        mapped.reasoning_tokens,
+        ",".join(mapped.flags) or "-",
+        extra=extra,
+    )
+    log.debug(
+        "stage=billed model=%s price_model=%s uncached=%d cached=%d output=%d "
+        "usd_per_1m input=%s cached_input=%s output=%s markup=%s",
+        outcome.model,
+        price.model,
+        mapped.uncached_input_tokens,
+        mapped.billable_cached_tokens,
+        mapped.output_tokens,
+        plain(price.input),
+        plain(price.cached_input),
+        plain(price.output),
+        plain(price.markup),
+        extra=extra,
+    )
+    log.debug(
+        "stage=cost uncached=%s cached=%s output=%s before_markup=%s total=$%s",
+        plain(cost.uncached_input),
+        plain(cost.cached_input),
+        plain(cost.output),
+        plain(cost.before_markup),
+        plain(cost.total),
+        extra=extra,
+    )
+
+
+def explain(row: dict[str, Any]) -> str:
+    """One request's bill, term by term, with the formula and its numbers."""
+    lines = [
+        f"request   {row['request_id']}",
+        f"started   {row['started_at']:%Y-%m-%d %H:%M:%S} UTC   duration {row['duration_ms']:.1f} ms"
+        + (f"   first byte {row['ttfb_ms']:.1f} ms" if row.get("ttfb_ms") is not None else ""),
+        f"user      {row.get('user') or '-'}   key {row.get('key') or '-'}   "
+        f"account {row.get('account') or '-'}",
+        f"model     {row['model']} (upstream reported {row.get('upstream_model') or '-'})   "
+        f"endpoint {row['endpoint']}   stream {'yes' if row['stream'] else 'no'}",
+        f"status    {row['status']} (HTTP {row['http_status']})"
+        + (f"   error: {row['error']}" if row.get("error") else ""),
+        f"flags     {', '.join(orjson.loads(row['flags'])) or 'none'}",
+        "",
+        "1. raw upstream usage",
+        f"   {row['raw_usage'] or 'none reported'}",
+        "",
+        "2. mapped (cached is part of input, reasoning is part of output)",
+        f"   input {row['input_tokens']} = uncached {row['uncached_input_tokens']}"
+        f" + cached {row['input_tokens'] - row['uncached_input_tokens']}"
+        f"   (cached reported: {row['cached_tokens']})",
+        f"   output {row['output_tokens']} (of which reasoning {row['reasoning_tokens']})",
+        "",
+        f"3. prices for {row['price_model']} (USD per 1M tokens)",
+        f"   input {plain(row['price_input'])}   cached input {plain(row['price_cached_input'])}"
+        f"   output {plain(row['price_output'])}   markup x{plain(row['markup'])}",
+        "",
+        "4. cost",
+    ]
+    lines.extend(_cost_lines(row))
+    return "\n".join(lines)
+
+
+def _cost_lines(row: dict[str, Any]) -> list[str]:
+    cached_billed = row["input_tokens"] - row["uncached_input_tokens"]
+    terms = [
+        ("uncached input", row["uncached_input_tokens"], row["price_input"], row["cost_uncached_input"]),
+        ("cached input", cached_billed, row["price_cached_input"], row["cost_cached_input"]),
+        ("output", row["output_tokens"], row["price_output"], row["cost_output"]),
+    ]
+    width = max(len(name) for name, *_ in terms)
+    lines = [
+        f"   {name:<{width}}  {tokens:>9} x {plain(price)} / 1,000,000 = {plain(cost)}"
+        for name, tokens, price, cost in terms
+    ]
+    markup: Decimal = row["markup"]
+    lines += [
+        f"   {'sum':<{width}}  {plain(row['cost_before_markup'])}",
+        f"   {'x markup':<{width}}  {plain(row['cost_before_markup'])} x {plain(markup)}"
+        f" = {plain(row['cost_usd'])}",
+        "",
+        f"   total charged: ${plain(row['cost_usd'])}",
+        "   formula: ((input - cached) x P_in + cached x P_cached + output x P_out)"
+        " / 1e6 x markup",
+    ]
+    return lines

@@ -1,0 +1,1 @@
+"""The command line: serve, sandbox and the administration commands."""

@@ -1,0 +1,297 @@
+"""Administration commands: users, keys, upstream accounts, prices, usage and explain."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import click
+import orjson
+
+from codex_gateway.billing.pricing import Price, parse_amount, per_million, plain
+from codex_gateway.billing.settlement import explain as explain_row
+from codex_gateway.cli.context import dump_json, table, with_store
+from codex_gateway.store.queries import Store
+
+ACCOUNT_KINDS = ("openai",)
+
+
+def _amount(_ctx: click.Context, param: click.Parameter, value: str | None) -> Decimal | None:
+    if value is None:
+        return None
+    try:
+        return parse_amount(value, param.human_readable_name)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.group()
+def users() -> None:
+    """Users and their USD balances."""
+
+
+@users.command("create")
+@click.argument("name")
+@click.option("--balance", default="0", callback=_amount, help="Starting balance in USD.")
+def users_create(name: str, balance: Decimal) -> None:
+    """Create a user with a starting balance."""
+    with_store(lambda store: store.create_user(name, balance))
+    click.echo(f"created user {name} with balance ${plain(balance)}")
+
+
+@users.command("topup")
+@click.argument("name")
+@click.argument("usd", callback=_amount)
+@click.option("--note", default=None, help="Why, for the ledger.")
+def users_topup(name: str, usd: Decimal, note: str | None) -> None:
+    """Add USD to a user's balance."""
+    balance = with_store(lambda store: store.topup(name, usd, note))
+    click.echo(f"{name}: balance is now ${plain(balance)}")
+
+
+@users.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def users_list(as_json: bool) -> None:
+    """List users and balances."""
+    rows = with_store(lambda store: store.list_users())
+    if as_json:
+        click.echo(dump_json([{**row, "balance": format(row["balance"], "f")} for row in rows]))
+        return
+    click.echo(table(rows, ["id", "name", "balance", "created_at"]))
+
+
+@users.command("ledger")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def users_ledger(name: str, as_json: bool) -> None:
+    """Every change to a user's balance, oldest first."""
+    rows = list(with_store(lambda store: store.ledger(name)))
+    click.echo(dump_json(rows) if as_json else table(rows, list(rows[0]) if rows else ["kind"]))
+
+
+@click.group()
+def keys() -> None:
+    """Gateway API keys. A key is shown once, when it is created; only its hash is stored."""
+
+
+@keys.command("create")
+@click.option("--user", "user_name", required=True, help="The user the key bills to.")
+@click.option("--name", default=None, help="A label for the key.")
+def keys_create(user_name: str, name: str | None) -> None:
+    """Create a key and print it once (the last line of the output)."""
+    raw, display = with_store(lambda store: store.create_key(user_name, name))
+    click.echo(f"created key {display} for {user_name}; it is shown only this once:")
+    click.echo(raw)
+
+
+@keys.command("list")
+@click.option("--user", "user_name", default=None, help="Only this user's keys.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def keys_list(user_name: str | None, as_json: bool) -> None:
+    """List keys (shown as prefix and last four characters)."""
+    rows = with_store(lambda store: store.list_keys(user_name))
+    if as_json:
+        click.echo(dump_json(rows))
+        return
+    click.echo(table(rows, ["id", "display", "user", "name", "created_at", "revoked_at"]))
+
+
+@keys.command("revoke")
+@click.argument("key_id", type=int)
+def keys_revoke(key_id: int) -> None:
+    """Revoke a key by its id (see `keys list`)."""
+    with_store(lambda store: store.revoke_key(key_id))
+    click.echo(f"revoked key {key_id}")
+
+
+@click.group()
+def accounts() -> None:
+    """Upstream accounts the gateway relays to."""
+
+
+@accounts.command("add")
+@click.option("--name", required=True)
+@click.option("--kind", type=click.Choice(ACCOUNT_KINDS), default="openai", show_default=True)
+@click.option(
+    "--base-url", required=True, help="As OpenAI writes it, e.g. https://api.openai.com/v1"
+)
+@click.option("--api-key", required=True, help="The upstream API key.")
+@click.option("--priority", type=int, default=100, show_default=True, help="Lower goes first.")
+def accounts_add(name: str, kind: str, base_url: str, api_key: str, priority: int) -> None:
+    """Add an upstream account."""
+    if not base_url.startswith(("http://", "https://")):
+        raise click.BadParameter("must start with http:// or https://", param_hint="--base-url")
+    with_store(lambda store: store.add_account(name, kind, base_url, api_key, priority))
+    click.echo(f"added {kind} account {name} -> {base_url.rstrip('/')}/responses")
+
+
+@accounts.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def accounts_list(as_json: bool) -> None:
+    """List upstream accounts (keys are never shown)."""
+    records = with_store(lambda store: store.accounts())
+    rows = [
+        {
+            "id": a.id,
+            "name": a.name,
+            "kind": a.kind,
+            "base_url": a.base_url,
+            "priority": a.priority,
+            "enabled": a.enabled,
+            "state": "ready" if a.enabled else "disabled",
+        }
+        for a in records
+    ]
+    if as_json:
+        click.echo(dump_json(rows))
+        return
+    click.echo(table(rows, ["id", "name", "kind", "base_url", "priority", "state"]))
+
+
+@accounts.command("disable")
+@click.argument("name")
+def accounts_disable(name: str) -> None:
+    """Take an account out of rotation."""
+    with_store(lambda store: store.set_account_enabled(name, False))
+    click.echo(f"disabled account {name}")
+
+
+@accounts.command("enable")
+@click.argument("name")
+def accounts_enable(name: str) -> None:
+    """Put an account back into rotation."""
+    with_store(lambda store: store.set_account_enabled(name, True))
+    click.echo(f"enabled account {name}")
+
+
+@accounts.command("remove")
+@click.argument("name")
+def accounts_remove(name: str) -> None:
+    """Delete an account that has served no request."""
+    with_store(lambda store: store.remove_account(name))
+    click.echo(f"removed account {name}")
+
+
+@click.group()
+def pricing() -> None:
+    """Per-model prices (USD per 1M tokens unless --per 1k) and markup."""
+
+
+@pricing.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def pricing_list(as_json: bool) -> None:
+    """List prices, USD per 1M tokens."""
+    prices = with_store(lambda store: store.prices())
+    rows = [
+        {
+            "model": p.model,
+            "input": plain(p.input),
+            "cached_input": plain(p.cached_input),
+            "output": plain(p.output),
+            "markup": plain(p.markup),
+        }
+        for p in prices
+    ]
+    if as_json:
+        click.echo(dump_json(rows))
+        return
+    click.echo(table(rows, ["model", "input", "cached_input", "output", "markup"]))
+
+
+@pricing.command("set")
+@click.argument("model")
+@click.option("--input", "input_", required=True, callback=_amount, help="Input price.")
+@click.option("--cached-input", required=True, callback=_amount, help="Cached input price.")
+@click.option("--output", required=True, callback=_amount, help="Output price.")
+@click.option("--markup", default="1", callback=_amount, show_default=True)
+@click.option("--per", type=click.Choice(["1m", "1k"]), default="1m", show_default=True)
+def pricing_set(
+    model: str,
+    input_: Decimal,
+    cached_input: Decimal,
+    output: Decimal,
+    markup: Decimal,
+    per: str,
+) -> None:
+    """Set a model's prices (creates or replaces)."""
+    price = Price(
+        model,
+        per_million(input_, per),
+        per_million(cached_input, per),
+        per_million(output, per),
+        markup,
+    )
+    with_store(lambda store: store.set_price(price))
+    click.echo(
+        f"{model}: input {plain(price.input)}, cached input {plain(price.cached_input)}, "
+        f"output {plain(price.output)} USD per 1M tokens, markup x{plain(price.markup)}"
+    )
+
+
+@pricing.command("remove")
+@click.argument("model")
+def pricing_remove(model: str) -> None:
+    """Remove a model's price; requests for it are then refused."""
+    with_store(lambda store: store.remove_price(model))
+    click.echo(f"removed price for {model}")
+
+
+USAGE_COLUMNS = [
+    "request_id",
+    "started_at",
+    "user",
+    "model",
+    "status",
+    "input_tokens",
+    "cached_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+    "flags",
+]
+
+
+@click.group()
+def usage() -> None:
+    """Per-request usage rows."""
+
+
+@usage.command("list")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
+@click.option("--user", "user_name", default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array, newest first.")
+def usage_list(limit: int, user_name: str | None, as_json: bool) -> None:
+    """List usage rows, newest first."""
+    rows = with_store(lambda store: store.list_usage(limit, user_name))
+    rows = [_usage_json(row) for row in rows]
+    if as_json:
+        click.echo(dump_json(rows))
+        return
+    for row in rows:
+        row["flags"] = ",".join(row["flags"]) or "-"
+    click.echo(table(rows, USAGE_COLUMNS))
+
+
+def _usage_json(row: dict[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    out["flags"] = orjson.loads(row["flags"])
+    out["raw_usage"] = orjson.loads(row["raw_usage"]) if row["raw_usage"] else None
+    for name, value in row.items():
+        if isinstance(value, Decimal):
+            out[name] = format(value, "f")
+    return out
+
+
+@click.command()
+@click.argument("request_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole usage row as JSON.")
+def explain(request_id: str, as_json: bool) -> None:
+    """Show how one request's cost was computed, term by term."""
+
+    async def load(store: Store) -> dict[str, Any] | None:
+        return await store.usage(request_id)
+
+    row = with_store(load)
+    if row is None:
+        raise click.ClickException(f"no usage row for request {request_id!r}")
+    click.echo(dump_json(_usage_json(row)) if as_json else explain_row(row))

@@ -1,0 +1,119 @@
+"""`codex-gateway`: serve the gateway, run the sandbox upstream, administer the database."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import click
+import uvicorn
+
+from codex_gateway import __version__, logs
+from codex_gateway.app import Gateway
+from codex_gateway.cli import admin
+from codex_gateway.cli.context import settings_or_exit, with_store
+from codex_gateway.http.asgi import GatewayApp
+from codex_gateway.sandbox.app import SandboxApp
+from codex_gateway.store.queries import Store, StoreError
+
+SANDBOX_ACCOUNT = "sandbox"
+DEMO_USER = "demo"
+DEMO_BALANCE = Decimal("5")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="codex-gateway")
+def cli() -> None:
+    """A self-hosted API gateway for OpenAI's Codex models, with exact per-request billing."""
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8787, show_default=True)
+@click.option(
+    "--sandbox",
+    is_flag=True,
+    help="Serve the built-in mock upstream at /sandbox and relay to it, so the gateway answers "
+    "with no OpenAI account.",
+)
+@click.option("--log-level", default=None, help="DEBUG shows each request's bill in four stages.")
+def serve(host: str, port: int, sandbox: bool, log_level: str | None) -> None:
+    """Run the gateway."""
+    settings = settings_or_exit()
+    logs.configure((log_level or settings.log_level).upper(), settings.log_format)
+    if sandbox:
+        _prepare_sandbox(host, port)
+    gateway = Gateway(settings, sandbox=SandboxApp() if sandbox else None)
+    config = uvicorn.Config(
+        GatewayApp(gateway),
+        host=host,
+        port=port,
+        http="httptools",
+        loop="uvloop",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        date_header=False,
+    )
+    uvicorn.Server(config).run()
+
+
+def _prepare_sandbox(host: str, port: int) -> None:
+    """Point a `sandbox` account at this process; on a fresh database add a demo user and key."""
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    base_url = f"http://{local}:{port}/sandbox/v1"
+
+    async def prepare(store: Store) -> str | None:
+        existing = {account.name: account for account in await store.accounts()}
+        account = existing.get(SANDBOX_ACCOUNT)
+        if account is not None and account.base_url != base_url:
+            await store.remove_account(SANDBOX_ACCOUNT)
+            account = None
+        if account is None:
+            await store.add_account(SANDBOX_ACCOUNT, "openai", base_url, "sandbox", priority=1000)
+        if await store.list_users():
+            return None
+        try:
+            await store.create_user(DEMO_USER, DEMO_BALANCE)
+        except StoreError:
+            return None
+        raw, _ = await store.create_key(DEMO_USER, "quick start")
+        return raw
+
+    key = with_store(prepare)
+    click.echo(f"sandbox upstream at {base_url}")
+    if key:
+        click.echo(f"created user {DEMO_USER} with ${DEMO_BALANCE}; API key (shown once):")
+        click.echo(key)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8799, show_default=True)
+def sandbox(host: str, port: int) -> None:
+    """Run only the mock upstream; its base URL is http://HOST:PORT/v1."""
+    logs.configure("INFO")
+    uvicorn.run(
+        SandboxApp(),
+        host=host,
+        port=port,
+        http="httptools",
+        loop="uvloop",
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+    )
+
+
+@cli.command()
+def version() -> None:
+    """Print the version."""
+    click.echo(__version__)
+
+
+for command in (admin.users, admin.keys, admin.accounts, admin.pricing, admin.usage, admin.explain):
+    cli.add_command(command)
+
+
+def main() -> None:
+    cli(prog_name="codex-gateway")

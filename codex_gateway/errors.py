@@ -1,0 +1,129 @@
+"""The gateway's one error tree, and OpenAI's error shape.
+
+    GatewayError
+    ├── ClientError            what the caller did wrong (4xx)
+    │   ├── AuthenticationError     401 invalid_api_key
+    │   ├── InvalidRequest          400 invalid_request_error
+    │   ├── ModelNotFound           404 model_not_found
+    │   ├── InsufficientQuota       429 insufficient_quota
+    │   ├── BodyTooLarge            413
+    │   └── NotFound                404 for unknown paths
+    └── UpstreamError          what the upstream did (5xx)
+        ├── NoAccountAvailable      503
+        ├── UpstreamConnectError    502
+        ├── UpstreamTimeout         504
+        ├── UpstreamStatusError     502, an upstream answer the client must not see as is
+        └── UpstreamProtocolError   502, bytes that are not what the protocol promises
+
+Every error a client sees is rendered by `GatewayError.body()`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def body(self) -> bytes:
+        return orjson.dumps(self.payload())
+
+
+class ClientError(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationError(ClientError):
+    status = 401
+    code = "invalid_api_key"
+
+
+class InvalidRequest(ClientError):
+    status = 400
+
+
+class ModelNotFound(ClientError):
+    status = 404
+    code = "model_not_found"
+
+
+class InsufficientQuota(ClientError):
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class BodyTooLarge(ClientError):
+    status = 413
+    code = "request_too_large"
+
+
+class NotFound(ClientError):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ClientError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "upstream_error"
+
+
+class NoAccountAvailable(UpstreamError):
+    status = 503
+    code = "no_upstream_account"
+
+
+class UpstreamConnectError(UpstreamError):
+    status = 502
+    code = "upstream_connect_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class UpstreamStatusError(UpstreamError):
+    status = 502
+    code = "upstream_status_error"
+
+
+class UpstreamProtocolError(UpstreamError):
+    status = 502
+    code = "upstream_protocol_error"
+
+
+class ConfigError(Exception):
+    """Settings that cannot work; each message is one line an operator can act on."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems

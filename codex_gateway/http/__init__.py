@@ -1,0 +1,1 @@
+"""The ASGI edge: routes, request ids, error responses and the access log."""

@@ -1,0 +1,107 @@
+"""The ASGI application: lifespan, routing, OpenAI-shaped errors and one access line each."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from codex_gateway.errors import GatewayError, MethodNotAllowed, NotFound
+from codex_gateway.http.exchange import Exchange, Receive, Scope, Send
+from codex_gateway.http.responses import relay_responses
+
+if TYPE_CHECKING:
+    from codex_gateway.app import Gateway
+
+log = logging.getLogger("codex_gateway.http")
+access = logging.getLogger("codex_gateway.access")
+
+Handler = Callable[["Gateway", Exchange], Awaitable[None]]
+
+
+async def healthz(gateway: Gateway, exchange: Exchange) -> None:
+    await exchange.send_json(200, {"status": "ok", "version": gateway.version})
+
+
+ROUTES: dict[str, dict[str, Handler]] = {
+    "/v1/responses": {"POST": relay_responses},
+    "/healthz": {"GET": healthz},
+}
+
+
+class GatewayApp:
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.gateway.start()
+                except Exception as exc:
+                    log.error("startup failed: %s", exc)
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.gateway.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        sandbox = self.gateway.sandbox
+        if sandbox is not None and path.startswith("/sandbox/"):
+            await sandbox(scope, receive, send)
+            return
+        exchange = Exchange(scope, receive, send)
+        try:
+            await self._route(exchange)
+        except GatewayError as exc:
+            await self._fail(exchange, exc)
+        except Exception:
+            log.exception("unhandled error", extra={"request_id": exchange.request_id})
+            await self._fail(exchange, GatewayError("The gateway hit an internal error."))
+        finally:
+            self._access_line(exchange)
+
+    async def _route(self, exchange: Exchange) -> None:
+        methods = ROUTES.get(exchange.path.rstrip("/") or "/")
+        if methods is None:
+            raise NotFound(f"There is no route {exchange.method} {exchange.path} on this gateway.")
+        handler = methods.get(exchange.method)
+        if handler is None:
+            raise MethodNotAllowed(
+                f"{exchange.path} accepts {', '.join(methods)}, not {exchange.method}."
+            )
+        await handler(self.gateway, exchange)
+
+    @staticmethod
+    async def _fail(exchange: Exchange, error: GatewayError) -> None:
+        if exchange.response_started:
+            return
+        await exchange.send_json(error.status, error.body())
+
+    @staticmethod
+    def _access_line(exchange: Exchange) -> None:
+        if not access.isEnabledFor(logging.INFO):
+            return
+        access.info(
+            "%s %s %d %.1fms model=%s key=%s bytes=%d",
+            exchange.method,
+            exchange.path,
+            exchange.status,
+            (time.perf_counter() - exchange.started) * 1000,
+            exchange.model or "-",
+            exchange.key_display or "-",
+            exchange.bytes_sent,
+            extra={"request_id": exchange.request_id},
+        )

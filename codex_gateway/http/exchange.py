@@ -1,0 +1,96 @@
+"""One HTTP exchange at the ASGI edge: read the body within a limit, send JSON or a stream."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+
+from codex_gateway.errors import BodyTooLarge
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+JSON_TYPE = (b"content-type", b"application/json")
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+class Exchange:
+    """The request side as the handlers need it, and the response side with its bookkeeping."""
+
+    __slots__ = (
+        "scope",
+        "receive",
+        "_send",
+        "request_id",
+        "started",
+        "status",
+        "response_started",
+        "bytes_sent",
+        "headers",
+        "model",
+        "key_display",
+    )
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send):
+        self.scope = scope
+        self.receive = receive
+        self._send = send
+        self.request_id = new_request_id()
+        self.started = time.perf_counter()
+        self.status = 0
+        self.response_started = False
+        self.bytes_sent = 0
+        self.headers: dict[str, str] = {
+            name.decode("latin-1").lower(): value.decode("latin-1")
+            for name, value in scope["headers"]
+        }
+        self.model: str | None = None
+        self.key_display: str | None = None
+
+    @property
+    def method(self) -> str:
+        return str(self.scope["method"])
+
+    @property
+    def path(self) -> str:
+        return str(self.scope["path"])
+
+    async def body(self, limit: int) -> bytes:
+        declared = self.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise BodyTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+        chunks = bytearray()
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunks += message.get("body", b"")
+            if len(chunks) > limit:
+                raise BodyTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+            if not message.get("more_body", False):
+                break
+        return bytes(chunks)
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.response_started = True
+        headers.append((b"x-request-id", self.request_id.encode()))
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def write(self, chunk: bytes, more: bool = True) -> None:
+        self.bytes_sent += len(chunk)
+        await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
+
+    async def send_json(self, status: int, payload: Any) -> None:
+        body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+        await self.start(status, [JSON_TYPE, (b"content-length", str(len(body)).encode())])
+        await self.write(body, more=False)

@@ -1,0 +1,1 @@
+"""Protocol logic with no I/O: SSE scanning, usage extraction, request shaping."""

@@ -1,0 +1,173 @@
+"""Check a client's Responses request and shape it for the upstream.
+
+A body that already has `input` goes upstream byte for byte. A body with Chat-style
+`messages` (as many guides send to /v1/responses) is converted to Responses input items.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from codex_gateway.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class ResponsesRequest:
+    model: str
+    stream: bool
+    body: bytes
+    document: dict[str, Any]
+    converted_messages: bool
+
+
+def parse_responses_request(raw: bytes) -> ResponsesRequest:
+    """Validate the fields the gateway relies on; everything else passes through untouched."""
+    document = parse_json_object(raw)
+    model = document.get("model")
+    if model is None:
+        raise InvalidRequest("You must provide a model parameter.", param="model")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequest("The model parameter must be a non-empty string.", param="model")
+    stream = document.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequest("The stream parameter must be true or false.", param="stream")
+    has_input = "input" in document
+    has_messages = "messages" in document
+    if has_input and has_messages:
+        raise InvalidRequest(
+            "Send either input (Responses) or messages (Chat style), not both.", param="messages"
+        )
+    if not has_input and not has_messages:
+        raise InvalidRequest(
+            "The request has neither input nor messages; send the conversation in input.",
+            param="input",
+        )
+    if not has_messages:
+        return ResponsesRequest(model, stream, raw, document, False)
+    shaped = dict(document)
+    shaped["input"] = messages_to_input(shaped.pop("messages"))
+    return ResponsesRequest(model, stream, orjson.dumps(shaped), shaped, True)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise InvalidRequest("The request body is empty; send a JSON object.")
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
+    if not isinstance(document, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return document
+
+
+def messages_to_input(messages: Any) -> list[dict[str, Any]]:
+    """Convert Chat Completions messages to Responses input items, keeping their order."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages must be a non-empty array.", param="messages")
+    items: list[dict[str, Any]] = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidRequest(
+                f"messages[{index}] must be an object.", param=f"messages[{index}]"
+            )
+        items.extend(_message_items(message, index))
+    return items
+
+
+def _message_items(message: dict[str, Any], index: int) -> list[dict[str, Any]]:
+    role = message.get("role")
+    content = message.get("content")
+    if role in ("system", "developer"):
+        return [_message("developer", _parts(content, "input_text", index))]
+    if role == "user":
+        return [_message("user", _parts(content, "input_text", index))]
+    if role == "assistant":
+        items = []
+        if content not in (None, "", []):
+            items.append(_message("assistant", _parts(content, "output_text", index)))
+        items.extend(_tool_call_items(message.get("tool_calls"), index))
+        return items
+    if role == "tool":
+        call_id = message.get("tool_call_id")
+        if not isinstance(call_id, str) or not call_id:
+            raise InvalidRequest(
+                f"messages[{index}] has role tool but no tool_call_id.",
+                param=f"messages[{index}].tool_call_id",
+            )
+        return [{"type": "function_call_output", "call_id": call_id, "output": _text(content)}]
+    raise InvalidRequest(
+        f"messages[{index}].role must be system, developer, user, assistant or tool, "
+        f"not {role!r}.",
+        param=f"messages[{index}].role",
+    )
+
+
+def _message(role: str, content: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"type": "message", "role": role, "content": content}
+
+
+def _parts(content: Any, text_type: str, index: int) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": text_type, "text": content}]
+    if not isinstance(content, list):
+        raise InvalidRequest(
+            f"messages[{index}].content must be a string or an array of parts.",
+            param=f"messages[{index}].content",
+        )
+    return [_part(part, text_type, index) for part in content]
+
+
+def _part(part: Any, text_type: str, index: int) -> dict[str, Any]:
+    if not isinstance(part, dict):
+        raise InvalidRequest(
+            f"messages[{index}].content parts must be objects.", param=f"messages[{index}].content"
+        )
+    kind = part.get("type")
+    if kind == "text":
+        return {"type": text_type, "text": part.get("text", "")}
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        converted: dict[str, Any] = {"type": "input_image", "image_url": url}
+        if isinstance(image, dict) and image.get("detail"):
+            converted["detail"] = image["detail"]
+        else:
+            converted["detail"] = "auto"
+        return converted
+    return part
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            str(part.get("text", "")) for part in content if isinstance(part, dict)
+        )
+    return "" if content is None else str(content)
+
+
+def _tool_call_items(tool_calls: Any, index: int) -> list[dict[str, Any]]:
+    if tool_calls is None:
+        return []
+    if not isinstance(tool_calls, list):
+        raise InvalidRequest(
+            f"messages[{index}].tool_calls must be an array.",
+            param=f"messages[{index}].tool_calls",
+        )
+    items = []
+    for call in tool_calls:
+        function = call.get("function", {}) if isinstance(call, dict) else {}
+        items.append(
+            {
+                "type": "function_call",
+                "call_id": call.get("id", "") if isinstance(call, dict) else "",
+                "name": function.get("name", ""),
+                "arguments": function.get("arguments", ""),
+            }
+        )
+    return items

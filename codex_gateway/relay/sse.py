@@ -1,0 +1,106 @@
+"""Find event boundaries in a Responses SSE stream and pick out its terminal event.
+
+The relay forwards upstream bytes untouched; this scanner only watches them. It splits events
+at blank lines and looks at each event's name (the `event:` line, else the leading `"type"` of
+its data) without decoding JSON. Only a terminal event's data is parsed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+TERMINAL_TYPES = frozenset(
+    {"response.completed", "response.incomplete", "response.failed", "error"}
+)
+_EVENT_LINE = re.compile(rb"^event:[ ]?([^\n]*)$", re.MULTILINE)
+_LEADING_TYPE = re.compile(rb'^data:[ ]?\{\s*"type"\s*:\s*"([^"]+)"', re.MULTILINE)
+_TERMINAL_HINT = re.compile(rb"response\.(?:completed|incomplete|failed)|\"error\"")
+
+
+class StreamScanner:
+    """Watches a byte stream of SSE events; `terminal` is set once a terminal event is seen."""
+
+    __slots__ = ("_buffer", "events", "terminal", "terminal_type", "bytes_seen")
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self.events = 0
+        self.terminal: dict[str, Any] | None = None
+        self.terminal_type: str | None = None
+        self.bytes_seen = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self.bytes_seen += len(chunk)
+        buffer = self._buffer
+        buffer += chunk
+        if b"\r" in chunk:
+            buffer[:] = buffer.replace(b"\r\n", b"\n")
+        start = 0
+        while True:
+            end = buffer.find(b"\n\n", start)
+            if end < 0:
+                break
+            self._event(bytes(buffer[start:end]))
+            start = end + 2
+        if start:
+            del buffer[:start]
+
+    def finish(self) -> None:
+        """Treat what is left after the stream closed as a last event, as browsers do."""
+        if self._buffer.strip():
+            self._event(bytes(self._buffer))
+        self._buffer.clear()
+
+    def _event(self, block: bytes) -> None:
+        if not block.strip():
+            return
+        self.events += 1
+        name = _event_name(block)
+        if name is None:
+            if not _TERMINAL_HINT.search(block):
+                return
+            data = _parse_data(block)
+            name = data.get("type") if isinstance(data, dict) else None
+            if name not in TERMINAL_TYPES:
+                return
+            self._set_terminal(str(name), data)
+            return
+        if name in TERMINAL_TYPES:
+            self._set_terminal(name, _parse_data(block))
+
+    def _set_terminal(self, name: str, data: Any) -> None:
+        if self.terminal is not None:
+            return
+        self.terminal_type = name
+        self.terminal = data if isinstance(data, dict) else {}
+
+
+def _event_name(block: bytes) -> str | None:
+    match = _EVENT_LINE.search(block) or _LEADING_TYPE.search(block)
+    if match is None:
+        return None
+    return match.group(1).strip().decode("utf-8", "replace")
+
+
+def _parse_data(block: bytes) -> Any:
+    lines = [line[5:].lstrip(b" ") if line.startswith(b"data:") else None for line in block.split(b"\n")]
+    payload = b"\n".join(line for line in lines if line is not None)
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def iter_events(raw: bytes) -> list[bytes]:
+    """Split a whole SSE document into event blocks, each with its trailing blank line."""
+    text = raw.replace(b"\r\n", b"\n")
+    return [block + b"\n\n" for block in text.split(b"\n\n") if block.strip()]
+
+
+def error_event(code: str, message: str) -> bytes:
+    """A top-level Responses `error` event, for a stream the gateway has to end itself."""
+    data = {"type": "error", "code": code, "message": message, "param": None}
+    return b"event: error\ndata: " + orjson.dumps(data) + b"\n\n"

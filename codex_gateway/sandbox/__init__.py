@@ -1,0 +1,1 @@
+"""A built-in mock of the Responses API that replays recorded upstream transcripts."""

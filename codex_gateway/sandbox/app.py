@@ -1,0 +1,183 @@
+"""The sandbox upstream: replays the transcripts in `transcripts/` as OpenAI would send them.
+
+Which transcript plays is chosen by the `x-sandbox-transcript` header, else by a path segment
+(`/sandbox/responses-cached/v1/responses`), else `responses-text`. The scenario
+`tool-conversation` answers with a tool call, and with text once the input carries the tool's
+output, the way a two-turn Codex exchange goes. Streams are sent one event per write; a
+non-streaming request gets the final response object. The last requests it received can be
+read back at GET /sandbox/requests, which tests use to check what reached the upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from codex_gateway.http.exchange import Receive, Scope, Send
+from codex_gateway.relay.sse import StreamScanner, iter_events
+
+TRANSCRIPTS = Path(__file__).parent / "transcripts"
+DEFAULT_TRANSCRIPT = "responses-text"
+TOOL_CONVERSATION = "tool-conversation"
+_JSON = [(b"content-type", b"application/json")]
+
+
+class Transcript:
+    def __init__(self, name: str, path: Path):
+        self.name = name
+        raw = path.read_bytes()
+        self.json: dict[str, Any] | None = None
+        self.events: list[bytes] = []
+        if path.suffix == ".json":
+            self.json = orjson.loads(raw)
+            return
+        self.events = iter_events(raw)
+        scanner = StreamScanner()
+        scanner.feed(raw)
+        scanner.finish()
+        self.terminal_type = scanner.terminal_type
+        self.terminal = scanner.terminal
+
+
+def load_transcripts() -> dict[str, Transcript]:
+    return {
+        path.stem: Transcript(path.stem, path)
+        for path in sorted(TRANSCRIPTS.iterdir())
+        if path.suffix in (".sse", ".json")
+    }
+
+
+class SandboxApp:
+    def __init__(self, history: int = 200):
+        self.transcripts = load_transcripts()
+        self.requests: deque[dict[str, Any]] = deque(maxlen=history)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"].removeprefix("/sandbox")
+        method: str = scope["method"]
+        if path == "/requests" and method == "GET":
+            await _json(send, 200, list(self.requests))
+        elif path == "/requests" and method == "DELETE":
+            self.requests.clear()
+            await _json(send, 200, {"cleared": True})
+        elif path.endswith("/v1/responses") and method == "POST":
+            await self._responses(scope, receive, send, path)
+        elif path.endswith("/v1/models") and method == "GET":
+            await _json(send, 200, {"object": "list", "data": []})
+        else:
+            await _json(send, 404, _error(f"The sandbox has no route {method} {path}."))
+
+    async def _responses(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        body = await _read(receive)
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            await _json(send, 400, _error("The sandbox expects a JSON body."))
+            return
+        self.requests.append(
+            {"path": scope["path"], "headers": headers, "body": body.decode("utf-8", "replace")}
+        )
+        name = headers.get("x-sandbox-transcript") or _segment(path) or DEFAULT_TRANSCRIPT
+        if name == TOOL_CONVERSATION:
+            name = _tool_turn(document)
+        transcript = self.transcripts.get(name)
+        if transcript is None:
+            known = ", ".join([*self.transcripts, TOOL_CONVERSATION])
+            await _json(send, 400, _error(f"Unknown sandbox transcript {name!r}; known: {known}."))
+            return
+        delay = float(headers.get("x-sandbox-delay-ms", "0") or 0) / 1000
+        if transcript.json is not None:
+            await _replay_json(send, transcript.json)
+        elif document.get("stream") is True:
+            await _stream(send, transcript, delay)
+        else:
+            await _final(send, transcript)
+
+
+def _segment(path: str) -> str | None:
+    """`/responses-cached/v1/responses` -> `responses-cached`."""
+    parts = [part for part in path.split("/") if part]
+    return parts[0] if len(parts) == 3 else None
+
+
+def _tool_turn(document: dict[str, Any]) -> str:
+    items = document.get("input")
+    answered = isinstance(items, list) and any(
+        isinstance(item, dict) and item.get("type") == "function_call_output" for item in items
+    )
+    return "responses-text" if answered else "responses-reasoning-tool"
+
+
+async def _stream(send: Send, transcript: Transcript, delay: float) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/event-stream; charset=utf-8")],
+        }
+    )
+    for event in transcript.events:
+        if delay:
+            await asyncio.sleep(delay)
+        await send({"type": "http.response.body", "body": event, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _final(send: Send, transcript: Transcript) -> None:
+    """A non-streaming answer: the final response, an error, or a body cut short."""
+    terminal = transcript.terminal
+    if transcript.terminal_type in ("response.completed", "response.incomplete") and terminal:
+        await _json(send, 200, terminal["response"])
+        return
+    if transcript.terminal_type in ("response.failed", "error") and terminal:
+        error = terminal.get("response", {}).get("error") or terminal
+        await _json(send, 500, _error(str(error.get("message")), "server_error"))
+        return
+    body = b'{"id":"resp_cut","object":"response","status":"in_progress","output":['
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [*_JSON, (b"content-length", str(len(body) * 4).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _replay_json(send: Send, recorded: dict[str, Any]) -> None:
+    headers = [(k.encode(), str(v).encode()) for k, v in recorded.get("headers", {}).items()]
+    body = orjson.dumps(recorded.get("body", {}))
+    await send({"type": "http.response.start", "status": recorded["status"], "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _read(receive: Receive) -> bytes:
+    chunks = bytearray()
+    while True:
+        message = await receive()
+        chunks += message.get("body", b"")
+        if not message.get("more_body", False):
+            return bytes(chunks)
+
+
+async def _json(send: Send, status: int, payload: Any) -> None:
+    body = orjson.dumps(payload)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*_JSON, (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _error(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}

@@ -1,0 +1,134 @@
+"""The tables. Money columns are `Money` (exact); timestamps are UTC."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from codex_gateway.store.types import Money
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Revision(Base):
+    """One row whose value goes up whenever users, keys, accounts or prices change."""
+
+    __tablename__ = "revision"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True, nullable=False)
+    balance: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), nullable=False, index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    display: Mapped[str] = mapped_column(String(40), nullable=False)
+    name: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class UpstreamAccount(Base):
+    __tablename__ = "upstream_accounts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True, nullable=False)
+    kind: Mapped[str] = mapped_column(String(20), nullable=False)
+    base_url: Mapped[str] = mapped_column(Text, nullable=False)
+    api_key: Mapped[str] = mapped_column(Text, nullable=False)
+    priority: Mapped[int] = mapped_column(Integer, nullable=False, default=100)
+    enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class ModelPricing(Base):
+    """USD per 1M tokens for input, cached input and output, and a markup on the sum."""
+
+    __tablename__ = "model_pricings"
+
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    input_per_million: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    cached_input_per_million: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    output_per_million: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    markup: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class LedgerEntry(Base):
+    """Every change to a balance: a top-up, a request's charge, an adjustment."""
+
+    __tablename__ = "ledger_entries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), nullable=False, index=True)
+    kind: Mapped[str] = mapped_column(String(20), nullable=False)
+    amount: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    balance_after: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    request_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    note: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class UsageRecord(Base):
+    """One row per request: what came back, how it was counted, priced and charged."""
+
+    __tablename__ = "usage_records"
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, index=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
+    key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))
+    account_id: Mapped[int | None] = mapped_column(ForeignKey("upstream_accounts.id"))
+    endpoint: Mapped[str] = mapped_column(String(40), nullable=False)
+    model: Mapped[str] = mapped_column(String(200), nullable=False)
+    upstream_model: Mapped[str | None] = mapped_column(String(200))
+    stream: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    status: Mapped[str] = mapped_column(String(40), nullable=False)
+    http_status: Mapped[int] = mapped_column(Integer, nullable=False)
+    error: Mapped[str | None] = mapped_column(Text)
+    response_id: Mapped[str | None] = mapped_column(String(200))
+    raw_usage: Mapped[str | None] = mapped_column(Text)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    cached_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    uncached_input_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    reasoning_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    price_model: Mapped[str | None] = mapped_column(String(200))
+    price_input: Mapped[Decimal | None] = mapped_column(Money)
+    price_cached_input: Mapped[Decimal | None] = mapped_column(Money)
+    price_output: Mapped[Decimal | None] = mapped_column(Money)
+    markup: Mapped[Decimal | None] = mapped_column(Money)
+    cost_uncached_input: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    cost_cached_input: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    cost_output: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    cost_before_markup: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    cost_usd: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    flags: Mapped[str] = mapped_column(Text, nullable=False)
+    duration_ms: Mapped[float] = mapped_column(nullable=False)
+    ttfb_ms: Mapped[float | None] = mapped_column()
+    client_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)

@@ -1,0 +1,1 @@
+"""I/O to upstreams: the HTTP client session and the account kinds."""
