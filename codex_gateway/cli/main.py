@@ -5,14 +5,10 @@ from __future__ import annotations
 from decimal import Decimal
 
 import click
-import uvicorn
 
 from codex_gateway import __version__, logs
-from codex_gateway.app import Gateway
 from codex_gateway.cli import admin
 from codex_gateway.cli.context import settings_or_exit, with_store
-from codex_gateway.http.asgi import GatewayApp
-from codex_gateway.sandbox.app import SandboxApp
 from codex_gateway.store.queries import Store, StoreError
 
 SANDBOX_ACCOUNT = "sandbox"
@@ -38,6 +34,12 @@ def cli() -> None:
 @click.option("--log-level", default=None, help="DEBUG shows each request's bill in four stages.")
 def serve(host: str, port: int, sandbox: bool, log_level: str | None) -> None:
     """Run the gateway."""
+    import uvicorn  # the server stack is imported only by the commands that serve
+
+    from codex_gateway.app import Gateway
+    from codex_gateway.http.asgi import GatewayApp
+    from codex_gateway.sandbox.app import SandboxApp
+
     settings = settings_or_exit()
     logs.configure((log_level or settings.log_level).upper(), settings.log_format)
     if sandbox:
@@ -92,6 +94,10 @@ def _prepare_sandbox(host: str, port: int) -> None:
 @click.option("--port", type=int, default=8799, show_default=True)
 def sandbox(host: str, port: int) -> None:
     """Run only the mock upstream; its base URL is http://HOST:PORT/v1."""
+    import uvicorn
+
+    from codex_gateway.sandbox.app import SandboxApp
+
     logs.configure("INFO")
     uvicorn.run(
         SandboxApp(),

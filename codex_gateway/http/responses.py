@@ -212,17 +212,19 @@ async def _relay_stream(exchange: Exchange, upstream: UpstreamResponse, outcome:
         _take_terminal(scanner, outcome)
         return
     scanner.finish()
+    _take_terminal(scanner, outcome)
     if scanner.terminal is None:
         outcome.status = "no_terminal_event"
         outcome.error = MISSING_TERMINAL_MESSAGE
         outcome.flag("no_terminal_event")
         await exchange.write(error_event("stream_incomplete", MISSING_TERMINAL_MESSAGE), more=False)
         return
-    _take_terminal(scanner, outcome)
     await exchange.write(b"", more=False)
 
 
 def _take_terminal(scanner: StreamScanner, outcome: Outcome) -> None:
+    outcome.upstream_model = upstream_model_of(scanner.created)
+    outcome.response_id = response_id_of(scanner.created)
     terminal = scanner.terminal
     if terminal is None:
         return
@@ -233,8 +235,8 @@ def _take_terminal(scanner: StreamScanner, outcome: Outcome) -> None:
     usage = usage_from_terminal(terminal)
     outcome.usage = usage
     outcome.usage_reported = usage is not None
-    outcome.upstream_model = upstream_model_of(terminal)
-    outcome.response_id = response_id_of(terminal)
+    outcome.upstream_model = upstream_model_of(terminal) or outcome.upstream_model
+    outcome.response_id = response_id_of(terminal) or outcome.response_id
 
 
 def _error_message(terminal: dict[str, object]) -> str:

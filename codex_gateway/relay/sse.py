@@ -23,7 +23,7 @@ _TERMINAL_HINT = re.compile(rb"response\.(?:completed|incomplete|failed)|\"error
 class StreamScanner:
     """Watches a byte stream of SSE events; `terminal` is set once a terminal event is seen."""
 
-    __slots__ = ("_buffer", "events", "terminal", "terminal_type", "bytes_seen")
+    __slots__ = ("_buffer", "events", "terminal", "terminal_type", "bytes_seen", "created")
 
     def __init__(self) -> None:
         self._buffer = bytearray()
@@ -31,6 +31,7 @@ class StreamScanner:
         self.terminal: dict[str, Any] | None = None
         self.terminal_type: str | None = None
         self.bytes_seen = 0
+        self.created: dict[str, Any] | None = None
 
     def feed(self, chunk: bytes) -> None:
         self.bytes_seen += len(chunk)
@@ -70,6 +71,9 @@ class StreamScanner:
             return
         if name in TERMINAL_TYPES:
             self._set_terminal(name, _parse_data(block))
+        elif name == "response.created" and self.created is None:
+            data = _parse_data(block)
+            self.created = data if isinstance(data, dict) else None
 
     def _set_terminal(self, name: str, data: Any) -> None:
         if self.terminal is not None:

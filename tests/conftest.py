@@ -1,0 +1,236 @@
+"""Fixtures that run the real gateway: processes on loopback, SQLite and PostgreSQL.
+
+Only the upstream is a mock (the gateway's own sandbox, run as a separate process). Each
+database backend gets a fresh database; each test makes its own user and key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
+TRANSCRIPTS = ROOT / "codex_gateway" / "sandbox" / "transcripts"
+PG_ADMIN_URL = os.environ.get("CODEX_GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+CLI = [sys.executable, "-m", "codex_gateway"]
+MAX_BODY_BYTES = 1_000_000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+def fixture_path(*parts: str) -> Path:
+    """A file from the shared fixtures, or the copy that travels with the repo."""
+    shared = SHARED_FIXTURES.joinpath(*parts)
+    if shared.exists():
+        return shared
+    return TRANSCRIPTS / parts[-1]
+
+
+@dataclass
+class Proc:
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+    def log_text(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> Proc:
+    with log.open("wb") as handle:
+        popen = subprocess.Popen(
+            [*CLI, *args],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    return Proc(popen, log)
+
+
+@dataclass
+class Sandbox:
+    url: str
+    proc: Proc
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def requests(self) -> list[dict[str, Any]]:
+        return list(httpx.get(self.url + "/sandbox/requests").json())
+
+    def clear(self) -> None:
+        httpx.delete(self.url + "/sandbox/requests")
+
+
+@dataclass
+class Gateway:
+    """A running gateway process and the CLI pointed at the same database."""
+
+    backend: str
+    database_url: str
+    workdir: Path
+    env: dict[str, str]
+    url: str = ""
+    proc: Proc | None = None
+    extra_procs: list[Proc] = field(default_factory=list)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [*CLI, *args],
+            env=self.env,
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"codex-gateway {' '.join(args)} failed:\n{result.stderr}")
+        return result
+
+    def cli_json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def start(self, log_level: str = "DEBUG") -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        log = self.workdir / f"gateway-{port}.log"
+        self.proc = spawn(["serve", "--port", str(port), "--log-level", log_level], self.env, log)
+        wait_http(self.url + "/healthz")
+
+    def stop(self) -> None:
+        for proc in [self.proc, *self.extra_procs]:
+            if proc is not None:
+                proc.stop()
+
+    def log_text(self) -> str:
+        return self.proc.log_text() if self.proc else ""
+
+    def new_user(self, balance: str = "10") -> tuple[str, str]:
+        """A fresh user with `balance` USD and a key; returns (name, key)."""
+        name = "u" + uuid.uuid4().hex[:10]
+        self.cli("users", "create", name, "--balance", balance)
+        key = self.cli("keys", "create", "--user", name).stdout.strip().splitlines()[-1]
+        return name, key
+
+    def balance(self, name: str) -> str:
+        users = self.cli_json("users", "list")
+        return next(str(u["balance"]) for u in users if u["name"] == name)
+
+    def usage_rows(self) -> list[dict[str, Any]]:
+        return list(self.cli_json("usage", "list", "--limit", "1000"))
+
+    def usage_row(self, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The usage row for `request_id`, waiting for the write that follows the last byte."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.cli("explain", request_id, "--json", check=False)
+            if result.returncode == 0:
+                return dict(json.loads(result.stdout))
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no usage row for {request_id}: {result.stderr}")
+            time.sleep(0.1)
+
+
+def _create_pg_database() -> tuple[str, str]:
+    name = "cg_test_" + uuid.uuid4().hex[:12]
+    subprocess.run(
+        ["psql", PG_ADMIN_URL, "-qc", f'CREATE DATABASE "{name}"'], check=True, capture_output=True
+    )
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    return name, f"{base}/{name}"
+
+
+def _drop_pg_database(name: str) -> None:
+    subprocess.run(
+        ["psql", PG_ADMIN_URL, "-qc", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'],
+        capture_output=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("sandbox") / "sandbox.log"
+    proc = spawn(["sandbox", "--port", str(port)], dict(os.environ), log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/sandbox/requests")
+        yield Sandbox(url, proc)
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def gateway(
+    request: pytest.FixtureRequest, sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    """A gateway process on a fresh database of each backend, relaying to the sandbox."""
+    gw = make_gateway(request.param, tmp_path_factory)
+    try:
+        gw.cli(
+            "accounts", "add", "--name", "sandbox", "--kind", "openai",
+            "--base-url", sandbox.base_url, "--api-key", "sk-upstream-secret-0001",
+        )
+        gw.start()
+        yield gw
+    finally:
+        gw.stop()
+        if gw.backend == "postgresql":
+            _drop_pg_database(gw.database_url.rsplit("/", 1)[1])
+
+
+def make_gateway(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Gateway:
+    workdir = tmp_path_factory.mktemp(f"gw-{backend}")
+    if backend == "sqlite":
+        database_url = f"sqlite:///{workdir}/gateway.db"
+    else:
+        _, database_url = _create_pg_database()
+    env = dict(os.environ)
+    env.update(
+        {
+            "CODEX_GATEWAY_DATABASE_URL": database_url,
+            "CODEX_GATEWAY_CATALOG_REFRESH_SECONDS": "0.2",
+            "CODEX_GATEWAY_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
+        }
+    )
+    return Gateway(backend, database_url, workdir, env)

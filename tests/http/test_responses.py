@@ -1,0 +1,355 @@
+"""POST /v1/responses end to end: the official SDK and raw HTTP through a gateway process.
+
+Every upstream transcript is replayed by the sandbox upstream and must reach the client
+unchanged, and be billed exactly as the price table says.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import MAX_BODY_BYTES, Gateway, Sandbox, fixture_path
+
+GPT_51_CODEX = (Decimal("1.25"), Decimal("0.125"), Decimal("10"))
+
+# transcript -> (status, input, cached, output, reasoning); None where no usage is reported
+TRANSCRIPTS: dict[str, tuple[str, tuple[int, int, int, int] | None]] = {
+    "responses-text": ("completed", (1252, 0, 11273, 10944)),
+    "responses-cached": ("completed", (11771, 11465, 306, 192)),
+    "responses-reasoning-tool": ("completed", (5120, 4864, 180, 128)),
+    "responses-incomplete": ("incomplete", (120, 0, 64, 40)),
+    "responses-failed": ("failed", None),
+    "responses-error-event": ("error", None),
+    "responses-no-terminal": ("no_terminal_event", None),
+}
+
+
+def expected_cost(counts: tuple[int, int, int, int] | None) -> Decimal:
+    if counts is None:
+        return Decimal(0)
+    input_tokens, cached, output, _ = counts
+    p_in, p_cached, p_out = GPT_51_CODEX
+    return ((input_tokens - cached) * p_in + cached * p_cached + output * p_out) / Decimal(10**6)
+
+
+def transcript_events(name: str) -> list[dict[str, Any]]:
+    raw = fixture_path("upstream", f"{name}.sse").read_text(encoding="utf-8")
+    events = []
+    for block in raw.split("\n\n"):
+        data = [line[6:] for line in block.splitlines() if line.startswith("data: ")]
+        if data:
+            events.append(json.loads("\n".join(data)))
+    return events
+
+
+def sdk(gateway: Gateway, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def assert_billed(row: dict[str, Any], status: str, counts: tuple[int, int, int, int] | None) -> None:
+    assert row["status"] == status
+    if counts is None:
+        assert row["raw_usage"] is None
+        assert "usage_missing" in row["flags"]
+    else:
+        assert (
+            row["input_tokens"],
+            row["cached_tokens"],
+            row["output_tokens"],
+            row["reasoning_tokens"],
+        ) == counts
+        assert row["uncached_input_tokens"] == counts[0] - counts[1]
+    assert Decimal(row["cost_usd"]) == expected_cost(counts)
+
+
+@pytest.mark.parametrize("name", list(TRANSCRIPTS))
+def test_stream_reaches_the_sdk_unchanged_and_is_billed(gateway: Gateway, name: str) -> None:
+    user, key = gateway.new_user("10")
+    client = sdk(gateway, key)
+    response = client.responses.with_raw_response.create(
+        model="gpt-5.1-codex",
+        input="Write a Python function that computes the Fibonacci sequence",
+        stream=True,
+        extra_headers={"x-sandbox-transcript": name},
+    )
+    request_id = response.headers["x-request-id"]
+    received = [event.to_dict() for event in response.parse()]
+    expected = transcript_events(name)
+    status, counts = TRANSCRIPTS[name]
+    if name == "responses-no-terminal":
+        # The gateway never passes a cut stream off as a clean end: it adds an error event.
+        assert received[: len(expected)] == expected
+        assert received[-1]["type"] == "error"
+        assert received[-1]["code"] == "stream_incomplete"
+        assert len(received) == len(expected) + 1
+    else:
+        assert received == expected
+    row = gateway.usage_row(request_id)
+    assert_billed(row, status, counts)
+    assert row["stream"] is True
+    assert row["upstream_model"] == "gpt-5.1-codex-2025-11-13"
+    assert Decimal(gateway.balance(user)) == Decimal(10) - expected_cost(counts)
+
+
+@pytest.mark.parametrize("name", ["responses-text", "responses-cached", "responses-incomplete"])
+def test_json_response_reaches_the_sdk_unchanged_and_is_billed(
+    gateway: Gateway, name: str
+) -> None:
+    user, key = gateway.new_user("3")
+    response = sdk(gateway, key).responses.with_raw_response.create(
+        model="gpt-5.1-codex", input="hi", extra_headers={"x-sandbox-transcript": name}
+    )
+    final = transcript_events(name)[-1]["response"]
+    assert response.parse().to_dict() == final
+    row = gateway.usage_row(response.headers["x-request-id"])
+    status, counts = TRANSCRIPTS[name]
+    assert_billed(row, status, counts)
+    assert row["stream"] is False
+    assert Decimal(gateway.balance(user)) == Decimal(3) - expected_cost(counts)
+
+
+@pytest.mark.parametrize("name", ["responses-failed", "responses-error-event", "responses-no-terminal"])
+def test_json_upstream_failure_is_a_clear_error_and_free(gateway: Gateway, name: str) -> None:
+    user, key = gateway.new_user("3")
+    with pytest.raises(openai.APIStatusError) as caught:
+        sdk(gateway, key).responses.create(
+            model="gpt-5.1-codex", input="hi", extra_headers={"x-sandbox-transcript": name}
+        )
+    assert caught.value.status_code == 502
+    body = caught.value.body
+    assert isinstance(body, dict) and body["type"] == "upstream_error"
+    row = gateway.usage_row(caught.value.response.headers["x-request-id"])
+    assert row["status"] == "upstream_error"
+    assert Decimal(row["cost_usd"]) == 0
+    assert Decimal(gateway.balance(user)) == Decimal(3)
+
+
+def test_guide_request_streams_event_by_event_and_is_billed(
+    gateway: Gateway, sandbox: Sandbox
+) -> None:
+    user, key = gateway.new_user("1")
+    body = fixture_path("requests", "seed-guide-request.json").read_bytes()
+    sandbox.clear()
+    chunks: list[bytes] = []
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/responses",
+        content=body,
+        headers={
+            "Authorization": f"Bearer {key}",
+            "Content-Type": "application/json",
+            "x-sandbox-delay-ms": "30",
+        },
+        timeout=30,
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        request_id = response.headers["x-request-id"]
+        chunks.extend(response.iter_raw())
+    streamed = b"".join(chunks)
+    assert streamed == fixture_path("upstream", "responses-text.sse").read_bytes()
+    # Paced upstream events arrive as separate chunks: nothing is buffered to the end.
+    assert len(chunks) >= len(transcript_events("responses-text")) // 2
+    upstream_body = json.loads(sandbox.requests()[-1]["body"])
+    assert "messages" not in upstream_body
+    assert upstream_body["input"] == [
+        {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": "写一个Python函数计算斐波那契数列"}],
+        }
+    ]
+    row = gateway.usage_row(request_id)
+    assert Decimal(row["cost_usd"]) == Decimal("0.114295")
+    assert "messages_converted" in row["flags"]
+    assert Decimal(gateway.balance(user)) == Decimal("0.885705")
+    explained = gateway.cli("explain", request_id).stdout
+    assert "1252 x 1.25 / 1,000,000 = 0.001565" in explained
+    assert "11273 x 10 / 1,000,000 = 0.11273" in explained
+    assert "total charged: $0.114295" in explained
+
+
+def test_guide_four_stages_are_logged_with_one_request_id(gateway: Gateway) -> None:
+    _, key = gateway.new_user("1")
+    response = httpx.post(
+        gateway.url + "/v1/responses",
+        content=fixture_path("requests", "seed-guide-request.json").read_bytes(),
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+    request_id = response.headers["x-request-id"]
+    gateway.usage_row(request_id)
+    lines = [line for line in gateway.log_text().splitlines() if request_id in line]
+    stages = [line.split("stage=")[1].split()[0] for line in lines if "stage=" in line]
+    assert stages == ["raw", "mapped", "billed", "cost"]
+    assert any("stage=cost" in line and "total=$0.114295" in line for line in lines)
+    assert any("codex_gateway.access" in line and " 200 " in line for line in lines)
+    assert key not in gateway.log_text()
+
+
+@pytest.mark.parametrize(
+    "fixture", ["codex-exec-0.169.0-turn1", "codex-exec-0.169.0-tool-turn2"]
+)
+def test_codex_body_arrives_upstream_unchanged_apart_from_auth(
+    gateway: Gateway, sandbox: Sandbox, fixture: str
+) -> None:
+    _, key = gateway.new_user("1")
+    body = fixture_path("requests", f"{fixture}.body.json").read_bytes()
+    captured = json.loads(fixture_path("requests", f"{fixture}.headers.json").read_text())
+    headers = {k: v for k, v in captured["headers"].items() if k.lower() != "authorization"}
+    headers["Authorization"] = f"Bearer {key}"
+    sandbox.clear()
+    response = httpx.post(gateway.url + "/v1/responses", content=body, headers=headers, timeout=30)
+    assert response.status_code == 200
+    seen = sandbox.requests()[-1]
+    assert seen["body"].encode() == body
+    assert seen["headers"]["authorization"] == "Bearer sk-upstream-secret-0001"
+    for name in ("session-id", "thread-id", "x-codex-turn-metadata", "originator", "user-agent"):
+        assert seen["headers"][name] == captured["headers"][next(
+            k for k in captured["headers"] if k.lower() == name
+        )]
+    gateway.usage_row(response.headers["x-request-id"])
+
+
+def post(gateway: Gateway, key: str | None, body: bytes, **headers: str) -> httpx.Response:
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    headers.setdefault("Content-Type", "application/json")
+    return httpx.post(gateway.url + "/v1/responses", content=body, headers=headers, timeout=30)
+
+
+GOOD = b'{"model":"gpt-5.1-codex","input":"hi"}'
+
+# body, status, error type, error code, param
+BAD_INPUT = [
+    # not JSON, or not the shape the gateway needs
+    (b'{"model": "gpt-5.1-codex", "input": ', 400, "invalid_request_error", None, None),
+    (b"[1, 2, 3]", 400, "invalid_request_error", None, None),
+    (b"", 400, "invalid_request_error", None, None),
+    (b'{"input": "hi"}', 400, "invalid_request_error", None, "model"),
+    (b'{"model": "", "input": "hi"}', 400, "invalid_request_error", None, "model"),
+    (b'{"model": "gpt-5.1-codex", "input": "hi", "stream": "yes"}', 400,
+     "invalid_request_error", None, "stream"),
+    # both or neither of input and messages
+    (b'{"model": "gpt-5.1-codex", "input": "a", "messages": [{"role": "user", "content": "b"}]}',
+     400, "invalid_request_error", None, "messages"),
+    (b'{"model": "gpt-5.1-codex"}', 400, "invalid_request_error", None, "input"),
+    (b'{"model": "gpt-5.1-codex", "messages": [{"role": "wizard", "content": "b"}]}',
+     400, "invalid_request_error", None, "messages[0].role"),
+    # a model with no price is refused, never priced as another model
+    (b'{"model": "gpt-9-unknown", "input": "hi"}', 404, "invalid_request_error",
+     "model_not_found", "model"),
+    (b'{"model": "gpt-5.1-codex-2025-11-13-x", "input": "hi"}', 404, "invalid_request_error",
+     "model_not_found", "model"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "kind", "code", "param"), BAD_INPUT)
+def test_bad_input_gets_a_clear_error_and_changes_nothing(
+    gateway: Gateway,
+    sandbox: Sandbox,
+    body: bytes,
+    status: int,
+    kind: str,
+    code: str | None,
+    param: str | None,
+) -> None:
+    user, key = gateway.new_user("2")
+    sandbox.clear()
+    response = post(gateway, key, body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["type"] == kind
+    assert error["code"] == code
+    assert error["param"] == param
+    assert error["message"].endswith(".") and len(error["message"]) > 20
+    assert response.headers["x-request-id"].startswith("req_")
+    assert sandbox.requests() == []
+    assert gateway.cli_json("usage", "list", "--user", user) == []
+    assert gateway.balance(user) == "2"
+    assert "Traceback" not in gateway.log_text()
+
+
+def test_oversized_body_is_refused_before_reading_it_all(gateway: Gateway, sandbox: Sandbox) -> None:
+    user, key = gateway.new_user("2")
+    sandbox.clear()
+    big = b'{"model":"gpt-5.1-codex","input":"' + b"x" * (MAX_BODY_BYTES + 10) + b'"}'
+    response = post(gateway, key, big)
+    assert response.status_code == 413
+    assert "limit" in response.json()["error"]["message"]
+    assert sandbox.requests() == []
+    assert gateway.cli_json("usage", "list", "--user", user) == []
+
+
+@pytest.mark.parametrize(
+    ("headers", "message_part"),
+    [
+        ({}, "didn't provide an API key"),
+        ({"Authorization": "Bearer sk-cg-not-a-real-key-000000000000"}, "Incorrect API key"),
+        ({"Authorization": "Basic dXNlcjpwYXNz"}, "didn't provide an API key"),
+    ],
+)
+def test_bad_key_gets_401_in_openai_shape(
+    gateway: Gateway, sandbox: Sandbox, headers: dict[str, str], message_part: str
+) -> None:
+    sandbox.clear()
+    response = httpx.post(gateway.url + "/v1/responses", content=GOOD, headers=headers)
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert error["code"] == "invalid_api_key"
+    assert message_part in error["message"]
+    assert sandbox.requests() == []
+    assert "not-a-real-key-000000000000" not in gateway.log_text()
+
+
+def test_revoked_key_gets_401(gateway: Gateway) -> None:
+    user, key = gateway.new_user("2")
+    assert post(gateway, key, GOOD).status_code == 200
+    key_id = next(k["id"] for k in gateway.cli_json("keys", "list", "--user", user))
+    gateway.cli("keys", "revoke", str(key_id))
+    deadline = time.monotonic() + 5
+    status = 200
+    while status == 200 and time.monotonic() < deadline:
+        status = post(gateway, key, GOOD).status_code
+        time.sleep(0.05)
+    assert status == 401
+
+
+@pytest.mark.parametrize("balance", ["0", "-0.5"])
+def test_user_at_or_below_zero_gets_insufficient_quota_before_any_upstream_call(
+    gateway: Gateway, sandbox: Sandbox, balance: str
+) -> None:
+    user, key = gateway.new_user("0")
+    if balance != "0":
+        gateway.cli("users", "topup", user, "0")
+    sandbox.clear()
+    response = post(gateway, key, GOOD)
+    assert response.status_code == 429
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
+    assert sandbox.requests() == []
+    assert gateway.cli_json("usage", "list", "--user", user) == []
+
+
+def test_balance_runs_out_after_a_request_and_then_refuses(gateway: Gateway) -> None:
+    user, key = gateway.new_user("0.1")
+    first = post(gateway, key, GOOD.replace(b'"hi"', b'"hi","stream":true'))
+    assert first.status_code == 200
+    gateway.usage_row(first.headers["x-request-id"])
+    assert Decimal(gateway.balance(user)) == Decimal("0.1") - Decimal("0.114295")
+    second = post(gateway, key, GOOD)
+    assert second.status_code == 429
+
+
+def test_unknown_route_is_an_openai_shaped_404(gateway: Gateway) -> None:
+    response = httpx.get(gateway.url + "/v1/nothing-here")
+    assert response.status_code == 404
+    assert "no route GET /v1/nothing-here" in response.json()["error"]["message"]
+    assert response.headers["x-request-id"].startswith("req_")
