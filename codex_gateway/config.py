@@ -88,7 +88,9 @@ def load_settings(
     env = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
     problems: list[str] = []
-    path = config_file or (Path(env[ENV_PREFIX + "CONFIG"]) if env.get(ENV_PREFIX + "CONFIG") else None)
+    path = config_file or (
+        Path(env[ENV_PREFIX + "CONFIG"]) if env.get(ENV_PREFIX + "CONFIG") else None
+    )
     if path is not None:
         raw.update(_read_toml(path, problems))
     for name in PARSERS:

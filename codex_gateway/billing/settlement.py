@@ -170,7 +170,8 @@ def explain(row: dict[str, Any]) -> str:
     """One request's bill, term by term, with the formula and its numbers."""
     lines = [
         f"request   {row['request_id']}",
-        f"started   {row['started_at']:%Y-%m-%d %H:%M:%S} UTC   duration {row['duration_ms']:.1f} ms"
+        f"started   {row['started_at']:%Y-%m-%d %H:%M:%S} UTC"
+        f"   duration {row['duration_ms']:.1f} ms"
         + (f"   first byte {row['ttfb_ms']:.1f} ms" if row.get("ttfb_ms") is not None else ""),
         f"user      {row.get('user') or '-'}   key {row.get('key') or '-'}   "
         f"account {row.get('account') or '-'}",
@@ -202,7 +203,12 @@ def explain(row: dict[str, Any]) -> str:
 def _cost_lines(row: dict[str, Any]) -> list[str]:
     cached_billed = row["input_tokens"] - row["uncached_input_tokens"]
     terms = [
-        ("uncached input", row["uncached_input_tokens"], row["price_input"], row["cost_uncached_input"]),
+        (
+            "uncached input",
+            row["uncached_input_tokens"],
+            row["price_input"],
+            row["cost_uncached_input"],
+        ),
         ("cached input", cached_billed, row["price_cached_input"], row["cost_cached_input"]),
         ("output", row["output_tokens"], row["price_output"], row["cost_output"]),
     ]
@@ -218,7 +224,6 @@ def _cost_lines(row: dict[str, Any]) -> list[str]:
         f" = {plain(row['cost_usd'])}",
         "",
         f"   total charged: ${plain(row['cost_usd'])}",
-        "   formula: ((input - cached) x P_in + cached x P_cached + output x P_out)"
-        " / 1e6 x markup",
+        "   formula: ((input - cached) x P_in + cached x P_cached + output x P_out) / 1e6 x markup",
     ]
     return lines

@@ -27,17 +27,17 @@ class Exchange:
     """The request side as the handlers need it, and the response side with its bookkeeping."""
 
     __slots__ = (
-        "scope",
-        "receive",
         "_send",
-        "request_id",
-        "started",
-        "status",
-        "response_started",
         "bytes_sent",
         "headers",
-        "model",
         "key_display",
+        "model",
+        "receive",
+        "request_id",
+        "response_started",
+        "scope",
+        "started",
+        "status",
     )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send):

@@ -100,8 +100,7 @@ def _message_items(message: dict[str, Any], index: int) -> list[dict[str, Any]]:
             )
         return [{"type": "function_call_output", "call_id": call_id, "output": _text(content)}]
     raise InvalidRequest(
-        f"messages[{index}].role must be system, developer, user, assistant or tool, "
-        f"not {role!r}.",
+        f"messages[{index}].role must be system, developer, user, assistant or tool, not {role!r}.",
         param=f"messages[{index}].role",
     )
 
@@ -145,9 +144,7 @@ def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(
-            str(part.get("text", "")) for part in content if isinstance(part, dict)
-        )
+        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
     return "" if content is None else str(content)
 
 

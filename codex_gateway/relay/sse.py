@@ -23,7 +23,7 @@ _TERMINAL_HINT = re.compile(rb"response\.(?:completed|incomplete|failed)|\"error
 class StreamScanner:
     """Watches a byte stream of SSE events; `terminal` is set once a terminal event is seen."""
 
-    __slots__ = ("_buffer", "events", "terminal", "terminal_type", "bytes_seen", "created")
+    __slots__ = ("_buffer", "bytes_seen", "created", "events", "terminal", "terminal_type")
 
     def __init__(self) -> None:
         self._buffer = bytearray()
@@ -90,7 +90,9 @@ def _event_name(block: bytes) -> str | None:
 
 
 def _parse_data(block: bytes) -> Any:
-    lines = [line[5:].lstrip(b" ") if line.startswith(b"data:") else None for line in block.split(b"\n")]
+    lines = [
+        line[5:].lstrip(b" ") if line.startswith(b"data:") else None for line in block.split(b"\n")
+    ]
     payload = b"\n".join(line for line in lines if line is not None)
     try:
         return orjson.loads(payload)

@@ -87,7 +87,9 @@ class Store:
 
     @staticmethod
     async def _bump(conn: AsyncConnection) -> None:
-        await conn.execute(update(Revision).where(Revision.id == 1).values(value=Revision.value + 1))
+        await conn.execute(
+            update(Revision).where(Revision.id == 1).values(value=Revision.value + 1)
+        )
 
     # -- users -------------------------------------------------------------------------------
 
@@ -95,13 +97,17 @@ class Store:
         async with self.engine.begin() as conn:
             try:
                 result = await conn.execute(
-                    insert(User).values(name=name, balance=balance, created_at=now())
+                    insert(User)
+                    .values(name=name, balance=balance, created_at=now())
+                    .returning(User.id)
                 )
             except IntegrityError:
                 raise StoreError(f"a user named {name!r} already exists") from None
-            user_id = result.inserted_primary_key[0]
+            user_id: int = result.scalar_one()
             if balance:
-                await self._ledger(conn, user_id, "topup", balance, balance, None, "initial balance")
+                await self._ledger(
+                    conn, user_id, "topup", balance, balance, None, "initial balance"
+                )
             await self._bump(conn)
 
     async def topup(self, name: str, amount: Decimal, note: str | None = None) -> Decimal:
@@ -218,7 +224,8 @@ class Store:
         async with self.engine.begin() as conn:
             try:
                 result = await conn.execute(
-                    insert(UpstreamAccount).values(
+                    insert(UpstreamAccount)
+                    .values(
                         name=name,
                         kind=kind,
                         base_url=base_url.rstrip("/"),
@@ -227,11 +234,13 @@ class Store:
                         enabled=True,
                         created_at=now(),
                     )
+                    .returning(UpstreamAccount.id)
                 )
             except IntegrityError:
                 raise StoreError(f"an account named {name!r} already exists") from None
+            account_id: int = result.scalar_one()
             await self._bump(conn)
-        return int(result.inserted_primary_key[0])
+        return account_id
 
     async def set_account_enabled(self, name: str, enabled: bool) -> None:
         async with self.engine.begin() as conn:
@@ -341,9 +350,9 @@ class Store:
                 .values(balance=User.balance - cost)
                 .returning(User.balance)
             )
-            return Decimal(balance)
+            return Decimal(str(balance))
         current = await conn.scalar(select(User.balance).where(User.id == user_id))
-        balance = MONEY.subtract(Decimal(current), cost)
+        balance = MONEY.subtract(Decimal(str(current)), cost)
         await conn.execute(update(User).where(User.id == user_id).values(balance=balance))
         return balance
 
@@ -374,17 +383,19 @@ class Store:
     async def usage(self, request_id: str) -> dict[str, Any] | None:
         async with self.engine.connect() as conn:
             row = (
-                await conn.execute(
-                    _usage_query().where(UsageRecord.request_id == request_id)
-                )
-            ).mappings().first()
+                (await conn.execute(_usage_query().where(UsageRecord.request_id == request_id)))
+                .mappings()
+                .first()
+            )
             await conn.rollback()
         return dict(row) if row else None
 
     async def list_usage(
         self, limit: int = 50, user_name: str | None = None
     ) -> list[dict[str, Any]]:
-        query = _usage_query().order_by(UsageRecord.started_at.desc(), UsageRecord.request_id.desc())
+        query = _usage_query().order_by(
+            UsageRecord.started_at.desc(), UsageRecord.request_id.desc()
+        )
         if user_name is not None:
             query = query.where(User.name == user_name)
         async with self.engine.connect() as conn:

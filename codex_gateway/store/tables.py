@@ -100,7 +100,9 @@ class UsageRecord(Base):
     __tablename__ = "usage_records"
 
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, index=True)
+    started_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, index=True
+    )
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
     key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))
     account_id: Mapped[int | None] = mapped_column(ForeignKey("upstream_accounts.id"))

@@ -7,7 +7,6 @@ into the gateway's own upstream errors here and nowhere else.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
@@ -30,8 +29,10 @@ class UpstreamResponse:
         try:
             async for chunk in self._response.content.iter_any():
                 yield chunk
-        except asyncio.TimeoutError:
-            raise UpstreamTimeout("The upstream stopped sending before the response ended.") from None
+        except TimeoutError:
+            raise UpstreamTimeout(
+                "The upstream stopped sending before the response ended."
+            ) from None
         except aiohttp.ClientPayloadError as exc:
             raise UpstreamProtocolError(f"The upstream response was cut off: {exc}.") from None
         except aiohttp.ClientError as exc:
@@ -72,10 +73,12 @@ class UpstreamClient:
     async def post(self, url: str, headers: Mapping[str, str], body: bytes) -> UpstreamResponse:
         try:
             response = await self._get_session().post(url, data=body, headers=headers)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamTimeout("The upstream did not answer in time.") from None
         except aiohttp.ClientConnectorError as exc:
-            raise UpstreamConnectError(f"Could not connect to the upstream: {exc.os_error}.") from None
+            raise UpstreamConnectError(
+                f"Could not connect to the upstream: {exc.os_error}."
+            ) from None
         except aiohttp.ClientError as exc:
             raise UpstreamConnectError(f"The upstream request failed: {exc}.") from None
         return UpstreamResponse(response)
