@@ -22,9 +22,10 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
-TRANSCRIPTS = ROOT / "codex_gateway" / "sandbox" / "transcripts"
-PG_ADMIN_URL = os.environ.get("CODEX_GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+FIXTURES = ROOT / "tests" / "fixtures"
+PG_ADMIN_URL = os.environ.get(
+    "CODEX_GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 CLI = [sys.executable, "-m", "codex_gateway"]
 MAX_BODY_BYTES = 1_000_000
 
@@ -48,11 +49,8 @@ def wait_http(url: str, timeout: float = 20.0) -> None:
 
 
 def fixture_path(*parts: str) -> Path:
-    """A file from the shared fixtures, or the copy that travels with the repo."""
-    shared = SHARED_FIXTURES.joinpath(*parts)
-    if shared.exists():
-        return shared
-    return TRANSCRIPTS / parts[-1]
+    """A wire-format fixture (tests/fixtures is a copy of the shared fixtures)."""
+    return FIXTURES.joinpath(*parts)
 
 
 @dataclass
@@ -208,8 +206,16 @@ def gateway(
     gw = make_gateway(request.param, tmp_path_factory)
     try:
         gw.cli(
-            "accounts", "add", "--name", "sandbox", "--kind", "openai",
-            "--base-url", sandbox.base_url, "--api-key", "sk-upstream-secret-0001",
+            "accounts",
+            "add",
+            "--name",
+            "sandbox",
+            "--kind",
+            "openai",
+            "--base-url",
+            sandbox.base_url,
+            "--api-key",
+            "sk-upstream-secret-0001",
         )
         gw.start()
         yield gw

@@ -18,6 +18,7 @@ from codex_gateway.billing.pricing import Cost, Price, PriceTable, base_model, c
 from codex_gateway.relay.usage import (
     FLAG_CACHED_OVER_INPUT,
     FLAG_INVALID,
+    FLAG_MISSING,
     FLAG_REASONING_OVER_OUTPUT,
     NO_USAGE,
     MappedUsage,
@@ -28,6 +29,7 @@ log = logging.getLogger("codex_gateway.billing")
 
 FLAG_MODEL_MISMATCH = "upstream_model_differs"
 FLAG_NEEDS_REVIEW = "needs_review"
+UNBILLABLE_FLAGS = frozenset({FLAG_INVALID, FLAG_MISSING})
 REVIEW_FLAGS = frozenset({FLAG_INVALID, FLAG_CACHED_OVER_INPUT, FLAG_REASONING_OVER_OUTPUT})
 
 
@@ -201,6 +203,13 @@ def explain(row: dict[str, Any]) -> str:
 
 
 def _cost_lines(row: dict[str, Any]) -> list[str]:
+    unusable = [flag for flag in orjson.loads(row["flags"]) if flag in UNBILLABLE_FLAGS]
+    if unusable:
+        return [
+            f"   not billed: {', '.join(unusable)} (the upstream reported no usable usage)",
+            "",
+            f"   total charged: ${plain(row['cost_usd'])}",
+        ]
     cached_billed = row["input_tokens"] - row["uncached_input_tokens"]
     terms = [
         (

@@ -158,7 +158,12 @@ def _tool_call_items(tool_calls: Any, index: int) -> list[dict[str, Any]]:
         )
     items = []
     for call in tool_calls:
-        function = call.get("function", {}) if isinstance(call, dict) else {}
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise InvalidRequest(
+                f"messages[{index}].tool_calls entries must be objects with a function object.",
+                param=f"messages[{index}].tool_calls",
+            )
         items.append(
             {
                 "type": "function_call",

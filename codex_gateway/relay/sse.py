@@ -37,7 +37,8 @@ class StreamScanner:
         self.bytes_seen += len(chunk)
         buffer = self._buffer
         buffer += chunk
-        if b"\r" in chunk:
+        if b"\r" in buffer:
+            # CRLF framing; a CR that ends this chunk waits for its LF in the next one.
             buffer[:] = buffer.replace(b"\r\n", b"\n")
         start = 0
         while True:

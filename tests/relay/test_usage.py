@@ -1,8 +1,7 @@
-"""Usage objects in Responses and Chat shapes map to billed token classes; bad counts are flagged."""
+"""Usage in Responses or Chat shape maps to billed token classes; bad counts are flagged."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,8 +19,9 @@ from codex_gateway.relay.usage import (
     upstream_model_of,
     usage_from_terminal,
 )
+from tests.conftest import FIXTURES
 
-UPSTREAM = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "upstream"
+UPSTREAM = FIXTURES / "upstream"
 
 
 def responses_usage(
@@ -243,7 +243,11 @@ def test_usage_from_terminal(event: dict[str, Any] | None, usage: Any) -> None:
         ),
         # a non-streaming body or a Chat chunk is the response itself
         ({"id": "resp_2", "object": "response", "model": "gpt-5"}, "gpt-5", "resp_2"),
-        ({"id": "chatcmpl-1", "model": "gpt-5-mini-2025-08-07"}, "gpt-5-mini-2025-08-07", "chatcmpl-1"),
+        (
+            {"id": "chatcmpl-1", "model": "gpt-5-mini-2025-08-07"},
+            "gpt-5-mini-2025-08-07",
+            "chatcmpl-1",
+        ),
         # values that are not strings, or no response at all
         ({"response": {"id": 7, "model": ["gpt-5"]}}, None, None),
         ({"type": "response.failed", "response": None}, None, None),

@@ -1,0 +1,81 @@
+"""Database URLs, engines and migrations on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from codex_gateway.billing.pricing import LIST_PRICES, Price
+from codex_gateway.store.db import create_engine, driver_url, is_current, migrate, redact_url
+from codex_gateway.store.queries import Store
+from tests.store.dump import dump
+
+
+@pytest.mark.parametrize(
+    ("url", "driver"),
+    [
+        # SQLite files, relative and absolute
+        ("sqlite:///gateway.db", "sqlite+aiosqlite:///gateway.db"),
+        ("sqlite:////var/lib/cg/gateway.db", "sqlite+aiosqlite:////var/lib/cg/gateway.db"),
+        # PostgreSQL under either scheme name
+        ("postgresql://u@127.0.0.1:5432/cg", "postgresql+asyncpg://u@127.0.0.1:5432/cg"),
+        ("postgres://u:pw@127.0.0.1/cg", "postgresql+asyncpg://u:pw@127.0.0.1/cg"),
+    ],
+)
+def test_driver_url_picks_the_async_driver(url: str, driver: str) -> None:
+    assert driver_url(url) == driver
+
+
+@pytest.mark.parametrize(
+    "url", ["mysql://root:hunter2@127.0.0.1/cg", "sqlite://gateway.db", "gateway.db", ""]
+)
+def test_unsupported_url_is_refused_without_showing_a_password(url: str) -> None:
+    with pytest.raises(ValueError, match="unsupported database URL") as caught:
+        create_engine(url)
+
+    assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # a password is replaced
+        ("postgresql://cg:hunter2@127.0.0.1:5432/cg", "postgresql://cg:***@127.0.0.1:5432/cg"),
+        ("postgresql://cg:p@ss@127.0.0.1/cg", "postgresql://cg:***@127.0.0.1/cg"),
+        # nothing to hide
+        ("postgresql://cg@127.0.0.1/cg", "postgresql://cg@127.0.0.1/cg"),
+        ("sqlite:///gateway.db", "sqlite:///gateway.db"),
+        ("not a url", "not a url"),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+async def test_migrating_twice_changes_nothing_the_second_time(empty_database_url: str) -> None:
+    engine = create_engine(empty_database_url)
+    try:
+        assert not await is_current(engine)
+
+        await migrate(engine)
+        assert await is_current(engine)
+        first = await dump(engine)
+        await migrate(engine)
+        second = await dump(engine)
+    finally:
+        await engine.dispose()
+
+    assert second == first
+    assert first["alembic_version"] == [("0001",)]
+    assert first["revision"] == [(1, 1)]
+    assert len(first["model_pricings"]) == len(LIST_PRICES)
+
+
+async def test_migration_seeds_the_list_prices(store: Store) -> None:
+    prices = await store.prices()
+
+    assert prices == [
+        Price(model, Decimal(input_), Decimal(cached), Decimal(output), Decimal(1))
+        for model, (input_, cached, output) in sorted(LIST_PRICES.items())
+    ]
