@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from decimal import Decimal
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -49,8 +50,19 @@ def transcript_events(name: str) -> list[dict[str, Any]]:
     return events
 
 
-def sdk(gateway: Gateway, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30)
+@pytest.fixture
+def sdk(gateway: Gateway) -> Iterator[Callable[[str], openai.OpenAI]]:
+    """Make SDK clients for a key; every client is closed after the test."""
+    clients: list[openai.OpenAI] = []
+
+    def make(key: str) -> openai.OpenAI:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
 
 
 def assert_billed(
@@ -72,9 +84,11 @@ def assert_billed(
 
 
 @pytest.mark.parametrize("name", list(TRANSCRIPTS))
-def test_stream_reaches_the_sdk_unchanged_and_is_billed(gateway: Gateway, name: str) -> None:
+def test_stream_reaches_the_sdk_unchanged_and_is_billed(
+    gateway: Gateway, sdk: Callable[[str], openai.OpenAI], name: str
+) -> None:
     user, key = gateway.new_user("10")
-    client = sdk(gateway, key)
+    client = sdk(key)
     response = client.responses.with_raw_response.create(
         model="gpt-5.1-codex",
         input="Write a Python function that computes the Fibonacci sequence",
@@ -101,9 +115,11 @@ def test_stream_reaches_the_sdk_unchanged_and_is_billed(gateway: Gateway, name: 
 
 
 @pytest.mark.parametrize("name", ["responses-text", "responses-cached", "responses-incomplete"])
-def test_json_response_reaches_the_sdk_unchanged_and_is_billed(gateway: Gateway, name: str) -> None:
+def test_json_response_reaches_the_sdk_unchanged_and_is_billed(
+    gateway: Gateway, sdk: Callable[[str], openai.OpenAI], name: str
+) -> None:
     user, key = gateway.new_user("3")
-    response = sdk(gateway, key).responses.with_raw_response.create(
+    response = sdk(key).responses.with_raw_response.create(
         model="gpt-5.1-codex", input="hi", extra_headers={"x-sandbox-transcript": name}
     )
     final = transcript_events(name)[-1]["response"]
@@ -118,10 +134,12 @@ def test_json_response_reaches_the_sdk_unchanged_and_is_billed(gateway: Gateway,
 @pytest.mark.parametrize(
     "name", ["responses-failed", "responses-error-event", "responses-no-terminal"]
 )
-def test_json_upstream_failure_is_a_clear_error_and_free(gateway: Gateway, name: str) -> None:
+def test_json_upstream_failure_is_a_clear_error_and_free(
+    gateway: Gateway, sdk: Callable[[str], openai.OpenAI], name: str
+) -> None:
     user, key = gateway.new_user("3")
     with pytest.raises(openai.APIStatusError) as caught:
-        sdk(gateway, key).responses.create(
+        sdk(key).responses.create(
             model="gpt-5.1-codex", input="hi", extra_headers={"x-sandbox-transcript": name}
         )
     assert caught.value.status_code == 502
