@@ -17,6 +17,10 @@ from codex_gateway.store.queries import AccountRecord, KeyRecord, Store
 
 log = logging.getLogger(__name__)
 
+# Hashes of keys that matched nothing, so a flood of bad keys costs no database round trips.
+# A key created later is new random text, so it can never be in this set.
+MAX_UNKNOWN_KEYS = 10_000
+
 
 class Catalog:
     def __init__(self, store: Store):
@@ -26,31 +30,51 @@ class Catalog:
         self.balances: dict[int, Decimal] = {}
         self.prices = PriceTable()
         self.accounts: list[AccountRecord] = []
+        self._unknown_keys: set[str] = set()
         self._lock = asyncio.Lock()
 
     async def refresh(self) -> None:
-        """Reload everything if the revision moved; always reload balances."""
+        """Reload everything if the revision moved; always reload balances.
+
+        Everything is read first and swapped in together, so a request never sees a key
+        whose user's balance is not loaded yet.
+        """
         async with self._lock:
             revision = await self._store.revision()
-            if revision != self.revision:
-                self.keys = await self._store.active_keys()
-                self.prices = PriceTable(await self._store.prices())
-                self.accounts = await self._store.accounts()
-                self.revision = revision
-                log.debug("catalog reloaded at revision %d", revision)
-            self.balances = await self._store.balances()
+            balances = await self._store.balances()
+            if revision == self.revision:
+                self.balances.update(balances)
+                return
+            keys = await self._store.active_keys()
+            prices = PriceTable(await self._store.prices())
+            accounts = await self._store.accounts()
+            self.balances.update(balances)
+            self.keys, self.prices, self.accounts = keys, prices, accounts
+            self._unknown_keys.clear()
+            self.revision = revision
+            log.debug("catalog reloaded at revision %d", revision)
+
+    async def balance(self, user_id: int) -> Decimal:
+        """The user's balance as this process knows it; looked up if it has none yet."""
+        balance = self.balances.get(user_id)
+        if balance is None:
+            balance = self.balances[user_id] = await self._store.balance(user_id)
+        return balance
 
     async def key(self, key_hash: str) -> KeyRecord | None:
         """The active key with this hash; a key created since the last poll is looked up."""
         record = self.keys.get(key_hash)
         if record is not None:
             return record
+        if key_hash in self._unknown_keys:
+            return None
         found = await self._store.find_key(key_hash)
         if found is None or found.revoked:
+            if len(self._unknown_keys) >= MAX_UNKNOWN_KEYS:
+                self._unknown_keys.clear()
+            self._unknown_keys.add(key_hash)
             return None
         self.keys[key_hash] = found
-        if found.user_id not in self.balances:
-            self.balances.update(await self._store.balances())
         return found
 
     def usable_accounts(self) -> list[AccountRecord]:

@@ -30,10 +30,19 @@ class GatewayError(Exception):
     type = "server_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        detail: str | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
+        # For the operator (usage row, log); never sent to the client.
+        self.detail = detail
         if code is not None:
             self.code = code
 

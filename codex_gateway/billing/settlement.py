@@ -73,7 +73,7 @@ def bill(outcome: Outcome, prices: PriceTable) -> dict[str, Any]:
     flags.extend(flag for flag in mapped.flags if flag not in flags)
     if any(flag in REVIEW_FLAGS for flag in mapped.flags):
         flags.append(FLAG_NEEDS_REVIEW)
-    if price.model != outcome.price.model:
+    if outcome.upstream_model and base_model(outcome.upstream_model) != base_model(outcome.model):
         flags.append(FLAG_MODEL_MISMATCH)
     if log.isEnabledFor(logging.DEBUG):
         _log_stages(outcome, mapped, price, cost)

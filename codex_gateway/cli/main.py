@@ -68,11 +68,10 @@ def _prepare_sandbox(host: str, port: int) -> None:
     async def prepare(store: Store) -> str | None:
         existing = {account.name: account for account in await store.accounts()}
         account = existing.get(SANDBOX_ACCOUNT)
-        if account is not None and account.base_url != base_url:
-            await store.remove_account(SANDBOX_ACCOUNT)
-            account = None
         if account is None:
             await store.add_account(SANDBOX_ACCOUNT, "openai", base_url, "sandbox", priority=1000)
+        elif account.base_url != base_url:
+            await store.set_account_base_url(SANDBOX_ACCOUNT, base_url)
         if await store.list_users():
             return None
         try:
@@ -100,7 +99,7 @@ def sandbox(host: str, port: int) -> None:
 
     logs.configure("INFO")
     uvicorn.run(
-        SandboxApp(),
+        SandboxApp(record=True),
         host=host,
         port=port,
         http="httptools",

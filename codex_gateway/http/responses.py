@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import TYPE_CHECKING
 
 import orjson
@@ -22,6 +21,7 @@ from codex_gateway.errors import (
     ModelNotFound,
     NoAccountAvailable,
     UpstreamError,
+    UpstreamProtocolError,
     UpstreamStatusError,
 )
 from codex_gateway.http.exchange import Exchange
@@ -103,14 +103,14 @@ def _bearer(exchange: Exchange) -> str:
     )
 
 
-def admit(gateway: Gateway, key: KeyRecord, request: ResponsesRequest) -> Price:
+async def admit(gateway: Gateway, key: KeyRecord, request: ResponsesRequest) -> Price:
     price = gateway.catalog.prices.resolve(request.model)
     if price is None:
         raise ModelNotFound(
             f"The model `{request.model}` does not exist or has no price on this gateway.",
             param="model",
         )
-    if gateway.catalog.balances.get(key.user_id, Decimal(0)) <= 0:
+    if await gateway.catalog.balance(key.user_id) <= 0:
         raise InsufficientQuota(
             "You exceeded your current quota: the balance is used up. "
             "Ask the gateway operator to top it up."
@@ -138,7 +138,7 @@ async def relay_responses(gateway: Gateway, exchange: Exchange) -> None:
     key = await authenticate(gateway, exchange)
     request = parse_responses_request(await exchange.body(gateway.settings.max_body_bytes))
     exchange.model = request.model
-    price = admit(gateway, key, request)
+    price = await admit(gateway, key, request)
     account = choose_account(gateway)
     outcome = Outcome(
         request_id=exchange.request_id,
@@ -194,8 +194,14 @@ async def _relay(
 def _record_failure(outcome: Outcome, error: UpstreamError) -> None:
     outcome.status = "upstream_error"
     outcome.http_status = error.status
-    outcome.error = outcome.error or error.message
+    outcome.error = outcome.error or error.detail or error.message
     outcome.flag(error.code or "upstream_error")
+    log.warning(
+        "upstream failed: %s (%s)",
+        error.message,
+        error.detail or error.code,
+        extra={"request_id": outcome.request_id, "account_id": outcome.account_id},
+    )
 
 
 async def _relay_stream(exchange: Exchange, upstream: UpstreamResponse, outcome: Outcome) -> None:
@@ -253,17 +259,19 @@ async def _relay_json(exchange: Exchange, upstream: UpstreamResponse, outcome: O
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
         document = None
-    if isinstance(document, dict):
-        usage = document.get("usage")
-        outcome.usage = usage
-        outcome.usage_reported = usage is not None
-        outcome.upstream_model = upstream_model_of(document)
-        outcome.response_id = response_id_of(document)
-        status = document.get("status")
-        outcome.status = status if isinstance(status, str) else "completed"
-    else:
-        outcome.status = "upstream_error"
+    if not isinstance(document, dict):
         outcome.flag("upstream_body_not_json")
+        raise UpstreamProtocolError(
+            "The upstream answered with a body that is not a JSON response.",
+            detail=f"HTTP 200 body: {body[:200].decode('utf-8', 'replace')}",
+        )
+    usage = document.get("usage")
+    outcome.usage = usage
+    outcome.usage_reported = usage is not None
+    outcome.upstream_model = upstream_model_of(document)
+    outcome.response_id = response_id_of(document)
+    status = document.get("status")
+    outcome.status = status if isinstance(status, str) else "completed"
     content_type = upstream.headers.get("content-type", "application/json").encode("latin-1")
     await exchange.start(
         200, [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]

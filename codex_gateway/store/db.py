@@ -81,6 +81,8 @@ def alembic_config() -> Config:
 
 async def migrate(engine: AsyncEngine) -> None:
     """Bring the schema to the newest revision; concurrent starts on PostgreSQL take turns."""
+    if engine.dialect.name == "postgresql":
+        await _create_database_if_missing(engine)
     async with engine.connect() as connection:
         if engine.dialect.name == "postgresql":
             await connection.execute(text(f"SELECT pg_advisory_lock({_PG_MIGRATION_LOCK})"))
@@ -92,6 +94,27 @@ async def migrate(engine: AsyncEngine) -> None:
             if engine.dialect.name == "postgresql":
                 await connection.execute(text(f"SELECT pg_advisory_unlock({_PG_MIGRATION_LOCK})"))
                 await connection.commit()
+
+
+async def _create_database_if_missing(engine: AsyncEngine) -> None:
+    """Create the PostgreSQL database itself when the server has none by that name."""
+    try:
+        async with engine.connect():
+            return
+    except Exception as exc:
+        if "does not exist" not in str(exc) or engine.url.database is None:
+            raise
+    name = engine.url.database
+    server = create_async_engine(engine.url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        async with server.connect() as connection:
+            quoted = connection.dialect.identifier_preparer.quote(name)
+            await connection.execute(text(f"CREATE DATABASE {quoted}"))
+    except Exception as exc:
+        if "already exists" not in str(exc):
+            raise
+    finally:
+        await server.dispose()
 
 
 def _upgrade(connection: Connection) -> None:

@@ -135,6 +135,12 @@ class Store:
             await conn.rollback()
         return [dict(row) for row in rows]
 
+    async def balance(self, user_id: int) -> Decimal:
+        async with self.engine.connect() as conn:
+            value = await conn.scalar(select(User.balance).where(User.id == user_id))
+            await conn.rollback()
+        return value if value is not None else Decimal(0)
+
     async def balances(self) -> dict[int, Decimal]:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(select(User.id, User.balance))).all()
@@ -177,6 +183,8 @@ class Store:
         if user_name is not None:
             query = query.where(User.name == user_name)
         async with self.engine.connect() as conn:
+            if user_name is not None:
+                await _require_user(conn, user_name)
             rows = (await conn.execute(query)).mappings().all()
             await conn.rollback()
         return [dict(row) for row in rows]
@@ -251,8 +259,30 @@ class Store:
                 raise StoreError(f"no account named {name!r}")
             await self._bump(conn)
 
+    async def set_account_base_url(self, name: str, base_url: str) -> None:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(UpstreamAccount)
+                .where(UpstreamAccount.name == name)
+                .values(base_url=base_url.rstrip("/"))
+            )
+            if result.rowcount == 0:
+                raise StoreError(f"no account named {name!r}")
+            await self._bump(conn)
+
     async def remove_account(self, name: str) -> None:
         async with self.engine.begin() as conn:
+            served = await conn.scalar(
+                select(func.count())
+                .select_from(UsageRecord)
+                .join(UpstreamAccount, UpstreamAccount.id == UsageRecord.account_id)
+                .where(UpstreamAccount.name == name)
+            )
+            if served:
+                raise StoreError(
+                    f"account {name!r} has served {served} requests that its usage rows name; "
+                    "disable it instead"
+                )
             result = await conn.execute(delete(UpstreamAccount).where(UpstreamAccount.name == name))
             if result.rowcount == 0:
                 raise StoreError(f"no account named {name!r}")
@@ -334,7 +364,7 @@ class Store:
                     return None
                 balance = await self._debit(conn, user_id, cost)
                 await self._ledger(
-                    conn, user_id, "charge", -cost, balance, record["request_id"], None
+                    conn, user_id, "charge", cost.copy_negate(), balance, record["request_id"], None
                 )
                 return balance
         except IntegrityError:
@@ -399,6 +429,8 @@ class Store:
         if user_name is not None:
             query = query.where(User.name == user_name)
         async with self.engine.connect() as conn:
+            if user_name is not None:
+                await _require_user(conn, user_name)
             rows = (await conn.execute(query.limit(limit))).mappings().all()
             await conn.rollback()
         return [dict(row) for row in rows]
@@ -419,6 +451,7 @@ class Store:
             .order_by(LedgerEntry.id)
         )
         async with self.engine.connect() as conn:
+            await _require_user(conn, user_name)
             rows = (await conn.execute(query)).mappings().all()
             await conn.rollback()
         return [dict(row) for row in rows]
@@ -428,6 +461,11 @@ class Store:
             value = await conn.scalar(select(func.count()).select_from(UsageRecord))
             await conn.rollback()
         return int(value or 0)
+
+
+async def _require_user(conn: AsyncConnection, name: str) -> None:
+    if await conn.scalar(select(User.id).where(User.name == name)) is None:
+        raise StoreError(f"no user named {name!r}")
 
 
 def _usage_query() -> Select[Any]:

@@ -8,7 +8,6 @@ from decimal import Decimal
 from sqlalchemy import (
     BigInteger,
     Boolean,
-    DateTime,
     ForeignKey,
     Integer,
     String,
@@ -16,7 +15,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from codex_gateway.store.types import Money
+from codex_gateway.store.types import Money, UTCDateTime
 
 
 class Base(DeclarativeBase):
@@ -38,7 +37,7 @@ class User(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(200), unique=True, nullable=False)
     balance: Mapped[Decimal] = mapped_column(Money, nullable=False)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
 class ApiKey(Base):
@@ -49,8 +48,8 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     display: Mapped[str] = mapped_column(String(40), nullable=False)
     name: Mapped[str | None] = mapped_column(String(200))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class UpstreamAccount(Base):
@@ -63,7 +62,7 @@ class UpstreamAccount(Base):
     api_key: Mapped[str] = mapped_column(Text, nullable=False)
     priority: Mapped[int] = mapped_column(Integer, nullable=False, default=100)
     enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
 class ModelPricing(Base):
@@ -76,7 +75,7 @@ class ModelPricing(Base):
     cached_input_per_million: Mapped[Decimal] = mapped_column(Money, nullable=False)
     output_per_million: Mapped[Decimal] = mapped_column(Money, nullable=False)
     markup: Mapped[Decimal] = mapped_column(Money, nullable=False)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
 class LedgerEntry(Base):
@@ -91,7 +90,7 @@ class LedgerEntry(Base):
     balance_after: Mapped[Decimal] = mapped_column(Money, nullable=False)
     request_id: Mapped[str | None] = mapped_column(String(64), unique=True)
     note: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
 class UsageRecord(Base):
@@ -100,9 +99,7 @@ class UsageRecord(Base):
     __tablename__ = "usage_records"
 
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    started_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), nullable=False, index=True
-    )
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
     key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))
     account_id: Mapped[int | None] = mapped_column(ForeignKey("upstream_accounts.id"))

@@ -34,9 +34,13 @@ class UpstreamResponse:
                 "The upstream stopped sending before the response ended."
             ) from None
         except aiohttp.ClientPayloadError as exc:
-            raise UpstreamProtocolError(f"The upstream response was cut off: {exc}.") from None
+            raise UpstreamProtocolError(
+                "The upstream response was cut off before it ended.", detail=repr(exc)
+            ) from None
         except aiohttp.ClientError as exc:
-            raise UpstreamConnectError(f"The upstream connection failed: {exc}.") from None
+            raise UpstreamConnectError(
+                "The connection to the upstream failed.", detail=repr(exc)
+            ) from None
 
     async def read(self) -> bytes:
         parts = [chunk async for chunk in self.chunks()]
@@ -77,10 +81,12 @@ class UpstreamClient:
             raise UpstreamTimeout("The upstream did not answer in time.") from None
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamConnectError(
-                f"Could not connect to the upstream: {exc.os_error}."
+                "Could not connect to the upstream.", detail=str(exc.os_error)
             ) from None
         except aiohttp.ClientError as exc:
-            raise UpstreamConnectError(f"The upstream request failed: {exc}.") from None
+            raise UpstreamConnectError(
+                "The request to the upstream failed.", detail=repr(exc)
+            ) from None
         return UpstreamResponse(response)
 
     async def close(self) -> None:

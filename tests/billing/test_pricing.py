@@ -188,7 +188,6 @@ def test_per_million_refuses_other_units(per: str) -> None:
         ("10.500", "10.500"),
         ("0.000000000000000001", "0.000000000000000001"),
         ("  2.5\n", "2.5"),
-        ("1e-6", "0.000001"),
         ("0", "0"),
         # ints and Decimals
         (3, "3"),
@@ -230,6 +229,15 @@ def test_parse_amount_accepts_finite_non_negative_decimals(
         "0x10",
         "1.2.3",
         "1 000",
+        # forms that would not store what the operator typed
+        "1e-6",
+        "1_000",
+        "\u0663",
+        ".5",
+        # beyond the bounds: more than 18 decimals, more than 1e12
+        "0.0000000000000000001",
+        "1000000000001",
+        "1e400",
     ],
 )
 def test_parse_amount_refuses_nan_infinity_negatives_and_garbage(text: str | int) -> None:

@@ -158,9 +158,9 @@ def test_bill_reproduces_every_billing_case(case: dict[str, Any]) -> None:
         ("gpt-5.1-codex", "gpt-5.2-codex", "gpt-5.2-codex", True),
         ("gpt-5.1-codex-mini", "gpt-5.1-codex-2025-11-13", "gpt-5.1-codex", True),
         ("gpt-5.2-codex", "gpt-5-mini-2025-08-07", "gpt-5-mini", True),
-        # the upstream ran a model with no price: bill as admitted
-        ("gpt-5.1-codex", "gpt-9-codex", "gpt-5.1-codex", False),
-        ("gpt-5.1-codex", "gpt-5.1-codex-ultra-2025-11-13", "gpt-5.1-codex", False),
+        # the upstream ran a model with no price: bill as admitted, and say so
+        ("gpt-5.1-codex", "gpt-9-codex", "gpt-5.1-codex", True),
+        ("gpt-5.1-codex", "gpt-5.1-codex-ultra-2025-11-13", "gpt-5.1-codex", True),
     ],
 )
 def test_bill_prices_by_the_upstream_model_when_it_is_priced_and_differs(

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import time
-from decimal import Decimal
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -368,13 +368,10 @@ def test_revoked_key_gets_401(gateway: Gateway) -> None:
     assert status == 401
 
 
-@pytest.mark.parametrize("balance", ["0", "-0.5"])
-def test_user_at_or_below_zero_gets_insufficient_quota_before_any_upstream_call(
-    gateway: Gateway, sandbox: Sandbox, balance: str
+def test_user_at_zero_gets_insufficient_quota_before_any_upstream_call(
+    gateway: Gateway, sandbox: Sandbox
 ) -> None:
     user, key = gateway.new_user("0")
-    if balance != "0":
-        gateway.cli("users", "topup", user, "0")
     sandbox.clear()
     response = post(gateway, key, GOOD)
     assert response.status_code == 429
