@@ -154,6 +154,10 @@ class Gateway:
     def log_text(self) -> str:
         return self.proc.log_text() if self.proc else ""
 
+    def drop_database(self) -> None:
+        if self.backend == "postgresql":
+            _drop_pg_database(self.database_url.rsplit("/", 1)[1])
+
     def new_user(self, balance: str = "10") -> tuple[str, str]:
         """A fresh user with `balance` USD and a key; returns (name, key)."""
         name = "u" + uuid.uuid4().hex[:10]
@@ -232,8 +236,7 @@ def gateway(
         yield gw
     finally:
         gw.stop()
-        if gw.backend == "postgresql":
-            _drop_pg_database(gw.database_url.rsplit("/", 1)[1])
+        gw.drop_database()
 
 
 def make_gateway(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Gateway:

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import MAX_BODY_BYTES, Gateway, Sandbox, fixture_path
+from tests.conftest import MAX_BODY_BYTES, Gateway, Sandbox, fixture_path, free_port, make_gateway
 
 GPT_51_CODEX = (Decimal("1.25"), Decimal("0.125"), Decimal("10"))
 
@@ -277,6 +277,21 @@ BAD_INPUT = [
         None,
         "messages[0].role",
     ),
+    # model names that could not be priced or logged safely
+    (
+        b'{"model": "gpt\\nINFO forged line", "input": "hi"}',
+        400,
+        "invalid_request_error",
+        None,
+        "model",
+    ),
+    (
+        b'{"model": "' + b"m" * 201 + b'", "input": "hi"}',
+        400,
+        "invalid_request_error",
+        None,
+        "model",
+    ),
     # a model with no price is refused, never priced as another model
     (
         b'{"model": "gpt-9-unknown", "input": "hi"}',
@@ -396,3 +411,37 @@ def test_unknown_route_is_an_openai_shaped_404(gateway: Gateway) -> None:
     assert response.status_code == 404
     assert "no route GET /v1/nothing-here" in response.json()["error"]["message"]
     assert response.headers["x-request-id"].startswith("req_")
+
+
+def test_unreachable_upstream_is_a_clear_502_that_names_no_address(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    gateway = make_gateway("sqlite", tmp_path_factory)
+    closed_port = free_port()
+    gateway.cli(
+        "accounts",
+        "add",
+        "--name",
+        "down",
+        "--base-url",
+        f"http://127.0.0.1:{closed_port}/v1",
+        "--api-key",
+        "sk-upstream-down-0001",
+    )
+    gateway.start()
+    try:
+        user, key = gateway.new_user("1")
+        response = post(gateway, key, GOOD)
+        assert response.status_code == 502
+        error = response.json()["error"]
+        assert error["code"] == "upstream_connect_error"
+        assert error["message"] == "Could not connect to the upstream."
+        assert str(closed_port) not in response.text
+        row = gateway.usage_row(response.headers["x-request-id"])
+        assert row["status"] == "upstream_error"
+        assert str(closed_port) in row["error"]
+        assert Decimal(row["cost_usd"]) == 0
+        assert gateway.balance(user) == "1"
+        assert "sk-upstream-down-0001" not in gateway.log_text()
+    finally:
+        gateway.stop()

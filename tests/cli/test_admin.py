@@ -1,0 +1,180 @@
+"""The administration commands, as operators and other tools call them.
+
+The interface other tools rely on is run as real processes; the rest runs in process.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from decimal import Decimal
+
+import pytest
+
+from tests.conftest import Gateway, make_gateway
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def db(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    """A database with no gateway process: the CLI alone."""
+    gateway = make_gateway(request.param, tmp_path_factory)
+    yield gateway
+    gateway.drop_database()
+
+
+def test_stable_interface_as_separate_processes(db: Gateway) -> None:
+    assert db.real_cli("users", "create", "iface", "--balance", "12.50").returncode == 0
+    assert db.real_cli("users", "topup", "iface", "0.25").returncode == 0
+    users = json.loads(db.real_cli("users", "list", "--json").stdout)
+    assert {"name": "iface", "balance": "12.75"}.items() <= next(
+        u for u in users if u["name"] == "iface"
+    ).items()
+    created = db.real_cli("keys", "create", "--user", "iface")
+    key = created.stdout.strip().splitlines()[-1]
+    assert key.startswith("sk-cg-") and len(key) > 40
+    listed = db.real_cli("keys", "list", "--json").stdout
+    assert key not in listed and key[-4:] in listed
+    priced = db.real_cli(
+        "pricing",
+        "set",
+        "iface-model",
+        "--input",
+        "0.002",
+        "--cached-input",
+        "0.0002",
+        "--output",
+        "0.008",
+        "--per",
+        "1k",
+        "--markup",
+        "1.2",
+    )
+    assert priced.returncode == 0
+    prices = json.loads(db.real_cli("pricing", "list", "--json").stdout)
+    assert {
+        "model": "iface-model",
+        "input": "2",
+        "cached_input": "0.2",
+        "output": "8",
+        "markup": "1.2",
+    } in prices
+    assert json.loads(db.real_cli("usage", "list", "--json").stdout) == []
+    added = db.real_cli(
+        "accounts",
+        "add",
+        "--name",
+        "iface-up",
+        "--kind",
+        "openai",
+        "--base-url",
+        "https://api.example.test/v1",
+        "--api-key",
+        "sk-upstream-iface-9999",
+    )
+    assert added.returncode == 0
+    assert "sk-upstream-iface-9999" not in db.real_cli("accounts", "list", "--json").stdout
+
+
+def test_seeded_prices_are_the_codex_list_prices(db: Gateway) -> None:
+    prices = {p["model"]: p for p in db.cli_json("pricing", "list")}
+    assert prices["gpt-5.1-codex"] == {
+        "model": "gpt-5.1-codex",
+        "input": "1.25",
+        "cached_input": "0.125",
+        "output": "10",
+        "markup": "1",
+    }
+    assert prices["gpt-5.2-codex"]["output"] == "14"
+    assert prices["gpt-5.1-codex-mini"]["cached_input"] == "0.025"
+
+
+def test_topups_are_exact_and_in_the_ledger(db: Gateway) -> None:
+    db.cli("users", "create", "exact", "--balance", "0")
+    for _ in range(3):
+        db.cli("users", "topup", "exact", "0.1")
+    assert db.balance("exact") == "0.3"
+    ledger = db.cli_json("users", "ledger", "exact")
+    assert [entry["amount"] for entry in ledger] == ["0.1", "0.1", "0.1"]
+    assert sum(Decimal(entry["amount"]) for entry in ledger) == Decimal("0.3")
+
+
+# command, what the error names
+REFUSED = [
+    # amounts that would not store what was typed, or make no sense
+    (["users", "topup", "exact", "0"], "more than 0"),
+    (["users", "topup", "exact", "--", "-1"], "plain decimal"),
+    (["users", "topup", "exact", "1e400"], "plain decimal"),
+    (["users", "topup", "exact", "NaN"], "plain decimal"),
+    (["users", "topup", "exact", "1_000"], "plain decimal"),
+    (["users", "topup", "exact", "1000000000001"], "at most"),
+    (
+        ["pricing", "set", "m", "--input", "x", "--cached-input", "1", "--output", "1"],
+        "plain decimal",
+    ),
+    # names that would not match what an operator types later
+    (["users", "create", ""], "must not be empty"),
+    (["users", "create", "alice "], "spaces"),
+    (["users", "create", "a\tb"], "printable"),
+    (["users", "create", "x" * 201], "at most 200"),
+    (
+        ["pricing", "set", "", "--input", "1", "--cached-input", "1", "--output", "1"],
+        "must not be empty",
+    ),
+    # things that do not exist
+    (["users", "topup", "nobody", "1"], "no user named 'nobody'"),
+    (["users", "ledger", "nobody"], "no user named 'nobody'"),
+    (["usage", "list", "--user", "nobody"], "no user named 'nobody'"),
+    (["keys", "create", "--user", "nobody"], "no user named 'nobody'"),
+    (["keys", "revoke", "999999"], "no active key"),
+    (["accounts", "remove", "nothing"], "no account named"),
+    (["explain", "req_missing"], "no usage row"),
+    (
+        ["accounts", "add", "--name", "bad", "--base-url", "ftp://x", "--api-key", "k"],
+        "http:// or https://",
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), REFUSED)
+def test_bad_admin_input_is_refused_with_one_clear_line(
+    db: Gateway, args: list[str], message: str
+) -> None:
+    db.cli("users", "create", "exact", "--balance", "1", check=False)
+    before = db.cli("users", "list", "--json").stdout
+    result = db.cli(*args, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert db.cli("users", "list", "--json").stdout == before
+
+
+def test_duplicate_user_is_refused(db: Gateway) -> None:
+    db.cli("users", "create", "twice", "--balance", "1")
+    result = db.cli("users", "create", "twice", "--balance", "5", check=False)
+    assert result.returncode == 1
+    assert "already exists" in result.stderr
+    assert db.balance("twice") == "1"
+
+
+def test_unreachable_database_is_one_line_without_password(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    gateway = make_gateway("sqlite", tmp_path_factory)
+    gateway.env["CODEX_GATEWAY_DATABASE_URL"] = "postgresql://user:s3cret@127.0.0.1:1/none"
+    result = gateway.real_cli("users", "list")
+    assert result.returncode == 1
+    assert "s3cret" not in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_settings_are_each_reported(tmp_path_factory: pytest.TempPathFactory) -> None:
+    gateway = make_gateway("sqlite", tmp_path_factory)
+    gateway.env["CODEX_GATEWAY_LOG_LEVEL"] = "LOUD"
+    gateway.env["CODEX_GATEWAY_MAX_BODY_BYTES"] = "-3"
+    result = gateway.real_cli("users", "list")
+    assert result.returncode == 1
+    assert "log_level" in result.stderr and "max_body_bytes" in result.stderr
+    assert "Traceback" not in result.stderr
