@@ -31,6 +31,7 @@ class Catalog:
         self.prices = PriceTable()
         self.accounts: list[AccountRecord] = []
         self._unknown_keys: set[str] = set()
+        self.traced_keys: frozenset[int] = frozenset()
         self._lock = asyncio.Lock()
 
     async def refresh(self) -> None:
@@ -48,8 +49,10 @@ class Catalog:
             keys = await self._store.active_keys()
             prices = PriceTable(await self._store.prices())
             accounts = await self._store.accounts()
+            traced_keys = await self._store.traced_keys()
             self.balances.update(balances)
             self.keys, self.prices, self.accounts = keys, prices, accounts
+            self.traced_keys = traced_keys
             self._unknown_keys.clear()
             self.revision = revision
             log.debug("catalog reloaded at revision %d", revision)
@@ -79,6 +82,9 @@ class Catalog:
 
     def usable_accounts(self) -> list[AccountRecord]:
         return [account for account in self.accounts if account.enabled]
+
+    def account_name(self, account_id: int | None) -> str | None:
+        return next((a.name for a in self.accounts if a.id == account_id), None)
 
     async def poll(self, interval: float) -> None:
         while True:

@@ -18,6 +18,8 @@ from codex_gateway.errors import ConfigError
 
 ENV_PREFIX = "CODEX_GATEWAY_"
 DEFAULT_DATABASE_URL = "sqlite:///./data/codex-gateway.db"
+DEFAULT_SPOOL_PATH = "./data/unsettled-usage.jsonl"
+MIN_ADMIN_TOKEN_LENGTH = 16
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -31,6 +33,11 @@ class Settings:
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 300.0
     upstream_pool_size: int = 512
+    redis_url: str | None = None
+    admin_token: str | None = None
+    log_levels: tuple[tuple[str, str], ...] = ()
+    shutdown_grace_seconds: float = 30.0
+    spool_path: str = DEFAULT_SPOOL_PATH
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -69,6 +76,44 @@ def _database_url(value: Any) -> str:
     return text
 
 
+def _redis_url(value: Any) -> str:
+    text = str(value)
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    return text
+
+
+def _admin_token(value: Any) -> str:
+    text = str(value)
+    if len(text) < MIN_ADMIN_TOKEN_LENGTH or text != text.strip():
+        # The value itself is never repeated: it is a secret.
+        raise ValueError(
+            f"must be at least {MIN_ADMIN_TOKEN_LENGTH} characters without surrounding spaces"
+        )
+    return text
+
+
+def _log_levels(value: Any) -> tuple[tuple[str, str], ...]:
+    """`logger=LEVEL,logger=LEVEL` (or a TOML table) into (logger, LEVEL) pairs."""
+    if isinstance(value, Mapping):
+        pairs = [(str(name), str(level)) for name, level in value.items()]
+    else:
+        pairs = []
+        for item in str(value).split(","):
+            name, sep, level = item.strip().partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"{item.strip()!r} is not logger=LEVEL")
+            pairs.append((name.strip(), level.strip()))
+    return tuple((name, _log_level(level)) for name, level in pairs)
+
+
+def _path(value: Any) -> str:
+    text = str(value).strip()
+    if not text:
+        raise ValueError("must be a file path")
+    return text
+
+
 PARSERS: dict[str, Callable[[Any], Any]] = {
     "database_url": _database_url,
     "log_level": _log_level,
@@ -78,7 +123,13 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "upstream_connect_timeout": _positive_float,
     "upstream_read_timeout": _positive_float,
     "upstream_pool_size": _positive_int,
+    "redis_url": _redis_url,
+    "admin_token": _admin_token,
+    "log_levels": _log_levels,
+    "shutdown_grace_seconds": _positive_float,
+    "spool_path": _path,
 }
+SECRET_SETTINGS = frozenset({"admin_token"})
 
 
 def load_settings(
@@ -106,7 +157,8 @@ def load_settings(
         try:
             values[name] = parser(value)
         except (TypeError, ValueError) as exc:
-            problems.append(f"setting {name} = {value!r}: {exc}")
+            shown = "***" if name in SECRET_SETTINGS else repr(value)
+            problems.append(f"setting {name} = {shown}: {exc}")
     if problems:
         raise ConfigError(problems)
     return dataclasses.replace(Settings(), **values)
@@ -122,3 +174,23 @@ def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:
         problems.append(f"config file {path}: {exc}")
         return {}
     return dict(data.get("gateway", data))
+
+
+def environment_variables() -> list[str]:
+    """Every environment variable the settings read, for `.env.example` and the docs."""
+    return [ENV_PREFIX + "CONFIG"] + [ENV_PREFIX + name.upper() for name in PARSERS]
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """The settings as an operator may see them: secrets masked, the database password too."""
+    from codex_gateway.store.db import redact_url  # the store imports nothing from here
+
+    shown: dict[str, Any] = {}
+    for name in PARSERS:
+        value = getattr(settings, name)
+        if name in SECRET_SETTINGS and value:
+            value = "***"
+        elif name in ("database_url", "redis_url") and value:
+            value = redact_url(value)
+        shown[name] = value
+    return shown

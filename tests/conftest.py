@@ -251,6 +251,7 @@ def make_gateway(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Gate
             "CODEX_GATEWAY_DATABASE_URL": database_url,
             "CODEX_GATEWAY_CATALOG_REFRESH_SECONDS": "0.2",
             "CODEX_GATEWAY_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
+            "CODEX_GATEWAY_SPOOL_PATH": str(workdir / "unsettled-usage.jsonl"),
         }
     )
     return Gateway(backend, database_url, workdir, env)

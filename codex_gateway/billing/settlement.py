@@ -56,6 +56,8 @@ class Outcome:
     response_id: str | None = None
     flags: list[str] = field(default_factory=list)
     ttfb_ms: float | None = None
+    # Milliseconds from arrival until the upstream call began: the gateway's own overhead.
+    overhead_ms: float | None = None
     duration_ms: float = 0.0
     client_bytes: int = 0
 
@@ -64,8 +66,11 @@ class Outcome:
             self.flags.append(name)
 
 
-def bill(outcome: Outcome, prices: PriceTable) -> dict[str, Any]:
-    """The usage row for `outcome`: raw usage, mapped counts, price snapshot and each term."""
+def bill(outcome: Outcome, prices: PriceTable, trace: bool = False) -> dict[str, Any]:
+    """The usage row for `outcome`: raw usage, mapped counts, price snapshot and each term.
+
+    The four stages are logged at DEBUG, or at INFO when `trace` is on for this request.
+    """
     mapped = map_usage(outcome.usage) if outcome.usage_reported else NO_USAGE
     price = _price_for(outcome, prices)
     cost = compute_cost(mapped, price)
@@ -75,8 +80,9 @@ def bill(outcome: Outcome, prices: PriceTable) -> dict[str, Any]:
         flags.append(FLAG_NEEDS_REVIEW)
     if outcome.upstream_model and base_model(outcome.upstream_model) != base_model(outcome.model):
         flags.append(FLAG_MODEL_MISMATCH)
-    if log.isEnabledFor(logging.DEBUG):
-        _log_stages(outcome, mapped, price, cost)
+    level = logging.INFO if trace else logging.DEBUG
+    if log.isEnabledFor(level):
+        _log_stages(outcome, mapped, price, cost, level)
     return {
         "request_id": outcome.request_id,
         "started_at": outcome.started_at,
@@ -123,17 +129,21 @@ def _price_for(outcome: Outcome, prices: PriceTable) -> Price:
     return outcome.price
 
 
-def _log_stages(outcome: Outcome, mapped: MappedUsage, price: Price, cost: Cost) -> None:
+def _log_stages(
+    outcome: Outcome, mapped: MappedUsage, price: Price, cost: Cost, level: int
+) -> None:
     extra = {"request_id": outcome.request_id}
     raw = orjson.dumps(outcome.usage).decode() if outcome.usage_reported else "none reported"
-    log.debug(
+    log.log(
+        level,
         "stage=raw status=%s upstream_model=%s usage=%s",
         outcome.status,
         outcome.upstream_model,
         raw,
         extra=extra,
     )
-    log.debug(
+    log.log(
+        level,
         "stage=mapped input=%d cached=%d uncached=%d output=%d reasoning=%d flags=%s",
         mapped.input_tokens,
         mapped.cached_tokens,
@@ -143,7 +153,8 @@ def _log_stages(outcome: Outcome, mapped: MappedUsage, price: Price, cost: Cost)
         ",".join(mapped.flags) or "-",
         extra=extra,
     )
-    log.debug(
+    log.log(
+        level,
         "stage=billed model=%s price_model=%s uncached=%d cached=%d output=%d "
         "usd_per_1m input=%s cached_input=%s output=%s markup=%s",
         outcome.model,
@@ -157,7 +168,8 @@ def _log_stages(outcome: Outcome, mapped: MappedUsage, price: Price, cost: Cost)
         plain(price.markup),
         extra=extra,
     )
-    log.debug(
+    log.log(
+        level,
         "stage=cost uncached=%s cached=%s output=%s before_markup=%s total=$%s",
         plain(cost.uncached_input),
         plain(cost.cached_input),

@@ -171,12 +171,14 @@ async def _relay(
     outcome: Outcome,
 ) -> None:
     url = account.base_url + "/responses"
+    outcome.overhead_ms = (time.perf_counter() - outcome.started) * 1000
     try:
         upstream = await gateway.client.post(url, upstream_headers(exchange, account), request.body)
     except UpstreamError as exc:
         _record_failure(outcome, exc)
         raise
     outcome.ttfb_ms = (time.perf_counter() - outcome.started) * 1000
+    gateway.metrics.upstream_answered(account.name, upstream.headers)
     try:
         if upstream.status != 200:
             await _relay_error(exchange, upstream, outcome)

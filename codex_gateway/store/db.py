@@ -131,3 +131,20 @@ async def is_current(engine: AsyncEngine) -> bool:
         )
     head = ScriptDirectory.from_config(alembic_config()).get_heads()
     return set(current) == set(head)
+
+
+async def schema_state(engine: AsyncEngine) -> str:
+    """`current`, `behind` (migrations to run) or `ahead` (migrated by a newer version).
+
+    A newer schema is one this version can still serve, because migrations only add: that is
+    what lets a deploy roll back to the previous image after the new one migrated.
+    """
+    async with engine.connect() as connection:
+        current = await connection.run_sync(
+            lambda sync: MigrationContext.configure(sync).get_current_heads()
+        )
+    scripts = ScriptDirectory.from_config(alembic_config())
+    known = {script.revision for script in scripts.walk_revisions()}
+    if any(revision not in known for revision in current):
+        return "ahead"
+    return "current" if set(current) == set(scripts.get_heads()) else "behind"

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from codex_gateway.billing.pricing import MONEY, Price
 from codex_gateway.store.tables import (
     ApiKey,
+    BillingTrace,
     LedgerEntry,
     ModelPricing,
     Revision,
@@ -407,6 +408,31 @@ class Store:
                 created_at=now(),
             )
         )
+
+    # -- billing traces: four-stage bill logs for chosen keys, switched at run time ------------
+
+    async def set_trace(self, key_id: int, on: bool) -> None:
+        async with self.engine.begin() as conn:
+            if not on:
+                result = await conn.execute(
+                    delete(BillingTrace).where(BillingTrace.key_id == key_id)
+                )
+                if result.rowcount == 0:
+                    raise StoreError(f"billing of key {key_id} is not traced")
+            elif await conn.scalar(select(ApiKey.id).where(ApiKey.id == key_id)) is None:
+                raise StoreError(f"no key with id {key_id}")
+            elif (
+                await conn.scalar(select(BillingTrace.key_id).where(BillingTrace.key_id == key_id))
+                is None
+            ):
+                await conn.execute(insert(BillingTrace).values(key_id=key_id, created_at=now()))
+            await self._bump(conn)
+
+    async def traced_keys(self) -> frozenset[int]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(BillingTrace.key_id))).scalars().all()
+            await conn.rollback()
+        return frozenset(rows)
 
     # -- usage -------------------------------------------------------------------------------
 

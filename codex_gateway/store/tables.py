@@ -131,3 +131,12 @@ class UsageRecord(Base):
     duration_ms: Mapped[float] = mapped_column(nullable=False)
     ttfb_ms: Mapped[float | None] = mapped_column()
     client_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class BillingTrace(Base):
+    """Keys whose bills every process logs in four stages at INFO, switched on at run time."""
+
+    __tablename__ = "billing_traces"
+
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)

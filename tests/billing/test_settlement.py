@@ -386,6 +386,22 @@ def test_bill_logs_no_stages_above_debug(caplog: pytest.LogCaptureFixture) -> No
     assert [record for record in caplog.records if record.name == "codex_gateway.billing"] == []
 
 
+def test_a_traced_bill_logs_its_four_stages_at_info(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="codex_gateway.billing")
+
+    bill(outcome(usage=SEED_CASE["upstream_usage"]), PRICES, trace=True)
+
+    records = [record for record in caplog.records if record.name == "codex_gateway.billing"]
+    assert [record.levelno for record in records] == [logging.INFO] * 4
+    assert [record.getMessage().split()[0] for record in records] == [
+        "stage=raw",
+        "stage=mapped",
+        "stage=billed",
+        "stage=cost",
+    ]
+    assert {getattr(record, "request_id", None) for record in records} == {"req_test"}
+
+
 def test_outcome_flag_adds_each_flag_once() -> None:
     state = outcome()
 

@@ -5,9 +5,19 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
 
 from codex_gateway.billing.pricing import LIST_PRICES, Price
-from codex_gateway.store.db import create_engine, driver_url, is_current, migrate, redact_url
+from codex_gateway.store.db import (
+    alembic_config,
+    create_engine,
+    driver_url,
+    is_current,
+    migrate,
+    redact_url,
+    schema_state,
+)
 from codex_gateway.store.queries import Store
 from tests.store.dump import dump
 
@@ -67,7 +77,9 @@ async def test_migrating_twice_changes_nothing_the_second_time(empty_database_ur
         await engine.dispose()
 
     assert second == first
-    assert first["alembic_version"] == [("0001",)]
+    assert first["alembic_version"] == [
+        (ScriptDirectory.from_config(alembic_config()).get_current_head(),)
+    ]
     assert first["revision"] == [(1, 1)]
     assert len(first["model_pricings"]) == len(LIST_PRICES)
 
@@ -79,3 +91,19 @@ async def test_migration_seeds_the_list_prices(store: Store) -> None:
         Price(model, Decimal(input_), Decimal(cached), Decimal(output), Decimal(1))
         for model, (input_, cached, output) in sorted(LIST_PRICES.items())
     ]
+
+
+async def test_schema_state_tells_behind_current_and_ahead(empty_database_url: str) -> None:
+    engine = create_engine(empty_database_url)
+    try:
+        before = await schema_state(engine)
+        await migrate(engine)
+        migrated = await schema_state(engine)
+        # what a newer version's migration leaves behind, as seen by this one after a rollback
+        async with engine.begin() as conn:
+            await conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+        newer = await schema_state(engine)
+    finally:
+        await engine.dispose()
+
+    assert (before, migrated, newer) == ("behind", "current", "ahead")
