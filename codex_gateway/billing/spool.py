@@ -61,14 +61,37 @@ class Spool:
         return rows
 
     async def replay(self, settle: Callable[[dict[str, Any]], Awaitable[object]]) -> int:
-        """Settle every spooled row, then empty the file; returns how many were replayed."""
+        """Settle every spooled row; rows the database still refuses stay in the file.
+
+        Returns how many were settled. One bad row never keeps the gateway from starting.
+        """
         rows = self.rows()
+        if not rows:
+            return 0
+        kept = []
         for row in rows:
-            await settle(row)
-        if rows:
+            try:
+                await settle(row)
+            except Exception:
+                log.error(
+                    "spooled usage row still not settled; kept in %s",
+                    self.path,
+                    exc_info=True,
+                    extra={"request_id": row.get("request_id")},
+                )
+                kept.append(row)
+        self._rewrite(kept)
+        log.info("replayed %d spooled usage row(s) from %s", len(rows) - len(kept), self.path)
+        return len(rows) - len(kept)
+
+    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
+        """Replace the file with `rows` in one rename, so a crash leaves the old or the new."""
+        if not rows:
             self.path.unlink()
-            log.info("replayed %d spooled usage row(s) from %s", len(rows), self.path)
-        return len(rows)
+            return
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_bytes(b"".join(orjson.dumps(row, default=_encode) + b"\n" for row in rows))
+        os.replace(partial, self.path)
 
 
 def _encode(value: Any) -> Any:

@@ -93,3 +93,19 @@ async def test_replay_settles_each_row_once_and_empties_the_spool(
     assert not spool.path.exists()
     assert await store.count_usage() == 2
     assert (await store.balances())[user_id] == Decimal("1") - 2 * Decimal("0.004875625")
+
+
+async def test_a_row_the_database_refuses_stays_spooled_and_the_rest_are_settled(
+    tmp_path: Path, store: Store
+) -> None:
+    await store.create_user("bob", Decimal("1"))
+    user_id = (await store.list_users())[0]["id"]
+    spool = Spool(tmp_path / "unsettled.jsonl")
+    spool.append(usage_row("req_for_a_missing_user", user_id + 1000))
+    spool.append(usage_row("req_good", user_id))
+
+    replayed = await spool.replay(store.settle)
+
+    assert replayed == 1
+    assert [row["request_id"] for row in spool.rows()] == ["req_for_a_missing_user"]
+    assert await store.usage("req_good") is not None
