@@ -25,6 +25,8 @@ from codex_gateway.version import build_info
 
 log = logging.getLogger(__name__)
 
+FLAG_CANCELLED = "cancelled"
+
 ASGIApp = Any
 
 
@@ -79,6 +81,12 @@ class Gateway:
 
     async def settle(self, outcome: Outcome) -> None:
         """Write the usage row and debit the cost; a row the database cannot take is spooled."""
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Cut by a shutdown (the grace period ran out, or a second SIGTERM), not finished.
+            outcome.flag(FLAG_CANCELLED)
+            if not outcome.usage_reported:
+                outcome.status = FLAG_CANCELLED
         trace = outcome.key_id is not None and outcome.key_id in self.catalog.traced_keys
         row = bill(outcome, self.catalog.prices, trace)
         self.settling += 1

@@ -276,7 +276,7 @@ def test_a_billing_trace_for_one_key_starts_and_stops_without_a_restart(
     assert traced_key not in ops_gateway.log_text()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def bare_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """A gateway on SQLite with no upstream account and an unreachable Redis."""
     gw = make_gateway("sqlite", tmp_path_factory)

@@ -55,10 +55,11 @@ class Client:
             self.started.set()
 
 
-@pytest.fixture
-def pg_gateway(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def running_gateway(
+    sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory, grace_seconds: int
+) -> Iterator[Gateway]:
     gw = make_gateway("postgresql", tmp_path_factory)
-    gw.env["CODEX_GATEWAY_SHUTDOWN_GRACE_SECONDS"] = "30"
+    gw.env["CODEX_GATEWAY_SHUTDOWN_GRACE_SECONDS"] = str(grace_seconds)
     try:
         add_sandbox_account(gw, sandbox)
         gw.start(log_level="INFO")
@@ -66,6 +67,18 @@ def pg_gateway(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> It
     finally:
         gw.stop()
         _drop_pg_database(gw.database_url.rsplit("/", 1)[1])
+
+
+@pytest.fixture
+def pg_gateway(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    yield from running_gateway(sandbox, tmp_path_factory, grace_seconds=30)
+
+
+@pytest.fixture
+def impatient_gateway(
+    sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    yield from running_gateway(sandbox, tmp_path_factory, grace_seconds=1)
 
 
 def start_streams(
@@ -136,4 +149,24 @@ def test_a_second_sigterm_exits_at_once_and_the_spool_keeps_every_usage_record(
     for client in clients:
         assert b"event: response.completed" not in client.body
     assert sorted(row["request_id"] for row in rows) == sorted(c.request_id for c in clients)
+    assert {row["status"] for row in rows} == {"cancelled"}
     assert not spool.exists()
+
+
+def test_streams_still_running_at_the_grace_limit_are_cut_and_billed_as_cancelled(
+    impatient_gateway: Gateway,
+) -> None:
+    _, key = impatient_gateway.new_user("10")
+    assert impatient_gateway.proc is not None
+    clients, threads = start_streams(impatient_gateway, key, delay_ms=1500)
+
+    impatient_gateway.proc.popen.send_signal(signal.SIGTERM)
+    code = exit_code(impatient_gateway, 20)
+    for thread in threads:
+        thread.join(10)
+    rows = impatient_gateway.usage_rows()
+
+    assert code == 0, impatient_gateway.log_text()
+    assert sorted(row["request_id"] for row in rows) == sorted(c.request_id for c in clients)
+    assert {row["status"] for row in rows} == {"cancelled"}
+    assert not (impatient_gateway.workdir / "unsettled-usage.jsonl").exists()
