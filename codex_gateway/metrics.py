@@ -40,7 +40,7 @@ class Metrics:
         )
         self.latency = Histogram(
             "codex_gateway_request_seconds",
-            "Time from the request's arrival to its last byte.",
+            "Time from the request's arrival to its last byte (the bill is written after).",
             ["route"],
             buckets=LATENCY_BUCKETS,
             registry=r,

@@ -111,7 +111,7 @@ class GatewayApp:
             route if route in ROUTES else UNMATCHED_ROUTE,
             exchange.status,
             model,
-            time.perf_counter() - exchange.started,
+            (exchange.finished or time.perf_counter()) - exchange.started,
         )
 
     @staticmethod
