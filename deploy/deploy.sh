@@ -5,7 +5,8 @@
 #
 # Settings (environment):
 #   DEPLOY_DIR            the checkout with docker-compose.yml and .env (default: this repo)
-#   DEPLOY_READY_URL      readiness URL (default http://127.0.0.1:${GATEWAY_PORT:-8787}/readyz)
+#   DEPLOY_READY_URL      readiness URL (default http://127.0.0.1:GATEWAY_PORT/readyz, the
+#                         port from .env, else 8787)
 #   DEPLOY_READY_TIMEOUT  seconds to wait for readiness (default 120)
 #   DEPLOY_POLL_SECONDS   seconds between readiness probes (default 2)
 #   DEPLOY_PULL           0 skips `git pull` (default 1)
@@ -13,8 +14,6 @@
 set -euo pipefail
 
 DEPLOY_DIR=${DEPLOY_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
-DEPLOY_READY_URL=${DEPLOY_READY_URL:-http://127.0.0.1:${GATEWAY_PORT:-8787}/readyz}
-DEPLOY_HEALTH_URL=${DEPLOY_HEALTH_URL:-${DEPLOY_READY_URL%/readyz}/healthz}
 DEPLOY_READY_TIMEOUT=${DEPLOY_READY_TIMEOUT:-120}
 DEPLOY_POLL_SECONDS=${DEPLOY_POLL_SECONDS:-2}
 DEPLOY_PULL=${DEPLOY_PULL:-1}
@@ -50,6 +49,9 @@ report() {
 cd "$DEPLOY_DIR"
 [ -f docker-compose.yml ] || fail "no docker-compose.yml in $DEPLOY_DIR"
 [ -f .env ] || fail "no .env in $DEPLOY_DIR: copy .env.example to .env and fill it in"
+port=$(sed -n 's/^GATEWAY_PORT=//p' .env | tail -n 1)
+DEPLOY_READY_URL=${DEPLOY_READY_URL:-http://127.0.0.1:${port:-8787}/readyz}
+DEPLOY_HEALTH_URL=${DEPLOY_HEALTH_URL:-${DEPLOY_READY_URL%/readyz}/healthz}
 mkdir -p "$STATE_DIR"
 previous=$(cat "$STATE_DIR/current" 2>/dev/null || true)
 

@@ -390,3 +390,13 @@ def test_deploy_refuses_a_checkout_without_env(deployment: Deployment) -> None:
     assert result.returncode == 1
     assert "copy .env.example to .env" in result.stderr
     assert deployment.calls() == []
+
+
+def test_deploy_finds_the_gateway_port_in_env(deployment: Deployment) -> None:
+    port = deployment.env.pop("DEPLOY_READY_URL").rsplit(":", 1)[1].split("/")[0]
+    (deployment.checkout / ".env").write_text(f"POSTGRES_PASSWORD=secret\nGATEWAY_PORT={port}\n")
+
+    result = deployment.deploy()
+
+    assert result.returncode == 0, result.stderr
+    assert "is ready" in result.stdout
