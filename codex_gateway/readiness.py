@@ -36,7 +36,7 @@ class Readiness:
         """Each failing check by name with the reason; empty when ready."""
         results = {
             "database": await _bounded(self._database()),
-            "redis": await _bounded(self._ping_redis()) if self._redis is not None else None,
+            "redis": await _bounded(_ping(self._redis)) if self._redis is not None else None,
             "upstream": self._servable(),
         }
         return {name: reason for name, reason in results.items() if reason is not None}
@@ -49,11 +49,6 @@ class Readiness:
             return "the schema is not at the newest migration; run `codex-gateway migrate`"
         return None
 
-    async def _ping_redis(self) -> str | None:
-        assert self._redis is not None
-        await self._redis.ping()
-        return None
-
     def _servable(self) -> str | None:
         if not self._catalog.usable_accounts():
             return "no enabled upstream account"
@@ -64,6 +59,11 @@ class Readiness:
     async def close(self) -> None:
         if self._redis is not None:
             await self._redis.aclose()
+
+
+async def _ping(client: aioredis.Redis) -> str | None:
+    await client.ping()
+    return None
 
 
 async def _bounded(check: Awaitable[str | None]) -> str | None:
