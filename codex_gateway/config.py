@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from codex_gateway.errors import ConfigError
+from codex_gateway.store.db import redact_url
 
 ENV_PREFIX = "CODEX_GATEWAY_"
 DEFAULT_DATABASE_URL = "sqlite:///./data/codex-gateway.db"
@@ -130,6 +131,8 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "spool_path": _path,
 }
 SECRET_SETTINGS = frozenset({"admin_token"})
+# URLs that may carry a password, shown with it masked.
+URL_SETTINGS = frozenset({"database_url", "redis_url"})
 
 
 def load_settings(
@@ -157,8 +160,7 @@ def load_settings(
         try:
             values[name] = parser(value)
         except (TypeError, ValueError) as exc:
-            shown = "***" if name in SECRET_SETTINGS else repr(value)
-            problems.append(f"setting {name} = {shown}: {exc}")
+            problems.append(f"setting {name} = {_shown(name, value)!r}: {exc}")
     if problems:
         raise ConfigError(problems)
     return dataclasses.replace(Settings(), **values)
@@ -183,14 +185,14 @@ def environment_variables() -> list[str]:
 
 def describe(settings: Settings) -> dict[str, Any]:
     """The settings as an operator may see them: secrets masked, the database password too."""
-    from codex_gateway.store.db import redact_url  # the store imports nothing from here
+    return {name: _shown(name, getattr(settings, name)) for name in PARSERS}
 
-    shown: dict[str, Any] = {}
-    for name in PARSERS:
-        value = getattr(settings, name)
-        if name in SECRET_SETTINGS and value:
-            value = "***"
-        elif name in ("database_url", "redis_url") and value:
-            value = redact_url(value)
-        shown[name] = value
-    return shown
+
+def _shown(name: str, value: Any) -> Any:
+    if not value:
+        return value
+    if name in SECRET_SETTINGS:
+        return "***"
+    if name in URL_SETTINGS:
+        return redact_url(str(value))
+    return value

@@ -11,7 +11,7 @@ from codex_gateway.errors import ConfigError
 
 BROKEN_TOML = """
 [gateway]
-database_url = "mysql://root@db/cg"
+database_url = "mysql://root:hunter2@db/cg"
 log_level = "LOUD"
 max_body_bytes = -5
 shutdown_grace_seconds = "soon"
@@ -47,11 +47,14 @@ def test_a_broken_file_reports_every_problem_at_once(tmp_path: Path) -> None:
         assert any(name in problem for problem in problems), name
 
 
-def test_a_bad_admin_token_is_never_repeated(tmp_path: Path) -> None:
+def test_secrets_in_bad_settings_are_never_repeated(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings({}, write(tmp_path, BROKEN_TOML))
 
-    assert "short-secret" not in " ".join(caught.value.problems)
+    problems = " ".join(caught.value.problems)
+    assert "short-secret" not in problems
+    assert "hunter2" not in problems
+    assert "mysql://root:***@db/cg" in problems
 
 
 def test_the_environment_wins_over_the_file(tmp_path: Path) -> None:
