@@ -29,7 +29,9 @@ class TcpProxy:
     def cut(self) -> None:
         """Refuse new connections and drop the open ones."""
         if self._listener is not None:
-            self._listener.close()
+            # shutdown() wakes the thread blocked in accept(); close() alone would let it take
+            # one more connection.
+            _close(self._listener)
             self._listener = None
         with self._lock:
             sockets, self._open = self._open, set()

@@ -25,6 +25,7 @@ from tests.tcp_proxy import TcpProxy
 
 ADMIN_TOKEN = "metrics-admin-token-0123456789"
 PG_PORT = 5432
+REDIS_PORT = 6379
 
 
 def add_sandbox_account(gw: Gateway, sandbox: Sandbox) -> None:
@@ -42,9 +43,8 @@ def add_sandbox_account(gw: Gateway, sandbox: Sandbox) -> None:
     )
 
 
-@pytest.fixture(scope="module")
-def proxy() -> Iterator[TcpProxy]:
-    proxy = TcpProxy(PG_PORT)
+def running_proxy(port: int) -> Iterator[TcpProxy]:
+    proxy = TcpProxy(port)
     proxy.start()
     try:
         yield proxy
@@ -53,17 +53,30 @@ def proxy() -> Iterator[TcpProxy]:
 
 
 @pytest.fixture(scope="module")
+def proxy() -> Iterator[TcpProxy]:
+    yield from running_proxy(PG_PORT)
+
+
+@pytest.fixture(scope="module")
+def redis_proxy() -> Iterator[TcpProxy]:
+    yield from running_proxy(REDIS_PORT)
+
+
+@pytest.fixture(scope="module")
 def ops_gateway(
-    sandbox: Sandbox, proxy: TcpProxy, tmp_path_factory: pytest.TempPathFactory
+    sandbox: Sandbox,
+    proxy: TcpProxy,
+    redis_proxy: TcpProxy,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Gateway]:
-    """A gateway on PostgreSQL through the proxy, with Redis and an admin token."""
+    """A gateway on PostgreSQL and Redis through proxies, with an admin token."""
     gw = make_gateway("postgresql", tmp_path_factory)
     name = gw.database_url.rsplit("/", 1)[1]
     gw.database_url = f"postgresql://postgres@127.0.0.1:{proxy.port}/{name}"
     gw.env.update(
         {
             "CODEX_GATEWAY_DATABASE_URL": gw.database_url,
-            "CODEX_GATEWAY_REDIS_URL": "redis://127.0.0.1:6379/0",
+            "CODEX_GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_proxy.port}/0",
             "CODEX_GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
             "CODEX_GATEWAY_BUILD_COMMIT": "feedc0ffee12",
         }
@@ -142,6 +155,21 @@ def test_readyz_goes_unready_without_the_database_and_ready_when_it_returns(
     assert down.json()["status"] == "not ready"
     assert list(down.json()["problems"]) == ["database"]
     assert alive.status_code == 200
+    assert back.status_code == 200, back.text
+
+
+def test_readyz_goes_unready_without_redis_and_ready_when_it_returns(
+    ops_gateway: Gateway, redis_proxy: TcpProxy
+) -> None:
+    redis_proxy.cut()
+    try:
+        down = wait_status(ops_gateway.url + "/readyz", 503)
+    finally:
+        redis_proxy.restore()
+    back = wait_status(ops_gateway.url + "/readyz", 200)
+
+    assert down.status_code == 503
+    assert list(down.json()["problems"]) == ["redis"]
     assert back.status_code == 200, back.text
 
 
