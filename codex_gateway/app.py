@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 from codex_gateway import __version__
 from codex_gateway.billing.settlement import Outcome, bill
+from codex_gateway.billing.settler import Settler
 from codex_gateway.catalog import Catalog
 from codex_gateway.config import Settings
 from codex_gateway.store.db import create_engine, migrate
 from codex_gateway.store.queries import Store
 from codex_gateway.upstream.client import UpstreamClient
-
-log = logging.getLogger(__name__)
 
 ASGIApp = Any
 
@@ -32,32 +30,22 @@ class Gateway:
             pool_size=settings.upstream_pool_size,
         )
         self.sandbox = sandbox
+        self.settler = Settler(self.store, self.catalog.balances.__setitem__)
         self._poller: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await migrate(self.engine)
         await self.catalog.refresh()
+        self.settler.start()
         self._poller = asyncio.create_task(self.catalog.poll(self.settings.catalog_refresh_seconds))
 
     async def stop(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
+        await self.settler.drain()
         await self.client.close()
         await self.engine.dispose()
 
-    async def settle(self, outcome: Outcome) -> None:
-        """Write the usage row and debit the cost; a failure is logged with the whole row."""
-        row = bill(outcome, self.catalog.prices)
-        try:
-            balance = await self.store.settle(row)
-        except Exception:
-            log.error(
-                "could not write usage row %s: %r",
-                outcome.request_id,
-                row,
-                exc_info=True,
-                extra={"request_id": outcome.request_id},
-            )
-            return
-        if balance is not None and outcome.user_id is not None:
-            self.catalog.balances[outcome.user_id] = balance
+    def settle(self, outcome: Outcome) -> None:
+        """Price the request and queue its usage row and debit for the writer."""
+        self.settler.submit(bill(outcome, self.catalog.prices))

@@ -160,7 +160,7 @@ async def relay_responses(gateway: Gateway, exchange: Exchange) -> None:
         outcome.client_bytes = exchange.bytes_sent
         outcome.http_status = exchange.status or outcome.http_status
         outcome.duration_ms = (time.perf_counter() - outcome.started) * 1000
-        await gateway.settle(outcome)
+        gateway.settle(outcome)
 
 
 async def _relay(

@@ -355,22 +355,47 @@ class Store:
         Returns the user's new balance, or None when there was no user or the request id was
         settled before (a repeat changes nothing).
         """
-        cost: Decimal = record["cost_usd"]
-        user_id = record.get("user_id")
         try:
             async with self.engine.begin() as conn:
-                await conn.execute(insert(UsageRecord).values(**record))
-                if user_id is None:
-                    return None
-                balance = await self._debit(conn, user_id, cost)
-                await self._ledger(
-                    conn, user_id, "charge", cost.copy_negate(), balance, record["request_id"], None
-                )
-                return balance
+                return await self._settle_one(conn, record)
         except IntegrityError:
             if await self.usage(record["request_id"]) is not None:
                 return None
             raise
+
+    async def settle_many(self, records: list[dict[str, Any]]) -> dict[int, Decimal]:
+        """Settle a batch in one transaction (one commit for many requests).
+
+        If any request id was settled before, the batch is rolled back and each record is
+        settled on its own, so a repeat still changes nothing. Returns the users' new balances.
+        """
+        balances: dict[int, Decimal] = {}
+        try:
+            async with self.engine.begin() as conn:
+                for record in records:
+                    balance = await self._settle_one(conn, record)
+                    if balance is not None:
+                        balances[record["user_id"]] = balance
+            return balances
+        except IntegrityError:
+            balances.clear()
+        for record in records:
+            balance = await self.settle(record)
+            if balance is not None:
+                balances[record["user_id"]] = balance
+        return balances
+
+    async def _settle_one(self, conn: AsyncConnection, record: dict[str, Any]) -> Decimal | None:
+        await conn.execute(insert(UsageRecord).values(**record))
+        user_id = record.get("user_id")
+        if user_id is None:
+            return None
+        cost: Decimal = record["cost_usd"]
+        balance = await self._debit(conn, user_id, cost)
+        await self._ledger(
+            conn, user_id, "charge", cost.copy_negate(), balance, record["request_id"], None
+        )
+        return balance
 
     async def _debit(self, conn: AsyncConnection, user_id: int, cost: Decimal) -> Decimal:
         if not self.is_sqlite:
