@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -14,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from codex_gateway.billing.pricing import MONEY, Price
+from codex_gateway.store.db import READ_ONLY
 from codex_gateway.store.tables import (
     ApiKey,
     LedgerEntry,
@@ -46,7 +49,7 @@ class AccountRecord:
     name: str
     kind: str
     base_url: str
-    api_key: str
+    api_key: str = field(repr=False)
     priority: int
     enabled: bool
 
@@ -69,7 +72,7 @@ def display_key(raw: str) -> str:
     """A key as it may appear anywhere: its prefix and last four characters."""
     if len(raw) < 16:
         return "***"
-    return f"{raw[:10]}…{raw[-4:]}"
+    return f"{KEY_PREFIX}…{raw[-4:]}"
 
 
 class Store:
@@ -77,12 +80,19 @@ class Store:
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
 
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reading: on SQLite it takes no write lock."""
+        async with self.engine.connect() as conn:
+            await conn.execution_options(**READ_ONLY)
+            yield conn
+            await conn.rollback()
+
     # -- revision: lets every process notice administrative changes --------------------------
 
     async def revision(self) -> int:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             value = await conn.scalar(select(Revision.value).where(Revision.id == 1))
-            await conn.rollback()
         return int(value or 0)
 
     @staticmethod
@@ -130,21 +140,18 @@ class Store:
         return row[0], row[1]
 
     async def list_users(self) -> list[dict[str, Any]]:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             rows = (await conn.execute(select(User).order_by(User.id))).mappings().all()
-            await conn.rollback()
         return [dict(row) for row in rows]
 
     async def balance(self, user_id: int) -> Decimal:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             value = await conn.scalar(select(User.balance).where(User.id == user_id))
-            await conn.rollback()
         return value if value is not None else Decimal(0)
 
     async def balances(self) -> dict[int, Decimal]:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             rows = (await conn.execute(select(User.id, User.balance))).all()
-            await conn.rollback()
         return {row[0]: row[1] for row in rows}
 
     # -- keys --------------------------------------------------------------------------------
@@ -182,11 +189,10 @@ class Store:
         )
         if user_name is not None:
             query = query.where(User.name == user_name)
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             if user_name is not None:
                 await _require_user(conn, user_name)
             rows = (await conn.execute(query)).mappings().all()
-            await conn.rollback()
         return [dict(row) for row in rows]
 
     async def revoke_key(self, key_id: int) -> None:
@@ -206,9 +212,8 @@ class Store:
             .join(User, User.id == ApiKey.user_id)
             .where(ApiKey.key_hash == key_hash)
         )
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             row = (await conn.execute(query)).first()
-            await conn.rollback()
         if row is None:
             return None
         return KeyRecord(row[0], row[1], row[2], row[3], row[4] is not None)
@@ -219,9 +224,8 @@ class Store:
             .join(User, User.id == ApiKey.user_id)
             .where(ApiKey.revoked_at.is_(None))
         )
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             rows = (await conn.execute(query)).all()
-            await conn.rollback()
         return {row[0]: KeyRecord(row[1], row[2], row[3], row[4], False) for row in rows}
 
     # -- upstream accounts -------------------------------------------------------------------
@@ -289,7 +293,7 @@ class Store:
             await self._bump(conn)
 
     async def accounts(self) -> list[AccountRecord]:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             rows = (
                 await conn.execute(
                     select(
@@ -303,7 +307,6 @@ class Store:
                     ).order_by(UpstreamAccount.priority, UpstreamAccount.id)
                 )
             ).all()
-            await conn.rollback()
         return [AccountRecord(*row) for row in rows]
 
     # -- prices ------------------------------------------------------------------------------
@@ -332,7 +335,7 @@ class Store:
             await self._bump(conn)
 
     async def prices(self) -> list[Price]:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             rows = (
                 await conn.execute(
                     select(
@@ -344,7 +347,6 @@ class Store:
                     ).order_by(ModelPricing.model)
                 )
             ).all()
-            await conn.rollback()
         return [Price(*row) for row in rows]
 
     # -- settlement --------------------------------------------------------------------------
@@ -388,9 +390,9 @@ class Store:
     async def _settle_one(self, conn: AsyncConnection, record: dict[str, Any]) -> Decimal | None:
         await conn.execute(insert(UsageRecord).values(**record))
         user_id = record.get("user_id")
-        if user_id is None:
-            return None
         cost: Decimal = record["cost_usd"]
+        if user_id is None or cost == 0:
+            return None
         balance = await self._debit(conn, user_id, cost)
         await self._ledger(
             conn, user_id, "charge", cost.copy_negate(), balance, record["request_id"], None
@@ -436,13 +438,12 @@ class Store:
     # -- usage -------------------------------------------------------------------------------
 
     async def usage(self, request_id: str) -> dict[str, Any] | None:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             row = (
                 (await conn.execute(_usage_query().where(UsageRecord.request_id == request_id)))
                 .mappings()
                 .first()
             )
-            await conn.rollback()
         return dict(row) if row else None
 
     async def list_usage(
@@ -453,11 +454,10 @@ class Store:
         )
         if user_name is not None:
             query = query.where(User.name == user_name)
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             if user_name is not None:
                 await _require_user(conn, user_name)
             rows = (await conn.execute(query.limit(limit))).mappings().all()
-            await conn.rollback()
         return [dict(row) for row in rows]
 
     async def ledger(self, user_name: str) -> list[dict[str, Any]]:
@@ -475,16 +475,14 @@ class Store:
             .where(User.name == user_name)
             .order_by(LedgerEntry.id)
         )
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             await _require_user(conn, user_name)
             rows = (await conn.execute(query)).mappings().all()
-            await conn.rollback()
         return [dict(row) for row in rows]
 
     async def count_usage(self) -> int:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             value = await conn.scalar(select(func.count()).select_from(UsageRecord))
-            await conn.rollback()
         return int(value or 0)
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from codex_gateway.billing.pricing import LIST_PRICES, Price
 from codex_gateway.store.db import create_engine, driver_url, is_current, migrate, redact_url
@@ -79,3 +82,16 @@ async def test_migration_seeds_the_list_prices(store: Store) -> None:
         Price(model, Decimal(input_), Decimal(cached), Decimal(output), Decimal(1))
         for model, (input_, cached, output) in sorted(LIST_PRICES.items())
     ]
+
+
+async def test_sqlite_reads_do_not_wait_for_a_writer(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path}/lock.db")
+    await migrate(engine)
+    store = Store(engine)
+    try:
+        async with engine.begin() as writer:
+            await writer.execute(text("UPDATE revision SET value = value + 1"))
+            # The write lock is held; a read must still answer at once.
+            assert await asyncio.wait_for(store.revision(), timeout=5) >= 1
+    finally:
+        await engine.dispose()
