@@ -1,8 +1,7 @@
 """The one application object: settings, database, in-memory catalog, upstream client.
 
-It also owns what operations need: the metrics registry, the readiness checks, the spool of
-usage rows the database could not take, and the count of bills still to settle, which a
-graceful shutdown waits for.
+It also owns what operations need: the metrics registry, the readiness checks, and the spool
+of usage rows the database could not take, which the next start replays.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from codex_gateway.billing.settlement import Outcome, bill
+from codex_gateway.billing.settler import Settler
 from codex_gateway.billing.spool import Spool
 from codex_gateway.catalog import Catalog
 from codex_gateway.config import Settings
@@ -25,9 +25,8 @@ from codex_gateway.version import build_info
 
 log = logging.getLogger(__name__)
 
-FLAG_CANCELLED = "cancelled"
-
 ASGIApp = Any
+FLAG_CANCELLED = "cancelled"
 
 
 class Gateway:
@@ -46,11 +45,11 @@ class Gateway:
         self.sandbox = sandbox
         self.metrics = Metrics()
         self.spool = Spool(Path(settings.spool_path))
+        self.settler = Settler(self.store, self.catalog.balances.__setitem__, self._spool)
         self.readiness = Readiness(self.engine, self.catalog, settings.redis_url)
-        # Relay requests from arrival until their bill is settled, and bills being written.
+        # Relay requests being served; a graceful stop waits for them.
         self.in_flight = 0
-        self.settling = 0
-        self.metrics.track(lambda: self.in_flight, lambda: self.settling)
+        self.metrics.track(lambda: self.in_flight, lambda: self.settler.pending)
         # Set by a second SIGTERM: bills go straight to the spool instead of the database.
         self.forced = False
         self._poller: asyncio.Task[None] | None = None
@@ -62,25 +61,27 @@ class Gateway:
             await migrate(self.engine)
         await self.spool.replay(self.store.settle)
         await self.catalog.refresh()
+        self.settler.start()
         self._poller = asyncio.create_task(self.catalog.poll(self.settings.catalog_refresh_seconds))
 
     async def stop(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
         await self._relays_done()
+        await self.settler.drain()
         await self.readiness.close()
         await self.client.close()
         await self.engine.dispose()
 
     async def _relays_done(self, limit: float = 10.0) -> None:
-        """Give relays still settling (e.g. streams cancelled at the grace limit) time to land."""
+        """Give relays cancelled at the grace limit time to hand in their bills."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
         while self.in_flight and loop.time() < deadline:
             await asyncio.sleep(0.05)
 
-    async def settle(self, outcome: Outcome) -> None:
-        """Write the usage row and debit the cost; a row the database cannot take is spooled."""
+    def settle(self, outcome: Outcome) -> None:
+        """Price the request and queue its usage row and debit for the writer."""
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             # Cut by a shutdown (the grace period ran out, or a second SIGTERM), not finished.
@@ -89,37 +90,23 @@ class Gateway:
                 outcome.status = FLAG_CANCELLED
         trace = outcome.key_id is not None and outcome.key_id in self.catalog.traced_keys
         row = bill(outcome, self.catalog.prices, trace)
-        self.settling += 1
-        try:
-            balance = await self._write(row)
-        finally:
-            self.settling -= 1
         self.metrics.settled(
             row, self.catalog.account_name(outcome.account_id), outcome.overhead_ms
         )
-        if balance is not None and outcome.user_id is not None:
-            self.catalog.balances[outcome.user_id] = balance
-
-    async def _write(self, row: dict[str, Any]) -> Any:
         if self.forced:
             self._spool(row)
-            return None
-        try:
-            balance = await self.store.settle(row)
-        except asyncio.CancelledError:
+            return
+        self.settler.submit(row)
+
+    def force(self) -> None:
+        """Exit without waiting for the database: every bill not yet written goes to the spool.
+
+        A row the writer commits after all is skipped when the spool is replayed.
+        """
+        self.forced = True
+        for row in self.settler.abandon():
             self._spool(row)
-            raise
-        except Exception:
-            log.error(
-                "could not write usage row; spooling it",
-                exc_info=True,
-                extra={"request_id": row["request_id"]},
-            )
-            self._spool(row)
-            return None
-        self.metrics.settlements.labels("written").inc()
-        return balance
 
     def _spool(self, row: dict[str, Any]) -> None:
         self.spool.append(row)
-        self.metrics.settlements.labels("spooled").inc()
+        self.metrics.spooled.inc()

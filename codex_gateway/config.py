@@ -7,10 +7,11 @@ operator sees all of them at once.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +40,11 @@ class Settings:
     log_levels: tuple[tuple[str, str], ...] = ()
     shutdown_grace_seconds: float = 30.0
     spool_path: str = DEFAULT_SPOOL_PATH
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _positive_int(value: Any) -> int:
+    if isinstance(value, bool | float):
+        raise ValueError("must be a positive whole number")
     number = int(value)
     if number <= 0:
         raise ValueError("must be a positive whole number")
@@ -50,9 +52,11 @@ def _positive_int(value: Any) -> int:
 
 
 def _positive_float(value: Any) -> float:
-    number = float(value)
-    if number <= 0:
+    if isinstance(value, bool):
         raise ValueError("must be a positive number")
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError("must be a positive, finite number")
     return number
 
 

@@ -70,10 +70,9 @@ class Metrics:
             ["model"],
             registry=r,
         )
-        self.settlements = Counter(
-            "codex_gateway_settlements",
-            "Usage rows by outcome: written to the database or spooled to the local file.",
-            ["result"],
+        self.spooled = Counter(
+            "codex_gateway_spooled_rows",
+            "Usage rows written to the local spool because the database could not take them.",
             registry=r,
         )
         self.upstream_errors = Counter(
@@ -97,12 +96,12 @@ class Metrics:
         )
         self.in_flight = Gauge(
             "codex_gateway_streams_in_flight",
-            "Relay requests from arrival until their bill is settled.",
+            "Relay requests being served right now.",
             registry=r,
         )
         self.holds = Gauge(
             "codex_gateway_open_holds",
-            "Bills being written: computed, not yet in the database or the spool.",
+            "Usage rows computed and queued, not yet written to the database.",
             registry=r,
         )
 

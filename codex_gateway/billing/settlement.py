@@ -29,6 +29,8 @@ log = logging.getLogger("codex_gateway.billing")
 
 FLAG_MODEL_MISMATCH = "upstream_model_differs"
 FLAG_NEEDS_REVIEW = "needs_review"
+FLAG_TRUNCATED = "upstream_field_truncated"
+MAX_TEXT = 200
 UNBILLABLE_FLAGS = frozenset({FLAG_INVALID, FLAG_MISSING})
 REVIEW_FLAGS = frozenset({FLAG_INVALID, FLAG_CACHED_OVER_INPUT, FLAG_REASONING_OVER_OUTPUT})
 
@@ -78,8 +80,10 @@ def bill(outcome: Outcome, prices: PriceTable, trace: bool = False) -> dict[str,
     flags.extend(flag for flag in mapped.flags if flag not in flags)
     if any(flag in REVIEW_FLAGS for flag in mapped.flags):
         flags.append(FLAG_NEEDS_REVIEW)
-    if outcome.upstream_model and base_model(outcome.upstream_model) != base_model(outcome.model):
+    if _ran_another_model(outcome):
         flags.append(FLAG_MODEL_MISMATCH)
+    upstream_model = _clip(outcome.upstream_model, flags)
+    response_id = _clip(outcome.response_id, flags)
     level = logging.INFO if trace else logging.DEBUG
     if log.isEnabledFor(level):
         _log_stages(outcome, mapped, price, cost, level)
@@ -91,12 +95,12 @@ def bill(outcome: Outcome, prices: PriceTable, trace: bool = False) -> dict[str,
         "account_id": outcome.account_id,
         "endpoint": outcome.endpoint,
         "model": outcome.model,
-        "upstream_model": outcome.upstream_model,
+        "upstream_model": upstream_model,
         "stream": outcome.stream,
         "status": outcome.status,
         "http_status": outcome.http_status,
         "error": outcome.error,
-        "response_id": outcome.response_id,
+        "response_id": response_id,
         "raw_usage": orjson.dumps(outcome.usage).decode() if outcome.usage_reported else None,
         "input_tokens": mapped.input_tokens,
         "cached_tokens": mapped.cached_tokens,
@@ -122,11 +126,25 @@ def bill(outcome: Outcome, prices: PriceTable, trace: bool = False) -> dict[str,
 
 def _price_for(outcome: Outcome, prices: PriceTable) -> Price:
     """Price by the model the upstream says it ran when that is priced; else as admitted."""
-    if outcome.upstream_model and base_model(outcome.upstream_model) != base_model(outcome.model):
+    if outcome.upstream_model and _ran_another_model(outcome):
         reported = prices.resolve(outcome.upstream_model)
         if reported is not None:
             return reported
     return outcome.price
+
+
+def _ran_another_model(outcome: Outcome) -> bool:
+    reported = outcome.upstream_model
+    return bool(reported) and base_model(str(reported)) != base_model(outcome.model)
+
+
+def _clip(value: str | None, flags: list[str]) -> str | None:
+    """Upstream text bound for a column of MAX_TEXT characters; longer text is cut and flagged."""
+    if value is None or len(value) <= MAX_TEXT:
+        return value
+    if FLAG_TRUNCATED not in flags:
+        flags.append(FLAG_TRUNCATED)
+    return value[:MAX_TEXT]
 
 
 def _log_stages(

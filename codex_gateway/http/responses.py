@@ -59,6 +59,12 @@ _DROPPED_HEADERS = frozenset(
         "x-forwarded-proto",
         "x-real-ip",
         "proxy-authorization",
+        "cf-connecting-ip",
+        "true-client-ip",
+        "x-client-ip",
+        "via",
+        "origin",
+        "referer",
         "openai-organization",
         "openai-project",
     }
@@ -74,6 +80,8 @@ _STREAM_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
+_JSON_STATUS = {"completed": "completed", "incomplete": "incomplete", "failed": "failed"}
+MAX_UPSTREAM_BODY = 64 * 1024 * 1024
 MISSING_TERMINAL_MESSAGE = (
     "The upstream stream ended before its final event, so this response is incomplete."
 )
@@ -156,11 +164,18 @@ async def relay_responses(gateway: Gateway, exchange: Exchange) -> None:
         outcome.flag("messages_converted")
     try:
         await _relay(gateway, exchange, account, request, outcome)
+    except UpstreamError:
+        raise
+    except BaseException:
+        outcome.status = "gateway_error"
+        outcome.http_status = 500
+        outcome.flag("gateway_error")
+        raise
     finally:
         outcome.client_bytes = exchange.bytes_sent
         outcome.http_status = exchange.status or outcome.http_status
         outcome.duration_ms = (time.perf_counter() - outcome.started) * 1000
-        await gateway.settle(outcome)
+        gateway.settle(outcome)
 
 
 async def _relay(
@@ -214,6 +229,12 @@ async def _relay_stream(exchange: Exchange, upstream: UpstreamResponse, outcome:
             scanner.feed(chunk)
             await exchange.write(chunk)
     except UpstreamError as exc:
+        if scanner.terminal is not None:
+            # The response was already complete: the client has all of it, and so does the bill.
+            outcome.flag("upstream_closed_uncleanly")
+            _take_terminal(scanner, outcome)
+            await exchange.write(b"", more=False)
+            return
         _record_failure(outcome, exc)
         outcome.flag("stream_interrupted")
         await exchange.write(error_event(exc.code or "upstream_error", exc.message), more=False)
@@ -256,7 +277,7 @@ def _error_message(terminal: dict[str, object]) -> str:
 
 
 async def _relay_json(exchange: Exchange, upstream: UpstreamResponse, outcome: Outcome) -> None:
-    body = await upstream.read()
+    body = await upstream.read(MAX_UPSTREAM_BODY)
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -272,8 +293,7 @@ async def _relay_json(exchange: Exchange, upstream: UpstreamResponse, outcome: O
     outcome.usage_reported = usage is not None
     outcome.upstream_model = upstream_model_of(document)
     outcome.response_id = response_id_of(document)
-    status = document.get("status")
-    outcome.status = status if isinstance(status, str) else "completed"
+    outcome.status = _JSON_STATUS.get(str(document.get("status")), "completed")
     content_type = upstream.headers.get("content-type", "application/json").encode("latin-1")
     await exchange.start(
         200, [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
@@ -283,7 +303,7 @@ async def _relay_json(exchange: Exchange, upstream: UpstreamResponse, outcome: O
 
 async def _relay_error(exchange: Exchange, upstream: UpstreamResponse, outcome: Outcome) -> None:
     """Relay the upstream's client errors; hide the ones about the gateway's own account."""
-    body = await upstream.read()
+    body = await upstream.read(MAX_UPSTREAM_BODY)
     outcome.status = "upstream_error"
     outcome.error = f"HTTP {upstream.status}: {body[:500].decode('utf-8', 'replace')}"
     outcome.flag(f"upstream_http_{upstream.status}")

@@ -37,5 +37,5 @@ class GracefulServer(uvicorn.Server):
             sig,
             self.gateway.in_flight,
         )
-        self.gateway.forced = True
+        self.gateway.force()
         self.force_exit = True

@@ -1,9 +1,9 @@
 """The database engine, and migrations run on every start.
 
 `CODEX_GATEWAY_DATABASE_URL` takes `sqlite:///PATH` or `postgresql://USER@HOST:PORT/DB`; the
-async driver is chosen here. SQLite runs in WAL mode with write transactions that take the
-write lock at BEGIN, so a read-modify-write of a balance cannot interleave with another
-process's.
+async driver is chosen here. SQLite runs in WAL mode; write transactions take the write
+lock at BEGIN, so a read-modify-write of a balance cannot interleave with another process's,
+while reads (connections with the READ_ONLY options) take none.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 7_220_130_411
+# Execution options for a connection that only reads.
+READ_ONLY = {"read_only": True}
 
 
 def driver_url(url: str) -> str:
@@ -68,7 +70,8 @@ def _sqlite_engine(url: str) -> AsyncEngine:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = connection.get_execution_options().get("read_only", False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 

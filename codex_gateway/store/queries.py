@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -14,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from codex_gateway.billing.pricing import MONEY, Price
+from codex_gateway.store.db import READ_ONLY
 from codex_gateway.store.tables import (
     ApiKey,
     BillingTrace,
@@ -47,7 +50,7 @@ class AccountRecord:
     name: str
     kind: str
     base_url: str
-    api_key: str
+    api_key: str = field(repr=False)
     priority: int
     enabled: bool
 
@@ -70,7 +73,7 @@ def display_key(raw: str) -> str:
     """A key as it may appear anywhere: its prefix and last four characters."""
     if len(raw) < 16:
         return "***"
-    return f"{raw[:10]}…{raw[-4:]}"
+    return f"{KEY_PREFIX}…{raw[-4:]}"
 
 
 class Store:
@@ -78,12 +81,19 @@ class Store:
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
 
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reading: on SQLite it takes no write lock."""
+        async with self.engine.connect() as conn:
+            await conn.execution_options(**READ_ONLY)
+            yield conn
+            await conn.rollback()
+
     # -- revision: lets every process notice administrative changes --------------------------
 
     async def revision(self) -> int:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             value = await conn.scalar(select(Revision.value).where(Revision.id == 1))
-            await conn.rollback()
         return int(value or 0)
 
     @staticmethod
@@ -131,21 +141,18 @@ class Store:
         return row[0], row[1]
 
     async def list_users(self) -> list[dict[str, Any]]:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             rows = (await conn.execute(select(User).order_by(User.id))).mappings().all()
-            await conn.rollback()
         return [dict(row) for row in rows]
 
     async def balance(self, user_id: int) -> Decimal:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             value = await conn.scalar(select(User.balance).where(User.id == user_id))
-            await conn.rollback()
         return value if value is not None else Decimal(0)
 
     async def balances(self) -> dict[int, Decimal]:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             rows = (await conn.execute(select(User.id, User.balance))).all()
-            await conn.rollback()
         return {row[0]: row[1] for row in rows}
 
     # -- keys --------------------------------------------------------------------------------
@@ -183,11 +190,10 @@ class Store:
         )
         if user_name is not None:
             query = query.where(User.name == user_name)
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             if user_name is not None:
                 await _require_user(conn, user_name)
             rows = (await conn.execute(query)).mappings().all()
-            await conn.rollback()
         return [dict(row) for row in rows]
 
     async def revoke_key(self, key_id: int) -> None:
@@ -207,9 +213,8 @@ class Store:
             .join(User, User.id == ApiKey.user_id)
             .where(ApiKey.key_hash == key_hash)
         )
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             row = (await conn.execute(query)).first()
-            await conn.rollback()
         if row is None:
             return None
         return KeyRecord(row[0], row[1], row[2], row[3], row[4] is not None)
@@ -220,9 +225,8 @@ class Store:
             .join(User, User.id == ApiKey.user_id)
             .where(ApiKey.revoked_at.is_(None))
         )
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             rows = (await conn.execute(query)).all()
-            await conn.rollback()
         return {row[0]: KeyRecord(row[1], row[2], row[3], row[4], False) for row in rows}
 
     # -- upstream accounts -------------------------------------------------------------------
@@ -290,7 +294,7 @@ class Store:
             await self._bump(conn)
 
     async def accounts(self) -> list[AccountRecord]:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             rows = (
                 await conn.execute(
                     select(
@@ -304,7 +308,6 @@ class Store:
                     ).order_by(UpstreamAccount.priority, UpstreamAccount.id)
                 )
             ).all()
-            await conn.rollback()
         return [AccountRecord(*row) for row in rows]
 
     # -- prices ------------------------------------------------------------------------------
@@ -333,7 +336,7 @@ class Store:
             await self._bump(conn)
 
     async def prices(self) -> list[Price]:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             rows = (
                 await conn.execute(
                     select(
@@ -345,7 +348,6 @@ class Store:
                     ).order_by(ModelPricing.model)
                 )
             ).all()
-            await conn.rollback()
         return [Price(*row) for row in rows]
 
     # -- settlement --------------------------------------------------------------------------
@@ -356,22 +358,47 @@ class Store:
         Returns the user's new balance, or None when there was no user or the request id was
         settled before (a repeat changes nothing).
         """
-        cost: Decimal = record["cost_usd"]
-        user_id = record.get("user_id")
         try:
             async with self.engine.begin() as conn:
-                await conn.execute(insert(UsageRecord).values(**record))
-                if user_id is None:
-                    return None
-                balance = await self._debit(conn, user_id, cost)
-                await self._ledger(
-                    conn, user_id, "charge", cost.copy_negate(), balance, record["request_id"], None
-                )
-                return balance
+                return await self._settle_one(conn, record)
         except IntegrityError:
             if await self.usage(record["request_id"]) is not None:
                 return None
             raise
+
+    async def settle_many(self, records: list[dict[str, Any]]) -> dict[int, Decimal]:
+        """Settle a batch in one transaction (one commit for many requests).
+
+        If any request id was settled before, the batch is rolled back and each record is
+        settled on its own, so a repeat still changes nothing. Returns the users' new balances.
+        """
+        balances: dict[int, Decimal] = {}
+        try:
+            async with self.engine.begin() as conn:
+                for record in records:
+                    balance = await self._settle_one(conn, record)
+                    if balance is not None:
+                        balances[record["user_id"]] = balance
+            return balances
+        except IntegrityError:
+            balances.clear()
+        for record in records:
+            balance = await self.settle(record)
+            if balance is not None:
+                balances[record["user_id"]] = balance
+        return balances
+
+    async def _settle_one(self, conn: AsyncConnection, record: dict[str, Any]) -> Decimal | None:
+        await conn.execute(insert(UsageRecord).values(**record))
+        user_id = record.get("user_id")
+        cost: Decimal = record["cost_usd"]
+        if user_id is None or cost == 0:
+            return None
+        balance = await self._debit(conn, user_id, cost)
+        await self._ledger(
+            conn, user_id, "charge", cost.copy_negate(), balance, record["request_id"], None
+        )
+        return balance
 
     async def _debit(self, conn: AsyncConnection, user_id: int, cost: Decimal) -> Decimal:
         if not self.is_sqlite:
@@ -437,13 +464,12 @@ class Store:
     # -- usage -------------------------------------------------------------------------------
 
     async def usage(self, request_id: str) -> dict[str, Any] | None:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             row = (
                 (await conn.execute(_usage_query().where(UsageRecord.request_id == request_id)))
                 .mappings()
                 .first()
             )
-            await conn.rollback()
         return dict(row) if row else None
 
     async def list_usage(
@@ -454,11 +480,10 @@ class Store:
         )
         if user_name is not None:
             query = query.where(User.name == user_name)
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             if user_name is not None:
                 await _require_user(conn, user_name)
             rows = (await conn.execute(query.limit(limit))).mappings().all()
-            await conn.rollback()
         return [dict(row) for row in rows]
 
     async def ledger(self, user_name: str) -> list[dict[str, Any]]:
@@ -476,16 +501,14 @@ class Store:
             .where(User.name == user_name)
             .order_by(LedgerEntry.id)
         )
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             await _require_user(conn, user_name)
             rows = (await conn.execute(query)).mappings().all()
-            await conn.rollback()
         return [dict(row) for row in rows]
 
     async def count_usage(self) -> int:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             value = await conn.scalar(select(func.count()).select_from(UsageRecord))
-            await conn.rollback()
         return int(value or 0)
 
 

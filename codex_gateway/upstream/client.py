@@ -35,19 +35,24 @@ class UpstreamResponse:
             ) from None
         except aiohttp.ClientPayloadError as exc:
             raise UpstreamProtocolError(
-                "The upstream response was cut off before it ended.", detail=repr(exc)
+                "The upstream response was cut off before it ended.", detail=_describe(exc)
             ) from None
         except aiohttp.ClientError as exc:
             raise UpstreamConnectError(
-                "The connection to the upstream failed.", detail=repr(exc)
+                "The connection to the upstream failed.", detail=_describe(exc)
             ) from None
 
-    async def read(self) -> bytes:
-        parts = [chunk async for chunk in self.chunks()]
-        return b"".join(parts)
-
-    def close(self) -> None:
-        self._response.close()
+    async def read(self, limit: int) -> bytes:
+        """The whole body, refusing one larger than `limit` bytes."""
+        parts = bytearray()
+        async for chunk in self.chunks():
+            parts += chunk
+            if len(parts) > limit:
+                raise UpstreamProtocolError(
+                    "The upstream response body is larger than the gateway accepts.",
+                    detail=f"more than {limit} bytes",
+                )
+        return bytes(parts)
 
     def release(self) -> None:
         self._response.release()
@@ -76,7 +81,9 @@ class UpstreamClient:
 
     async def post(self, url: str, headers: Mapping[str, str], body: bytes) -> UpstreamResponse:
         try:
-            response = await self._get_session().post(url, data=body, headers=headers)
+            response = await self._get_session().post(
+                url, data=body, headers=headers, allow_redirects=False
+            )
         except TimeoutError:
             raise UpstreamTimeout("The upstream did not answer in time.") from None
         except aiohttp.ClientConnectorError as exc:
@@ -85,7 +92,7 @@ class UpstreamClient:
             ) from None
         except aiohttp.ClientError as exc:
             raise UpstreamConnectError(
-                "The request to the upstream failed.", detail=repr(exc)
+                "The request to the upstream failed.", detail=_describe(exc)
             ) from None
         return UpstreamResponse(response)
 
@@ -93,3 +100,9 @@ class UpstreamClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _describe(error: aiohttp.ClientError) -> str:
+    """The error's class and message only: its repr carries the request's headers, and so the
+    upstream credentials."""
+    return f"{type(error).__name__}: {error}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from alembic.script import ScriptDirectory
@@ -107,3 +109,16 @@ async def test_schema_state_tells_behind_current_and_ahead(empty_database_url: s
         await engine.dispose()
 
     assert (before, migrated, newer) == ("behind", "current", "ahead")
+
+
+async def test_sqlite_reads_do_not_wait_for_a_writer(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path}/lock.db")
+    await migrate(engine)
+    store = Store(engine)
+    try:
+        async with engine.begin() as writer:
+            await writer.execute(text("UPDATE revision SET value = value + 1"))
+            # The write lock is held; a read must still answer at once.
+            assert await asyncio.wait_for(store.revision(), timeout=5) >= 1
+    finally:
+        await engine.dispose()

@@ -217,13 +217,17 @@ async def test_settle_without_a_user_writes_the_row_and_debits_no_one(store: Sto
     assert (await store.usage(row["request_id"]) or {})["cost_usd"] == Decimal("0.114295")
 
 
-async def test_settle_of_a_request_without_usage_charges_zero(store: Store) -> None:
+async def test_settle_of_a_request_without_usage_charges_nothing_and_touches_no_balance(
+    store: Store,
+) -> None:
     name, user_id = await new_user(store, "2")
+    ledger_before = await store.ledger(name)
     row = usage_row(user_id, usage=None)
 
     balance = await store.settle(row)
 
-    assert balance == Decimal("2")
+    assert balance is None
+    assert (await store.balances())[user_id] == Decimal("2")
     stored = await store.usage(row["request_id"])
     assert stored is not None
     assert (stored["raw_usage"], stored["cost_usd"], stored["flags"]) == (
@@ -231,7 +235,7 @@ async def test_settle_of_a_request_without_usage_charges_zero(store: Store) -> N
         Decimal("0"),
         '["usage_missing"]',
     )
-    assert (await store.ledger(name))[-1]["amount"] == 0
+    assert await store.ledger(name) == ledger_before
 
 
 async def test_settle_keeps_the_smallest_costs_exact(store: Store) -> None:
@@ -254,7 +258,8 @@ async def test_created_key_is_found_by_its_hash(store: Store) -> None:
     raw, display = await store.create_key(name, name="laptop")
 
     assert raw.startswith(KEY_PREFIX)
-    assert display == f"{raw[:10]}…{raw[-4:]}"
+    # Shown as the fixed prefix and the last four characters: nothing more of the secret.
+    assert display == f"{KEY_PREFIX}…{raw[-4:]}"
     record = await store.find_key(hash_key(raw))
     assert record is not None
     assert record == KeyRecord(record.id, user_id, name, display, revoked=False)
