@@ -14,8 +14,8 @@ SEED_COST = Decimal("0.114295")
 
 async def test_a_burst_of_rows_is_written_and_debited_exactly(store: Store) -> None:
     name, user_id = await new_user(store, "10")
-    seen: dict[int, Decimal] = {}
-    settler = Settler(store, seen.__setitem__)
+    seen: list[tuple[int, Decimal, Decimal]] = []
+    settler = Settler(store, None, lambda *settled: seen.append(settled))
     settler.start()
     rows = [usage_row(user_id) for _ in range(25)]
     for row in rows:
@@ -25,7 +25,7 @@ async def test_a_burst_of_rows_is_written_and_debited_exactly(store: Store) -> N
     for row in rows:
         assert await store.usage(row["request_id"]) is not None
     expected = Decimal("10") - 25 * SEED_COST
-    assert seen[user_id] == expected
+    assert seen == [(user_id, Decimal(0), Decimal(0))] * 25
     assert (await store.balances())[user_id] == expected
     charges = [e for e in await store.ledger(name) if e["kind"] == "charge"]
     assert len(charges) == 25
@@ -38,7 +38,7 @@ async def test_a_request_settled_before_is_not_charged_again_and_the_batch_survi
     settled_before = usage_row(user_id)
     await store.settle(settled_before)
     fresh = usage_row(user_id)
-    settler = Settler(store, lambda _user, _balance: None)
+    settler = Settler(store, None, lambda *_: None)
     settler.start()
     settler.submit(fresh)
     settler.submit(settled_before)
@@ -50,7 +50,7 @@ async def test_a_request_settled_before_is_not_charged_again_and_the_batch_survi
 
 async def test_drain_waits_for_rows_submitted_while_writing(store: Store) -> None:
     _, user_id = await new_user(store, "5")
-    settler = Settler(store, lambda _user, _balance: None)
+    settler = Settler(store, None, lambda *_: None)
     settler.start()
     rows = [usage_row(user_id) for _ in range(3)]
     settler.submit(rows[0])

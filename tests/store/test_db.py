@@ -7,10 +7,18 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from alembic.script import ScriptDirectory
 from sqlalchemy import text
 
 from codex_gateway.billing.pricing import LIST_PRICES, Price
-from codex_gateway.store.db import create_engine, driver_url, is_current, migrate, redact_url
+from codex_gateway.store.db import (
+    alembic_config,
+    create_engine,
+    driver_url,
+    is_current,
+    migrate,
+    redact_url,
+)
 from codex_gateway.store.queries import Store
 from tests.store.dump import dump
 
@@ -70,7 +78,8 @@ async def test_migrating_twice_changes_nothing_the_second_time(empty_database_ur
         await engine.dispose()
 
     assert second == first
-    assert first["alembic_version"] == [("0001",)]
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert first["alembic_version"] == [(head,)]
     assert first["revision"] == [(1, 1)]
     assert len(first["model_pricings"]) == len(LIST_PRICES)
 
