@@ -116,7 +116,15 @@ def version() -> None:
     click.echo(__version__)
 
 
-for command in (admin.users, admin.keys, admin.accounts, admin.pricing, admin.usage, admin.explain):
+for command in (
+    admin.users,
+    admin.keys,
+    admin.accounts,
+    admin.pricing,
+    admin.usage,
+    admin.explain,
+    admin.ledger,
+):
     cli.add_command(command)
 
 

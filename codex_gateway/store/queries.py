@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Select, delete, func, insert, select, update
+from sqlalchemy import Row, Select, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -543,6 +543,35 @@ class Store:
             await self.release_lease(user_id, holder, Decimal(10) ** 30)
         return len(stale)
 
+    async def verify_ledger(self) -> tuple[list[str], dict[str, int]]:
+        """Prove every balance from its ledger, and every charged request has one charge.
+
+        Returns the problems found (empty when all is well) and what was checked.
+        """
+        async with self._read() as conn:
+            users = (
+                await conn.execute(select(User.id, User.name, User.balance, User.reserved))
+            ).all()
+            entries = (
+                await conn.execute(
+                    select(
+                        LedgerEntry.user_id,
+                        LedgerEntry.kind,
+                        LedgerEntry.amount,
+                        LedgerEntry.request_id,
+                    )
+                )
+            ).all()
+            leases = (await conn.execute(select(BalanceLease.user_id, BalanceLease.amount))).all()
+            usage = (
+                await conn.execute(
+                    select(UsageRecord.request_id, UsageRecord.user_id, UsageRecord.cost_usd)
+                )
+            ).all()
+        problems = _ledger_problems(users, entries, leases, usage)
+        counts = {"users": len(users), "ledger entries": len(entries), "usage rows": len(usage)}
+        return problems, counts
+
     async def leases(self) -> list[dict[str, Any]]:
         async with self._read() as conn:
             rows = (await conn.execute(select(BalanceLease))).mappings().all()
@@ -619,6 +648,44 @@ class Store:
         async with self._read() as conn:
             value = await conn.scalar(select(func.count()).select_from(UsageRecord))
         return int(value or 0)
+
+
+def _ledger_problems(
+    users: Sequence[Row[int, str, Decimal, Decimal]],
+    entries: Sequence[Row[int, str, Decimal, str | None]],
+    leases: Sequence[Row[int, Decimal]],
+    usage: Sequence[Row[str, int | None, Decimal]],
+) -> list[str]:
+    problems: list[str] = []
+    ledger_sum: dict[int, Decimal] = {}
+    charges: dict[str, list[Decimal]] = {}
+    for user_id, kind, amount, request_id in entries:
+        ledger_sum[user_id] = MONEY.add(ledger_sum.get(user_id, ZERO), Decimal(str(amount)))
+        if kind == "charge" and request_id is not None:
+            charges.setdefault(request_id, []).append(Decimal(str(amount)))
+    leased: dict[int, Decimal] = {}
+    for user_id, amount in leases:
+        leased[user_id] = MONEY.add(leased.get(user_id, ZERO), Decimal(str(amount)))
+    for user_id, name, balance, reserved in users:
+        if Decimal(str(balance)) != ledger_sum.get(user_id, ZERO):
+            problems.append(
+                f"user {name}: balance {balance} but its ledger adds up to "
+                f"{ledger_sum.get(user_id, ZERO)}"
+            )
+        if Decimal(str(reserved)) != leased.get(user_id, ZERO) or Decimal(str(reserved)) < 0:
+            problems.append(
+                f"user {name}: reserved {reserved} but its leases add up to "
+                f"{leased.get(user_id, ZERO)}"
+            )
+    for request_id, owner, cost in usage:
+        found = charges.pop(request_id, [])
+        expected = [Decimal(str(cost)).copy_negate()] if owner is not None and cost else []
+        if found != expected:
+            problems.append(
+                f"request {request_id}: costs {cost} but has charges {[str(c) for c in found]}"
+            )
+    problems.extend(f"charge for request {rid} has no usage row" for rid in charges)
+    return problems
 
 
 async def _require_user(conn: AsyncConnection, name: str) -> None:
