@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from codex_gateway.billing.pricing import PriceTable
+from codex_gateway.errors import StorageUnavailable
 from codex_gateway.store.queries import AccountRecord, KeyRecord, Store
 
 log = logging.getLogger(__name__)
@@ -52,7 +55,13 @@ class Catalog:
             return record
         if key_hash in self._unknown_keys:
             return None
-        found = await self._store.find_key(key_hash)
+        try:
+            found = await self._store.find_key(key_hash)
+        except (OSError, SQLAlchemyError) as exc:
+            log.error("cannot look up a key: %s", exc)
+            raise StorageUnavailable(
+                "The gateway cannot check this API key right now; retry in a moment."
+            ) from None
         if found is None or found.revoked:
             if len(self._unknown_keys) >= MAX_UNKNOWN_KEYS:
                 self._unknown_keys.clear()

@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from codex_gateway.billing.pricing import MILLION, MONEY, ZERO, Price
-from codex_gateway.errors import InsufficientQuota
+from codex_gateway.errors import InsufficientQuota, StorageUnavailable
 from codex_gateway.store.queries import Store
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ class Admission:
             shortfall = MONEY.subtract(estimate, MONEY.subtract(lease.leased, lease.held))
             generous = max(shortfall, MONEY.multiply(estimate, Decimal(LEASE_REQUESTS)))
             for ask in dict.fromkeys((generous, shortfall)):
-                if await self._store.acquire_lease(user_id, self.holder, ask):
+                if await self._acquire(user_id, ask):
                     lease.leased = MONEY.add(lease.leased, ask)
                     if self._take(lease, estimate):
                         return
@@ -92,6 +94,16 @@ class Admission:
             "You exceeded your current quota: the balance does not cover this request's "
             "largest possible cost. Ask the gateway operator to top it up."
         )
+
+    async def _acquire(self, user_id: int, amount: Decimal) -> bool:
+        try:
+            return await self._store.acquire_lease(user_id, self.holder, amount)
+        except (OSError, SQLAlchemyError) as exc:
+            log.error("cannot place a hold: %s", exc)
+            raise StorageUnavailable(
+                "The gateway cannot check your balance right now, so it accepts no new "
+                "requests; retry in a moment."
+            ) from None
 
     @staticmethod
     def _take(lease: _Lease, estimate: Decimal) -> bool:

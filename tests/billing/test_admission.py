@@ -14,7 +14,8 @@ import pytest
 from codex_gateway.billing.admission import INPUT_ALLOWANCE_TOKENS, Admission, estimate_hold
 from codex_gateway.billing.pricing import Price
 from codex_gateway.billing.settler import Settler
-from codex_gateway.errors import InsufficientQuota
+from codex_gateway.errors import InsufficientQuota, StorageUnavailable
+from codex_gateway.store.db import create_engine
 from codex_gateway.store.queries import Store
 from tests.store.test_queries import new_user, usage_row
 
@@ -132,3 +133,16 @@ async def test_an_idle_lease_is_handed_back(store: Store) -> None:
     gate.settled(user_id, EST, Decimal(0))
     await gate._maintain_once()
     assert await store.leases() == []
+
+
+async def test_an_unreachable_database_fails_closed() -> None:
+    engine = create_engine("postgresql://postgres@127.0.0.1:1/unreachable")
+    try:
+        gate = admission(Store(engine))
+        with pytest.raises(StorageUnavailable) as caught:
+            await gate.admit(1, EST)
+        assert caught.value.status == 503
+        assert "retry" in caught.value.message
+        assert gate.held(1) == 0
+    finally:
+        await engine.dispose()
