@@ -1,4 +1,4 @@
-"""The one application object: settings, database, in-memory catalog, upstream client.
+"""The one application object: settings, database, in-memory catalog, admission, upstream.
 
 It also owns what operations need: the metrics registry, the readiness checks, and the spool
 of usage rows the database could not take, which the next start replays.
@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from codex_gateway.billing.admission import Admission
 from codex_gateway.billing.settlement import Outcome, bill
 from codex_gateway.billing.settler import Settler
 from codex_gateway.billing.spool import Spool
@@ -37,6 +38,11 @@ class Gateway:
         self.engine = create_engine(settings.database_url)
         self.store = Store(self.engine)
         self.catalog = Catalog(self.store)
+        self.admission = Admission(
+            self.store,
+            lease_ttl=settings.lease_ttl_seconds,
+            idle_seconds=settings.lease_idle_seconds,
+        )
         self.client = UpstreamClient(
             connect_timeout=settings.upstream_connect_timeout,
             read_timeout=settings.upstream_read_timeout,
@@ -45,14 +51,17 @@ class Gateway:
         self.sandbox = sandbox
         self.metrics = Metrics()
         self.spool = Spool(Path(settings.spool_path))
-        self.settler = Settler(self.store, self.catalog.balances.__setitem__, self._spool)
+        self.settler = Settler(
+            self.store, self.admission.holder, self.admission.settled, self._spool
+        )
         self.readiness = Readiness(self.engine, self.catalog, settings.redis_url)
-        # Relay requests being served; a graceful stop waits for them.
+        # Relay requests being served; a graceful stop waits for them. Each holds part of a
+        # balance until its row is written, so open holds are these plus the queued rows.
         self.in_flight = 0
-        self.metrics.track(lambda: self.in_flight, lambda: self.settler.pending)
+        self.metrics.track(lambda: self.in_flight, lambda: self.in_flight + self.settler.pending)
         # Set by a second SIGTERM: bills go straight to the spool instead of the database.
         self.forced = False
-        self._poller: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         if await schema_state(self.engine) == "ahead":
@@ -62,13 +71,17 @@ class Gateway:
         await self.spool.replay(self.store.settle)
         await self.catalog.refresh()
         self.settler.start()
-        self._poller = asyncio.create_task(self.catalog.poll(self.settings.catalog_refresh_seconds))
+        self._tasks = [
+            asyncio.create_task(self.catalog.poll(self.settings.catalog_refresh_seconds)),
+            asyncio.create_task(self.admission.maintain(self.settings.lease_renew_seconds)),
+        ]
 
     async def stop(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
+        for task in self._tasks:
+            task.cancel()
         await self._relays_done()
         await self.settler.drain()
+        await self.admission.close()
         await self.readiness.close()
         await self.client.close()
         await self.engine.dispose()
@@ -96,12 +109,13 @@ class Gateway:
         if self.forced:
             self._spool(row)
             return
-        self.settler.submit(row)
+        self.settler.submit(row, outcome.hold)
 
     def force(self) -> None:
         """Exit without waiting for the database: every bill not yet written goes to the spool.
 
-        A row the writer commits after all is skipped when the spool is replayed.
+        A row the writer commits after all is skipped when the spool is replayed; the holds of
+        this process's lease lapse with it.
         """
         self.forced = True
         for row in self.settler.abandon():

@@ -1,18 +1,20 @@
-"""What the relay needs per request, held in memory: keys, balances, prices, accounts.
+"""What the relay needs per request, held in memory: keys, prices, accounts.
 
 Every administrative write bumps one revision number; each gateway process polls it and
 reloads when it moves, so a revoked key or a new price reaches every process within one poll
-interval without a database round trip per request. Balances are reloaded on every poll and
-updated locally after each settlement.
+interval without a database round trip per request. Balances are not cached here: admission
+holds requests against balance leases (billing/admission.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from decimal import Decimal
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from codex_gateway.billing.pricing import PriceTable
+from codex_gateway.errors import StorageUnavailable
 from codex_gateway.store.queries import AccountRecord, KeyRecord, Store
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,6 @@ class Catalog:
         self._store = store
         self.revision = -1
         self.keys: dict[str, KeyRecord] = {}
-        self.balances: dict[int, Decimal] = {}
         self.prices = PriceTable()
         self.accounts: list[AccountRecord] = []
         self._unknown_keys: set[str] = set()
@@ -35,34 +36,20 @@ class Catalog:
         self._lock = asyncio.Lock()
 
     async def refresh(self) -> None:
-        """Reload everything if the revision moved; always reload balances.
-
-        Everything is read first and swapped in together, so a request never sees a key
-        whose user's balance is not loaded yet.
-        """
+        """Reload everything if the revision moved; read first, then swap in together."""
         async with self._lock:
             revision = await self._store.revision()
-            balances = await self._store.balances()
             if revision == self.revision:
-                self.balances.update(balances)
                 return
             keys = await self._store.active_keys()
             prices = PriceTable(await self._store.prices())
             accounts = await self._store.accounts()
             traced_keys = await self._store.traced_keys()
-            self.balances.update(balances)
             self.keys, self.prices, self.accounts = keys, prices, accounts
             self.traced_keys = traced_keys
             self._unknown_keys.clear()
             self.revision = revision
             log.debug("catalog reloaded at revision %d", revision)
-
-    async def balance(self, user_id: int) -> Decimal:
-        """The user's balance as this process knows it; looked up if it has none yet."""
-        balance = self.balances.get(user_id)
-        if balance is None:
-            balance = self.balances[user_id] = await self._store.balance(user_id)
-        return balance
 
     async def key(self, key_hash: str) -> KeyRecord | None:
         """The active key with this hash; a key created since the last poll is looked up."""
@@ -71,7 +58,13 @@ class Catalog:
             return record
         if key_hash in self._unknown_keys:
             return None
-        found = await self._store.find_key(key_hash)
+        try:
+            found = await self._store.find_key(key_hash)
+        except (OSError, SQLAlchemyError) as exc:
+            log.error("cannot look up a key: %s", exc)
+            raise StorageUnavailable(
+                "The gateway cannot check this API key right now; retry in a moment."
+            ) from None
         if found is None or found.revoked:
             if len(self._unknown_keys) >= MAX_UNKNOWN_KEYS:
                 self._unknown_keys.clear()

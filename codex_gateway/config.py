@@ -35,6 +35,10 @@ class Settings:
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 300.0
     upstream_pool_size: int = 512
+    hold_output_tokens: int = 32_768
+    lease_ttl_seconds: float = 60.0
+    lease_renew_seconds: float = 5.0
+    lease_idle_seconds: float = 10.0
     redis_url: str | None = None
     admin_token: str | None = None
     log_levels: tuple[tuple[str, str], ...] = ()
@@ -128,6 +132,10 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "upstream_connect_timeout": _positive_float,
     "upstream_read_timeout": _positive_float,
     "upstream_pool_size": _positive_int,
+    "hold_output_tokens": _positive_int,
+    "lease_ttl_seconds": _positive_float,
+    "lease_renew_seconds": _positive_float,
+    "lease_idle_seconds": _positive_float,
     "redis_url": _redis_url,
     "admin_token": _admin_token,
     "log_levels": _log_levels,

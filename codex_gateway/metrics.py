@@ -101,7 +101,7 @@ class Metrics:
         )
         self.holds = Gauge(
             "codex_gateway_open_holds",
-            "Usage rows computed and queued, not yet written to the database.",
+            "Requests holding part of a balance: relays in flight and rows queued for writing.",
             registry=r,
         )
 

@@ -62,6 +62,7 @@ class Outcome:
     overhead_ms: float | None = None
     duration_ms: float = 0.0
     client_bytes: int = 0
+    hold: Decimal = Decimal(0)
 
     def flag(self, name: str) -> None:
         if name not in self.flags:

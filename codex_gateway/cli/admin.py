@@ -316,3 +316,20 @@ def explain(request_id: str, as_json: bool) -> None:
     if row is None:
         raise click.ClickException(f"no usage row for request {request_id!r}")
     click.echo(dump_json(_usage_json(row)) if as_json else explain_row(row))
+
+
+@click.group()
+def ledger() -> None:
+    """The append-only record of every balance change."""
+
+
+@ledger.command("verify")
+def ledger_verify() -> None:
+    """Prove every balance from its ledger and every charged request has exactly one charge."""
+    problems, counts = with_store(lambda store: store.verify_ledger())
+    checked = ", ".join(f"{count} {what}" for what, count in counts.items())
+    for problem in problems:
+        click.echo(f"problem: {problem}", err=True)
+    if problems:
+        raise click.ClickException(f"{len(problems)} problems in {checked}")
+    click.echo(f"ok: {checked}; every balance equals its ledger")

@@ -139,6 +139,7 @@ for command in (
     admin.pricing,
     admin.usage,
     admin.explain,
+    admin.ledger,
     operations.migrate,
     operations.config,
     operations.health,

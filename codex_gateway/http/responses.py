@@ -9,15 +9,16 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 import orjson
 
+from codex_gateway.billing.admission import estimate_hold
 from codex_gateway.billing.pricing import Price
 from codex_gateway.billing.settlement import Outcome
 from codex_gateway.errors import (
     AuthenticationError,
-    InsufficientQuota,
     ModelNotFound,
     NoAccountAvailable,
     UpstreamError,
@@ -111,19 +112,28 @@ def _bearer(exchange: Exchange) -> str:
     )
 
 
-async def admit(gateway: Gateway, key: KeyRecord, request: ResponsesRequest) -> Price:
+def price_of(gateway: Gateway, request: ResponsesRequest) -> Price:
     price = gateway.catalog.prices.resolve(request.model)
     if price is None:
         raise ModelNotFound(
             f"The model `{request.model}` does not exist or has no price on this gateway.",
             param="model",
         )
-    if await gateway.catalog.balance(key.user_id) <= 0:
-        raise InsufficientQuota(
-            "You exceeded your current quota: the balance is used up. "
-            "Ask the gateway operator to top it up."
-        )
     return price
+
+
+async def hold(
+    gateway: Gateway, key: KeyRecord, request: ResponsesRequest, price: Price
+) -> Decimal:
+    """Hold the request's largest possible cost against the user's balance."""
+    estimate = estimate_hold(
+        price,
+        len(request.body),
+        request.document.get("max_output_tokens"),
+        gateway.settings.hold_output_tokens,
+    )
+    await gateway.admission.admit(key.user_id, estimate)
+    return estimate
 
 
 def choose_account(gateway: Gateway) -> AccountRecord:
@@ -146,8 +156,9 @@ async def relay_responses(gateway: Gateway, exchange: Exchange) -> None:
     key = await authenticate(gateway, exchange)
     request = parse_responses_request(await exchange.body(gateway.settings.max_body_bytes))
     exchange.model = request.model
-    price = await admit(gateway, key, request)
+    price = price_of(gateway, request)
     account = choose_account(gateway)
+    held = await hold(gateway, key, request, price)
     outcome = Outcome(
         request_id=exchange.request_id,
         started_at=datetime.now(UTC),
@@ -159,6 +170,7 @@ async def relay_responses(gateway: Gateway, exchange: Exchange) -> None:
         user_id=key.user_id,
         key_id=key.id,
         account_id=account.id,
+        hold=held,
     )
     if request.converted_messages:
         outcome.flag("messages_converted")

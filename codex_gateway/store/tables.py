@@ -12,6 +12,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -37,7 +38,26 @@ class User(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(200), unique=True, nullable=False)
     balance: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    # The part of the balance set aside by gateway processes' leases (see BalanceLease).
+    reserved: Mapped[Decimal] = mapped_column(Money, nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class BalanceLease(Base):
+    """A slice of a user's balance that one gateway process may spend without asking again.
+
+    Admission is checked against the lease in the process's memory; only taking a new slice
+    touches the database. A lease whose holder stops renewing it is returned to the user.
+    """
+
+    __tablename__ = "balance_leases"
+    __table_args__ = (UniqueConstraint("user_id", "holder"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), nullable=False)
+    holder: Mapped[str] = mapped_column(String(100), nullable=False, index=True)
+    amount: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    renewed_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
 class ApiKey(Base):

@@ -5,12 +5,16 @@ The interface other tools rely on is run as real processes; the rest runs in pro
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
+from sqlalchemy import update
 
+from codex_gateway.store.db import create_engine
+from codex_gateway.store.tables import User
 from tests.conftest import Gateway, make_gateway
 
 
@@ -178,3 +182,22 @@ def test_bad_settings_are_each_reported(tmp_path_factory: pytest.TempPathFactory
     assert result.returncode == 1
     assert "log_level" in result.stderr and "max_body_bytes" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_ledger_verify_proves_balances_and_names_a_tampered_one(db: Gateway) -> None:
+    db.cli("users", "create", "audited", "--balance", "3")
+    db.cli("users", "topup", "audited", "0.5")
+    assert "ok:" in db.cli("ledger", "verify").stdout
+
+    async def tamper() -> None:
+        engine = create_engine(db.database_url)
+        async with engine.begin() as conn:
+            await conn.execute(
+                update(User).where(User.name == "audited").values(balance=Decimal("99"))
+            )
+        await engine.dispose()
+
+    asyncio.run(tamper())
+    result = db.cli("ledger", "verify", check=False)
+    assert result.returncode == 1
+    assert "user audited: balance 99 but its ledger adds up to 3.5" in result.stderr

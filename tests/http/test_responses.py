@@ -396,14 +396,29 @@ def test_user_at_zero_gets_insufficient_quota_before_any_upstream_call(
     assert gateway.cli_json("usage", "list", "--user", user) == []
 
 
-def test_balance_runs_out_after_a_request_and_then_refuses(gateway: Gateway) -> None:
-    user, key = gateway.new_user("0.1")
-    first = post(gateway, key, GOOD.replace(b'"hi"', b'"hi","stream":true'))
+def test_a_request_is_admitted_only_if_the_balance_covers_its_largest_cost(
+    gateway: Gateway, sandbox: Sandbox
+) -> None:
+    # The largest cost of GOOD: (body bytes + 1000) input tokens and 32768 output tokens.
+    largest = (Decimal(len(GOOD) + 1000) * Decimal("1.25") + 32768 * 10) / 10**6
+    user, key = gateway.new_user(str(largest + Decimal("0.1")))
+    first = post(gateway, key, GOOD)
     assert first.status_code == 200
     gateway.usage_row(first.headers["x-request-id"])
-    assert Decimal(gateway.balance(user)) == Decimal("0.1") - Decimal("0.114295")
+    # What is left (largest + 0.1 - 0.114295) no longer covers the largest cost.
+    sandbox.clear()
     second = post(gateway, key, GOOD)
     assert second.status_code == 429
+    assert "largest possible cost" in second.json()["error"]["message"]
+    assert sandbox.requests() == []
+    assert Decimal(gateway.balance(user)) == largest + Decimal("0.1") - Decimal("0.114295")
+
+
+def test_max_output_tokens_bounds_the_hold(gateway: Gateway) -> None:
+    body = b'{"model":"gpt-5.1-codex","input":"hi","max_output_tokens":1000}'
+    largest = (Decimal(len(body) + 1000) * Decimal("1.25") + 1000 * 10) / 10**6
+    _, key = gateway.new_user(str(largest))
+    assert post(gateway, key, body).status_code == 200
 
 
 def test_unknown_route_is_an_openai_shaped_404(gateway: Gateway) -> None:

@@ -79,9 +79,8 @@ async def test_migrating_twice_changes_nothing_the_second_time(empty_database_ur
         await engine.dispose()
 
     assert second == first
-    assert first["alembic_version"] == [
-        (ScriptDirectory.from_config(alembic_config()).get_current_head(),)
-    ]
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert first["alembic_version"] == [(head,)]
     assert first["revision"] == [(1, 1)]
     assert len(first["model_pricings"]) == len(LIST_PRICES)
 
