@@ -7,7 +7,7 @@ from decimal import Decimal
 import click
 
 from codex_gateway import __version__, logs
-from codex_gateway.cli import admin
+from codex_gateway.cli import admin, reconcile
 from codex_gateway.cli.context import settings_or_exit, with_store
 from codex_gateway.store.queries import Store, StoreError
 
@@ -124,6 +124,7 @@ for command in (
     admin.usage,
     admin.explain,
     admin.ledger,
+    reconcile.reconcile_command,
 ):
     cli.add_command(command)
 
