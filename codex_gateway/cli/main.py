@@ -9,7 +9,7 @@ from decimal import Decimal
 import click
 
 from codex_gateway import __version__, logs
-from codex_gateway.cli import admin, operations
+from codex_gateway.cli import admin, operations, reconcile
 from codex_gateway.cli.context import settings_or_exit, with_store
 from codex_gateway.store.queries import Store, StoreError
 
@@ -140,6 +140,7 @@ for command in (
     admin.usage,
     admin.explain,
     admin.ledger,
+    reconcile.reconcile_command,
     operations.migrate,
     operations.config,
     operations.health,

@@ -650,6 +650,20 @@ class Store:
             rows = (await conn.execute(query.limit(limit))).mappings().all()
         return [dict(row) for row in rows]
 
+    async def stream_usage(
+        self, start: datetime | None, end: datetime | None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Usage rows started in [start, end), oldest first, read in chunks, not all at once."""
+        query = _usage_query().order_by(UsageRecord.started_at, UsageRecord.request_id)
+        if start is not None:
+            query = query.where(UsageRecord.started_at >= start)
+        if end is not None:
+            query = query.where(UsageRecord.started_at < end)
+        async with self._read() as conn:
+            result = await conn.stream(query.execution_options(yield_per=1000))
+            async for row in result.mappings():
+                yield dict(row)
+
     async def ledger(self, user_name: str) -> list[dict[str, Any]]:
         query = (
             select(
