@@ -449,17 +449,25 @@ class Store:
 
     # -- leases: admission without a database round trip per request -----------------------
 
-    async def acquire_lease(self, user_id: int, holder: str, amount: Decimal) -> bool:
-        """Set `amount` of the user's unreserved balance aside for `holder`, if it is there."""
+    async def acquire_lease(
+        self, user_id: int, holder: str, needed: Decimal, wanted: Decimal
+    ) -> Decimal:
+        """Set part of the user's unreserved balance aside for `holder`.
+
+        Grants at least `needed` (or nothing, returning 0) and at most `wanted`, never more
+        than half of what is unreserved beyond `needed`, so other processes keep room.
+        """
         async with self.engine.begin() as conn:
             balance, reserved = await self._lock_user(conn, user_id)
-            if MONEY.subtract(balance, reserved) < amount:
-                return False
+            available = MONEY.subtract(balance, reserved)
+            if available < needed or needed <= 0:
+                return ZERO
+            amount = max(needed, min(wanted, MONEY.divide(available, Decimal(2))))
             await conn.execute(
                 update(User).where(User.id == user_id).values(reserved=MONEY.add(reserved, amount))
             )
             await self._add_to_lease(conn, user_id, holder, amount)
-            return True
+            return amount
 
     @staticmethod
     async def _add_to_lease(
