@@ -85,7 +85,12 @@ class Admission:
             if self._take(lease, estimate):
                 return
             shortfall = MONEY.subtract(estimate, MONEY.subtract(lease.leased, lease.held))
-            wanted = max(shortfall, MONEY.multiply(estimate, Decimal(LEASE_REQUESTS)))
+            # Room for LEASE_REQUESTS more like this one, or for twice the load in flight.
+            wanted = max(
+                shortfall,
+                MONEY.multiply(estimate, Decimal(LEASE_REQUESTS)),
+                MONEY.multiply(lease.held, Decimal(2)),
+            )
             granted = await self._acquire(user_id, shortfall, wanted)
             if granted > 0:
                 lease.leased = MONEY.add(lease.leased, granted)
