@@ -10,9 +10,13 @@ from codex_gateway import __version__
 from codex_gateway.billing.settlement import Outcome, bill
 from codex_gateway.catalog import Catalog
 from codex_gateway.config import Settings
+from codex_gateway.relay.estimate import TokenCounter
 from codex_gateway.store.db import create_engine, migrate
 from codex_gateway.store.queries import Store
 from codex_gateway.upstream.client import UpstreamClient
+from codex_gateway.upstream.pool import AccountPool
+from codex_gateway.upstream.router import Router
+from codex_gateway.upstream.stickiness import build_stickiness
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +35,32 @@ class Gateway:
             read_timeout=settings.upstream_read_timeout,
             pool_size=settings.upstream_pool_size,
         )
+        self.pool = AccountPool(
+            self.store, self.catalog.usable_accounts, lambda: self.catalog.revision
+        )
+        self.router = Router(
+            self.client,
+            self.pool,
+            build_stickiness(
+                settings.redis_url, settings.redis_prefix, settings.sticky_ttl_seconds
+            ),
+            settings,
+        )
+        self.tokens = TokenCounter()
         self.sandbox = sandbox
         self._poller: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await migrate(self.engine)
         await self.catalog.refresh()
+        await asyncio.to_thread(self.tokens.load)
         self._poller = asyncio.create_task(self.catalog.poll(self.settings.catalog_refresh_seconds))
 
     async def stop(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
+        await self.pool.drain()
+        await self.router.stickiness.close()
         await self.client.close()
         await self.engine.dispose()
 

@@ -19,6 +19,7 @@ from codex_gateway.errors import ConfigError
 ENV_PREFIX = "CODEX_GATEWAY_"
 DEFAULT_DATABASE_URL = "sqlite:///./data/codex-gateway.db"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DISCONNECT_POLICIES = ("finish", "cancel")
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,18 @@ class Settings:
     max_body_bytes: int = 32 * 1024 * 1024
     catalog_refresh_seconds: float = 1.0
     upstream_connect_timeout: float = 10.0
+    upstream_first_byte_timeout: float = 120.0
     upstream_read_timeout: float = 300.0
+    upstream_total_timeout: float = 3600.0
     upstream_pool_size: int = 512
+    upstream_max_attempts: int = 3
+    upstream_cooldown_seconds: float = 60.0
+    upstream_failure_cooldown_seconds: float = 10.0
+    sticky_ttl_seconds: float = 3600.0
+    redis_url: str = ""
+    redis_prefix: str = "codex-gateway"
+    disconnect_policy: str = "finish"
+    disconnect_finish_seconds: float = 60.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -62,6 +73,27 @@ def _log_format(value: Any) -> str:
     return text
 
 
+def _disconnect_policy(value: Any) -> str:
+    text = str(value).lower()
+    if text not in DISCONNECT_POLICIES:
+        raise ValueError(f"must be one of {', '.join(DISCONNECT_POLICIES)}")
+    return text
+
+
+def _redis_url(value: Any) -> str:
+    text = str(value)
+    if text and not text.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    return text
+
+
+def _prefix(value: Any) -> str:
+    text = str(value)
+    if not text or any(char.isspace() for char in text):
+        raise ValueError("must be a non-empty word without spaces")
+    return text
+
+
 def _database_url(value: Any) -> str:
     text = str(value)
     if not text.startswith(("sqlite:///", "postgresql://", "postgres://")):
@@ -76,8 +108,18 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_body_bytes": _positive_int,
     "catalog_refresh_seconds": _positive_float,
     "upstream_connect_timeout": _positive_float,
+    "upstream_first_byte_timeout": _positive_float,
     "upstream_read_timeout": _positive_float,
+    "upstream_total_timeout": _positive_float,
     "upstream_pool_size": _positive_int,
+    "upstream_max_attempts": _positive_int,
+    "upstream_cooldown_seconds": _positive_float,
+    "upstream_failure_cooldown_seconds": _positive_float,
+    "sticky_ttl_seconds": _positive_float,
+    "redis_url": _redis_url,
+    "redis_prefix": _prefix,
+    "disconnect_policy": _disconnect_policy,
+    "disconnect_finish_seconds": _positive_float,
 }
 
 

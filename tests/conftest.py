@@ -24,7 +24,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
 TRANSCRIPTS = ROOT / "codex_gateway" / "sandbox" / "transcripts"
-PG_ADMIN_URL = os.environ.get("CODEX_GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "CODEX_GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 CLI = [sys.executable, "-m", "codex_gateway"]
 MAX_BODY_BYTES = 1_000_000
 
@@ -53,6 +55,18 @@ def fixture_path(*parts: str) -> Path:
     if shared.exists():
         return shared
     return TRANSCRIPTS / parts[-1]
+
+
+def estimated_counts(input_text: str, events: list[dict[str, Any]]) -> tuple[int, int, int, int]:
+    """What the gateway bills when usage never came: o200k_base tokens of the request's text
+    and of the streamed deltas, as (input, cached, output, reasoning)."""
+    import bpe_openai
+
+    encoding = bpe_openai.get_encoding("o200k_base")
+    deltas = "".join(
+        str(event["delta"]) for event in events if str(event.get("type", "")).endswith(".delta")
+    )
+    return len(encoding.encode(input_text)), 0, len(encoding.encode(deltas)), 0
 
 
 @dataclass
@@ -208,8 +222,16 @@ def gateway(
     gw = make_gateway(request.param, tmp_path_factory)
     try:
         gw.cli(
-            "accounts", "add", "--name", "sandbox", "--kind", "openai",
-            "--base-url", sandbox.base_url, "--api-key", "sk-upstream-secret-0001",
+            "accounts",
+            "add",
+            "--name",
+            "sandbox",
+            "--kind",
+            "openai",
+            "--base-url",
+            sandbox.base_url,
+            "--api-key",
+            "sk-upstream-secret-0001",
         )
         gw.start()
         yield gw

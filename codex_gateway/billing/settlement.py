@@ -27,6 +27,7 @@ from codex_gateway.relay.usage import (
 log = logging.getLogger("codex_gateway.billing")
 
 FLAG_MODEL_MISMATCH = "upstream_model_differs"
+FLAG_ESTIMATED = "estimated"
 FLAG_NEEDS_REVIEW = "needs_review"
 REVIEW_FLAGS = frozenset({FLAG_INVALID, FLAG_CACHED_OVER_INPUT, FLAG_REASONING_OVER_OUTPUT})
 
@@ -56,6 +57,9 @@ class Outcome:
     ttfb_ms: float | None = None
     duration_ms: float = 0.0
     client_bytes: int = 0
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    # The gateway's own count, billed only when the upstream reported no usage.
+    estimate: dict[str, Any] | None = None
 
     def flag(self, name: str) -> None:
         if name not in self.flags:
@@ -64,10 +68,16 @@ class Outcome:
 
 def bill(outcome: Outcome, prices: PriceTable) -> dict[str, Any]:
     """The usage row for `outcome`: raw usage, mapped counts, price snapshot and each term."""
-    mapped = map_usage(outcome.usage) if outcome.usage_reported else NO_USAGE
+    flags = list(outcome.flags)
+    if outcome.usage_reported:
+        mapped = map_usage(outcome.usage)
+    elif outcome.estimate is not None:
+        mapped = map_usage(outcome.estimate)
+        flags.append(FLAG_ESTIMATED)
+    else:
+        mapped = NO_USAGE
     price = _price_for(outcome, prices)
     cost = compute_cost(mapped, price)
-    flags = list(outcome.flags)
     flags.extend(flag for flag in mapped.flags if flag not in flags)
     if any(flag in REVIEW_FLAGS for flag in mapped.flags):
         flags.append(FLAG_NEEDS_REVIEW)
@@ -109,6 +119,7 @@ def bill(outcome: Outcome, prices: PriceTable) -> dict[str, Any]:
         "duration_ms": outcome.duration_ms,
         "ttfb_ms": outcome.ttfb_ms,
         "client_bytes": outcome.client_bytes,
+        "attempts": orjson.dumps(outcome.attempts).decode() if outcome.attempts else None,
     }
 
 
@@ -124,6 +135,8 @@ def _price_for(outcome: Outcome, prices: PriceTable) -> Price:
 def _log_stages(outcome: Outcome, mapped: MappedUsage, price: Price, cost: Cost) -> None:
     extra = {"request_id": outcome.request_id}
     raw = orjson.dumps(outcome.usage).decode() if outcome.usage_reported else "none reported"
+    if not outcome.usage_reported and outcome.estimate is not None:
+        raw += " estimated=" + orjson.dumps(outcome.estimate).decode()
     log.debug(
         "stage=raw status=%s upstream_model=%s usage=%s",
         outcome.status,
@@ -180,9 +193,18 @@ def explain(row: dict[str, Any]) -> str:
         f"status    {row['status']} (HTTP {row['http_status']})"
         + (f"   error: {row['error']}" if row.get("error") else ""),
         f"flags     {', '.join(orjson.loads(row['flags'])) or 'none'}",
+        *_attempt_lines(row.get("attempts")),
         "",
         "1. raw upstream usage",
         f"   {row['raw_usage'] or 'none reported'}",
+        *(
+            [
+                "   counts below are the gateway's estimate (o200k_base tokens of the request"
+                " and of the streamed output)"
+            ]
+            if FLAG_ESTIMATED in orjson.loads(row["flags"]) and not row["raw_usage"]
+            else []
+        ),
         "",
         "2. mapped (cached is part of input, reasoning is part of output)",
         f"   input {row['input_tokens']} = uncached {row['uncached_input_tokens']}"
@@ -198,6 +220,18 @@ def explain(row: dict[str, Any]) -> str:
     ]
     lines.extend(_cost_lines(row))
     return "\n".join(lines)
+
+
+def _attempt_lines(attempts: str | None) -> list[str]:
+    if not attempts:
+        return []
+    lines = ["attempts"]
+    for number, attempt in enumerate(orjson.loads(attempts), 1):
+        error = f" ({attempt['error']})" if attempt.get("error") else ""
+        lines.append(
+            f"   {number}. {attempt['account']}: {attempt['outcome']}{error} {attempt['ms']} ms"
+        )
+    return lines
 
 
 def _cost_lines(row: dict[str, Any]) -> list[str]:

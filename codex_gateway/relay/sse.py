@@ -17,13 +17,33 @@ TERMINAL_TYPES = frozenset(
 )
 _EVENT_LINE = re.compile(rb"^event:[ ]?([^\n]*)$", re.MULTILINE)
 _LEADING_TYPE = re.compile(rb'^data:[ ]?\{\s*"type"\s*:\s*"([^"]+)"', re.MULTILINE)
+# Events whose `delta` is output the client saw; kept (as the bytes already in hand) so an
+# estimate can be made if the stream never reports usage.
+DELTA_TYPES = frozenset(
+    {
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+        "response.custom_tool_call_input.delta",
+        "response.reasoning_summary_text.delta",
+        "response.reasoning_text.delta",
+    }
+)
 _TERMINAL_HINT = re.compile(rb"response\.(?:completed|incomplete|failed)|\"error\"")
 
 
 class StreamScanner:
     """Watches a byte stream of SSE events; `terminal` is set once a terminal event is seen."""
 
-    __slots__ = ("_buffer", "bytes_seen", "created", "events", "terminal", "terminal_type")
+    __slots__ = (
+        "_buffer",
+        "bytes_seen",
+        "created",
+        "deltas",
+        "events",
+        "terminal",
+        "terminal_type",
+    )
 
     def __init__(self) -> None:
         self._buffer = bytearray()
@@ -32,6 +52,7 @@ class StreamScanner:
         self.terminal_type: str | None = None
         self.bytes_seen = 0
         self.created: dict[str, Any] | None = None
+        self.deltas: list[bytes] = []
 
     def feed(self, chunk: bytes) -> None:
         self.bytes_seen += len(chunk)
@@ -69,7 +90,9 @@ class StreamScanner:
                 return
             self._set_terminal(str(name), data)
             return
-        if name in TERMINAL_TYPES:
+        if name in DELTA_TYPES:
+            self.deltas.append(block)
+        elif name in TERMINAL_TYPES:
             self._set_terminal(name, _parse_data(block))
         elif name == "response.created" and self.created is None:
             data = _parse_data(block)

@@ -31,10 +31,14 @@ class UpstreamResponse:
                 yield chunk
         except TimeoutError:
             raise UpstreamTimeout(
-                "The upstream stopped sending before the response ended."
+                "The upstream went silent for longer than the idle timeout before the response "
+                "ended.",
+                kind="timeout_idle",
             ) from None
         except aiohttp.ClientPayloadError as exc:
-            raise UpstreamProtocolError(f"The upstream response was cut off: {exc}.") from None
+            raise UpstreamProtocolError(
+                f"The upstream response was cut off: {exc}.", kind="cut"
+            ) from None
         except aiohttp.ClientError as exc:
             raise UpstreamConnectError(f"The upstream connection failed: {exc}.") from None
 
@@ -73,8 +77,16 @@ class UpstreamClient:
     async def post(self, url: str, headers: Mapping[str, str], body: bytes) -> UpstreamResponse:
         try:
             response = await self._get_session().post(url, data=body, headers=headers)
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamTimeout(
+                "Connecting to the upstream took longer than the connect timeout.",
+                kind="timeout_connect",
+            ) from None
         except TimeoutError:
-            raise UpstreamTimeout("The upstream did not answer in time.") from None
+            raise UpstreamTimeout(
+                "The upstream did not answer within the first-byte timeout.",
+                kind="timeout_first_byte",
+            ) from None
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamConnectError(
                 f"Could not connect to the upstream: {exc.os_error}."
