@@ -32,11 +32,10 @@ class Account:
 
 
 def pool_gateway(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-    env: dict[str, str],
+    backend: str, tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]
 ) -> Iterator[Gateway]:
-    gw = make_gateway(request.param, tmp_path_factory)
+    """A running gateway with no accounts yet, on a fresh database of `backend`."""
+    gw = make_gateway(backend, tmp_path_factory)
     gw.env.update(env)
     try:
         gw.start()

@@ -37,7 +37,7 @@ TEXT_USAGE = (1252, 0, 11273, 10944)
 def gateway(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
-    yield from pool_gateway(request, tmp_path_factory, FAULT_TIMEOUTS)
+    yield from pool_gateway(request.param, tmp_path_factory, FAULT_TIMEOUTS)
 
 
 # fault on the first account -> (attempt error kind, the account's state afterwards)
