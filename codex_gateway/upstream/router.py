@@ -137,21 +137,29 @@ class Router:
     async def _attempt(
         self, lease: Lease, path: str, body: bytes, headers: dict[str, str], deadline: float
     ) -> Answer:
+        """One try: the first-byte timeout covers the answer's head and a stream's first
+        chunk; a whole JSON body, written only once the work is done, has until the deadline."""
         first_byte = self._settings.upstream_first_byte_timeout
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise total_timeout()
         url = lease.account.base_url + path
+        waiting_for_first_byte = remaining > first_byte
         try:
-            async with asyncio.timeout(min(first_byte, remaining)):
+            async with asyncio.timeout(min(first_byte, remaining)) as limit:
                 response = await self._client.post(url, headers, body)
                 try:
-                    return await _first(lease, response)
+                    if response.status == 200 and response.content_type == "text/event-stream":
+                        return await _first_of_stream(lease, response)
+                    waiting_for_first_byte = False
+                    loop = asyncio.get_running_loop()
+                    limit.reschedule(loop.time() + deadline - time.monotonic())
+                    return await _whole(lease, response)
                 except BaseException:
                     response.close()
                     raise
         except TimeoutError:
-            if remaining < first_byte:
+            if not waiting_for_first_byte:
                 raise total_timeout() from None
             raise UpstreamTimeout(
                 f"The upstream sent nothing within the first-byte timeout ({first_byte:g} s).",
@@ -203,13 +211,15 @@ class Router:
         return type(last)(message, code=last.code, kind=last.kind)
 
 
-async def _first(lease: Lease, response: UpstreamResponse) -> Answer:
-    """Read up to the first chunk of a stream, or the whole body of anything else."""
+async def _first_of_stream(lease: Lease, response: UpstreamResponse) -> Answer:
+    rest = response.chunks()
+    first = await _first_chunk(rest)
+    return Answer(lease, response, first, rest)
+
+
+async def _whole(lease: Lease, response: UpstreamResponse) -> Answer:
+    """A whole body; statuses that are about the account raise so the next one is tried."""
     status = response.status
-    if status == 200 and response.content_type == "text/event-stream":
-        rest = response.chunks()
-        first = await _first_chunk(rest)
-        return Answer(lease, response, first, rest)
     body = await response.read()
     if status in (401, 403, 429) or status >= 500:
         response.release()
