@@ -223,6 +223,10 @@ async def _relay_stream(
         for handle in stop_later:
             handle.cancel()
     _take_terminal(scanner, outcome)
+    if failure is not None and scanner.terminal is not None:
+        # The final event arrived before the connection broke: the response is whole.
+        outcome.flag(failure.kind)
+        failure = None
     if exchange.disconnected:
         _client_left(outcome, scanner)
     elif failure is not None:

@@ -58,7 +58,7 @@ class StreamScanner:
         self.bytes_seen += len(chunk)
         buffer = self._buffer
         buffer += chunk
-        if b"\r" in chunk:
+        if b"\r" in buffer:  # a CRLF may be split across chunks
             buffer[:] = buffer.replace(b"\r\n", b"\n")
         start = 0
         while True:

@@ -142,19 +142,19 @@ def test_no_usable_account_is_a_503_that_says_why(gateway: Gateway, sandbox: San
     assert stream_events(gateway, key, BODY)[0].status_code == 200
 
 
-# fault after some events -> (row flag for the failure, events the client gets first)
+# fault after some events -> (row flag, error event code, events the client gets first)
 AFTER_FIRST_BYTE = [
     # the upstream goes silent, or drops the connection, part way through
-    ("hang-middle:8", "timeout_idle", 8),
-    ("cut-after:8", "cut", 8),
+    ("hang-middle:8", "timeout_idle", "upstream_timeout", 8),
+    ("cut-after:8", "cut", "upstream_protocol_error", 8),
     # a drip slower than the total time limit allows
-    ("drip:300", "timeout_total", None),
+    ("drip:300", "timeout_total", "upstream_timeout", None),
 ]
 
 
-@pytest.mark.parametrize(("fault", "flag", "delivered"), AFTER_FIRST_BYTE)
+@pytest.mark.parametrize(("fault", "flag", "code", "delivered"), AFTER_FIRST_BYTE)
 def test_failure_after_the_first_byte_is_an_error_event_and_an_estimated_bill(
-    gateway: Gateway, sandbox: Sandbox, fault: str, flag: str, delivered: int | None
+    gateway: Gateway, sandbox: Sandbox, fault: str, flag: str, code: str, delivered: int | None
 ) -> None:
     failing, spare = fresh_accounts(gateway, sandbox, [{"priority": 1}, {"priority": 2}])
     set_fault(sandbox, failing, fault)
@@ -167,7 +167,7 @@ def test_failure_after_the_first_byte_is_an_error_event_and_an_estimated_bill(
         assert len(relayed) == delivered
     assert relayed == transcript_events("responses-text")[: len(relayed)]
     assert last["type"] == "error"
-    assert last["code"] == "upstream_timeout" if flag.startswith("timeout") else last["code"]
+    assert last["code"] == code
     # Never retried: the spare account never saw the request, so no output was duplicated.
     assert served_by(sandbox, [failing, spare]) == [failing.name]
     row = gateway.usage_row(response.headers["x-request-id"])
@@ -186,3 +186,14 @@ def assert_counts(row: dict[str, Any], counts: tuple[int, int, int, int]) -> Non
         row["output_tokens"],
         row["reasoning_tokens"],
     ) == counts
+
+
+def test_a_slow_drip_within_the_limits_is_relayed_whole(gateway: Gateway, sandbox: Sandbox) -> None:
+    (slow,) = fresh_accounts(gateway, sandbox, [{}])
+    set_fault(sandbox, slow, "drip:100")  # gaps well under the idle limit, total under 4 s
+    _, key = gateway.new_user("10")
+    response, events = stream_events(gateway, key, BODY)
+    assert events == transcript_events("responses-text")
+    row = gateway.usage_row(response.headers["x-request-id"])
+    assert row["status"] == "completed"
+    assert Decimal(row["cost_usd"]) == expected_cost(TEXT_USAGE)
