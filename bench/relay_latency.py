@@ -1,7 +1,7 @@
 """Time-to-first-byte and total time of streamed requests, direct to the sandbox and through
 a gateway with a pool of accounts (one of them refusing connections, the first in line).
 
-    .venv/bin/python bench/relay_latency.py [--requests 300]
+    .venv/bin/python bench/relay_latency.py [--requests 300] [--healthy-only]
 
 Starts a sandbox and a gateway on loopback (SQLite in a temporary directory), sends the
 requests one after another, prints medians and p95 in milliseconds, and stops both.
@@ -48,6 +48,9 @@ def report(name: str, samples: list[tuple[float, float]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument(
+        "--healthy-only", action="store_true", help="Leave out the refusing account."
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="cg-bench-"))
     env = dict(os.environ, CODEX_GATEWAY_DATABASE_URL=f"sqlite:///{workdir}/gw.db")
@@ -56,11 +59,10 @@ def main() -> None:
     try:
         sandbox = f"http://127.0.0.1:{sandbox_port}"
         wait_http(sandbox + "/sandbox/requests")
-        for name, base, priority in (
-            ("refused", f"http://127.0.0.1:{free_port()}/v1", "1"),
-            ("a", sandbox + "/v1", "2"),
-            ("b", sandbox + "/v1", "2"),
-        ):
+        accounts = [("a", sandbox + "/v1", "2"), ("b", sandbox + "/v1", "2")]
+        if not args.healthy_only:
+            accounts.insert(0, ("refused", f"http://127.0.0.1:{free_port()}/v1", "1"))
+        for name, base, priority in accounts:
             subprocess.run(
                 [
                     *CLI,
@@ -109,7 +111,7 @@ def main() -> None:
             for name, url, headers in (
                 ("sandbox direct", sandbox + "/v1/responses", {}),
                 (
-                    "gateway (pool of 3)",
+                    f"gateway ({len(accounts)} accounts)",
                     gateway + "/v1/responses",
                     {"Authorization": f"Bearer {key}"},
                 ),

@@ -12,7 +12,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Gateway, Sandbox, _drop_pg_database, free_port, make_gateway
+from tests.conftest import (
+    Gateway,
+    Sandbox,
+    _drop_pg_database,
+    free_port,
+    make_gateway,
+    spawn,
+    wait_http,
+)
 
 # Tight limits so every fault shows within a second or two.
 FAULT_TIMEOUTS = {
@@ -104,3 +112,13 @@ def stream_events(
         if data:
             events.append(json.loads("\n".join(data)))
     return response, events
+
+
+def start_second_process(gateway: Gateway) -> str:
+    """Another gateway process on the same database and settings; its URL."""
+    port = free_port()
+    proc = spawn(["serve", "--port", str(port)], gateway.env, gateway.workdir / f"gw-{port}.log")
+    gateway.extra_procs.append(proc)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/healthz")
+    return url

@@ -25,6 +25,7 @@ from tests.upstream.pool_helpers import (
     pool_gateway,
     served_by,
     set_fault,
+    start_second_process,
     stream_events,
 )
 
@@ -197,3 +198,21 @@ def test_a_slow_drip_within_the_limits_is_relayed_whole(gateway: Gateway, sandbo
     row = gateway.usage_row(response.headers["x-request-id"])
     assert row["status"] == "completed"
     assert Decimal(row["cost_usd"]) == expected_cost(TEXT_USAGE)
+
+
+def test_a_mark_made_by_one_process_is_honoured_by_another(
+    gateway: Gateway, sandbox: Sandbox
+) -> None:
+    limited, healthy = fresh_accounts(gateway, sandbox, [{"priority": 1}, {"priority": 2}])
+    set_fault(sandbox, limited, "429")
+    _, key = gateway.new_user("10")
+    second = start_second_process(gateway)
+    sandbox.clear()
+    assert stream_events(gateway, key, BODY)[0].status_code == 200
+    time.sleep(0.8)  # one catalog poll carries the mark to the other process
+    first_url, gateway.url = gateway.url, second
+    try:
+        assert stream_events(gateway, key, BODY)[0].status_code == 200
+    finally:
+        gateway.url = first_url
+    assert served_by(sandbox, [limited, healthy]) == [limited.name, healthy.name, healthy.name]

@@ -19,13 +19,14 @@ from codex_gateway.upstream.stickiness import (
     Stickiness,
     conversation_key,
 )
-from tests.conftest import Gateway, Proc, Sandbox, free_port, spawn, wait_http
+from tests.conftest import Gateway, Sandbox, free_port
 from tests.upstream.pool_helpers import (
     FAULT_TIMEOUTS,
     fresh_accounts,
     pool_gateway,
     served_by,
     set_fault,
+    start_second_process,
     stream_events,
 )
 
@@ -169,13 +170,3 @@ def test_two_gateway_processes_sharing_redis_agree_on_the_account(
     served = served_by(sandbox, accounts)
     assert served[0] != served[1]
     assert served[1:] == [served[1]] * 5
-
-
-def start_second_process(gateway: Gateway) -> str:
-    port = free_port()
-    log = gateway.workdir / f"gateway-{port}.log"
-    proc: Proc = spawn(["serve", "--port", str(port)], gateway.env, log)
-    gateway.extra_procs.append(proc)
-    url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/healthz")
-    return url
