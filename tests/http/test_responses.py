@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -50,7 +51,21 @@ def transcript_events(name: str) -> list[dict[str, Any]]:
 
 
 def sdk(gateway: Gateway, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30)
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30)
+    _open_clients.append(client)
+    return client
+
+
+# SDK clients keep pooled connections; each test closes its own, so none is left to the
+# garbage collector (whose ResourceWarning would fail an unrelated later test).
+_open_clients: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_sdk_clients() -> Iterator[None]:
+    yield
+    while _open_clients:
+        _open_clients.pop().close()
 
 
 def assert_billed(
