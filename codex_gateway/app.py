@@ -19,9 +19,13 @@ from codex_gateway.catalog import Catalog
 from codex_gateway.config import Settings
 from codex_gateway.metrics import Metrics
 from codex_gateway.readiness import Readiness
+from codex_gateway.relay.estimate import TokenCounter
 from codex_gateway.store.db import create_engine, migrate, schema_state
 from codex_gateway.store.queries import Store
 from codex_gateway.upstream.client import UpstreamClient
+from codex_gateway.upstream.pool import AccountPool
+from codex_gateway.upstream.router import Router
+from codex_gateway.upstream.stickiness import build_stickiness
 from codex_gateway.version import build_info
 
 log = logging.getLogger(__name__)
@@ -48,8 +52,21 @@ class Gateway:
             read_timeout=settings.upstream_read_timeout,
             pool_size=settings.upstream_pool_size,
         )
-        self.sandbox = sandbox
+        self.pool = AccountPool(
+            self.store, self.catalog.usable_accounts, lambda: self.catalog.revision
+        )
         self.metrics = Metrics()
+        self.router = Router(
+            self.client,
+            self.pool,
+            build_stickiness(
+                settings.redis_url or "", settings.redis_prefix, settings.sticky_ttl_seconds
+            ),
+            settings,
+            self.metrics,
+        )
+        self.tokens = TokenCounter()
+        self.sandbox = sandbox
         self.spool = Spool(Path(settings.spool_path))
         self.settler = Settler(
             self.store, self.admission.holder, self.admission.settled, self._spool
@@ -70,6 +87,7 @@ class Gateway:
             await migrate(self.engine)
         await self.spool.replay(self.store.settle)
         await self.catalog.refresh()
+        await asyncio.to_thread(self.tokens.load)
         self.settler.start()
         self._tasks = [
             asyncio.create_task(self.catalog.poll(self.settings.catalog_refresh_seconds)),
@@ -82,6 +100,8 @@ class Gateway:
         await self._relays_done()
         await self.settler.drain()
         await self.admission.close()
+        await self.pool.drain()
+        await self.router.stickiness.close()
         await self.readiness.close()
         await self.client.close()
         await self.engine.dispose()

@@ -23,6 +23,7 @@ DEFAULT_DATABASE_URL = "sqlite:///./data/codex-gateway.db"
 DEFAULT_SPOOL_PATH = "./data/unsettled-usage.jsonl"
 MIN_ADMIN_TOKEN_LENGTH = 16
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DISCONNECT_POLICIES = ("finish", "cancel")
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,9 @@ class Settings:
     max_body_bytes: int = 32 * 1024 * 1024
     catalog_refresh_seconds: float = 1.0
     upstream_connect_timeout: float = 10.0
+    upstream_first_byte_timeout: float = 120.0
     upstream_read_timeout: float = 300.0
+    upstream_total_timeout: float = 3600.0
     upstream_pool_size: int = 512
     hold_output_tokens: int = 32_768
     lease_ttl_seconds: float = 60.0
@@ -44,6 +47,13 @@ class Settings:
     log_levels: tuple[tuple[str, str], ...] = ()
     shutdown_grace_seconds: float = 30.0
     spool_path: str = DEFAULT_SPOOL_PATH
+    upstream_max_attempts: int = 3
+    upstream_cooldown_seconds: float = 60.0
+    upstream_failure_cooldown_seconds: float = 10.0
+    sticky_ttl_seconds: float = 3600.0
+    redis_prefix: str = "codex-gateway"
+    disconnect_policy: str = "finish"
+    disconnect_finish_seconds: float = 60.0
 
 
 def _positive_int(value: Any) -> int:
@@ -75,6 +85,20 @@ def _log_format(value: Any) -> str:
     text = str(value).lower()
     if text not in ("plain", "json"):
         raise ValueError("must be plain or json")
+    return text
+
+
+def _disconnect_policy(value: Any) -> str:
+    text = str(value).lower()
+    if text not in DISCONNECT_POLICIES:
+        raise ValueError(f"must be one of {', '.join(DISCONNECT_POLICIES)}")
+    return text
+
+
+def _prefix(value: Any) -> str:
+    text = str(value)
+    if not text or any(char.isspace() for char in text):
+        raise ValueError("must be a non-empty word without spaces")
     return text
 
 
@@ -130,7 +154,9 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_body_bytes": _positive_int,
     "catalog_refresh_seconds": _positive_float,
     "upstream_connect_timeout": _positive_float,
+    "upstream_first_byte_timeout": _positive_float,
     "upstream_read_timeout": _positive_float,
+    "upstream_total_timeout": _positive_float,
     "upstream_pool_size": _positive_int,
     "hold_output_tokens": _positive_int,
     "lease_ttl_seconds": _positive_float,
@@ -141,6 +167,13 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "log_levels": _log_levels,
     "shutdown_grace_seconds": _positive_float,
     "spool_path": _path,
+    "upstream_max_attempts": _positive_int,
+    "upstream_cooldown_seconds": _positive_float,
+    "upstream_failure_cooldown_seconds": _positive_float,
+    "sticky_ttl_seconds": _positive_float,
+    "redis_prefix": _prefix,
+    "disconnect_policy": _disconnect_policy,
+    "disconnect_finish_seconds": _positive_float,
 }
 SECRET_SETTINGS = frozenset({"admin_token"})
 # URLs that may carry a password, shown with it masked.

@@ -110,33 +110,54 @@ class StorageUnavailable(GatewayError):
 
 
 class UpstreamError(GatewayError):
+    """`kind` is the short name an attempt and a usage row record (`http_500`, `timeout_idle`)."""
+
     status = 502
     type = "upstream_error"
+    kind = "upstream_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str | None = None,
+        detail: str | None = None,
+    ):
+        super().__init__(message, param=param, code=code, detail=detail)
+        if kind is not None:
+            self.kind = kind
 
 
 class NoAccountAvailable(UpstreamError):
     status = 503
     code = "no_upstream_account"
+    kind = "no_account"
 
 
 class UpstreamConnectError(UpstreamError):
     status = 502
     code = "upstream_connect_error"
+    kind = "connect"
 
 
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
+    kind = "timeout"
 
 
 class UpstreamStatusError(UpstreamError):
     status = 502
     code = "upstream_status_error"
+    kind = "http_error"
 
 
 class UpstreamProtocolError(UpstreamError):
     status = 502
     code = "upstream_protocol_error"
+    kind = "protocol"
 
 
 class ConfigError(Exception):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -128,8 +129,12 @@ class Metrics:
             self.ttfb.labels(model).observe(row["ttfb_ms"] / 1000)
         if overhead_ms is not None:
             self.overhead.observe(overhead_ms / 1000)
-        if row["status"] == "upstream_error":
+        if "stream_interrupted" in row["flags"]:
+            # Failures before the first byte are counted per attempt by upstream_failed.
             self.upstream_errors.labels(account or "-", _error_kind(row["flags"])).inc()
+
+    def upstream_failed(self, account: str, kind: str) -> None:
+        self.upstream_errors.labels(account, kind).inc()
 
     def upstream_answered(self, account: str, headers: Mapping[str, str]) -> None:
         """Record the rate-limit windows an upstream announces in its response headers."""
@@ -156,9 +161,8 @@ def _number(text: str | None) -> float | None:
 
 
 def _error_kind(flags: str) -> str:
-    """The first upstream flag on the row (`upstream_timeout`, `upstream_http_429`, ...)."""
-    for name in flags.strip("[]").split(","):
-        name = name.strip().strip('"')
-        if name.startswith("upstream_"):
-            return name
-    return "upstream_error"
+    """The kind of a failure after the first byte: the flag set just before
+    `stream_interrupted` (`cut`, `timeout_idle`, ...)."""
+    names = orjson.loads(flags)
+    position = names.index("stream_interrupted")
+    return str(names[position - 1]) if position > 0 else "upstream_error"

@@ -56,6 +56,18 @@ def fixture_path(*parts: str) -> Path:
     return FIXTURES.joinpath(*parts)
 
 
+def estimated_counts(input_text: str, events: list[dict[str, Any]]) -> tuple[int, int, int, int]:
+    """What the gateway bills when usage never came: o200k_base tokens of the request's text
+    and of the streamed deltas, as (input, cached, output, reasoning)."""
+    import bpe_openai
+
+    encoding = bpe_openai.get_encoding("o200k_base")
+    deltas = "".join(
+        str(event["delta"]) for event in events if str(event.get("type", "")).endswith(".delta")
+    )
+    return len(encoding.encode(input_text)), 0, len(encoding.encode(deltas)), 0
+
+
 @dataclass
 class Proc:
     popen: subprocess.Popen[bytes]

@@ -44,22 +44,34 @@ def test_a_settled_row_adds_its_tokens_cost_and_first_byte_time() -> None:
 @pytest.mark.parametrize(
     ("flags", "kind"),
     [
-        # the relay's own failure codes
-        ('["upstream_timeout","stream_interrupted"]', "upstream_timeout"),
-        ('["messages_converted","upstream_connect_error"]', "upstream_connect_error"),
-        # an upstream HTTP status the client must not see
-        ('["upstream_http_429"]', "upstream_http_429"),
-        # nothing more specific
-        ("[]", "upstream_error"),
+        # a failure after the first byte: the kind recorded just before the interruption
+        ('["cut","stream_interrupted"]', "cut"),
+        ('["messages_converted","timeout_idle","stream_interrupted"]', "timeout_idle"),
     ],
 )
-def test_upstream_errors_count_by_account_and_kind(flags: str, kind: str) -> None:
+def test_failures_after_the_first_byte_count_when_settled(flags: str, kind: str) -> None:
     metrics = Metrics()
     row = usage_row("req_a") | {"status": "upstream_error", "flags": flags}
 
     metrics.settled(row, "main", overhead_ms=None)
 
     assert value(metrics, "codex_gateway_upstream_errors_total", account="main", kind=kind) == 1
+
+
+def test_failures_before_the_first_byte_count_per_attempt_not_again_when_settled() -> None:
+    metrics = Metrics()
+    metrics.upstream_failed("main", "http_429")
+    metrics.upstream_failed("spare", "connect")
+    row = usage_row("req_a") | {"status": "upstream_error", "flags": '["http_429"]'}
+
+    metrics.settled(row, "main", overhead_ms=None)
+
+    assert (
+        value(metrics, "codex_gateway_upstream_errors_total", account="main", kind="http_429") == 1
+    )
+    assert (
+        value(metrics, "codex_gateway_upstream_errors_total", account="spare", kind="connect") == 1
+    )
 
 
 def test_quota_windows_come_from_the_upstream_headers() -> None:

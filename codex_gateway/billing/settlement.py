@@ -28,6 +28,7 @@ from codex_gateway.relay.usage import (
 log = logging.getLogger("codex_gateway.billing")
 
 FLAG_MODEL_MISMATCH = "upstream_model_differs"
+FLAG_ESTIMATED = "estimated"
 FLAG_NEEDS_REVIEW = "needs_review"
 FLAG_TRUNCATED = "upstream_field_truncated"
 MAX_TEXT = 200
@@ -63,6 +64,9 @@ class Outcome:
     duration_ms: float = 0.0
     client_bytes: int = 0
     hold: Decimal = Decimal(0)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    # The gateway's own count, billed only when the upstream reported no usage.
+    estimate: dict[str, Any] | None = None
 
     def flag(self, name: str) -> None:
         if name not in self.flags:
@@ -74,10 +78,16 @@ def bill(outcome: Outcome, prices: PriceTable, trace: bool = False) -> dict[str,
 
     The four stages are logged at DEBUG, or at INFO when `trace` is on for this request.
     """
-    mapped = map_usage(outcome.usage) if outcome.usage_reported else NO_USAGE
+    flags = list(outcome.flags)
+    if outcome.usage_reported:
+        mapped = map_usage(outcome.usage)
+    elif outcome.estimate is not None:
+        mapped = map_usage(outcome.estimate)
+        flags.append(FLAG_ESTIMATED)
+    else:
+        mapped = NO_USAGE
     price = _price_for(outcome, prices)
     cost = compute_cost(mapped, price)
-    flags = list(outcome.flags)
     flags.extend(flag for flag in mapped.flags if flag not in flags)
     if any(flag in REVIEW_FLAGS for flag in mapped.flags):
         flags.append(FLAG_NEEDS_REVIEW)
@@ -122,6 +132,7 @@ def bill(outcome: Outcome, prices: PriceTable, trace: bool = False) -> dict[str,
         "duration_ms": outcome.duration_ms,
         "ttfb_ms": outcome.ttfb_ms,
         "client_bytes": outcome.client_bytes,
+        "attempts": orjson.dumps(outcome.attempts).decode() if outcome.attempts else None,
     }
 
 
@@ -153,6 +164,8 @@ def _log_stages(
 ) -> None:
     extra = {"request_id": outcome.request_id}
     raw = orjson.dumps(outcome.usage).decode() if outcome.usage_reported else "none reported"
+    if not outcome.usage_reported and outcome.estimate is not None:
+        raw += " estimated=" + orjson.dumps(outcome.estimate).decode()
     log.log(
         level,
         "stage=raw status=%s upstream_model=%s usage=%s",
@@ -213,9 +226,18 @@ def explain(row: dict[str, Any]) -> str:
         f"status    {row['status']} (HTTP {row['http_status']})"
         + (f"   error: {row['error']}" if row.get("error") else ""),
         f"flags     {', '.join(orjson.loads(row['flags'])) or 'none'}",
+        *_attempt_lines(row.get("attempts")),
         "",
         "1. raw upstream usage",
         f"   {row['raw_usage'] or 'none reported'}",
+        *(
+            [
+                "   counts below are the gateway's estimate (o200k_base tokens of the request"
+                " and of the streamed output)"
+            ]
+            if FLAG_ESTIMATED in orjson.loads(row["flags"]) and not row["raw_usage"]
+            else []
+        ),
         "",
         "2. mapped (cached is part of input, reasoning is part of output)",
         f"   input {row['input_tokens']} = uncached {row['uncached_input_tokens']}"
@@ -231,6 +253,18 @@ def explain(row: dict[str, Any]) -> str:
     ]
     lines.extend(_cost_lines(row))
     return "\n".join(lines)
+
+
+def _attempt_lines(attempts: str | None) -> list[str]:
+    if not attempts:
+        return []
+    lines = ["attempts"]
+    for number, attempt in enumerate(orjson.loads(attempts), 1):
+        error = f" ({attempt['error']})" if attempt.get("error") else ""
+        lines.append(
+            f"   {number}. {attempt['account']}: {attempt['outcome']}{error} {attempt['ms']} ms"
+        )
+    return lines
 
 
 def _cost_lines(row: dict[str, Any]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -11,7 +12,8 @@ import orjson
 from codex_gateway.billing.pricing import Price, parse_amount, per_million, plain
 from codex_gateway.billing.settlement import explain as explain_row
 from codex_gateway.cli.context import dump_json, table, with_store
-from codex_gateway.store.queries import Store
+from codex_gateway.store.queries import AccountRecord, Store
+from codex_gateway.upstream.pool import READY, TIMED_STATES
 
 ACCOUNT_KINDS = ("openai",)
 
@@ -138,35 +140,84 @@ def accounts() -> None:
 )
 @click.option("--api-key", required=True, help="The upstream API key.")
 @click.option("--priority", type=int, default=100, show_default=True, help="Lower goes first.")
-def accounts_add(name: str, kind: str, base_url: str, api_key: str, priority: int) -> None:
+@click.option(
+    "--max-concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Most requests in flight at once per gateway process (default: no cap).",
+)
+@click.option(
+    "--weight",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Share of traffic among accounts of the same priority.",
+)
+def accounts_add(
+    name: str,
+    kind: str,
+    base_url: str,
+    api_key: str,
+    priority: int,
+    max_concurrency: int | None,
+    weight: int,
+) -> None:
     """Add an upstream account."""
     if not base_url.startswith(("http://", "https://")):
         raise click.BadParameter("must start with http:// or https://", param_hint="--base-url")
-    with_store(lambda store: store.add_account(name, kind, base_url, api_key, priority))
+    with_store(
+        lambda store: store.add_account(
+            name,
+            kind,
+            base_url,
+            api_key,
+            priority,
+            max_concurrency=max_concurrency,
+            weight=weight,
+        )
+    )
     click.echo(f"added {kind} account {name} -> {base_url.rstrip('/')}/responses")
 
 
 @accounts.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def accounts_list(as_json: bool) -> None:
-    """List upstream accounts (keys are never shown)."""
+    """List upstream accounts with their state and why (keys are never shown)."""
     records = with_store(lambda store: store.accounts())
-    rows = [
-        {
-            "id": a.id,
-            "name": a.name,
-            "kind": a.kind,
-            "base_url": a.base_url,
-            "priority": a.priority,
-            "enabled": a.enabled,
-            "state": "ready" if a.enabled else "disabled",
-        }
-        for a in records
-    ]
+    rows = [_account_row(record, datetime.now(UTC)) for record in records]
     if as_json:
         click.echo(dump_json(rows))
         return
-    click.echo(table(rows, ["id", "name", "kind", "base_url", "priority", "state"]))
+    click.echo(
+        table(
+            rows,
+            ["id", "name", "base_url", "priority", "weight", "max_concurrency", "state", "why"],
+        )
+    )
+
+
+def _account_row(account: AccountRecord, now: datetime) -> dict[str, Any]:
+    """An account as listed: a timed state whose time is up shows as ready."""
+    state, why, until = account.state, account.state_reason, account.state_until
+    if until is not None and until.tzinfo is None:
+        until = until.replace(tzinfo=UTC)
+    if not account.enabled:
+        state, why, until = "disabled", "disabled by the operator", None
+    elif state in TIMED_STATES and (until is None or until <= now):
+        state, why, until = READY, None, None
+    return {
+        "id": account.id,
+        "name": account.name,
+        "kind": account.kind,
+        "base_url": account.base_url,
+        "priority": account.priority,
+        "weight": account.weight,
+        "max_concurrency": account.max_concurrency,
+        "enabled": account.enabled,
+        "state": state,
+        "why": why,
+        "until": until.isoformat() if until else None,
+    }
 
 
 @accounts.command("disable")
@@ -180,7 +231,7 @@ def accounts_disable(name: str) -> None:
 @accounts.command("enable")
 @click.argument("name")
 def accounts_enable(name: str) -> None:
-    """Put an account back into rotation."""
+    """Put an account back into rotation, clearing any health mark (e.g. after re-login)."""
     with_store(lambda store: store.set_account_enabled(name, True))
     click.echo(f"enabled account {name}")
 
@@ -297,6 +348,7 @@ def _usage_json(row: dict[str, Any]) -> dict[str, Any]:
     out = dict(row)
     out["flags"] = orjson.loads(row["flags"])
     out["raw_usage"] = orjson.loads(row["raw_usage"]) if row["raw_usage"] else None
+    out["attempts"] = orjson.loads(row["attempts"]) if row.get("attempts") else []
     for name, value in row.items():
         if isinstance(value, Decimal):
             out[name] = plain(value)

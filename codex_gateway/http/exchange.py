@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -28,7 +29,9 @@ class Exchange:
 
     __slots__ = (
         "_send",
+        "_watcher",
         "bytes_sent",
+        "disconnected",
         "finished",
         "headers",
         "key_display",
@@ -57,6 +60,8 @@ class Exchange:
         }
         self.model: str | None = None
         self.key_display: str | None = None
+        self.disconnected = False
+        self._watcher: asyncio.Task[None] | None = None
 
     @property
     def method(self) -> str:
@@ -82,6 +87,26 @@ class Exchange:
                 break
         return bytes(chunks)
 
+    def watch_disconnect(self, on_disconnect: Callable[[], None]) -> None:
+        """Notice the client leaving while a response streams (the body must be read first).
+
+        The server's `send` returns quietly once the client is gone, so only `receive` tells.
+        """
+
+        async def watch() -> None:
+            while (await self.receive())["type"] != "http.disconnect":
+                pass
+            if self.finished is None:
+                self.disconnected = True
+                on_disconnect()
+
+        self._watcher = asyncio.get_running_loop().create_task(watch())
+
+    def stop_watching(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status
         self.response_started = True
@@ -90,10 +115,11 @@ class Exchange:
 
     async def write(self, chunk: bytes, more: bool = True) -> None:
         self.bytes_sent += len(chunk)
-        await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
         if not more:
-            # When the client had the last byte; the bill is written after this.
+            # When the client got the last byte (set first, so that a client closing the
+            # connection right after it is not taken for one that left early).
             self.finished = time.perf_counter()
+        await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
 
     async def send_json(self, status: int, payload: Any) -> None:
         body = payload if isinstance(payload, bytes) else orjson.dumps(payload)

@@ -1,11 +1,15 @@
 """POST /v1/responses: admit, relay to an upstream account, and settle the bill.
 
-The upstream's stream is forwarded chunk by chunk as it arrives; the scanner only watches it
-for the terminal event. The usage row is written after the client has the last byte.
+The router picks the account and fails over until the first byte; from then on the
+upstream's stream is forwarded chunk by chunk as it arrives, and the scanner only watches it
+for the terminal event. A stream that fails or ends early gets an `error` event, never a
+silent end. Exactly one usage row is written per request, after the client has the last byte
+(or has gone).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import UTC, datetime
@@ -20,17 +24,16 @@ from codex_gateway.billing.settlement import Outcome
 from codex_gateway.errors import (
     AuthenticationError,
     ModelNotFound,
-    NoAccountAvailable,
     UpstreamError,
     UpstreamProtocolError,
-    UpstreamStatusError,
 )
 from codex_gateway.http.exchange import Exchange
 from codex_gateway.relay.shaping import ResponsesRequest, parse_responses_request
 from codex_gateway.relay.sse import StreamScanner, error_event
 from codex_gateway.relay.usage import response_id_of, upstream_model_of, usage_from_terminal
 from codex_gateway.store.queries import AccountRecord, KeyRecord, hash_key
-from codex_gateway.upstream.client import UpstreamResponse
+from codex_gateway.upstream.router import Answer, Attempt, total_timeout
+from codex_gateway.upstream.stickiness import conversation_key
 
 if TYPE_CHECKING:
     from codex_gateway.app import Gateway
@@ -76,13 +79,12 @@ _TERMINAL_STATUS = {
     "response.failed": "failed",
     "error": "error",
 }
+_JSON_STATUS = {"completed": "completed", "incomplete": "incomplete", "failed": "failed"}
 _STREAM_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-_JSON_STATUS = {"completed": "completed", "incomplete": "incomplete", "failed": "failed"}
-MAX_UPSTREAM_BODY = 64 * 1024 * 1024
 MISSING_TERMINAL_MESSAGE = (
     "The upstream stream ended before its final event, so this response is incomplete."
 )
@@ -136,13 +138,6 @@ async def hold(
     return estimate
 
 
-def choose_account(gateway: Gateway) -> AccountRecord:
-    accounts = gateway.catalog.usable_accounts()
-    if not accounts:
-        raise NoAccountAvailable("No upstream account is available to serve this request.")
-    return accounts[0]
-
-
 def upstream_headers(exchange: Exchange, account: AccountRecord) -> dict[str, str]:
     headers = {
         name: value for name, value in exchange.headers.items() if name not in _DROPPED_HEADERS
@@ -157,7 +152,6 @@ async def relay_responses(gateway: Gateway, exchange: Exchange) -> None:
     request = parse_responses_request(await exchange.body(gateway.settings.max_body_bytes))
     exchange.model = request.model
     price = price_of(gateway, request)
-    account = choose_account(gateway)
     held = await hold(gateway, key, request, price)
     outcome = Outcome(
         request_id=exchange.request_id,
@@ -169,13 +163,12 @@ async def relay_responses(gateway: Gateway, exchange: Exchange) -> None:
         price=price,
         user_id=key.user_id,
         key_id=key.id,
-        account_id=account.id,
         hold=held,
     )
     if request.converted_messages:
         outcome.flag("messages_converted")
     try:
-        await _relay(gateway, exchange, account, request, outcome)
+        await _relay(gateway, exchange, key, request, outcome)
     except UpstreamError:
         raise
     except BaseException:
@@ -184,6 +177,7 @@ async def relay_responses(gateway: Gateway, exchange: Exchange) -> None:
         outcome.flag("gateway_error")
         raise
     finally:
+        exchange.stop_watching()
         outcome.client_bytes = exchange.bytes_sent
         outcome.http_status = exchange.status or outcome.http_status
         outcome.duration_ms = (time.perf_counter() - outcome.started) * 1000
@@ -193,74 +187,131 @@ async def relay_responses(gateway: Gateway, exchange: Exchange) -> None:
 async def _relay(
     gateway: Gateway,
     exchange: Exchange,
-    account: AccountRecord,
+    key: KeyRecord,
     request: ResponsesRequest,
     outcome: Outcome,
 ) -> None:
-    url = account.base_url + "/responses"
+    deadline = time.monotonic() + gateway.settings.upstream_total_timeout
+    attempts: list[Attempt] = []
     outcome.overhead_ms = (time.perf_counter() - outcome.started) * 1000
     try:
-        upstream = await gateway.client.post(url, upstream_headers(exchange, account), request.body)
-    except UpstreamError as exc:
-        _record_failure(outcome, exc)
-        raise
-    outcome.ttfb_ms = (time.perf_counter() - outcome.started) * 1000
-    gateway.metrics.upstream_answered(account.name, upstream.headers)
-    try:
-        if upstream.status != 200:
-            await _relay_error(exchange, upstream, outcome)
-        elif upstream.content_type == "text/event-stream":
-            await _relay_stream(exchange, upstream, outcome)
-        else:
-            await _relay_json(exchange, upstream, outcome)
+        answer = await gateway.router.send(
+            "/responses",
+            request.body,
+            lambda account: upstream_headers(exchange, account),
+            conversation_key(key.id, request.document, exchange.headers),
+            attempts,
+            deadline,
+        )
     except UpstreamError as exc:
         _record_failure(outcome, exc)
         raise
     finally:
-        upstream.release()
+        outcome.attempts = [attempt.as_dict() for attempt in attempts]
+        outcome.account_id = attempts[-1].account_id if attempts else None
+    outcome.ttfb_ms = (time.perf_counter() - outcome.started) * 1000
+    try:
+        if answer.rest is not None:
+            await _relay_stream(gateway, exchange, answer, request, outcome, deadline)
+        elif answer.response.status == 200:
+            await _relay_json(exchange, answer, outcome)
+        else:
+            await _relay_client_error(exchange, answer, outcome)
+    except UpstreamError as exc:
+        _record_failure(outcome, exc)
+        raise
+    finally:
+        answer.close()
 
 
 def _record_failure(outcome: Outcome, error: UpstreamError) -> None:
     outcome.status = "upstream_error"
     outcome.http_status = error.status
     outcome.error = outcome.error or error.detail or error.message
-    outcome.flag(error.code or "upstream_error")
+    outcome.flag(error.kind)
     log.warning(
         "upstream failed: %s (%s)",
         error.message,
-        error.detail or error.code,
+        error.detail or error.kind,
         extra={"request_id": outcome.request_id, "account_id": outcome.account_id},
     )
 
 
-async def _relay_stream(exchange: Exchange, upstream: UpstreamResponse, outcome: Outcome) -> None:
+async def _relay_stream(
+    gateway: Gateway,
+    exchange: Exchange,
+    answer: Answer,
+    request: ResponsesRequest,
+    outcome: Outcome,
+    deadline: float,
+) -> None:
+    """Relay chunk by chunk; never retry once bytes left, and never end a stream silently."""
     scanner = StreamScanner()
     await exchange.start(200, list(_STREAM_HEADERS))
+    stop_later: list[asyncio.TimerHandle] = []
+    exchange.watch_disconnect(lambda: _on_disconnect(gateway, answer, stop_later))
+    failure: UpstreamError | None = None
     try:
-        async for chunk in upstream.chunks():
-            scanner.feed(chunk)
-            await exchange.write(chunk)
+        await _pump(exchange, answer, scanner, deadline)
     except UpstreamError as exc:
-        if scanner.terminal is not None:
-            # The response was already complete: the client has all of it, and so does the bill.
-            outcome.flag("upstream_closed_uncleanly")
-            _take_terminal(scanner, outcome)
-            await exchange.write(b"", more=False)
-            return
-        _record_failure(outcome, exc)
-        outcome.flag("stream_interrupted")
-        await exchange.write(error_event(exc.code or "upstream_error", exc.message), more=False)
-        _take_terminal(scanner, outcome)
-        return
-    scanner.finish()
+        failure = exc
+    finally:
+        for handle in stop_later:
+            handle.cancel()
     _take_terminal(scanner, outcome)
-    if scanner.terminal is None:
+    if failure is not None and scanner.terminal is not None:
+        # The final event arrived before the connection broke: the response is whole.
+        outcome.flag(failure.kind)
+        failure = None
+    if exchange.disconnected:
+        _client_left(outcome, scanner)
+    elif failure is not None:
+        _record_failure(outcome, failure)
+        outcome.flag("stream_interrupted")
+        await exchange.write(error_event(failure.code or "upstream_error", failure.message), False)
+    elif scanner.terminal is None:
         outcome.status = "no_terminal_event"
         outcome.error = MISSING_TERMINAL_MESSAGE
         outcome.flag("no_terminal_event")
-        await exchange.write(error_event("stream_incomplete", MISSING_TERMINAL_MESSAGE), more=False)
+        await exchange.write(error_event("stream_incomplete", MISSING_TERMINAL_MESSAGE), False)
+    else:
+        await exchange.write(b"", more=False)
+    if scanner.terminal is None:
+        outcome.estimate = await asyncio.to_thread(
+            gateway.tokens.estimate, request.document, scanner.deltas
+        )
+
+
+async def _pump(
+    exchange: Exchange, answer: Answer, scanner: StreamScanner, deadline: float
+) -> None:
+    assert answer.rest is not None
+    scanner.feed(answer.first)
+    await exchange.write(answer.first)
+    async for chunk in answer.rest:
+        scanner.feed(chunk)
+        if not exchange.disconnected:
+            await exchange.write(chunk)
+        if time.monotonic() > deadline:
+            raise total_timeout()
+    scanner.finish()
+
+
+def _on_disconnect(gateway: Gateway, answer: Answer, stop_later: list[asyncio.TimerHandle]) -> None:
+    """`cancel` drops the upstream now; `finish` lets it run to its end, within a limit."""
+    settings = gateway.settings
+    if settings.disconnect_policy == "cancel":
+        answer.response.close()
         return
-    await exchange.write(b"", more=False)
+    loop = asyncio.get_running_loop()
+    stop_later.append(loop.call_later(settings.disconnect_finish_seconds, answer.response.close))
+
+
+def _client_left(outcome: Outcome, scanner: StreamScanner) -> None:
+    outcome.flag("client_disconnected")
+    if scanner.terminal is None:
+        outcome.status = "client_disconnected"
+        outcome.error = "The client disconnected before the response ended."
 
 
 def _take_terminal(scanner: StreamScanner, outcome: Outcome) -> None:
@@ -288,8 +339,8 @@ def _error_message(terminal: dict[str, object]) -> str:
     return f"{terminal.get('code')}: {terminal.get('message')}"
 
 
-async def _relay_json(exchange: Exchange, upstream: UpstreamResponse, outcome: Outcome) -> None:
-    body = await upstream.read(MAX_UPSTREAM_BODY)
+async def _relay_json(exchange: Exchange, answer: Answer, outcome: Outcome) -> None:
+    body = answer.first
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -306,33 +357,25 @@ async def _relay_json(exchange: Exchange, upstream: UpstreamResponse, outcome: O
     outcome.upstream_model = upstream_model_of(document)
     outcome.response_id = response_id_of(document)
     outcome.status = _JSON_STATUS.get(str(document.get("status")), "completed")
-    content_type = upstream.headers.get("content-type", "application/json").encode("latin-1")
-    await exchange.start(
-        200, [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
-    )
-    await exchange.write(body, more=False)
+    await _send_body(exchange, 200, answer, body)
 
 
-async def _relay_error(exchange: Exchange, upstream: UpstreamResponse, outcome: Outcome) -> None:
-    """Relay the upstream's client errors; hide the ones about the gateway's own account."""
-    body = await upstream.read(MAX_UPSTREAM_BODY)
+async def _relay_client_error(exchange: Exchange, answer: Answer, outcome: Outcome) -> None:
+    """An upstream 4xx about the request itself: the client sees it as it came."""
+    status = answer.response.status
     outcome.status = "upstream_error"
-    outcome.error = f"HTTP {upstream.status}: {body[:500].decode('utf-8', 'replace')}"
-    outcome.flag(f"upstream_http_{upstream.status}")
-    if upstream.status in (401, 403):
-        raise UpstreamStatusError(
-            "The upstream account was refused by the upstream; the operator has to fix it."
-        )
-    if upstream.status == 429:
-        raise UpstreamStatusError(
-            "The upstream account is rate limited or out of quota; retry later.",
-            code="upstream_rate_limited",
-        )
-    if upstream.status >= 500:
-        raise UpstreamStatusError(f"The upstream failed with HTTP {upstream.status}; retry later.")
-    content_type = upstream.headers.get("content-type", "application/json").encode("latin-1")
+    outcome.error = f"HTTP {status}: {answer.first[:500].decode('utf-8', 'replace')}"
+    outcome.flag(f"upstream_http_{status}")
+    await _send_body(exchange, status, answer, answer.first)
+
+
+async def _send_body(exchange: Exchange, status: int, answer: Answer, body: bytes) -> None:
+    content_type = answer.response.headers.get("content-type", "application/json")
     await exchange.start(
-        upstream.status,
-        [(b"content-type", content_type), (b"content-length", str(len(body)).encode())],
+        status,
+        [
+            (b"content-type", content_type.encode("latin-1")),
+            (b"content-length", str(len(body)).encode()),
+        ],
     )
     await exchange.write(body, more=False)

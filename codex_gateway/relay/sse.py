@@ -17,6 +17,18 @@ TERMINAL_TYPES = frozenset(
 )
 _EVENT_LINE = re.compile(rb"^event:[ ]?([^\n]*)$", re.MULTILINE)
 _LEADING_TYPE = re.compile(rb'^data:[ ]?\{\s*"type"\s*:\s*"([^"]+)"', re.MULTILINE)
+# Events whose `delta` is output the client saw; kept (as the bytes already in hand) so an
+# estimate can be made if the stream never reports usage.
+DELTA_TYPES = frozenset(
+    {
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+        "response.custom_tool_call_input.delta",
+        "response.reasoning_summary_text.delta",
+        "response.reasoning_text.delta",
+    }
+)
 _TERMINAL_HINT = re.compile(rb"response\.(?:completed|incomplete|failed)|\"error\"")
 
 
@@ -29,6 +41,7 @@ class StreamScanner:
         "_created_block",
         "_pending_cr",
         "bytes_seen",
+        "deltas",
         "events",
         "terminal",
         "terminal_type",
@@ -43,6 +56,8 @@ class StreamScanner:
         self.terminal: dict[str, Any] | None = None
         self.terminal_type: str | None = None
         self.bytes_seen = 0
+        # Raw blocks of the events whose text an estimate counts (see DELTA_TYPES).
+        self.deltas: list[bytes] = []
 
     @property
     def created(self) -> dict[str, Any] | None:
@@ -98,7 +113,9 @@ class StreamScanner:
                 return
             self._set_terminal(str(name), data)
             return
-        if name in TERMINAL_TYPES:
+        if name in DELTA_TYPES:
+            self.deltas.append(block)
+        elif name in TERMINAL_TYPES:
             self._set_terminal(name, _parse_data(block))
         elif name == "response.created" and self._created_block is None:
             self._created_block = block

@@ -8,11 +8,21 @@ non-streaming request gets the final response object. When recording is on (the 
 `codex-gateway sandbox`), the last requests it received can be read back at
 GET /sandbox/requests, which tests use to check what reached the upstream; a gateway serving
 the sandbox for its quick start keeps no such record of its users' requests.
+
+Faults, for failover tests: the header `x-sandbox-fault`, or a fault set for one upstream key
+with `PUT /sandbox/faults {"key": KEY, "fault": MODE}` (`"fault": null` clears it), makes the
+answer misbehave. Modes: `500` (or any 4xx/5xx status), `429` (with reset headers),
+`hang-before` (no answer until the caller leaves, at most 30 s), `hang-middle:N` (N events,
+then silence), `cut-after:N` (N events, then the connection drops), `garbage` (bytes that
+are not SSE), `drip:MS` (each event MS milliseconds apart). A refused connection needs no
+mode: point an account at a closed port.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -26,6 +36,13 @@ TRANSCRIPTS = Path(__file__).parent / "transcripts"
 DEFAULT_TRANSCRIPT = "responses-text"
 TOOL_CONVERSATION = "tool-conversation"
 _JSON = [(b"content-type", b"application/json")]
+_SSE = [(b"content-type", b"text/event-stream; charset=utf-8")]
+HANG_LIMIT_SECONDS = 30.0
+QUOTA_RESET_SECONDS = 120
+
+
+class DroppedConnection(Exception):
+    """Raised mid-response so the server drops the connection, as a failing upstream does."""
 
 
 class Transcript:
@@ -62,6 +79,7 @@ class SandboxApp:
         self.transcripts = load_transcripts()
         self.record = record
         self.requests: deque[dict[str, Any]] = deque(maxlen=history)
+        self.faults: dict[str, str] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,6 +93,8 @@ class SandboxApp:
         elif path == "/requests" and method == "DELETE":
             self.requests.clear()
             await _json(send, 200, {"cleared": True})
+        elif path == "/faults" and method == "PUT":
+            await self._set_fault(receive, send)
         elif path.endswith("/v1/responses") and method == "POST":
             await self._responses(scope, receive, send, path)
         elif path.endswith("/v1/models") and method == "GET":
@@ -102,12 +122,91 @@ class SandboxApp:
             await _json(send, 400, _error(f"Unknown sandbox transcript {name!r}; known: {known}."))
             return
         delay = _delay_seconds(headers.get("x-sandbox-delay-ms", ""))
-        if transcript.json is not None:
+        fault = headers.get("x-sandbox-fault") or self.faults.get(_bearer(headers), "")
+        if fault:
+            await _misbehave(fault, transcript, receive, send)
+        elif transcript.json is not None:
             await _replay_json(send, transcript.json)
         elif document.get("stream") is True:
             await _stream(send, transcript, delay)
         else:
             await _final(send, transcript)
+
+    async def _set_fault(self, receive: Receive, send: Send) -> None:
+        document = orjson.loads(await _read(receive))
+        key, fault = document["key"], document.get("fault")
+        if fault:
+            self.faults[key] = fault
+        else:
+            self.faults.pop(key, None)
+        await _json(send, 200, {"key": key, "fault": fault})
+
+
+def _bearer(headers: dict[str, str]) -> str:
+    return headers.get("authorization", "").removeprefix("Bearer ").strip()
+
+
+async def _misbehave(fault: str, transcript: Transcript, receive: Receive, send: Send) -> None:
+    mode, _, argument = fault.partition(":")
+    events = transcript.events or iter_events(b"")
+    if mode.isdigit():
+        await _fail_with_status(send, int(mode))
+    elif mode == "hang-before":
+        await _until_caller_leaves(receive)
+    elif mode == "hang-middle":
+        await _start_stream(send, events[: int(argument or 3)])
+        await _until_caller_leaves(receive)
+    elif mode == "cut-after":
+        await _start_stream(send, events[: int(argument or 3)])
+        raise DroppedConnection(f"sandbox fault {fault}")
+    elif mode == "garbage":
+        await _start_stream(send, [b"\x00\xff<html>502 Bad Gateway</html>\n"])
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    elif mode == "drip":
+        await _stream(send, transcript, float(argument or 100) / 1000)
+    else:
+        await _json(send, 400, _error(f"Unknown sandbox fault {fault!r}."))
+
+
+async def _fail_with_status(send: Send, status: int) -> None:
+    if status != 429:
+        await _json(send, status, _error(f"Sandbox fault: HTTP {status}.", "server_error"))
+        return
+    reset_at = int(time.time()) + QUOTA_RESET_SECONDS
+    body = orjson.dumps(
+        {
+            "error": {
+                "type": "usage_limit_reached",
+                "message": "The usage limit has been reached",
+                "resets_at": reset_at,
+                "resets_in_seconds": QUOTA_RESET_SECONDS,
+            }
+        }
+    )
+    headers = [
+        *_JSON,
+        (b"x-codex-primary-used-percent", b"100.0"),
+        (b"x-codex-primary-reset-at", str(reset_at).encode()),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    await send({"type": "http.response.start", "status": 429, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _start_stream(send: Send, events: list[bytes]) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": list(_SSE)})
+    for event in events:
+        await send({"type": "http.response.body", "body": event, "more_body": True})
+
+
+async def _until_caller_leaves(receive: Receive) -> None:
+    async def disconnect() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(disconnect(), HANG_LIMIT_SECONDS)
+    raise DroppedConnection("sandbox hang ended")
 
 
 def _delay_seconds(text: str) -> float:
@@ -130,13 +229,7 @@ def _tool_turn(document: dict[str, Any]) -> str:
 
 
 async def _stream(send: Send, transcript: Transcript, delay: float) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-type", b"text/event-stream; charset=utf-8")],
-        }
-    )
+    await send({"type": "http.response.start", "status": 200, "headers": list(_SSE)})
     for event in transcript.events:
         if delay:
             await asyncio.sleep(delay)

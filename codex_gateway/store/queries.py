@@ -65,6 +65,11 @@ class AccountRecord:
     api_key: str = field(repr=False)
     priority: int
     enabled: bool
+    max_concurrency: int | None = None
+    weight: int = 1
+    state: str = "ready"
+    state_reason: str | None = None
+    state_until: datetime | None = None
 
 
 def now() -> datetime:
@@ -244,7 +249,15 @@ class Store:
     # -- upstream accounts -------------------------------------------------------------------
 
     async def add_account(
-        self, name: str, kind: str, base_url: str, api_key: str, priority: int = 100
+        self,
+        name: str,
+        kind: str,
+        base_url: str,
+        api_key: str,
+        priority: int = 100,
+        *,
+        max_concurrency: int | None = None,
+        weight: int = 1,
     ) -> int:
         async with self.engine.begin() as conn:
             try:
@@ -258,6 +271,9 @@ class Store:
                         priority=priority,
                         enabled=True,
                         created_at=now(),
+                        max_concurrency=max_concurrency,
+                        weight=weight,
+                        state="ready",
                     )
                     .returning(UpstreamAccount.id)
                 )
@@ -268,9 +284,13 @@ class Store:
         return account_id
 
     async def set_account_enabled(self, name: str, enabled: bool) -> None:
+        """Enabling also clears a health mark: the operator says the account is fixed."""
+        values: dict[str, Any] = {"enabled": enabled}
+        if enabled:
+            values.update(state="ready", state_reason=None, state_until=None)
         async with self.engine.begin() as conn:
             result = await conn.execute(
-                update(UpstreamAccount).where(UpstreamAccount.name == name).values(enabled=enabled)
+                update(UpstreamAccount).where(UpstreamAccount.name == name).values(**values)
             )
             if result.rowcount == 0:
                 raise StoreError(f"no account named {name!r}")
@@ -317,10 +337,32 @@ class Store:
                         UpstreamAccount.api_key,
                         UpstreamAccount.priority,
                         UpstreamAccount.enabled,
+                        UpstreamAccount.max_concurrency,
+                        UpstreamAccount.weight,
+                        UpstreamAccount.state,
+                        UpstreamAccount.state_reason,
+                        UpstreamAccount.state_until,
                     ).order_by(UpstreamAccount.priority, UpstreamAccount.id)
                 )
             ).all()
         return [AccountRecord(*row) for row in rows]
+
+    async def mark_account(
+        self, account_id: int, state: str, reason: str | None, until: datetime | None
+    ) -> int:
+        """Record an account's health so every process and `accounts list` see it.
+
+        Returns the revision that carries the mark.
+        """
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(UpstreamAccount)
+                .where(UpstreamAccount.id == account_id)
+                .values(state=state, state_reason=reason, state_until=until)
+            )
+            await self._bump(conn)
+            revision = await conn.scalar(select(Revision.value).where(Revision.id == 1))
+        return int(revision or 0)
 
     # -- prices ------------------------------------------------------------------------------
 

@@ -83,6 +83,13 @@ class UpstreamAccount(Base):
     priority: Mapped[int] = mapped_column(Integer, nullable=False, default=100)
     enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    max_concurrency: Mapped[int | None] = mapped_column(Integer)
+    weight: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    # Health as last marked by a gateway process: ready, cooling_down, quota_limited or
+    # needs_relogin; cooling_down and quota_limited end by themselves at state_until.
+    state: Mapped[str] = mapped_column(String(40), nullable=False, default="ready")
+    state_reason: Mapped[str | None] = mapped_column(Text)
+    state_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class ModelPricing(Base):
@@ -151,6 +158,8 @@ class UsageRecord(Base):
     duration_ms: Mapped[float] = mapped_column(nullable=False)
     ttfb_ms: Mapped[float | None] = mapped_column()
     client_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # Each try at an upstream account: account, outcome, error kind, milliseconds (JSON).
+    attempts: Mapped[str | None] = mapped_column(Text)
 
 
 class BillingTrace(Base):

@@ -13,6 +13,9 @@ import aiohttp
 
 from codex_gateway.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 
+# The largest whole (non-streamed) upstream body the gateway accepts.
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
 
 class UpstreamResponse:
     def __init__(self, response: aiohttp.ClientResponse):
@@ -31,18 +34,22 @@ class UpstreamResponse:
                 yield chunk
         except TimeoutError:
             raise UpstreamTimeout(
-                "The upstream stopped sending before the response ended."
+                "The upstream went silent for longer than the idle timeout before the response "
+                "ended.",
+                kind="timeout_idle",
             ) from None
         except aiohttp.ClientPayloadError as exc:
             raise UpstreamProtocolError(
-                "The upstream response was cut off before it ended.", detail=_describe(exc)
+                "The upstream response was cut off before it ended.",
+                kind="cut",
+                detail=_describe(exc),
             ) from None
         except aiohttp.ClientError as exc:
             raise UpstreamConnectError(
                 "The connection to the upstream failed.", detail=_describe(exc)
             ) from None
 
-    async def read(self, limit: int) -> bytes:
+    async def read(self, limit: int = MAX_BODY_BYTES) -> bytes:
         """The whole body, refusing one larger than `limit` bytes."""
         parts = bytearray()
         async for chunk in self.chunks():
@@ -53,6 +60,10 @@ class UpstreamResponse:
                     detail=f"more than {limit} bytes",
                 )
         return bytes(parts)
+
+    def close(self) -> None:
+        """Drop the connection now (the response will not be read to its end)."""
+        self._response.close()
 
     def release(self) -> None:
         self._response.release()
@@ -84,8 +95,16 @@ class UpstreamClient:
             response = await self._get_session().post(
                 url, data=body, headers=headers, allow_redirects=False
             )
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamTimeout(
+                "Connecting to the upstream took longer than the connect timeout.",
+                kind="timeout_connect",
+            ) from None
         except TimeoutError:
-            raise UpstreamTimeout("The upstream did not answer in time.") from None
+            raise UpstreamTimeout(
+                "The upstream did not answer within the first-byte timeout.",
+                kind="timeout_first_byte",
+            ) from None
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamConnectError(
                 "Could not connect to the upstream.", detail=str(exc.os_error)

@@ -121,6 +121,7 @@ def test_bill_of_the_guide_example_holds_prices_counts_and_each_term() -> None:
         "duration_ms": 0.0,
         "ttfb_ms": None,
         "client_bytes": 0,
+        "attempts": None,
     }
 
 

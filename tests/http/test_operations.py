@@ -232,7 +232,7 @@ def test_an_upstream_failure_counts_by_account_and_kind(
     ops_gateway.usage_row(response.headers["x-request-id"])
     after = metrics(ops_gateway)
 
-    labels = {"account": "sandbox", "kind": "upstream_http_429"}
+    labels = {"account": "sandbox", "kind": "http_429"}
     quota = "codex_gateway_account_quota_used_percent"
     window = "codex_gateway_account_quota_window_minutes"
     assert response.status_code == 502
@@ -244,6 +244,24 @@ def test_an_upstream_failure_counts_by_account_and_kind(
         - sample(before, "codex_gateway_upstream_errors_total", **labels)
         == 1
     )
+    # The 429 rested the only account; put it back for the tests that follow.
+    ops_gateway.cli("accounts", "enable", "sandbox")
+    wait_until_served(ops_gateway, key)
+
+
+def wait_until_served(gw: Gateway, key: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        response = httpx.post(
+            gw.url + "/v1/responses",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": "gpt-5.1-codex", "input": "hi"},
+            timeout=30,
+        )
+        if response.status_code == 200:
+            return
+        assert time.monotonic() < deadline, response.text
+        time.sleep(0.1)
 
 
 def stage_lines(gw: Gateway, request_id: str) -> list[str]:

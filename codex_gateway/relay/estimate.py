@@ -1,0 +1,90 @@
+"""Estimate a request's token usage when the upstream never reported it.
+
+A stream that ends without its terminal event carries no usage, yet the upstream did the
+work. Rather than bill it as free, the gateway counts tokens itself with the o200k_base
+vocabulary (the GPT-5 family's): input from the text of the request body, output from what
+was streamed (text, refusals, tool arguments and reasoning summaries). Hidden reasoning is
+never streamed, so the estimate is a lower bound; rows billed this way are flagged
+`estimated`. The vocabulary ships inside the `bpe-openai` wheel, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import orjson
+
+ENCODING = "o200k_base"
+# Keys whose values are identifiers or opaque data, not text the model reads as tokens.
+_SKIPPED_KEYS = frozenset(
+    {"type", "id", "call_id", "role", "status", "encrypted_content", "item_id", "model"}
+)
+# Request fields the model reads.
+_INPUT_FIELDS = ("instructions", "input", "tools", "text")
+
+
+class TokenCounter:
+    """Counts tokens with the bundled vocabulary, loaded once at start-up."""
+
+    def __init__(self) -> None:
+        self._encoding: Any = None
+
+    def load(self) -> None:
+        import bpe_openai  # a 70 MB extension: imported only by the process that serves
+
+        self._encoding = bpe_openai.get_encoding(ENCODING)
+
+    def count(self, text: str) -> int:
+        if not text:
+            return 0
+        if self._encoding is None:
+            self.load()
+        return len(self._encoding.encode(text, disallowed_special=()))
+
+    def estimate(self, request: dict[str, Any], deltas: Iterable[bytes]) -> dict[str, Any]:
+        """A Responses-shaped usage object for `request` and the streamed delta events."""
+        input_tokens = self.count("\n".join(request_texts(request)))
+        output_tokens = self.count("".join(delta_texts(deltas)))
+        return {
+            "input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": output_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens,
+        }
+
+
+def request_texts(request: dict[str, Any]) -> list[str]:
+    texts: list[str] = []
+    for name in _INPUT_FIELDS:
+        if name in request:
+            texts.extend(_strings(request[name]))
+    return texts
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if key not in _SKIPPED_KEYS:
+                yield from _strings(item)
+
+
+def delta_texts(deltas: Iterable[bytes]) -> Iterator[str]:
+    """The `delta` strings of SSE event blocks (see `StreamScanner.deltas`)."""
+    for block in deltas:
+        for line in block.split(b"\n"):
+            if not line.startswith(b"data:"):
+                continue
+            try:
+                data = orjson.loads(line[5:])
+            except orjson.JSONDecodeError:
+                continue
+            delta = data.get("delta") if isinstance(data, dict) else None
+            if isinstance(delta, str):
+                yield delta

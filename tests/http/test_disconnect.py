@@ -1,0 +1,123 @@
+"""Clients that leave mid-stream: exactly one usage row each, under either policy.
+
+A raw socket client reads a paced `responses-text` stream up to each event position in turn
+and hangs up. With `finish` the gateway reads the upstream to its end and bills the real
+usage; with `cancel` it drops the upstream at once and bills its estimate. Either way every
+request has one row marked `client_disconnected`, and the balance is the sum of the rows.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from tests.conftest import Gateway, Sandbox, estimated_counts, fixture_path
+from tests.http.test_responses import expected_cost, transcript_events
+from tests.upstream.pool_helpers import fresh_accounts, pool_gateway
+
+PROMPT = "Write a Python function that computes the Fibonacci sequence"
+EVENTS = transcript_events("responses-text")
+RAW_EVENTS = fixture_path("upstream", "responses-text.sse").read_bytes().split(b"\n\n")
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        ("sqlite", "finish"),
+        ("postgresql", "finish"),
+        ("sqlite", "cancel"),
+        ("postgresql", "cancel"),
+    ],
+    ids=lambda param: "-".join(param),
+)
+def gateway(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    backend, policy = request.param
+    request.param = backend
+    yield from pool_gateway(backend, tmp_path_factory, {"CODEX_GATEWAY_DISCONNECT_POLICY": policy})
+
+
+def read_then_hang_up(gateway: Gateway, key: str, events: int) -> tuple[str, int]:
+    """Stream a request, read `events` events, close the socket; (request id, bytes read)."""
+    body = json.dumps({"model": "gpt-5.1-codex", "input": PROMPT, "stream": True}).encode()
+    host, port = gateway.url.removeprefix("http://").split(":")
+    head = (
+        f"POST /v1/responses HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "x-sandbox-delay-ms: 20\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + body)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(65536)
+        headers, streamed = received.split(b"\r\n\r\n", 1)
+        while streamed.count(b"\n\n") < events:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            streamed += chunk
+    request_id = next(
+        line.split(b":", 1)[1].strip().decode()
+        for line in headers.split(b"\r\n")
+        if line.lower().startswith(b"x-request-id:")
+    )
+    return request_id, len(streamed)
+
+
+def rows_for(gateway: Gateway, user: str, count: int) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 30
+    while True:
+        rows = list(gateway.cli_json("usage", "list", "--user", user, "--limit", "1000"))
+        if len(rows) >= count or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.3)
+
+
+def test_a_client_leaving_at_any_event_leaves_exactly_one_row(
+    gateway: Gateway, sandbox: Sandbox
+) -> None:
+    policy = gateway.env["CODEX_GATEWAY_DISCONNECT_POLICY"]
+    fresh_accounts(gateway, sandbox, [{}])
+    user, key = gateway.new_user("10")
+    left_at = {}
+    for position in range(len(EVENTS)):
+        request_id, _ = read_then_hang_up(gateway, key, position)
+        left_at[request_id] = position
+    rows = rows_for(gateway, user, len(left_at))
+    time.sleep(1)  # a second row would have been written by now
+    rows = rows_for(gateway, user, len(left_at))
+    assert sorted(row["request_id"] for row in rows) == sorted(left_at)
+    total = sum(Decimal(row["cost_usd"]) for row in rows)
+    assert Decimal(gateway.balance(user)) == Decimal(10) - total
+    for row in rows:
+        position = left_at[row["request_id"]]
+        check_row(row, policy, position)
+
+
+def check_row(row: dict[str, Any], policy: str, position: int) -> None:
+    # The gateway counts the bytes it handed on: at least what this client read before leaving.
+    assert row["client_bytes"] >= sum(len(event) + 2 for event in RAW_EVENTS[:position])
+    if position < len(EVENTS) - 1:
+        assert "client_disconnected" in row["flags"]
+    if policy == "finish":
+        # Read to the end: the real usage is billed.
+        assert row["status"] == "completed"
+        assert Decimal(row["cost_usd"]) == expected_cost((1252, 0, 11273, 10944))
+        return
+    if row["status"] == "completed":  # the stream ended before the hang-up was noticed
+        assert position >= len(EVENTS) - 2
+        return
+    assert row["status"] == "client_disconnected"
+    assert "estimated" in row["flags"]
+    full = estimated_counts(PROMPT, EVENTS)
+    assert row["input_tokens"] == full[0]
+    assert row["output_tokens"] <= full[2]
+    assert Decimal(row["cost_usd"]) > 0

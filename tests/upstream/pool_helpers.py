@@ -1,0 +1,124 @@
+"""Gateways with several upstream accounts, each pointed at the sandbox under its own key."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import (
+    Gateway,
+    Sandbox,
+    _drop_pg_database,
+    free_port,
+    make_gateway,
+    spawn,
+    wait_http,
+)
+
+# Tight limits so every fault shows within a second or two.
+FAULT_TIMEOUTS = {
+    "CODEX_GATEWAY_UPSTREAM_CONNECT_TIMEOUT": "1",
+    "CODEX_GATEWAY_UPSTREAM_FIRST_BYTE_TIMEOUT": "1",
+    "CODEX_GATEWAY_UPSTREAM_READ_TIMEOUT": "1",
+    "CODEX_GATEWAY_UPSTREAM_TOTAL_TIMEOUT": "4",
+}
+# Catalog refresh is 0.2 s in tests; this leaves room for a slow poll.
+CATALOG_SETTLE_SECONDS = 0.8
+
+
+@dataclass
+class Account:
+    name: str
+    key: str
+
+
+def pool_gateway(
+    backend: str, tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]
+) -> Iterator[Gateway]:
+    """A running gateway with no accounts yet, on a fresh database of `backend`."""
+    gw = make_gateway(backend, tmp_path_factory)
+    gw.env.update(env)
+    try:
+        gw.start()
+        yield gw
+    finally:
+        gw.stop()
+        if gw.backend == "postgresql":
+            _drop_pg_database(gw.database_url.rsplit("/", 1)[1])
+
+
+def fresh_accounts(
+    gateway: Gateway, sandbox: Sandbox, specs: list[dict[str, Any]]
+) -> list[Account]:
+    """Disable every account the gateway has, then add these; each gets its own upstream key.
+
+    A spec may name `priority`, `weight`, `max_concurrency`, and `refused` for an account
+    whose base URL is a closed port.
+    """
+    for existing in gateway.cli_json("accounts", "list"):
+        if existing["enabled"]:
+            gateway.cli("accounts", "disable", existing["name"])
+    accounts = []
+    for spec in specs:
+        tag = uuid.uuid4().hex[:8]
+        account = Account(f"{spec.get('name', 'acct')}-{tag}", f"sk-up-{tag}")
+        base_url = f"http://127.0.0.1:{free_port()}/v1" if spec.get("refused") else sandbox.base_url
+        args = ["accounts", "add", "--name", account.name, "--base-url", base_url]
+        args += ["--api-key", account.key, "--priority", str(spec.get("priority", 100))]
+        if "weight" in spec:
+            args += ["--weight", str(spec["weight"])]
+        if "max_concurrency" in spec:
+            args += ["--max-concurrency", str(spec["max_concurrency"])]
+        gateway.cli(*args)
+        accounts.append(account)
+    time.sleep(CATALOG_SETTLE_SECONDS)
+    return accounts
+
+
+def set_fault(sandbox: Sandbox, account: Account, fault: str | None) -> None:
+    httpx.put(sandbox.url + "/sandbox/faults", json={"key": account.key, "fault": fault})
+
+
+def account_state(gateway: Gateway, account: Account) -> dict[str, Any]:
+    return next(a for a in gateway.cli_json("accounts", "list") if a["name"] == account.name)
+
+
+def served_by(sandbox: Sandbox, accounts: list[Account]) -> list[str]:
+    """Names of the accounts whose keys reached the sandbox since it was last cleared."""
+    names = {"Bearer " + account.key: account.name for account in accounts}
+    return [names.get(r["headers"].get("authorization", ""), "?") for r in sandbox.requests()]
+
+
+def stream_events(
+    gateway: Gateway, key: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[httpx.Response, list[dict[str, Any]]]:
+    """POST a streaming request; the response and every event it carried, parsed."""
+    response = httpx.post(
+        gateway.url + "/v1/responses",
+        json={**body, "stream": True},
+        headers={"Authorization": f"Bearer {key}", **(headers or {})},
+        timeout=30,
+    )
+    events = []
+    for block in response.text.split("\n\n"):
+        data = [line[6:] for line in block.splitlines() if line.startswith("data: ")]
+        if data:
+            events.append(json.loads("\n".join(data)))
+    return response, events
+
+
+def start_second_process(gateway: Gateway) -> str:
+    """Another gateway process on the same database and settings; its URL."""
+    port = free_port()
+    proc = spawn(["serve", "--port", str(port)], gateway.env, gateway.workdir / f"gw-{port}.log")
+    gateway.extra_procs.append(proc)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/healthz")
+    return url

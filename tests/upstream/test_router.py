@@ -1,0 +1,218 @@
+"""Failover end to end: a gateway with several accounts in front of a misbehaving upstream.
+
+Before the first byte a failing account is marked and the request moves on, so the client
+sees one clean response, or one clear error when every account fails. After the first byte
+nothing is retried: the client gets the events it already had, then an `error` event, and
+the row bills what the upstream reported or, failing that, the gateway's estimate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from tests.conftest import Gateway, Sandbox, estimated_counts
+from tests.http.test_responses import expected_cost, transcript_events
+from tests.upstream.pool_helpers import (
+    FAULT_TIMEOUTS,
+    account_state,
+    fresh_accounts,
+    pool_gateway,
+    served_by,
+    set_fault,
+    start_second_process,
+    stream_events,
+)
+
+PROMPT = "Write a Python function that computes the Fibonacci sequence"
+BODY = {"model": "gpt-5.1-codex", "input": PROMPT}
+TEXT_USAGE = (1252, 0, 11273, 10944)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def gateway(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    yield from pool_gateway(request.param, tmp_path_factory, FAULT_TIMEOUTS)
+
+
+# fault on the first account -> (attempt error kind, the account's state afterwards)
+BEFORE_FIRST_BYTE = [
+    # the connection is refused, or the upstream never answers
+    ("refused", "connect", "cooling_down"),
+    ("hang-before", "timeout_first_byte", "cooling_down"),
+    # HTTP statuses that are about the account, not the request
+    ("500", "http_500", "cooling_down"),
+    ("503", "http_503", "cooling_down"),
+    ("429", "http_429", "quota_limited"),
+    ("401", "http_401", "needs_relogin"),
+    ("403", "http_403", "needs_relogin"),
+    # a 200 whose body is not an event stream, or that ends before its first event
+    ("garbage", "garbage", "cooling_down"),
+    ("cut-after:0", "cut", "cooling_down"),
+]
+
+
+@pytest.mark.parametrize(("fault", "kind", "state"), BEFORE_FIRST_BYTE)
+def test_failure_before_the_first_byte_moves_to_the_next_account_unnoticed(
+    gateway: Gateway, sandbox: Sandbox, fault: str, kind: str, state: str
+) -> None:
+    failing, healthy = fresh_accounts(
+        gateway,
+        sandbox,
+        [{"name": "first", "priority": 1, "refused": fault == "refused"}, {"priority": 2}],
+    )
+    if fault != "refused":
+        set_fault(sandbox, failing, fault)
+    user, key = gateway.new_user("10")
+    sandbox.clear()
+    response, events = stream_events(gateway, key, BODY)
+    assert response.status_code == 200
+    assert events == transcript_events("responses-text")
+    row = gateway.usage_row(response.headers["x-request-id"])
+    assert row["status"] == "completed"
+    assert row["account"] == healthy.name
+    assert [(a["account"], a["outcome"], a["error"]) for a in row["attempts"]] == [
+        (failing.name, "failed", kind),
+        (healthy.name, "ok", None),
+    ]
+    assert Decimal(row["cost_usd"]) == expected_cost(TEXT_USAGE)
+    assert Decimal(gateway.balance(user)) == Decimal(10) - expected_cost(TEXT_USAGE)
+    marked = account_state(gateway, failing)
+    assert marked["state"] == state
+    assert marked["why"]
+    assert "sk-up-" not in gateway.log_text()
+
+
+def test_a_quota_limited_account_rests_until_the_reset_the_upstream_gave(
+    gateway: Gateway, sandbox: Sandbox
+) -> None:
+    limited, healthy = fresh_accounts(gateway, sandbox, [{"priority": 1}, {"priority": 2}])
+    set_fault(sandbox, limited, "429")
+    _, key = gateway.new_user("10")
+    sandbox.clear()
+    for _ in range(3):
+        response, _ = stream_events(gateway, key, BODY)
+        assert response.status_code == 200
+    # The 429 body and headers say 120 s; until then the account is not tried again.
+    assert served_by(sandbox, [limited, healthy]) == [limited.name] + [healthy.name] * 3
+    until = account_state(gateway, limited)["until"]
+    assert until is not None
+    assert datetime.fromisoformat(until).timestamp() > time.time() + 60
+
+
+def test_every_account_failing_gives_one_clear_error_and_costs_nothing(
+    gateway: Gateway, sandbox: Sandbox
+) -> None:
+    first, second = fresh_accounts(gateway, sandbox, [{"priority": 1}, {"priority": 2}])
+    set_fault(sandbox, first, "500")
+    set_fault(sandbox, second, "502")
+    user, key = gateway.new_user("10")
+    response, _ = stream_events(gateway, key, BODY)
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert error["type"] == "upstream_error"
+    assert "No upstream account could serve this request (2 tried)" in error["message"]
+    row = gateway.usage_row(response.headers["x-request-id"])
+    assert row["status"] == "upstream_error"
+    assert [a["error"] for a in row["attempts"]] == ["http_500", "http_502"]
+    assert Decimal(row["cost_usd"]) == 0
+    assert gateway.balance(user) == "10"
+    explained = gateway.cli("explain", response.headers["x-request-id"]).stdout
+    assert f"1. {first.name}: failed (http_500)" in explained
+
+
+def test_no_usable_account_is_a_503_that_says_why(gateway: Gateway, sandbox: Sandbox) -> None:
+    (only,) = fresh_accounts(gateway, sandbox, [{"priority": 1}])
+    set_fault(sandbox, only, "401")
+    _, key = gateway.new_user("10")
+    assert stream_events(gateway, key, BODY)[0].status_code == 502
+    response, _ = stream_events(gateway, key, BODY)
+    assert response.status_code == 503
+    assert "needs relogin" in response.json()["error"]["message"]
+    # The operator re-enables the account once its credentials are fixed.
+    set_fault(sandbox, only, None)
+    gateway.cli("accounts", "enable", only.name)
+    assert account_state(gateway, only)["state"] == "ready"
+    time.sleep(0.8)
+    assert stream_events(gateway, key, BODY)[0].status_code == 200
+
+
+# fault after some events -> (row flag, error event code, events the client gets first)
+AFTER_FIRST_BYTE = [
+    # the upstream goes silent, or drops the connection, part way through
+    ("hang-middle:8", "timeout_idle", "upstream_timeout", 8),
+    ("cut-after:8", "cut", "upstream_protocol_error", 8),
+    # a drip slower than the total time limit allows
+    ("drip:300", "timeout_total", "upstream_timeout", None),
+]
+
+
+@pytest.mark.parametrize(("fault", "flag", "code", "delivered"), AFTER_FIRST_BYTE)
+def test_failure_after_the_first_byte_is_an_error_event_and_an_estimated_bill(
+    gateway: Gateway, sandbox: Sandbox, fault: str, flag: str, code: str, delivered: int | None
+) -> None:
+    failing, spare = fresh_accounts(gateway, sandbox, [{"priority": 1}, {"priority": 2}])
+    set_fault(sandbox, failing, fault)
+    user, key = gateway.new_user("10")
+    sandbox.clear()
+    response, events = stream_events(gateway, key, BODY)
+    assert response.status_code == 200
+    relayed, last = events[:-1], events[-1]
+    if delivered is not None:
+        assert len(relayed) == delivered
+    assert relayed == transcript_events("responses-text")[: len(relayed)]
+    assert last["type"] == "error"
+    assert last["code"] == code
+    # Never retried: the spare account never saw the request, so no output was duplicated.
+    assert served_by(sandbox, [failing, spare]) == [failing.name]
+    row = gateway.usage_row(response.headers["x-request-id"])
+    assert row["status"] == "upstream_error"
+    assert {"stream_interrupted", flag, "estimated"} <= set(row["flags"])
+    counts = estimated_counts(PROMPT, relayed)
+    assert_counts(row, counts)
+    assert Decimal(row["cost_usd"]) == expected_cost(counts) > 0
+    assert Decimal(gateway.balance(user)) == Decimal(10) - expected_cost(counts)
+
+
+def assert_counts(row: dict[str, Any], counts: tuple[int, int, int, int]) -> None:
+    assert (
+        row["input_tokens"],
+        row["cached_tokens"],
+        row["output_tokens"],
+        row["reasoning_tokens"],
+    ) == counts
+
+
+def test_a_slow_drip_within_the_limits_is_relayed_whole(gateway: Gateway, sandbox: Sandbox) -> None:
+    (slow,) = fresh_accounts(gateway, sandbox, [{}])
+    set_fault(sandbox, slow, "drip:100")  # gaps well under the idle limit, total under 4 s
+    _, key = gateway.new_user("10")
+    response, events = stream_events(gateway, key, BODY)
+    assert events == transcript_events("responses-text")
+    row = gateway.usage_row(response.headers["x-request-id"])
+    assert row["status"] == "completed"
+    assert Decimal(row["cost_usd"]) == expected_cost(TEXT_USAGE)
+
+
+def test_a_mark_made_by_one_process_is_honoured_by_another(
+    gateway: Gateway, sandbox: Sandbox
+) -> None:
+    limited, healthy = fresh_accounts(gateway, sandbox, [{"priority": 1}, {"priority": 2}])
+    set_fault(sandbox, limited, "429")
+    _, key = gateway.new_user("10")
+    second = start_second_process(gateway)
+    sandbox.clear()
+    assert stream_events(gateway, key, BODY)[0].status_code == 200
+    time.sleep(0.8)  # one catalog poll carries the mark to the other process
+    first_url, gateway.url = gateway.url, second
+    try:
+        assert stream_events(gateway, key, BODY)[0].status_code == 200
+    finally:
+        gateway.url = first_url
+    assert served_by(sandbox, [limited, healthy]) == [limited.name, healthy.name, healthy.name]
