@@ -24,7 +24,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
 TRANSCRIPTS = ROOT / "codex_gateway" / "sandbox" / "transcripts"
-PG_ADMIN_URL = os.environ.get("CODEX_GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "CODEX_GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 CLI = [sys.executable, "-m", "codex_gateway"]
 MAX_BODY_BYTES = 1_000_000
 
@@ -208,8 +210,16 @@ def gateway(
     gw = make_gateway(request.param, tmp_path_factory)
     try:
         gw.cli(
-            "accounts", "add", "--name", "sandbox", "--kind", "openai",
-            "--base-url", sandbox.base_url, "--api-key", "sk-upstream-secret-0001",
+            "accounts",
+            "add",
+            "--name",
+            "sandbox",
+            "--kind",
+            "openai",
+            "--base-url",
+            sandbox.base_url,
+            "--api-key",
+            "sk-upstream-secret-0001",
         )
         gw.start()
         yield gw

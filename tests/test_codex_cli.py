@@ -219,7 +219,7 @@ def test_codex_exec_tool_conversation_is_relayed_and_both_turns_billed(
     bodies = [json.loads(request["body"]) for request in seen]
     for request, body in zip(seen, bodies, strict=True):
         assert isinstance(body, dict)
-        assert CODEX_BODY_KEYS <= body.keys()
+        assert body.keys() >= CODEX_BODY_KEYS
         assert body["model"] == MODEL
         assert body["store"] is False
         assert body["stream"] is True

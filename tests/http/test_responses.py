@@ -53,7 +53,9 @@ def sdk(gateway: Gateway, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30)
 
 
-def assert_billed(row: dict[str, Any], status: str, counts: tuple[int, int, int, int] | None) -> None:
+def assert_billed(
+    row: dict[str, Any], status: str, counts: tuple[int, int, int, int] | None
+) -> None:
     assert row["status"] == status
     if counts is None:
         assert row["raw_usage"] is None
@@ -99,9 +101,7 @@ def test_stream_reaches_the_sdk_unchanged_and_is_billed(gateway: Gateway, name: 
 
 
 @pytest.mark.parametrize("name", ["responses-text", "responses-cached", "responses-incomplete"])
-def test_json_response_reaches_the_sdk_unchanged_and_is_billed(
-    gateway: Gateway, name: str
-) -> None:
+def test_json_response_reaches_the_sdk_unchanged_and_is_billed(gateway: Gateway, name: str) -> None:
     user, key = gateway.new_user("3")
     response = sdk(gateway, key).responses.with_raw_response.create(
         model="gpt-5.1-codex", input="hi", extra_headers={"x-sandbox-transcript": name}
@@ -115,7 +115,9 @@ def test_json_response_reaches_the_sdk_unchanged_and_is_billed(
     assert Decimal(gateway.balance(user)) == Decimal(3) - expected_cost(counts)
 
 
-@pytest.mark.parametrize("name", ["responses-failed", "responses-error-event", "responses-no-terminal"])
+@pytest.mark.parametrize(
+    "name", ["responses-failed", "responses-error-event", "responses-no-terminal"]
+)
 def test_json_upstream_failure_is_a_clear_error_and_free(gateway: Gateway, name: str) -> None:
     user, key = gateway.new_user("3")
     with pytest.raises(openai.APIStatusError) as caught:
@@ -194,9 +196,7 @@ def test_guide_four_stages_are_logged_with_one_request_id(gateway: Gateway) -> N
     assert key not in gateway.log_text()
 
 
-@pytest.mark.parametrize(
-    "fixture", ["codex-exec-0.169.0-turn1", "codex-exec-0.169.0-tool-turn2"]
-)
+@pytest.mark.parametrize("fixture", ["codex-exec-0.169.0-turn1", "codex-exec-0.169.0-tool-turn2"])
 def test_codex_body_arrives_upstream_unchanged_apart_from_auth(
     gateway: Gateway, sandbox: Sandbox, fixture: str
 ) -> None:
@@ -212,9 +212,10 @@ def test_codex_body_arrives_upstream_unchanged_apart_from_auth(
     assert seen["body"].encode() == body
     assert seen["headers"]["authorization"] == "Bearer sk-upstream-secret-0001"
     for name in ("session-id", "thread-id", "x-codex-turn-metadata", "originator", "user-agent"):
-        assert seen["headers"][name] == captured["headers"][next(
-            k for k in captured["headers"] if k.lower() == name
-        )]
+        assert (
+            seen["headers"][name]
+            == captured["headers"][next(k for k in captured["headers"] if k.lower() == name)]
+        )
     gateway.usage_row(response.headers["x-request-id"])
 
 
@@ -235,19 +236,44 @@ BAD_INPUT = [
     (b"", 400, "invalid_request_error", None, None),
     (b'{"input": "hi"}', 400, "invalid_request_error", None, "model"),
     (b'{"model": "", "input": "hi"}', 400, "invalid_request_error", None, "model"),
-    (b'{"model": "gpt-5.1-codex", "input": "hi", "stream": "yes"}', 400,
-     "invalid_request_error", None, "stream"),
+    (
+        b'{"model": "gpt-5.1-codex", "input": "hi", "stream": "yes"}',
+        400,
+        "invalid_request_error",
+        None,
+        "stream",
+    ),
     # both or neither of input and messages
-    (b'{"model": "gpt-5.1-codex", "input": "a", "messages": [{"role": "user", "content": "b"}]}',
-     400, "invalid_request_error", None, "messages"),
+    (
+        b'{"model": "gpt-5.1-codex", "input": "a", "messages": [{"role": "user", "content": "b"}]}',
+        400,
+        "invalid_request_error",
+        None,
+        "messages",
+    ),
     (b'{"model": "gpt-5.1-codex"}', 400, "invalid_request_error", None, "input"),
-    (b'{"model": "gpt-5.1-codex", "messages": [{"role": "wizard", "content": "b"}]}',
-     400, "invalid_request_error", None, "messages[0].role"),
+    (
+        b'{"model": "gpt-5.1-codex", "messages": [{"role": "wizard", "content": "b"}]}',
+        400,
+        "invalid_request_error",
+        None,
+        "messages[0].role",
+    ),
     # a model with no price is refused, never priced as another model
-    (b'{"model": "gpt-9-unknown", "input": "hi"}', 404, "invalid_request_error",
-     "model_not_found", "model"),
-    (b'{"model": "gpt-5.1-codex-2025-11-13-x", "input": "hi"}', 404, "invalid_request_error",
-     "model_not_found", "model"),
+    (
+        b'{"model": "gpt-9-unknown", "input": "hi"}',
+        404,
+        "invalid_request_error",
+        "model_not_found",
+        "model",
+    ),
+    (
+        b'{"model": "gpt-5.1-codex-2025-11-13-x", "input": "hi"}',
+        404,
+        "invalid_request_error",
+        "model_not_found",
+        "model",
+    ),
 ]
 
 
@@ -277,7 +303,9 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(
     assert "Traceback" not in gateway.log_text()
 
 
-def test_oversized_body_is_refused_before_reading_it_all(gateway: Gateway, sandbox: Sandbox) -> None:
+def test_oversized_body_is_refused_before_reading_it_all(
+    gateway: Gateway, sandbox: Sandbox
+) -> None:
     user, key = gateway.new_user("2")
     sandbox.clear()
     big = b'{"model":"gpt-5.1-codex","input":"' + b"x" * (MAX_BODY_BYTES + 10) + b'"}'

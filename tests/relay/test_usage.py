@@ -1,4 +1,4 @@
-"""Usage objects in Responses and Chat shapes map to billed token classes; bad counts are flagged."""
+"""Usage in Responses and Chat shapes maps to billed token classes; bad counts are flagged."""
 
 from __future__ import annotations
 
@@ -243,7 +243,11 @@ def test_usage_from_terminal(event: dict[str, Any] | None, usage: Any) -> None:
         ),
         # a non-streaming body or a Chat chunk is the response itself
         ({"id": "resp_2", "object": "response", "model": "gpt-5"}, "gpt-5", "resp_2"),
-        ({"id": "chatcmpl-1", "model": "gpt-5-mini-2025-08-07"}, "gpt-5-mini-2025-08-07", "chatcmpl-1"),
+        (
+            {"id": "chatcmpl-1", "model": "gpt-5-mini-2025-08-07"},
+            "gpt-5-mini-2025-08-07",
+            "chatcmpl-1",
+        ),
         # values that are not strings, or no response at all
         ({"response": {"id": 7, "model": ["gpt-5"]}}, None, None),
         ({"type": "response.failed", "response": None}, None, None),
