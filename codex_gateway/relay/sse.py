@@ -36,8 +36,10 @@ class StreamScanner:
     def feed(self, chunk: bytes) -> None:
         self.bytes_seen += len(chunk)
         buffer = self._buffer
+        # a CRLF may be split across chunks, so a CR left at the end counts too
+        split_crlf = buffer.endswith(b"\r")
         buffer += chunk
-        if b"\r" in chunk:
+        if split_crlf or b"\r" in chunk:
             buffer[:] = buffer.replace(b"\r\n", b"\n")
         start = 0
         while True:
@@ -110,3 +112,4 @@ def error_event(code: str, message: str) -> bytes:
     """A top-level Responses `error` event, for a stream the gateway has to end itself."""
     data = {"type": "error", "code": code, "message": message, "param": None}
     return b"event: error\ndata: " + orjson.dumps(data) + b"\n\n"
+
