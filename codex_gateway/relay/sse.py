@@ -113,3 +113,12 @@ def error_event(code: str, message: str) -> bytes:
     data = {"type": "error", "code": code, "message": message, "param": None}
     return b"event: error\ndata: " + orjson.dumps(data) + b"\n\n"
 
+
+def event_data(block: bytes) -> Any:
+    """The JSON data of one event block, or None when it is not JSON."""
+    return _parse_data(block)
+
+
+def parse_events(raw: bytes) -> list[Any]:
+    """The JSON data of every event in a whole SSE document, in order."""
+    return [event_data(block) for block in iter_events(raw)]

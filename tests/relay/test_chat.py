@@ -16,7 +16,7 @@ from codex_gateway.relay.chat import (
     chat_usage,
     parse_chat_request,
 )
-from codex_gateway.relay.sse import iter_events
+from codex_gateway.relay.sse import iter_events, parse_events
 from tests.conftest import fixture_path
 
 UPSTREAM = fixture_path("upstream", "responses-text.sse").parent
@@ -24,11 +24,7 @@ UPSTREAM = fixture_path("upstream", "responses-text.sse").parent
 
 def events_of(name: str) -> list[dict[str, Any]]:
     """The JSON data of every event in an upstream fixture."""
-    events = []
-    for block in iter_events((UPSTREAM / name).read_bytes()):
-        data = b"\n".join(line[6:] for line in block.split(b"\n") if line.startswith(b"data: "))
-        events.append(orjson.loads(data))
-    return events
+    return parse_events((UPSTREAM / name).read_bytes())
 
 
 def translate(events: list[dict[str, Any]], include_usage: bool = True) -> list[bytes]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from codex_gateway.relay.sse import StreamScanner, error_event, iter_events
+from codex_gateway.relay.sse import StreamScanner, error_event, iter_events, parse_events
 
 UPSTREAM = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "upstream"
 
@@ -290,3 +290,9 @@ def test_error_event_is_terminal_to_a_scanner() -> None:
         "message": "The upstream did not answer in time.",
         "param": None,
     }
+
+
+def test_parse_events_gives_each_events_json_and_none_for_what_is_not_json() -> None:
+    raw = b'event: a\ndata: {"type":"a"}\n\ndata: not json\n\r\ndata: {"x":\ndata: 1}\n\n'
+
+    assert parse_events(raw) == [{"type": "a"}, None, {"x": 1}]
