@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from codex_gateway.errors import ConfigError
+from codex_gateway.relay.chatgpt import DEFAULT_BASE_URL as DEFAULT_CHATGPT_BASE_URL
 
 ENV_PREFIX = "CODEX_GATEWAY_"
 DEFAULT_DATABASE_URL = "sqlite:///./data/codex-gateway.db"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+MIN_SECRET_LENGTH = 32
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,11 @@ class Settings:
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 300.0
     upstream_pool_size: int = 512
+    # seals ChatGPT account tokens at rest and keys upstream session ids; never printed
+    secret_key: str | None = field(default=None, repr=False)
+    secret_key_file: str | None = None
+    chatgpt_base_url: str = DEFAULT_CHATGPT_BASE_URL
+    chatgpt_token_url: str = "https://auth.openai.com/oauth/token"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -69,6 +76,20 @@ def _database_url(value: Any) -> str:
     return text
 
 
+def _secret_key(value: Any) -> str:
+    text = str(value)
+    if len(text) < MIN_SECRET_LENGTH:
+        raise ValueError(f"must be at least {MIN_SECRET_LENGTH} characters long")
+    return text
+
+
+def _http_url(value: Any) -> str:
+    text = str(value).rstrip("/")
+    if not text.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return text
+
+
 PARSERS: dict[str, Callable[[Any], Any]] = {
     "database_url": _database_url,
     "log_level": _log_level,
@@ -78,7 +99,12 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "upstream_connect_timeout": _positive_float,
     "upstream_read_timeout": _positive_float,
     "upstream_pool_size": _positive_int,
+    "secret_key": _secret_key,
+    "secret_key_file": str,
+    "chatgpt_base_url": _http_url,
+    "chatgpt_token_url": _http_url,
 }
+SECRET_SETTINGS = frozenset({"secret_key"})
 
 
 def load_settings(
@@ -106,7 +132,8 @@ def load_settings(
         try:
             values[name] = parser(value)
         except (TypeError, ValueError) as exc:
-            problems.append(f"setting {name} = {value!r}: {exc}")
+            shown = "(hidden)" if name in SECRET_SETTINGS else repr(value)
+            problems.append(f"setting {name} = {shown}: {exc}")
     if problems:
         raise ConfigError(problems)
     return dataclasses.replace(Settings(), **values)

@@ -64,6 +64,17 @@ class UpstreamAccount(Base):
     priority: Mapped[int] = mapped_column(Integer, nullable=False, default=100)
     enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    # ChatGPT accounts: tokens sealed with the operator's secret key, never stored in clear
+    chatgpt_account_id: Mapped[str | None] = mapped_column(String(200))
+    access_token_sealed: Mapped[str | None] = mapped_column(Text)
+    refresh_token_sealed: Mapped[str | None] = mapped_column(Text)
+    id_token_sealed: Mapped[str | None] = mapped_column(Text)
+    token_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_refresh_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # `ready`, or `needs_relogin` with the reason in state_reason
+    state: Mapped[str] = mapped_column(String(20), nullable=False, server_default="ready")
+    state_reason: Mapped[str | None] = mapped_column(Text)
+    quota: Mapped[str | None] = mapped_column(Text)  # the last quota windows seen, as JSON
 
 
 class ModelPricing(Base):
