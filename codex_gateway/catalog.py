@@ -17,6 +17,8 @@ from codex_gateway.store.queries import AccountRecord, KeyRecord, Store
 
 log = logging.getLogger(__name__)
 
+RELAYED_KINDS = frozenset({"openai"})
+
 
 class Catalog:
     def __init__(self, store: Store):
@@ -54,7 +56,8 @@ class Catalog:
         return found
 
     def usable_accounts(self) -> list[AccountRecord]:
-        return [account for account in self.accounts if account.enabled]
+        # ChatGPT accounts need their own backend shaping, which this relay does not do yet
+        return [a for a in self.accounts if a.enabled and a.kind in RELAYED_KINDS]
 
     async def poll(self, interval: float) -> None:
         while True:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import click
@@ -10,8 +12,12 @@ import orjson
 
 from codex_gateway.billing.pricing import Price, parse_amount, per_million, plain
 from codex_gateway.billing.settlement import explain as explain_row
-from codex_gateway.cli.context import dump_json, table, with_store
-from codex_gateway.store.queries import Store
+from codex_gateway.cli.context import dump_json, settings_or_exit, table, with_store
+from codex_gateway.errors import CredentialError
+from codex_gateway.relay.chatgpt import RESPONSES_PATH, Quota
+from codex_gateway.store.credentials import STATE_READY, AccountState, CredentialStore
+from codex_gateway.store.queries import AccountRecord, Store
+from codex_gateway.upstream.chatgpt_auth import load_cipher, read_codex_auth
 
 ACCOUNT_KINDS = ("openai",)
 
@@ -125,27 +131,109 @@ def accounts_add(name: str, kind: str, base_url: str, api_key: str, priority: in
     click.echo(f"added {kind} account {name} -> {base_url.rstrip('/')}/responses")
 
 
+@accounts.command("import-codex")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--name", required=True)
+@click.option(
+    "--base-url",
+    default=None,
+    help="The ChatGPT backend; requests go to BASE/codex/responses. "
+    "Default: CODEX_GATEWAY_CHATGPT_BASE_URL, else https://chatgpt.com/backend-api",
+)
+@click.option("--priority", type=int, default=100, show_default=True, help="Lower goes first.")
+def accounts_import_codex(path: Path, name: str, base_url: str | None, priority: int) -> None:
+    """Add a ChatGPT account from a Codex auth.json (after "Sign in with ChatGPT").
+
+    Its tokens are sealed with CODEX_GATEWAY_SECRET_KEY (or the key file) before they are
+    stored; without a key nothing is stored.
+    """
+    settings = settings_or_exit()
+    base = (base_url or settings.chatgpt_base_url).rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise click.BadParameter("must start with http:// or https://", param_hint="--base-url")
+    try:
+        tokens = read_codex_auth(path)
+        sealed = load_cipher(settings).seal_tokens(tokens)
+    except CredentialError as exc:
+        raise click.ClickException(str(exc)) from None
+    with_store(
+        lambda store: CredentialStore(store.engine).add_chatgpt_account(
+            name, base, tokens.account_id, sealed, priority
+        )
+    )
+    plan = f", plan {tokens.plan_type}" if tokens.plan_type else ""
+    click.echo(
+        f"imported chatgpt account {name} (ChatGPT account {tokens.account_id}{plan}) "
+        f"-> {base}{RESPONSES_PATH}"
+    )
+
+
 @accounts.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def accounts_list(as_json: bool) -> None:
-    """List upstream accounts (keys are never shown)."""
-    records = with_store(lambda store: store.accounts())
-    rows = [
-        {
-            "id": a.id,
-            "name": a.name,
-            "kind": a.kind,
-            "base_url": a.base_url,
-            "priority": a.priority,
-            "enabled": a.enabled,
-            "state": "ready" if a.enabled else "disabled",
-        }
-        for a in records
-    ]
+    """List upstream accounts with their state and why (keys and tokens are never shown)."""
+
+    async def load(store: Store) -> tuple[list[AccountRecord], dict[int, AccountState]]:
+        return await store.accounts(), await CredentialStore(store.engine).states()
+
+    records, states = with_store(load)
+    now = datetime.now(UTC).timestamp()
+    rows = [_account_row(a, states.get(a.id), now) for a in records]
     if as_json:
         click.echo(dump_json(rows))
         return
-    click.echo(table(rows, ["id", "name", "kind", "base_url", "priority", "state"]))
+    for row in rows:
+        row["quota"] = _quota_text(row["quota"])
+    click.echo(
+        table(rows, ["id", "name", "kind", "base_url", "priority", "state", "reason", "quota"])
+    )
+
+
+def _account_row(account: AccountRecord, state: AccountState | None, now: float) -> dict[str, Any]:
+    quota = Quota.from_json(orjson.loads(state.quota)) if state and state.quota else None
+    name, reason = _state(account, state, quota, now)
+    return {
+        "id": account.id,
+        "name": account.name,
+        "kind": account.kind,
+        "base_url": account.base_url,
+        "priority": account.priority,
+        "enabled": account.enabled,
+        "state": name,
+        "reason": reason,
+        "quota": quota.to_json() if quota else None,
+        "token_expires_at": state.token_expires_at if state else None,
+    }
+
+
+def _state(
+    account: AccountRecord, state: AccountState | None, quota: Quota | None, now: float
+) -> tuple[str, str | None]:
+    """The account's state as an operator reads it, and why, most pressing first."""
+    if not account.enabled:
+        return "disabled", "disabled by an operator"
+    if state is not None and state.state != STATE_READY:
+        return state.state, state.state_reason
+    until = quota.blocked_until(now) if quota else None
+    if until is not None:
+        return "cooling_down", f"usage limit reached; resets at {_moment(until)}"
+    return "ready", None
+
+
+def _quota_text(quota: dict[str, Any] | None) -> str | None:
+    if not quota:
+        return None
+    parts = []
+    for name in ("primary", "secondary"):
+        window = quota.get(name)
+        if window:
+            resets = f" resets {_moment(window['resets_at'])}" if window["resets_at"] else ""
+            parts.append(f"{name} {window['used_percent']:g}%{resets}")
+    return ", ".join(parts) or None
+
+
+def _moment(unix: int) -> str:
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 @accounts.command("disable")
