@@ -8,7 +8,9 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from codex_gateway.errors import GatewayError, MethodNotAllowed, NotFound
+from codex_gateway.http.chat import relay_chat
 from codex_gateway.http.exchange import Exchange, Receive, Scope, Send
+from codex_gateway.http.models import list_models
 from codex_gateway.http.responses import relay_responses
 
 if TYPE_CHECKING:
@@ -26,6 +28,8 @@ async def healthz(gateway: Gateway, exchange: Exchange) -> None:
 
 ROUTES: dict[str, dict[str, Handler]] = {
     "/v1/responses": {"POST": relay_responses},
+    "/v1/chat/completions": {"POST": relay_chat},
+    "/v1/models": {"GET": list_models},
     "/healthz": {"GET": healthz},
 }
 

@@ -9,7 +9,13 @@ from pathlib import Path
 import orjson
 import pytest
 
-from codex_gateway.relay.sse import StreamScanner, error_event, iter_events, parse_events
+from codex_gateway.relay.sse import (
+    EventSplitter,
+    StreamScanner,
+    error_event,
+    iter_events,
+    parse_events,
+)
 
 UPSTREAM = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "upstream"
 
@@ -296,3 +302,17 @@ def test_parse_events_gives_each_events_json_and_none_for_what_is_not_json() -> 
     raw = b'event: a\ndata: {"type":"a"}\n\ndata: not json\n\r\ndata: {"x":\ndata: 1}\n\n'
 
     assert parse_events(raw) == [{"type": "a"}, None, {"x": 1}]
+
+
+@pytest.mark.parametrize("name", [row[0] for row in TRANSCRIPTS])
+@pytest.mark.parametrize("feeder", [whole, byte_by_byte], ids=["whole", "byte_by_byte"])
+def test_event_splitter_gives_every_event_once_however_the_bytes_arrive(
+    name: str, feeder: Feeder
+) -> None:
+    raw = (UPSTREAM / name).read_bytes().replace(b"\n", b"\r\n")
+    splitter = EventSplitter()
+
+    blocks = [block for chunk in feeder(raw) for block in splitter.feed(chunk)]
+    blocks += splitter.finish()
+
+    assert [block + b"\n\n" for block in blocks] == iter_events(raw)

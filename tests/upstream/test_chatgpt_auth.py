@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,7 +34,6 @@ from codex_gateway.upstream.chatgpt_auth import (
     read_codex_auth,
 )
 from codex_gateway.upstream.client import UpstreamClient
-from tests.conftest import _create_pg_database, _drop_pg_database
 
 SIGNING_KEY = "a-test-signing-key-of-at-least-32-bytes"
 SECRET = "operator-secret-key-0123456789abcdef"
@@ -257,18 +256,6 @@ async def token_endpoint() -> AsyncIterator[TokenEndpoint]:
         yield endpoint
     finally:
         await runner.cleanup()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/gateway.db"
-        return
-    name, url = _create_pg_database()
-    try:
-        yield url
-    finally:
-        _drop_pg_database(name)
 
 
 @dataclass
