@@ -141,11 +141,17 @@ def accounts_add(name: str, kind: str, base_url: str, api_key: str, priority: in
     "Default: CODEX_GATEWAY_CHATGPT_BASE_URL, else https://chatgpt.com/backend-api",
 )
 @click.option("--priority", type=int, default=100, show_default=True, help="Lower goes first.")
-def accounts_import_codex(path: Path, name: str, base_url: str | None, priority: int) -> None:
+@click.option(
+    "--replace", is_flag=True, help="Give an existing ChatGPT account of this name new tokens."
+)
+def accounts_import_codex(
+    path: Path, name: str, base_url: str | None, priority: int, replace: bool
+) -> None:
     """Add a ChatGPT account from a Codex auth.json (after "Sign in with ChatGPT").
 
     Its tokens are sealed with CODEX_GATEWAY_SECRET_KEY (or the key file) before they are
-    stored; without a key nothing is stored.
+    stored; without a key nothing is stored. After a new sign-in, --replace gives an
+    account (say one that needs_relogin) its new tokens.
     """
     settings = settings_or_exit()
     base = (base_url or settings.chatgpt_base_url).rstrip("/")
@@ -156,15 +162,19 @@ def accounts_import_codex(path: Path, name: str, base_url: str | None, priority:
         sealed = load_cipher(settings).seal_tokens(tokens)
     except CredentialError as exc:
         raise click.ClickException(str(exc)) from None
-    with_store(
-        lambda store: CredentialStore(store.engine).add_chatgpt_account(
-            name, base, tokens.account_id, sealed, priority
-        )
-    )
+
+    async def store_tokens(store: Store) -> None:
+        credentials = CredentialStore(store.engine)
+        if replace:
+            await credentials.replace_tokens(name, base, tokens.account_id, sealed)
+        else:
+            await credentials.add_chatgpt_account(name, base, tokens.account_id, sealed, priority)
+
+    with_store(store_tokens)
     plan = f", plan {tokens.plan_type}" if tokens.plan_type else ""
     click.echo(
-        f"imported chatgpt account {name} (ChatGPT account {tokens.account_id}{plan}) "
-        f"-> {base}{RESPONSES_PATH}"
+        f"{'replaced the tokens of' if replace else 'imported'} chatgpt account {name} "
+        f"(ChatGPT account {tokens.account_id}{plan}) -> {base}{RESPONSES_PATH}"
     )
 
 

@@ -143,6 +143,29 @@ class CredentialStore:
             await Store._bump(conn)
         return account_id
 
+    async def replace_tokens(
+        self, name: str, base_url: str, chatgpt_account_id: str, tokens: SealedTokens
+    ) -> None:
+        """New credentials for an existing account after a new sign-in; it is ready again."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(UpstreamAccount)
+                .where(UpstreamAccount.name == name, UpstreamAccount.kind == KIND_CHATGPT)
+                .values(
+                    base_url=base_url.rstrip("/"),
+                    chatgpt_account_id=chatgpt_account_id,
+                    access_token_sealed=tokens.access_token,
+                    refresh_token_sealed=tokens.refresh_token,
+                    id_token_sealed=tokens.id_token,
+                    token_expires_at=tokens.expires_at,
+                    state=STATE_READY,
+                    state_reason=None,
+                )
+            )
+            if result.rowcount == 0:
+                raise StoreError(f"no ChatGPT account named {name!r} to replace")
+            await Store._bump(conn)
+
     async def account(self, account_id: int) -> ChatGPTAccount:
         async with self.engine.connect() as conn:
             row = (await conn.execute(self._select(account_id))).first()

@@ -134,3 +134,30 @@ def test_list_says_why_an_account_is_out_of_rotation(
     assert listed["fine"]["state"] == "ready"
     assert "needs_relogin" in text and "cooling_down" in text
     assert "primary 100% resets" in text and "secondary 61.5% resets" in text
+
+
+def test_replacing_the_tokens_brings_an_account_back_into_rotation(
+    gateway: Gateway, auth_file: tuple[Path, str, str], tmp_path: Path
+) -> None:
+    gateway.env["CODEX_GATEWAY_SECRET_KEY"] = SECRET
+    gateway.cli("accounts", "import-codex", str(auth_file[0]), "--name", "c1")
+    with database(gateway) as conn:
+        conn.execute(
+            "UPDATE upstream_accounts SET state = 'needs_relogin', state_reason = 'refused'"
+        )
+    fresh = tmp_path / "fresh.json"
+    tokens = {"access_token": make_jwt(time.time() + 7200), "refresh_token": "rt_fresh"}
+    fresh.write_bytes(orjson.dumps({"tokens": tokens}))
+
+    result = gateway.cli("accounts", "import-codex", str(fresh), "--name", "c1", "--replace")
+
+    assert result.stdout.startswith("replaced the tokens of chatgpt account c1")
+    listed = gateway.cli_json("accounts", "list")
+    assert [(a["name"], a["state"], a["reason"]) for a in listed] == [("c1", "ready", None)]
+    with database(gateway) as conn:
+        sealed = conn.execute("SELECT refresh_token_sealed FROM upstream_accounts").fetchone()[0]
+    assert TokenCipher(SECRET).open(sealed) == "rt_fresh"
+    missing = gateway.cli(
+        "accounts", "import-codex", str(fresh), "--name", "c2", "--replace", check=False
+    )
+    assert missing.returncode != 0 and "no ChatGPT account named 'c2'" in missing.stderr
