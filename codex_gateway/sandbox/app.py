@@ -6,6 +6,7 @@ Which transcript plays is chosen by the `x-sandbox-transcript` header, else by a
 output, the way a two-turn Codex exchange goes. Streams are sent one event per write; a
 non-streaming request gets the final response object. The last requests it received can be
 read back at GET /sandbox/requests, which tests use to check what reached the upstream.
+A mock of the ChatGPT Codex backend answers under /sandbox/chatgpt (see `chatgpt.py`).
 """
 
 from __future__ import annotations
@@ -53,8 +54,11 @@ def load_transcripts() -> dict[str, Transcript]:
 
 class SandboxApp:
     def __init__(self, history: int = 200):
+        from codex_gateway.sandbox.chatgpt import ChatGPTBackend  # it builds on this module
+
         self.transcripts = load_transcripts()
         self.requests: deque[dict[str, Any]] = deque(maxlen=history)
+        self.chatgpt = ChatGPTBackend(self.transcripts, self.requests)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -66,6 +70,8 @@ class SandboxApp:
         elif path == "/requests" and method == "DELETE":
             self.requests.clear()
             await _json(send, 200, {"cleared": True})
+        elif path.startswith("/chatgpt/") and method == "POST":
+            await self.chatgpt(scope, receive, send, path.removeprefix("/chatgpt"))
         elif path.endswith("/v1/responses") and method == "POST":
             await self._responses(scope, receive, send, path)
         elif path.endswith("/v1/models") and method == "GET":
