@@ -147,3 +147,19 @@ def test_models_lists_the_priced_models_for_a_key(gateway: Gateway) -> None:
     assert "gpt-5.1-codex" in models and models == sorted(models)
     denied = httpx.get(gateway.url + "/v1/models", headers={"authorization": "Bearer sk-cg-no"})
     assert denied.status_code == 401
+
+
+def test_the_key_never_reaches_the_gateway_log_or_the_usage_row(gateway: Gateway) -> None:
+    _, key = gateway.new_user("1")
+
+    with sdk(gateway, key) as client:
+        response = client.chat.completions.with_raw_response.create(
+            model="gpt-5.1-codex",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            extra_headers={"x-sandbox-transcript": "responses-text"},
+        )
+    row = gateway.usage_row(response.headers["x-request-id"])
+
+    assert response.headers["x-request-id"] in gateway.log_text()
+    assert key not in gateway.log_text()
+    assert key not in json.dumps(row)
