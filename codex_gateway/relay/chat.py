@@ -93,7 +93,8 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     if not isinstance(stream, bool):
         raise InvalidRequest("The stream parameter must be true or false.", param="stream")
     _refuse_unsupported(document)
-    responses: dict[str, Any] = {"model": model, "input": _input(document)}
+    # Chat Completions keeps nothing unless asked; Responses keeps everything unless told not to
+    responses: dict[str, Any] = {"model": model, "input": _input(document), "store": False}
     responses.update({name: document[name] for name in _PASSED if name in document})
     _translate_tools(document, responses)
     _translate_limits(document, responses)

@@ -185,7 +185,22 @@ def test_chat_parameters_translate_to_responses_fields(
     responses = request(**fields)
 
     assert {name: responses[name] for name in expected} == expected
-    assert not set(responses) - {"model", "input", "stream", *expected}
+    assert not set(responses) - {"model", "input", "stream", "store", *expected}
+
+
+@pytest.mark.parametrize(
+    ("fields", "store"),
+    [
+        # nothing said: not stored, as Chat Completions does (Responses would store it)
+        ({}, False),
+        # the client asked for it
+        ({"store": True}, True),
+    ],
+)
+def test_a_chat_request_is_stored_upstream_only_when_asked(
+    fields: dict[str, Any], store: bool
+) -> None:
+    assert request(**fields)["store"] is store
 
 
 def test_without_stream_options_a_stream_carries_no_usage_chunk_request() -> None:
