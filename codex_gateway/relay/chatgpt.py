@@ -51,6 +51,7 @@ ALLOWED_INCLUDE = frozenset(
 # Client headers that name a session; each is replaced by the tenant's derived id.
 SESSION_HEADERS = ("session_id", "session-id", "conversation_id", "thread-id", "thread_id")
 _PASSED_HEADERS = ("user-agent", "version", "x-openai-subagent")
+_MIN_SESSION_LENGTH = 8
 _INSTRUCTION_ROLES = frozenset({"developer", "system"})
 _TEXT_PARTS = frozenset({"input_text", "text"})
 
@@ -140,8 +141,13 @@ def upstream_headers(
     client_headers: Mapping[str, str],
 ) -> dict[str, str]:
     """Headers for a backend call; `client_headers` has lower-case names, as the edge keeps them."""
+    # Codex repeats its session id inside other x-codex-* values (turn metadata, window id);
+    # there too it becomes the derived one, so the client's own id never travels upstream.
+    # A value too short to be an id would match unrelated text, so it is left alone.
+    client_session = next((client_headers[n] for n in SESSION_HEADERS if client_headers.get(n)), "")
+    rewrite = len(client_session) >= _MIN_SESSION_LENGTH
     headers = {
-        name: value
+        name: value.replace(client_session, session_id) if rewrite else value
         for name, value in client_headers.items()
         if name.startswith("x-codex-") or name in _PASSED_HEADERS
     }

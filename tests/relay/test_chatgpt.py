@@ -160,12 +160,38 @@ def test_backend_headers_carry_credentials_and_pass_codex_headers_through() -> N
     assert headers["openai-beta"] == "responses=experimental"
     assert headers["session_id"] == "sess-1"
     assert headers["accept"] == "text/event-stream"
-    for name in ("x-codex-beta-features", "x-codex-window-id", "x-codex-turn-metadata"):
-        assert headers[name] == client[name]
+    assert headers["x-codex-beta-features"] == client["x-codex-beta-features"]
+    # the client's session id, wherever Codex repeats it, becomes the derived one
+    assert headers["x-codex-window-id"] == "sess-1:0"
+    metadata = json.loads(headers["x-codex-turn-metadata"])
+    assert metadata["session_id"] == metadata["thread_id"] == "sess-1"
+    assert metadata["turn_id"] == json.loads(client["x-codex-turn-metadata"])["turn_id"]
+    assert client["session-id"] not in orjson.dumps(headers).decode()
     assert headers["user-agent"].startswith("codex_exec/0.169.0")
     # the client's own key and its raw session ids never travel upstream
     assert "sk-REPLACE-WITH-GATEWAY-KEY" not in orjson.dumps(headers).decode()
     assert not {"session-id", "thread-id", "x-client-request-id"} & set(headers)
+
+
+@pytest.mark.parametrize(
+    "session",
+    [
+        # no session header at all
+        {},
+        # a "session id" too short to be one would match unrelated text
+        {"session-id": "1"},
+    ],
+)
+def test_without_a_real_client_session_codex_headers_pass_unchanged(
+    session: dict[str, str],
+) -> None:
+    client = {"x-codex-turn-metadata": '{"turn_id": "t1"}', "x-codex-window-id": "w1:0"}
+
+    headers = upstream_headers(
+        access_token="a", account_id="b", session_id="c", client_headers={**client, **session}
+    )
+
+    assert {name: headers[name] for name in client} == client
 
 
 def test_a_client_without_an_originator_gets_codexs_own() -> None:
