@@ -1,22 +1,27 @@
-"""What the relay needs per request, held in memory: keys, balances, prices, accounts.
+"""What the relay needs per request, held in memory: keys, prices, accounts.
 
 Every administrative write bumps one revision number; each gateway process polls it and
 reloads when it moves, so a revoked key or a new price reaches every process within one poll
-interval without a database round trip per request. Balances are reloaded on every poll and
-updated locally after each settlement.
+interval without a database round trip per request. Balances are not cached here: admission
+holds requests against balance leases (billing/admission.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from decimal import Decimal
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from codex_gateway.billing.pricing import PriceTable
+from codex_gateway.errors import StorageUnavailable
 from codex_gateway.store.queries import AccountRecord, KeyRecord, Store
 
 log = logging.getLogger(__name__)
 
+# Hashes of keys that matched nothing, so a flood of bad keys costs no database round trips.
+# A key created later is new random text, so it can never be in this set.
+MAX_UNKNOWN_KEYS = 10_000
 RELAYED_KINDS = frozenset({"openai"})
 
 
@@ -25,39 +30,56 @@ class Catalog:
         self._store = store
         self.revision = -1
         self.keys: dict[str, KeyRecord] = {}
-        self.balances: dict[int, Decimal] = {}
         self.prices = PriceTable()
         self.accounts: list[AccountRecord] = []
+        self._unknown_keys: set[str] = set()
+        self.traced_keys: frozenset[int] = frozenset()
         self._lock = asyncio.Lock()
 
     async def refresh(self) -> None:
-        """Reload everything if the revision moved; always reload balances."""
+        """Reload everything if the revision moved; read first, then swap in together."""
         async with self._lock:
             revision = await self._store.revision()
-            if revision != self.revision:
-                self.keys = await self._store.active_keys()
-                self.prices = PriceTable(await self._store.prices())
-                self.accounts = await self._store.accounts()
-                self.revision = revision
-                log.debug("catalog reloaded at revision %d", revision)
-            self.balances = await self._store.balances()
+            if revision == self.revision:
+                return
+            keys = await self._store.active_keys()
+            prices = PriceTable(await self._store.prices())
+            accounts = await self._store.accounts()
+            traced_keys = await self._store.traced_keys()
+            self.keys, self.prices, self.accounts = keys, prices, accounts
+            self.traced_keys = traced_keys
+            self._unknown_keys.clear()
+            self.revision = revision
+            log.debug("catalog reloaded at revision %d", revision)
 
     async def key(self, key_hash: str) -> KeyRecord | None:
         """The active key with this hash; a key created since the last poll is looked up."""
         record = self.keys.get(key_hash)
         if record is not None:
             return record
-        found = await self._store.find_key(key_hash)
+        if key_hash in self._unknown_keys:
+            return None
+        try:
+            found = await self._store.find_key(key_hash)
+        except (OSError, SQLAlchemyError) as exc:
+            log.error("cannot look up a key: %s", exc)
+            raise StorageUnavailable(
+                "The gateway cannot check this API key right now; retry in a moment."
+            ) from None
         if found is None or found.revoked:
+            if len(self._unknown_keys) >= MAX_UNKNOWN_KEYS:
+                self._unknown_keys.clear()
+            self._unknown_keys.add(key_hash)
             return None
         self.keys[key_hash] = found
-        if found.user_id not in self.balances:
-            self.balances.update(await self._store.balances())
         return found
 
     def usable_accounts(self) -> list[AccountRecord]:
         # ChatGPT accounts need their own backend shaping, which this relay does not do yet
         return [a for a in self.accounts if a.enabled and a.kind in RELAYED_KINDS]
+
+    def account_name(self, account_id: int | None) -> str | None:
+        return next((a.name for a in self.accounts if a.id == account_id), None)
 
     async def poll(self, interval: float) -> None:
         while True:

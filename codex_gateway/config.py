@@ -7,6 +7,7 @@ operator sees all of them at once.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -16,9 +17,12 @@ from typing import Any
 
 from codex_gateway.errors import ConfigError
 from codex_gateway.relay.chatgpt import DEFAULT_BASE_URL as DEFAULT_CHATGPT_BASE_URL
+from codex_gateway.store.db import redact_url
 
 ENV_PREFIX = "CODEX_GATEWAY_"
 DEFAULT_DATABASE_URL = "sqlite:///./data/codex-gateway.db"
+DEFAULT_SPOOL_PATH = "./data/unsettled-usage.jsonl"
+MIN_ADMIN_TOKEN_LENGTH = 16
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MIN_SECRET_LENGTH = 32
 
@@ -33,15 +37,25 @@ class Settings:
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 300.0
     upstream_pool_size: int = 512
+    hold_output_tokens: int = 32_768
+    lease_ttl_seconds: float = 60.0
+    lease_renew_seconds: float = 5.0
+    lease_idle_seconds: float = 10.0
+    redis_url: str | None = None
+    admin_token: str | None = None
+    log_levels: tuple[tuple[str, str], ...] = ()
+    shutdown_grace_seconds: float = 30.0
+    spool_path: str = DEFAULT_SPOOL_PATH
     # seals ChatGPT account tokens at rest and keys upstream session ids; never printed
     secret_key: str | None = field(default=None, repr=False)
     secret_key_file: str | None = None
     chatgpt_base_url: str = DEFAULT_CHATGPT_BASE_URL
     chatgpt_token_url: str = "https://auth.openai.com/oauth/token"
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _positive_int(value: Any) -> int:
+    if isinstance(value, bool | float):
+        raise ValueError("must be a positive whole number")
     number = int(value)
     if number <= 0:
         raise ValueError("must be a positive whole number")
@@ -49,9 +63,11 @@ def _positive_int(value: Any) -> int:
 
 
 def _positive_float(value: Any) -> float:
-    number = float(value)
-    if number <= 0:
+    if isinstance(value, bool):
         raise ValueError("must be a positive number")
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError("must be a positive, finite number")
     return number
 
 
@@ -90,6 +106,44 @@ def _http_url(value: Any) -> str:
     return text
 
 
+def _redis_url(value: Any) -> str:
+    text = str(value)
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    return text
+
+
+def _admin_token(value: Any) -> str:
+    text = str(value)
+    if len(text) < MIN_ADMIN_TOKEN_LENGTH or text != text.strip():
+        # The value itself is never repeated: it is a secret.
+        raise ValueError(
+            f"must be at least {MIN_ADMIN_TOKEN_LENGTH} characters without surrounding spaces"
+        )
+    return text
+
+
+def _log_levels(value: Any) -> tuple[tuple[str, str], ...]:
+    """`logger=LEVEL,logger=LEVEL` (or a TOML table) into (logger, LEVEL) pairs."""
+    if isinstance(value, Mapping):
+        pairs = [(str(name), str(level)) for name, level in value.items()]
+    else:
+        pairs = []
+        for item in str(value).split(","):
+            name, sep, level = item.strip().partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"{item.strip()!r} is not logger=LEVEL")
+            pairs.append((name.strip(), level.strip()))
+    return tuple((name, _log_level(level)) for name, level in pairs)
+
+
+def _path(value: Any) -> str:
+    text = str(value).strip()
+    if not text:
+        raise ValueError("must be a file path")
+    return text
+
+
 PARSERS: dict[str, Callable[[Any], Any]] = {
     "database_url": _database_url,
     "log_level": _log_level,
@@ -99,12 +153,23 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "upstream_connect_timeout": _positive_float,
     "upstream_read_timeout": _positive_float,
     "upstream_pool_size": _positive_int,
+    "hold_output_tokens": _positive_int,
+    "lease_ttl_seconds": _positive_float,
+    "lease_renew_seconds": _positive_float,
+    "lease_idle_seconds": _positive_float,
+    "redis_url": _redis_url,
+    "admin_token": _admin_token,
+    "log_levels": _log_levels,
+    "shutdown_grace_seconds": _positive_float,
+    "spool_path": _path,
     "secret_key": _secret_key,
     "secret_key_file": str,
     "chatgpt_base_url": _http_url,
     "chatgpt_token_url": _http_url,
 }
-SECRET_SETTINGS = frozenset({"secret_key"})
+SECRET_SETTINGS = frozenset({"admin_token", "secret_key"})
+# URLs that may carry a password, shown with it masked.
+URL_SETTINGS = frozenset({"database_url", "redis_url"})
 
 
 def load_settings(
@@ -132,8 +197,7 @@ def load_settings(
         try:
             values[name] = parser(value)
         except (TypeError, ValueError) as exc:
-            shown = "(hidden)" if name in SECRET_SETTINGS else repr(value)
-            problems.append(f"setting {name} = {shown}: {exc}")
+            problems.append(f"setting {name} = {_shown(name, value)!r}: {exc}")
     if problems:
         raise ConfigError(problems)
     return dataclasses.replace(Settings(), **values)
@@ -149,3 +213,23 @@ def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:
         problems.append(f"config file {path}: {exc}")
         return {}
     return dict(data.get("gateway", data))
+
+
+def environment_variables() -> list[str]:
+    """Every environment variable the settings read, for `.env.example` and the docs."""
+    return [ENV_PREFIX + "CONFIG"] + [ENV_PREFIX + name.upper() for name in PARSERS]
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """The settings as an operator may see them: secrets masked, the database password too."""
+    return {name: _shown(name, getattr(settings, name)) for name in PARSERS}
+
+
+def _shown(name: str, value: Any) -> Any:
+    if not value:
+        return value
+    if name in SECRET_SETTINGS:
+        return "***"
+    if name in URL_SETTINGS:
+        return redact_url(str(value))
+    return value

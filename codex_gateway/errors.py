@@ -7,7 +7,9 @@
     │   ├── ModelNotFound           404 model_not_found
     │   ├── InsufficientQuota       429 insufficient_quota
     │   ├── BodyTooLarge            413
-    │   └── NotFound                404 for unknown paths
+    │   ├── NotFound                404 for unknown paths
+    │   └── MethodNotAllowed        405
+    ├── StorageUnavailable     503, the gateway's database cannot be reached (fail closed)
     └── UpstreamError          what the upstream did (5xx)
         ├── NoAccountAvailable      503
         ├── UpstreamConnectError    502
@@ -34,10 +36,19 @@ class GatewayError(Exception):
     type = "server_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        detail: str | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
+        # For the operator (usage row, log); never sent to the client.
+        self.detail = detail
         if code is not None:
             self.code = code
 
@@ -93,6 +104,13 @@ class NotFound(ClientError):
 class MethodNotAllowed(ClientError):
     status = 405
     code = "method_not_allowed"
+
+
+class StorageUnavailable(GatewayError):
+    """The gateway's own database cannot be reached: requests fail closed."""
+
+    status = 503
+    code = "storage_unavailable"
 
 
 class UpstreamError(GatewayError):

@@ -40,7 +40,8 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(payload, default=str).decode()
 
 
-def configure(level: str, fmt: str = "plain") -> None:
+def configure(level: str, fmt: str = "plain", per_logger: tuple[tuple[str, str], ...] = ()) -> None:
+    """One handler on the root; `per_logger` pairs (name, LEVEL) override single loggers."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
     root = logging.getLogger()
@@ -50,3 +51,5 @@ def configure(level: str, fmt: str = "plain") -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).setLevel(logging.INFO)
     logging.getLogger("uvicorn.access").disabled = True
+    for name, logger_level in per_logger:
+        logging.getLogger(name).setLevel(logger_level)

@@ -20,10 +20,12 @@ from typing import Any
 
 import httpx
 import pytest
+from click.testing import CliRunner
+
+from codex_gateway.cli.main import cli
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
-TRANSCRIPTS = ROOT / "codex_gateway" / "sandbox" / "transcripts"
+FIXTURES = ROOT / "tests" / "fixtures"
 PG_ADMIN_URL = os.environ.get(
     "CODEX_GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
@@ -50,11 +52,8 @@ def wait_http(url: str, timeout: float = 20.0) -> None:
 
 
 def fixture_path(*parts: str) -> Path:
-    """A file from the shared fixtures, or the copy that travels with the repo."""
-    shared = SHARED_FIXTURES.joinpath(*parts)
-    if shared.exists():
-        return shared
-    return TRANSCRIPTS / parts[-1]
+    """A wire-format fixture (tests/fixtures is a copy of the shared fixtures)."""
+    return FIXTURES.joinpath(*parts)
 
 
 @dataclass
@@ -116,7 +115,18 @@ class Gateway:
     extra_procs: list[Proc] = field(default_factory=list)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
+        """Run a command in this process: the same code as the installed CLI, started faster."""
+        result = CliRunner().invoke(cli, list(args), env=self.env, catch_exceptions=False)
+        completed = subprocess.CompletedProcess(
+            list(args), result.exit_code, result.stdout, result.stderr
+        )
+        if check and result.exit_code != 0:
+            raise AssertionError(f"codex-gateway {' '.join(args)} failed:\n{result.stderr}")
+        return completed
+
+    def real_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run the command as its own process, as an operator would."""
+        return subprocess.run(
             [*CLI, *args],
             env=self.env,
             cwd=self.workdir,
@@ -125,9 +135,6 @@ class Gateway:
             timeout=60,
             stdin=subprocess.DEVNULL,
         )
-        if check and result.returncode != 0:
-            raise AssertionError(f"codex-gateway {' '.join(args)} failed:\n{result.stderr}")
-        return result
 
     def cli_json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)
@@ -146,6 +153,10 @@ class Gateway:
 
     def log_text(self) -> str:
         return self.proc.log_text() if self.proc else ""
+
+    def drop_database(self) -> None:
+        if self.backend == "postgresql":
+            _drop_pg_database(self.database_url.rsplit("/", 1)[1])
 
     def new_user(self, balance: str = "10") -> tuple[str, str]:
         """A fresh user with `balance` USD and a key; returns (name, key)."""
@@ -225,8 +236,7 @@ def gateway(
         yield gw
     finally:
         gw.stop()
-        if gw.backend == "postgresql":
-            _drop_pg_database(gw.database_url.rsplit("/", 1)[1])
+        gw.drop_database()
 
 
 def make_gateway(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Gateway:
@@ -241,6 +251,7 @@ def make_gateway(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Gate
             "CODEX_GATEWAY_DATABASE_URL": database_url,
             "CODEX_GATEWAY_CATALOG_REFRESH_SECONDS": "0.2",
             "CODEX_GATEWAY_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
+            "CODEX_GATEWAY_SPOOL_PATH": str(workdir / "unsettled-usage.jsonl"),
         }
     )
     return Gateway(backend, database_url, workdir, env)

@@ -15,12 +15,12 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_lint_is_clean() -> None:
-    result = run("ruff", "check", "codex_gateway", "tests")
+    result = run("ruff", "check", ".")
     assert result.returncode == 0, result.stdout
 
 
 def test_ruff_format_is_applied() -> None:
-    result = run("ruff", "format", "--check", "codex_gateway", "tests")
+    result = run("ruff", "format", "--check", ".")
     assert result.returncode == 0, result.stdout
 
 

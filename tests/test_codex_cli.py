@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, TRANSCRIPTS, Gateway, Sandbox
+from tests.conftest import FIXTURES, ROOT, Gateway, Sandbox
 
 CODEX_VERSION = "0.169.0"
 CODEX_TIMEOUT = 120.0
@@ -174,7 +174,7 @@ def run_codex(binary: Path, base_url: str, key: str, home: Path, workdir: Path) 
 def final_text(transcript: str) -> str:
     """The text of the last `response.output_text.done` event in a sandbox transcript."""
     text = ""
-    for line in (TRANSCRIPTS / transcript).read_text(encoding="utf-8").splitlines():
+    for line in (FIXTURES / "upstream" / transcript).read_text(encoding="utf-8").splitlines():
         if not line.startswith("data: "):
             continue
         event = json.loads(line.removeprefix("data: "))

@@ -11,15 +11,18 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from decimal import Context, Decimal, InvalidOperation
+from decimal import Context, Decimal, DivisionByZero, Inexact, InvalidOperation, Overflow
 
 from codex_gateway.relay.usage import MappedUsage
 
-MONEY = Context(prec=60)
+# Exact arithmetic: any result that would need rounding raises instead of being rounded.
+MONEY = Context(prec=200, traps=[InvalidOperation, DivisionByZero, Overflow, Inexact])
 MILLION = Decimal(1_000_000)
 THOUSAND_PER_MILLION = Decimal(1_000)
 ZERO = Decimal(0)
 _DATED_SUFFIX = re.compile(r"-\d{4}-\d{2}-\d{2}$")
+_AMOUNT = re.compile(r"[0-9]{1,13}(\.[0-9]{1,18})?", re.ASCII)
+MAX_AMOUNT = Decimal(10**12)
 
 # List prices, USD per 1M tokens (standard tier): input, cached input, output.
 LIST_PRICES: dict[str, tuple[str, str, str]] = {
@@ -56,13 +59,17 @@ class Cost:
 
 
 def parse_amount(text: str | int | Decimal, what: str) -> Decimal:
-    """A finite, non-negative decimal from operator input; raises ValueError naming `what`."""
-    try:
-        value = Decimal(str(text).strip())
-    except InvalidOperation:
-        raise ValueError(f"{what} must be a decimal number, not {text!r}") from None
-    if not value.is_finite() or value < 0:
-        raise ValueError(f"{what} must be a finite number of at least 0, not {text!r}")
+    """A plain decimal from operator input, 0 to 1e12 with at most 18 decimals.
+
+    Raises ValueError naming `what`. Exponents, underscores and non-ASCII digits are refused
+    so that what an operator typed is exactly what is stored.
+    """
+    raw = str(text).strip()
+    if not _AMOUNT.fullmatch(raw):
+        raise ValueError(f"{what} must be a plain decimal number such as 12.5, not {text!r}")
+    value = Decimal(raw)
+    if value > MAX_AMOUNT:
+        raise ValueError(f"{what} must be at most {MAX_AMOUNT:,}, not {text!r}")
     return value
 
 

@@ -18,6 +18,7 @@ from codex_gateway.billing.pricing import Cost, Price, PriceTable, base_model, c
 from codex_gateway.relay.usage import (
     FLAG_CACHED_OVER_INPUT,
     FLAG_INVALID,
+    FLAG_MISSING,
     FLAG_REASONING_OVER_OUTPUT,
     NO_USAGE,
     MappedUsage,
@@ -28,6 +29,9 @@ log = logging.getLogger("codex_gateway.billing")
 
 FLAG_MODEL_MISMATCH = "upstream_model_differs"
 FLAG_NEEDS_REVIEW = "needs_review"
+FLAG_TRUNCATED = "upstream_field_truncated"
+MAX_TEXT = 200
+UNBILLABLE_FLAGS = frozenset({FLAG_INVALID, FLAG_MISSING})
 REVIEW_FLAGS = frozenset({FLAG_INVALID, FLAG_CACHED_OVER_INPUT, FLAG_REASONING_OVER_OUTPUT})
 
 
@@ -54,16 +58,22 @@ class Outcome:
     response_id: str | None = None
     flags: list[str] = field(default_factory=list)
     ttfb_ms: float | None = None
+    # Milliseconds from arrival until the upstream call began: the gateway's own overhead.
+    overhead_ms: float | None = None
     duration_ms: float = 0.0
     client_bytes: int = 0
+    hold: Decimal = Decimal(0)
 
     def flag(self, name: str) -> None:
         if name not in self.flags:
             self.flags.append(name)
 
 
-def bill(outcome: Outcome, prices: PriceTable) -> dict[str, Any]:
-    """The usage row for `outcome`: raw usage, mapped counts, price snapshot and each term."""
+def bill(outcome: Outcome, prices: PriceTable, trace: bool = False) -> dict[str, Any]:
+    """The usage row for `outcome`: raw usage, mapped counts, price snapshot and each term.
+
+    The four stages are logged at DEBUG, or at INFO when `trace` is on for this request.
+    """
     mapped = map_usage(outcome.usage) if outcome.usage_reported else NO_USAGE
     price = _price_for(outcome, prices)
     cost = compute_cost(mapped, price)
@@ -71,10 +81,13 @@ def bill(outcome: Outcome, prices: PriceTable) -> dict[str, Any]:
     flags.extend(flag for flag in mapped.flags if flag not in flags)
     if any(flag in REVIEW_FLAGS for flag in mapped.flags):
         flags.append(FLAG_NEEDS_REVIEW)
-    if price.model != outcome.price.model:
+    if _ran_another_model(outcome):
         flags.append(FLAG_MODEL_MISMATCH)
-    if log.isEnabledFor(logging.DEBUG):
-        _log_stages(outcome, mapped, price, cost)
+    upstream_model = _clip(outcome.upstream_model, flags)
+    response_id = _clip(outcome.response_id, flags)
+    level = logging.INFO if trace else logging.DEBUG
+    if log.isEnabledFor(level):
+        _log_stages(outcome, mapped, price, cost, level)
     return {
         "request_id": outcome.request_id,
         "started_at": outcome.started_at,
@@ -83,12 +96,12 @@ def bill(outcome: Outcome, prices: PriceTable) -> dict[str, Any]:
         "account_id": outcome.account_id,
         "endpoint": outcome.endpoint,
         "model": outcome.model,
-        "upstream_model": outcome.upstream_model,
+        "upstream_model": upstream_model,
         "stream": outcome.stream,
         "status": outcome.status,
         "http_status": outcome.http_status,
         "error": outcome.error,
-        "response_id": outcome.response_id,
+        "response_id": response_id,
         "raw_usage": orjson.dumps(outcome.usage).decode() if outcome.usage_reported else None,
         "input_tokens": mapped.input_tokens,
         "cached_tokens": mapped.cached_tokens,
@@ -114,24 +127,42 @@ def bill(outcome: Outcome, prices: PriceTable) -> dict[str, Any]:
 
 def _price_for(outcome: Outcome, prices: PriceTable) -> Price:
     """Price by the model the upstream says it ran when that is priced; else as admitted."""
-    if outcome.upstream_model and base_model(outcome.upstream_model) != base_model(outcome.model):
+    if outcome.upstream_model and _ran_another_model(outcome):
         reported = prices.resolve(outcome.upstream_model)
         if reported is not None:
             return reported
     return outcome.price
 
 
-def _log_stages(outcome: Outcome, mapped: MappedUsage, price: Price, cost: Cost) -> None:
+def _ran_another_model(outcome: Outcome) -> bool:
+    reported = outcome.upstream_model
+    return bool(reported) and base_model(str(reported)) != base_model(outcome.model)
+
+
+def _clip(value: str | None, flags: list[str]) -> str | None:
+    """Upstream text bound for a column of MAX_TEXT characters; longer text is cut and flagged."""
+    if value is None or len(value) <= MAX_TEXT:
+        return value
+    if FLAG_TRUNCATED not in flags:
+        flags.append(FLAG_TRUNCATED)
+    return value[:MAX_TEXT]
+
+
+def _log_stages(
+    outcome: Outcome, mapped: MappedUsage, price: Price, cost: Cost, level: int
+) -> None:
     extra = {"request_id": outcome.request_id}
     raw = orjson.dumps(outcome.usage).decode() if outcome.usage_reported else "none reported"
-    log.debug(
+    log.log(
+        level,
         "stage=raw status=%s upstream_model=%s usage=%s",
         outcome.status,
         outcome.upstream_model,
         raw,
         extra=extra,
     )
-    log.debug(
+    log.log(
+        level,
         "stage=mapped input=%d cached=%d uncached=%d output=%d reasoning=%d flags=%s",
         mapped.input_tokens,
         mapped.cached_tokens,
@@ -141,7 +172,8 @@ def _log_stages(outcome: Outcome, mapped: MappedUsage, price: Price, cost: Cost)
         ",".join(mapped.flags) or "-",
         extra=extra,
     )
-    log.debug(
+    log.log(
+        level,
         "stage=billed model=%s price_model=%s uncached=%d cached=%d output=%d "
         "usd_per_1m input=%s cached_input=%s output=%s markup=%s",
         outcome.model,
@@ -155,7 +187,8 @@ def _log_stages(outcome: Outcome, mapped: MappedUsage, price: Price, cost: Cost)
         plain(price.markup),
         extra=extra,
     )
-    log.debug(
+    log.log(
+        level,
         "stage=cost uncached=%s cached=%s output=%s before_markup=%s total=$%s",
         plain(cost.uncached_input),
         plain(cost.cached_input),
@@ -201,6 +234,13 @@ def explain(row: dict[str, Any]) -> str:
 
 
 def _cost_lines(row: dict[str, Any]) -> list[str]:
+    unusable = [flag for flag in orjson.loads(row["flags"]) if flag in UNBILLABLE_FLAGS]
+    if unusable:
+        return [
+            f"   not billed: {', '.join(unusable)} (the upstream reported no usable usage)",
+            "",
+            f"   total charged: ${plain(row['cost_usd'])}",
+        ]
     cached_billed = row["input_tokens"] - row["uncached_input_tokens"]
     terms = [
         (

@@ -22,13 +22,34 @@ from codex_gateway.upstream.chatgpt_auth import load_cipher, read_codex_auth
 ACCOUNT_KINDS = ("openai",)
 
 
+MAX_NAME_LENGTH = 200
+
+
 def _amount(_ctx: click.Context, param: click.Parameter, value: str | None) -> Decimal | None:
     if value is None:
         return None
     try:
-        return parse_amount(value, param.human_readable_name)
+        return parse_amount(value, "the amount")
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+def _positive_amount(ctx: click.Context, param: click.Parameter, value: str) -> Decimal:
+    amount = _amount(ctx, param, value)
+    if amount is None or amount <= 0:
+        raise click.BadParameter(f"must be more than 0, not {value!r}")
+    return amount
+
+
+def _name(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """Names of users, accounts and models: what is typed is what is stored and matched."""
+    if value is None:
+        return None
+    if not value or value != value.strip():
+        raise click.BadParameter(f"must not be empty or start or end with spaces: {value!r}")
+    if len(value) > MAX_NAME_LENGTH or not value.isprintable():
+        raise click.BadParameter(f"must be at most {MAX_NAME_LENGTH} printable characters")
+    return value
 
 
 @click.group()
@@ -37,7 +58,7 @@ def users() -> None:
 
 
 @users.command("create")
-@click.argument("name")
+@click.argument("name", callback=_name)
 @click.option("--balance", default="0", callback=_amount, help="Starting balance in USD.")
 def users_create(name: str, balance: Decimal) -> None:
     """Create a user with a starting balance."""
@@ -47,7 +68,7 @@ def users_create(name: str, balance: Decimal) -> None:
 
 @users.command("topup")
 @click.argument("name")
-@click.argument("usd", callback=_amount)
+@click.argument("usd", callback=_positive_amount)
 @click.option("--note", default=None, help="Why, for the ledger.")
 def users_topup(name: str, usd: Decimal, note: str | None) -> None:
     """Add USD to a user's balance."""
@@ -61,7 +82,7 @@ def users_list(as_json: bool) -> None:
     """List users and balances."""
     rows = with_store(lambda store: store.list_users())
     if as_json:
-        click.echo(dump_json([{**row, "balance": format(row["balance"], "f")} for row in rows]))
+        click.echo(dump_json(rows))
         return
     click.echo(table(rows, ["id", "name", "balance", "created_at"]))
 
@@ -116,7 +137,7 @@ def accounts() -> None:
 
 
 @accounts.command("add")
-@click.option("--name", required=True)
+@click.option("--name", required=True, callback=_name)
 @click.option("--kind", type=click.Choice(ACCOUNT_KINDS), default="openai", show_default=True)
 @click.option(
     "--base-url", required=True, help="As OpenAI writes it, e.g. https://api.openai.com/v1"
@@ -297,7 +318,7 @@ def pricing_list(as_json: bool) -> None:
 
 
 @pricing.command("set")
-@click.argument("model")
+@click.argument("model", callback=_name)
 @click.option("--input", "input_", required=True, callback=_amount, help="Input price.")
 @click.option("--cached-input", required=True, callback=_amount, help="Cached input price.")
 @click.option("--output", required=True, callback=_amount, help="Output price.")
@@ -376,7 +397,7 @@ def _usage_json(row: dict[str, Any]) -> dict[str, Any]:
     out["raw_usage"] = orjson.loads(row["raw_usage"]) if row["raw_usage"] else None
     for name, value in row.items():
         if isinstance(value, Decimal):
-            out[name] = format(value, "f")
+            out[name] = plain(value)
     return out
 
 
@@ -393,3 +414,20 @@ def explain(request_id: str, as_json: bool) -> None:
     if row is None:
         raise click.ClickException(f"no usage row for request {request_id!r}")
     click.echo(dump_json(_usage_json(row)) if as_json else explain_row(row))
+
+
+@click.group()
+def ledger() -> None:
+    """The append-only record of every balance change."""
+
+
+@ledger.command("verify")
+def ledger_verify() -> None:
+    """Prove every balance from its ledger and every charged request has exactly one charge."""
+    problems, counts = with_store(lambda store: store.verify_ledger())
+    checked = ", ".join(f"{count} {what}" for what, count in counts.items())
+    for problem in problems:
+        click.echo(f"problem: {problem}", err=True)
+    if problems:
+        raise click.ClickException(f"{len(problems)} problems in {checked}")
+    click.echo(f"ok: {checked}; every balance equals its ledger")

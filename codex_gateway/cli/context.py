@@ -10,10 +10,12 @@ from typing import Any, TypeVar
 
 import click
 import orjson
+from sqlalchemy.exc import SQLAlchemyError
 
+from codex_gateway.billing.pricing import plain
 from codex_gateway.config import Settings, load_settings
 from codex_gateway.errors import ConfigError
-from codex_gateway.store.db import create_engine, migrate
+from codex_gateway.store.db import create_engine, migrate, redact_url
 from codex_gateway.store.queries import Store, StoreError
 
 T = TypeVar("T")
@@ -44,8 +46,14 @@ def with_store(action: Callable[[Store], Awaitable[T]]) -> T:
         return asyncio.run(run())
     except (StoreError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(f"cannot reach the database: {exc}") from None
+    except (OSError, SQLAlchemyError) as exc:
+        where = redact_url(settings.database_url)
+        raise click.ClickException(f"database {where}: {_first_line(exc)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    cause = getattr(error, "orig", None) or error
+    return str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
 
 
 def dump_json(value: Any) -> str:
@@ -54,7 +62,7 @@ def dump_json(value: Any) -> str:
 
 def _json_default(value: Any) -> Any:
     if isinstance(value, Decimal):
-        return format(value, "f")
+        return plain(value)
     raise TypeError
 
 
@@ -71,7 +79,7 @@ def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, Decimal):
-        return format(value, "f")
+        return plain(value)
     if isinstance(value, bool):
         return "yes" if value else "no"
     if hasattr(value, "strftime"):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import sys
 from decimal import Decimal
 
 import click
 
 from codex_gateway import __version__, logs
-from codex_gateway.cli import admin
+from codex_gateway.cli import admin, operations, reconcile
 from codex_gateway.cli.context import settings_or_exit, with_store
 from codex_gateway.store.queries import Store, StoreError
 
@@ -38,10 +40,13 @@ def serve(host: str, port: int, sandbox: bool, log_level: str | None) -> None:
 
     from codex_gateway.app import Gateway
     from codex_gateway.http.asgi import GatewayApp
+    from codex_gateway.http.server import GracefulServer
     from codex_gateway.sandbox.app import SandboxApp
 
     settings = settings_or_exit()
-    logs.configure((log_level or settings.log_level).upper(), settings.log_format)
+    logs.configure(
+        (log_level or settings.log_level).upper(), settings.log_format, settings.log_levels
+    )
     if sandbox:
         _prepare_sandbox(host, port)
     gateway = Gateway(settings, sandbox=SandboxApp() if sandbox else None)
@@ -56,8 +61,17 @@ def serve(host: str, port: int, sandbox: bool, log_level: str | None) -> None:
         log_config=None,
         server_header=False,
         date_header=False,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_seconds),
     )
-    uvicorn.Server(config).run()
+    server = GracefulServer(config, gateway)
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn's own code 3 for a failed startup
+        if exc.code:
+            sys.exit(1)  # the reason is already logged, one line
+        raise
+    if not server.started:
+        sys.exit(1)
 
 
 def _prepare_sandbox(host: str, port: int) -> None:
@@ -68,11 +82,10 @@ def _prepare_sandbox(host: str, port: int) -> None:
     async def prepare(store: Store) -> str | None:
         existing = {account.name: account for account in await store.accounts()}
         account = existing.get(SANDBOX_ACCOUNT)
-        if account is not None and account.base_url != base_url:
-            await store.remove_account(SANDBOX_ACCOUNT)
-            account = None
         if account is None:
             await store.add_account(SANDBOX_ACCOUNT, "openai", base_url, "sandbox", priority=1000)
+        elif account.base_url != base_url:
+            await store.set_account_base_url(SANDBOX_ACCOUNT, base_url)
         if await store.list_users():
             return None
         try:
@@ -100,7 +113,7 @@ def sandbox(host: str, port: int) -> None:
 
     logs.configure("INFO")
     uvicorn.run(
-        SandboxApp(),
+        SandboxApp(record=True),
         host=host,
         port=port,
         http="httptools",
@@ -113,11 +126,26 @@ def sandbox(host: str, port: int) -> None:
 
 @cli.command()
 def version() -> None:
-    """Print the version."""
-    click.echo(__version__)
+    """Print the version and the git commit it was built from."""
+    from codex_gateway.version import build_info
+
+    click.echo(build_info().line())
 
 
-for command in (admin.users, admin.keys, admin.accounts, admin.pricing, admin.usage, admin.explain):
+for command in (
+    admin.users,
+    admin.keys,
+    admin.accounts,
+    admin.pricing,
+    admin.usage,
+    admin.explain,
+    admin.ledger,
+    reconcile.reconcile_command,
+    operations.migrate,
+    operations.config,
+    operations.health,
+    operations.trace,
+):
     cli.add_command(command)
 
 

@@ -11,7 +11,9 @@ from codex_gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from codex_gateway.http.chat import relay_chat
 from codex_gateway.http.exchange import Exchange, Receive, Scope, Send
 from codex_gateway.http.models import list_models
+from codex_gateway.http.operations import healthz, metrics, readyz
 from codex_gateway.http.responses import relay_responses
+from codex_gateway.metrics import UNKNOWN_MODEL, UNMATCHED_ROUTE
 
 if TYPE_CHECKING:
     from codex_gateway.app import Gateway
@@ -22,16 +24,16 @@ access = logging.getLogger("codex_gateway.access")
 Handler = Callable[["Gateway", Exchange], Awaitable[None]]
 
 
-async def healthz(gateway: Gateway, exchange: Exchange) -> None:
-    await exchange.send_json(200, {"status": "ok", "version": gateway.version})
-
-
 ROUTES: dict[str, dict[str, Handler]] = {
     "/v1/responses": {"POST": relay_responses},
     "/v1/chat/completions": {"POST": relay_chat},
     "/v1/models": {"GET": list_models},
     "/healthz": {"GET": healthz},
+    "/readyz": {"GET": readyz},
+    "/metrics": {"GET": metrics},
 }
+# Routes whose requests are billed: counted in flight until their bill is settled.
+RELAY_ROUTES = frozenset({"/v1/responses", "/v1/chat/completions"})
 
 
 class GatewayApp:
@@ -76,9 +78,11 @@ class GatewayApp:
             await self._fail(exchange, GatewayError("The gateway hit an internal error."))
         finally:
             self._access_line(exchange)
+            self._count(exchange)
 
     async def _route(self, exchange: Exchange) -> None:
-        methods = ROUTES.get(exchange.path.rstrip("/") or "/")
+        route = exchange.path.rstrip("/") or "/"
+        methods = ROUTES.get(route)
         if methods is None:
             raise NotFound(f"There is no route {exchange.method} {exchange.path} on this gateway.")
         handler = methods.get(exchange.method)
@@ -86,13 +90,33 @@ class GatewayApp:
             raise MethodNotAllowed(
                 f"{exchange.path} accepts {', '.join(methods)}, not {exchange.method}."
             )
-        await handler(self.gateway, exchange)
+        if route not in RELAY_ROUTES:
+            await handler(self.gateway, exchange)
+            return
+        self.gateway.in_flight += 1
+        try:
+            await handler(self.gateway, exchange)
+        finally:
+            self.gateway.in_flight -= 1
 
     @staticmethod
     async def _fail(exchange: Exchange, error: GatewayError) -> None:
         if exchange.response_started:
             return
         await exchange.send_json(error.status, error.body())
+
+    def _count(self, exchange: Exchange) -> None:
+        """Requests by route, status and model; unknown paths and models share one label."""
+        route = exchange.path.rstrip("/") or "/"
+        model = exchange.model
+        if model is None or self.gateway.catalog.prices.resolve(model) is None:
+            model = UNKNOWN_MODEL
+        self.gateway.metrics.request_done(
+            route if route in ROUTES else UNMATCHED_ROUTE,
+            exchange.status,
+            model,
+            (exchange.finished or time.perf_counter()) - exchange.started,
+        )
 
     @staticmethod
     def _access_line(exchange: Exchange) -> None:

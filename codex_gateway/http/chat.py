@@ -19,13 +19,15 @@ from codex_gateway.errors import UpstreamError, UpstreamProtocolError
 from codex_gateway.http.exchange import Exchange
 from codex_gateway.http.responses import (
     _STREAM_HEADERS,
+    MAX_UPSTREAM_BODY,
     MISSING_TERMINAL_MESSAGE,
     _record_failure,
     _relay_error,
     _take_terminal,
-    admit,
     authenticate,
     choose_account,
+    hold,
+    price_of,
     upstream_headers,
 )
 from codex_gateway.relay.chat import (
@@ -51,8 +53,9 @@ async def relay_chat(gateway: Gateway, exchange: Exchange) -> None:
     chat = parse_chat_request(await exchange.body(gateway.settings.max_body_bytes))
     exchange.model = chat.model
     request = _upstream_request(chat)
-    price = admit(gateway, key, request)
+    price = price_of(gateway, request)
     account = choose_account(gateway)
+    held = await hold(gateway, key, request, price)
     outcome = Outcome(
         request_id=exchange.request_id,
         started_at=datetime.now(UTC),
@@ -64,14 +67,22 @@ async def relay_chat(gateway: Gateway, exchange: Exchange) -> None:
         user_id=key.user_id,
         key_id=key.id,
         account_id=account.id,
+        hold=held,
     )
     try:
         await _relay(gateway, exchange, account, chat, request, outcome)
+    except UpstreamError:
+        raise
+    except BaseException:
+        outcome.status = "gateway_error"
+        outcome.http_status = 500
+        outcome.flag("gateway_error")
+        raise
     finally:
         outcome.client_bytes = exchange.bytes_sent
         outcome.http_status = exchange.status or outcome.http_status
         outcome.duration_ms = (time.perf_counter() - outcome.started) * 1000
-        await gateway.settle(outcome)
+        gateway.settle(outcome)
 
 
 def _upstream_request(chat: ChatRequest) -> ResponsesRequest:
@@ -88,12 +99,14 @@ async def _relay(
     outcome: Outcome,
 ) -> None:
     url = account.base_url + "/responses"
+    outcome.overhead_ms = (time.perf_counter() - outcome.started) * 1000
     try:
         upstream = await gateway.client.post(url, upstream_headers(exchange, account), request.body)
     except UpstreamError as exc:
         _record_failure(outcome, exc)
         raise
     outcome.ttfb_ms = (time.perf_counter() - outcome.started) * 1000
+    gateway.metrics.upstream_answered(account.name, upstream.headers)
     try:
         if upstream.status != 200:
             await _relay_error(exchange, upstream, outcome)
@@ -154,7 +167,7 @@ async def _whole(
     exchange: Exchange, upstream: UpstreamResponse, chat: ChatRequest, outcome: Outcome
 ) -> None:
     """Collect the stream, bill it, and answer with one chat.completion."""
-    body = await upstream.read()
+    body = await upstream.read(MAX_UPSTREAM_BODY)
     scanner = StreamScanner()
     scanner.feed(body)
     scanner.finish()

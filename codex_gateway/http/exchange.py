@@ -29,6 +29,7 @@ class Exchange:
     __slots__ = (
         "_send",
         "bytes_sent",
+        "finished",
         "headers",
         "key_display",
         "model",
@@ -49,6 +50,7 @@ class Exchange:
         self.status = 0
         self.response_started = False
         self.bytes_sent = 0
+        self.finished: float | None = None
         self.headers: dict[str, str] = {
             name.decode("latin-1").lower(): value.decode("latin-1")
             for name, value in scope["headers"]
@@ -89,6 +91,9 @@ class Exchange:
     async def write(self, chunk: bytes, more: bool = True) -> None:
         self.bytes_sent += len(chunk)
         await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
+        if not more:
+            # When the client had the last byte; the bill is written after this.
+            self.finished = time.perf_counter()
 
     async def send_json(self, status: int, payload: Any) -> None:
         body = payload if isinstance(payload, bytes) else orjson.dumps(payload)

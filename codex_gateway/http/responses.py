@@ -14,14 +14,15 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from codex_gateway.billing.admission import estimate_hold
 from codex_gateway.billing.pricing import Price
 from codex_gateway.billing.settlement import Outcome
 from codex_gateway.errors import (
     AuthenticationError,
-    InsufficientQuota,
     ModelNotFound,
     NoAccountAvailable,
     UpstreamError,
+    UpstreamProtocolError,
     UpstreamStatusError,
 )
 from codex_gateway.http.exchange import Exchange
@@ -59,6 +60,12 @@ _DROPPED_HEADERS = frozenset(
         "x-forwarded-proto",
         "x-real-ip",
         "proxy-authorization",
+        "cf-connecting-ip",
+        "true-client-ip",
+        "x-client-ip",
+        "via",
+        "origin",
+        "referer",
         "openai-organization",
         "openai-project",
     }
@@ -74,6 +81,8 @@ _STREAM_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
+_JSON_STATUS = {"completed": "completed", "incomplete": "incomplete", "failed": "failed"}
+MAX_UPSTREAM_BODY = 64 * 1024 * 1024
 MISSING_TERMINAL_MESSAGE = (
     "The upstream stream ended before its final event, so this response is incomplete."
 )
@@ -103,19 +112,28 @@ def _bearer(exchange: Exchange) -> str:
     )
 
 
-def admit(gateway: Gateway, key: KeyRecord, request: ResponsesRequest) -> Price:
+def price_of(gateway: Gateway, request: ResponsesRequest) -> Price:
     price = gateway.catalog.prices.resolve(request.model)
     if price is None:
         raise ModelNotFound(
             f"The model `{request.model}` does not exist or has no price on this gateway.",
             param="model",
         )
-    if gateway.catalog.balances.get(key.user_id, Decimal(0)) <= 0:
-        raise InsufficientQuota(
-            "You exceeded your current quota: the balance is used up. "
-            "Ask the gateway operator to top it up."
-        )
     return price
+
+
+async def hold(
+    gateway: Gateway, key: KeyRecord, request: ResponsesRequest, price: Price
+) -> Decimal:
+    """Hold the request's largest possible cost against the user's balance."""
+    estimate = estimate_hold(
+        price,
+        len(request.body),
+        request.document.get("max_output_tokens"),
+        gateway.settings.hold_output_tokens,
+    )
+    await gateway.admission.admit(key.user_id, estimate)
+    return estimate
 
 
 def choose_account(gateway: Gateway) -> AccountRecord:
@@ -138,8 +156,9 @@ async def relay_responses(gateway: Gateway, exchange: Exchange) -> None:
     key = await authenticate(gateway, exchange)
     request = parse_responses_request(await exchange.body(gateway.settings.max_body_bytes))
     exchange.model = request.model
-    price = admit(gateway, key, request)
+    price = price_of(gateway, request)
     account = choose_account(gateway)
+    held = await hold(gateway, key, request, price)
     outcome = Outcome(
         request_id=exchange.request_id,
         started_at=datetime.now(UTC),
@@ -151,16 +170,24 @@ async def relay_responses(gateway: Gateway, exchange: Exchange) -> None:
         user_id=key.user_id,
         key_id=key.id,
         account_id=account.id,
+        hold=held,
     )
     if request.converted_messages:
         outcome.flag("messages_converted")
     try:
         await _relay(gateway, exchange, account, request, outcome)
+    except UpstreamError:
+        raise
+    except BaseException:
+        outcome.status = "gateway_error"
+        outcome.http_status = 500
+        outcome.flag("gateway_error")
+        raise
     finally:
         outcome.client_bytes = exchange.bytes_sent
         outcome.http_status = exchange.status or outcome.http_status
         outcome.duration_ms = (time.perf_counter() - outcome.started) * 1000
-        await gateway.settle(outcome)
+        gateway.settle(outcome)
 
 
 async def _relay(
@@ -171,12 +198,14 @@ async def _relay(
     outcome: Outcome,
 ) -> None:
     url = account.base_url + "/responses"
+    outcome.overhead_ms = (time.perf_counter() - outcome.started) * 1000
     try:
         upstream = await gateway.client.post(url, upstream_headers(exchange, account), request.body)
     except UpstreamError as exc:
         _record_failure(outcome, exc)
         raise
     outcome.ttfb_ms = (time.perf_counter() - outcome.started) * 1000
+    gateway.metrics.upstream_answered(account.name, upstream.headers)
     try:
         if upstream.status != 200:
             await _relay_error(exchange, upstream, outcome)
@@ -194,8 +223,14 @@ async def _relay(
 def _record_failure(outcome: Outcome, error: UpstreamError) -> None:
     outcome.status = "upstream_error"
     outcome.http_status = error.status
-    outcome.error = outcome.error or error.message
+    outcome.error = outcome.error or error.detail or error.message
     outcome.flag(error.code or "upstream_error")
+    log.warning(
+        "upstream failed: %s (%s)",
+        error.message,
+        error.detail or error.code,
+        extra={"request_id": outcome.request_id, "account_id": outcome.account_id},
+    )
 
 
 async def _relay_stream(exchange: Exchange, upstream: UpstreamResponse, outcome: Outcome) -> None:
@@ -206,6 +241,12 @@ async def _relay_stream(exchange: Exchange, upstream: UpstreamResponse, outcome:
             scanner.feed(chunk)
             await exchange.write(chunk)
     except UpstreamError as exc:
+        if scanner.terminal is not None:
+            # The response was already complete: the client has all of it, and so does the bill.
+            outcome.flag("upstream_closed_uncleanly")
+            _take_terminal(scanner, outcome)
+            await exchange.write(b"", more=False)
+            return
         _record_failure(outcome, exc)
         outcome.flag("stream_interrupted")
         await exchange.write(error_event(exc.code or "upstream_error", exc.message), more=False)
@@ -248,22 +289,23 @@ def _error_message(terminal: dict[str, object]) -> str:
 
 
 async def _relay_json(exchange: Exchange, upstream: UpstreamResponse, outcome: Outcome) -> None:
-    body = await upstream.read()
+    body = await upstream.read(MAX_UPSTREAM_BODY)
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
         document = None
-    if isinstance(document, dict):
-        usage = document.get("usage")
-        outcome.usage = usage
-        outcome.usage_reported = usage is not None
-        outcome.upstream_model = upstream_model_of(document)
-        outcome.response_id = response_id_of(document)
-        status = document.get("status")
-        outcome.status = status if isinstance(status, str) else "completed"
-    else:
-        outcome.status = "upstream_error"
+    if not isinstance(document, dict):
         outcome.flag("upstream_body_not_json")
+        raise UpstreamProtocolError(
+            "The upstream answered with a body that is not a JSON response.",
+            detail=f"HTTP 200 body: {body[:200].decode('utf-8', 'replace')}",
+        )
+    usage = document.get("usage")
+    outcome.usage = usage
+    outcome.usage_reported = usage is not None
+    outcome.upstream_model = upstream_model_of(document)
+    outcome.response_id = response_id_of(document)
+    outcome.status = _JSON_STATUS.get(str(document.get("status")), "completed")
     content_type = upstream.headers.get("content-type", "application/json").encode("latin-1")
     await exchange.start(
         200, [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
@@ -273,7 +315,7 @@ async def _relay_json(exchange: Exchange, upstream: UpstreamResponse, outcome: O
 
 async def _relay_error(exchange: Exchange, upstream: UpstreamResponse, outcome: Outcome) -> None:
     """Relay the upstream's client errors; hide the ones about the gateway's own account."""
-    body = await upstream.read()
+    body = await upstream.read(MAX_UPSTREAM_BODY)
     outcome.status = "upstream_error"
     outcome.error = f"HTTP {upstream.status}: {body[:500].decode('utf-8', 'replace')}"
     outcome.flag(f"upstream_http_{upstream.status}")

@@ -13,6 +13,8 @@ import orjson
 
 from codex_gateway.errors import InvalidRequest
 
+MAX_MODEL_LENGTH = 200
+
 
 @dataclass(frozen=True)
 class ResponsesRequest:
@@ -26,16 +28,14 @@ class ResponsesRequest:
 def parse_responses_request(raw: bytes) -> ResponsesRequest:
     """Validate the fields the gateway relies on; everything else passes through untouched."""
     document = parse_json_object(raw)
-    model = document.get("model")
-    if model is None:
-        raise InvalidRequest("You must provide a model parameter.", param="model")
-    if not isinstance(model, str) or not model.strip():
-        raise InvalidRequest("The model parameter must be a non-empty string.", param="model")
-    stream = document.get("stream", False)
+    model = _model(document.get("model"))
+    stream = document.get("stream")
+    if stream is None:
+        stream = False
     if not isinstance(stream, bool):
         raise InvalidRequest("The stream parameter must be true or false.", param="stream")
-    has_input = "input" in document
-    has_messages = "messages" in document
+    has_input = document.get("input") is not None
+    has_messages = document.get("messages") is not None
     if has_input and has_messages:
         raise InvalidRequest(
             "Send either input (Responses) or messages (Chat style), not both.", param="messages"
@@ -47,9 +47,22 @@ def parse_responses_request(raw: bytes) -> ResponsesRequest:
         )
     if not has_messages:
         return ResponsesRequest(model, stream, raw, document, False)
-    shaped = dict(document)
+    shaped = {name: value for name, value in document.items() if name != "input"}
     shaped["input"] = messages_to_input(shaped.pop("messages"))
     return ResponsesRequest(model, stream, orjson.dumps(shaped), shaped, True)
+
+
+def _model(model: object) -> str:
+    if model is None:
+        raise InvalidRequest("You must provide a model parameter.", param="model")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequest("The model parameter must be a non-empty string.", param="model")
+    if len(model) > MAX_MODEL_LENGTH or not model.isprintable():
+        raise InvalidRequest(
+            f"The model parameter must be at most {MAX_MODEL_LENGTH} printable characters.",
+            param="model",
+        )
+    return model
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -158,7 +171,12 @@ def _tool_call_items(tool_calls: Any, index: int) -> list[dict[str, Any]]:
         )
     items = []
     for call in tool_calls:
-        function = call.get("function", {}) if isinstance(call, dict) else {}
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise InvalidRequest(
+                f"messages[{index}].tool_calls entries must be objects with a function object.",
+                param=f"messages[{index}].tool_calls",
+            )
         items.append(
             {
                 "type": "function_call",

@@ -23,31 +23,58 @@ _TERMINAL_HINT = re.compile(rb"response\.(?:completed|incomplete|failed)|\"error
 class StreamScanner:
     """Watches a byte stream of SSE events; `terminal` is set once a terminal event is seen."""
 
-    __slots__ = ("_buffer", "bytes_seen", "created", "events", "terminal", "terminal_type")
+    __slots__ = (
+        "_buffer",
+        "_created",
+        "_created_block",
+        "_pending_cr",
+        "bytes_seen",
+        "events",
+        "terminal",
+        "terminal_type",
+    )
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._pending_cr = False
+        self._created_block: bytes | None = None
+        self._created: dict[str, Any] | None = None
         self.events = 0
         self.terminal: dict[str, Any] | None = None
         self.terminal_type: str | None = None
         self.bytes_seen = 0
-        self.created: dict[str, Any] | None = None
+
+    @property
+    def created(self) -> dict[str, Any] | None:
+        """The `response.created` event, parsed only when someone asks for it."""
+        if self._created is None and self._created_block is not None:
+            data = _parse_data(self._created_block)
+            self._created = data if isinstance(data, dict) else None
+            self._created_block = None
+        return self._created
 
     def feed(self, chunk: bytes) -> None:
         self.bytes_seen += len(chunk)
+        if self._pending_cr:
+            chunk = b"\r" + chunk
+            self._pending_cr = False
+        if b"\r" in chunk:
+            # CRLF framing: a CR that ends this chunk waits for its LF in the next one.
+            if chunk.endswith(b"\r"):
+                chunk = chunk[:-1]
+                self._pending_cr = True
+            chunk = chunk.replace(b"\r\n", b"\n")
         buffer = self._buffer
-        # a CRLF may be split across chunks, so a CR left at the end counts too
-        split_crlf = buffer.endswith(b"\r")
+        # Only the new bytes (and the one before them) can complete a blank line.
+        search_from = max(len(buffer) - 1, 0)
         buffer += chunk
-        if split_crlf or b"\r" in chunk:
-            buffer[:] = buffer.replace(b"\r\n", b"\n")
         start = 0
         while True:
-            end = buffer.find(b"\n\n", start)
+            end = buffer.find(b"\n\n", search_from)
             if end < 0:
                 break
             self._event(bytes(buffer[start:end]))
-            start = end + 2
+            start = search_from = end + 2
         if start:
             del buffer[:start]
 
@@ -73,9 +100,8 @@ class StreamScanner:
             return
         if name in TERMINAL_TYPES:
             self._set_terminal(name, _parse_data(block))
-        elif name == "response.created" and self.created is None:
-            data = _parse_data(block)
-            self.created = data if isinstance(data, dict) else None
+        elif name == "response.created" and self._created_block is None:
+            self._created_block = block
 
     def _set_terminal(self, name: str, data: Any) -> None:
         if self.terminal is not None:

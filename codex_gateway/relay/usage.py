@@ -14,6 +14,8 @@ FLAG_INVALID = "usage_invalid"
 FLAG_CACHED_OVER_INPUT = "cached_exceeds_input"
 FLAG_REASONING_OVER_OUTPUT = "reasoning_exceeds_output"
 FLAG_MISSING = "usage_missing"
+# No single request comes near this; a larger count is a broken upstream, not a bill.
+MAX_TOKENS = 10**12
 
 
 @dataclass(frozen=True)
@@ -40,13 +42,13 @@ NO_USAGE = MappedUsage(0, 0, 0, 0, 0, (FLAG_MISSING,))
 
 
 def _count(value: Any) -> int | None:
-    """A token count if `value` is a non-negative integer (JSON `1.0` included), else None."""
+    """A token count if `value` is an integer from 0 to MAX_TOKENS (JSON `1.0` too), else None."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, float) and value.is_integer() and value >= 0:
-        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and 0 <= value <= MAX_TOKENS:
+        return value
     return None
 
 

@@ -4,8 +4,10 @@ Which transcript plays is chosen by the `x-sandbox-transcript` header, else by a
 (`/sandbox/responses-cached/v1/responses`), else `responses-text`. The scenario
 `tool-conversation` answers with a tool call, and with text once the input carries the tool's
 output, the way a two-turn Codex exchange goes. Streams are sent one event per write; a
-non-streaming request gets the final response object. The last requests it received can be
-read back at GET /sandbox/requests, which tests use to check what reached the upstream.
+non-streaming request gets the final response object. When recording is on (the standalone
+`codex-gateway sandbox`), the last requests it received can be read back at
+GET /sandbox/requests, which tests use to check what reached the upstream; a gateway serving
+the sandbox for its quick start keeps no such record of its users' requests.
 A mock of the ChatGPT Codex backend answers under /sandbox/chatgpt (see `chatgpt.py`).
 """
 
@@ -52,20 +54,27 @@ def load_transcripts() -> dict[str, Transcript]:
     }
 
 
+MAX_RECORDED_BODY = 256 * 1024
+MAX_DELAY_MS = 60_000
+
+
 class SandboxApp:
-    def __init__(self, history: int = 200):
+    def __init__(self, *, record: bool = False, history: int = 50):
         from codex_gateway.sandbox.chatgpt import ChatGPTBackend  # it builds on this module
 
         self.transcripts = load_transcripts()
+        self.record = record
         self.requests: deque[dict[str, Any]] = deque(maxlen=history)
-        self.chatgpt = ChatGPTBackend(self.transcripts, self.requests)
+        self.chatgpt = ChatGPTBackend(self.transcripts, self.requests if record else None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         path: str = scope["path"].removeprefix("/sandbox")
         method: str = scope["method"]
-        if path == "/requests" and method == "GET":
+        if path == "/requests" and not self.record:
+            await _json(send, 404, _error("This sandbox does not record requests."))
+        elif path == "/requests" and method == "GET":
             await _json(send, 200, list(self.requests))
         elif path == "/requests" and method == "DELETE":
             self.requests.clear()
@@ -87,9 +96,9 @@ class SandboxApp:
         except orjson.JSONDecodeError:
             await _json(send, 400, _error("The sandbox expects a JSON body."))
             return
-        self.requests.append(
-            {"path": scope["path"], "headers": headers, "body": body.decode("utf-8", "replace")}
-        )
+        if self.record:
+            recorded = body[:MAX_RECORDED_BODY].decode("utf-8", "replace")
+            self.requests.append({"path": scope["path"], "headers": headers, "body": recorded})
         name = headers.get("x-sandbox-transcript") or _segment(path) or DEFAULT_TRANSCRIPT
         if name == TOOL_CONVERSATION:
             name = _tool_turn(document)
@@ -98,13 +107,18 @@ class SandboxApp:
             known = ", ".join([*self.transcripts, TOOL_CONVERSATION])
             await _json(send, 400, _error(f"Unknown sandbox transcript {name!r}; known: {known}."))
             return
-        delay = float(headers.get("x-sandbox-delay-ms", "0") or 0) / 1000
+        delay = _delay_seconds(headers.get("x-sandbox-delay-ms", ""))
         if transcript.json is not None:
             await _replay_json(send, transcript.json)
         elif document.get("stream") is True:
             await _stream(send, transcript, delay)
         else:
             await _final(send, transcript)
+
+
+def _delay_seconds(text: str) -> float:
+    """Pacing between events from `x-sandbox-delay-ms`; anything unusable means none."""
+    return min(int(text), MAX_DELAY_MS) / 1000 if text.isdigit() else 0.0
 
 
 def _segment(path: str) -> str | None:
@@ -146,12 +160,13 @@ async def _final(send: Send, transcript: Transcript) -> None:
         error = terminal.get("response", {}).get("error") or terminal
         await _json(send, 500, _error(str(error.get("message")), "server_error"))
         return
+    # No terminal event means no final object: answer with the JSON cut where the stream was.
     body = b'{"id":"resp_cut","object":"response","status":"in_progress","output":['
     await send(
         {
             "type": "http.response.start",
             "status": 200,
-            "headers": [*_JSON, (b"content-length", str(len(body) * 4).encode())],
+            "headers": [*_JSON, (b"content-length", str(len(body)).encode())],
         }
     )
     await send({"type": "http.response.body", "body": body, "more_body": False})

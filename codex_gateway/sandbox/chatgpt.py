@@ -69,7 +69,7 @@ def violation(headers: dict[str, str], document: Any) -> tuple[int, dict[str, An
 
 
 class ChatGPTBackend:
-    def __init__(self, transcripts: dict[str, Any], requests: deque[dict[str, Any]]):
+    def __init__(self, transcripts: dict[str, Any], requests: deque[dict[str, Any]] | None):
         self._transcripts = transcripts
         self._requests = requests
         self._expired_before = 0.0
@@ -79,9 +79,10 @@ class ChatGPTBackend:
     async def __call__(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         body = await _read(receive)
-        self._requests.append(
-            {"path": scope["path"], "headers": headers, "body": body.decode("utf-8", "replace")}
-        )
+        if self._requests is not None:  # only a recording sandbox keeps requests
+            self._requests.append(
+                {"path": scope["path"], "headers": headers, "body": body.decode("utf-8", "replace")}
+            )
         transcript, path = _transcript_segment(path)
         if path == RESPONSES:
             await self._responses(send, headers, body, transcript)

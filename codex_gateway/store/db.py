@@ -1,9 +1,9 @@
 """The database engine, and migrations run on every start.
 
 `CODEX_GATEWAY_DATABASE_URL` takes `sqlite:///PATH` or `postgresql://USER@HOST:PORT/DB`; the
-async driver is chosen here. SQLite runs in WAL mode with write transactions that take the
-write lock at BEGIN, so a read-modify-write of a balance cannot interleave with another
-process's.
+async driver is chosen here. SQLite runs in WAL mode; write transactions take the write
+lock at BEGIN, so a read-modify-write of a balance cannot interleave with another process's,
+while reads (connections with the READ_ONLY options) take none.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 7_220_130_411
+# Execution options for a connection that only reads.
+READ_ONLY = {"read_only": True}
 
 
 def driver_url(url: str) -> str:
@@ -68,7 +70,8 @@ def _sqlite_engine(url: str) -> AsyncEngine:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = connection.get_execution_options().get("read_only", False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -81,6 +84,8 @@ def alembic_config() -> Config:
 
 async def migrate(engine: AsyncEngine) -> None:
     """Bring the schema to the newest revision; concurrent starts on PostgreSQL take turns."""
+    if engine.dialect.name == "postgresql":
+        await _create_database_if_missing(engine)
     async with engine.connect() as connection:
         if engine.dialect.name == "postgresql":
             await connection.execute(text(f"SELECT pg_advisory_lock({_PG_MIGRATION_LOCK})"))
@@ -92,6 +97,27 @@ async def migrate(engine: AsyncEngine) -> None:
             if engine.dialect.name == "postgresql":
                 await connection.execute(text(f"SELECT pg_advisory_unlock({_PG_MIGRATION_LOCK})"))
                 await connection.commit()
+
+
+async def _create_database_if_missing(engine: AsyncEngine) -> None:
+    """Create the PostgreSQL database itself when the server has none by that name."""
+    try:
+        async with engine.connect():
+            return
+    except Exception as exc:
+        if "does not exist" not in str(exc) or engine.url.database is None:
+            raise
+    name = engine.url.database
+    server = create_async_engine(engine.url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        async with server.connect() as connection:
+            quoted = connection.dialect.identifier_preparer.quote(name)
+            await connection.execute(text(f"CREATE DATABASE {quoted}"))
+    except Exception as exc:
+        if "already exists" not in str(exc):
+            raise
+    finally:
+        await server.dispose()
 
 
 def _upgrade(connection: Connection) -> None:
@@ -108,3 +134,20 @@ async def is_current(engine: AsyncEngine) -> bool:
         )
     head = ScriptDirectory.from_config(alembic_config()).get_heads()
     return set(current) == set(head)
+
+
+async def schema_state(engine: AsyncEngine) -> str:
+    """`current`, `behind` (migrations to run) or `ahead` (migrated by a newer version).
+
+    A newer schema is one this version can still serve, because migrations only add: that is
+    what lets a deploy roll back to the previous image after the new one migrated.
+    """
+    async with engine.connect() as connection:
+        current = await connection.run_sync(
+            lambda sync: MigrationContext.configure(sync).get_current_heads()
+        )
+    scripts = ScriptDirectory.from_config(alembic_config())
+    known = {script.revision for script in scripts.walk_revisions()}
+    if any(revision not in known for revision in current):
+        return "ahead"
+    return "current" if set(current) == set(scripts.get_heads()) else "behind"

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Select, delete, func, insert, select, update
+from sqlalchemy import Row, Select, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from codex_gateway.billing.pricing import MONEY, Price
+from codex_gateway.billing.pricing import MONEY, ZERO, Price
+from codex_gateway.store.db import READ_ONLY
 from codex_gateway.store.tables import (
     ApiKey,
+    BalanceLease,
+    BillingTrace,
     LedgerEntry,
     ModelPricing,
     Revision,
@@ -41,12 +46,23 @@ class KeyRecord:
 
 
 @dataclass(frozen=True)
+class Settled:
+    """What settling one usage row did: the new balance (None if untouched) and how much of
+    the cost came out of the settling process's lease."""
+
+    request_id: str
+    user_id: int | None
+    balance: Decimal | None
+    consumed: Decimal
+
+
+@dataclass(frozen=True)
 class AccountRecord:
     id: int
     name: str
     kind: str
     base_url: str
-    api_key: str
+    api_key: str = field(repr=False)
     priority: int
     enabled: bool
 
@@ -69,7 +85,7 @@ def display_key(raw: str) -> str:
     """A key as it may appear anywhere: its prefix and last four characters."""
     if len(raw) < 16:
         return "***"
-    return f"{raw[:10]}…{raw[-4:]}"
+    return f"{KEY_PREFIX}…{raw[-4:]}"
 
 
 class Store:
@@ -77,12 +93,19 @@ class Store:
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
 
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reading: on SQLite it takes no write lock."""
+        async with self.engine.connect() as conn:
+            await conn.execution_options(**READ_ONLY)
+            yield conn
+            await conn.rollback()
+
     # -- revision: lets every process notice administrative changes --------------------------
 
     async def revision(self) -> int:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             value = await conn.scalar(select(Revision.value).where(Revision.id == 1))
-            await conn.rollback()
         return int(value or 0)
 
     @staticmethod
@@ -98,7 +121,7 @@ class Store:
             try:
                 result = await conn.execute(
                     insert(User)
-                    .values(name=name, balance=balance, created_at=now())
+                    .values(name=name, balance=balance, reserved=ZERO, created_at=now())
                     .returning(User.id)
                 )
             except IntegrityError:
@@ -130,15 +153,18 @@ class Store:
         return row[0], row[1]
 
     async def list_users(self) -> list[dict[str, Any]]:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             rows = (await conn.execute(select(User).order_by(User.id))).mappings().all()
-            await conn.rollback()
         return [dict(row) for row in rows]
 
+    async def balance(self, user_id: int) -> Decimal:
+        async with self._read() as conn:
+            value = await conn.scalar(select(User.balance).where(User.id == user_id))
+        return value if value is not None else Decimal(0)
+
     async def balances(self) -> dict[int, Decimal]:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             rows = (await conn.execute(select(User.id, User.balance))).all()
-            await conn.rollback()
         return {row[0]: row[1] for row in rows}
 
     # -- keys --------------------------------------------------------------------------------
@@ -176,9 +202,10 @@ class Store:
         )
         if user_name is not None:
             query = query.where(User.name == user_name)
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
+            if user_name is not None:
+                await _require_user(conn, user_name)
             rows = (await conn.execute(query)).mappings().all()
-            await conn.rollback()
         return [dict(row) for row in rows]
 
     async def revoke_key(self, key_id: int) -> None:
@@ -198,9 +225,8 @@ class Store:
             .join(User, User.id == ApiKey.user_id)
             .where(ApiKey.key_hash == key_hash)
         )
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             row = (await conn.execute(query)).first()
-            await conn.rollback()
         if row is None:
             return None
         return KeyRecord(row[0], row[1], row[2], row[3], row[4] is not None)
@@ -211,9 +237,8 @@ class Store:
             .join(User, User.id == ApiKey.user_id)
             .where(ApiKey.revoked_at.is_(None))
         )
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             rows = (await conn.execute(query)).all()
-            await conn.rollback()
         return {row[0]: KeyRecord(row[1], row[2], row[3], row[4], False) for row in rows}
 
     # -- upstream accounts -------------------------------------------------------------------
@@ -251,15 +276,37 @@ class Store:
                 raise StoreError(f"no account named {name!r}")
             await self._bump(conn)
 
+    async def set_account_base_url(self, name: str, base_url: str) -> None:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(UpstreamAccount)
+                .where(UpstreamAccount.name == name)
+                .values(base_url=base_url.rstrip("/"))
+            )
+            if result.rowcount == 0:
+                raise StoreError(f"no account named {name!r}")
+            await self._bump(conn)
+
     async def remove_account(self, name: str) -> None:
         async with self.engine.begin() as conn:
+            served = await conn.scalar(
+                select(func.count())
+                .select_from(UsageRecord)
+                .join(UpstreamAccount, UpstreamAccount.id == UsageRecord.account_id)
+                .where(UpstreamAccount.name == name)
+            )
+            if served:
+                raise StoreError(
+                    f"account {name!r} has served {served} requests that its usage rows name; "
+                    "disable it instead"
+                )
             result = await conn.execute(delete(UpstreamAccount).where(UpstreamAccount.name == name))
             if result.rowcount == 0:
                 raise StoreError(f"no account named {name!r}")
             await self._bump(conn)
 
     async def accounts(self) -> list[AccountRecord]:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             rows = (
                 await conn.execute(
                     select(
@@ -273,7 +320,6 @@ class Store:
                     ).order_by(UpstreamAccount.priority, UpstreamAccount.id)
                 )
             ).all()
-            await conn.rollback()
         return [AccountRecord(*row) for row in rows]
 
     # -- prices ------------------------------------------------------------------------------
@@ -302,7 +348,7 @@ class Store:
             await self._bump(conn)
 
     async def prices(self) -> list[Price]:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             rows = (
                 await conn.execute(
                     select(
@@ -314,47 +360,223 @@ class Store:
                     ).order_by(ModelPricing.model)
                 )
             ).all()
-            await conn.rollback()
         return [Price(*row) for row in rows]
 
     # -- settlement --------------------------------------------------------------------------
 
-    async def settle(self, record: dict[str, Any]) -> Decimal | None:
+    async def settle(self, record: dict[str, Any], holder: str | None = None) -> Decimal | None:
         """Write a usage row and debit its cost in one transaction; once per request id.
 
-        Returns the user's new balance, or None when there was no user or the request id was
-        settled before (a repeat changes nothing).
+        Returns the user's new balance, or None when nothing was debited: no user, no cost, or
+        a request id settled before (a repeat changes nothing).
         """
-        cost: Decimal = record["cost_usd"]
-        user_id = record.get("user_id")
+        return (await self._settle_alone(record, holder)).balance
+
+    async def settle_many(
+        self, records: list[dict[str, Any]], holder: str | None = None
+    ) -> list[Settled]:
+        """Settle a batch in one transaction (one commit for many requests).
+
+        If any request id was settled before, the batch is rolled back and each record is
+        settled on its own, so a repeat still changes nothing.
+        """
         try:
             async with self.engine.begin() as conn:
-                await conn.execute(insert(UsageRecord).values(**record))
-                if user_id is None:
-                    return None
-                balance = await self._debit(conn, user_id, cost)
-                await self._ledger(
-                    conn, user_id, "charge", -cost, balance, record["request_id"], None
-                )
-                return balance
+                return [await self._settle_one(conn, record, holder) for record in records]
+        except IntegrityError:
+            pass
+        return [await self._settle_alone(record, holder) for record in records]
+
+    async def _settle_alone(self, record: dict[str, Any], holder: str | None) -> Settled:
+        try:
+            async with self.engine.begin() as conn:
+                return await self._settle_one(conn, record, holder)
         except IntegrityError:
             if await self.usage(record["request_id"]) is not None:
-                return None
+                return Settled(record["request_id"], record.get("user_id"), None, ZERO)
             raise
 
-    async def _debit(self, conn: AsyncConnection, user_id: int, cost: Decimal) -> Decimal:
-        if not self.is_sqlite:
-            balance = await conn.scalar(
+    async def _settle_one(
+        self, conn: AsyncConnection, record: dict[str, Any], holder: str | None
+    ) -> Settled:
+        """Insert the row; debit the cost, taking it out of the holder's lease first."""
+        await conn.execute(insert(UsageRecord).values(**record))
+        request_id, user_id = record["request_id"], record.get("user_id")
+        cost: Decimal = record["cost_usd"]
+        if user_id is None or cost == 0:
+            return Settled(request_id, user_id, None, ZERO)
+        balance, reserved = await self._lock_user(conn, user_id)
+        consumed = await self._consume_lease(conn, user_id, holder, cost) if holder else ZERO
+        balance = MONEY.subtract(balance, cost)
+        await conn.execute(
+            update(User)
+            .where(User.id == user_id)
+            .values(balance=balance, reserved=MONEY.subtract(reserved, consumed))
+        )
+        await self._ledger(conn, user_id, "charge", cost.copy_negate(), balance, request_id, None)
+        return Settled(request_id, user_id, balance, consumed)
+
+    @staticmethod
+    async def _lock_user(conn: AsyncConnection, user_id: int) -> tuple[Decimal, Decimal]:
+        """The user's balance and reserved amount, locked for this transaction."""
+        row = (
+            await conn.execute(
+                select(User.balance, User.reserved).where(User.id == user_id).with_for_update()
+            )
+        ).one()
+        return Decimal(str(row[0])), Decimal(str(row[1]))
+
+    @staticmethod
+    async def _consume_lease(
+        conn: AsyncConnection, user_id: int, holder: str, cost: Decimal
+    ) -> Decimal:
+        lease = (
+            await conn.execute(
+                select(BalanceLease.id, BalanceLease.amount)
+                .where(BalanceLease.user_id == user_id, BalanceLease.holder == holder)
+                .with_for_update()
+            )
+        ).first()
+        if lease is None:
+            return ZERO
+        consumed = min(cost, Decimal(str(lease[1])))
+        await conn.execute(
+            update(BalanceLease)
+            .where(BalanceLease.id == lease[0])
+            .values(amount=MONEY.subtract(Decimal(str(lease[1])), consumed))
+        )
+        return consumed
+
+    # -- leases: admission without a database round trip per request -----------------------
+
+    async def acquire_lease(self, user_id: int, holder: str, amount: Decimal) -> bool:
+        """Set `amount` of the user's unreserved balance aside for `holder`, if it is there."""
+        async with self.engine.begin() as conn:
+            balance, reserved = await self._lock_user(conn, user_id)
+            if MONEY.subtract(balance, reserved) < amount:
+                return False
+            await conn.execute(
+                update(User).where(User.id == user_id).values(reserved=MONEY.add(reserved, amount))
+            )
+            await self._add_to_lease(conn, user_id, holder, amount)
+            return True
+
+    @staticmethod
+    async def _add_to_lease(
+        conn: AsyncConnection, user_id: int, holder: str, amount: Decimal
+    ) -> None:
+        current = (
+            await conn.execute(
+                select(BalanceLease.id, BalanceLease.amount).where(
+                    BalanceLease.user_id == user_id, BalanceLease.holder == holder
+                )
+            )
+        ).first()
+        if current is None:
+            await conn.execute(
+                insert(BalanceLease).values(
+                    user_id=user_id, holder=holder, amount=amount, renewed_at=now()
+                )
+            )
+            return
+        await conn.execute(
+            update(BalanceLease)
+            .where(BalanceLease.id == current[0])
+            .values(amount=MONEY.add(Decimal(str(current[1])), amount), renewed_at=now())
+        )
+
+    async def release_lease(self, user_id: int, holder: str, amount: Decimal) -> Decimal:
+        """Hand back up to `amount` of the holder's lease; returns what was handed back."""
+        async with self.engine.begin() as conn:
+            _, reserved = await self._lock_user(conn, user_id)
+            lease = (
+                await conn.execute(
+                    select(BalanceLease.id, BalanceLease.amount).where(
+                        BalanceLease.user_id == user_id, BalanceLease.holder == holder
+                    )
+                )
+            ).first()
+            if lease is None:
+                return ZERO
+            held = Decimal(str(lease[1]))
+            returned = min(amount, held)
+            await conn.execute(
                 update(User)
                 .where(User.id == user_id)
-                .values(balance=User.balance - cost)
-                .returning(User.balance)
+                .values(reserved=MONEY.subtract(reserved, returned))
             )
-            return Decimal(str(balance))
-        current = await conn.scalar(select(User.balance).where(User.id == user_id))
-        balance = MONEY.subtract(Decimal(str(current)), cost)
-        await conn.execute(update(User).where(User.id == user_id).values(balance=balance))
-        return balance
+            if returned == held:
+                await conn.execute(delete(BalanceLease).where(BalanceLease.id == lease[0]))
+            else:
+                await conn.execute(
+                    update(BalanceLease)
+                    .where(BalanceLease.id == lease[0])
+                    .values(amount=MONEY.subtract(held, returned))
+                )
+            return returned
+
+    async def renew_leases(self, holder: str) -> dict[int, Decimal]:
+        """Mark the holder's leases as alive; returns them as the database has them."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(BalanceLease).where(BalanceLease.holder == holder).values(renewed_at=now())
+            )
+            rows = (
+                await conn.execute(
+                    select(BalanceLease.user_id, BalanceLease.amount).where(
+                        BalanceLease.holder == holder
+                    )
+                )
+            ).all()
+        return {row[0]: Decimal(str(row[1])) for row in rows}
+
+    async def reap_leases(self, older_than: datetime) -> int:
+        """Return to their users the leases of holders that stopped renewing them."""
+        async with self._read() as conn:
+            stale = (
+                await conn.execute(
+                    select(BalanceLease.user_id, BalanceLease.holder).where(
+                        BalanceLease.renewed_at < older_than
+                    )
+                )
+            ).all()
+        for user_id, holder in stale:
+            await self.release_lease(user_id, holder, Decimal(10) ** 30)
+        return len(stale)
+
+    async def verify_ledger(self) -> tuple[list[str], dict[str, int]]:
+        """Prove every balance from its ledger, and every charged request has one charge.
+
+        Returns the problems found (empty when all is well) and what was checked.
+        """
+        async with self._read() as conn:
+            users = (
+                await conn.execute(select(User.id, User.name, User.balance, User.reserved))
+            ).all()
+            entries = (
+                await conn.execute(
+                    select(
+                        LedgerEntry.user_id,
+                        LedgerEntry.kind,
+                        LedgerEntry.amount,
+                        LedgerEntry.request_id,
+                    )
+                )
+            ).all()
+            leases = (await conn.execute(select(BalanceLease.user_id, BalanceLease.amount))).all()
+            usage = (
+                await conn.execute(
+                    select(UsageRecord.request_id, UsageRecord.user_id, UsageRecord.cost_usd)
+                )
+            ).all()
+        problems = _ledger_problems(users, entries, leases, usage)
+        counts = {"users": len(users), "ledger entries": len(entries), "usage rows": len(usage)}
+        return problems, counts
+
+    async def leases(self) -> list[dict[str, Any]]:
+        async with self._read() as conn:
+            rows = (await conn.execute(select(BalanceLease))).mappings().all()
+        return [dict(row) for row in rows]
 
     @staticmethod
     async def _ledger(
@@ -378,16 +600,40 @@ class Store:
             )
         )
 
+    # -- billing traces: four-stage bill logs for chosen keys, switched at run time ------------
+
+    async def set_trace(self, key_id: int, on: bool) -> None:
+        async with self.engine.begin() as conn:
+            if not on:
+                result = await conn.execute(
+                    delete(BillingTrace).where(BillingTrace.key_id == key_id)
+                )
+                if result.rowcount == 0:
+                    raise StoreError(f"billing of key {key_id} is not traced")
+            elif await conn.scalar(select(ApiKey.id).where(ApiKey.id == key_id)) is None:
+                raise StoreError(f"no key with id {key_id}")
+            elif (
+                await conn.scalar(select(BillingTrace.key_id).where(BillingTrace.key_id == key_id))
+                is None
+            ):
+                await conn.execute(insert(BillingTrace).values(key_id=key_id, created_at=now()))
+            await self._bump(conn)
+
+    async def traced_keys(self) -> frozenset[int]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(BillingTrace.key_id))).scalars().all()
+            await conn.rollback()
+        return frozenset(rows)
+
     # -- usage -------------------------------------------------------------------------------
 
     async def usage(self, request_id: str) -> dict[str, Any] | None:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             row = (
                 (await conn.execute(_usage_query().where(UsageRecord.request_id == request_id)))
                 .mappings()
                 .first()
             )
-            await conn.rollback()
         return dict(row) if row else None
 
     async def list_usage(
@@ -398,10 +644,25 @@ class Store:
         )
         if user_name is not None:
             query = query.where(User.name == user_name)
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
+            if user_name is not None:
+                await _require_user(conn, user_name)
             rows = (await conn.execute(query.limit(limit))).mappings().all()
-            await conn.rollback()
         return [dict(row) for row in rows]
+
+    async def stream_usage(
+        self, start: datetime | None, end: datetime | None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Usage rows started in [start, end), oldest first, read in chunks, not all at once."""
+        query = _usage_query().order_by(UsageRecord.started_at, UsageRecord.request_id)
+        if start is not None:
+            query = query.where(UsageRecord.started_at >= start)
+        if end is not None:
+            query = query.where(UsageRecord.started_at < end)
+        async with self._read() as conn:
+            result = await conn.stream(query.execution_options(yield_per=1000))
+            async for row in result.mappings():
+                yield dict(row)
 
     async def ledger(self, user_name: str) -> list[dict[str, Any]]:
         query = (
@@ -418,16 +679,58 @@ class Store:
             .where(User.name == user_name)
             .order_by(LedgerEntry.id)
         )
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
+            await _require_user(conn, user_name)
             rows = (await conn.execute(query)).mappings().all()
-            await conn.rollback()
         return [dict(row) for row in rows]
 
     async def count_usage(self) -> int:
-        async with self.engine.connect() as conn:
+        async with self._read() as conn:
             value = await conn.scalar(select(func.count()).select_from(UsageRecord))
-            await conn.rollback()
         return int(value or 0)
+
+
+def _ledger_problems(
+    users: Sequence[Row[int, str, Decimal, Decimal]],
+    entries: Sequence[Row[int, str, Decimal, str | None]],
+    leases: Sequence[Row[int, Decimal]],
+    usage: Sequence[Row[str, int | None, Decimal]],
+) -> list[str]:
+    problems: list[str] = []
+    ledger_sum: dict[int, Decimal] = {}
+    charges: dict[str, list[Decimal]] = {}
+    for user_id, kind, amount, request_id in entries:
+        ledger_sum[user_id] = MONEY.add(ledger_sum.get(user_id, ZERO), Decimal(str(amount)))
+        if kind == "charge" and request_id is not None:
+            charges.setdefault(request_id, []).append(Decimal(str(amount)))
+    leased: dict[int, Decimal] = {}
+    for user_id, amount in leases:
+        leased[user_id] = MONEY.add(leased.get(user_id, ZERO), Decimal(str(amount)))
+    for user_id, name, balance, reserved in users:
+        if Decimal(str(balance)) != ledger_sum.get(user_id, ZERO):
+            problems.append(
+                f"user {name}: balance {balance} but its ledger adds up to "
+                f"{ledger_sum.get(user_id, ZERO)}"
+            )
+        if Decimal(str(reserved)) != leased.get(user_id, ZERO) or Decimal(str(reserved)) < 0:
+            problems.append(
+                f"user {name}: reserved {reserved} but its leases add up to "
+                f"{leased.get(user_id, ZERO)}"
+            )
+    for request_id, owner, cost in usage:
+        found = charges.pop(request_id, [])
+        expected = [Decimal(str(cost)).copy_negate()] if owner is not None and cost else []
+        if found != expected:
+            problems.append(
+                f"request {request_id}: costs {cost} but has charges {[str(c) for c in found]}"
+            )
+    problems.extend(f"charge for request {rid} has no usage row" for rid in charges)
+    return problems
+
+
+async def _require_user(conn: AsyncConnection, name: str) -> None:
+    if await conn.scalar(select(User.id).where(User.name == name)) is None:
+        raise StoreError(f"no user named {name!r}")
 
 
 def _usage_query() -> Select[Any]:

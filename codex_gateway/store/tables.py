@@ -8,15 +8,15 @@ from decimal import Decimal
 from sqlalchemy import (
     BigInteger,
     Boolean,
-    DateTime,
     ForeignKey,
     Integer,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from codex_gateway.store.types import Money
+from codex_gateway.store.types import Money, UTCDateTime
 
 
 class Base(DeclarativeBase):
@@ -38,7 +38,26 @@ class User(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(200), unique=True, nullable=False)
     balance: Mapped[Decimal] = mapped_column(Money, nullable=False)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    # The part of the balance set aside by gateway processes' leases (see BalanceLease).
+    reserved: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class BalanceLease(Base):
+    """A slice of a user's balance that one gateway process may spend without asking again.
+
+    Admission is checked against the lease in the process's memory; only taking a new slice
+    touches the database. A lease whose holder stops renewing it is returned to the user.
+    """
+
+    __tablename__ = "balance_leases"
+    __table_args__ = (UniqueConstraint("user_id", "holder"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), nullable=False)
+    holder: Mapped[str] = mapped_column(String(100), nullable=False, index=True)
+    amount: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    renewed_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
 class ApiKey(Base):
@@ -49,8 +68,8 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     display: Mapped[str] = mapped_column(String(40), nullable=False)
     name: Mapped[str | None] = mapped_column(String(200))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class UpstreamAccount(Base):
@@ -63,14 +82,14 @@ class UpstreamAccount(Base):
     api_key: Mapped[str] = mapped_column(Text, nullable=False)
     priority: Mapped[int] = mapped_column(Integer, nullable=False, default=100)
     enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     # ChatGPT accounts: tokens sealed with the operator's secret key, never stored in clear
     chatgpt_account_id: Mapped[str | None] = mapped_column(String(200))
     access_token_sealed: Mapped[str | None] = mapped_column(Text)
     refresh_token_sealed: Mapped[str | None] = mapped_column(Text)
     id_token_sealed: Mapped[str | None] = mapped_column(Text)
-    token_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    last_refresh_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    token_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_refresh_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # `ready`, or `needs_relogin` with the reason in state_reason
     state: Mapped[str] = mapped_column(String(20), nullable=False, server_default="ready")
     state_reason: Mapped[str | None] = mapped_column(Text)
@@ -87,7 +106,7 @@ class ModelPricing(Base):
     cached_input_per_million: Mapped[Decimal] = mapped_column(Money, nullable=False)
     output_per_million: Mapped[Decimal] = mapped_column(Money, nullable=False)
     markup: Mapped[Decimal] = mapped_column(Money, nullable=False)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
 class LedgerEntry(Base):
@@ -102,7 +121,7 @@ class LedgerEntry(Base):
     balance_after: Mapped[Decimal] = mapped_column(Money, nullable=False)
     request_id: Mapped[str | None] = mapped_column(String(64), unique=True)
     note: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
 class UsageRecord(Base):
@@ -111,9 +130,7 @@ class UsageRecord(Base):
     __tablename__ = "usage_records"
 
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    started_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), nullable=False, index=True
-    )
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
     key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))
     account_id: Mapped[int | None] = mapped_column(ForeignKey("upstream_accounts.id"))
@@ -145,3 +162,12 @@ class UsageRecord(Base):
     duration_ms: Mapped[float] = mapped_column(nullable=False)
     ttfb_ms: Mapped[float | None] = mapped_column()
     client_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class BillingTrace(Base):
+    """Keys whose bills every process logs in four stages at INFO, switched on at run time."""
+
+    __tablename__ = "billing_traces"
+
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)

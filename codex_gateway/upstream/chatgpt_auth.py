@@ -43,6 +43,8 @@ REFRESH_MARGIN = timedelta(minutes=5)
 PERMANENT_REFRESH_CODES = frozenset(
     {"refresh_token_reused", "refresh_token_expired", "refresh_token_invalidated"}
 )
+# A token endpoint's answer is a few KB; anything far larger is not one.
+MAX_TOKEN_RESPONSE = 1024 * 1024
 # Fixed salt: the key must come out the same in every process from the same secret.
 _KDF_SALT = b"codex-gateway/secret-key/v1"
 
@@ -353,7 +355,7 @@ class TokenRefresher:
             response = await self._poster.post(
                 self._token_url, headers, refresh_request(previous.refresh_token)
             )
-            body = await response.read()
+            body = await response.read(MAX_TOKEN_RESPONSE)
         except UpstreamError as exc:
             raise TokenRefreshError(
                 f"Could not reach the token endpoint to refresh an access token: {exc.message}",

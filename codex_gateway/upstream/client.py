@@ -34,16 +34,25 @@ class UpstreamResponse:
                 "The upstream stopped sending before the response ended."
             ) from None
         except aiohttp.ClientPayloadError as exc:
-            raise UpstreamProtocolError(f"The upstream response was cut off: {exc}.") from None
+            raise UpstreamProtocolError(
+                "The upstream response was cut off before it ended.", detail=_describe(exc)
+            ) from None
         except aiohttp.ClientError as exc:
-            raise UpstreamConnectError(f"The upstream connection failed: {exc}.") from None
+            raise UpstreamConnectError(
+                "The connection to the upstream failed.", detail=_describe(exc)
+            ) from None
 
-    async def read(self) -> bytes:
-        parts = [chunk async for chunk in self.chunks()]
-        return b"".join(parts)
-
-    def close(self) -> None:
-        self._response.close()
+    async def read(self, limit: int) -> bytes:
+        """The whole body, refusing one larger than `limit` bytes."""
+        parts = bytearray()
+        async for chunk in self.chunks():
+            parts += chunk
+            if len(parts) > limit:
+                raise UpstreamProtocolError(
+                    "The upstream response body is larger than the gateway accepts.",
+                    detail=f"more than {limit} bytes",
+                )
+        return bytes(parts)
 
     def release(self) -> None:
         self._response.release()
@@ -72,18 +81,28 @@ class UpstreamClient:
 
     async def post(self, url: str, headers: Mapping[str, str], body: bytes) -> UpstreamResponse:
         try:
-            response = await self._get_session().post(url, data=body, headers=headers)
+            response = await self._get_session().post(
+                url, data=body, headers=headers, allow_redirects=False
+            )
         except TimeoutError:
             raise UpstreamTimeout("The upstream did not answer in time.") from None
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamConnectError(
-                f"Could not connect to the upstream: {exc.os_error}."
+                "Could not connect to the upstream.", detail=str(exc.os_error)
             ) from None
         except aiohttp.ClientError as exc:
-            raise UpstreamConnectError(f"The upstream request failed: {exc}.") from None
+            raise UpstreamConnectError(
+                "The request to the upstream failed.", detail=_describe(exc)
+            ) from None
         return UpstreamResponse(response)
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _describe(error: aiohttp.ClientError) -> str:
+    """The error's class and message only: its repr carries the request's headers, and so the
+    upstream credentials."""
+    return f"{type(error).__name__}: {error}"

@@ -1,163 +1,203 @@
-"""`accounts import-codex` and `accounts list`, run as an operator runs them."""
+"""The administration commands, as operators and other tools call them.
+
+The interface other tools rely on is run as real processes; the rest runs in process.
+"""
 
 from __future__ import annotations
 
-import sqlite3
-import time
-from pathlib import Path
+import asyncio
+import json
+from collections.abc import Iterator
+from decimal import Decimal
 
-import orjson
 import pytest
+from sqlalchemy import update
 
-from codex_gateway.relay.chatgpt import Quota, QuotaWindow
-from codex_gateway.upstream.chatgpt_auth import TokenCipher
+from codex_gateway.store.db import create_engine
+from codex_gateway.store.tables import User
 from tests.conftest import Gateway, make_gateway
-from tests.upstream.test_chatgpt_auth import ACCOUNT, SECRET, make_jwt
 
 
-@pytest.fixture
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Gateway:
-    return make_gateway("sqlite", tmp_path_factory)
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def db(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    """A database with no gateway process: the CLI alone."""
+    gateway = make_gateway(request.param, tmp_path_factory)
+    yield gateway
+    gateway.drop_database()
 
 
-@pytest.fixture
-def auth_file(tmp_path: Path) -> tuple[Path, str, str]:
-    access = make_jwt(time.time() + 3600)
-    refresh = "rt_do-not-print-" + "x" * 20
-    path = tmp_path / "auth.json"
-    tokens = {"id_token": make_jwt(), "access_token": access, "refresh_token": refresh}
-    path.write_bytes(orjson.dumps({"OPENAI_API_KEY": None, "tokens": tokens}))
-    return path, access, refresh
+def test_stable_interface_as_separate_processes(db: Gateway) -> None:
+    assert db.real_cli("users", "create", "iface", "--balance", "12.50").returncode == 0
+    assert db.real_cli("users", "topup", "iface", "0.25").returncode == 0
+    users = json.loads(db.real_cli("users", "list", "--json").stdout)
+    assert {"name": "iface", "balance": "12.75"}.items() <= next(
+        u for u in users if u["name"] == "iface"
+    ).items()
+    created = db.real_cli("keys", "create", "--user", "iface")
+    key = created.stdout.strip().splitlines()[-1]
+    assert key.startswith("sk-cg-") and len(key) > 40
+    listed = db.real_cli("keys", "list", "--json").stdout
+    assert key not in listed and key[-4:] in listed
+    priced = db.real_cli(
+        "pricing",
+        "set",
+        "iface-model",
+        "--input",
+        "0.002",
+        "--cached-input",
+        "0.0002",
+        "--output",
+        "0.008",
+        "--per",
+        "1k",
+        "--markup",
+        "1.2",
+    )
+    assert priced.returncode == 0
+    prices = json.loads(db.real_cli("pricing", "list", "--json").stdout)
+    assert {
+        "model": "iface-model",
+        "input": "2",
+        "cached_input": "0.2",
+        "output": "8",
+        "markup": "1.2",
+    } in prices
+    assert json.loads(db.real_cli("usage", "list", "--json").stdout) == []
+    added = db.real_cli(
+        "accounts",
+        "add",
+        "--name",
+        "iface-up",
+        "--kind",
+        "openai",
+        "--base-url",
+        "https://api.example.test/v1",
+        "--api-key",
+        "sk-upstream-iface-9999",
+    )
+    assert added.returncode == 0
+    assert "sk-upstream-iface-9999" not in db.real_cli("accounts", "list", "--json").stdout
 
 
-def database(gateway: Gateway) -> sqlite3.Connection:
-    return sqlite3.connect(gateway.database_url.removeprefix("sqlite:///"))
+def test_seeded_prices_are_the_codex_list_prices(db: Gateway) -> None:
+    prices = {p["model"]: p for p in db.cli_json("pricing", "list")}
+    assert prices["gpt-5.1-codex"] == {
+        "model": "gpt-5.1-codex",
+        "input": "1.25",
+        "cached_input": "0.125",
+        "output": "10",
+        "markup": "1",
+    }
+    assert prices["gpt-5.2-codex"]["output"] == "14"
+    assert prices["gpt-5.1-codex-mini"]["cached_input"] == "0.025"
 
 
-def test_import_without_a_secret_key_stores_nothing(
-    gateway: Gateway, auth_file: tuple[Path, str, str]
+def test_topups_are_exact_and_in_the_ledger(db: Gateway) -> None:
+    db.cli("users", "create", "exact", "--balance", "0")
+    for _ in range(3):
+        db.cli("users", "topup", "exact", "0.1")
+    assert db.balance("exact") == "0.3"
+    ledger = db.cli_json("users", "ledger", "exact")
+    assert [entry["amount"] for entry in ledger] == ["0.1", "0.1", "0.1"]
+    assert sum(Decimal(entry["amount"]) for entry in ledger) == Decimal("0.3")
+
+
+# command, what the error names
+REFUSED = [
+    # amounts that would not store what was typed, or make no sense
+    (["users", "topup", "exact", "0"], "more than 0"),
+    (["users", "topup", "exact", "--", "-1"], "plain decimal"),
+    (["users", "topup", "exact", "1e400"], "plain decimal"),
+    (["users", "topup", "exact", "NaN"], "plain decimal"),
+    (["users", "topup", "exact", "1_000"], "plain decimal"),
+    (["users", "topup", "exact", "1000000000001"], "at most"),
+    (
+        ["pricing", "set", "m", "--input", "x", "--cached-input", "1", "--output", "1"],
+        "plain decimal",
+    ),
+    # names that would not match what an operator types later
+    (["users", "create", ""], "must not be empty"),
+    (["users", "create", "alice "], "spaces"),
+    (["users", "create", "a\tb"], "printable"),
+    (["users", "create", "x" * 201], "at most 200"),
+    (
+        ["pricing", "set", "", "--input", "1", "--cached-input", "1", "--output", "1"],
+        "must not be empty",
+    ),
+    # things that do not exist
+    (["users", "topup", "nobody", "1"], "no user named 'nobody'"),
+    (["users", "ledger", "nobody"], "no user named 'nobody'"),
+    (["usage", "list", "--user", "nobody"], "no user named 'nobody'"),
+    (["keys", "create", "--user", "nobody"], "no user named 'nobody'"),
+    (["keys", "revoke", "999999"], "no active key"),
+    (["accounts", "remove", "nothing"], "no account named"),
+    (["explain", "req_missing"], "no usage row"),
+    (
+        ["accounts", "add", "--name", "bad", "--base-url", "ftp://x", "--api-key", "k"],
+        "http:// or https://",
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), REFUSED)
+def test_bad_admin_input_is_refused_with_one_clear_line(
+    db: Gateway, args: list[str], message: str
 ) -> None:
-    gateway.env.pop("CODEX_GATEWAY_SECRET_KEY", None)
-
-    result = gateway.cli("accounts", "import-codex", str(auth_file[0]), "--name", "c1", check=False)
-
+    db.cli("users", "create", "exact", "--balance", "1", check=False)
+    before = db.cli("users", "list", "--json").stdout
+    result = db.cli(*args, check=False)
     assert result.returncode != 0
-    assert "refusing to store ChatGPT tokens without a secret key" in result.stderr
-    assert gateway.cli_json("accounts", "list") == []
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert db.cli("users", "list", "--json").stdout == before
 
 
-def test_imported_tokens_are_sealed_and_never_printed(
-    gateway: Gateway, auth_file: tuple[Path, str, str]
+def test_duplicate_user_is_refused(db: Gateway) -> None:
+    db.cli("users", "create", "twice", "--balance", "1")
+    result = db.cli("users", "create", "twice", "--balance", "5", check=False)
+    assert result.returncode == 1
+    assert "already exists" in result.stderr
+    assert db.balance("twice") == "1"
+
+
+def test_unreachable_database_is_one_line_without_password(
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    path, access, refresh = auth_file
-    gateway.env["CODEX_GATEWAY_SECRET_KEY"] = SECRET
-
-    result = gateway.cli(
-        "accounts", "import-codex", str(path), "--name", "c1",
-        "--base-url", "http://127.0.0.1:9/backend-api/",
-    )  # fmt: skip
-
-    assert f"imported chatgpt account c1 (ChatGPT account {ACCOUNT}, plan plus)" in result.stdout
-    assert "-> http://127.0.0.1:9/backend-api/codex/responses" in result.stdout
-    listed = gateway.cli_json("accounts", "list")
-    assert [(a["name"], a["kind"], a["state"], a["reason"]) for a in listed] == [
-        ("c1", "chatgpt", "ready", None)
-    ]
-    shown = result.stdout + result.stderr + gateway.cli("accounts", "list").stdout
-    assert access not in shown and refresh not in shown
-    with database(gateway) as conn:
-        row = conn.execute(
-            "SELECT access_token_sealed, refresh_token_sealed, chatgpt_account_id, api_key "
-            "FROM upstream_accounts WHERE name = 'c1'"
-        ).fetchone()
-        dump = "\n".join(conn.iterdump())
-    assert access not in dump and refresh not in dump
-    cipher = TokenCipher(SECRET)
-    assert (cipher.open(row[0]), cipher.open(row[1]), row[2], row[3]) == (
-        access,
-        refresh,
-        ACCOUNT,
-        "",
-    )
+    gateway = make_gateway("sqlite", tmp_path_factory)
+    gateway.env["CODEX_GATEWAY_DATABASE_URL"] = "postgresql://user:s3cret@127.0.0.1:1/none"
+    result = gateway.real_cli("users", "list")
+    assert result.returncode == 1
+    assert "s3cret" not in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_a_second_import_under_the_same_name_is_refused(
-    gateway: Gateway, auth_file: tuple[Path, str, str]
-) -> None:
-    gateway.env["CODEX_GATEWAY_SECRET_KEY"] = SECRET
-    gateway.cli("accounts", "import-codex", str(auth_file[0]), "--name", "c1")
-
-    result = gateway.cli("accounts", "import-codex", str(auth_file[0]), "--name", "c1", check=False)
-
-    assert result.returncode != 0 and "already exists" in result.stderr
-
-
-def test_a_missing_auth_file_is_a_one_line_error(gateway: Gateway, tmp_path: Path) -> None:
-    gateway.env["CODEX_GATEWAY_SECRET_KEY"] = SECRET
-
-    result = gateway.cli(
-        "accounts", "import-codex", str(tmp_path / "none.json"), "--name", "c", check=False
-    )
-
-    assert result.returncode != 0 and "cannot read" in result.stderr
+def test_bad_settings_are_each_reported(tmp_path_factory: pytest.TempPathFactory) -> None:
+    gateway = make_gateway("sqlite", tmp_path_factory)
+    gateway.env["CODEX_GATEWAY_LOG_LEVEL"] = "LOUD"
+    gateway.env["CODEX_GATEWAY_MAX_BODY_BYTES"] = "-3"
+    result = gateway.real_cli("users", "list")
+    assert result.returncode == 1
+    assert "log_level" in result.stderr and "max_body_bytes" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
-def test_list_says_why_an_account_is_out_of_rotation(
-    gateway: Gateway, auth_file: tuple[Path, str, str]
-) -> None:
-    gateway.env["CODEX_GATEWAY_SECRET_KEY"] = SECRET
-    for name in ("relogin", "walled", "fine"):
-        gateway.cli("accounts", "import-codex", str(auth_file[0]), "--name", name)
-    resets = int(time.time()) + 3600
-    walled = Quota(QuotaWindow(100.0, 300, resets), QuotaWindow(61.5, 10080, resets + 60))
-    fine = Quota(QuotaWindow(12.5, 300, resets))
-    with database(gateway) as conn:
-        conn.execute(
-            "UPDATE upstream_accounts SET state = 'needs_relogin', "
-            "state_reason = 'token refresh refused: refresh_token_reused (HTTP 401)' "
-            "WHERE name = 'relogin'"
-        )
-        for name, quota in (("walled", walled), ("fine", fine)):
-            conn.execute(
-                "UPDATE upstream_accounts SET quota = ? WHERE name = ?",
-                (orjson.dumps(quota.to_json()).decode(), name),
+def test_ledger_verify_proves_balances_and_names_a_tampered_one(db: Gateway) -> None:
+    db.cli("users", "create", "audited", "--balance", "3")
+    db.cli("users", "topup", "audited", "0.5")
+    assert "ok:" in db.cli("ledger", "verify").stdout
+
+    async def tamper() -> None:
+        engine = create_engine(db.database_url)
+        async with engine.begin() as conn:
+            await conn.execute(
+                update(User).where(User.name == "audited").values(balance=Decimal("99"))
             )
+        await engine.dispose()
 
-    listed = {a["name"]: a for a in gateway.cli_json("accounts", "list")}
-    text = gateway.cli("accounts", "list").stdout
-
-    assert listed["relogin"]["state"] == "needs_relogin"
-    assert "refresh_token_reused" in listed["relogin"]["reason"]
-    assert listed["walled"]["state"] == "cooling_down"
-    assert listed["walled"]["reason"].startswith("usage limit reached; resets at ")
-    assert listed["walled"]["quota"]["secondary"]["used_percent"] == 61.5
-    assert listed["fine"]["state"] == "ready"
-    assert "needs_relogin" in text and "cooling_down" in text
-    assert "primary 100% resets" in text and "secondary 61.5% resets" in text
-
-
-def test_replacing_the_tokens_brings_an_account_back_into_rotation(
-    gateway: Gateway, auth_file: tuple[Path, str, str], tmp_path: Path
-) -> None:
-    gateway.env["CODEX_GATEWAY_SECRET_KEY"] = SECRET
-    gateway.cli("accounts", "import-codex", str(auth_file[0]), "--name", "c1")
-    with database(gateway) as conn:
-        conn.execute(
-            "UPDATE upstream_accounts SET state = 'needs_relogin', state_reason = 'refused'"
-        )
-    fresh = tmp_path / "fresh.json"
-    tokens = {"access_token": make_jwt(time.time() + 7200), "refresh_token": "rt_fresh"}
-    fresh.write_bytes(orjson.dumps({"tokens": tokens}))
-
-    result = gateway.cli("accounts", "import-codex", str(fresh), "--name", "c1", "--replace")
-
-    assert result.stdout.startswith("replaced the tokens of chatgpt account c1")
-    listed = gateway.cli_json("accounts", "list")
-    assert [(a["name"], a["state"], a["reason"]) for a in listed] == [("c1", "ready", None)]
-    with database(gateway) as conn:
-        sealed = conn.execute("SELECT refresh_token_sealed FROM upstream_accounts").fetchone()[0]
-    assert TokenCipher(SECRET).open(sealed) == "rt_fresh"
-    missing = gateway.cli(
-        "accounts", "import-codex", str(fresh), "--name", "c2", "--replace", check=False
-    )
-    assert missing.returncode != 0 and "no ChatGPT account named 'c2'" in missing.stderr
+    asyncio.run(tamper())
+    result = db.cli("ledger", "verify", check=False)
+    assert result.returncode == 1
+    assert "user audited: balance 99 but its ledger adds up to 3.5" in result.stderr

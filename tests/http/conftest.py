@@ -1,28 +1,25 @@
-"""Every SDK client a test makes is closed when the test ends.
-
-A client left to the garbage collector can have its sockets finalized before the client
-itself, which Python reports as an unclosed socket in whatever test happens to run then.
-"""
+"""What the HTTP tests share: SDK clients that are closed after each test."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
 
 import openai
 import pytest
 
+from tests.conftest import Gateway
 
-@pytest.fixture(autouse=True)
-def close_sdk_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    made: list[openai.OpenAI] = []
-    original = openai.OpenAI.__init__
 
-    def tracked(self: openai.OpenAI, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        made.append(self)
+@pytest.fixture
+def sdk(gateway: Gateway) -> Iterator[Callable[[str], openai.OpenAI]]:
+    """Make SDK clients for a key; every client is closed after the test."""
+    clients: list[openai.OpenAI] = []
 
-    monkeypatch.setattr(openai.OpenAI, "__init__", tracked)
-    yield
-    for client in made:
+    def make(key: str) -> openai.OpenAI:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
         client.close()

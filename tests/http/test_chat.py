@@ -7,6 +7,7 @@ own final event exactly as the same request on /v1/responses.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from decimal import Decimal
 
 import httpx
@@ -14,8 +15,9 @@ import openai
 import pytest
 
 from tests.conftest import Gateway, Sandbox
-from tests.http.test_responses import TRANSCRIPTS, assert_billed, expected_cost, sdk
+from tests.http.test_responses import TRANSCRIPTS, assert_billed, expected_cost
 
+Sdk = Callable[[str], openai.OpenAI]
 MESSAGES = [
     {"role": "system", "content": "Be terse."},
     {"role": "user", "content": "List the files here."},
@@ -37,12 +39,12 @@ FINISH = {
 
 @pytest.mark.parametrize("name", FINISHED)
 def test_a_chat_stream_with_usage_reaches_the_sdk_and_is_billed(
-    gateway: Gateway, sandbox: Sandbox, name: str
+    gateway: Gateway, sdk: Sdk, sandbox: Sandbox, name: str
 ) -> None:
     user, key = gateway.new_user("10")
     sandbox.clear()
 
-    with sdk(gateway, key) as client:
+    with sdk(key) as client:
         response = client.chat.completions.with_raw_response.create(
             model="gpt-5.1-codex",
             messages=MESSAGES,  # type: ignore[arg-type]
@@ -79,10 +81,12 @@ def test_a_chat_stream_with_usage_reaches_the_sdk_and_is_billed(
 
 
 @pytest.mark.parametrize("name", FINISHED)
-def test_a_whole_chat_completion_reaches_the_sdk_and_is_billed(gateway: Gateway, name: str) -> None:
+def test_a_whole_chat_completion_reaches_the_sdk_and_is_billed(
+    gateway: Gateway, sdk: Sdk, name: str
+) -> None:
     user, key = gateway.new_user("5")
 
-    with sdk(gateway, key) as client:
+    with sdk(key) as client:
         response = client.chat.completions.with_raw_response.create(
             model="gpt-5.1-codex",
             messages=MESSAGES,  # type: ignore[arg-type]
@@ -106,10 +110,10 @@ def test_a_whole_chat_completion_reaches_the_sdk_and_is_billed(gateway: Gateway,
     "name", ["responses-failed", "responses-error-event", "responses-no-terminal"]
 )
 def test_a_failing_upstream_stream_ends_in_an_sdk_error_and_costs_nothing(
-    gateway: Gateway, name: str
+    gateway: Gateway, sdk: Sdk, name: str
 ) -> None:
     user, key = gateway.new_user("2")
-    with sdk(gateway, key) as client, pytest.raises(openai.APIError):
+    with sdk(key) as client, pytest.raises(openai.APIError):
         stream = client.chat.completions.create(
             model="gpt-5.1-codex",
             messages=MESSAGES,  # type: ignore[arg-type]
@@ -122,12 +126,12 @@ def test_a_failing_upstream_stream_ends_in_an_sdk_error_and_costs_nothing(
 
 
 def test_a_bad_chat_request_is_refused_before_any_upstream_call(
-    gateway: Gateway, sandbox: Sandbox
+    gateway: Gateway, sdk: Sdk, sandbox: Sandbox
 ) -> None:
     _, key = gateway.new_user("1")
     sandbox.clear()
 
-    with sdk(gateway, key) as client, pytest.raises(openai.BadRequestError) as caught:
+    with sdk(key) as client, pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(
             model="gpt-5.1-codex",
             messages=MESSAGES,  # type: ignore[arg-type]
@@ -138,10 +142,10 @@ def test_a_bad_chat_request_is_refused_before_any_upstream_call(
     assert sandbox.requests() == []
 
 
-def test_models_lists_the_priced_models_for_a_key(gateway: Gateway) -> None:
+def test_models_lists_the_priced_models_for_a_key(gateway: Gateway, sdk: Sdk) -> None:
     _, key = gateway.new_user("1")
 
-    with sdk(gateway, key) as client:
+    with sdk(key) as client:
         models = [model.id for model in client.models.list()]
 
     assert "gpt-5.1-codex" in models and models == sorted(models)
@@ -149,10 +153,10 @@ def test_models_lists_the_priced_models_for_a_key(gateway: Gateway) -> None:
     assert denied.status_code == 401
 
 
-def test_the_key_never_reaches_the_gateway_log_or_the_usage_row(gateway: Gateway) -> None:
+def test_the_key_never_reaches_the_gateway_log_or_the_usage_row(gateway: Gateway, sdk: Sdk) -> None:
     _, key = gateway.new_user("1")
 
-    with sdk(gateway, key) as client:
+    with sdk(key) as client:
         response = client.chat.completions.with_raw_response.create(
             model="gpt-5.1-codex",
             messages=MESSAGES,  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -15,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import MAX_BODY_BYTES, Gateway, Sandbox, fixture_path
+from tests.conftest import MAX_BODY_BYTES, Gateway, Sandbox, fixture_path, free_port, make_gateway
 
 GPT_51_CODEX = (Decimal("1.25"), Decimal("0.125"), Decimal("10"))
 
@@ -49,10 +50,6 @@ def transcript_events(name: str) -> list[dict[str, Any]]:
     return events
 
 
-def sdk(gateway: Gateway, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30)
-
-
 def assert_billed(
     row: dict[str, Any], status: str, counts: tuple[int, int, int, int] | None
 ) -> None:
@@ -72,9 +69,11 @@ def assert_billed(
 
 
 @pytest.mark.parametrize("name", list(TRANSCRIPTS))
-def test_stream_reaches_the_sdk_unchanged_and_is_billed(gateway: Gateway, name: str) -> None:
+def test_stream_reaches_the_sdk_unchanged_and_is_billed(
+    gateway: Gateway, sdk: Callable[[str], openai.OpenAI], name: str
+) -> None:
     user, key = gateway.new_user("10")
-    client = sdk(gateway, key)
+    client = sdk(key)
     response = client.responses.with_raw_response.create(
         model="gpt-5.1-codex",
         input="Write a Python function that computes the Fibonacci sequence",
@@ -101,9 +100,11 @@ def test_stream_reaches_the_sdk_unchanged_and_is_billed(gateway: Gateway, name: 
 
 
 @pytest.mark.parametrize("name", ["responses-text", "responses-cached", "responses-incomplete"])
-def test_json_response_reaches_the_sdk_unchanged_and_is_billed(gateway: Gateway, name: str) -> None:
+def test_json_response_reaches_the_sdk_unchanged_and_is_billed(
+    gateway: Gateway, sdk: Callable[[str], openai.OpenAI], name: str
+) -> None:
     user, key = gateway.new_user("3")
-    response = sdk(gateway, key).responses.with_raw_response.create(
+    response = sdk(key).responses.with_raw_response.create(
         model="gpt-5.1-codex", input="hi", extra_headers={"x-sandbox-transcript": name}
     )
     final = transcript_events(name)[-1]["response"]
@@ -118,10 +119,12 @@ def test_json_response_reaches_the_sdk_unchanged_and_is_billed(gateway: Gateway,
 @pytest.mark.parametrize(
     "name", ["responses-failed", "responses-error-event", "responses-no-terminal"]
 )
-def test_json_upstream_failure_is_a_clear_error_and_free(gateway: Gateway, name: str) -> None:
+def test_json_upstream_failure_is_a_clear_error_and_free(
+    gateway: Gateway, sdk: Callable[[str], openai.OpenAI], name: str
+) -> None:
     user, key = gateway.new_user("3")
     with pytest.raises(openai.APIStatusError) as caught:
-        sdk(gateway, key).responses.create(
+        sdk(key).responses.create(
             model="gpt-5.1-codex", input="hi", extra_headers={"x-sandbox-transcript": name}
         )
     assert caught.value.status_code == 502
@@ -259,6 +262,21 @@ BAD_INPUT = [
         None,
         "messages[0].role",
     ),
+    # model names that could not be priced or logged safely
+    (
+        b'{"model": "gpt\\nINFO forged line", "input": "hi"}',
+        400,
+        "invalid_request_error",
+        None,
+        "model",
+    ),
+    (
+        b'{"model": "' + b"m" * 201 + b'", "input": "hi"}',
+        400,
+        "invalid_request_error",
+        None,
+        "model",
+    ),
     # a model with no price is refused, never priced as another model
     (
         b'{"model": "gpt-9-unknown", "input": "hi"}',
@@ -350,13 +368,10 @@ def test_revoked_key_gets_401(gateway: Gateway) -> None:
     assert status == 401
 
 
-@pytest.mark.parametrize("balance", ["0", "-0.5"])
-def test_user_at_or_below_zero_gets_insufficient_quota_before_any_upstream_call(
-    gateway: Gateway, sandbox: Sandbox, balance: str
+def test_user_at_zero_gets_insufficient_quota_before_any_upstream_call(
+    gateway: Gateway, sandbox: Sandbox
 ) -> None:
     user, key = gateway.new_user("0")
-    if balance != "0":
-        gateway.cli("users", "topup", user, "0")
     sandbox.clear()
     response = post(gateway, key, GOOD)
     assert response.status_code == 429
@@ -366,14 +381,29 @@ def test_user_at_or_below_zero_gets_insufficient_quota_before_any_upstream_call(
     assert gateway.cli_json("usage", "list", "--user", user) == []
 
 
-def test_balance_runs_out_after_a_request_and_then_refuses(gateway: Gateway) -> None:
-    user, key = gateway.new_user("0.1")
-    first = post(gateway, key, GOOD.replace(b'"hi"', b'"hi","stream":true'))
+def test_a_request_is_admitted_only_if_the_balance_covers_its_largest_cost(
+    gateway: Gateway, sandbox: Sandbox
+) -> None:
+    # The largest cost of GOOD: (body bytes + 1000) input tokens and 32768 output tokens.
+    largest = (Decimal(len(GOOD) + 1000) * Decimal("1.25") + 32768 * 10) / 10**6
+    user, key = gateway.new_user(str(largest + Decimal("0.1")))
+    first = post(gateway, key, GOOD)
     assert first.status_code == 200
     gateway.usage_row(first.headers["x-request-id"])
-    assert Decimal(gateway.balance(user)) == Decimal("0.1") - Decimal("0.114295")
+    # What is left (largest + 0.1 - 0.114295) no longer covers the largest cost.
+    sandbox.clear()
     second = post(gateway, key, GOOD)
     assert second.status_code == 429
+    assert "largest possible cost" in second.json()["error"]["message"]
+    assert sandbox.requests() == []
+    assert Decimal(gateway.balance(user)) == largest + Decimal("0.1") - Decimal("0.114295")
+
+
+def test_max_output_tokens_bounds_the_hold(gateway: Gateway) -> None:
+    body = b'{"model":"gpt-5.1-codex","input":"hi","max_output_tokens":1000}'
+    largest = (Decimal(len(body) + 1000) * Decimal("1.25") + 1000 * 10) / 10**6
+    _, key = gateway.new_user(str(largest))
+    assert post(gateway, key, body).status_code == 200
 
 
 def test_unknown_route_is_an_openai_shaped_404(gateway: Gateway) -> None:
@@ -381,3 +411,37 @@ def test_unknown_route_is_an_openai_shaped_404(gateway: Gateway) -> None:
     assert response.status_code == 404
     assert "no route GET /v1/nothing-here" in response.json()["error"]["message"]
     assert response.headers["x-request-id"].startswith("req_")
+
+
+def test_unreachable_upstream_is_a_clear_502_that_names_no_address(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    gateway = make_gateway("sqlite", tmp_path_factory)
+    closed_port = free_port()
+    gateway.cli(
+        "accounts",
+        "add",
+        "--name",
+        "down",
+        "--base-url",
+        f"http://127.0.0.1:{closed_port}/v1",
+        "--api-key",
+        "sk-upstream-down-0001",
+    )
+    gateway.start()
+    try:
+        user, key = gateway.new_user("1")
+        response = post(gateway, key, GOOD)
+        assert response.status_code == 502
+        error = response.json()["error"]
+        assert error["code"] == "upstream_connect_error"
+        assert error["message"] == "Could not connect to the upstream."
+        assert str(closed_port) not in response.text
+        row = gateway.usage_row(response.headers["x-request-id"])
+        assert row["status"] == "upstream_error"
+        assert str(closed_port) in row["error"]
+        assert Decimal(row["cost_usd"]) == 0
+        assert gateway.balance(user) == "1"
+        assert "sk-upstream-down-0001" not in gateway.log_text()
+    finally:
+        gateway.stop()

@@ -23,9 +23,9 @@ from codex_gateway.relay.chatgpt import (
     usage_limit,
     with_quota,
 )
-from tests.conftest import SHARED_FIXTURES, fixture_path
+from tests.conftest import FIXTURES, fixture_path
 
-CODEX_TURN = SHARED_FIXTURES / "requests"
+CODEX_TURN = FIXTURES / "requests"
 CODEX_TURN_NAME = "codex-exec-0.169.0-tool-turn2"
 SECRET = b"k" * 32
 

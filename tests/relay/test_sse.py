@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import orjson
 import pytest
@@ -16,8 +15,9 @@ from codex_gateway.relay.sse import (
     iter_events,
     parse_events,
 )
+from tests.conftest import FIXTURES
 
-UPSTREAM = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "upstream"
+UPSTREAM = FIXTURES / "upstream"
 
 Feeder = Callable[[bytes], Iterator[bytes]]
 
@@ -316,3 +316,32 @@ def test_event_splitter_gives_every_event_once_however_the_bytes_arrive(
     blocks += splitter.finish()
 
     assert [block + b"\n\n" for block in blocks] == iter_events(raw)
+
+
+@pytest.mark.parametrize("feeder", [whole, byte_by_byte, random_chunks])
+@pytest.mark.parametrize(
+    "name", ["responses-text.sse", "responses-no-terminal.sse", "responses-error-event.sse"]
+)
+def test_response_created_is_kept_even_when_no_terminal_follows(name: str, feeder: Feeder) -> None:
+    raw = (UPSTREAM / name).read_bytes()
+
+    scanner = scan(raw, feeder)
+
+    first = iter_events(raw)[0]
+    assert scanner.created == orjson.loads(first.split(b"data: ", 1)[1])
+    assert scanner.created is not None
+    assert scanner.created["type"] == "response.created"
+
+
+def test_only_the_first_response_created_is_kept() -> None:
+    scanner = scan(
+        b'data: {"type":"response.created","response":{"id":"resp_first"}}\n\n'
+        b'event: response.created\ndata: {"type":"response.created","response":{"id":"x"}}\n\n'
+    )
+
+    assert scanner.created == {"type": "response.created", "response": {"id": "resp_first"}}
+
+
+@pytest.mark.parametrize("name", ["chat-stream-usage.sse", "chat-stream-no-usage.sse"])
+def test_chat_stream_has_no_response_created(name: str) -> None:
+    assert scan((UPSTREAM / name).read_bytes()).created is None

@@ -1,8 +1,7 @@
-"""Usage in Responses and Chat shapes maps to billed token classes; bad counts are flagged."""
+"""Usage in Responses or Chat shape maps to billed token classes; bad counts are flagged."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,8 +19,9 @@ from codex_gateway.relay.usage import (
     upstream_model_of,
     usage_from_terminal,
 )
+from tests.conftest import FIXTURES
 
-UPSTREAM = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "upstream"
+UPSTREAM = FIXTURES / "upstream"
 
 
 def responses_usage(

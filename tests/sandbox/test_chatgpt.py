@@ -20,15 +20,15 @@ from codex_gateway.relay.chatgpt import (
 from codex_gateway.relay.sse import parse_events
 from codex_gateway.sandbox.app import SandboxApp
 from codex_gateway.sandbox.chatgpt import access_token
-from tests.conftest import SHARED_FIXTURES
+from tests.conftest import FIXTURES
 
 BASE = "http://sandbox/sandbox/chatgpt"
-CODEX_TURN = SHARED_FIXTURES / "requests" / "codex-exec-0.169.0-tool-turn1"
+CODEX_TURN = FIXTURES / "requests" / "codex-exec-0.169.0-tool-turn1"
 
 
 @pytest.fixture
 async def backend() -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=SandboxApp())
+    transport = httpx.ASGITransport(app=SandboxApp(record=True))
     async with httpx.AsyncClient(transport=transport, base_url=BASE) as client:
         yield client
 

@@ -1,4 +1,4 @@
-"""Migration 0002 adds the ChatGPT account columns and takes them away again, on both backends."""
+"""Migration 0004 adds the ChatGPT account columns and takes them away again, on both backends."""
 
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ def _columns(connection: Connection) -> set[str]:
 def _downgrade(connection: Connection) -> None:
     config = alembic_config()
     config.attributes["connection"] = connection
-    command.downgrade(config, "0001")
+    command.downgrade(config, "0003")
 
 
-async def test_0002_upgrades_and_downgrades_cleanly(database_url: str) -> None:
+async def test_0004_upgrades_and_downgrades_cleanly(database_url: str) -> None:
     engine = create_engine(database_url)
     try:
         await migrate(engine)

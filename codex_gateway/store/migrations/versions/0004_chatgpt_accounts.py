@@ -1,7 +1,7 @@
 """ChatGPT accounts: sealed tokens, account id, token expiry, state and quota windows.
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-12-04 16:20:00.000000
 """
 
@@ -12,8 +12,10 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+import codex_gateway.store.types
+
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
@@ -22,8 +24,8 @@ COLUMNS: list[tuple[str, sa.types.TypeEngine[Any]]] = [
     ("access_token_sealed", sa.Text()),
     ("refresh_token_sealed", sa.Text()),
     ("id_token_sealed", sa.Text()),
-    ("token_expires_at", sa.DateTime(timezone=True)),
-    ("last_refresh_at", sa.DateTime(timezone=True)),
+    ("token_expires_at", codex_gateway.store.types.UTCDateTime()),
+    ("last_refresh_at", codex_gateway.store.types.UTCDateTime()),
     ("state_reason", sa.Text()),
     ("quota", sa.Text()),
 ]

@@ -1,0 +1,155 @@
+"""Admission: a request goes upstream only if the user's balance covers its largest cost.
+
+Each request holds an estimate of its maximum cost until it is settled. The holds are checked
+against a lease: a slice of the user's balance this process has set aside in the database.
+While the lease covers a request, admitting it costs no database round trip; when it does
+not, the process asks for a larger slice, which the database grants only from what no other
+process has set aside. So all processes together never admit more than the balance, and an
+unused lease is handed back after a short idle time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from codex_gateway.billing.pricing import MILLION, MONEY, ZERO, Price
+from codex_gateway.errors import InsufficientQuota, StorageUnavailable
+from codex_gateway.store.queries import Store
+
+log = logging.getLogger(__name__)
+
+# Tokens of input the upstream may add to what the request carries (its own system text).
+INPUT_ALLOWANCE_TOKENS = 1_000
+# A new lease covers this many requests like the one asking, so most requests find room.
+LEASE_REQUESTS = 4
+
+
+def estimate_hold(
+    price: Price, body_bytes: int, max_output_tokens: object, default_output_tokens: int
+) -> Decimal:
+    """The most a request can cost: every body byte a token, plus the largest output.
+
+    A token is at least one byte of text, so the body's length bounds its input tokens.
+    Output is bounded by the request's `max_output_tokens`, else by the default cap.
+    """
+    output = (
+        max_output_tokens
+        if isinstance(max_output_tokens, int)
+        and not isinstance(max_output_tokens, bool)
+        and max_output_tokens > 0
+        else default_output_tokens
+    )
+    input_cost = MONEY.multiply(Decimal(body_bytes + INPUT_ALLOWANCE_TOKENS), price.input)
+    output_cost = MONEY.multiply(Decimal(output), price.output)
+    total = MONEY.divide(MONEY.add(input_cost, output_cost), MILLION)
+    return MONEY.multiply(total, price.markup)
+
+
+@dataclass
+class _Lease:
+    leased: Decimal = ZERO
+    held: Decimal = ZERO
+    idle_since: float = field(default_factory=time.monotonic)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class Admission:
+    def __init__(self, store: Store, *, lease_ttl: float, idle_seconds: float):
+        self._store = store
+        self.holder = f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._lease_ttl = lease_ttl
+        self._idle_seconds = idle_seconds
+        self._leases: dict[int, _Lease] = {}
+
+    def held(self, user_id: int) -> Decimal:
+        lease = self._leases.get(user_id)
+        return lease.held if lease else ZERO
+
+    async def admit(self, user_id: int, estimate: Decimal) -> None:
+        """Hold `estimate` for a request, or refuse it with insufficient_quota."""
+        lease = self._leases.setdefault(user_id, _Lease())
+        if self._take(lease, estimate):
+            return
+        async with lease.lock:
+            if self._take(lease, estimate):
+                return
+            shortfall = MONEY.subtract(estimate, MONEY.subtract(lease.leased, lease.held))
+            generous = max(shortfall, MONEY.multiply(estimate, Decimal(LEASE_REQUESTS)))
+            for ask in dict.fromkeys((generous, shortfall)):
+                if await self._acquire(user_id, ask):
+                    lease.leased = MONEY.add(lease.leased, ask)
+                    if self._take(lease, estimate):
+                        return
+        raise InsufficientQuota(
+            "You exceeded your current quota: the balance does not cover this request's "
+            "largest possible cost. Ask the gateway operator to top it up."
+        )
+
+    async def _acquire(self, user_id: int, amount: Decimal) -> bool:
+        try:
+            return await self._store.acquire_lease(user_id, self.holder, amount)
+        except (OSError, SQLAlchemyError) as exc:
+            log.error("cannot place a hold: %s", exc)
+            raise StorageUnavailable(
+                "The gateway cannot check your balance right now, so it accepts no new "
+                "requests; retry in a moment."
+            ) from None
+
+    @staticmethod
+    def _take(lease: _Lease, estimate: Decimal) -> bool:
+        if MONEY.subtract(lease.leased, lease.held) < estimate:
+            return False
+        lease.held = MONEY.add(lease.held, estimate)
+        return True
+
+    def settled(self, user_id: int, estimate: Decimal, consumed: Decimal) -> None:
+        """A held request was written: its hold ends, and its cost left the lease."""
+        lease = self._leases.get(user_id)
+        if lease is None:
+            return
+        lease.held = max(ZERO, MONEY.subtract(lease.held, estimate))
+        lease.leased = max(ZERO, MONEY.subtract(lease.leased, consumed))
+        if lease.held == 0:
+            lease.idle_since = time.monotonic()
+
+    async def maintain(self, interval: float) -> None:
+        """Renew this process's leases, hand back idle ones, return dead processes' leases."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._maintain_once()
+            except Exception:  # the next round retries; admission keeps working from memory
+                log.warning("lease maintenance failed", exc_info=True)
+
+    async def _maintain_once(self) -> None:
+        stored = await self._store.renew_leases(self.holder)
+        for user_id, lease in list(self._leases.items()):
+            async with lease.lock:
+                # The database is the truth: a lease taken away from a stalled process is gone.
+                lease.leased = min(lease.leased, stored.get(user_id, ZERO))
+                idle = time.monotonic() - lease.idle_since > self._idle_seconds
+                spare = MONEY.subtract(lease.leased, lease.held)
+                if idle and lease.held == 0 and spare > 0:
+                    returned = await self._store.release_lease(user_id, self.holder, spare)
+                    lease.leased = MONEY.subtract(lease.leased, returned)
+        cutoff = datetime.now(UTC) - timedelta(seconds=self._lease_ttl)
+        reaped = await self._store.reap_leases(cutoff)
+        if reaped:
+            log.info("returned %d leases whose holders stopped renewing them", reaped)
+
+    async def close(self) -> None:
+        """Hand back every lease this process holds (after all its requests are settled)."""
+        for user_id, lease in self._leases.items():
+            if lease.leased > 0:
+                await self._store.release_lease(user_id, self.holder, lease.leased)
+                lease.leased = ZERO

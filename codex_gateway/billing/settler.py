@@ -1,0 +1,113 @@
+"""Writes usage rows and debits off the relay's path, many to a transaction.
+
+A request hands its finished row to `submit` and returns at once; one writer task commits
+queued rows in batches, so a burst of requests costs one commit rather than one each. Each
+row is still settled exactly once, keyed by its request id, and its cost is taken out of
+this process's balance lease. `drain` waits until every submitted row is written; the
+gateway calls it before it stops. Rows the database still refuses after the retries go to
+`on_unwritten` (the gateway's spool), and `abandon` hands over every row not yet written when
+the process cannot wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+from codex_gateway.billing.pricing import ZERO
+from codex_gateway.store.queries import Store
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 200
+RETRY_DELAYS = (0.2, 1.0, 3.0)
+
+# Called once per row: user id, the hold the request had, the part of its cost the lease paid.
+OnSettled = Callable[[int, Decimal, Decimal], None]
+
+
+class Settler:
+    def __init__(
+        self,
+        store: Store,
+        holder: str | None,
+        on_settled: OnSettled,
+        on_unwritten: Callable[[dict[str, Any]], None] | None = None,
+    ):
+        self._store = store
+        self._holder = holder
+        self._on_settled = on_settled
+        self._on_unwritten = on_unwritten
+        self._queue: asyncio.Queue[tuple[dict[str, Any], Decimal]] = asyncio.Queue()
+        self._writing: list[tuple[dict[str, Any], Decimal]] = []
+        self._worker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._worker = asyncio.create_task(self._run())
+
+    def submit(self, row: dict[str, Any], hold: Decimal = ZERO) -> None:
+        self._queue.put_nowait((row, hold))
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def abandon(self) -> list[dict[str, Any]]:
+        """Every row not known to be written: the batch being written, then those queued."""
+        rows = [row for row, _ in self._writing]
+        while not self._queue.empty():
+            rows.append(self._queue.get_nowait()[0])
+            self._queue.task_done()
+        return rows
+
+    async def drain(self) -> None:
+        """Write everything submitted so far, then stop the writer."""
+        await self._queue.join()
+        if self._worker is not None:
+            self._worker.cancel()
+            self._worker = None
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            self._writing = batch
+            try:
+                await self._write(batch)
+            finally:
+                self._writing = []
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _write(self, batch: list[tuple[dict[str, Any], Decimal]]) -> None:
+        rows = [row for row, _ in batch]
+        for delay in (*RETRY_DELAYS, None):
+            try:
+                results = await self._store.settle_many(rows, self._holder)
+                break
+            except Exception:
+                if delay is None:
+                    self._lost(batch)
+                    return
+                log.warning("usage write failed; retrying in %.1fs", delay, exc_info=True)
+                await asyncio.sleep(delay)
+        for (row, hold), result in zip(batch, results, strict=True):
+            if row.get("user_id") is not None:
+                self._on_settled(row["user_id"], hold, result.consumed)
+
+    def _lost(self, batch: list[tuple[dict[str, Any], Decimal]]) -> None:
+        for row, hold in batch:
+            log.error(
+                "could not write usage row %s: %r",
+                row["request_id"],
+                row,
+                extra={"request_id": row["request_id"]},
+            )
+            if self._on_unwritten is not None:
+                self._on_unwritten(row)
+            if row.get("user_id") is not None:
+                self._on_settled(row["user_id"], hold, ZERO)

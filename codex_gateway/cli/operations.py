@@ -1,0 +1,123 @@
+"""Operations commands: migrate, config check, health probes and run-time billing traces."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import click
+
+from codex_gateway.cli.context import dump_json, settings_or_exit, table, with_store
+from codex_gateway.config import describe, load_settings
+from codex_gateway.errors import ConfigError
+from codex_gateway.store.db import create_engine, redact_url, schema_state
+from codex_gateway.store.db import migrate as migrate_schema
+from codex_gateway.store.queries import Store
+
+PROBE_TIMEOUT = 5.0
+
+
+@click.command()
+def migrate() -> None:
+    """Bring the database schema to the newest migration, then exit."""
+    settings = settings_or_exit()
+
+    async def run() -> str:
+        engine = create_engine(settings.database_url)
+        try:
+            state = await schema_state(engine)
+            if state != "ahead":
+                await migrate_schema(engine)
+            return state
+        finally:
+            await engine.dispose()
+
+    try:
+        state = asyncio.run(run())
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach the database: {exc}") from None
+    if state == "ahead":
+        click.echo("database schema is newer than this version; left as it is")
+    else:
+        click.echo(f"database schema is current ({redact_url(settings.database_url)})")
+
+
+@click.group()
+def config() -> None:
+    """Settings from the TOML file and CODEX_GATEWAY_* variables."""
+
+
+@config.command("check")
+@click.option(
+    "--file",
+    "config_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The TOML file to check (default: the one CODEX_GATEWAY_CONFIG names, if any).",
+)
+def config_check(config_file: Path | None) -> None:
+    """Report every problem in the settings at once; exit 1 if there is any."""
+    try:
+        settings = load_settings(config_file=config_file)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"error: {problem}", err=True)
+        click.echo(f"{len(exc.problems)} problem(s) found", err=True)
+        sys.exit(1)
+    for name, value in describe(settings).items():
+        click.echo(f"{name} = {value!r}")
+    click.echo("configuration OK")
+
+
+@click.command()
+@click.option("--url", default="http://127.0.0.1:8787", show_default=True)
+@click.option("--ready", is_flag=True, help="Probe /readyz instead of /healthz.")
+def health(url: str, ready: bool) -> None:
+    """Probe a running gateway; exit 0 when it answers 200 (for container health checks)."""
+    target = url.rstrip("/") + ("/readyz" if ready else "/healthz")
+    try:
+        with urllib.request.urlopen(target, timeout=PROBE_TIMEOUT) as response:
+            click.echo(response.read().decode("utf-8", "replace"))
+    except urllib.error.HTTPError as exc:
+        click.echo(f"{target}: HTTP {exc.code} {exc.read().decode('utf-8', 'replace')}", err=True)
+        sys.exit(1)
+    except (urllib.error.URLError, OSError) as exc:
+        click.echo(f"{target}: {exc}", err=True)
+        sys.exit(1)
+
+
+@click.group()
+def trace() -> None:
+    """Log one key's bills in four stages at INFO in every process, without a restart."""
+
+
+@trace.command("on")
+@click.argument("key_id", type=int)
+def trace_on(key_id: int) -> None:
+    """Trace the bills of key KEY_ID (see `keys list`)."""
+    with_store(lambda store: store.set_trace(key_id, True))
+    click.echo(f"billing trace on for key {key_id}; running gateways pick it up within a poll")
+
+
+@trace.command("off")
+@click.argument("key_id", type=int)
+def trace_off(key_id: int) -> None:
+    """Stop tracing the bills of key KEY_ID."""
+    with_store(lambda store: store.set_trace(key_id, False))
+    click.echo(f"billing trace off for key {key_id}")
+
+
+@trace.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def trace_list(as_json: bool) -> None:
+    """The keys whose bills are traced, shown as prefix and last four characters."""
+
+    async def traced(store: Store) -> list[dict[str, object]]:
+        ids = await store.traced_keys()
+        return [key for key in await store.list_keys() if key["id"] in ids]
+
+    rows = with_store(traced)
+    click.echo(dump_json(rows) if as_json else table(rows, ["id", "user", "display", "name"]))

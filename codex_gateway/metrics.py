@@ -1,0 +1,164 @@
+"""Prometheus metrics for one gateway process, recorded at the edges of a request.
+
+Each process has its own registry (on the `Gateway` object) and serves its own numbers at
+`/metrics`; with several processes Prometheus scrapes each one and sums them. Nothing is
+recorded per streamed chunk: one access-line update per request and one update per
+settlement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+UNKNOWN_MODEL = "unknown"
+UNMATCHED_ROUTE = "unmatched"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+TOKEN_CLASSES = (
+    ("uncached_input", "uncached_input_tokens"),
+    ("cached_input", "cached_tokens"),
+    ("output", "output_tokens"),
+    ("reasoning", "reasoning_tokens"),
+)
+# Upstream rate-limit windows announced in response headers (see the protocol reference).
+QUOTA_WINDOWS = ("primary", "secondary")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "codex_gateway_requests",
+            "HTTP requests by route, status and model.",
+            ["route", "status", "model"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "codex_gateway_request_seconds",
+            "Time from the request's arrival to its last byte (the bill is written after).",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "codex_gateway_upstream_first_byte_seconds",
+            "Time from the request's arrival to the upstream's response headers.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "codex_gateway_overhead_seconds",
+            "The gateway's own time before the upstream call: authentication, admission, shaping.",
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "codex_gateway_tokens",
+            "Billed tokens by model and class (cached is part of input, reasoning of output).",
+            ["model", "token_class"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "codex_gateway_cost_usd",
+            "USD charged, by model (a float view; the ledger holds the exact amounts).",
+            ["model"],
+            registry=r,
+        )
+        self.spooled = Counter(
+            "codex_gateway_spooled_rows",
+            "Usage rows written to the local spool because the database could not take them.",
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "codex_gateway_upstream_errors",
+            "Upstream failures by account and kind.",
+            ["account", "kind"],
+            registry=r,
+        )
+        self.quota_used = Gauge(
+            "codex_gateway_account_quota_used_percent",
+            "The share of an upstream account's rate-limit window used, as the upstream last "
+            "reported it.",
+            ["account", "window"],
+            registry=r,
+        )
+        self.quota_window = Gauge(
+            "codex_gateway_account_quota_window_minutes",
+            "The length of an upstream account's rate-limit window.",
+            ["account", "window"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "codex_gateway_streams_in_flight",
+            "Relay requests being served right now.",
+            registry=r,
+        )
+        self.holds = Gauge(
+            "codex_gateway_open_holds",
+            "Requests holding part of a balance: relays in flight and rows queued for writing.",
+            registry=r,
+        )
+
+    def track(self, in_flight: Callable[[], int], holds: Callable[[], int]) -> None:
+        """Read both gauges from the gateway's own counters when scraped."""
+        self.in_flight.set_function(lambda: float(in_flight()))
+        self.holds.set_function(lambda: float(holds()))
+
+    def request_done(self, route: str, status: int, model: str, seconds: float) -> None:
+        self.requests.labels(route, str(status), model).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def settled(
+        self, row: Mapping[str, Any], account: str | None, overhead_ms: float | None
+    ) -> None:
+        """Tokens, cost, timings and upstream errors of one settled request."""
+        model = str(row["price_model"])
+        for token_class, column in TOKEN_CLASSES:
+            count = row[column]
+            if isinstance(count, int) and count > 0:
+                self.tokens.labels(model, token_class).inc(count)
+        self.cost.labels(model).inc(float(row["cost_usd"]))
+        if row["ttfb_ms"] is not None:
+            self.ttfb.labels(model).observe(row["ttfb_ms"] / 1000)
+        if overhead_ms is not None:
+            self.overhead.observe(overhead_ms / 1000)
+        if row["status"] == "upstream_error":
+            self.upstream_errors.labels(account or "-", _error_kind(row["flags"])).inc()
+
+    def upstream_answered(self, account: str, headers: Mapping[str, str]) -> None:
+        """Record the rate-limit windows an upstream announces in its response headers."""
+        for window in QUOTA_WINDOWS:
+            used = _number(headers.get(f"x-codex-{window}-used-percent"))
+            if used is None:
+                continue
+            self.quota_used.labels(account, window).set(used)
+            minutes = _number(headers.get(f"x-codex-{window}-window-minutes"))
+            if minutes is not None:
+                self.quota_window.labels(account, window).set(minutes)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _number(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _error_kind(flags: str) -> str:
+    """The first upstream flag on the row (`upstream_timeout`, `upstream_http_429`, ...)."""
+    for name in flags.strip("[]").split(","):
+        name = name.strip().strip('"')
+        if name.startswith("upstream_"):
+            return name
+    return "upstream_error"

@@ -1,0 +1,148 @@
+"""Admission against balance leases, on SQLite and PostgreSQL.
+
+Two Admission objects on one database stand for two gateway processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from codex_gateway.billing.admission import INPUT_ALLOWANCE_TOKENS, Admission, estimate_hold
+from codex_gateway.billing.pricing import Price
+from codex_gateway.billing.settler import Settler
+from codex_gateway.errors import InsufficientQuota, StorageUnavailable
+from codex_gateway.store.db import create_engine
+from codex_gateway.store.queries import Store
+from tests.store.test_queries import new_user, usage_row
+
+CODEX = Price("gpt-5.1-codex", Decimal("1.25"), Decimal("0.125"), Decimal("10"))
+EST = Decimal("0.01")
+
+
+def admission(store: Store) -> Admission:
+    return Admission(store, lease_ttl=60, idle_seconds=0)
+
+
+# body bytes, max_output_tokens, expected hold
+ESTIMATES = [
+    # the default output cap when the request sets none, or sets nonsense
+    (0, None, (Decimal(INPUT_ALLOWANCE_TOKENS) * Decimal("1.25") + 32768 * 10) / 10**6),
+    (0, "100", (Decimal(INPUT_ALLOWANCE_TOKENS) * Decimal("1.25") + 32768 * 10) / 10**6),
+    (0, True, (Decimal(INPUT_ALLOWANCE_TOKENS) * Decimal("1.25") + 32768 * 10) / 10**6),
+    # the request's own cap
+    (43_000, 1000, (Decimal(44_000) * Decimal("1.25") + 1000 * 10) / 10**6),
+]
+
+
+@pytest.mark.parametrize(("body", "cap", "expected"), ESTIMATES)
+def test_hold_is_the_largest_possible_cost(body: int, cap: object, expected: Decimal) -> None:
+    assert estimate_hold(CODEX, body, cap, 32768) == expected
+
+
+def test_markup_scales_the_hold() -> None:
+    marked = Price("m", Decimal("1"), Decimal("0.1"), Decimal("2"), Decimal("1.5"))
+    assert estimate_hold(marked, 0, 10, 32768) == Decimal("0.00153")
+
+
+async def test_requests_within_a_lease_take_no_new_lease(store: Store) -> None:
+    _, user_id = await new_user(store, "1")
+    gate = admission(store)
+    await gate.admit(user_id, EST)
+    leases = await store.leases()
+    assert [(lease["user_id"], lease["amount"]) for lease in leases] == [(user_id, 4 * EST)]
+    for _ in range(3):
+        await gate.admit(user_id, EST)
+    assert [lease["amount"] for lease in await store.leases()] == [4 * EST]
+    assert gate.held(user_id) == 4 * EST
+    await gate.close()
+
+
+async def test_two_processes_never_admit_more_than_the_balance(store: Store) -> None:
+    _, user_id = await new_user(store, str(10 * EST))
+    first, second = admission(store), admission(store)
+
+    async def try_admit(gate: Admission) -> bool:
+        try:
+            await gate.admit(user_id, EST)
+        except InsufficientQuota:
+            return False
+        return True
+
+    results = await asyncio.gather(*(try_admit((first, second)[i % 2]) for i in range(50)))
+    assert sum(results) == 10
+    assert first.held(user_id) + second.held(user_id) == 10 * EST
+    await first.close()
+    await second.close()
+    assert await store.leases() == []
+
+
+async def test_settling_takes_the_cost_out_of_the_lease_and_close_returns_the_rest(
+    store: Store,
+) -> None:
+    _, user_id = await new_user(store, "1")
+    gate = admission(store)
+    hold = Decimal("0.2")
+    await gate.admit(user_id, hold)
+    settler = Settler(store, gate.holder, gate.settled)
+    settler.start()
+    row = usage_row(user_id)
+    settler.submit(row, hold)
+    await settler.drain()
+
+    cost = Decimal("0.114295")
+    assert gate.held(user_id) == 0
+    (lease,) = await store.leases()
+    assert lease["amount"] == 4 * hold - cost
+    await gate.close()
+    assert await store.leases() == []
+    problems, _ = await store.verify_ledger()
+    assert problems == []
+    assert (await store.balances())[user_id] == Decimal("1") - cost
+
+
+async def test_a_balance_that_covers_nothing_refuses_at_once(store: Store) -> None:
+    _, user_id = await new_user(store, "0")
+    with pytest.raises(InsufficientQuota):
+        await admission(store).admit(user_id, EST)
+    assert await store.leases() == []
+
+
+async def test_leases_of_a_process_that_stopped_renewing_are_returned(store: Store) -> None:
+    _, user_id = await new_user(store, "1")
+    dead = admission(store)
+    await dead.admit(user_id, EST)
+    assert await store.reap_leases(datetime.now(UTC) - timedelta(seconds=60)) == 0
+    assert await store.reap_leases(datetime.now(UTC) + timedelta(seconds=1)) == 1
+    assert await store.leases() == []
+    problems, _ = await store.verify_ledger()
+    assert problems == []
+    # The whole balance is available to a live process again.
+    alive = admission(store)
+    await alive.admit(user_id, Decimal("1"))
+    await alive.close()
+
+
+async def test_an_idle_lease_is_handed_back(store: Store) -> None:
+    _, user_id = await new_user(store, "1")
+    gate = admission(store)
+    await gate.admit(user_id, EST)
+    gate.settled(user_id, EST, Decimal(0))
+    await gate._maintain_once()
+    assert await store.leases() == []
+
+
+async def test_an_unreachable_database_fails_closed() -> None:
+    engine = create_engine("postgresql://postgres@127.0.0.1:1/unreachable")
+    try:
+        gate = admission(Store(engine))
+        with pytest.raises(StorageUnavailable) as caught:
+            await gate.admit(1, EST)
+        assert caught.value.status == 503
+        assert "retry" in caught.value.message
+        assert gate.held(1) == 0
+    finally:
+        await engine.dispose()

@@ -1,0 +1,98 @@
+"""The settlement writer: rows queued by requests are written in batches, each exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import pytest
+
+from codex_gateway.billing import settler as settler_module
+from codex_gateway.billing.settler import Settler
+from codex_gateway.store.queries import Store
+from tests.store.test_queries import new_user, usage_row
+
+SEED_COST = Decimal("0.114295")
+
+
+async def test_a_burst_of_rows_is_written_and_debited_exactly(store: Store) -> None:
+    name, user_id = await new_user(store, "10")
+    seen: list[tuple[int, Decimal, Decimal]] = []
+    settler = Settler(store, None, lambda *settled: seen.append(settled))
+    settler.start()
+    rows = [usage_row(user_id) for _ in range(25)]
+    for row in rows:
+        settler.submit(row)
+    await settler.drain()
+
+    for row in rows:
+        assert await store.usage(row["request_id"]) is not None
+    expected = Decimal("10") - 25 * SEED_COST
+    assert seen == [(user_id, Decimal(0), Decimal(0))] * 25
+    assert (await store.balances())[user_id] == expected
+    charges = [e for e in await store.ledger(name) if e["kind"] == "charge"]
+    assert len(charges) == 25
+
+
+async def test_a_request_settled_before_is_not_charged_again_and_the_batch_survives(
+    store: Store,
+) -> None:
+    _, user_id = await new_user(store, "1")
+    settled_before = usage_row(user_id)
+    await store.settle(settled_before)
+    fresh = usage_row(user_id)
+    settler = Settler(store, None, lambda *_: None)
+    settler.start()
+    settler.submit(fresh)
+    settler.submit(settled_before)
+    await settler.drain()
+
+    assert await store.usage(fresh["request_id"]) is not None
+    assert (await store.balances())[user_id] == Decimal("1") - 2 * SEED_COST
+
+
+async def test_drain_waits_for_rows_submitted_while_writing(store: Store) -> None:
+    _, user_id = await new_user(store, "5")
+    settler = Settler(store, None, lambda *_: None)
+    settler.start()
+    rows = [usage_row(user_id) for _ in range(3)]
+    settler.submit(rows[0])
+    await asyncio.sleep(0)
+    settler.submit(rows[1])
+    settler.submit(rows[2])
+    await settler.drain()
+
+    assert settler.pending == 0
+    for row in rows:
+        assert await store.usage(row["request_id"]) is not None
+
+
+async def test_rows_the_database_refuses_are_handed_on_not_dropped(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(settler_module, "RETRY_DELAYS", ())
+    _, user_id = await new_user(store, "5")
+    refused: list[str] = []
+    settler = Settler(
+        store, None, lambda *_settled: None, lambda row: refused.append(row["request_id"])
+    )
+    settler.start()
+    orphan = usage_row(user_id + 10_000)  # no such user: the database refuses the debit
+    settler.submit(orphan)
+    await settler.drain()
+
+    assert refused == [orphan["request_id"]]
+    assert await store.usage(orphan["request_id"]) is None
+
+
+async def test_abandon_hands_over_every_row_not_yet_written(store: Store) -> None:
+    _, user_id = await new_user(store, "5")
+    settler = Settler(store, None, lambda *_settled: None)
+    rows = [usage_row(user_id) for _ in range(3)]
+    for row in rows:
+        settler.submit(row)
+
+    abandoned = settler.abandon()
+
+    assert [row["request_id"] for row in abandoned] == [row["request_id"] for row in rows]
+    assert settler.pending == 0

@@ -1,0 +1,111 @@
+"""The spool keeps usage rows the database could not take, exactly, until they are replayed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from codex_gateway.billing.settlement import Outcome, bill
+from codex_gateway.billing.spool import Spool
+from codex_gateway.store.db import create_engine, migrate
+from codex_gateway.store.queries import Store
+from tests.billing.cases import LIST_TABLE as PRICES
+
+USAGE = {
+    "input_tokens": 11771,
+    "input_tokens_details": {"cached_tokens": 11465},
+    "output_tokens": 306,
+    "output_tokens_details": {"reasoning_tokens": 192},
+}
+
+
+def usage_row(request_id: str, user_id: int | None = None) -> dict[str, Any]:
+    price = PRICES.resolve("gpt-5.1-codex")
+    assert price is not None
+    outcome = Outcome(
+        request_id=request_id,
+        started_at=datetime(2026, 12, 4, 16, 0, 0, 123456, tzinfo=UTC),
+        started=0.0,
+        endpoint="responses",
+        model="gpt-5.1-codex",
+        stream=True,
+        price=price,
+        user_id=user_id,
+        usage=USAGE,
+        usage_reported=True,
+    )
+    return bill(outcome, PRICES)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    engine = create_engine(f"sqlite:///{tmp_path}/gateway.db")
+    try:
+        await migrate(engine)
+        yield Store(engine)
+    finally:
+        await engine.dispose()
+
+
+def test_a_spooled_row_reads_back_equal_with_exact_money_and_time(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool" / "unsettled.jsonl")
+    row = usage_row("req_a")
+
+    spool.append(row)
+
+    assert spool.rows() == [row]
+    assert isinstance(spool.rows()[0]["cost_usd"], Decimal)
+    assert spool.rows()[0]["cost_usd"] == Decimal("0.004875625")
+
+
+def test_a_line_cut_off_by_a_crash_is_skipped_and_the_rest_kept(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "unsettled.jsonl")
+    spool.append(usage_row("req_a"))
+    with spool.path.open("ab") as handle:
+        handle.write(b'{"request_id": "req_cut", "cost_')
+    with spool.path.open("ab") as handle:
+        handle.write(b"\n")
+    spool.append(usage_row("req_b"))
+
+    assert [row["request_id"] for row in spool.rows()] == ["req_a", "req_b"]
+
+
+async def test_replay_settles_each_row_once_and_empties_the_spool(
+    tmp_path: Path, store: Store
+) -> None:
+    await store.create_user("alice", Decimal("1"))
+    user_id = (await store.list_users())[0]["id"]
+    spool = Spool(tmp_path / "unsettled.jsonl")
+    already = usage_row("req_settled_before", user_id)
+    await store.settle(already)
+    spool.append(already)
+    spool.append(usage_row("req_only_spooled", user_id))
+
+    replayed = await spool.replay(store.settle)
+    again = await spool.replay(store.settle)
+
+    assert (replayed, again) == (2, 0)
+    assert not spool.path.exists()
+    assert await store.count_usage() == 2
+    assert (await store.balances())[user_id] == Decimal("1") - 2 * Decimal("0.004875625")
+
+
+async def test_a_row_the_database_refuses_stays_spooled_and_the_rest_are_settled(
+    tmp_path: Path, store: Store
+) -> None:
+    await store.create_user("bob", Decimal("1"))
+    user_id = (await store.list_users())[0]["id"]
+    spool = Spool(tmp_path / "unsettled.jsonl")
+    spool.append(usage_row("req_for_a_missing_user", user_id + 1000))
+    spool.append(usage_row("req_good", user_id))
+
+    replayed = await spool.replay(store.settle)
+
+    assert replayed == 1
+    assert [row["request_id"] for row in spool.rows()] == ["req_for_a_missing_user"]
+    assert await store.usage("req_good") is not None

@@ -1,0 +1,132 @@
+"""Operations commands as an operator runs them: config check, serve's refusal, version,
+migrate and the health probe."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CLI, free_port
+from tests.test_config import BROKEN_TOML
+
+BROKEN_SETTINGS = 8
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CODEX_GATEWAY_")}
+    return subprocess.run(
+        [*CLI, *args],
+        env={**base, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture
+def broken_file(tmp_path: Path) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(BROKEN_TOML, encoding="utf-8")
+    return path
+
+
+def test_config_check_reports_every_error_in_a_broken_file(broken_file: Path) -> None:
+    result = run("config", "check", "--file", str(broken_file))
+
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 1
+    assert len(errors) == BROKEN_SETTINGS
+    assert f"{BROKEN_SETTINGS} problem(s) found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_check_accepts_good_settings_and_shows_them_masked(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text('[gateway]\nlog_format = "json"\nshutdown_grace_seconds = 12\n')
+
+    result = run(
+        "config",
+        "check",
+        "--file",
+        str(path),
+        env={"CODEX_GATEWAY_ADMIN_TOKEN": "admin-token-0123456789"},
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "log_format = 'json'" in result.stdout
+    assert "shutdown_grace_seconds = 12.0" in result.stdout
+    assert "admin-token-0123456789" not in result.stdout
+    assert result.stdout.strip().endswith("configuration OK")
+
+
+def test_serve_refuses_bad_settings_with_one_line_each_and_exit_1(
+    broken_file: Path, tmp_path: Path
+) -> None:
+    result = run(
+        "serve",
+        "--port",
+        str(free_port()),
+        env={"CODEX_GATEWAY_CONFIG": str(broken_file)},
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == BROKEN_SETTINGS
+    assert all(line.startswith("error: ") for line in lines)
+
+
+def test_serve_exits_1_without_a_traceback_when_the_database_is_unreachable(
+    tmp_path: Path,
+) -> None:
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/none"
+
+    result = run(
+        "serve", "--port", str(free_port()), env={"CODEX_GATEWAY_DATABASE_URL": dead}, cwd=tmp_path
+    )
+
+    assert result.returncode == 1
+    assert "startup failed" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_version_shows_the_commit_baked_into_the_image() -> None:
+    result = run("version", env={"CODEX_GATEWAY_BUILD_COMMIT": "0123abcd4567"})
+
+    assert result.stdout.strip() == "codex-gateway 0.1.0 (commit 0123abcd4567)"
+
+
+def test_version_asks_git_in_a_checkout() -> None:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+    assert run("version").stdout.strip() == f"codex-gateway 0.1.0 (commit {commit})"
+
+
+def test_migrate_brings_a_new_database_to_the_newest_schema_and_can_run_again(
+    tmp_path: Path,
+) -> None:
+    env = {"CODEX_GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path}/gateway.db"}
+
+    first = run("migrate", env=env)
+    second = run("migrate", env=env)
+
+    assert first.returncode == second.returncode == 0
+    assert "database schema is current" in second.stdout
+    assert (tmp_path / "gateway.db").exists()
+
+
+def test_health_probe_fails_when_nothing_answers() -> None:
+    result = run("health", "--url", f"http://127.0.0.1:{free_port()}")
+
+    assert result.returncode == 1
+    assert "/healthz" in result.stderr

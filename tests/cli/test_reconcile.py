@@ -1,0 +1,93 @@
+"""`usage export` then `reconcile`: our own export reconciles clean; altered ones are named."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from codex_gateway.cli import reconcile as reconcile_cli
+from tests.conftest import Gateway
+
+
+@pytest.fixture(scope="module")
+def exported(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three billed requests of one user, exported as CSV."""
+    user, key = gateway.new_user("5")
+    for transcript in ("responses-text", "responses-cached", "responses-reasoning-tool"):
+        response = httpx.post(
+            gateway.url + "/v1/responses",
+            content=b'{"model":"gpt-5.1-codex","input":"hi"}',
+            headers={"Authorization": f"Bearer {key}", "x-sandbox-transcript": transcript},
+            timeout=30,
+        )
+        gateway.usage_row(response.headers["x-request-id"])
+    folder = tmp_path_factory.mktemp("export")
+    gateway.cli("usage", "export", "--format", "csv", "--output", str(folder / "all.csv"))
+    rows = [r for r in rows_of(folder / "all.csv") if r["user"] == user]
+    assert len(rows) == 3
+    mine = folder / "mine.csv"
+    with mine.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return mine
+
+
+def rows_of(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+
+
+def write(path: Path, rows: list[dict[str, str]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_our_own_export_reconciles_clean_against_everything_in_its_days(
+    gateway: Gateway, exported: Path, tmp_path: Path
+) -> None:
+    everything = tmp_path / "everything.jsonl"
+    gateway.cli("usage", "export", "--format", "jsonl", "--output", str(everything))
+    lines = [json.loads(line) for line in everything.read_text().splitlines()]
+    assert lines and all("cost_usd" in line for line in lines)
+    result = gateway.cli("reconcile", str(everything))
+    assert result.returncode == 0
+    assert "clean: everything matches" in result.stdout
+
+
+def test_swapped_doubled_and_missing_rows_are_each_named(
+    gateway: Gateway, exported: Path, tmp_path: Path
+) -> None:
+    rows = rows_of(exported)
+    text, cached = (
+        next(r for r in rows if r["cached_tokens"] == "0"),
+        next(r for r in rows if r["cached_tokens"] == "11465"),
+    )
+    text["input_tokens"], text["output_tokens"] = text["output_tokens"], text["input_tokens"]
+    cached["input_tokens"] = str(int(cached["input_tokens"]) + int(cached["cached_tokens"]))
+    altered = [text, cached]  # the third request is left out
+    result = gateway.cli(
+        "reconcile", str(write(tmp_path / "theirs.csv", altered)), "--show", "50", check=False
+    )
+    assert result.returncode == 1
+    assert "likely mistake in 1 rows: input and output swapped" in result.stdout
+    assert "likely mistake in 1 rows: cached tokens counted twice" in result.stdout
+    assert "missing from theirs" in result.stdout
+    report = result.stdout.split("per day")[0]
+    missing_lines = [line for line in report.splitlines() if "missing from theirs:" in line]
+    assert any(line.endswith(r["request_id"]) for r in rows for line in missing_lines)
+
+
+def test_progress_is_shown_for_large_files(
+    gateway: Gateway, exported: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reconcile_cli, "PROGRESS_EVERY", 1)
+    result = gateway.cli("reconcile", str(exported), check=False)
+    assert f"read 3 rows of {exported.name}" in result.stderr

@@ -1,0 +1,95 @@
+"""`codex-gateway serve --sandbox`: the quick start, from an empty directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import CLI, fixture_path, free_port, wait_http
+
+
+def start(workdir: Path, port: int) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CODEX_GATEWAY_")}
+    return subprocess.Popen(
+        [*CLI, "serve", "--sandbox", "--port", str(port)],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def stop(proc: subprocess.Popen[str]) -> str:
+    proc.terminate()
+    output, _ = proc.communicate(timeout=15)
+    return output
+
+
+def run_cli(workdir: Path, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CODEX_GATEWAY_")}
+    result = subprocess.run(
+        [*CLI, *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def guide_request(port: int, key: str) -> httpx.Response:
+    return httpx.post(
+        f"http://127.0.0.1:{port}/v1/responses",
+        content=fixture_path("requests", "seed-guide-request.json").read_bytes(),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        timeout=30,
+    )
+
+
+def test_quick_start_answers_bills_and_survives_a_restart_on_another_port(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    proc = start(tmp_path, port)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        response = guide_request(port, "placeholder")
+        assert response.status_code == 401
+    finally:
+        first_output = stop(proc)
+    key = next(line for line in first_output.splitlines() if line.startswith("sk-cg-"))
+    assert (tmp_path / "data" / "codex-gateway.db").exists()
+
+    port = free_port()
+    proc = start(tmp_path, port)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        response = guide_request(port, key)
+        assert response.status_code == 200
+        assert b"event: response.completed" in response.content
+        request_id = response.headers["x-request-id"]
+        # The sandbox in a serving gateway keeps no record of users' requests.
+        assert httpx.get(f"http://127.0.0.1:{port}/sandbox/requests").status_code == 404
+    finally:
+        second_output = stop(proc)
+    assert key not in second_output
+    assert "API key (shown once)" not in second_output
+    deadline = time.monotonic() + 10
+    while "total charged: $0.114295" not in (text := _explain(tmp_path, request_id)):
+        assert time.monotonic() < deadline, text
+        time.sleep(0.2)
+    users = run_cli(tmp_path, "users", "list", "--json")
+    assert '"balance": "4.885705"' in users
+    assert Decimal("5") - Decimal("0.114295") == Decimal("4.885705")
+
+
+def _explain(workdir: Path, request_id: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CODEX_GATEWAY_")}
+    result = subprocess.run(
+        [*CLI, "explain", request_id], cwd=workdir, env=env, capture_output=True, text=True
+    )
+    return result.stdout

@@ -1,0 +1,172 @@
+"""SIGTERM while streams are in flight: they finish and are billed; a second SIGTERM ends at
+once and still loses no usage record (the spool is replayed at the next start)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+import httpx
+import pytest
+
+from tests.conftest import Gateway, Sandbox, _drop_pg_database, make_gateway
+from tests.http.test_operations import add_sandbox_account
+from tests.http.test_responses import expected_cost
+
+STREAMS = 10
+TEXT_COUNTS = (1252, 0, 11273, 10944)  # responses-text: input, cached, output, reasoning
+
+
+@dataclass
+class Client:
+    """One streaming request on its own thread: its request id, body and any error."""
+
+    url: str
+    key: str
+    delay_ms: int
+    started: threading.Event = field(default_factory=threading.Event)
+    request_id: str = ""
+    body: bytes = b""
+    error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            with httpx.stream(
+                "POST",
+                self.url + "/v1/responses",
+                headers={
+                    "Authorization": f"Bearer {self.key}",
+                    "x-sandbox-delay-ms": str(self.delay_ms),
+                },
+                json={"model": "gpt-5.1-codex", "input": "hi", "stream": True},
+                timeout=60,
+            ) as response:
+                self.request_id = response.headers["x-request-id"]
+                self.started.set()
+                for chunk in response.iter_raw():
+                    self.body += chunk
+        except httpx.HTTPError as exc:
+            self.error = exc
+        finally:
+            self.started.set()
+
+
+def running_gateway(
+    sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory, grace_seconds: int
+) -> Iterator[Gateway]:
+    gw = make_gateway("postgresql", tmp_path_factory)
+    gw.env["CODEX_GATEWAY_SHUTDOWN_GRACE_SECONDS"] = str(grace_seconds)
+    try:
+        add_sandbox_account(gw, sandbox)
+        gw.start(log_level="INFO")
+        yield gw
+    finally:
+        gw.stop()
+        _drop_pg_database(gw.database_url.rsplit("/", 1)[1])
+
+
+@pytest.fixture
+def pg_gateway(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    yield from running_gateway(sandbox, tmp_path_factory, grace_seconds=30)
+
+
+@pytest.fixture
+def impatient_gateway(
+    sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    yield from running_gateway(sandbox, tmp_path_factory, grace_seconds=1)
+
+
+def start_streams(
+    gw: Gateway, key: str, delay_ms: int
+) -> tuple[list[Client], list[threading.Thread]]:
+    clients = [Client(gw.url, key, delay_ms) for _ in range(STREAMS)]
+    threads = [threading.Thread(target=client.run) for client in clients]
+    for thread in threads:
+        thread.start()
+    for client in clients:
+        assert client.started.wait(20)
+        assert client.error is None, client.error
+    return clients, threads
+
+
+def exit_code(gw: Gateway, timeout: float) -> int:
+    assert gw.proc is not None
+    return gw.proc.popen.wait(timeout)
+
+
+def test_sigterm_lets_ten_streams_finish_bills_them_all_and_exits_0(pg_gateway: Gateway) -> None:
+    user, key = pg_gateway.new_user("10")
+    assert pg_gateway.proc is not None
+    clients, threads = start_streams(pg_gateway, key, delay_ms=120)
+
+    pg_gateway.proc.popen.send_signal(signal.SIGTERM)
+    time.sleep(0.6)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(pg_gateway.url + "/healthz", timeout=2)
+    for thread in threads:
+        thread.join(30)
+    code = exit_code(pg_gateway, 30)
+
+    assert code == 0, pg_gateway.log_text()
+    for client in clients:
+        assert client.error is None, client.error
+        assert b"event: response.completed" in client.body
+        assert b"stream_incomplete" not in client.body
+    rows = {row["request_id"]: row for row in pg_gateway.usage_rows()}
+    assert sorted(rows) == sorted(client.request_id for client in clients)
+    for row in rows.values():
+        assert row["status"] == "completed"
+        assert Decimal(row["cost_usd"]) == expected_cost(TEXT_COUNTS)
+    assert Decimal(pg_gateway.balance(user)) == Decimal(10) - STREAMS * expected_cost(TEXT_COUNTS)
+    assert "Traceback" not in pg_gateway.log_text()
+
+
+def test_a_second_sigterm_exits_at_once_and_the_spool_keeps_every_usage_record(
+    pg_gateway: Gateway,
+) -> None:
+    _, key = pg_gateway.new_user("10")
+    assert pg_gateway.proc is not None
+    spool = pg_gateway.workdir / "unsettled-usage.jsonl"
+    clients, threads = start_streams(pg_gateway, key, delay_ms=1500)
+
+    pg_gateway.proc.popen.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    pg_gateway.proc.popen.send_signal(signal.SIGTERM)
+    code = exit_code(pg_gateway, 10)
+    for thread in threads:
+        thread.join(10)
+    spooled = spool.read_text(encoding="utf-8").count("\n")
+    pg_gateway.start(log_level="INFO")  # the next start replays the spool before it serves
+    rows = pg_gateway.usage_rows()
+
+    assert code == 0, pg_gateway.log_text()
+    assert spooled == STREAMS
+    for client in clients:
+        assert b"event: response.completed" not in client.body
+    assert sorted(row["request_id"] for row in rows) == sorted(c.request_id for c in clients)
+    assert {row["status"] for row in rows} == {"cancelled"}
+    assert not spool.exists()
+
+
+def test_streams_still_running_at_the_grace_limit_are_cut_and_billed_as_cancelled(
+    impatient_gateway: Gateway,
+) -> None:
+    _, key = impatient_gateway.new_user("10")
+    assert impatient_gateway.proc is not None
+    clients, threads = start_streams(impatient_gateway, key, delay_ms=1500)
+
+    impatient_gateway.proc.popen.send_signal(signal.SIGTERM)
+    code = exit_code(impatient_gateway, 20)
+    for thread in threads:
+        thread.join(10)
+    rows = impatient_gateway.usage_rows()
+
+    assert code == 0, impatient_gateway.log_text()
+    assert sorted(row["request_id"] for row in rows) == sorted(c.request_id for c in clients)
+    assert {row["status"] for row in rows} == {"cancelled"}
+    assert not (impatient_gateway.workdir / "unsettled-usage.jsonl").exists()

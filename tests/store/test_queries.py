@@ -1,0 +1,316 @@
+"""The Store on SQLite and PostgreSQL: exact balances, settling once, keys kept as hashes."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from codex_gateway.billing.pricing import LIST_PRICES, Price, PriceTable, plain
+from codex_gateway.billing.settlement import Outcome, bill
+from codex_gateway.store.queries import KEY_PREFIX, KeyRecord, Store, StoreError, hash_key
+from tests.store.dump import dump
+
+CODEX = Price("gpt-5.1-codex", *(Decimal(value) for value in LIST_PRICES["gpt-5.1-codex"]))
+SEED_USAGE = {
+    "input_tokens": 1252,
+    "input_tokens_details": {"cached_tokens": 0},
+    "output_tokens": 11273,
+    "output_tokens_details": {"reasoning_tokens": 10944},
+    "total_tokens": 12525,
+}
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+async def new_user(store: Store, balance: str = "0") -> tuple[str, int]:
+    name = unique("user")
+    await store.create_user(name, Decimal(balance))
+    user = await user_named(store, name)
+    return name, int(user["id"])
+
+
+async def user_named(store: Store, name: str) -> dict[str, Any]:
+    return next(user for user in await store.list_users() if user["name"] == name)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """SQLite gives timestamps back without a zone, PostgreSQL with one; both hold UTC."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def usage_row(user_id: int | None, usage: Any = SEED_USAGE) -> dict[str, Any]:
+    """The row bill() makes for one request at the gpt-5.1-codex list price."""
+    outcome = Outcome(
+        request_id=unique("req"),
+        started_at=datetime(2026, 12, 4, 16, 0, 0, tzinfo=UTC),
+        started=0.0,
+        endpoint="responses",
+        model="gpt-5.1-codex",
+        stream=True,
+        price=CODEX,
+        user_id=user_id,
+        usage=usage,
+        usage_reported=usage is not None,
+        upstream_model="gpt-5.1-codex-2025-11-13",
+        duration_ms=12.5,
+    )
+    return bill(outcome, PriceTable([CODEX]))
+
+
+# -- users and balances ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "balance",
+    [
+        # the smallest and largest amounts keep every digit
+        "0.000000000000000001",
+        "123456789012345678.123456789012345678",
+        # ordinary amounts, and one with trailing zeros
+        "10",
+        "0.1",
+        "2.50",
+    ],
+)
+async def test_balance_round_trips_exactly(store: Store, balance: str) -> None:
+    name, _ = await new_user(store, balance)
+
+    user = await user_named(store, name)
+
+    assert isinstance(user["balance"], Decimal)
+    assert user["balance"] == Decimal(balance)
+
+
+async def test_three_topups_of_a_tenth_make_exactly_three_tenths(store: Store) -> None:
+    name, _ = await new_user(store)
+
+    balances = [await store.topup(name, Decimal("0.1")) for _ in range(3)]
+
+    assert balances == [Decimal("0.1"), Decimal("0.2"), Decimal("0.3")]
+    stored = (await user_named(store, name))["balance"]
+    assert stored == Decimal("0.3")
+    assert plain(stored) == "0.3"
+
+
+async def test_topup_adds_to_the_smallest_balance_without_losing_it(store: Store) -> None:
+    name, _ = await new_user(store, "0.000000000000000001")
+
+    balance = await store.topup(name, Decimal("0.1"))
+
+    assert balance == Decimal("0.100000000000000001")
+    assert (await user_named(store, name))["balance"] == Decimal("0.100000000000000001")
+
+
+async def test_ledger_records_the_initial_balance_and_each_topup(store: Store) -> None:
+    name, _ = await new_user(store, "5")
+    await store.topup(name, Decimal("0.25"), note="card")
+    await store.topup(name, Decimal("0.000001"))
+
+    entries = await store.ledger(name)
+
+    assert [
+        (entry["kind"], entry["amount"], entry["balance_after"], entry["note"]) for entry in entries
+    ] == [
+        ("topup", Decimal("5"), Decimal("5"), "initial balance"),
+        ("topup", Decimal("0.25"), Decimal("5.25"), "card"),
+        ("topup", Decimal("0.000001"), Decimal("5.250001"), None),
+    ]
+
+
+async def test_user_created_with_nothing_has_no_ledger_entry(store: Store) -> None:
+    name, _ = await new_user(store, "0")
+
+    assert await store.ledger(name) == []
+
+
+async def test_duplicate_user_name_is_refused_and_the_first_user_kept(store: Store) -> None:
+    name, _ = await new_user(store, "7")
+
+    with pytest.raises(StoreError, match=name):
+        await store.create_user(name, Decimal("100"))
+
+    assert [user["balance"] for user in await store.list_users() if user["name"] == name] == [
+        Decimal("7")
+    ]
+    assert len(await store.ledger(name)) == 1
+
+
+async def test_topup_of_an_unknown_user_is_refused(store: Store) -> None:
+    with pytest.raises(StoreError, match="no user named"):
+        await store.topup(unique("nobody"), Decimal("1"))
+
+
+async def test_administrative_changes_bump_the_revision(store: Store) -> None:
+    before = await store.revision()
+
+    name, _ = await new_user(store, "1")
+    await store.topup(name, Decimal("1"))
+
+    assert await store.revision() == before + 2
+
+
+# -- settlement ------------------------------------------------------------------------------
+
+
+async def test_settle_writes_the_row_and_debits_the_cost_exactly(store: Store) -> None:
+    name, user_id = await new_user(store, "1")
+    row = usage_row(user_id)
+
+    balance = await store.settle(row)
+
+    assert balance == Decimal("0.885705")
+    assert (await user_named(store, name))["balance"] == Decimal("0.885705")
+    stored = await store.usage(row["request_id"])
+    assert stored is not None
+    assert {column: stored[column] for column in row if column != "started_at"} == {
+        column: value for column, value in row.items() if column != "started_at"
+    }
+    assert as_utc(stored["started_at"]) == row["started_at"]
+    assert stored["user"] == name
+
+
+async def test_settle_adds_one_charge_to_the_ledger(store: Store) -> None:
+    name, user_id = await new_user(store, "1")
+    row = usage_row(user_id)
+
+    await store.settle(row)
+
+    charge = (await store.ledger(name))[-1]
+    assert (charge["kind"], charge["amount"], charge["balance_after"], charge["request_id"]) == (
+        "charge",
+        Decimal("-0.114295"),
+        Decimal("0.885705"),
+        row["request_id"],
+    )
+
+
+async def test_settling_the_same_request_twice_changes_nothing_the_second_time(
+    store: Store, engine: AsyncEngine
+) -> None:
+    name, user_id = await new_user(store, "1")
+    row = usage_row(user_id)
+    assert await store.settle(row) == Decimal("0.885705")
+    before = await dump(engine)
+
+    again = await store.settle(dict(row))
+
+    assert again is None
+    assert await dump(engine) == before
+    assert (await user_named(store, name))["balance"] == Decimal("0.885705")
+    assert [entry["kind"] for entry in await store.ledger(name)] == ["topup", "charge"]
+
+
+async def test_settle_without_a_user_writes_the_row_and_debits_no_one(store: Store) -> None:
+    row = usage_row(None)
+    count = await store.count_usage()
+
+    assert await store.settle(row) is None
+
+    assert await store.count_usage() == count + 1
+    assert (await store.usage(row["request_id"]) or {})["cost_usd"] == Decimal("0.114295")
+
+
+async def test_settle_of_a_request_without_usage_charges_nothing_and_touches_no_balance(
+    store: Store,
+) -> None:
+    name, user_id = await new_user(store, "2")
+    ledger_before = await store.ledger(name)
+    row = usage_row(user_id, usage=None)
+
+    balance = await store.settle(row)
+
+    assert balance is None
+    assert (await store.balances())[user_id] == Decimal("2")
+    stored = await store.usage(row["request_id"])
+    assert stored is not None
+    assert (stored["raw_usage"], stored["cost_usd"], stored["flags"]) == (
+        None,
+        Decimal("0"),
+        '["usage_missing"]',
+    )
+    assert await store.ledger(name) == ledger_before
+
+
+async def test_settle_keeps_the_smallest_costs_exact(store: Store) -> None:
+    name, user_id = await new_user(store, "0.000000000000000001")
+    row = usage_row(user_id, {"input_tokens": 1, "output_tokens": 0})
+
+    balance = await store.settle(row)
+
+    assert row["cost_usd"] == Decimal("0.00000125")
+    assert balance == Decimal("-0.000001249999999999")
+    assert (await user_named(store, name))["balance"] == balance
+
+
+# -- keys ------------------------------------------------------------------------------------
+
+
+async def test_created_key_is_found_by_its_hash(store: Store) -> None:
+    name, user_id = await new_user(store)
+
+    raw, display = await store.create_key(name, name="laptop")
+
+    assert raw.startswith(KEY_PREFIX)
+    # Shown as the fixed prefix and the last four characters: nothing more of the secret.
+    assert display == f"{KEY_PREFIX}…{raw[-4:]}"
+    record = await store.find_key(hash_key(raw))
+    assert record is not None
+    assert record == KeyRecord(record.id, user_id, name, display, revoked=False)
+    assert (await store.active_keys())[hash_key(raw)] == record
+
+
+async def test_unknown_key_is_not_found(store: Store) -> None:
+    assert await store.find_key(hash_key(KEY_PREFIX + "never-issued")) is None
+
+
+async def test_raw_key_is_stored_nowhere_in_the_database(store: Store, engine: AsyncEngine) -> None:
+    name, _ = await new_user(store)
+    raw, _ = await store.create_key(name)
+    secret = raw[len(KEY_PREFIX) :]
+
+    tables = await dump(engine)
+
+    assert "api_keys" in tables
+    text = repr(tables)
+    assert raw not in text
+    assert secret not in text
+    assert secret[:-4] not in text
+    assert hash_key(raw) in text
+
+
+async def test_revoked_key_is_found_as_revoked_and_is_not_active(store: Store) -> None:
+    name, _ = await new_user(store)
+    raw, _ = await store.create_key(name)
+    record = await store.find_key(hash_key(raw))
+    assert record is not None
+
+    await store.revoke_key(record.id)
+
+    revoked = await store.find_key(hash_key(raw))
+    assert revoked is not None and revoked.revoked
+    assert hash_key(raw) not in await store.active_keys()
+    listed = next(key for key in await store.list_keys(name) if key["id"] == record.id)
+    assert listed["revoked_at"] is not None
+
+
+async def test_revoking_a_key_twice_is_refused(store: Store) -> None:
+    name, _ = await new_user(store)
+    raw, _ = await store.create_key(name)
+    record = await store.find_key(hash_key(raw))
+    assert record is not None
+    await store.revoke_key(record.id)
+
+    with pytest.raises(StoreError, match=f"no active key with id {record.id}"):
+        await store.revoke_key(record.id)
+
+
+async def test_key_for_an_unknown_user_is_refused(store: Store) -> None:
+    with pytest.raises(StoreError, match="no user named"):
+        await store.create_key(unique("nobody"))

@@ -1,0 +1,62 @@
+"""Log lines for operators: plain or JSON, the request id on each, levels per logger."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from codex_gateway import logs
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    names = ("codex_gateway", "codex_gateway.access", "codex_gateway.billing")
+    levels = {name: logging.getLogger(name).level for name in names}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, saved in levels.items():
+        logging.getLogger(name).setLevel(saved)
+
+
+def record(name: str, message: str, **extra: object) -> logging.LogRecord:
+    return logging.getLogger(name).makeRecord(
+        name, logging.INFO, __file__, 1, message, (), None, extra=extra
+    )
+
+
+def test_json_lines_carry_the_request_id_as_a_field() -> None:
+    line = logs.JsonFormatter().format(
+        record("codex_gateway.access", "POST /v1/responses 200", request_id="req_1")
+    )
+
+    payload = json.loads(line)
+    assert payload["request_id"] == "req_1"
+    assert payload["logger"] == "codex_gateway.access"
+    assert payload["message"] == "POST /v1/responses 200"
+
+
+def test_plain_lines_put_the_request_id_after_the_logger() -> None:
+    line = logs.PlainFormatter().format(
+        record("codex_gateway.billing", "stage=raw", request_id="req_2")
+    )
+
+    assert line.endswith(" INFO  codex_gateway.billing [req_2] stage=raw")
+
+
+def test_levels_per_logger_override_the_gateway_level() -> None:
+    logs.configure(
+        "INFO",
+        "json",
+        (("codex_gateway.access", "WARNING"), ("codex_gateway.billing", "DEBUG")),
+    )
+
+    assert logging.getLogger("codex_gateway").level == logging.INFO
+    assert not logging.getLogger("codex_gateway.access").isEnabledFor(logging.INFO)
+    assert logging.getLogger("codex_gateway.billing").isEnabledFor(logging.DEBUG)
+    assert isinstance(logging.getLogger().handlers[0].formatter, logs.JsonFormatter)
