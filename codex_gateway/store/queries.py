@@ -382,7 +382,7 @@ class Store:
         """
         try:
             async with self.engine.begin() as conn:
-                return [await self._settle_one(conn, record, holder) for record in records]
+                return await self._settle_batch(conn, records, holder)
         except IntegrityError:
             pass
         return [await self._settle_alone(record, holder) for record in records]
@@ -390,31 +390,78 @@ class Store:
     async def _settle_alone(self, record: dict[str, Any], holder: str | None) -> Settled:
         try:
             async with self.engine.begin() as conn:
-                return await self._settle_one(conn, record, holder)
+                (settled,) = await self._settle_batch(conn, [record], holder)
+                return settled
         except IntegrityError:
             if await self.usage(record["request_id"]) is not None:
                 return Settled(record["request_id"], record.get("user_id"), None, ZERO)
             raise
 
-    async def _settle_one(
-        self, conn: AsyncConnection, record: dict[str, Any], holder: str | None
-    ) -> Settled:
-        """Insert the row; debit the cost, taking it out of the holder's lease first."""
-        await conn.execute(insert(UsageRecord).values(**record))
-        request_id, user_id = record["request_id"], record.get("user_id")
-        cost: Decimal = record["cost_usd"]
-        if user_id is None or cost == 0:
-            return Settled(request_id, user_id, None, ZERO)
+    async def _settle_batch(
+        self, conn: AsyncConnection, records: list[dict[str, Any]], holder: str | None
+    ) -> list[Settled]:
+        """Insert the rows; debit each user once for all their costs, lease first.
+
+        Rows go in with one statement and ledger entries with another; each user with a cost
+        is locked, debited and has its lease reduced once, in the order of the rows.
+        """
+        await conn.execute(insert(UsageRecord), records)
+        charged: dict[int, list[dict[str, Any]]] = {}
+        for record in records:
+            if record.get("user_id") is not None and record["cost_usd"] != 0:
+                charged.setdefault(record["user_id"], []).append(record)
+        settled: dict[str, Settled] = {}
+        ledger: list[dict[str, Any]] = []
+        for user_id, user_records in charged.items():
+            settled.update(await self._charge(conn, user_id, user_records, holder, ledger))
+        if ledger:
+            await conn.execute(insert(LedgerEntry), ledger)
+        return [
+            settled.get(r["request_id"]) or Settled(r["request_id"], r.get("user_id"), None, ZERO)
+            for r in records
+        ]
+
+    async def _charge(
+        self,
+        conn: AsyncConnection,
+        user_id: int,
+        records: list[dict[str, Any]],
+        holder: str | None,
+        ledger: list[dict[str, Any]],
+    ) -> dict[str, Settled]:
         balance, reserved = await self._lock_user(conn, user_id)
-        consumed = await self._consume_lease(conn, user_id, holder, cost) if holder else ZERO
-        balance = MONEY.subtract(balance, cost)
+        lease = await self._lock_lease(conn, user_id, holder) if holder else None
+        leased = lease[1] if lease else ZERO
+        settled: dict[str, Settled] = {}
+        charged_at = now()
+        for record in records:
+            cost: Decimal = record["cost_usd"]
+            consumed = min(cost, leased)
+            leased = MONEY.subtract(leased, consumed)
+            reserved = MONEY.subtract(reserved, consumed)
+            balance = MONEY.subtract(balance, cost)
+            ledger.append(
+                {
+                    "user_id": user_id,
+                    "kind": "charge",
+                    "amount": cost.copy_negate(),
+                    "balance_after": balance,
+                    "request_id": record["request_id"],
+                    "note": None,
+                    "created_at": charged_at,
+                }
+            )
+            settled[record["request_id"]] = Settled(
+                record["request_id"], user_id, balance, consumed
+            )
         await conn.execute(
-            update(User)
-            .where(User.id == user_id)
-            .values(balance=balance, reserved=MONEY.subtract(reserved, consumed))
+            update(User).where(User.id == user_id).values(balance=balance, reserved=reserved)
         )
-        await self._ledger(conn, user_id, "charge", cost.copy_negate(), balance, request_id, None)
-        return Settled(request_id, user_id, balance, consumed)
+        if lease is not None:
+            await conn.execute(
+                update(BalanceLease).where(BalanceLease.id == lease[0]).values(amount=leased)
+            )
+        return settled
 
     @staticmethod
     async def _lock_user(conn: AsyncConnection, user_id: int) -> tuple[Decimal, Decimal]:
@@ -427,9 +474,9 @@ class Store:
         return Decimal(str(row[0])), Decimal(str(row[1]))
 
     @staticmethod
-    async def _consume_lease(
-        conn: AsyncConnection, user_id: int, holder: str, cost: Decimal
-    ) -> Decimal:
+    async def _lock_lease(
+        conn: AsyncConnection, user_id: int, holder: str
+    ) -> tuple[int, Decimal] | None:
         lease = (
             await conn.execute(
                 select(BalanceLease.id, BalanceLease.amount)
@@ -437,29 +484,29 @@ class Store:
                 .with_for_update()
             )
         ).first()
-        if lease is None:
-            return ZERO
-        consumed = min(cost, Decimal(str(lease[1])))
-        await conn.execute(
-            update(BalanceLease)
-            .where(BalanceLease.id == lease[0])
-            .values(amount=MONEY.subtract(Decimal(str(lease[1])), consumed))
-        )
-        return consumed
+        return (lease[0], Decimal(str(lease[1]))) if lease else None
 
     # -- leases: admission without a database round trip per request -----------------------
 
-    async def acquire_lease(self, user_id: int, holder: str, amount: Decimal) -> bool:
-        """Set `amount` of the user's unreserved balance aside for `holder`, if it is there."""
+    async def acquire_lease(
+        self, user_id: int, holder: str, needed: Decimal, wanted: Decimal
+    ) -> Decimal:
+        """Set part of the user's unreserved balance aside for `holder`.
+
+        Grants at least `needed` (or nothing, returning 0) and at most `wanted`, never more
+        than half of what is unreserved beyond `needed`, so other processes keep room.
+        """
         async with self.engine.begin() as conn:
             balance, reserved = await self._lock_user(conn, user_id)
-            if MONEY.subtract(balance, reserved) < amount:
-                return False
+            available = MONEY.subtract(balance, reserved)
+            if available < needed or needed <= 0:
+                return ZERO
+            amount = max(needed, min(wanted, MONEY.divide(available, Decimal(2))))
             await conn.execute(
                 update(User).where(User.id == user_id).values(reserved=MONEY.add(reserved, amount))
             )
             await self._add_to_lease(conn, user_id, holder, amount)
-            return True
+            return amount
 
     @staticmethod
     async def _add_to_lease(
