@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # Hashes of keys that matched nothing, so a flood of bad keys costs no database round trips.
 # A key created later is new random text, so it can never be in this set.
 MAX_UNKNOWN_KEYS = 10_000
+RELAYED_KINDS = frozenset({"openai"})
 
 
 class Catalog:
@@ -74,7 +75,8 @@ class Catalog:
         return found
 
     def usable_accounts(self) -> list[AccountRecord]:
-        return [account for account in self.accounts if account.enabled]
+        # ChatGPT accounts need their own backend shaping, which this relay does not do yet
+        return [a for a in self.accounts if a.enabled and a.kind in RELAYED_KINDS]
 
     def account_name(self, account_id: int | None) -> str | None:
         return next((a.name for a in self.accounts if a.id == account_id), None)

@@ -11,11 +11,12 @@ import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from codex_gateway.errors import ConfigError
+from codex_gateway.relay.chatgpt import DEFAULT_BASE_URL as DEFAULT_CHATGPT_BASE_URL
 from codex_gateway.store.db import redact_url
 
 ENV_PREFIX = "CODEX_GATEWAY_"
@@ -24,6 +25,7 @@ DEFAULT_SPOOL_PATH = "./data/unsettled-usage.jsonl"
 MIN_ADMIN_TOKEN_LENGTH = 16
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DISCONNECT_POLICIES = ("finish", "cancel")
+MIN_SECRET_LENGTH = 32
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,11 @@ class Settings:
     redis_prefix: str = "codex-gateway"
     disconnect_policy: str = "finish"
     disconnect_finish_seconds: float = 60.0
+    # seals ChatGPT account tokens at rest and keys upstream session ids; never printed
+    secret_key: str | None = field(default=None, repr=False)
+    secret_key_file: str | None = None
+    chatgpt_base_url: str = DEFAULT_CHATGPT_BASE_URL
+    chatgpt_token_url: str = "https://auth.openai.com/oauth/token"
 
 
 def _positive_int(value: Any) -> int:
@@ -106,6 +113,20 @@ def _database_url(value: Any) -> str:
     text = str(value)
     if not text.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ValueError("must start with sqlite:/// or postgresql://")
+    return text
+
+
+def _secret_key(value: Any) -> str:
+    text = str(value)
+    if len(text) < MIN_SECRET_LENGTH:
+        raise ValueError(f"must be at least {MIN_SECRET_LENGTH} characters long")
+    return text
+
+
+def _http_url(value: Any) -> str:
+    text = str(value).rstrip("/")
+    if not text.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
     return text
 
 
@@ -174,8 +195,12 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "redis_prefix": _prefix,
     "disconnect_policy": _disconnect_policy,
     "disconnect_finish_seconds": _positive_float,
+    "secret_key": _secret_key,
+    "secret_key_file": str,
+    "chatgpt_base_url": _http_url,
+    "chatgpt_token_url": _http_url,
 }
-SECRET_SETTINGS = frozenset({"admin_token"})
+SECRET_SETTINGS = frozenset({"admin_token", "secret_key"})
 # URLs that may carry a password, shown with it masked.
 URL_SETTINGS = frozenset({"database_url", "redis_url"})
 

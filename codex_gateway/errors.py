@@ -15,7 +15,11 @@
         ├── UpstreamConnectError    502
         ├── UpstreamTimeout         504
         ├── UpstreamStatusError     502, an upstream answer the client must not see as is
-        └── UpstreamProtocolError   502, bytes that are not what the protocol promises
+        ├── UpstreamProtocolError   502, bytes that are not what the protocol promises
+        └── TokenRefreshError       502, a ChatGPT account's token could not be refreshed
+
+Operator-facing problems, never sent to a client: ConfigError (settings) and CredentialError
+(a credential file, a missing secret key, a sealed token that will not open).
 
 Every error a client sees is rendered by `GatewayError.body()`.
 """
@@ -158,6 +162,22 @@ class UpstreamProtocolError(UpstreamError):
     status = 502
     code = "upstream_protocol_error"
     kind = "protocol"
+
+
+class TokenRefreshError(UpstreamError):
+    """`permanent` means the account must sign in again; anything else may be retried."""
+
+    status = 502
+    code = "upstream_token_refresh_failed"
+
+    def __init__(self, message: str, *, permanent: bool, reason: str | None = None):
+        super().__init__(message)
+        self.permanent = permanent
+        self.reason = reason
+
+
+class CredentialError(Exception):
+    """A credential the gateway cannot use; the message says which and why, never its value."""
 
 
 class ConfigError(Exception):

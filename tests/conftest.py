@@ -267,3 +267,16 @@ def make_gateway(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Gate
         }
     )
     return Gateway(backend, database_url, workdir, env)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of each backend, for tests that open engines themselves."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/gateway.db"
+        return
+    name, url = _create_pg_database()
+    try:
+        yield url
+    finally:
+        _drop_pg_database(name)

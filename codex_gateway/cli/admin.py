@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import click
@@ -11,8 +12,12 @@ import orjson
 
 from codex_gateway.billing.pricing import Price, parse_amount, per_million, plain
 from codex_gateway.billing.settlement import explain as explain_row
-from codex_gateway.cli.context import dump_json, table, with_store
+from codex_gateway.cli.context import dump_json, settings_or_exit, table, with_store
+from codex_gateway.errors import CredentialError
+from codex_gateway.relay.chatgpt import RESPONSES_PATH, Quota
+from codex_gateway.store.credentials import AccountState, CredentialStore
 from codex_gateway.store.queries import AccountRecord, Store
+from codex_gateway.upstream.chatgpt_auth import load_cipher, read_codex_auth
 from codex_gateway.upstream.pool import READY, TIMED_STATES
 
 ACCOUNT_KINDS = ("openai",)
@@ -179,32 +184,82 @@ def accounts_add(
     click.echo(f"added {kind} account {name} -> {base_url.rstrip('/')}/responses")
 
 
-@accounts.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def accounts_list(as_json: bool) -> None:
-    """List upstream accounts with their state and why (keys are never shown)."""
-    records = with_store(lambda store: store.accounts())
-    rows = [_account_row(record, datetime.now(UTC)) for record in records]
-    if as_json:
-        click.echo(dump_json(rows))
-        return
+@accounts.command("import-codex")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--name", required=True)
+@click.option(
+    "--base-url",
+    default=None,
+    help="The ChatGPT backend; requests go to BASE/codex/responses. "
+    "Default: CODEX_GATEWAY_CHATGPT_BASE_URL, else https://chatgpt.com/backend-api",
+)
+@click.option("--priority", type=int, default=100, show_default=True, help="Lower goes first.")
+@click.option(
+    "--replace", is_flag=True, help="Give an existing ChatGPT account of this name new tokens."
+)
+def accounts_import_codex(
+    path: Path, name: str, base_url: str | None, priority: int, replace: bool
+) -> None:
+    """Add a ChatGPT account from a Codex auth.json (after "Sign in with ChatGPT").
+
+    Its tokens are sealed with CODEX_GATEWAY_SECRET_KEY (or the key file) before they are
+    stored; without a key nothing is stored. After a new sign-in, --replace gives an
+    account (say one that needs_relogin) its new tokens.
+    """
+    settings = settings_or_exit()
+    base = (base_url or settings.chatgpt_base_url).rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise click.BadParameter("must start with http:// or https://", param_hint="--base-url")
+    try:
+        tokens = read_codex_auth(path)
+        sealed = load_cipher(settings).seal_tokens(tokens)
+    except CredentialError as exc:
+        raise click.ClickException(str(exc)) from None
+
+    async def store_tokens(store: Store) -> None:
+        credentials = CredentialStore(store.engine)
+        if replace:
+            await credentials.replace_tokens(name, base, tokens.account_id, sealed)
+        else:
+            await credentials.add_chatgpt_account(name, base, tokens.account_id, sealed, priority)
+
+    with_store(store_tokens)
+    plan = f", plan {tokens.plan_type}" if tokens.plan_type else ""
     click.echo(
-        table(
-            rows,
-            ["id", "name", "base_url", "priority", "weight", "max_concurrency", "state", "why"],
-        )
+        f"{'replaced the tokens of' if replace else 'imported'} chatgpt account {name} "
+        f"(ChatGPT account {tokens.account_id}{plan}) -> {base}{RESPONSES_PATH}"
     )
 
 
-def _account_row(account: AccountRecord, now: datetime) -> dict[str, Any]:
-    """An account as listed: a timed state whose time is up shows as ready."""
-    state, why, until = account.state, account.state_reason, account.state_until
-    if until is not None and until.tzinfo is None:
-        until = until.replace(tzinfo=UTC)
-    if not account.enabled:
-        state, why, until = "disabled", "disabled by the operator", None
-    elif state in TIMED_STATES and (until is None or until <= now):
-        state, why, until = READY, None, None
+@accounts.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def accounts_list(as_json: bool) -> None:
+    """List upstream accounts with their state and why (keys and tokens are never shown)."""
+
+    async def load(store: Store) -> tuple[list[AccountRecord], dict[int, AccountState]]:
+        return await store.accounts(), await CredentialStore(store.engine).states()
+
+    records, states = with_store(load)
+    now = datetime.now(UTC)
+    rows = [_account_row(a, states.get(a.id), now) for a in records]
+    if as_json:
+        click.echo(dump_json(rows))
+        return
+    for row in rows:
+        row["quota"] = _quota_text(row["quota"])
+    columns = ["id", "name", "kind", "base_url", "priority", "weight", "max_concurrency"]
+    click.echo(table(rows, [*columns, "state", "why", "quota"]))
+
+
+def _account_row(
+    account: AccountRecord, credentials: AccountState | None, now: datetime
+) -> dict[str, Any]:
+    quota = (
+        Quota.from_json(orjson.loads(credentials.quota))
+        if credentials and credentials.quota
+        else None
+    )
+    state, why, until = _state(account, quota, now)
     return {
         "id": account.id,
         "name": account.name,
@@ -217,7 +272,48 @@ def _account_row(account: AccountRecord, now: datetime) -> dict[str, Any]:
         "state": state,
         "why": why,
         "until": until.isoformat() if until else None,
+        "quota": quota.to_json() if quota else None,
+        "token_expires_at": credentials.token_expires_at if credentials else None,
     }
+
+
+def _state(
+    account: AccountRecord, quota: Quota | None, now: datetime
+) -> tuple[str, str | None, datetime | None]:
+    """The account's state as an operator reads it, why, and until when; most pressing first.
+
+    A timed state (cooling down, at a quota limit) whose time is up shows as ready.
+    """
+    state, why, until = account.state, account.state_reason, account.state_until
+    if until is not None and until.tzinfo is None:
+        until = until.replace(tzinfo=UTC)
+    if not account.enabled:
+        return "disabled", "disabled by the operator", None
+    if state in TIMED_STATES and (until is None or until <= now):
+        state, why, until = READY, None, None
+    if state != READY:
+        return state, why, until
+    blocked = quota.blocked_until(now.timestamp()) if quota else None
+    if blocked is not None:
+        resets = datetime.fromtimestamp(blocked, UTC)
+        return "cooling_down", f"usage limit reached; resets at {_moment(blocked)}", resets
+    return READY, None, None
+
+
+def _quota_text(quota: dict[str, Any] | None) -> str | None:
+    if not quota:
+        return None
+    parts = []
+    for name in ("primary", "secondary"):
+        window = quota.get(name)
+        if window:
+            resets = f" resets {_moment(window['resets_at'])}" if window["resets_at"] else ""
+            parts.append(f"{name} {window['used_percent']:g}%{resets}")
+    return ", ".join(parts) or None
+
+
+def _moment(unix: int) -> str:
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 @accounts.command("disable")

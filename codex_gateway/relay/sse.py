@@ -155,3 +155,38 @@ def error_event(code: str, message: str) -> bytes:
     """A top-level Responses `error` event, for a stream the gateway has to end itself."""
     data = {"type": "error", "code": code, "message": message, "param": None}
     return b"event: error\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def event_data(block: bytes) -> Any:
+    """The JSON data of one event block, or None when it is not JSON."""
+    return _parse_data(block)
+
+
+def parse_events(raw: bytes) -> list[Any]:
+    """The JSON data of every event in a whole SSE document, in order."""
+    return [event_data(block) for block in iter_events(raw)]
+
+
+class EventSplitter:
+    """Cuts a byte stream into whole event blocks as each one completes, for translation."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buffer = self._buffer
+        split_crlf = buffer.endswith(b"\r")
+        buffer += chunk
+        if split_crlf or b"\r" in chunk:
+            buffer[:] = buffer.replace(b"\r\n", b"\n")
+        blocks = buffer.split(b"\n\n")
+        self._buffer = bytearray(blocks.pop())
+        return [bytes(block) for block in blocks if block.strip()]
+
+    def finish(self) -> list[bytes]:
+        """What is left after the stream closed counts as a last event, as browsers do."""
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        return [rest] if rest.strip() else []

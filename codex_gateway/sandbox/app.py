@@ -16,6 +16,8 @@ answer misbehave. Modes: `500` (or any 4xx/5xx status), `429` (with reset header
 then silence), `cut-after:N` (N events, then the connection drops), `garbage` (bytes that
 are not SSE), `drip:MS` (each event MS milliseconds apart). A refused connection needs no
 mode: point an account at a closed port.
+
+A mock of the ChatGPT Codex backend answers under /sandbox/chatgpt (see `chatgpt.py`).
 """
 
 from __future__ import annotations
@@ -76,10 +78,13 @@ MAX_DELAY_MS = 60_000
 
 class SandboxApp:
     def __init__(self, *, record: bool = False, history: int = 50):
+        from codex_gateway.sandbox.chatgpt import ChatGPTBackend  # it builds on this module
+
         self.transcripts = load_transcripts()
         self.record = record
         self.requests: deque[dict[str, Any]] = deque(maxlen=history)
         self.faults: dict[str, str] = {}
+        self.chatgpt = ChatGPTBackend(self.transcripts, self.requests if record else None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -95,6 +100,8 @@ class SandboxApp:
             await _json(send, 200, {"cleared": True})
         elif path == "/faults" and method == "PUT":
             await self._set_fault(receive, send)
+        elif path.startswith("/chatgpt/") and method == "POST":
+            await self.chatgpt(scope, receive, send, path.removeprefix("/chatgpt"))
         elif path.endswith("/v1/responses") and method == "POST":
             await self._responses(scope, receive, send, path)
         elif path.endswith("/v1/models") and method == "GET":

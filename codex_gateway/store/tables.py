@@ -90,6 +90,14 @@ class UpstreamAccount(Base):
     state: Mapped[str] = mapped_column(String(40), nullable=False, default="ready")
     state_reason: Mapped[str | None] = mapped_column(Text)
     state_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # ChatGPT accounts: tokens sealed with the operator's secret key, never stored in clear
+    chatgpt_account_id: Mapped[str | None] = mapped_column(String(200))
+    access_token_sealed: Mapped[str | None] = mapped_column(Text)
+    refresh_token_sealed: Mapped[str | None] = mapped_column(Text)
+    id_token_sealed: Mapped[str | None] = mapped_column(Text)
+    token_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_refresh_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    quota: Mapped[str | None] = mapped_column(Text)  # the last quota windows seen, as JSON
 
 
 class ModelPricing(Base):

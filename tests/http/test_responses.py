@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -56,21 +56,6 @@ def transcript_events(name: str) -> list[dict[str, Any]]:
         if data:
             events.append(json.loads("\n".join(data)))
     return events
-
-
-@pytest.fixture
-def sdk(gateway: Gateway) -> Iterator[Callable[[str], openai.OpenAI]]:
-    """Make SDK clients for a key; every client is closed after the test."""
-    clients: list[openai.OpenAI] = []
-
-    def make(key: str) -> openai.OpenAI:
-        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
 
 
 def assert_billed(

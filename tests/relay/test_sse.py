@@ -8,7 +8,13 @@ from collections.abc import Callable, Iterator
 import orjson
 import pytest
 
-from codex_gateway.relay.sse import StreamScanner, error_event, iter_events
+from codex_gateway.relay.sse import (
+    EventSplitter,
+    StreamScanner,
+    error_event,
+    iter_events,
+    parse_events,
+)
 from tests.conftest import FIXTURES
 
 UPSTREAM = FIXTURES / "upstream"
@@ -290,6 +296,26 @@ def test_error_event_is_terminal_to_a_scanner() -> None:
         "message": "The upstream did not answer in time.",
         "param": None,
     }
+
+
+def test_parse_events_gives_each_events_json_and_none_for_what_is_not_json() -> None:
+    raw = b'event: a\ndata: {"type":"a"}\n\ndata: not json\n\r\ndata: {"x":\ndata: 1}\n\n'
+
+    assert parse_events(raw) == [{"type": "a"}, None, {"x": 1}]
+
+
+@pytest.mark.parametrize("name", [row[0] for row in TRANSCRIPTS])
+@pytest.mark.parametrize("feeder", [whole, byte_by_byte], ids=["whole", "byte_by_byte"])
+def test_event_splitter_gives_every_event_once_however_the_bytes_arrive(
+    name: str, feeder: Feeder
+) -> None:
+    raw = (UPSTREAM / name).read_bytes().replace(b"\n", b"\r\n")
+    splitter = EventSplitter()
+
+    blocks = [block for chunk in feeder(raw) for block in splitter.feed(chunk)]
+    blocks += splitter.finish()
+
+    assert [block + b"\n\n" for block in blocks] == iter_events(raw)
 
 
 @pytest.mark.parametrize("feeder", [whole, byte_by_byte, random_chunks])

@@ -1,0 +1,226 @@
+"""POST /v1/chat/completions, served by a Responses upstream call and translated back.
+
+The upstream is always asked to stream: a streaming client gets each Responses event as
+`chat.completion.chunk`s as it arrives, a non-streaming one the final response as one
+`chat.completion`. Billing reads the upstream's own terminal event through the same scanner
+and settlement as /v1/responses, so a request costs the same on either route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import orjson
+
+from codex_gateway.billing.settlement import Outcome
+from codex_gateway.errors import UpstreamError, UpstreamProtocolError
+from codex_gateway.http.exchange import Exchange
+from codex_gateway.http.responses import (
+    _JSON_STATUS,
+    _STREAM_HEADERS,
+    MISSING_TERMINAL_MESSAGE,
+    _record_failure,
+    _relay_client_error,
+    _take_terminal,
+    authenticate,
+    hold,
+    price_of,
+    upstream_headers,
+)
+from codex_gateway.relay.chat import (
+    ChatRequest,
+    ChatStreamTranslator,
+    chat_completion,
+    parse_chat_request,
+)
+from codex_gateway.relay.chatgpt import ResponseAssembler
+from codex_gateway.relay.shaping import ResponsesRequest
+from codex_gateway.relay.sse import EventSplitter, StreamScanner, event_data
+from codex_gateway.store.queries import KeyRecord
+from codex_gateway.upstream.router import Answer, Attempt
+from codex_gateway.upstream.stickiness import conversation_key
+
+if TYPE_CHECKING:
+    from codex_gateway.app import Gateway
+
+ENDPOINT = "chat.completions"
+
+
+async def relay_chat(gateway: Gateway, exchange: Exchange) -> None:
+    key = await authenticate(gateway, exchange)
+    chat = parse_chat_request(await exchange.body(gateway.settings.max_body_bytes))
+    exchange.model = chat.model
+    request = _upstream_request(chat)
+    price = price_of(gateway, request)
+    held = await hold(gateway, key, request, price)
+    outcome = Outcome(
+        request_id=exchange.request_id,
+        started_at=datetime.now(UTC),
+        started=exchange.started,
+        endpoint=ENDPOINT,
+        model=chat.model,
+        stream=chat.stream,
+        price=price,
+        user_id=key.user_id,
+        key_id=key.id,
+        hold=held,
+    )
+    try:
+        await _relay(gateway, exchange, key, chat, request, outcome)
+    except UpstreamError:
+        raise
+    except BaseException:
+        outcome.status = "gateway_error"
+        outcome.http_status = 500
+        outcome.flag("gateway_error")
+        raise
+    finally:
+        outcome.client_bytes = exchange.bytes_sent
+        outcome.http_status = exchange.status or outcome.http_status
+        outcome.duration_ms = (time.perf_counter() - outcome.started) * 1000
+        gateway.settle(outcome)
+
+
+def _upstream_request(chat: ChatRequest) -> ResponsesRequest:
+    document = {**chat.responses, "stream": True}
+    return ResponsesRequest(chat.model, True, orjson.dumps(document), document, False)
+
+
+async def _relay(
+    gateway: Gateway,
+    exchange: Exchange,
+    key: KeyRecord,
+    chat: ChatRequest,
+    request: ResponsesRequest,
+    outcome: Outcome,
+) -> None:
+    deadline = time.monotonic() + gateway.settings.upstream_total_timeout
+    attempts: list[Attempt] = []
+    outcome.overhead_ms = (time.perf_counter() - outcome.started) * 1000
+    try:
+        answer = await gateway.router.send(
+            "/responses",
+            request.body,
+            lambda account: upstream_headers(exchange, account),
+            conversation_key(key.id, request.document, exchange.headers),
+            attempts,
+            deadline,
+        )
+    except UpstreamError as exc:
+        _record_failure(outcome, exc)
+        raise
+    finally:
+        outcome.attempts = [attempt.as_dict() for attempt in attempts]
+        outcome.account_id = attempts[-1].account_id if attempts else None
+    outcome.ttfb_ms = (time.perf_counter() - outcome.started) * 1000
+    scanner = StreamScanner()
+    try:
+        if answer.rest is None and answer.response.status != 200:
+            await _relay_client_error(exchange, answer, outcome)
+        elif chat.stream:
+            await _stream(exchange, answer, chat, outcome, scanner)
+        else:
+            await _whole(exchange, answer, chat, outcome, scanner)
+    except UpstreamError as exc:
+        _record_failure(outcome, exc)
+        raise
+    finally:
+        answer.close()
+    if scanner.terminal is None and answer.rest is not None:
+        outcome.estimate = await asyncio.to_thread(
+            gateway.tokens.estimate, request.document, scanner.deltas
+        )
+
+
+async def _chunks(answer: Answer) -> AsyncIterator[bytes]:
+    yield answer.first
+    if answer.rest is not None:
+        async for chunk in answer.rest:
+            yield chunk
+
+
+async def _stream(
+    exchange: Exchange,
+    answer: Answer,
+    chat: ChatRequest,
+    outcome: Outcome,
+    scanner: StreamScanner,
+) -> None:
+    splitter = EventSplitter()
+    translator = ChatStreamTranslator(chat.model, chat.include_usage, int(time.time()))
+    await exchange.start(200, list(_STREAM_HEADERS))
+    try:
+        async for chunk in _chunks(answer):
+            scanner.feed(chunk)
+            await _write(exchange, translator, splitter.feed(chunk))
+    except UpstreamError as exc:
+        _take_terminal(scanner, outcome)
+        if scanner.terminal is None:
+            _record_failure(outcome, exc)
+            outcome.flag("stream_interrupted")
+        await _write_lines(exchange, translator.finish(), last=True)
+        return
+    scanner.finish()
+    await _write(exchange, translator, splitter.finish())
+    _take_terminal(scanner, outcome)
+    if scanner.terminal is None:
+        outcome.status = "no_terminal_event"
+        outcome.error = MISSING_TERMINAL_MESSAGE
+        outcome.flag("no_terminal_event")
+    await _write_lines(exchange, translator.finish(), last=True)
+
+
+async def _write(exchange: Exchange, translator: ChatStreamTranslator, blocks: list[bytes]) -> None:
+    lines = [line for block in blocks for line in translator.feed(_event(block))]
+    await _write_lines(exchange, lines, last=False)
+
+
+async def _write_lines(exchange: Exchange, lines: list[bytes], last: bool) -> None:
+    if lines or last:
+        await exchange.write(b"".join(lines), more=not last)
+
+
+def _event(block: bytes) -> dict[str, object]:
+    data = event_data(block)
+    return data if isinstance(data, dict) else {}
+
+
+async def _whole(
+    exchange: Exchange,
+    answer: Answer,
+    chat: ChatRequest,
+    outcome: Outcome,
+    scanner: StreamScanner,
+) -> None:
+    """Collect the stream, bill it, and answer with one chat.completion."""
+    body = b"".join([chunk async for chunk in _chunks(answer)])
+    if answer.rest is None:
+        # An upstream that ignored `stream` and sent the response object itself.
+        await exchange.send_json(200, chat_completion(_json_response(body, outcome), chat.model))
+        return
+    scanner.feed(body)
+    scanner.finish()
+    _take_terminal(scanner, outcome)
+    assembler = ResponseAssembler()
+    for block in EventSplitter().feed(body + b"\n\n"):
+        assembler.feed(event_data(block))
+    await exchange.send_json(200, chat_completion(assembler.result(), chat.model))
+
+
+def _json_response(body: bytes, outcome: Outcome) -> dict[str, object]:
+    """An upstream that ignored `stream` and sent the response object itself."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        document = None
+    if not isinstance(document, dict):
+        outcome.flag("upstream_body_not_json")
+        raise UpstreamProtocolError("The upstream answered with a body that is not JSON.")
+    outcome.usage = document.get("usage")
+    outcome.usage_reported = outcome.usage is not None
+    outcome.status = _JSON_STATUS.get(str(document.get("status")), "completed")
+    return document

@@ -1,0 +1,187 @@
+"""POST /v1/chat/completions and GET /v1/models end to end, through the official SDK.
+
+A chat request goes upstream as a streamed Responses call; it is billed from the upstream's
+own final event exactly as the same request on /v1/responses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from decimal import Decimal
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Gateway, Sandbox
+from tests.http.test_responses import TRANSCRIPTS, assert_billed, expected_cost
+
+Sdk = Callable[[str], openai.OpenAI]
+MESSAGES = [
+    {"role": "system", "content": "Be terse."},
+    {"role": "user", "content": "List the files here."},
+]
+FINISHED = [
+    "responses-text",
+    "responses-cached",
+    "responses-reasoning-tool",
+    "responses-incomplete",
+]
+# transcript -> finish_reason
+FINISH = {
+    "responses-text": "stop",
+    "responses-cached": "stop",
+    "responses-reasoning-tool": "tool_calls",
+    "responses-incomplete": "length",
+}
+
+
+@pytest.mark.parametrize("name", FINISHED)
+def test_a_chat_stream_with_usage_reaches_the_sdk_and_is_billed(
+    gateway: Gateway, sdk: Sdk, sandbox: Sandbox, name: str
+) -> None:
+    user, key = gateway.new_user("10")
+    sandbox.clear()
+
+    with sdk(key) as client:
+        response = client.chat.completions.with_raw_response.create(
+            model="gpt-5.1-codex",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={"x-sandbox-transcript": name},
+        )
+        chunks = list(response.parse())
+
+    status, counts = TRANSCRIPTS[name]
+    assert counts is not None
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == FINISH[name]
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    assert usage.prompt_tokens_details is not None and usage.completion_tokens_details is not None
+    assert (
+        usage.prompt_tokens,
+        usage.prompt_tokens_details.cached_tokens,
+        usage.completion_tokens,
+        usage.completion_tokens_details.reasoning_tokens,
+    ) == counts
+    row = gateway.usage_row(response.headers["x-request-id"])
+    assert_billed(row, status, counts)
+    assert row["endpoint"] == "chat.completions" and row["stream"] is True
+    assert Decimal(gateway.balance(user)) == Decimal(10) - expected_cost(counts)
+    sent = json.loads(sandbox.requests()[-1]["body"])
+    assert sent["stream"] is True
+    assert sent["input"][0] == {
+        "type": "message",
+        "role": "developer",
+        "content": [{"type": "input_text", "text": "Be terse."}],
+    }
+
+
+@pytest.mark.parametrize("name", FINISHED)
+def test_a_whole_chat_completion_reaches_the_sdk_and_is_billed(
+    gateway: Gateway, sdk: Sdk, name: str
+) -> None:
+    user, key = gateway.new_user("5")
+
+    with sdk(key) as client:
+        response = client.chat.completions.with_raw_response.create(
+            model="gpt-5.1-codex",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            extra_headers={"x-sandbox-transcript": name},
+        )
+        completion = response.parse()
+
+    status, counts = TRANSCRIPTS[name]
+    assert counts is not None and completion.usage is not None
+    assert completion.object == "chat.completion"
+    assert completion.choices[0].finish_reason == FINISH[name]
+    assert completion.usage.prompt_tokens == counts[0]
+    assert completion.usage.completion_tokens == counts[2]
+    row = gateway.usage_row(response.headers["x-request-id"])
+    assert_billed(row, status, counts)
+    assert row["stream"] is False
+    assert Decimal(gateway.balance(user)) == Decimal(5) - expected_cost(counts)
+
+
+@pytest.mark.parametrize("name", ["responses-failed", "responses-error-event"])
+def test_a_failing_upstream_stream_ends_in_an_sdk_error_and_costs_nothing(
+    gateway: Gateway, sdk: Sdk, name: str
+) -> None:
+    user, key = gateway.new_user("2")
+    with sdk(key) as client, pytest.raises(openai.APIError):
+        stream = client.chat.completions.create(
+            model="gpt-5.1-codex",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+            extra_headers={"x-sandbox-transcript": name},
+        )
+        list(stream)
+
+    assert Decimal(gateway.balance(user)) == Decimal(2)
+
+
+def test_a_stream_cut_before_its_final_event_is_an_sdk_error_billed_as_estimated(
+    gateway: Gateway, sdk: Sdk
+) -> None:
+    user, key = gateway.new_user("2")
+    with sdk(key) as client, pytest.raises(openai.APIError):
+        stream = client.chat.completions.with_raw_response.create(
+            model="gpt-5.1-codex",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+            extra_headers={"x-sandbox-transcript": "responses-no-terminal"},
+        )
+        request_id = stream.headers["x-request-id"]
+        list(stream.parse())
+
+    row = gateway.usage_row(request_id)
+    assert "estimated" in row["flags"] and "no_terminal_event" in row["flags"]
+    assert Decimal(row["cost_usd"]) > 0
+    assert Decimal(gateway.balance(user)) == Decimal(2) - Decimal(row["cost_usd"])
+
+
+def test_a_bad_chat_request_is_refused_before_any_upstream_call(
+    gateway: Gateway, sdk: Sdk, sandbox: Sandbox
+) -> None:
+    _, key = gateway.new_user("1")
+    sandbox.clear()
+
+    with sdk(key) as client, pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="gpt-5.1-codex",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            n=3,
+        )
+
+    assert caught.value.param == "n"  # type: ignore[attr-defined]
+    assert sandbox.requests() == []
+
+
+def test_models_lists_the_priced_models_for_a_key(gateway: Gateway, sdk: Sdk) -> None:
+    _, key = gateway.new_user("1")
+
+    with sdk(key) as client:
+        models = [model.id for model in client.models.list()]
+
+    assert "gpt-5.1-codex" in models and models == sorted(models)
+    denied = httpx.get(gateway.url + "/v1/models", headers={"authorization": "Bearer sk-cg-no"})
+    assert denied.status_code == 401
+
+
+def test_the_key_never_reaches_the_gateway_log_or_the_usage_row(gateway: Gateway, sdk: Sdk) -> None:
+    _, key = gateway.new_user("1")
+
+    with sdk(key) as client:
+        response = client.chat.completions.with_raw_response.create(
+            model="gpt-5.1-codex",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            extra_headers={"x-sandbox-transcript": "responses-text"},
+        )
+    row = gateway.usage_row(response.headers["x-request-id"])
+
+    assert response.headers["x-request-id"] in gateway.log_text()
+    assert key not in gateway.log_text()
+    assert key not in json.dumps(row)
