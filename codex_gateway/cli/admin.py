@@ -195,10 +195,23 @@ def accounts_add(
 )
 @click.option("--priority", type=int, default=100, show_default=True, help="Lower goes first.")
 @click.option(
+    "--max-concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Most requests in flight at once per gateway process (default: no cap).",
+)
+@click.option("--weight", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
     "--replace", is_flag=True, help="Give an existing ChatGPT account of this name new tokens."
 )
 def accounts_import_codex(
-    path: Path, name: str, base_url: str | None, priority: int, replace: bool
+    path: Path,
+    name: str,
+    base_url: str | None,
+    priority: int,
+    max_concurrency: int | None,
+    weight: int,
+    replace: bool,
 ) -> None:
     """Add a ChatGPT account from a Codex auth.json (after "Sign in with ChatGPT").
 
@@ -221,7 +234,9 @@ def accounts_import_codex(
         if replace:
             await credentials.replace_tokens(name, base, tokens.account_id, sealed)
         else:
-            await credentials.add_chatgpt_account(name, base, tokens.account_id, sealed, priority)
+            await credentials.add_chatgpt_account(
+                name, base, tokens.account_id, sealed, priority, max_concurrency, weight
+            )
 
     with_store(store_tokens)
     plan = f", plan {tokens.plan_type}" if tokens.plan_type else ""

@@ -23,6 +23,8 @@ from codex_gateway.http.responses import (
     _JSON_STATUS,
     _STREAM_HEADERS,
     MISSING_TERMINAL_MESSAGE,
+    _client_left,
+    _on_disconnect,
     _record_failure,
     _relay_client_error,
     _take_terminal,
@@ -79,6 +81,7 @@ async def relay_chat(gateway: Gateway, exchange: Exchange) -> None:
         outcome.flag("gateway_error")
         raise
     finally:
+        exchange.stop_watching()
         outcome.client_bytes = exchange.bytes_sent
         outcome.http_status = exchange.status or outcome.http_status
         outcome.duration_ms = (time.perf_counter() - outcome.started) * 1000
@@ -122,7 +125,7 @@ async def _relay(
         if answer.rest is None and answer.response.status != 200:
             await _relay_client_error(exchange, answer, outcome)
         elif chat.stream:
-            await _stream(exchange, answer, chat, outcome, scanner)
+            await _stream(gateway, exchange, answer, chat, outcome, scanner)
         else:
             await _whole(exchange, answer, chat, outcome, scanner)
     except UpstreamError as exc:
@@ -144,34 +147,60 @@ async def _chunks(answer: Answer) -> AsyncIterator[bytes]:
 
 
 async def _stream(
+    gateway: Gateway,
     exchange: Exchange,
     answer: Answer,
     chat: ChatRequest,
     outcome: Outcome,
     scanner: StreamScanner,
 ) -> None:
+    """Translate chunk by chunk; a client that leaves is handled as on /v1/responses."""
     splitter = EventSplitter()
     translator = ChatStreamTranslator(chat.model, chat.include_usage, int(time.time()))
     await exchange.start(200, list(_STREAM_HEADERS))
+    stop_later: list[asyncio.TimerHandle] = []
+    exchange.watch_disconnect(lambda: _on_disconnect(gateway, answer, stop_later))
     try:
-        async for chunk in _chunks(answer):
-            scanner.feed(chunk)
-            await _write(exchange, translator, splitter.feed(chunk))
+        await _translate(exchange, answer, scanner, splitter, translator)
     except UpstreamError as exc:
+        if exchange.disconnected:
+            _take_terminal(scanner, outcome)
+            _client_left(outcome, scanner)
+            return
         _take_terminal(scanner, outcome)
         if scanner.terminal is None:
             _record_failure(outcome, exc)
             outcome.flag("stream_interrupted")
         await _write_lines(exchange, translator.finish(), last=True)
         return
+    finally:
+        for handle in stop_later:
+            handle.cancel()
     scanner.finish()
-    await _write(exchange, translator, splitter.finish())
     _take_terminal(scanner, outcome)
+    if exchange.disconnected:
+        _client_left(outcome, scanner)
+        return
+    await _write(exchange, translator, splitter.finish())
     if scanner.terminal is None:
         outcome.status = "no_terminal_event"
         outcome.error = MISSING_TERMINAL_MESSAGE
         outcome.flag("no_terminal_event")
     await _write_lines(exchange, translator.finish(), last=True)
+
+
+async def _translate(
+    exchange: Exchange,
+    answer: Answer,
+    scanner: StreamScanner,
+    splitter: EventSplitter,
+    translator: ChatStreamTranslator,
+) -> None:
+    async for chunk in _chunks(answer):
+        scanner.feed(chunk)
+        blocks = splitter.feed(chunk)
+        if not exchange.disconnected:
+            await _write(exchange, translator, blocks)
 
 
 async def _write(exchange: Exchange, translator: ChatStreamTranslator, blocks: list[bytes]) -> None:

@@ -115,6 +115,8 @@ class CredentialStore:
         chatgpt_account_id: str,
         tokens: SealedTokens,
         priority: int = 100,
+        max_concurrency: int | None = None,
+        weight: int = 1,
     ) -> int:
         async with self.engine.begin() as conn:
             try:
@@ -126,6 +128,8 @@ class CredentialStore:
                         base_url=base_url.rstrip("/"),
                         api_key="",
                         priority=priority,
+                        max_concurrency=max_concurrency,
+                        weight=weight,
                         enabled=True,
                         created_at=now(),
                         chatgpt_account_id=chatgpt_account_id,

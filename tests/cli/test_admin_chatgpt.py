@@ -55,6 +55,7 @@ def test_imported_tokens_are_sealed_and_never_printed(
     result = gateway.cli(
         "accounts", "import-codex", str(path), "--name", "c1",
         "--base-url", "http://127.0.0.1:9/backend-api/",
+        "--priority", "5", "--max-concurrency", "3", "--weight", "2",
     )  # fmt: skip
 
     assert f"imported chatgpt account c1 (ChatGPT account {ACCOUNT}, plan plus)" in result.stdout
@@ -63,6 +64,7 @@ def test_imported_tokens_are_sealed_and_never_printed(
     assert [(a["name"], a["kind"], a["state"], a["why"]) for a in listed] == [
         ("c1", "chatgpt", "ready", None)
     ]
+    assert (listed[0]["priority"], listed[0]["max_concurrency"], listed[0]["weight"]) == (5, 3, 2)
     shown = result.stdout + result.stderr + gateway.cli("accounts", "list").stdout
     assert access not in shown and refresh not in shown
     with database(gateway) as conn:

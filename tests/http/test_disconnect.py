@@ -121,3 +121,52 @@ def check_row(row: dict[str, Any], policy: str, position: int) -> None:
     assert row["input_tokens"] == full[0]
     assert row["output_tokens"] <= full[2]
     assert Decimal(row["cost_usd"]) > 0
+
+
+def hang_up_on_chat(gateway: Gateway, key: str) -> str:
+    """A chat stream read to its first chunk, then the socket closed; the request id."""
+    body = json.dumps(
+        {
+            "model": "gpt-5.1-codex",
+            "messages": [{"role": "user", "content": PROMPT}],
+            "stream": True,
+        }
+    ).encode()
+    host, port = gateway.url.removeprefix("http://").split(":")
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}"
+        f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "x-sandbox-delay-ms: 50\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + body)
+        received = b""
+        while b"data:" not in received:
+            received += sock.recv(65536)
+    headers = received.split(b"\r\n\r\n", 1)[0]
+    return next(
+        line.split(b":", 1)[1].strip().decode()
+        for line in headers.split(b"\r\n")
+        if line.lower().startswith(b"x-request-id:")
+    )
+
+
+def test_a_chat_client_leaving_mid_stream_leaves_one_marked_row(
+    gateway: Gateway, sandbox: Sandbox
+) -> None:
+    policy = gateway.env["CODEX_GATEWAY_DISCONNECT_POLICY"]
+    fresh_accounts(gateway, sandbox, [{}])
+    user, key = gateway.new_user("10")
+    request_id = hang_up_on_chat(gateway, key)
+    (row,) = rows_for(gateway, user, 1)
+    time.sleep(1)  # a second row would have been written by now
+    assert [r["request_id"] for r in rows_for(gateway, user, 1)] == [request_id]
+    assert "client_disconnected" in row["flags"]
+    assert row["endpoint"] == "chat.completions"
+    if policy == "finish":
+        assert row["status"] == "completed"
+        assert Decimal(row["cost_usd"]) == expected_cost((1252, 0, 11273, 10944))
+    else:
+        assert row["status"] == "client_disconnected"
+        assert "estimated" in row["flags"]
+    assert Decimal(gateway.balance(user)) == Decimal(10) - Decimal(row["cost_usd"])
