@@ -30,6 +30,8 @@ log = logging.getLogger("codex_gateway.billing")
 FLAG_MODEL_MISMATCH = "upstream_model_differs"
 FLAG_ESTIMATED = "estimated"
 FLAG_NEEDS_REVIEW = "needs_review"
+# The request cost more than the largest cost held for it when it was admitted.
+FLAG_EXCEEDED_HOLD = "exceeded_hold"
 FLAG_TRUNCATED = "upstream_field_truncated"
 MAX_TEXT = 200
 UNBILLABLE_FLAGS = frozenset({FLAG_INVALID, FLAG_MISSING})
@@ -93,6 +95,8 @@ def bill(outcome: Outcome, prices: PriceTable, trace: bool = False) -> dict[str,
         flags.append(FLAG_NEEDS_REVIEW)
     if _ran_another_model(outcome):
         flags.append(FLAG_MODEL_MISMATCH)
+    if outcome.hold > 0 and cost.total > outcome.hold:
+        flags.append(FLAG_EXCEEDED_HOLD)
     upstream_model = _clip(outcome.upstream_model, flags)
     response_id = _clip(outcome.response_id, flags)
     level = logging.INFO if trace else logging.DEBUG

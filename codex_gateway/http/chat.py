@@ -31,7 +31,7 @@ from codex_gateway.http.responses import (
     authenticate,
     hold,
     price_of,
-    upstream_headers,
+    send_upstream,
 )
 from codex_gateway.relay.chat import (
     ChatRequest,
@@ -43,8 +43,7 @@ from codex_gateway.relay.chatgpt import ResponseAssembler
 from codex_gateway.relay.shaping import ResponsesRequest
 from codex_gateway.relay.sse import EventSplitter, StreamScanner, event_data
 from codex_gateway.store.queries import KeyRecord
-from codex_gateway.upstream.router import Answer, Attempt
-from codex_gateway.upstream.stickiness import conversation_key
+from codex_gateway.upstream.router import Answer
 
 if TYPE_CHECKING:
     from codex_gateway.app import Gateway
@@ -102,24 +101,7 @@ async def _relay(
     outcome: Outcome,
 ) -> None:
     deadline = time.monotonic() + gateway.settings.upstream_total_timeout
-    attempts: list[Attempt] = []
-    outcome.overhead_ms = (time.perf_counter() - outcome.started) * 1000
-    try:
-        answer = await gateway.router.send(
-            "/responses",
-            request.body,
-            lambda account: upstream_headers(exchange, account),
-            conversation_key(key.id, request.document, exchange.headers),
-            attempts,
-            deadline,
-        )
-    except UpstreamError as exc:
-        _record_failure(outcome, exc)
-        raise
-    finally:
-        outcome.attempts = [attempt.as_dict() for attempt in attempts]
-        outcome.account_id = attempts[-1].account_id if attempts else None
-    outcome.ttfb_ms = (time.perf_counter() - outcome.started) * 1000
+    answer = await send_upstream(gateway, exchange, key, request, outcome, deadline)
     scanner = StreamScanner()
     try:
         if answer.rest is None and answer.response.status != 200:

@@ -192,6 +192,30 @@ async def _relay(
     outcome: Outcome,
 ) -> None:
     deadline = time.monotonic() + gateway.settings.upstream_total_timeout
+    answer = await send_upstream(gateway, exchange, key, request, outcome, deadline)
+    try:
+        if answer.rest is not None:
+            await _relay_stream(gateway, exchange, answer, request, outcome, deadline)
+        elif answer.response.status == 200:
+            await _relay_json(exchange, answer, outcome)
+        else:
+            await _relay_client_error(exchange, answer, outcome)
+    except UpstreamError as exc:
+        _record_failure(outcome, exc)
+        raise
+    finally:
+        answer.close()
+
+
+async def send_upstream(
+    gateway: Gateway,
+    exchange: Exchange,
+    key: KeyRecord,
+    request: ResponsesRequest,
+    outcome: Outcome,
+    deadline: float,
+) -> Answer:
+    """The router's first good answer, with every attempt and the timings on the outcome."""
     attempts: list[Attempt] = []
     outcome.overhead_ms = (time.perf_counter() - outcome.started) * 1000
     try:
@@ -210,18 +234,7 @@ async def _relay(
         outcome.attempts = [attempt.as_dict() for attempt in attempts]
         outcome.account_id = attempts[-1].account_id if attempts else None
     outcome.ttfb_ms = (time.perf_counter() - outcome.started) * 1000
-    try:
-        if answer.rest is not None:
-            await _relay_stream(gateway, exchange, answer, request, outcome, deadline)
-        elif answer.response.status == 200:
-            await _relay_json(exchange, answer, outcome)
-        else:
-            await _relay_client_error(exchange, answer, outcome)
-    except UpstreamError as exc:
-        _record_failure(outcome, exc)
-        raise
-    finally:
-        answer.close()
+    return answer
 
 
 def _record_failure(outcome: Outcome, error: UpstreamError) -> None:

@@ -71,6 +71,8 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if "UTF-8" in str(exc):
+            raise InvalidRequest("The request body is not valid UTF-8 text.") from None
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
     if not isinstance(document, dict):
         raise InvalidRequest("The request body must be a JSON object.")

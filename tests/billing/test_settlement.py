@@ -410,3 +410,21 @@ def test_outcome_flag_adds_each_flag_once() -> None:
         state.flag(name)
 
     assert state.flags == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("hold", "flagged"),
+    [
+        # held less than the seed example costs (0.114295): billed in full, and flagged
+        (Decimal("0.1"), True),
+        # held enough, or nothing held at all (a row written outside admission)
+        (Decimal("0.114295"), False),
+        (Decimal("0"), False),
+    ],
+)
+def test_a_cost_above_its_hold_is_billed_in_full_and_flagged(hold: Decimal, flagged: bool) -> None:
+    state = outcome("gpt-5.1-codex", SEED_CASE["upstream_usage"])
+    state.hold = hold
+    row = bill(state, PRICES)
+    assert row["cost_usd"] == Decimal("0.114295")
+    assert ("exceeded_hold" in flags(row)) is flagged

@@ -273,7 +273,7 @@ def test_converted_messages_keep_their_order_and_the_other_fields() -> None:
         (b"  \n", None, "empty"),
         (b'{"model": "gpt-5.1-codex", "input": ', None, "not valid JSON"),
         (b"{'model': 'gpt-5.1-codex'}", None, "not valid JSON"),
-        (b'{"model": "\xff\xfe", "input": "hi"}', None, "not valid JSON"),
+        (b'{"model": "\xff\xfe", "input": "hi"}', None, "not valid UTF-8 text"),
         (b"[]", None, "must be a JSON object"),
         (b'"hello"', None, "must be a JSON object"),
         (b"null", None, "must be a JSON object"),
