@@ -77,6 +77,41 @@ def users_topup(name: str, usd: Decimal, note: str | None) -> None:
     click.echo(f"{name}: balance is now ${plain(balance)}")
 
 
+@users.command("refund")
+@click.argument("name")
+@click.argument("usd", callback=_positive_amount)
+@click.option("--reason", required=True, help="Why, for the ledger.")
+@click.option("--operator", required=True, help="Who is making the refund.")
+@click.option("--request", "request_id", default=None, help="The request this refund undoes.")
+def users_refund(
+    name: str, usd: Decimal, reason: str, operator: str, request_id: str | None
+) -> None:
+    """Give USD back to a user, as a ledger entry with its reason and operator."""
+    balance = with_store(
+        lambda store: store.correct(name, "refund", usd, reason, operator, request_id)
+    )
+    click.echo(f"{name}: refunded ${plain(usd)}; balance is now ${plain(balance)}")
+
+
+@users.command("adjust", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("usd", metavar="[-]USD")
+@click.option("--reason", required=True, help="Why, for the ledger.")
+@click.option("--operator", required=True, help="Who is making the adjustment.")
+def users_adjust(name: str, usd: str, reason: str, operator: str) -> None:
+    """Add (or, with a leading minus, take) USD, as a ledger entry; history is never edited."""
+    negative = usd.startswith("-")
+    try:
+        magnitude = parse_amount(usd.removeprefix("-"), "the amount")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="USD") from None
+    if magnitude == 0:
+        raise click.BadParameter("must not be 0", param_hint="USD")
+    amount = magnitude.copy_negate() if negative else magnitude
+    balance = with_store(lambda store: store.correct(name, "adjustment", amount, reason, operator))
+    click.echo(f"{name}: adjusted by ${plain(amount)}; balance is now ${plain(balance)}")
+
+
 @users.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def users_list(as_json: bool) -> None:

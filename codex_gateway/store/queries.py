@@ -15,7 +15,7 @@ from sqlalchemy import Row, Select, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from codex_gateway.billing.pricing import MONEY, ZERO, Price
+from codex_gateway.billing.pricing import MONEY, ZERO, Price, plain
 from codex_gateway.store.db import READ_ONLY
 from codex_gateway.store.tables import (
     ApiKey,
@@ -146,6 +146,68 @@ class Store:
             await self._ledger(conn, user_id, "topup", amount, new_balance, None, note)
             await self._bump(conn)
         return new_balance
+
+    async def correct(
+        self,
+        name: str,
+        kind: str,
+        amount: Decimal,
+        reason: str,
+        operator: str,
+        refers_to: str | None = None,
+    ) -> Decimal:
+        """A refund or adjustment: a new ledger entry with its reason and operator.
+
+        A refund that names a request must be that user's, and all refunds of one request
+        together never exceed what it cost.
+        """
+        async with self.engine.begin() as conn:
+            user_id, balance = await self._user_for_update(conn, name)
+            if refers_to is not None:
+                await self._check_refund(conn, user_id, refers_to, amount)
+            new_balance = MONEY.add(balance, amount)
+            await conn.execute(update(User).where(User.id == user_id).values(balance=new_balance))
+            await conn.execute(
+                insert(LedgerEntry).values(
+                    user_id=user_id,
+                    kind=kind,
+                    amount=amount,
+                    balance_after=new_balance,
+                    note=reason,
+                    operator=operator,
+                    refers_to=refers_to,
+                    created_at=now(),
+                )
+            )
+            await self._bump(conn)
+        return new_balance
+
+    @staticmethod
+    async def _check_refund(
+        conn: AsyncConnection, user_id: int, request_id: str, amount: Decimal
+    ) -> None:
+        row = (
+            await conn.execute(
+                select(UsageRecord.user_id, UsageRecord.cost_usd).where(
+                    UsageRecord.request_id == request_id
+                )
+            )
+        ).first()
+        if row is None or row[0] != user_id:
+            raise StoreError(f"request {request_id!r} is not one of this user's requests")
+        refunded = await conn.execute(
+            select(LedgerEntry.amount).where(
+                LedgerEntry.refers_to == request_id, LedgerEntry.kind == "refund"
+            )
+        )
+        total = amount
+        for (earlier,) in refunded:
+            total = MONEY.add(total, Decimal(str(earlier)))
+        if total > Decimal(str(row[1])):
+            raise StoreError(
+                f"refunds of {request_id} would come to {plain(total)}, more than its cost "
+                f"{plain(Decimal(str(row[1])))}"
+            )
 
     async def _user_for_update(self, conn: AsyncConnection, name: str) -> tuple[int, Decimal]:
         row = (
@@ -761,7 +823,9 @@ class Store:
                 LedgerEntry.amount,
                 LedgerEntry.balance_after,
                 LedgerEntry.request_id,
+                LedgerEntry.refers_to,
                 LedgerEntry.note,
+                LedgerEntry.operator,
                 LedgerEntry.created_at,
             )
             .join(User, User.id == LedgerEntry.user_id)

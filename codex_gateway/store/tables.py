@@ -114,7 +114,10 @@ class ModelPricing(Base):
 
 
 class LedgerEntry(Base):
-    """Every change to a balance: a top-up, a request's charge, an adjustment."""
+    """Every change to a balance: a top-up, a request's charge, a refund, an adjustment.
+
+    Entries are only ever added; a mistake is corrected by another entry, never by an edit.
+    """
 
     __tablename__ = "ledger_entries"
 
@@ -126,6 +129,9 @@ class LedgerEntry(Base):
     request_id: Mapped[str | None] = mapped_column(String(64), unique=True)
     note: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    # Corrections (refunds, adjustments) name the operator, and a refund the request it undoes.
+    operator: Mapped[str | None] = mapped_column(String(200))
+    refers_to: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class UsageRecord(Base):

@@ -14,8 +14,10 @@ import pytest
 from sqlalchemy import update
 
 from codex_gateway.store.db import create_engine
+from codex_gateway.store.queries import Store
 from codex_gateway.store.tables import User
 from tests.conftest import Gateway, make_gateway
+from tests.store.test_queries import usage_row
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -189,15 +191,66 @@ def test_ledger_verify_proves_balances_and_names_a_tampered_one(db: Gateway) -> 
     db.cli("users", "topup", "audited", "0.5")
     assert "ok:" in db.cli("ledger", "verify").stdout
 
-    async def tamper() -> None:
+    async def set_balance(value: str) -> None:
         engine = create_engine(db.database_url)
         async with engine.begin() as conn:
             await conn.execute(
-                update(User).where(User.name == "audited").values(balance=Decimal("99"))
+                update(User).where(User.name == "audited").values(balance=Decimal(value))
             )
         await engine.dispose()
 
-    asyncio.run(tamper())
+    asyncio.run(set_balance("99"))
     result = db.cli("ledger", "verify", check=False)
     assert result.returncode == 1
     assert "user audited: balance 99 but its ledger adds up to 3.5" in result.stderr
+    asyncio.run(set_balance("3.5"))
+    assert "ok:" in db.cli("ledger", "verify").stdout
+
+
+def test_refunds_and_adjustments_are_ledger_entries_with_reason_and_operator(
+    db: Gateway,
+) -> None:
+    db.cli("users", "create", "corrected", "--balance", "2")
+    db.cli("users", "adjust", "corrected", "-0.5", "--reason", "duplicate top-up",
+           "--operator", "ops@example.test")  # fmt: skip
+    db.cli("users", "adjust", "corrected", "0.25", "--reason", "goodwill",
+           "--operator", "ops@example.test")  # fmt: skip
+    db.cli("users", "refund", "corrected", "0.1", "--reason", "outage",
+           "--operator", "lead@example.test")  # fmt: skip
+    assert db.balance("corrected") == "1.85"
+    entries = db.cli_json("users", "ledger", "corrected")
+    assert [(e["kind"], e["amount"], e["note"], e["operator"]) for e in entries[1:]] == [
+        ("adjustment", "-0.5", "duplicate top-up", "ops@example.test"),
+        ("adjustment", "0.25", "goodwill", "ops@example.test"),
+        ("refund", "0.1", "outage", "lead@example.test"),
+    ]
+    assert "ok:" in db.cli("ledger", "verify").stdout
+
+
+def test_a_refund_of_a_request_is_bounded_by_what_it_cost(db: Gateway) -> None:
+    db.cli("users", "create", "refunded", "--balance", "1")
+
+    async def charge() -> str:
+        engine = create_engine(db.database_url)
+        store = Store(engine)
+        user_id = next(u["id"] for u in await store.list_users() if u["name"] == "refunded")
+        row = usage_row(user_id)
+        await store.settle(row)
+        await engine.dispose()
+        return str(row["request_id"])
+
+    request_id = asyncio.run(charge())
+    refund = ["--reason", "bad answer", "--operator", "ops", "--request", request_id]
+    db.cli("users", "refund", "refunded", "0.1", *refund)
+    too_much = db.cli("users", "refund", "refunded", "0.02", *refund, check=False)
+    assert too_much.returncode == 1
+    assert "more than its cost 0.114295" in too_much.stderr
+    db.cli("users", "refund", "refunded", "0.014295", *refund)
+    assert db.balance("refunded") == "1"
+    db.cli("users", "create", "bystander", "--balance", "1")
+    someone_else = db.cli(
+        "users", "refund", "bystander", "0.01", "--reason", "x", "--operator", "ops",
+        "--request", request_id, check=False,
+    )  # fmt: skip
+    assert "not one of this user's requests" in someone_else.stderr
+    assert "ok:" in db.cli("ledger", "verify").stdout
