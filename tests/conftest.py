@@ -225,6 +225,16 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
         proc.stop()
 
 
+def add_sandbox_account(
+    gw: Gateway, sandbox: Sandbox, api_key: str = "sk-upstream-secret-0001"
+) -> None:
+    """An openai account named `sandbox` that relays to the sandbox upstream."""
+    gw.cli(
+        "accounts", "add", "--name", "sandbox", "--kind", "openai",
+        "--base-url", sandbox.base_url, "--api-key", api_key,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def gateway(
     request: pytest.FixtureRequest, sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory
@@ -232,18 +242,7 @@ def gateway(
     """A gateway process on a fresh database of each backend, relaying to the sandbox."""
     gw = make_gateway(request.param, tmp_path_factory)
     try:
-        gw.cli(
-            "accounts",
-            "add",
-            "--name",
-            "sandbox",
-            "--kind",
-            "openai",
-            "--base-url",
-            sandbox.base_url,
-            "--api-key",
-            "sk-upstream-secret-0001",
-        )
+        add_sandbox_account(gw, sandbox)
         gw.start()
         yield gw
     finally:

@@ -32,6 +32,7 @@ from codex_gateway.http.responses import (
     hold,
     price_of,
     send_upstream,
+    settle_after,
 )
 from codex_gateway.relay.chat import (
     ChatRequest,
@@ -70,21 +71,9 @@ async def relay_chat(gateway: Gateway, exchange: Exchange) -> None:
         key_id=key.id,
         hold=held,
     )
-    try:
-        await _relay(gateway, exchange, key, chat, request, outcome)
-    except UpstreamError:
-        raise
-    except BaseException:
-        outcome.status = "gateway_error"
-        outcome.http_status = 500
-        outcome.flag("gateway_error")
-        raise
-    finally:
-        exchange.stop_watching()
-        outcome.client_bytes = exchange.bytes_sent
-        outcome.http_status = exchange.status or outcome.http_status
-        outcome.duration_ms = (time.perf_counter() - outcome.started) * 1000
-        gateway.settle(outcome)
+    await settle_after(
+        gateway, exchange, outcome, _relay(gateway, exchange, key, chat, request, outcome)
+    )
 
 
 def _upstream_request(chat: ChatRequest) -> ResponsesRequest:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING
@@ -167,8 +168,15 @@ async def relay_responses(gateway: Gateway, exchange: Exchange) -> None:
     )
     if request.converted_messages:
         outcome.flag("messages_converted")
+    await settle_after(gateway, exchange, outcome, _relay(gateway, exchange, key, request, outcome))
+
+
+async def settle_after(
+    gateway: Gateway, exchange: Exchange, outcome: Outcome, relay: Awaitable[None]
+) -> None:
+    """Run a relay and, whatever happens to it, hand its one usage row to settlement."""
     try:
-        await _relay(gateway, exchange, key, request, outcome)
+        await relay
     except UpstreamError:
         raise
     except BaseException:

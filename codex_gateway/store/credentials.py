@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from codex_gateway.store.queries import Store, StoreError, now
@@ -118,34 +117,22 @@ class CredentialStore:
         max_concurrency: int | None = None,
         weight: int = 1,
     ) -> int:
-        async with self.engine.begin() as conn:
-            try:
-                result = await conn.execute(
-                    insert(UpstreamAccount)
-                    .values(
-                        name=name,
-                        kind=KIND_CHATGPT,
-                        base_url=base_url.rstrip("/"),
-                        api_key="",
-                        priority=priority,
-                        max_concurrency=max_concurrency,
-                        weight=weight,
-                        enabled=True,
-                        created_at=now(),
-                        chatgpt_account_id=chatgpt_account_id,
-                        access_token_sealed=tokens.access_token,
-                        refresh_token_sealed=tokens.refresh_token,
-                        id_token_sealed=tokens.id_token,
-                        token_expires_at=tokens.expires_at,
-                        state=STATE_READY,
-                    )
-                    .returning(UpstreamAccount.id)
-                )
-            except IntegrityError:
-                raise StoreError(f"an account named {name!r} already exists") from None
-            account_id: int = result.scalar_one()
-            await Store._bump(conn)
-        return account_id
+        return await Store(self.engine).add_account(
+            name,
+            KIND_CHATGPT,
+            base_url,
+            "",
+            priority,
+            max_concurrency=max_concurrency,
+            weight=weight,
+            extra={
+                "chatgpt_account_id": chatgpt_account_id,
+                "access_token_sealed": tokens.access_token,
+                "refresh_token_sealed": tokens.refresh_token,
+                "id_token_sealed": tokens.id_token,
+                "token_expires_at": tokens.expires_at,
+            },
+        )
 
     async def replace_tokens(
         self, name: str, base_url: str, chatgpt_account_id: str, tokens: SealedTokens

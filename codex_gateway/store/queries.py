@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -320,7 +320,9 @@ class Store:
         *,
         max_concurrency: int | None = None,
         weight: int = 1,
+        extra: Mapping[str, Any] | None = None,
     ) -> int:
+        """Add an account; `extra` holds the columns of its kind (a ChatGPT account's)."""
         async with self.engine.begin() as conn:
             try:
                 result = await conn.execute(
@@ -336,6 +338,7 @@ class Store:
                         max_concurrency=max_concurrency,
                         weight=weight,
                         state="ready",
+                        **(extra or {}),
                     )
                     .returning(UpstreamAccount.id)
                 )

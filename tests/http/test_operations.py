@@ -21,6 +21,7 @@ from tests.conftest import (
     free_port,
     make_gateway,
 )
+from tests.conftest import add_sandbox_account as add_account
 from tests.tcp_proxy import TcpProxy
 
 ADMIN_TOKEN = "metrics-admin-token-0123456789"
@@ -29,18 +30,7 @@ REDIS_PORT = 6379
 
 
 def add_sandbox_account(gw: Gateway, sandbox: Sandbox) -> None:
-    gw.cli(
-        "accounts",
-        "add",
-        "--name",
-        "sandbox",
-        "--kind",
-        "openai",
-        "--base-url",
-        sandbox.base_url,
-        "--api-key",
-        "sk-upstream-secret-0002",
-    )
+    add_account(gw, sandbox, "sk-upstream-secret-0002")
 
 
 def running_proxy(port: int) -> Iterator[TcpProxy]:

@@ -10,7 +10,15 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from tests.conftest import Gateway, Sandbox, free_port, make_gateway, spawn, wait_http
+from tests.conftest import (
+    Gateway,
+    Sandbox,
+    add_sandbox_account,
+    free_port,
+    make_gateway,
+    spawn,
+    wait_http,
+)
 
 BODY = b'{"model":"gpt-5.1-codex","input":"hi","stream":true}'
 # The most BODY can cost: (body bytes + 1000) input tokens and 32768 output tokens.
@@ -24,16 +32,7 @@ def two_gateways(
 ) -> Iterator[tuple[Gateway, str]]:
     """Two gateway processes on one PostgreSQL database; yields it and the second URL."""
     gateway = make_gateway("postgresql", tmp_path_factory)
-    gateway.cli(
-        "accounts",
-        "add",
-        "--name",
-        "sandbox",
-        "--base-url",
-        sandbox.base_url,
-        "--api-key",
-        "sk-upstream-secret-0001",
-    )
+    add_sandbox_account(gateway, sandbox)
     gateway.start()
     port = free_port()
     second = spawn(
