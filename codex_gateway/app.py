@@ -11,7 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from codex_gateway.billing.admission import Admission
+from codex_gateway.billing.admission import Admission, Hold
+from codex_gateway.billing.journal import HoldJournal, recover
 from codex_gateway.billing.settlement import Outcome, bill
 from codex_gateway.billing.settler import Settler
 from codex_gateway.billing.spool import Spool
@@ -21,7 +22,7 @@ from codex_gateway.metrics import Metrics
 from codex_gateway.readiness import Readiness
 from codex_gateway.relay.estimate import TokenCounter
 from codex_gateway.store.db import create_engine, migrate, schema_state
-from codex_gateway.store.queries import Store
+from codex_gateway.store.queries import Settled, Store
 from codex_gateway.upstream.client import UpstreamClient
 from codex_gateway.upstream.pool import AccountPool
 from codex_gateway.upstream.router import Router
@@ -68,9 +69,8 @@ class Gateway:
         self.tokens = TokenCounter()
         self.sandbox = sandbox
         self.spool = Spool(Path(settings.spool_path))
-        self.settler = Settler(
-            self.store, self.admission.holder, self.admission.settled, self._spool
-        )
+        self.journal = HoldJournal(settings.journal_path, self.admission.holder)
+        self.settler = Settler(self.store, self.admission.holder, self._settled, self._spool)
         self.readiness = Readiness(self.engine, self.catalog, settings.redis_url)
         # Relay requests being served; a graceful stop waits for them. Each holds part of a
         # balance until its row is written, so open holds are these plus the queued rows.
@@ -86,19 +86,37 @@ class Gateway:
         else:
             await migrate(self.engine)
         await self.spool.replay(self.store.settle)
+        self.journal.start()
+        await self.recover_journals()
         await self.catalog.refresh()
         await asyncio.to_thread(self.tokens.load)
         self.settler.start()
         self._tasks = [
             asyncio.create_task(self.catalog.poll(self.settings.catalog_refresh_seconds)),
             asyncio.create_task(self.admission.maintain(self.settings.lease_renew_seconds)),
+            asyncio.create_task(self._sweep_journals(self.settings.lease_renew_seconds)),
         ]
+
+    async def recover_journals(self) -> None:
+        """Settle or release the holds of gateway processes that died with holds open."""
+        recovered = await recover(self.settings.journal_path, self.store)
+        if recovered.journals:
+            self.metrics.recovered(len(recovered.settled), len(recovered.released))
+
+    async def _sweep_journals(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.recover_journals()
+            except Exception:  # kept on disk; the next sweep tries again
+                log.warning("recovering a hold journal failed", exc_info=True)
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await self._relays_done()
         await self.settler.drain()
+        self.journal.close()
         await self.admission.close()
         await self.pool.drain()
         await self.router.stickiness.close()
@@ -123,13 +141,20 @@ class Gateway:
                 outcome.status = FLAG_CANCELLED
         trace = outcome.key_id is not None and outcome.key_id in self.catalog.traced_keys
         row = bill(outcome, self.catalog.prices, trace)
+        self.journal.captured(row)
         self.metrics.settled(
             row, self.catalog.account_name(outcome.account_id), outcome.overhead_ms
         )
         if self.forced:
             self._spool(row)
+            self.journal.settled(row["request_id"])
             return
-        self.settler.submit(row, outcome.hold)
+        self.settler.submit(row, Hold(outcome.hold, outcome.key_hold))
+
+    def _settled(self, row: dict[str, Any], hold: Hold, result: Settled | None) -> None:
+        """The writer is done with a row: in the database, or in the spool (`result` None)."""
+        self.admission.settled(row, hold, result)
+        self.journal.settled(row["request_id"])
 
     def force(self) -> None:
         """Exit without waiting for the database: every bill not yet written goes to the spool.
@@ -140,6 +165,7 @@ class Gateway:
         self.forced = True
         for row in self.settler.abandon():
             self._spool(row)
+            self.journal.settled(row["request_id"])
 
     def _spool(self, row: dict[str, Any]) -> None:
         self.spool.append(row)

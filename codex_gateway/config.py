@@ -49,6 +49,8 @@ class Settings:
     log_levels: tuple[tuple[str, str], ...] = ()
     shutdown_grace_seconds: float = 30.0
     spool_path: str = DEFAULT_SPOOL_PATH
+    # Each process's hold journal; empty means a `hold-journal` folder beside the spool.
+    journal_dir: str = ""
     upstream_max_attempts: int = 3
     upstream_cooldown_seconds: float = 60.0
     upstream_failure_cooldown_seconds: float = 10.0
@@ -61,6 +63,13 @@ class Settings:
     secret_key_file: str | None = None
     chatgpt_base_url: str = DEFAULT_CHATGPT_BASE_URL
     chatgpt_token_url: str = "https://auth.openai.com/oauth/token"
+
+    @property
+    def journal_path(self) -> Path:
+        """Where hold journals live: `journal_dir`, else a folder beside the spool."""
+        if self.journal_dir:
+            return Path(self.journal_dir)
+        return Path(self.spool_path).parent / "hold-journal"
 
 
 def _positive_int(value: Any) -> int:
@@ -188,6 +197,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "log_levels": _log_levels,
     "shutdown_grace_seconds": _positive_float,
     "spool_path": _path,
+    "journal_dir": _path,
     "upstream_max_attempts": _positive_int,
     "upstream_cooldown_seconds": _positive_float,
     "upstream_failure_cooldown_seconds": _positive_float,

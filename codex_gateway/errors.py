@@ -5,6 +5,7 @@
     │   ├── AuthenticationError     401 invalid_api_key
     │   ├── InvalidRequest          400 invalid_request_error
     │   ├── ModelNotFound           404 model_not_found
+    │   ├── ModelNotAllowed         403 model_not_allowed (the key's allowlist)
     │   ├── InsufficientQuota       429 insufficient_quota
     │   ├── BodyTooLarge            413
     │   ├── NotFound                404 for unknown paths
@@ -83,6 +84,11 @@ class InvalidRequest(ClientError):
 class ModelNotFound(ClientError):
     status = 404
     code = "model_not_found"
+
+
+class ModelNotAllowed(ClientError):
+    status = 403
+    code = "model_not_allowed"
 
 
 class InsufficientQuota(ClientError):

@@ -76,6 +76,13 @@ class Metrics:
             "Usage rows written to the local spool because the database could not take them.",
             registry=r,
         )
+        self.recovered_holds = Counter(
+            "codex_gateway_recovered_holds",
+            "Holds of dead gateway processes found in their journals: settled from the "
+            "journaled usage, or released with an interrupted usage row.",
+            ["outcome"],
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "codex_gateway_upstream_errors",
             "Upstream failures by account and kind.",
@@ -110,6 +117,10 @@ class Metrics:
         """Read both gauges from the gateway's own counters when scraped."""
         self.in_flight.set_function(lambda: float(in_flight()))
         self.holds.set_function(lambda: float(holds()))
+
+    def recovered(self, settled: int, released: int) -> None:
+        self.recovered_holds.labels("settled").inc(settled)
+        self.recovered_holds.labels("released").inc(released)
 
     def request_done(self, route: str, status: int, model: str, seconds: float) -> None:
         self.requests.labels(route, str(status), model).inc()

@@ -109,6 +109,6 @@ def test_both_processes_bill_one_balance_exactly_under_concurrency(
     assert [len(ids) for ids in request_ids.values()] == [REQUESTS_PER_PROCESS] * 2
     total = 2 * REQUESTS_PER_PROCESS
     assert Decimal(gw.balance(user)) == Decimal(10) - total * expected_cost(CACHED_COUNTS)
-    charges = [entry for entry in gw.cli_json("users", "ledger", user) if entry["kind"] == "charge"]
+    charges = [entry for entry in gw.cli_json("users", "ledger", user) if entry["kind"] == "settle"]
     assert len(charges) == total
     assert set(request_ids[gw.url] + request_ids[second]) <= rows.keys()

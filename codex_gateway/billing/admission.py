@@ -5,7 +5,8 @@ against a lease: a slice of the user's balance this process has set aside in the
 While the lease covers a request, admitting it costs no database round trip; when it does
 not, the process asks for a larger slice, which the database grants only from what no other
 process has set aside. So all processes together never admit more than the balance, and an
-unused lease is handed back after a short idle time.
+unused lease is handed back after a short idle time. A key with a USD cap is admitted the
+same way against a second lease, a slice of the cap.
 """
 
 from __future__ import annotations
@@ -19,12 +20,20 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from codex_gateway.billing.pricing import MILLION, MONEY, ZERO, Price
+from codex_gateway.billing.pricing import MILLION, MONEY, ZERO, Price, plain
 from codex_gateway.errors import InsufficientQuota, StorageUnavailable
-from codex_gateway.store.queries import Store
+from codex_gateway.store.queries import (
+    KEY_LEASES,
+    USER_LEASES,
+    KeyRecord,
+    LeaseScope,
+    Settled,
+    Store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +42,18 @@ INPUT_ALLOWANCE_TOKENS = 1_000
 # A new lease covers up to this many requests like the one asking (and at most half of what
 # is unreserved), so most requests find room without asking the database again.
 LEASE_REQUESTS = 16
+
+
+@dataclass(frozen=True)
+class Hold:
+    """What one request holds: against its user's balance, and against its key's cap (0 for
+    a key without one)."""
+
+    user: Decimal
+    key: Decimal = ZERO
+
+
+NO_HOLD = Hold(ZERO)
 
 
 def estimate_hold(
@@ -64,26 +85,23 @@ class _Lease:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-class Admission:
-    def __init__(self, store: Store, *, lease_ttl: float, idle_seconds: float):
+class _Leases:
+    """This process's leases of one scope: users' balances, or capped keys' caps."""
+
+    def __init__(self, store: Store, scope: LeaseScope, holder: str):
         self._store = store
-        self.holder = f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._lease_ttl = lease_ttl
-        self._idle_seconds = idle_seconds
-        self._leases: dict[int, _Lease] = {}
+        self.scope = scope
+        self._holder = holder
+        self.leases: dict[int, _Lease] = {}
 
-    def held(self, user_id: int) -> Decimal:
-        lease = self._leases.get(user_id)
-        return lease.held if lease else ZERO
-
-    async def admit(self, user_id: int, estimate: Decimal) -> None:
-        """Hold `estimate` for a request, or refuse it with insufficient_quota."""
-        lease = self._leases.setdefault(user_id, _Lease())
-        if self._take(lease, estimate):
-            return
+    async def take(self, owner_id: int, estimate: Decimal) -> bool:
+        """Hold `estimate` against the owner's lease, growing the lease if it must."""
+        lease = self.leases.setdefault(owner_id, _Lease())
+        if _take(lease, estimate):
+            return True
         async with lease.lock:
-            if self._take(lease, estimate):
-                return
+            if _take(lease, estimate):
+                return True
             shortfall = MONEY.subtract(estimate, MONEY.subtract(lease.leased, lease.held))
             # Room for LEASE_REQUESTS more like this one, or for twice the load in flight.
             wanted = max(
@@ -91,42 +109,112 @@ class Admission:
                 MONEY.multiply(estimate, Decimal(LEASE_REQUESTS)),
                 MONEY.multiply(lease.held, Decimal(2)),
             )
-            granted = await self._acquire(user_id, shortfall, wanted)
+            granted = await self._acquire(owner_id, shortfall, wanted)
             if granted > 0:
                 lease.leased = MONEY.add(lease.leased, granted)
-                if self._take(lease, estimate):
-                    return
-        raise InsufficientQuota(
-            "You exceeded your current quota: the balance does not cover this request's "
-            "largest possible cost. Ask the gateway operator to top it up."
-        )
+                return _take(lease, estimate)
+        return False
 
-    async def _acquire(self, user_id: int, needed: Decimal, wanted: Decimal) -> Decimal:
+    async def _acquire(self, owner_id: int, needed: Decimal, wanted: Decimal) -> Decimal:
         try:
-            return await self._store.acquire_lease(user_id, self.holder, needed, wanted)
+            return await self._store.acquire_lease(
+                owner_id, self._holder, needed, wanted, self.scope
+            )
         except (OSError, SQLAlchemyError) as exc:
             log.error("cannot place a hold: %s", exc)
             raise StorageUnavailable(
-                "The gateway cannot check your balance right now, so it accepts no new "
-                "requests; retry in a moment."
+                "The gateway cannot reach its database to set aside your balance for this "
+                "request, so it accepts no new requests; retry in a moment."
             ) from None
 
-    @staticmethod
-    def _take(lease: _Lease, estimate: Decimal) -> bool:
-        if MONEY.subtract(lease.leased, lease.held) < estimate:
-            return False
-        lease.held = MONEY.add(lease.held, estimate)
-        return True
-
-    def settled(self, user_id: int, estimate: Decimal, consumed: Decimal) -> None:
-        """A held request was written: its hold ends, and its cost left the lease."""
-        lease = self._leases.get(user_id)
+    def settled(self, owner_id: int, estimate: Decimal, consumed: Decimal) -> None:
+        """A hold ends, and `consumed` of the request's cost left the lease."""
+        lease = self.leases.get(owner_id)
         if lease is None:
             return
         lease.held = max(ZERO, MONEY.subtract(lease.held, estimate))
         lease.leased = max(ZERO, MONEY.subtract(lease.leased, consumed))
         if lease.held == 0:
             lease.idle_since = time.monotonic()
+
+    async def maintain(self, stored: dict[tuple[str, int], Decimal], idle_seconds: float) -> None:
+        for owner_id, lease in list(self.leases.items()):
+            async with lease.lock:
+                # The database is the truth: a lease taken away from a stalled process is gone.
+                lease.leased = min(lease.leased, stored.get((self.scope.name, owner_id), ZERO))
+                idle = time.monotonic() - lease.idle_since > idle_seconds
+                spare = MONEY.subtract(lease.leased, lease.held)
+                if idle and lease.held == 0 and spare > 0:
+                    returned = await self._store.release_lease(
+                        owner_id, self._holder, spare, self.scope
+                    )
+                    lease.leased = MONEY.subtract(lease.leased, returned)
+
+    async def close(self) -> None:
+        for owner_id, lease in self.leases.items():
+            if lease.leased > 0:
+                await self._store.release_lease(owner_id, self._holder, lease.leased, self.scope)
+                lease.leased = ZERO
+
+
+def _take(lease: _Lease, estimate: Decimal) -> bool:
+    if MONEY.subtract(lease.leased, lease.held) < estimate:
+        return False
+    lease.held = MONEY.add(lease.held, estimate)
+    return True
+
+
+class Admission:
+    def __init__(self, store: Store, *, lease_ttl: float, idle_seconds: float):
+        self._store = store
+        self.holder = f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._lease_ttl = lease_ttl
+        self._idle_seconds = idle_seconds
+        self._users = _Leases(store, USER_LEASES, self.holder)
+        self._keys = _Leases(store, KEY_LEASES, self.holder)
+
+    def held(self, user_id: int) -> Decimal:
+        lease = self._users.leases.get(user_id)
+        return lease.held if lease else ZERO
+
+    async def admit(self, user_id: int, estimate: Decimal, key: KeyRecord | None = None) -> Hold:
+        """Hold `estimate` for a request, or refuse it with insufficient_quota.
+
+        A key with a cap holds the same estimate against the cap as well.
+        """
+        if not await self._users.take(user_id, estimate):
+            raise InsufficientQuota(
+                "You exceeded your current quota: the balance does not cover this request's "
+                "largest possible cost. Ask the gateway operator to top it up."
+            )
+        if key is None or key.cap is None:
+            return Hold(estimate, ZERO)
+        if not await self._key_take(user_id, key, estimate):
+            raise InsufficientQuota(
+                f"This API key reached its spending cap of ${plain(key.cap)}: what it spent "
+                "and holds for requests in flight leaves no room for this request's largest "
+                "possible cost. Ask the gateway operator to raise the cap.",
+                code="key_cap_reached",
+            )
+        return Hold(estimate, estimate)
+
+    async def _key_take(self, user_id: int, key: KeyRecord, estimate: Decimal) -> bool:
+        try:
+            if await self._keys.take(key.id, estimate):
+                return True
+        except StorageUnavailable:
+            self._users.settled(user_id, estimate, ZERO)
+            raise
+        self._users.settled(user_id, estimate, ZERO)
+        return False
+
+    def settled(self, row: dict[str, Any], hold: Hold, result: Settled | None) -> None:
+        """A held request was written (`result`) or spooled (None): its holds end, and what
+        settling took of its cost left the leases."""
+        if row.get("user_id") is not None:
+            self._users.settled(row["user_id"], hold.user, result.consumed if result else ZERO)
+        if row.get("key_id") is not None and hold.key > 0:
+            self._keys.settled(row["key_id"], hold.key, result.key_consumed if result else ZERO)
 
     async def maintain(self, interval: float) -> None:
         """Renew this process's leases, hand back idle ones, return dead processes' leases."""
@@ -139,15 +227,8 @@ class Admission:
 
     async def _maintain_once(self) -> None:
         stored = await self._store.renew_leases(self.holder)
-        for user_id, lease in list(self._leases.items()):
-            async with lease.lock:
-                # The database is the truth: a lease taken away from a stalled process is gone.
-                lease.leased = min(lease.leased, stored.get(user_id, ZERO))
-                idle = time.monotonic() - lease.idle_since > self._idle_seconds
-                spare = MONEY.subtract(lease.leased, lease.held)
-                if idle and lease.held == 0 and spare > 0:
-                    returned = await self._store.release_lease(user_id, self.holder, spare)
-                    lease.leased = MONEY.subtract(lease.leased, returned)
+        for leases in (self._users, self._keys):
+            await leases.maintain(stored, self._idle_seconds)
         cutoff = datetime.now(UTC) - timedelta(seconds=self._lease_ttl)
         reaped = await self._store.reap_leases(cutoff)
         if reaped:
@@ -155,7 +236,5 @@ class Admission:
 
     async def close(self) -> None:
         """Hand back every lease this process holds (after all its requests are settled)."""
-        for user_id, lease in self._leases.items():
-            if lease.leased > 0:
-                await self._store.release_lease(user_id, self.holder, lease.leased)
-                lease.leased = ZERO
+        for leases in (self._users, self._keys):
+            await leases.close()

@@ -66,6 +66,8 @@ class Outcome:
     duration_ms: float = 0.0
     client_bytes: int = 0
     hold: Decimal = Decimal(0)
+    # What the request holds against its key's cap (0 when the key has none).
+    key_hold: Decimal = Decimal(0)
     attempts: list[dict[str, Any]] = field(default_factory=list)
     # The gateway's own count, billed only when the upstream reported no usage.
     estimate: dict[str, Any] | None = None
@@ -73,6 +75,18 @@ class Outcome:
     def flag(self, name: str) -> None:
         if name not in self.flags:
             self.flags.append(name)
+
+    def known(self) -> dict[str, Any]:
+        """What a hold journal keeps of the request before its usage is known."""
+        return {
+            "request_id": self.request_id,
+            "started_at": self.started_at,
+            "user_id": self.user_id,
+            "key_id": self.key_id,
+            "endpoint": self.endpoint,
+            "model": self.model,
+            "stream": self.stream,
+        }
 
 
 def bill(outcome: Outcome, prices: PriceTable, trace: bool = False) -> dict[str, Any]:

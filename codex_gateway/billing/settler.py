@@ -14,19 +14,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from decimal import Decimal
 from typing import Any
 
-from codex_gateway.billing.pricing import ZERO
-from codex_gateway.store.queries import Store
+from codex_gateway.billing.admission import NO_HOLD, Hold
+from codex_gateway.store.queries import Settled, Store
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 200
 RETRY_DELAYS = (0.2, 1.0, 3.0)
 
-# Called once per row: user id, the hold the request had, the part of its cost the lease paid.
-OnSettled = Callable[[int, Decimal, Decimal], None]
+# Called once per row with the holds the request had and what settling did (None when the row
+# could not be written and went to `on_unwritten`).
+OnSettled = Callable[[dict[str, Any], Hold, Settled | None], None]
 
 
 class Settler:
@@ -41,14 +41,14 @@ class Settler:
         self._holder = holder
         self._on_settled = on_settled
         self._on_unwritten = on_unwritten
-        self._queue: asyncio.Queue[tuple[dict[str, Any], Decimal]] = asyncio.Queue()
-        self._writing: list[tuple[dict[str, Any], Decimal]] = []
+        self._queue: asyncio.Queue[tuple[dict[str, Any], Hold]] = asyncio.Queue()
+        self._writing: list[tuple[dict[str, Any], Hold]] = []
         self._worker: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run())
 
-    def submit(self, row: dict[str, Any], hold: Decimal = ZERO) -> None:
+    def submit(self, row: dict[str, Any], hold: Hold = NO_HOLD) -> None:
         self._queue.put_nowait((row, hold))
 
     @property
@@ -83,7 +83,7 @@ class Settler:
                 for _ in batch:
                     self._queue.task_done()
 
-    async def _write(self, batch: list[tuple[dict[str, Any], Decimal]]) -> None:
+    async def _write(self, batch: list[tuple[dict[str, Any], Hold]]) -> None:
         rows = [row for row, _ in batch]
         for delay in (*RETRY_DELAYS, None):
             try:
@@ -96,10 +96,9 @@ class Settler:
                 log.warning("usage write failed; retrying in %.1fs", delay, exc_info=True)
                 await asyncio.sleep(delay)
         for (row, hold), result in zip(batch, results, strict=True):
-            if row.get("user_id") is not None:
-                self._on_settled(row["user_id"], hold, result.consumed)
+            self._on_settled(row, hold, result)
 
-    def _lost(self, batch: list[tuple[dict[str, Any], Decimal]]) -> None:
+    def _lost(self, batch: list[tuple[dict[str, Any], Hold]]) -> None:
         for row, hold in batch:
             log.error(
                 "could not write usage row %s: %r",
@@ -109,5 +108,4 @@ class Settler:
             )
             if self._on_unwritten is not None:
                 self._on_unwritten(row)
-            if row.get("user_id") is not None:
-                self._on_settled(row["user_id"], hold, ZERO)
+            self._on_settled(row, hold, None)

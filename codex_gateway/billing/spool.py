@@ -35,7 +35,7 @@ class Spool:
     def append(self, row: dict[str, Any]) -> None:
         """Write one row and flush it to disk before returning."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = orjson.dumps(row, default=_encode) + b"\n"
+        line = orjson.dumps(row, default=encode_value) + b"\n"
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(fd, line)
@@ -54,7 +54,7 @@ class Spool:
             if not line.strip():
                 continue
             try:
-                rows.append(_decode(orjson.loads(line)))
+                rows.append(decode_row(orjson.loads(line)))
             except (orjson.JSONDecodeError, ValueError, TypeError):
                 # A line cut off by a crash mid-write; the rest of the file is still good.
                 log.error("spool %s line %d is not a usage row; skipped", self.path, number)
@@ -90,17 +90,21 @@ class Spool:
             self.path.unlink()
             return
         partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_bytes(b"".join(orjson.dumps(row, default=_encode) + b"\n" for row in rows))
+        partial.write_bytes(
+            b"".join(orjson.dumps(row, default=encode_value) + b"\n" for row in rows)
+        )
         os.replace(partial, self.path)
 
 
-def _encode(value: Any) -> Any:
+def encode_value(value: Any) -> Any:
+    """orjson's fallback for a usage row: Decimals as exact strings."""
     if isinstance(value, Decimal):
         return format(value, "f")
     raise TypeError(f"cannot spool a {type(value).__name__}")
 
 
-def _decode(data: dict[str, Any]) -> dict[str, Any]:
+def decode_row(data: dict[str, Any]) -> dict[str, Any]:
+    """A usage row read back from JSON: money as Decimal, times as datetimes."""
     for name in _DECIMAL_COLUMNS & data.keys():
         if data[name] is not None:
             data[name] = Decimal(data[name])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import click
 import orjson
@@ -16,11 +18,20 @@ from codex_gateway.cli.context import dump_json, settings_or_exit, table, with_s
 from codex_gateway.errors import CredentialError
 from codex_gateway.relay.chatgpt import RESPONSES_PATH, Quota
 from codex_gateway.store.credentials import AccountState, CredentialStore
-from codex_gateway.store.queries import AccountRecord, Store
+from codex_gateway.store.queries import AccountRecord, KeyLimits, Store
 from codex_gateway.upstream.chatgpt_auth import load_cipher, read_codex_auth
 from codex_gateway.upstream.pool import READY, TIMED_STATES
 
 ACCOUNT_KINDS = ("openai",)
+
+
+class Unset(Enum):
+    """An option that was not given (as opposed to one set to none)."""
+
+    TOKEN = 0
+
+
+UNSET: Final = Unset.TOKEN
 
 
 MAX_NAME_LENGTH = 200
@@ -137,14 +148,101 @@ def keys() -> None:
     """Gateway API keys. A key is shown once, when it is created; only its hash is stored."""
 
 
+def _cap(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Unset | Decimal | None:
+    """A USD cap, or `none` for no cap."""
+    if value is None:
+        return UNSET
+    if value.lower() == "none":
+        return None
+    try:
+        amount = parse_amount(value, "the cap")
+    except ValueError:
+        amount = None
+    if amount is None or amount <= 0:
+        raise click.BadParameter(f"must be an amount of USD above 0, or none; not {value!r}")
+    return amount
+
+
+def _expiry(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> Unset | datetime | None:
+    """A date or time (UTC when no zone is given), or `never`."""
+    if value is None:
+        return UNSET
+    if value.lower() == "never":
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"must be a date such as 2027-01-31 or 2027-01-31T18:00, or never; not {value!r}"
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def _models(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> Unset | tuple[str, ...] | None:
+    """A comma-separated allowlist, or `all`."""
+    if value is None:
+        return UNSET
+    if value.lower() == "all":
+        return None
+    models = tuple(model.strip() for model in value.split(",") if model.strip())
+    if not models:
+        raise click.BadParameter("name at least one model, or all")
+    return models
+
+
+def _limit_options(command: Callable[..., None]) -> Callable[..., None]:
+    command = click.option(
+        "--models", callback=_models, default=None, help="Allowed models, a,b; or all."
+    )(command)
+    command = click.option(
+        "--expires", callback=_expiry, default=None, help="Expiry date (UTC); or never."
+    )(command)
+    return click.option(
+        "--cap", callback=_cap, default=None, help="Most USD the key may spend; or none."
+    )(command)
+
+
+def _given(value: Any) -> Any:
+    return None if value is UNSET else value
+
+
+def _limit_changes(cap: Any, expires: Any, models: Any) -> dict[str, Any]:
+    """The columns of the limits that were given, `none`/`never`/`all` included."""
+    stored = KeyLimits(_given(cap), _given(expires), _given(models)).values()
+    given = {"cap_usd": cap, "expires_at": expires, "models": models}
+    return {column: stored[column] for column, value in given.items() if value is not UNSET}
+
+
 @keys.command("create")
 @click.option("--user", "user_name", required=True, help="The user the key bills to.")
 @click.option("--name", default=None, help="A label for the key.")
-def keys_create(user_name: str, name: str | None) -> None:
+@_limit_options
+def keys_create(user_name: str, name: str | None, cap: Any, expires: Any, models: Any) -> None:
     """Create a key and print it once (the last line of the output)."""
-    raw, display = with_store(lambda store: store.create_key(user_name, name))
+    limits = KeyLimits(_given(cap), _given(expires), _given(models))
+    raw, display = with_store(lambda store: store.create_key(user_name, name, limits))
     click.echo(f"created key {display} for {user_name}; it is shown only this once:")
     click.echo(raw)
+
+
+@keys.command("update")
+@click.argument("key_id", type=int)
+@_limit_options
+def keys_update(key_id: int, cap: Any, expires: Any, models: Any) -> None:
+    """Change a key's cap, expiry or model allowlist; running gateways follow within a poll.
+
+    Lowering a cap below what the key spent and holds stops its new requests; requests
+    already admitted finish.
+    """
+    changes = _limit_changes(cap, expires, models)
+    if not changes:
+        raise click.UsageError("give at least one of --cap, --expires, --models")
+    with_store(lambda store: store.update_key(key_id, changes))
+    click.echo(f"updated key {key_id}: " + ", ".join(sorted(changes)))
 
 
 @keys.command("list")
@@ -156,7 +254,10 @@ def keys_list(user_name: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(dump_json(rows))
         return
-    click.echo(table(rows, ["id", "display", "user", "name", "created_at", "revoked_at"]))
+    for row in rows:
+        row["models"] = ",".join(orjson.loads(row["models"])) if row["models"] else "all"
+    columns = ["id", "display", "user", "name", "cap", "spent", "held", "expires_at", "models"]
+    click.echo(table(rows, [*columns, "created_at", "revoked_at"]))
 
 
 @keys.command("revoke")
@@ -523,11 +624,17 @@ def ledger() -> None:
 
 @ledger.command("verify")
 def ledger_verify() -> None:
-    """Prove every balance from its ledger and every charged request has exactly one charge."""
+    """Prove every balance and reservation from the ledger, and every request's one settlement.
+
+    Exits 1 with one line per discrepancy when anything does not add up.
+    """
     problems, counts = with_store(lambda store: store.verify_ledger())
     checked = ", ".join(f"{count} {what}" for what, count in counts.items())
     for problem in problems:
         click.echo(f"problem: {problem}", err=True)
     if problems:
         raise click.ClickException(f"{len(problems)} problems in {checked}")
-    click.echo(f"ok: {checked}; every balance equals its ledger")
+    click.echo(
+        f"ok: {checked}; every balance and reservation equals its ledger and every request "
+        "has exactly one settlement"
+    )

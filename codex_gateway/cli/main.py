@@ -142,6 +142,7 @@ for command in (
     admin.ledger,
     reconcile.reconcile_command,
     operations.migrate,
+    operations.recover,
     operations.config,
     operations.health,
     operations.trace,

@@ -1,4 +1,5 @@
-"""Operations commands: migrate, config check, health probes and run-time billing traces."""
+"""Operations commands: migrate, config check, health probes, run-time billing traces and
+recovery of dead processes' hold journals."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from codex_gateway.billing.journal import recover as recover_journals
 from codex_gateway.cli.context import dump_json, settings_or_exit, table, with_store
 from codex_gateway.config import describe, load_settings
 from codex_gateway.errors import ConfigError
@@ -18,6 +20,28 @@ from codex_gateway.store.db import migrate as migrate_schema
 from codex_gateway.store.queries import Store
 
 PROBE_TIMEOUT = 5.0
+
+
+@click.command()
+@click.option(
+    "--journal-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Hold journals to recover (default: the configured folder).",
+)
+def recover(journal_dir: Path | None) -> None:
+    """Settle or release the holds that stopped gateway processes left in their journals.
+
+    A gateway does this at start and every few seconds for its own folder; run it for
+    journals copied from a machine whose gateway will not start again. Journals of
+    processes still running are left alone.
+    """
+    directory = journal_dir or settings_or_exit().journal_path
+    done = with_store(lambda store: recover_journals(directory, store))
+    click.echo(
+        f"recovered {done.journals} journal(s) in {directory}: {len(done.settled)} request(s) "
+        f"settled from their journaled usage, {len(done.released)} released as interrupted"
+    )
 
 
 @click.command()

@@ -57,8 +57,6 @@ async def relay_chat(gateway: Gateway, exchange: Exchange) -> None:
     chat = parse_chat_request(await exchange.body(gateway.settings.max_body_bytes))
     exchange.model = chat.model
     request = _upstream_request(chat)
-    price = price_of(gateway, request)
-    held = await hold(gateway, key, request, price)
     outcome = Outcome(
         request_id=exchange.request_id,
         started_at=datetime.now(UTC),
@@ -66,11 +64,11 @@ async def relay_chat(gateway: Gateway, exchange: Exchange) -> None:
         endpoint=ENDPOINT,
         model=chat.model,
         stream=chat.stream,
-        price=price,
+        price=price_of(gateway, key, request),
         user_id=key.user_id,
         key_id=key.id,
-        hold=held,
     )
+    await hold(gateway, key, request, outcome)
     await settle_after(
         gateway, exchange, outcome, _relay(gateway, exchange, key, chat, request, outcome)
     )

@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import TYPE_CHECKING
 
 import orjson
@@ -24,6 +23,7 @@ from codex_gateway.billing.pricing import Price
 from codex_gateway.billing.settlement import Outcome
 from codex_gateway.errors import (
     AuthenticationError,
+    ModelNotAllowed,
     ModelNotFound,
     UpstreamError,
     UpstreamProtocolError,
@@ -99,6 +99,12 @@ async def authenticate(gateway: Gateway, exchange: Exchange) -> KeyRecord:
             "Incorrect API key provided. Check the key, or ask the gateway operator for a new one."
         )
     exchange.key_display = record.display
+    if record.expires_at is not None and record.expires_at <= datetime.now(UTC):
+        raise AuthenticationError(
+            f"This API key expired at {record.expires_at:%Y-%m-%d %H:%M} UTC. Ask the gateway "
+            "operator for a new key or a later expiry date.",
+            code="api_key_expired",
+        )
     return record
 
 
@@ -115,7 +121,14 @@ def _bearer(exchange: Exchange) -> str:
     )
 
 
-def price_of(gateway: Gateway, request: ResponsesRequest) -> Price:
+def price_of(gateway: Gateway, key: KeyRecord, request: ResponsesRequest) -> Price:
+    """The model's price, once the key may use the model at all."""
+    if key.models is not None and request.model not in key.models:
+        allowed = ", ".join(f"`{model}`" for model in sorted(key.models)) or "none"
+        raise ModelNotAllowed(
+            f"This API key may not use the model `{request.model}`; it may use: {allowed}.",
+            param="model",
+        )
     price = gateway.catalog.prices.resolve(request.model)
     if price is None:
         raise ModelNotFound(
@@ -126,17 +139,19 @@ def price_of(gateway: Gateway, request: ResponsesRequest) -> Price:
 
 
 async def hold(
-    gateway: Gateway, key: KeyRecord, request: ResponsesRequest, price: Price
-) -> Decimal:
-    """Hold the request's largest possible cost against the user's balance."""
+    gateway: Gateway, key: KeyRecord, request: ResponsesRequest, outcome: Outcome
+) -> None:
+    """Hold the request's largest possible cost against the user's balance (and the key's
+    cap), and journal the hold so that a crash cannot leave it open."""
     estimate = estimate_hold(
-        price,
+        outcome.price,
         len(request.body),
         request.document.get("max_output_tokens"),
         gateway.settings.hold_output_tokens,
     )
-    await gateway.admission.admit(key.user_id, estimate)
-    return estimate
+    held = await gateway.admission.admit(key.user_id, estimate, key)
+    outcome.hold, outcome.key_hold = held.user, held.key
+    gateway.journal.opened(outcome.request_id, held, outcome.known())
 
 
 def upstream_headers(exchange: Exchange, account: AccountRecord) -> dict[str, str]:
@@ -152,8 +167,6 @@ async def relay_responses(gateway: Gateway, exchange: Exchange) -> None:
     key = await authenticate(gateway, exchange)
     request = parse_responses_request(await exchange.body(gateway.settings.max_body_bytes))
     exchange.model = request.model
-    price = price_of(gateway, request)
-    held = await hold(gateway, key, request, price)
     outcome = Outcome(
         request_id=exchange.request_id,
         started_at=datetime.now(UTC),
@@ -161,11 +174,11 @@ async def relay_responses(gateway: Gateway, exchange: Exchange) -> None:
         endpoint="responses",
         model=request.model,
         stream=request.stream,
-        price=price,
+        price=price_of(gateway, key, request),
         user_id=key.user_id,
         key_id=key.id,
-        hold=held,
     )
+    await hold(gateway, key, request, outcome)
     if request.converted_messages:
         outcome.flag("messages_converted")
     await settle_after(gateway, exchange, outcome, _relay(gateway, exchange, key, request, outcome))

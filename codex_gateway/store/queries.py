@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Row, Select, delete, func, insert, select, update
+import orjson
+from sqlalchemy import Select, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from codex_gateway.billing.pricing import MONEY, ZERO, Price, plain
+from codex_gateway.store.audit import Snapshot, ledger_problems
 from codex_gateway.store.db import READ_ONLY
 from codex_gateway.store.tables import (
+    HOLD,
+    RELEASE,
+    SETTLE,
+    STATUS_INTERRUPTED,
     ApiKey,
     BalanceLease,
     BillingTrace,
+    KeyLease,
     LedgerEntry,
     ModelPricing,
     Revision,
@@ -43,17 +50,95 @@ class KeyRecord:
     user_name: str
     display: str
     revoked: bool
+    cap: Decimal | None = None
+    expires_at: datetime | None = None
+    models: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    """A key's optional limits; `models` None allows every priced model."""
+
+    cap: Decimal | None = None
+    expires_at: datetime | None = None
+    models: tuple[str, ...] | None = None
+
+    def values(self) -> dict[str, Any]:
+        models = orjson.dumps(list(self.models)).decode() if self.models is not None else None
+        return {"cap_usd": self.cap, "expires_at": self.expires_at, "models": models}
+
+
+_KEY_COLUMNS = (
+    ApiKey.id,
+    ApiKey.user_id,
+    User.name,
+    ApiKey.display,
+    ApiKey.revoked_at,
+    ApiKey.cap_usd,
+    ApiKey.expires_at,
+    ApiKey.models,
+)
+
+
+def _key_record(row: Sequence[Any]) -> KeyRecord:
+    models = frozenset(orjson.loads(row[7])) if row[7] is not None else None
+    return KeyRecord(row[0], row[1], row[2], row[3], row[4] is not None, row[5], row[6], models)
 
 
 @dataclass(frozen=True)
 class Settled:
     """What settling one usage row did: the new balance (None if untouched) and how much of
-    the cost came out of the settling process's lease."""
+    the cost came out of the settling process's lease on the user, and on the key's cap."""
 
     request_id: str
     user_id: int | None
     balance: Decimal | None
-    consumed: Decimal
+    consumed: Decimal = ZERO
+    key_consumed: Decimal = ZERO
+
+
+def _balance(row: Sequence[Any]) -> Decimal:
+    return Decimal(str(row[0]))
+
+
+def _cap_left(row: Sequence[Any]) -> Decimal:
+    cap, spent = row[0], row[1]
+    return ZERO if cap is None else MONEY.subtract(Decimal(str(cap)), Decimal(str(spent)))
+
+
+@dataclass(frozen=True)
+class LeaseScope:
+    """One kind of lease: whose money it sets aside, and where the slices are kept.
+
+    `limit_columns` are read from the owner's row and `headroom` makes of them what the owner
+    may spend in all; what is reserved is kept in the owner's `reserved` column.
+    """
+
+    name: str
+    owner: Any
+    owner_id: Any
+    reserved: Any
+    limit_columns: tuple[Any, ...]
+    headroom: Callable[[Sequence[Any]], Decimal]
+    lease: Any
+    lease_owner: Any
+    ledger: bool
+
+    def limit(self, row: Sequence[Any]) -> Decimal:
+        return self.headroom(row)
+
+
+USER_LEASES = LeaseScope(
+    "user", User, User.id, User.reserved, (User.balance,), _balance,
+    BalanceLease, BalanceLease.user_id, ledger=True,
+)  # fmt: skip
+KEY_LEASES = LeaseScope(
+    "key", ApiKey, ApiKey.id, ApiKey.reserved_usd, (ApiKey.cap_usd, ApiKey.spent_usd),
+    _cap_left, KeyLease, KeyLease.key_id, ledger=False,
+)  # fmt: skip
+SCOPES = (USER_LEASES, KEY_LEASES)
+# Asks a release for the whole lease, whatever it holds.
+EVERYTHING = Decimal(10) ** 30
 
 
 @dataclass(frozen=True)
@@ -236,7 +321,9 @@ class Store:
 
     # -- keys --------------------------------------------------------------------------------
 
-    async def create_key(self, user_name: str, name: str | None = None) -> tuple[str, str]:
+    async def create_key(
+        self, user_name: str, name: str | None = None, limits: KeyLimits | None = None
+    ) -> tuple[str, str]:
         raw, display = new_key()
         async with self.engine.begin() as conn:
             user_id = await conn.scalar(select(User.id).where(User.name == user_name))
@@ -249,10 +336,19 @@ class Store:
                     display=display,
                     name=name,
                     created_at=now(),
+                    **(limits or KeyLimits()).values(),
                 )
             )
             await self._bump(conn)
         return raw, display
+
+    async def update_key(self, key_id: int, changes: dict[str, Any]) -> None:
+        """Change a key's limits: `changes` holds the KeyLimits.values() entries to set."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(update(ApiKey).where(ApiKey.id == key_id).values(changes))
+            if result.rowcount == 0:
+                raise StoreError(f"no key with id {key_id}")
+            await self._bump(conn)
 
     async def list_keys(self, user_name: str | None = None) -> list[dict[str, Any]]:
         query = (
@@ -263,6 +359,11 @@ class Store:
                 User.name.label("user"),
                 ApiKey.created_at,
                 ApiKey.revoked_at,
+                ApiKey.cap_usd.label("cap"),
+                ApiKey.spent_usd.label("spent"),
+                ApiKey.reserved_usd.label("held"),
+                ApiKey.expires_at,
+                ApiKey.models,
             )
             .join(User, User.id == ApiKey.user_id)
             .order_by(ApiKey.id)
@@ -288,25 +389,23 @@ class Store:
 
     async def find_key(self, key_hash: str) -> KeyRecord | None:
         query = (
-            select(ApiKey.id, ApiKey.user_id, User.name, ApiKey.display, ApiKey.revoked_at)
+            select(*_KEY_COLUMNS)
             .join(User, User.id == ApiKey.user_id)
             .where(ApiKey.key_hash == key_hash)
         )
         async with self._read() as conn:
             row = (await conn.execute(query)).first()
-        if row is None:
-            return None
-        return KeyRecord(row[0], row[1], row[2], row[3], row[4] is not None)
+        return _key_record(row) if row is not None else None
 
     async def active_keys(self) -> dict[str, KeyRecord]:
         query = (
-            select(ApiKey.key_hash, ApiKey.id, ApiKey.user_id, User.name, ApiKey.display)
+            select(ApiKey.key_hash, *_KEY_COLUMNS)
             .join(User, User.id == ApiKey.user_id)
             .where(ApiKey.revoked_at.is_(None))
         )
         async with self._read() as conn:
             rows = (await conn.execute(query)).all()
-        return {row[0]: KeyRecord(row[1], row[2], row[3], row[4], False) for row in rows}
+        return {row[0]: _key_record(row[1:]) for row in rows}
 
     # -- upstream accounts -------------------------------------------------------------------
 
@@ -501,7 +600,7 @@ class Store:
                 return settled
         except IntegrityError:
             if await self.usage(record["request_id"]) is not None:
-                return Settled(record["request_id"], record.get("user_id"), None, ZERO)
+                return Settled(record["request_id"], record.get("user_id"), None)
             raise
 
     async def _settle_batch(
@@ -509,22 +608,32 @@ class Store:
     ) -> list[Settled]:
         """Insert the rows; debit each user once for all their costs, lease first.
 
-        Rows go in with one statement and ledger entries with another; each user with a cost
-        is locked, debited and has its lease reduced once, in the order of the rows.
+        Rows go in with one statement and ledger entries with another. Each user is locked,
+        debited and has its lease reduced once; each key's spending is added up once. Users
+        and keys are locked in id order, so two writers never wait on each other in a circle.
         """
         await conn.execute(insert(UsageRecord), records)
-        charged: dict[int, list[dict[str, Any]]] = {}
+        by_user: dict[int, list[dict[str, Any]]] = {}
+        by_key: dict[int, list[dict[str, Any]]] = {}
         for record in records:
-            if record.get("user_id") is not None and record["cost_usd"] != 0:
-                charged.setdefault(record["user_id"], []).append(record)
+            if record.get("user_id") is not None:
+                by_user.setdefault(record["user_id"], []).append(record)
+            if record.get("key_id") is not None and record["cost_usd"] != 0:
+                by_key.setdefault(record["key_id"], []).append(record)
         settled: dict[str, Settled] = {}
         ledger: list[dict[str, Any]] = []
-        for user_id, user_records in charged.items():
+        for user_id, user_records in sorted(by_user.items()):
             settled.update(await self._charge(conn, user_id, user_records, holder, ledger))
+        key_consumed: dict[str, Decimal] = {}
+        for key_id, key_records in sorted(by_key.items()):
+            key_consumed.update(await self._spend_key(conn, key_id, key_records, holder))
         if ledger:
             await conn.execute(insert(LedgerEntry), ledger)
         return [
-            settled.get(r["request_id"]) or Settled(r["request_id"], r.get("user_id"), None, ZERO)
+            replace(
+                settled.get(r["request_id"]) or Settled(r["request_id"], r.get("user_id"), None),
+                key_consumed=key_consumed.get(r["request_id"], ZERO),
+            )
             for r in records
         ]
 
@@ -536,8 +645,10 @@ class Store:
         holder: str | None,
         ledger: list[dict[str, Any]],
     ) -> dict[str, Settled]:
-        balance, reserved = await self._lock_user(conn, user_id)
-        lease = await self._lock_lease(conn, user_id, holder) if holder else None
+        """One ledger entry per request: `settle` with its cost, or `release` for a request
+        that ended without a bill (its hold just ends)."""
+        balance, reserved = await self._lock_owner(conn, USER_LEASES, user_id)
+        lease = await self._lock_lease(conn, USER_LEASES, user_id, holder) if holder else None
         leased = lease[1] if lease else ZERO
         settled: dict[str, Settled] = {}
         charged_at = now()
@@ -550,44 +661,92 @@ class Store:
             ledger.append(
                 {
                     "user_id": user_id,
-                    "kind": "charge",
-                    "amount": cost.copy_negate(),
+                    "kind": RELEASE if record["status"] == STATUS_INTERRUPTED else SETTLE,
+                    "amount": cost.copy_negate() if cost else ZERO,
+                    "reserved_change": consumed.copy_negate() if consumed else ZERO,
                     "balance_after": balance,
                     "request_id": record["request_id"],
                     "note": None,
+                    "lease_id": lease[0] if lease and consumed else None,
                     "created_at": charged_at,
                 }
             )
             settled[record["request_id"]] = Settled(
-                record["request_id"], user_id, balance, consumed
+                record["request_id"], user_id, balance if cost else None, consumed
             )
-        await conn.execute(
-            update(User).where(User.id == user_id).values(balance=balance, reserved=reserved)
-        )
+        values = {"balance": balance, "reserved": reserved}
+        await self._write_back(conn, USER_LEASES, user_id, values, lease, leased)
+        return settled
+
+    async def _spend_key(
+        self, conn: AsyncConnection, key_id: int, records: list[dict[str, Any]], holder: str | None
+    ) -> dict[str, Decimal]:
+        """Add the costs to the key's spending, out of the holder's lease on its cap first."""
+        row = (
+            await conn.execute(
+                select(ApiKey.spent_usd, ApiKey.reserved_usd)
+                .where(ApiKey.id == key_id)
+                .with_for_update()
+            )
+        ).one()
+        spent, reserved = Decimal(str(row[0])), Decimal(str(row[1]))
+        lease = await self._lock_lease(conn, KEY_LEASES, key_id, holder) if holder else None
+        leased = lease[1] if lease else ZERO
+        consumed: dict[str, Decimal] = {}
+        for record in records:
+            taken = min(record["cost_usd"], leased)
+            leased = MONEY.subtract(leased, taken)
+            reserved = MONEY.subtract(reserved, taken)
+            spent = MONEY.add(spent, record["cost_usd"])
+            consumed[record["request_id"]] = taken
+        values = {"spent_usd": spent, "reserved_usd": reserved}
+        await self._write_back(conn, KEY_LEASES, key_id, values, lease, leased)
+        return consumed
+
+    @staticmethod
+    async def _write_back(
+        conn: AsyncConnection,
+        scope: LeaseScope,
+        owner_id: int,
+        values: dict[str, Decimal],
+        lease: tuple[int, Decimal] | None,
+        leased: Decimal,
+    ) -> None:
+        """Store what settling left of an owner's row and of the settling process's lease."""
+        await conn.execute(update(scope.owner).where(scope.owner_id == owner_id).values(values))
         if lease is not None:
             await conn.execute(
-                update(BalanceLease).where(BalanceLease.id == lease[0]).values(amount=leased)
+                update(scope.lease).where(scope.lease.id == lease[0]).values(amount=leased)
             )
-        return settled
 
     @staticmethod
     async def _lock_user(conn: AsyncConnection, user_id: int) -> tuple[Decimal, Decimal]:
         """The user's balance and reserved amount, locked for this transaction."""
+        return await Store._lock_owner(conn, USER_LEASES, user_id)
+
+    @staticmethod
+    async def _lock_owner(
+        conn: AsyncConnection, scope: LeaseScope, owner_id: int
+    ) -> tuple[Decimal, Decimal]:
+        """What the owner may spend in all (a balance; a cap less what was spent) and what of
+        it is reserved, locked for this transaction."""
         row = (
             await conn.execute(
-                select(User.balance, User.reserved).where(User.id == user_id).with_for_update()
+                select(*scope.limit_columns, scope.reserved)
+                .where(scope.owner_id == owner_id)
+                .with_for_update()
             )
         ).one()
-        return Decimal(str(row[0])), Decimal(str(row[1]))
+        return scope.limit(row), Decimal(str(row[-1]))
 
     @staticmethod
     async def _lock_lease(
-        conn: AsyncConnection, user_id: int, holder: str
+        conn: AsyncConnection, scope: LeaseScope, owner_id: int, holder: str
     ) -> tuple[int, Decimal] | None:
         lease = (
             await conn.execute(
-                select(BalanceLease.id, BalanceLease.amount)
-                .where(BalanceLease.user_id == user_id, BalanceLease.holder == holder)
+                select(scope.lease.id, scope.lease.amount)
+                .where(scope.lease_owner == owner_id, scope.lease.holder == holder)
                 .with_for_update()
             )
         ).first()
@@ -596,140 +755,189 @@ class Store:
     # -- leases: admission without a database round trip per request -----------------------
 
     async def acquire_lease(
-        self, user_id: int, holder: str, needed: Decimal, wanted: Decimal
+        self,
+        owner_id: int,
+        holder: str,
+        needed: Decimal,
+        wanted: Decimal,
+        scope: LeaseScope | None = None,
     ) -> Decimal:
-        """Set part of the user's unreserved balance aside for `holder`.
+        """Set part of what the owner may still spend aside for `holder`.
 
-        Grants at least `needed` (or nothing, returning 0) and at most `wanted`, never more
-        than half of what is unreserved beyond `needed`, so other processes keep room.
+        The owner is a user (its unreserved balance) or, with `scope=KEY_LEASES`, a capped
+        key (its cap less spending and reservations). Grants at least `needed` (or nothing,
+        returning 0) and at most `wanted`, never more than half of what is free beyond
+        `needed`, so other processes keep room. A user's grant is a `hold` ledger entry.
         """
+        scope = scope or USER_LEASES
         async with self.engine.begin() as conn:
-            balance, reserved = await self._lock_user(conn, user_id)
-            available = MONEY.subtract(balance, reserved)
+            limit, reserved = await self._lock_owner(conn, scope, owner_id)
+            available = MONEY.subtract(limit, reserved)
             if available < needed or needed <= 0:
                 return ZERO
             amount = max(needed, min(wanted, MONEY.divide(available, Decimal(2))))
             await conn.execute(
-                update(User).where(User.id == user_id).values(reserved=MONEY.add(reserved, amount))
+                update(scope.owner)
+                .where(scope.owner_id == owner_id)
+                .values({scope.reserved.key: MONEY.add(reserved, amount)})
             )
-            await self._add_to_lease(conn, user_id, holder, amount)
+            lease_id = await self._add_to_lease(conn, scope, owner_id, holder, amount)
+            if scope.ledger:
+                await self._ledger(
+                    conn, owner_id, HOLD, ZERO, limit, None, f"lease of {holder}",
+                    reserved_change=amount, lease_id=lease_id,
+                )  # fmt: skip
             return amount
 
     @staticmethod
     async def _add_to_lease(
-        conn: AsyncConnection, user_id: int, holder: str, amount: Decimal
-    ) -> None:
-        current = (
-            await conn.execute(
-                select(BalanceLease.id, BalanceLease.amount).where(
-                    BalanceLease.user_id == user_id, BalanceLease.holder == holder
-                )
-            )
-        ).first()
+        conn: AsyncConnection, scope: LeaseScope, owner_id: int, holder: str, amount: Decimal
+    ) -> int:
+        current = await Store._lock_lease(conn, scope, owner_id, holder)
         if current is None:
-            await conn.execute(
-                insert(BalanceLease).values(
-                    user_id=user_id, holder=holder, amount=amount, renewed_at=now()
+            result = await conn.execute(
+                insert(scope.lease)
+                .values(
+                    {
+                        scope.lease_owner.key: owner_id,
+                        "holder": holder,
+                        "amount": amount,
+                        "renewed_at": now(),
+                    }
                 )
+                .returning(scope.lease.id)
             )
-            return
+            lease_id: int = result.scalar_one()
+            return lease_id
         await conn.execute(
-            update(BalanceLease)
-            .where(BalanceLease.id == current[0])
-            .values(amount=MONEY.add(Decimal(str(current[1])), amount), renewed_at=now())
+            update(scope.lease)
+            .where(scope.lease.id == current[0])
+            .values(amount=MONEY.add(current[1], amount), renewed_at=now())
         )
+        return current[0]
 
-    async def release_lease(self, user_id: int, holder: str, amount: Decimal) -> Decimal:
-        """Hand back up to `amount` of the holder's lease; returns what was handed back."""
+    async def release_lease(
+        self, owner_id: int, holder: str, amount: Decimal, scope: LeaseScope | None = None
+    ) -> Decimal:
+        """Hand back up to `amount` of the holder's lease; returns what was handed back.
+
+        Returning a user's lease is a `release` ledger entry.
+        """
+        scope = scope or USER_LEASES
         async with self.engine.begin() as conn:
-            _, reserved = await self._lock_user(conn, user_id)
-            lease = (
-                await conn.execute(
-                    select(BalanceLease.id, BalanceLease.amount).where(
-                        BalanceLease.user_id == user_id, BalanceLease.holder == holder
-                    )
-                )
-            ).first()
+            limit, reserved = await self._lock_owner(conn, scope, owner_id)
+            lease = await self._lock_lease(conn, scope, owner_id, holder)
             if lease is None:
                 return ZERO
-            held = Decimal(str(lease[1]))
-            returned = min(amount, held)
+            returned = min(amount, lease[1])
             await conn.execute(
-                update(User)
-                .where(User.id == user_id)
-                .values(reserved=MONEY.subtract(reserved, returned))
+                update(scope.owner)
+                .where(scope.owner_id == owner_id)
+                .values({scope.reserved.key: MONEY.subtract(reserved, returned)})
             )
-            if returned == held:
-                await conn.execute(delete(BalanceLease).where(BalanceLease.id == lease[0]))
+            if returned == lease[1]:
+                await conn.execute(delete(scope.lease).where(scope.lease.id == lease[0]))
             else:
                 await conn.execute(
-                    update(BalanceLease)
-                    .where(BalanceLease.id == lease[0])
-                    .values(amount=MONEY.subtract(held, returned))
+                    update(scope.lease)
+                    .where(scope.lease.id == lease[0])
+                    .values(amount=MONEY.subtract(lease[1], returned))
                 )
+            if scope.ledger and returned:
+                await self._ledger(
+                    conn, owner_id, RELEASE, ZERO, limit, None, f"lease of {holder}",
+                    reserved_change=returned.copy_negate(), lease_id=lease[0],
+                )  # fmt: skip
             return returned
 
-    async def renew_leases(self, holder: str) -> dict[int, Decimal]:
-        """Mark the holder's leases as alive; returns them as the database has them."""
+    async def renew_leases(self, holder: str) -> dict[tuple[str, int], Decimal]:
+        """Mark the holder's leases as alive; returns them as the database has them, by
+        (scope name, owner id)."""
+        found: dict[tuple[str, int], Decimal] = {}
         async with self.engine.begin() as conn:
-            await conn.execute(
-                update(BalanceLease).where(BalanceLease.holder == holder).values(renewed_at=now())
-            )
-            rows = (
+            for scope in SCOPES:
                 await conn.execute(
-                    select(BalanceLease.user_id, BalanceLease.amount).where(
-                        BalanceLease.holder == holder
+                    update(scope.lease).where(scope.lease.holder == holder).values(renewed_at=now())
+                )
+                rows = await conn.execute(
+                    select(scope.lease_owner, scope.lease.amount).where(
+                        scope.lease.holder == holder
                     )
                 )
-            ).all()
-        return {row[0]: Decimal(str(row[1])) for row in rows}
+                found.update({(scope.name, row[0]): Decimal(str(row[1])) for row in rows})
+        return found
 
     async def reap_leases(self, older_than: datetime) -> int:
-        """Return to their users the leases of holders that stopped renewing them."""
-        async with self._read() as conn:
-            stale = (
-                await conn.execute(
-                    select(BalanceLease.user_id, BalanceLease.holder).where(
-                        BalanceLease.renewed_at < older_than
+        """Return to their owners the leases of holders that stopped renewing them."""
+        return await self._release_where(lambda lease: lease.renewed_at < older_than)
+
+    async def release_holder(self, holder: str) -> int:
+        """Return every lease of one holder at once (a process known to be gone)."""
+        return await self._release_where(lambda lease: lease.holder == holder)
+
+    async def _release_where(self, condition: Callable[[Any], Any]) -> int:
+        """Return whole every lease of every scope that meets `condition`; how many."""
+        released = 0
+        for scope in SCOPES:
+            async with self._read() as conn:
+                rows = (
+                    await conn.execute(
+                        select(scope.lease_owner, scope.lease.holder).where(condition(scope.lease))
                     )
-                )
-            ).all()
-        for user_id, holder in stale:
-            await self.release_lease(user_id, holder, Decimal(10) ** 30)
-        return len(stale)
+                ).all()
+            for owner_id, holder in rows:
+                await self.release_lease(owner_id, holder, EVERYTHING, scope)
+            released += len(rows)
+        return released
 
     async def verify_ledger(self) -> tuple[list[str], dict[str, int]]:
-        """Prove every balance from its ledger, and every charged request has one charge.
-
-        Returns the problems found (empty when all is well) and what was checked.
-        """
+        """Prove every balance and reservation from the ledger, every request's settlement,
+        and every capped key's spending; returns the problems found and what was checked."""
         async with self._read() as conn:
-            users = (
-                await conn.execute(select(User.id, User.name, User.balance, User.reserved))
-            ).all()
-            entries = (
-                await conn.execute(
-                    select(
-                        LedgerEntry.user_id,
-                        LedgerEntry.kind,
-                        LedgerEntry.amount,
-                        LedgerEntry.request_id,
+            snapshot = Snapshot(
+                users=(
+                    await conn.execute(select(User.id, User.name, User.balance, User.reserved))
+                ).all(),
+                entries=(
+                    await conn.execute(
+                        select(
+                            LedgerEntry.user_id,
+                            LedgerEntry.kind,
+                            LedgerEntry.amount,
+                            LedgerEntry.reserved_change,
+                            LedgerEntry.request_id,
+                        )
                     )
-                )
-            ).all()
-            leases = (await conn.execute(select(BalanceLease.user_id, BalanceLease.amount))).all()
-            usage = (
-                await conn.execute(
-                    select(UsageRecord.request_id, UsageRecord.user_id, UsageRecord.cost_usd)
-                )
-            ).all()
-        problems = _ledger_problems(users, entries, leases, usage)
-        counts = {"users": len(users), "ledger entries": len(entries), "usage rows": len(usage)}
-        return problems, counts
+                ).all(),
+                leases=(
+                    await conn.execute(select(BalanceLease.user_id, BalanceLease.amount))
+                ).all(),
+                usage=(
+                    await conn.execute(
+                        select(
+                            UsageRecord.request_id,
+                            UsageRecord.user_id,
+                            UsageRecord.key_id,
+                            UsageRecord.cost_usd,
+                        )
+                    )
+                ).all(),
+                keys=(
+                    await conn.execute(select(ApiKey.id, ApiKey.spent_usd, ApiKey.reserved_usd))
+                ).all(),
+                key_leases=(await conn.execute(select(KeyLease.key_id, KeyLease.amount))).all(),
+            )
+        counts = {
+            "users": len(snapshot.users),
+            "ledger entries": len(snapshot.entries),
+            "usage rows": len(snapshot.usage),
+        }
+        return ledger_problems(snapshot), counts
 
-    async def leases(self) -> list[dict[str, Any]]:
+    async def leases(self, scope: LeaseScope | None = None) -> list[dict[str, Any]]:
+        """Every open lease of users' balances (or of `scope`)."""
         async with self._read() as conn:
-            rows = (await conn.execute(select(BalanceLease))).mappings().all()
+            rows = (await conn.execute(select((scope or USER_LEASES).lease))).mappings().all()
         return [dict(row) for row in rows]
 
     @staticmethod
@@ -741,6 +949,9 @@ class Store:
         balance_after: Decimal,
         request_id: str | None,
         note: str | None,
+        *,
+        reserved_change: Decimal = ZERO,
+        lease_id: int | None = None,
     ) -> None:
         await conn.execute(
             insert(LedgerEntry).values(
@@ -750,6 +961,8 @@ class Store:
                 balance_after=balance_after,
                 request_id=request_id,
                 note=note,
+                reserved_change=reserved_change,
+                lease_id=lease_id,
                 created_at=now(),
             )
         )
@@ -844,44 +1057,6 @@ class Store:
         async with self._read() as conn:
             value = await conn.scalar(select(func.count()).select_from(UsageRecord))
         return int(value or 0)
-
-
-def _ledger_problems(
-    users: Sequence[Row[int, str, Decimal, Decimal]],
-    entries: Sequence[Row[int, str, Decimal, str | None]],
-    leases: Sequence[Row[int, Decimal]],
-    usage: Sequence[Row[str, int | None, Decimal]],
-) -> list[str]:
-    problems: list[str] = []
-    ledger_sum: dict[int, Decimal] = {}
-    charges: dict[str, list[Decimal]] = {}
-    for user_id, kind, amount, request_id in entries:
-        ledger_sum[user_id] = MONEY.add(ledger_sum.get(user_id, ZERO), Decimal(str(amount)))
-        if kind == "charge" and request_id is not None:
-            charges.setdefault(request_id, []).append(Decimal(str(amount)))
-    leased: dict[int, Decimal] = {}
-    for user_id, amount in leases:
-        leased[user_id] = MONEY.add(leased.get(user_id, ZERO), Decimal(str(amount)))
-    for user_id, name, balance, reserved in users:
-        if Decimal(str(balance)) != ledger_sum.get(user_id, ZERO):
-            problems.append(
-                f"user {name}: balance {balance} but its ledger adds up to "
-                f"{ledger_sum.get(user_id, ZERO)}"
-            )
-        if Decimal(str(reserved)) != leased.get(user_id, ZERO) or Decimal(str(reserved)) < 0:
-            problems.append(
-                f"user {name}: reserved {reserved} but its leases add up to "
-                f"{leased.get(user_id, ZERO)}"
-            )
-    for request_id, owner, cost in usage:
-        found = charges.pop(request_id, [])
-        expected = [Decimal(str(cost)).copy_negate()] if owner is not None and cost else []
-        if found != expected:
-            problems.append(
-                f"request {request_id}: costs {cost} but has charges {[str(c) for c in found]}"
-            )
-    problems.extend(f"charge for request {rid} has no usage row" for rid in charges)
-    return problems
 
 
 async def _require_user(conn: AsyncConnection, name: str) -> None:

@@ -18,6 +18,13 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from codex_gateway.store.types import Money, UTCDateTime
 
+# Ledger kinds that gateway processes write; operators write topup, refund and adjustment.
+HOLD = "hold"
+RELEASE = "release"
+SETTLE = "settle"
+# The status of a usage row for a request whose process died before its usage was recorded.
+STATUS_INTERRUPTED = "interrupted"
+
 
 class Base(DeclarativeBase):
     pass
@@ -43,7 +50,16 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
-class BalanceLease(Base):
+class _Lease:
+    """The columns every kind of lease has: which process holds how much, renewed when."""
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    holder: Mapped[str] = mapped_column(String(100), nullable=False, index=True)
+    amount: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    renewed_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class BalanceLease(_Lease, Base):
     """A slice of a user's balance that one gateway process may spend without asking again.
 
     Admission is checked against the lease in the process's memory; only taking a new slice
@@ -53,11 +69,7 @@ class BalanceLease(Base):
     __tablename__ = "balance_leases"
     __table_args__ = (UniqueConstraint("user_id", "holder"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), nullable=False)
-    holder: Mapped[str] = mapped_column(String(100), nullable=False, index=True)
-    amount: Mapped[Decimal] = mapped_column(Money, nullable=False)
-    renewed_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
 class ApiKey(Base):
@@ -70,6 +82,25 @@ class ApiKey(Base):
     name: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Limits: spent plus what processes set aside (key_leases) never exceeds the cap.
+    cap_usd: Mapped[Decimal | None] = mapped_column(Money)
+    spent_usd: Mapped[Decimal] = mapped_column(Money, nullable=False, default=Decimal(0))
+    reserved_usd: Mapped[Decimal] = mapped_column(Money, nullable=False, default=Decimal(0))
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    models: Mapped[str | None] = mapped_column(Text)  # JSON list of allowed models, or NULL
+
+
+class KeyLease(_Lease, Base):
+    """A slice of a capped key's remaining cap that one gateway process may spend locally.
+
+    The same idea as BalanceLease, one level down: a request of a capped key is admitted
+    against both its user's lease and its key's lease.
+    """
+
+    __tablename__ = "key_leases"
+    __table_args__ = (UniqueConstraint("key_id", "holder"),)
+
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), nullable=False)
 
 
 class UpstreamAccount(Base):
@@ -114,9 +145,14 @@ class ModelPricing(Base):
 
 
 class LedgerEntry(Base):
-    """Every change to a balance: a top-up, a request's charge, a refund, an adjustment.
+    """Every change to a balance or to what is reserved of it.
 
-    Entries are only ever added; a mistake is corrected by another entry, never by an edit.
+    `amount` moves the balance and `reserved_change` the reserved part, so both can be
+    recomputed from the ledger. Kinds: `topup`, `refund`, `adjustment` (operator actions);
+    `hold` and `release` (a lease granted or returned, naming the lease; a `release` with a
+    request id is a request that ended without a bill, such as one cut by a crash); `settle`
+    (a request's cost, one per request id). Entries are only ever added; a mistake is
+    corrected by another entry, never by an edit.
     """
 
     __tablename__ = "ledger_entries"
@@ -132,6 +168,8 @@ class LedgerEntry(Base):
     # Corrections (refunds, adjustments) name the operator, and a refund the request it undoes.
     operator: Mapped[str | None] = mapped_column(String(200))
     refers_to: Mapped[str | None] = mapped_column(String(64), index=True)
+    reserved_change: Mapped[Decimal] = mapped_column(Money, nullable=False, default=Decimal(0))
+    lease_id: Mapped[int | None] = mapped_column(Integer)
 
 
 class UsageRecord(Base):

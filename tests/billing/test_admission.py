@@ -15,6 +15,7 @@ from codex_gateway.billing.admission import (
     INPUT_ALLOWANCE_TOKENS,
     LEASE_REQUESTS,
     Admission,
+    Hold,
     estimate_hold,
 )
 from codex_gateway.billing.pricing import Price
@@ -112,7 +113,7 @@ async def test_settling_takes_the_cost_out_of_the_lease_and_close_returns_the_re
     settler = Settler(store, gate.holder, gate.settled)
     settler.start()
     row = usage_row(user_id)
-    settler.submit(row, hold)
+    settler.submit(row, Hold(hold))
     await settler.drain()
 
     cost = Decimal("0.114295")
@@ -153,7 +154,7 @@ async def test_an_idle_lease_is_handed_back(store: Store) -> None:
     _, user_id = await new_user(store, "1")
     gate = admission(store)
     await gate.admit(user_id, EST)
-    gate.settled(user_id, EST, Decimal(0))
+    gate.settled({"user_id": user_id}, Hold(EST), None)
     await gate._maintain_once()
     assert await store.leases() == []
 

@@ -17,8 +17,12 @@ SEED_COST = Decimal("0.114295")
 
 async def test_a_burst_of_rows_is_written_and_debited_exactly(store: Store) -> None:
     name, user_id = await new_user(store, "10")
-    seen: list[tuple[int, Decimal, Decimal]] = []
-    settler = Settler(store, None, lambda *settled: seen.append(settled))
+    seen: list[tuple[str, Decimal | None]] = []
+    settler = Settler(
+        store,
+        None,
+        lambda row, _hold, result: seen.append((row["request_id"], result and result.consumed)),
+    )
     settler.start()
     rows = [usage_row(user_id) for _ in range(25)]
     for row in rows:
@@ -28,9 +32,9 @@ async def test_a_burst_of_rows_is_written_and_debited_exactly(store: Store) -> N
     for row in rows:
         assert await store.usage(row["request_id"]) is not None
     expected = Decimal("10") - 25 * SEED_COST
-    assert seen == [(user_id, Decimal(0), Decimal(0))] * 25
+    assert seen == [(row["request_id"], Decimal(0)) for row in rows]
     assert (await store.balances())[user_id] == expected
-    charges = [e for e in await store.ledger(name) if e["kind"] == "charge"]
+    charges = [e for e in await store.ledger(name) if e["kind"] == "settle"]
     assert len(charges) == 25
 
 

@@ -176,7 +176,7 @@ async def test_settle_writes_the_row_and_debits_the_cost_exactly(store: Store) -
     assert stored["user"] == name
 
 
-async def test_settle_adds_one_charge_to_the_ledger(store: Store) -> None:
+async def test_settle_adds_one_settle_entry_to_the_ledger(store: Store) -> None:
     name, user_id = await new_user(store, "1")
     row = usage_row(user_id)
 
@@ -184,7 +184,7 @@ async def test_settle_adds_one_charge_to_the_ledger(store: Store) -> None:
 
     charge = (await store.ledger(name))[-1]
     assert (charge["kind"], charge["amount"], charge["balance_after"], charge["request_id"]) == (
-        "charge",
+        "settle",
         Decimal("-0.114295"),
         Decimal("0.885705"),
         row["request_id"],
@@ -204,7 +204,7 @@ async def test_settling_the_same_request_twice_changes_nothing_the_second_time(
     assert again is None
     assert await dump(engine) == before
     assert (await user_named(store, name))["balance"] == Decimal("0.885705")
-    assert [entry["kind"] for entry in await store.ledger(name)] == ["topup", "charge"]
+    assert [entry["kind"] for entry in await store.ledger(name)] == ["topup", "settle"]
 
 
 async def test_settle_without_a_user_writes_the_row_and_debits_no_one(store: Store) -> None:
@@ -217,7 +217,7 @@ async def test_settle_without_a_user_writes_the_row_and_debits_no_one(store: Sto
     assert (await store.usage(row["request_id"]) or {})["cost_usd"] == Decimal("0.114295")
 
 
-async def test_settle_of_a_request_without_usage_charges_nothing_and_touches_no_balance(
+async def test_settle_of_a_request_without_usage_charges_nothing_and_settles_for_zero(
     store: Store,
 ) -> None:
     name, user_id = await new_user(store, "2")
@@ -235,7 +235,13 @@ async def test_settle_of_a_request_without_usage_charges_nothing_and_touches_no_
         Decimal("0"),
         '["usage_missing"]',
     )
-    assert await store.ledger(name) == ledger_before
+    (*earlier, settlement) = await store.ledger(name)
+    assert earlier == ledger_before
+    assert (settlement["kind"], settlement["amount"], settlement["request_id"]) == (
+        "settle",
+        Decimal("0"),
+        row["request_id"],
+    )
 
 
 async def test_settle_keeps_the_smallest_costs_exact(store: Store) -> None:
