@@ -94,8 +94,12 @@ class Gateway:
         self._tasks = [
             asyncio.create_task(self.catalog.poll(self.settings.catalog_refresh_seconds)),
             asyncio.create_task(self.admission.maintain(self.settings.lease_renew_seconds)),
-            asyncio.create_task(self._sweep_journals(self.settings.lease_renew_seconds)),
+            asyncio.create_task(self._sweep(self.settings.lease_renew_seconds)),
         ]
+
+    async def _settle_spooled(self, row: dict[str, Any]) -> None:
+        """A row this process spooled, its cost taken from this process's lease."""
+        await self.store.settle(row, self.admission.holder)
 
     async def recover_journals(self) -> None:
         """Settle or release the holds of gateway processes that died with holds open."""
@@ -103,13 +107,16 @@ class Gateway:
         if recovered.journals:
             self.metrics.recovered(len(recovered.settled), len(recovered.released))
 
-    async def _sweep_journals(self, interval: float) -> None:
+    async def _sweep(self, interval: float) -> None:
+        """Replay the spool once the database takes rows again, and recover dead processes'
+        journals; whatever fails stays on disk for the next round."""
         while True:
             await asyncio.sleep(interval)
             try:
+                await self.spool.replay(self._settle_spooled)
                 await self.recover_journals()
-            except Exception:  # kept on disk; the next sweep tries again
-                log.warning("recovering a hold journal failed", exc_info=True)
+            except Exception:
+                log.warning("replaying the spool or a hold journal failed", exc_info=True)
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from codex_gateway.billing.pricing import MILLION, MONEY, ZERO, Price, plain
 from codex_gateway.errors import InsufficientQuota, StorageUnavailable
 from codex_gateway.store.queries import (
+    EVERYTHING,
     KEY_LEASES,
     USER_LEASES,
     KeyRecord,
@@ -152,9 +153,9 @@ class _Leases:
 
     async def close(self) -> None:
         for owner_id, lease in self.leases.items():
-            if lease.leased > 0:
-                await self._store.release_lease(owner_id, self._holder, lease.leased, self.scope)
-                lease.leased = ZERO
+            # Everything stored: a spooled row's share is replayed by the next start, not here.
+            await self._store.release_lease(owner_id, self._holder, EVERYTHING, self.scope)
+            lease.leased = ZERO
 
 
 def _take(lease: _Lease, estimate: Decimal) -> bool:
@@ -210,11 +211,16 @@ class Admission:
 
     def settled(self, row: dict[str, Any], hold: Hold, result: Settled | None) -> None:
         """A held request was written (`result`) or spooled (None): its holds end, and what
-        settling took of its cost left the leases."""
+        settling took of its cost left the leases.
+
+        A spooled row's cost is taken off the leases in memory at once, and off the stored
+        lease when this process replays the spool, so the lease never admits that money again.
+        """
+        cost: Decimal = row["cost_usd"]
         if row.get("user_id") is not None:
-            self._users.settled(row["user_id"], hold.user, result.consumed if result else ZERO)
+            self._users.settled(row["user_id"], hold.user, result.consumed if result else cost)
         if row.get("key_id") is not None and hold.key > 0:
-            self._keys.settled(row["key_id"], hold.key, result.key_consumed if result else ZERO)
+            self._keys.settled(row["key_id"], hold.key, result.key_consumed if result else cost)
 
     async def maintain(self, interval: float) -> None:
         """Renew this process's leases, hand back idle ones, return dead processes' leases."""

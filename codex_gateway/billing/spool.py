@@ -47,10 +47,11 @@ class Spool:
         )
 
     def rows(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
+        return self._parse(self.path.read_bytes()) if self.path.exists() else []
+
+    def _parse(self, data: bytes) -> list[dict[str, Any]]:
         rows = []
-        for number, line in enumerate(self.path.read_bytes().splitlines(), start=1):
+        for number, line in enumerate(data.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -64,8 +65,12 @@ class Spool:
         """Settle every spooled row; rows the database still refuses stay in the file.
 
         Returns how many were settled. One bad row never keeps the gateway from starting.
+        Rows this process appends while the replay waits on the database are kept.
         """
-        rows = self.rows()
+        if not self.path.exists():
+            return 0
+        read = self.path.read_bytes()
+        rows = self._parse(read)
         if not rows:
             return 0
         kept = []
@@ -80,19 +85,19 @@ class Spool:
                     extra={"request_id": row.get("request_id")},
                 )
                 kept.append(row)
-        self._rewrite(kept)
+        self._rewrite(kept, self.path.read_bytes()[len(read) :])
         log.info("replayed %d spooled usage row(s) from %s", len(rows) - len(kept), self.path)
         return len(rows) - len(kept)
 
-    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
-        """Replace the file with `rows` in one rename, so a crash leaves the old or the new."""
-        if not rows:
+    def _rewrite(self, rows: list[dict[str, Any]], appended: bytes) -> None:
+        """Replace the file with `rows` and the lines `appended` since it was read, in one
+        rename, so a crash leaves the old or the new."""
+        if not rows and not appended:
             self.path.unlink()
             return
         partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_bytes(
-            b"".join(orjson.dumps(row, default=encode_value) + b"\n" for row in rows)
-        )
+        kept = b"".join(orjson.dumps(row, default=encode_value) + b"\n" for row in rows)
+        partial.write_bytes(kept + appended)
         os.replace(partial, self.path)
 
 

@@ -154,7 +154,7 @@ async def test_an_idle_lease_is_handed_back(store: Store) -> None:
     _, user_id = await new_user(store, "1")
     gate = admission(store)
     await gate.admit(user_id, EST)
-    gate.settled({"user_id": user_id}, Hold(EST), None)
+    gate.settled({"user_id": user_id, "cost_usd": Decimal(0)}, Hold(EST), None)
     await gate._maintain_once()
     assert await store.leases() == []
 

@@ -4,50 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from decimal import Decimal
 
 import httpx
-import pytest
 
-from tests.conftest import (
-    Gateway,
-    Sandbox,
-    add_sandbox_account,
-    free_port,
-    make_gateway,
-    spawn,
-    wait_http,
-)
+from tests.conftest import Gateway
 
 BODY = b'{"model":"gpt-5.1-codex","input":"hi","stream":true}'
 # The most BODY can cost: (body bytes + 1000) input tokens and 32768 output tokens.
 LARGEST = (Decimal(len(BODY) + 1000) * Decimal("1.25") + 32768 * 10) / 10**6
 COST = Decimal("0.114295")
-
-
-@pytest.fixture(scope="module")
-def two_gateways(
-    sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Gateway, str]]:
-    """Two gateway processes on one PostgreSQL database; yields it and the second URL."""
-    gateway = make_gateway("postgresql", tmp_path_factory)
-    add_sandbox_account(gateway, sandbox)
-    gateway.start()
-    port = free_port()
-    second = spawn(
-        ["serve", "--port", str(port), "--log-level", "INFO"],
-        gateway.env,
-        gateway.workdir / "second.log",
-    )
-    gateway.extra_procs.append(second)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url + "/healthz")
-        yield gateway, url
-    finally:
-        gateway.stop()
-        gateway.drop_database()
 
 
 async def stream(client: httpx.AsyncClient, url: str, key: str) -> tuple[int, float, float]:

@@ -1,0 +1,157 @@
+"""The hold journal: what a process writes, and how another recovers it once it is gone.
+
+A journal whose lock is free stands for a process that was killed; one still locked, for a
+process that is alive.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from decimal import Decimal
+from pathlib import Path
+
+from codex_gateway.billing.admission import Admission, Hold
+from codex_gateway.billing.journal import HoldJournal, read_journal, recover, segments
+from codex_gateway.store.queries import Store
+from tests.store.test_queries import new_user, usage_row, user_named
+
+EST = Decimal("0.3")
+
+
+def known(row: dict[str, object]) -> dict[str, object]:
+    """What the relay journals of a request when it places the hold."""
+    fields = ("request_id", "started_at", "user_id", "key_id", "endpoint", "model", "stream")
+    return {name: row[name] for name in fields}
+
+
+async def crashed_process(
+    store: Store, directory: Path, user_id: int, captured: int, open_only: int, done: int
+) -> tuple[Admission, list[str], list[str]]:
+    """A process that placed holds, then died: some usage journaled, some holds bare, some
+    settled. Returns its admission and the request ids it left with usage and without."""
+    gate = Admission(store, lease_ttl=60, idle_seconds=60)
+    journal = HoldJournal(directory, gate.holder)
+    journal.start()
+    with_usage, bare = [], []
+    for index in range(captured + open_only + done):
+        row = usage_row(user_id)
+        await gate.admit(user_id, EST)
+        journal.opened(row["request_id"], Hold(EST), known(row))
+        if index < captured + done:
+            journal.captured(row)
+        if index < captured:
+            with_usage.append(row["request_id"])
+        elif index < captured + done:
+            await store.settle(row, gate.holder)
+            journal.settled(row["request_id"])
+        else:
+            bare.append(row["request_id"])
+    journal.close()  # the lock goes with the process; the files stay (holds are open)
+    return gate, with_usage, bare
+
+
+async def test_a_dead_process_holds_are_settled_from_usage_or_released(
+    store: Store, tmp_path: Path
+) -> None:
+    name, user_id = await new_user(store, "10")
+    _, with_usage, bare = await crashed_process(store, tmp_path, user_id, 3, 2, 4)
+
+    done = await recover(tmp_path, store)
+
+    assert (done.journals, sorted(done.settled), sorted(done.released)) == (
+        1,
+        sorted(with_usage),
+        sorted(bare),
+    )
+    for request_id in with_usage:
+        assert (await store.usage(request_id) or {})["cost_usd"] == Decimal("0.114295")
+    for request_id in bare:
+        row = await store.usage(request_id) or {}
+        assert (row["status"], row["cost_usd"], row["flags"]) == (
+            "interrupted",
+            Decimal(0),
+            '["interrupted"]',
+        )
+    user = await user_named(store, name)
+    assert user["balance"] == Decimal("10") - 7 * Decimal("0.114295")
+    assert user["reserved"] == 0
+    assert await store.leases() == []
+    assert list(tmp_path.iterdir()) == []
+    problems, _ = await store.verify_ledger()
+    assert problems == []
+    kinds = [entry["kind"] for entry in await store.ledger(name)]
+    # the top-up, one lease granted, 7 requests settled, 2 released, the lease returned
+    assert kinds == ["topup", "hold", *["settle"] * 7, *["release"] * 3]
+
+
+async def test_recovering_again_after_a_partial_recovery_charges_nothing_twice(
+    store: Store, tmp_path: Path
+) -> None:
+    name, user_id = await new_user(store, "10")
+    gate, with_usage, _ = await crashed_process(store, tmp_path, user_id, 2, 1, 0)
+    # A recovery that died after settling one row, before it removed the journal.
+    journaled = read_journal(sorted(tmp_path.glob("*.jsonl")))
+    (first,) = [hold for hold in journaled if hold.request_id == with_usage[0]]
+    assert first.usage is not None
+    await store.settle(first.usage, gate.holder)
+
+    await recover(tmp_path, store)
+
+    user = await user_named(store, name)
+    assert user["balance"] == Decimal("10") - 2 * Decimal("0.114295")
+    assert (await store.verify_ledger())[0] == []
+
+
+async def test_a_live_process_journal_is_left_alone(store: Store, tmp_path: Path) -> None:
+    _, user_id = await new_user(store, "10")
+    journal = HoldJournal(tmp_path, "host:1:live")
+    journal.start()
+    row = usage_row(user_id)
+    journal.opened(row["request_id"], Hold(EST), known(row))
+
+    done = await recover(tmp_path, store)
+
+    assert done.journals == 0
+    assert await store.usage(row["request_id"]) is None
+    journal.settled(row["request_id"])
+    journal.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_segment_starts_over_with_only_the_holds_still_open(tmp_path: Path) -> None:
+    journal = HoldJournal(tmp_path, "host:2:rotate", segment_bytes=2_000)
+    journal.start()
+    rows = [usage_row(1) for _ in range(40)]
+    for number, row in enumerate(rows):
+        journal.opened(row["request_id"], Hold(EST), known(row))
+        if number != 7:
+            journal.settled(row["request_id"])
+
+    (segment,) = segments(tmp_path, "host_2_rotate")
+    assert segment.name != "host_2_rotate.1.jsonl"
+    assert [hold.request_id for hold in read_journal([segment])] == [rows[7]["request_id"]]
+    lock = os.open(tmp_path / "host_2_rotate.lock", os.O_RDWR)
+    try:
+        # the live process keeps its journal locked
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            raise AssertionError("the journal of a live process was not locked")
+        except BlockingIOError:
+            pass
+    finally:
+        os.close(lock)
+    journal.close()
+
+
+def test_a_line_cut_off_by_a_crash_is_skipped(tmp_path: Path) -> None:
+    journal = HoldJournal(tmp_path, "host:3:cut")
+    journal.start()
+    row = usage_row(1)
+    journal.opened(row["request_id"], Hold(EST), known(row))
+    journal.close()
+    (segment,) = segments(tmp_path, "host_3_cut")
+    with segment.open("ab") as handle:
+        handle.write(b'{"e":"open","id":"req_b","ho')
+
+    assert [hold.request_id for hold in read_journal([segment])] == [row["request_id"]]
