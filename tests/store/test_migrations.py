@@ -1,12 +1,16 @@
-"""Migration 0004 adds the ChatGPT account columns and takes them away again, on both backends."""
+"""Migrations on both backends: 0004 adds the ChatGPT account columns and takes them away
+again; 0007 opens the books of reservations so an older database still verifies."""
 
 from __future__ import annotations
+
+from decimal import Decimal
 
 from alembic import command
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 
 from codex_gateway.store.db import alembic_config, create_engine, migrate
+from codex_gateway.store.queries import Store
 
 CHATGPT_COLUMNS = {
     "chatgpt_account_id",
@@ -45,3 +49,60 @@ async def test_0004_upgrades_and_downgrades_cleanly(database_url: str) -> None:
             assert await conn.run_sync(_columns) >= CHATGPT_COLUMNS
     finally:
         await engine.dispose()
+
+
+# What a database held before 0007: a user with a lease, a charged request and a free one.
+BEFORE_0007 = [
+    "INSERT INTO users (id, name, balance, reserved, created_at)"
+    " VALUES (1, 'alice', '0.9', '0.4', '2026-12-01 00:00:00')",
+    "INSERT INTO api_keys (id, user_id, key_hash, display, created_at)"
+    " VALUES (1, 1, 'h', 'sk-cg-...abcd', '2026-12-01 00:00:00')",
+    "INSERT INTO balance_leases (user_id, holder, amount, renewed_at)"
+    " VALUES (1, 'host:1:a', '0.4', '2026-12-01 00:00:00')",
+    "INSERT INTO ledger_entries (user_id, kind, amount, balance_after, created_at)"
+    " VALUES (1, 'topup', '1', '1', '2026-12-01 00:00:00')",
+    "INSERT INTO ledger_entries (user_id, kind, amount, balance_after, request_id, created_at)"
+    " VALUES (1, 'charge', '-0.1', '0.9', 'req_1', '2026-12-01 00:00:00')",
+    *(
+        "INSERT INTO usage_records (request_id, started_at, user_id, key_id, endpoint, model,"
+        " stream, status, http_status, input_tokens, cached_tokens, uncached_input_tokens,"
+        " output_tokens, reasoning_tokens, cost_uncached_input, cost_cached_input, cost_output,"
+        " cost_before_markup, cost_usd, flags, duration_ms, client_bytes)"
+        f" VALUES ('{request_id}', '2026-12-01 00:00:00', 1, 1, 'responses', 'm', false,"
+        f" 'completed', 200, 0, 0, 0, 0, 0, '0', '0', '{cost}', '{cost}', '{cost}', '[]', 1, 0)"
+        for request_id, cost in (("req_1", "0.1"), ("req_2", "0"))
+    ),
+]
+
+
+def _fill_at_0006(connection: Connection) -> None:
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    command.upgrade(config, "0006")
+    for statement in BEFORE_0007:
+        connection.exec_driver_sql(statement)
+
+
+async def test_0007_keeps_existing_books_verifiable(empty_database_url: str) -> None:
+    engine = create_engine(empty_database_url)
+    try:
+        async with engine.connect() as conn:
+            await conn.run_sync(_fill_at_0006)
+            await conn.commit()
+        await migrate(engine)
+        store = Store(engine)
+
+        problems, _ = await store.verify_ledger()
+        ledger = await store.ledger("alice")
+        keys = await store.list_keys()
+    finally:
+        await engine.dispose()
+    assert problems == []
+    assert [(e["kind"], e["request_id"]) for e in ledger] == [
+        ("topup", None),
+        ("settle", "req_1"),
+        ("hold", None),
+        ("settle", "req_2"),
+    ]
+    assert ledger[2]["reserved_change"] == Decimal("0.4")
+    assert (keys[0]["spent"], keys[0]["held"], keys[0]["cap"]) == (Decimal("0.1"), 0, None)
