@@ -1,10 +1,11 @@
-"""POST /v1/responses: admit, relay to an upstream account, and settle the bill.
+"""POST /v1/responses and /v1/responses/compact: admit, relay to an account, settle the bill.
 
 The router picks the account and fails over until the first byte; from then on the
 upstream's stream is forwarded chunk by chunk as it arrives, and the scanner only watches it
 for the terminal event. A stream that fails or ends early gets an `error` event, never a
-silent end. Exactly one usage row is written per request, after the client has the last byte
-(or has gone).
+silent end. A client that did not ask for a stream, served by a backend that always streams
+(ChatGPT), gets the final response assembled from it. Exactly one usage row is written per
+request, after the client has the last byte (or has gone).
 """
 
 from __future__ import annotations

@@ -3,7 +3,11 @@
 Which transcript plays is chosen by the `x-sandbox-transcript` header, else by a path segment
 (`/sandbox/responses-cached/v1/responses`), else `responses-text`. The scenario
 `tool-conversation` answers with a tool call, and with text once the input carries the tool's
-output, the way a two-turn Codex exchange goes. Streams are sent one event per write; a
+output, the way a two-turn Codex exchange goes; an input that ends with Codex's
+`compaction_trigger` gets `responses-compaction` (one `compaction` item), and
+`POST .../v1/responses/compact` gets `responses-compact.json`. Besides the shared fixtures,
+`chatgpt-usage-limit-event.sse` is the Codex backend's usage wall inside a stream (a nested
+`error` event after `response.created`). Streams are sent one event per write; a
 non-streaming request gets the final response object. When recording is on (the standalone
 `codex-gateway sandbox`), the last requests it received can be read back at
 GET /sandbox/requests, which tests use to check what reached the upstream; a gateway serving
