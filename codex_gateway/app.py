@@ -16,15 +16,20 @@ from codex_gateway.billing.journal import HoldJournal, recover
 from codex_gateway.billing.settlement import Outcome, bill
 from codex_gateway.billing.settler import Settler
 from codex_gateway.billing.spool import Spool
-from codex_gateway.catalog import Catalog
+from codex_gateway.catalog import RELAYED_KINDS, Catalog
 from codex_gateway.config import Settings
 from codex_gateway.metrics import Metrics
 from codex_gateway.readiness import Readiness
+from codex_gateway.relay.chatgpt import SessionIds
 from codex_gateway.relay.estimate import TokenCounter
+from codex_gateway.store.credentials import KIND_CHATGPT, CredentialStore
 from codex_gateway.store.db import create_engine, migrate, schema_state
 from codex_gateway.store.queries import Settled, Store
+from codex_gateway.upstream.chatgpt_auth import TokenCipher, TokenRefresher, load_cipher
 from codex_gateway.upstream.client import UpstreamClient
+from codex_gateway.upstream.kinds import ChatGPTKind, account_kinds
 from codex_gateway.upstream.pool import AccountPool
+from codex_gateway.upstream.quota import QuotaBook
 from codex_gateway.upstream.router import Router
 from codex_gateway.upstream.stickiness import build_stickiness
 from codex_gateway.version import build_info
@@ -42,7 +47,10 @@ class Gateway:
         self.version = self.build.version
         self.engine = create_engine(settings.database_url)
         self.store = Store(self.engine)
-        self.catalog = Catalog(self.store)
+        self.cipher = _cipher(settings)
+        self.catalog = Catalog(
+            self.store, RELAYED_KINDS if self.cipher else RELAYED_KINDS - {KIND_CHATGPT}
+        )
         self.admission = Admission(
             self.store,
             lease_ttl=settings.lease_ttl_seconds,
@@ -57,6 +65,15 @@ class Gateway:
             self.store, self.catalog.usable_accounts, lambda: self.catalog.revision
         )
         self.metrics = Metrics()
+        credentials = CredentialStore(self.engine)
+        # Hands out ChatGPT access tokens from memory, refreshing them when due or after a
+        # 401; None when no secret key opens the stored tokens.
+        self.refresher = (
+            TokenRefresher(credentials, self.cipher, self.client, settings.chatgpt_token_url)
+            if self.cipher
+            else None
+        )
+        self.quotas = QuotaBook(self.pool, credentials)
         self.router = Router(
             self.client,
             self.pool,
@@ -65,6 +82,8 @@ class Gateway:
             ),
             settings,
             self.metrics,
+            account_kinds(self._chatgpt_kind()),
+            self.quotas,
         )
         self.tokens = TokenCounter()
         self.sandbox = sandbox
@@ -80,6 +99,11 @@ class Gateway:
         self.forced = False
         self._tasks: list[asyncio.Task[None]] = []
 
+    def _chatgpt_kind(self) -> ChatGPTKind | None:
+        if self.cipher is None or self.refresher is None:
+            return None
+        return ChatGPTKind(self.refresher, SessionIds(self.cipher.session_key))
+
     async def start(self) -> None:
         if await schema_state(self.engine) == "ahead":
             log.warning("the database was migrated by a newer version; serving it as it is")
@@ -89,6 +113,11 @@ class Gateway:
         self.journal.start()
         await self.recover_journals()
         await self.catalog.refresh()
+        if self.cipher is None and any(a.kind == KIND_CHATGPT for a in self.catalog.accounts):
+            log.warning(
+                "ChatGPT accounts stay out of rotation: no secret key to open their tokens "
+                "(set CODEX_GATEWAY_SECRET_KEY or CODEX_GATEWAY_SECRET_KEY_FILE)"
+            )
         await asyncio.to_thread(self.tokens.load)
         self.settler.start()
         self._tasks = [
@@ -126,6 +155,7 @@ class Gateway:
         self.journal.close()
         await self.admission.close()
         await self.pool.drain()
+        await self.quotas.drain()
         await self.router.stickiness.close()
         await self.readiness.close()
         await self.client.close()
@@ -177,3 +207,13 @@ class Gateway:
     def _spool(self, row: dict[str, Any]) -> None:
         self.spool.append(row)
         self.metrics.spooled.inc()
+
+
+def _cipher(settings: Settings) -> TokenCipher | None:
+    """The cipher for ChatGPT tokens, or None without a secret key (such accounts then rest).
+
+    A key that is set but unusable (an unreadable key file) is refused at start.
+    """
+    if not settings.secret_key and not settings.secret_key_file:
+        return None
+    return load_cipher(settings)

@@ -22,12 +22,14 @@ log = logging.getLogger(__name__)
 # Hashes of keys that matched nothing, so a flood of bad keys costs no database round trips.
 # A key created later is new random text, so it can never be in this set.
 MAX_UNKNOWN_KEYS = 10_000
-RELAYED_KINDS = frozenset({"openai"})
+# Account kinds the relay can send to; a gateway without a secret key leaves out `chatgpt`.
+RELAYED_KINDS = frozenset({"openai", "chatgpt"})
 
 
 class Catalog:
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, kinds: frozenset[str] = RELAYED_KINDS):
         self._store = store
+        self._kinds = kinds
         self.revision = -1
         self.keys: dict[str, KeyRecord] = {}
         self.prices = PriceTable()
@@ -75,8 +77,7 @@ class Catalog:
         return found
 
     def usable_accounts(self) -> list[AccountRecord]:
-        # ChatGPT accounts need their own backend shaping, which this relay does not do yet
-        return [a for a in self.accounts if a.enabled and a.kind in RELAYED_KINDS]
+        return [a for a in self.accounts if a.enabled and a.kind in self._kinds]
 
     def account_name(self, account_id: int | None) -> str | None:
         return next((a.name for a in self.accounts if a.id == account_id), None)

@@ -175,6 +175,7 @@ class TokenRefreshError(UpstreamError):
 
     status = 502
     code = "upstream_token_refresh_failed"
+    kind = "token_refresh"
 
     def __init__(self, message: str, *, permanent: bool, reason: str | None = None):
         super().__init__(message)

@@ -13,12 +13,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from click.testing import CliRunner
 
@@ -214,15 +215,34 @@ def _drop_pg_database(name: str) -> None:
 
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    yield from run_sandbox(tmp_path_factory.mktemp("sandbox"))
+
+
+def run_sandbox(log_dir: Path) -> Iterator[Sandbox]:
+    """A recording sandbox upstream process, stopped when the generator is closed."""
     port = free_port()
-    log = tmp_path_factory.mktemp("sandbox") / "sandbox.log"
-    proc = spawn(["sandbox", "--port", str(port)], dict(os.environ), log)
+    proc = spawn(["sandbox", "--port", str(port)], dict(os.environ), log_dir / "sandbox.log")
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/sandbox/requests")
         yield Sandbox(url, proc)
     finally:
         proc.stop()
+
+
+@pytest.fixture
+def sdk(gateway: Gateway) -> Iterator[Callable[[str], openai.OpenAI]]:
+    """Make SDK clients for a key; every client is closed after the test."""
+    clients: list[openai.OpenAI] = []
+
+    def make(key: str) -> openai.OpenAI:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
 
 
 def add_sandbox_account(

@@ -113,14 +113,28 @@ def codex_home(tmp_path: Path) -> Path:
     return home
 
 
-def codex_args(base_url: str) -> list[str]:
+# How Codex authenticates to the gateway: the key from an environment variable (what the
+# README shows), or from a command, which also makes Codex ask for its model catalog.
+ENV_KEY_AUTH = 'env_key="GW_API_KEY"'
+COMMAND_AUTH = 'auth={command="printenv", args=["GW_API_KEY"]}'
+
+
+def codex_args(
+    base_url: str,
+    *,
+    provider_name: str = "gw",
+    auth: str = ENV_KEY_AUTH,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    """`codex exec` arguments; a provider named "OpenAI" gets Codex's remote compaction."""
     provider = (
-        'model_providers.gw={name="gw", '
-        f'base_url="{base_url}", env_key="GW_API_KEY", wire_api="responses", '
+        f'model_providers.gw={{name="{provider_name}", '
+        f'base_url="{base_url}", {auth}, wire_api="responses", '
         'http_headers={"x-sandbox-transcript"="tool-conversation"}, '
         "request_max_retries=0, stream_max_retries=0, stream_idle_timeout_ms=20000}"
     )
     overrides = [
+        *extra,
         "model_provider=gw",
         provider,
         "analytics.enabled=false",
@@ -137,8 +151,12 @@ def codex_args(base_url: str) -> list[str]:
     return [*args, PROMPT]
 
 
-def run_codex(binary: Path, base_url: str, key: str, home: Path, workdir: Path) -> CodexRun:
-    """Run `codex exec` with nothing inherited but PATH; stdin must be /dev/null or it waits."""
+def run_codex(
+    binary: Path, base_url: str, key: str, home: Path, workdir: Path, **options: Any
+) -> CodexRun:
+    """Run `codex exec` with nothing inherited but PATH; stdin must be /dev/null or it waits.
+
+    `options` go to `codex_args`."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
         "HOME": str(home),
@@ -148,7 +166,7 @@ def run_codex(binary: Path, base_url: str, key: str, home: Path, workdir: Path) 
     }
     started = time.monotonic()
     proc = subprocess.Popen(
-        [str(binary), *codex_args(base_url)],
+        [str(binary), *codex_args(base_url, **options)],
         cwd=workdir,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -198,6 +216,41 @@ def items_of(body: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     return [item for item in body["input"] if item.get("type") == kind]
 
 
+def assert_tool_history(first: dict[str, Any], second: dict[str, Any]) -> None:
+    """Turn 2 replays turn 1's input, then the tool call and its output under one call id."""
+    assert not items_of(first, "function_call_output")
+    assert second["input"][: len(first["input"])] == first["input"]
+    calls = items_of(second, "function_call")
+    outputs = items_of(second, "function_call_output")
+    assert [(call["call_id"], call["name"]) for call in calls] == [(CALL_ID, "exec_command")]
+    assert [output["call_id"] for output in outputs] == [CALL_ID]
+    assert WORK_FILE in json.dumps(outputs[0]["output"])
+
+
+def assert_each_turn_billed(
+    gateway: Gateway, name: str, balance_before: Decimal
+) -> list[dict[str, Any]]:
+    """One completed row per turn, to the token and to the last digit; the user's rows."""
+    rows = user_usage_rows(gateway, name, len(TURNS))
+    by_response = {row["response_id"]: row for row in rows}
+    assert len(rows) == len(TURNS)
+    assert sorted(by_response) == sorted(turn.response_id for turn in TURNS)
+    for turn in TURNS:
+        row = by_response[turn.response_id]
+        assert row["status"] == "completed", row
+        assert row["model"] == MODEL
+        assert row["upstream_model"] == "gpt-5.1-codex-2025-11-13"
+        assert row["flags"] == []
+        assert row["input_tokens"] == turn.input_tokens
+        assert row["cached_tokens"] == turn.cached_tokens
+        assert row["output_tokens"] == turn.output_tokens
+        assert row["reasoning_tokens"] == turn.reasoning_tokens
+        assert Decimal(row["cost_usd"]) == turn.cost
+    charged = sum((turn.cost for turn in TURNS), Decimal(0))
+    assert balance_before - Decimal(gateway.balance(name)) == charged
+    return rows
+
+
 def test_codex_exec_tool_conversation_is_relayed_and_both_turns_billed(
     gateway: Gateway, sandbox: Sandbox, codex_bin: Path, codex_home: Path, tmp_path: Path
 ) -> None:
@@ -229,34 +282,9 @@ def test_codex_exec_tool_conversation_is_relayed_and_both_turns_billed(
         assert key not in json.dumps(request)
 
     first, second = bodies
-    assert not items_of(first, "function_call_output")
-    assert second["input"][: len(first["input"])] == first["input"]
     assert second["prompt_cache_key"] == first["prompt_cache_key"]
-    calls = items_of(second, "function_call")
-    outputs = items_of(second, "function_call_output")
-    assert [(call["call_id"], call["name"]) for call in calls] == [(CALL_ID, "exec_command")]
-    assert [output["call_id"] for output in outputs] == [CALL_ID]
-    assert WORK_FILE in json.dumps(outputs[0]["output"])
-
-    # What was billed: one completed row per turn, to the token and to the last digit.
-    rows = user_usage_rows(gateway, name, len(TURNS))
-    by_response = {row["response_id"]: row for row in rows}
-    assert len(rows) == len(TURNS)
-    assert sorted(by_response) == sorted(turn.response_id for turn in TURNS)
-    for turn in TURNS:
-        row = by_response[turn.response_id]
-        assert row["status"] == "completed", row
-        assert row["model"] == MODEL
-        assert row["upstream_model"] == "gpt-5.1-codex-2025-11-13"
-        assert row["flags"] == []
-        assert row["input_tokens"] == turn.input_tokens
-        assert row["cached_tokens"] == turn.cached_tokens
-        assert row["output_tokens"] == turn.output_tokens
-        assert row["reasoning_tokens"] == turn.reasoning_tokens
-        assert Decimal(row["cost_usd"]) == turn.cost
-
-    charged = sum((turn.cost for turn in TURNS), Decimal(0))
-    assert balance_before - Decimal(gateway.balance(name)) == charged
+    assert_tool_history(first, second)
+    assert_each_turn_billed(gateway, name, balance_before)
 
     log = gateway.log_text()
     assert key not in log

@@ -11,6 +11,7 @@ import click
 from codex_gateway import __version__, logs
 from codex_gateway.cli import admin, operations, reconcile
 from codex_gateway.cli.context import settings_or_exit, with_store
+from codex_gateway.errors import CredentialError
 from codex_gateway.store.queries import Store, StoreError
 
 SANDBOX_ACCOUNT = "sandbox"
@@ -49,7 +50,11 @@ def serve(host: str, port: int, sandbox: bool, log_level: str | None) -> None:
     )
     if sandbox:
         _prepare_sandbox(host, port)
-    gateway = Gateway(settings, sandbox=SandboxApp() if sandbox else None)
+    try:
+        gateway = Gateway(settings, sandbox=SandboxApp() if sandbox else None)
+    except CredentialError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
     config = uvicorn.Config(
         GatewayApp(gateway),
         host=host,

@@ -12,7 +12,7 @@ from codex_gateway.http.chat import relay_chat
 from codex_gateway.http.exchange import Exchange, Receive, Scope, Send
 from codex_gateway.http.models import list_models
 from codex_gateway.http.operations import healthz, metrics, readyz
-from codex_gateway.http.responses import relay_responses
+from codex_gateway.http.responses import relay_compact, relay_responses
 from codex_gateway.metrics import UNKNOWN_MODEL, UNMATCHED_ROUTE
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ Handler = Callable[["Gateway", Exchange], Awaitable[None]]
 
 ROUTES: dict[str, dict[str, Handler]] = {
     "/v1/responses": {"POST": relay_responses},
+    "/v1/responses/compact": {"POST": relay_compact},
     "/v1/chat/completions": {"POST": relay_chat},
     "/v1/models": {"GET": list_models},
     "/healthz": {"GET": healthz},
@@ -33,7 +34,7 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/metrics": {"GET": metrics},
 }
 # Routes whose requests are billed: counted in flight until their bill is settled.
-RELAY_ROUTES = frozenset({"/v1/responses", "/v1/chat/completions"})
+RELAY_ROUTES = frozenset({"/v1/responses", "/v1/responses/compact", "/v1/chat/completions"})
 
 
 class GatewayApp:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -27,12 +26,14 @@ from codex_gateway.http.responses import (
     _on_disconnect,
     _record_failure,
     _relay_client_error,
-    _take_terminal,
     authenticate,
+    chunks_of,
+    collect_stream,
     hold,
     price_of,
     send_upstream,
     settle_after,
+    take_terminal,
 )
 from codex_gateway.relay.chat import (
     ChatRequest,
@@ -40,7 +41,6 @@ from codex_gateway.relay.chat import (
     chat_completion,
     parse_chat_request,
 )
-from codex_gateway.relay.chatgpt import ResponseAssembler
 from codex_gateway.relay.shaping import ResponsesRequest
 from codex_gateway.relay.sse import EventSplitter, StreamScanner, event_data
 from codex_gateway.store.queries import KeyRecord
@@ -96,7 +96,7 @@ async def _relay(
         elif chat.stream:
             await _stream(gateway, exchange, answer, chat, outcome, scanner)
         else:
-            await _whole(exchange, answer, chat, outcome, scanner)
+            await _whole(gateway, exchange, answer, chat, outcome, scanner)
     except UpstreamError as exc:
         _record_failure(outcome, exc)
         raise
@@ -106,13 +106,6 @@ async def _relay(
         outcome.estimate = await asyncio.to_thread(
             gateway.tokens.estimate, request.document, scanner.deltas
         )
-
-
-async def _chunks(answer: Answer) -> AsyncIterator[bytes]:
-    yield answer.first
-    if answer.rest is not None:
-        async for chunk in answer.rest:
-            yield chunk
 
 
 async def _stream(
@@ -132,11 +125,10 @@ async def _stream(
     try:
         await _translate(exchange, answer, scanner, splitter, translator)
     except UpstreamError as exc:
+        take_terminal(gateway, answer, scanner, outcome)
         if exchange.disconnected:
-            _take_terminal(scanner, outcome)
             _client_left(outcome, scanner)
             return
-        _take_terminal(scanner, outcome)
         if scanner.terminal is None:
             _record_failure(outcome, exc)
             outcome.flag("stream_interrupted")
@@ -146,7 +138,7 @@ async def _stream(
         for handle in stop_later:
             handle.cancel()
     scanner.finish()
-    _take_terminal(scanner, outcome)
+    take_terminal(gateway, answer, scanner, outcome)
     if exchange.disconnected:
         _client_left(outcome, scanner)
         return
@@ -165,7 +157,7 @@ async def _translate(
     splitter: EventSplitter,
     translator: ChatStreamTranslator,
 ) -> None:
-    async for chunk in _chunks(answer):
+    async for chunk in chunks_of(answer):
         scanner.feed(chunk)
         blocks = splitter.feed(chunk)
         if not exchange.disconnected:
@@ -188,6 +180,7 @@ def _event(block: bytes) -> dict[str, object]:
 
 
 async def _whole(
+    gateway: Gateway,
     exchange: Exchange,
     answer: Answer,
     chat: ChatRequest,
@@ -195,18 +188,13 @@ async def _whole(
     scanner: StreamScanner,
 ) -> None:
     """Collect the stream, bill it, and answer with one chat.completion."""
-    body = b"".join([chunk async for chunk in _chunks(answer)])
     if answer.rest is None:
         # An upstream that ignored `stream` and sent the response object itself.
+        body = answer.first
         await exchange.send_json(200, chat_completion(_json_response(body, outcome), chat.model))
         return
-    scanner.feed(body)
-    scanner.finish()
-    _take_terminal(scanner, outcome)
-    assembler = ResponseAssembler()
-    for block in EventSplitter().feed(body + b"\n\n"):
-        assembler.feed(event_data(block))
-    await exchange.send_json(200, chat_completion(assembler.result(), chat.model))
+    final = await collect_stream(gateway, answer, outcome, scanner)
+    await exchange.send_json(200, chat_completion(final, chat.model))
 
 
 def _json_response(body: bytes, outcome: Outcome) -> dict[str, object]:

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
 
@@ -70,6 +71,11 @@ class Exchange:
     @property
     def path(self) -> str:
         return str(self.scope["path"])
+
+    def query(self, name: str) -> str | None:
+        """The first value of one query parameter, or None."""
+        values = parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get(name)
+        return values[0] if values else None
 
     async def body(self, limit: int) -> bytes:
         declared = self.headers.get("content-length")

@@ -1,10 +1,11 @@
-"""POST /v1/responses: admit, relay to an upstream account, and settle the bill.
+"""POST /v1/responses and /v1/responses/compact: admit, relay to an account, settle the bill.
 
 The router picks the account and fails over until the first byte; from then on the
 upstream's stream is forwarded chunk by chunk as it arrives, and the scanner only watches it
 for the terminal event. A stream that fails or ends early gets an `error` event, never a
-silent end. Exactly one usage row is written per request, after the client has the last byte
-(or has gone).
+silent end. A client that did not ask for a stream, served by a backend that always streams
+(ChatGPT), gets the final response assembled from it. Exactly one usage row is written per
+request, after the client has the last byte (or has gone).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -29,10 +30,16 @@ from codex_gateway.errors import (
     UpstreamProtocolError,
 )
 from codex_gateway.http.exchange import Exchange
-from codex_gateway.relay.shaping import ResponsesRequest, parse_responses_request
+from codex_gateway.relay.chatgpt import assemble_response
+from codex_gateway.relay.shaping import (
+    ResponsesRequest,
+    parse_compact_request,
+    parse_responses_request,
+)
 from codex_gateway.relay.sse import StreamScanner, error_event
 from codex_gateway.relay.usage import response_id_of, upstream_model_of, usage_from_terminal
-from codex_gateway.store.queries import AccountRecord, KeyRecord, hash_key
+from codex_gateway.store.queries import KeyRecord, hash_key
+from codex_gateway.upstream.kinds import COMPACT, RESPONSES, Call
 from codex_gateway.upstream.router import Answer, Attempt, total_timeout
 from codex_gateway.upstream.stickiness import conversation_key
 
@@ -41,39 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Client headers that describe the client's own connection or credentials, never forwarded.
-_DROPPED_HEADERS = frozenset(
-    {
-        "host",
-        "content-length",
-        "authorization",
-        "api-key",
-        "x-api-key",
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "te",
-        "trailer",
-        "upgrade",
-        "expect",
-        "accept-encoding",
-        "cookie",
-        "forwarded",
-        "x-forwarded-for",
-        "x-forwarded-host",
-        "x-forwarded-proto",
-        "x-real-ip",
-        "proxy-authorization",
-        "cf-connecting-ip",
-        "true-client-ip",
-        "x-client-ip",
-        "via",
-        "origin",
-        "referer",
-        "openai-organization",
-        "openai-project",
-    }
-)
 _TERMINAL_STATUS = {
     "response.completed": "completed",
     "response.incomplete": "incomplete",
@@ -154,24 +128,27 @@ async def hold(
     gateway.journal.opened(outcome.request_id, held, outcome.known())
 
 
-def upstream_headers(exchange: Exchange, account: AccountRecord) -> dict[str, str]:
-    headers = {
-        name: value for name, value in exchange.headers.items() if name not in _DROPPED_HEADERS
-    }
-    headers["authorization"] = "Bearer " + account.api_key
-    headers["content-type"] = "application/json"
-    return headers
-
-
 async def relay_responses(gateway: Gateway, exchange: Exchange) -> None:
-    key = await authenticate(gateway, exchange)
     request = parse_responses_request(await exchange.body(gateway.settings.max_body_bytes))
+    await _admit_and_relay(gateway, exchange, request, RESPONSES)
+
+
+async def relay_compact(gateway: Gateway, exchange: Exchange) -> None:
+    """POST /v1/responses/compact: one JSON answer, billed from its `usage` like any other."""
+    request = parse_compact_request(await exchange.body(gateway.settings.max_body_bytes))
+    await _admit_and_relay(gateway, exchange, request, COMPACT)
+
+
+async def _admit_and_relay(
+    gateway: Gateway, exchange: Exchange, request: ResponsesRequest, endpoint: str
+) -> None:
+    key = await authenticate(gateway, exchange)
     exchange.model = request.model
     outcome = Outcome(
         request_id=exchange.request_id,
         started_at=datetime.now(UTC),
         started=exchange.started,
-        endpoint="responses",
+        endpoint=endpoint,
         model=request.model,
         stream=request.stream,
         price=price_of(gateway, key, request),
@@ -181,7 +158,8 @@ async def relay_responses(gateway: Gateway, exchange: Exchange) -> None:
     await hold(gateway, key, request, outcome)
     if request.converted_messages:
         outcome.flag("messages_converted")
-    await settle_after(gateway, exchange, outcome, _relay(gateway, exchange, key, request, outcome))
+    relay = _relay(gateway, exchange, key, request, outcome, endpoint)
+    await settle_after(gateway, exchange, outcome, relay)
 
 
 async def settle_after(
@@ -211,12 +189,18 @@ async def _relay(
     key: KeyRecord,
     request: ResponsesRequest,
     outcome: Outcome,
+    endpoint: str,
 ) -> None:
     deadline = time.monotonic() + gateway.settings.upstream_total_timeout
-    answer = await send_upstream(gateway, exchange, key, request, outcome, deadline)
+    answer = await send_upstream(gateway, exchange, key, request, outcome, deadline, endpoint)
     try:
-        if answer.rest is not None:
+        if answer.rest is not None and request.stream:
             await _relay_stream(gateway, exchange, answer, request, outcome, deadline)
+        elif answer.rest is not None:
+            # A backend that always streams (ChatGPT) answering a client that did not ask to.
+            scanner = StreamScanner()
+            final = await collect_stream(gateway, answer, outcome, scanner)
+            await exchange.send_json(200, final)
         elif answer.response.status == 200:
             await _relay_json(exchange, answer, outcome)
         else:
@@ -235,15 +219,17 @@ async def send_upstream(
     request: ResponsesRequest,
     outcome: Outcome,
     deadline: float,
+    endpoint: str = RESPONSES,
 ) -> Answer:
     """The router's first good answer, with every attempt and the timings on the outcome."""
     attempts: list[Attempt] = []
     outcome.overhead_ms = (time.perf_counter() - outcome.started) * 1000
+    call = Call(
+        endpoint, request.body, request.document, exchange.headers, key.id, exchange.request_id
+    )
     try:
         answer = await gateway.router.send(
-            "/responses",
-            request.body,
-            lambda account: upstream_headers(exchange, account),
+            call,
             conversation_key(key.id, request.document, exchange.headers),
             attempts,
             deadline,
@@ -256,6 +242,24 @@ async def send_upstream(
         outcome.account_id = attempts[-1].account_id if attempts else None
     outcome.ttfb_ms = (time.perf_counter() - outcome.started) * 1000
     return answer
+
+
+async def chunks_of(answer: Answer) -> AsyncIterator[bytes]:
+    yield answer.first
+    if answer.rest is not None:
+        async for chunk in answer.rest:
+            yield chunk
+
+
+async def collect_stream(
+    gateway: Gateway, answer: Answer, outcome: Outcome, scanner: StreamScanner
+) -> dict[str, Any]:
+    """Read a whole upstream stream, bill it, and give the final response object it built."""
+    body = b"".join([chunk async for chunk in chunks_of(answer)])
+    scanner.feed(body)
+    scanner.finish()
+    take_terminal(gateway, answer, scanner, outcome)
+    return assemble_response(body)
 
 
 def _record_failure(outcome: Outcome, error: UpstreamError) -> None:
@@ -292,7 +296,7 @@ async def _relay_stream(
     finally:
         for handle in stop_later:
             handle.cancel()
-    _take_terminal(scanner, outcome)
+    take_terminal(gateway, answer, scanner, outcome)
     if failure is not None and scanner.terminal is not None:
         # The final event arrived before the connection broke: the response is whole.
         outcome.flag(failure.kind)
@@ -348,7 +352,17 @@ def _client_left(outcome: Outcome, scanner: StreamScanner) -> None:
         outcome.error = "The client disconnected before the response ended."
 
 
-def _take_terminal(scanner: StreamScanner, outcome: Outcome) -> None:
+def take_terminal(
+    gateway: Gateway, answer: Answer, scanner: StreamScanner, outcome: Outcome
+) -> None:
+    """What the stream's terminal event says: status, usage, model, id; a usage wall inside
+    the stream (the ChatGPT backend's `error` event) also rests the account until its reset."""
+    if scanner.terminal_type == "error":
+        gateway.quotas.limit_reached(answer.account, scanner.terminal)
+    _read_terminal(scanner, outcome)
+
+
+def _read_terminal(scanner: StreamScanner, outcome: Outcome) -> None:
     outcome.upstream_model = upstream_model_of(scanner.created)
     outcome.response_id = response_id_of(scanner.created)
     terminal = scanner.terminal

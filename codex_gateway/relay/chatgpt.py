@@ -22,6 +22,7 @@ from codex_gateway.relay.sse import parse_events
 
 DEFAULT_BASE_URL = "https://chatgpt.com/backend-api"
 RESPONSES_PATH = "/codex/responses"
+COMPACT_PATH = "/codex/responses/compact"
 DEFAULT_ORIGINATOR = "codex_cli_rs"
 
 # Fields the backend rejects or ignores (protocol reference §4.3).
@@ -59,18 +60,50 @@ _TEXT_PARTS = frozenset({"input_text", "text"})
 # -- the request body ---------------------------------------------------------------------
 
 
-def shape_body(document: dict[str, Any], prompt_cache_key: str | None = None) -> bytes:
-    """A Responses body as the backend accepts it; the client's document is not changed."""
+def shape_body(
+    document: dict[str, Any], session: str | None = None, client_session: str | None = None
+) -> bytes:
+    """A Responses body as the backend accepts it; the client's document is not changed.
+
+    With `session` (the derived id), the client's own id (`client_session`) is replaced by it
+    wherever Codex repeats it in the body: `prompt_cache_key` and `client_metadata`.
+    """
+    body = _shaped(document, session, client_session)
+    body["store"] = False
+    body["stream"] = True
+    return orjson.dumps(body)
+
+
+def shape_compact_body(
+    document: dict[str, Any], session: str | None = None, client_session: str | None = None
+) -> bytes:
+    """A `/responses/compact` body: the same rules, but compaction is neither streamed nor
+    stored, so (as in what Codex itself sends there) neither field is sent."""
+    body = _shaped(document, session, client_session)
+    body.pop("store", None)
+    body.pop("stream", None)
+    return orjson.dumps(body)
+
+
+def _shaped(
+    document: dict[str, Any], session: str | None, client_session: str | None
+) -> dict[str, Any]:
     body = {name: value for name, value in document.items() if name not in UNSUPPORTED_FIELDS}
     if not isinstance(body.get("instructions"), str):
         body["instructions"], body["input"] = split_instructions(body.get("input"))
-    body["store"] = False
-    body["stream"] = True
     if isinstance(body.get("include"), list):
         body["include"] = [name for name in body["include"] if name in ALLOWED_INCLUDE]
-    if prompt_cache_key is not None and "prompt_cache_key" in body:
-        body["prompt_cache_key"] = prompt_cache_key
-    return orjson.dumps(body)
+    if session is None:
+        return body
+    if "prompt_cache_key" in body:
+        body["prompt_cache_key"] = session
+    metadata = body.get("client_metadata")
+    if isinstance(metadata, dict) and client_session and len(client_session) >= _MIN_SESSION_LENGTH:
+        body["client_metadata"] = {
+            name: value.replace(client_session, session) if isinstance(value, str) else value
+            for name, value in metadata.items()
+        }
+    return body
 
 
 def split_instructions(input_: Any) -> tuple[str, Any]:
@@ -127,10 +160,15 @@ class SessionIds:
         self, key_id: int, headers: Mapping[str, str], document: dict[str, Any], fallback: str
     ) -> str:
         """The upstream session id: from the client's session header or prompt cache key."""
-        client_value = next((headers[name] for name in SESSION_HEADERS if headers.get(name)), None)
-        if client_value is None and isinstance(document.get("prompt_cache_key"), str):
-            client_value = document["prompt_cache_key"]
-        return self.derive(key_id, client_value or fallback)
+        return self.derive(key_id, client_session(headers, document) or fallback)
+
+
+def client_session(headers: Mapping[str, str], document: dict[str, Any]) -> str | None:
+    """The session id the client named: a session header, else its prompt cache key."""
+    value = next((headers[name] for name in SESSION_HEADERS if headers.get(name)), None)
+    if value is None and isinstance(document.get("prompt_cache_key"), str):
+        value = document["prompt_cache_key"]
+    return value
 
 
 def upstream_headers(
@@ -139,8 +177,12 @@ def upstream_headers(
     account_id: str,
     session_id: str,
     client_headers: Mapping[str, str],
+    stream: bool = True,
 ) -> dict[str, str]:
-    """Headers for a backend call; `client_headers` has lower-case names, as the edge keeps them."""
+    """Headers for a backend call; `client_headers` has lower-case names, as the edge keeps them.
+
+    `stream` is False for the one call that answers with JSON (compaction).
+    """
     # Codex repeats its session id inside other x-codex-* values (turn metadata, window id);
     # there too it becomes the derived one, so the client's own id never travels upstream.
     # A value too short to be an id would match unrelated text, so it is left alone.
@@ -159,7 +201,7 @@ def upstream_headers(
             "openai-beta": "responses=experimental",
             "session_id": session_id,
             "content-type": "application/json",
-            "accept": "text/event-stream",
+            "accept": "text/event-stream" if stream else "application/json",
         }
     )
     return headers
@@ -282,15 +324,16 @@ def quota_from_event(event: Any) -> Quota | None:
 def usage_limit(payload: Any, now: float) -> Quota | None:
     """A `usage_limit_reached` error (a 429 body or an `error` event) as a quota at its limit.
 
-    `resets_at` is authoritative; `resets_in_seconds` is the fallback.
+    `resets_at` is authoritative while it lies ahead; one already past (a clock apart from
+    the backend's, or a replayed answer) gives way to `now + resets_in_seconds`.
     """
     error = payload.get("error") if isinstance(payload, dict) else None
     if not isinstance(error, dict) or error.get("type") != "usage_limit_reached":
         return None
     resets_at = _int(error.get("resets_at"))
-    if resets_at is None:
-        seconds = _int(error.get("resets_in_seconds"))
-        resets_at = int(now) + seconds if seconds is not None else None
+    seconds = _int(error.get("resets_in_seconds"))
+    if (resets_at is None or resets_at <= now) and seconds is not None:
+        resets_at = int(now) + seconds
     plan = error.get("plan_type") if isinstance(error.get("plan_type"), str) else None
     return Quota(limit_reached_until=resets_at, plan_type=plan)
 

@@ -6,6 +6,7 @@ A body that already has `input` goes upstream byte for byte. A body with Chat-st
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,40 @@ import orjson
 from codex_gateway.errors import InvalidRequest
 
 MAX_MODEL_LENGTH = 200
+
+# Client headers that describe the client's own connection or credentials, never forwarded.
+_DROPPED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "authorization",
+        "api-key",
+        "x-api-key",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+        "accept-encoding",
+        "cookie",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-real-ip",
+        "proxy-authorization",
+        "cf-connecting-ip",
+        "true-client-ip",
+        "x-client-ip",
+        "via",
+        "origin",
+        "referer",
+        "openai-organization",
+        "openai-project",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -188,3 +223,30 @@ def _tool_call_items(tool_calls: Any, index: int) -> list[dict[str, Any]]:
             }
         )
     return items
+
+
+def forward_headers(client_headers: Mapping[str, str], api_key: str) -> dict[str, str]:
+    """The client's headers as an OpenAI-API upstream gets them: its own credentials, and
+    whatever describes the client's connection, replaced by the account's key."""
+    headers = {
+        name: value for name, value in client_headers.items() if name not in _DROPPED_HEADERS
+    }
+    headers["authorization"] = "Bearer " + api_key
+    headers["content-type"] = "application/json"
+    return headers
+
+
+def parse_compact_request(raw: bytes) -> ResponsesRequest:
+    """A `/v1/responses/compact` body: a model and the conversation to compact, never streamed."""
+    document = parse_json_object(raw)
+    model = _model(document.get("model"))
+    if document.get("stream") not in (None, False):
+        raise InvalidRequest(
+            "Compaction answers with one JSON object and cannot be streamed; leave stream out.",
+            param="stream",
+        )
+    if document.get("input") is None and document.get("previous_response_id") is None:
+        raise InvalidRequest(
+            "The request has nothing to compact; send the conversation in input.", param="input"
+        )
+    return ResponsesRequest(model, False, raw, document, False)

@@ -3,7 +3,11 @@
 Which transcript plays is chosen by the `x-sandbox-transcript` header, else by a path segment
 (`/sandbox/responses-cached/v1/responses`), else `responses-text`. The scenario
 `tool-conversation` answers with a tool call, and with text once the input carries the tool's
-output, the way a two-turn Codex exchange goes. Streams are sent one event per write; a
+output, the way a two-turn Codex exchange goes; an input that ends with Codex's
+`compaction_trigger` gets `responses-compaction` (one `compaction` item), and
+`POST .../v1/responses/compact` gets `responses-compact.json`. Besides the shared fixtures,
+`chatgpt-usage-limit-event.sse` is the Codex backend's usage wall inside a stream (a nested
+`error` event after `response.created`). Streams are sent one event per write; a
 non-streaming request gets the final response object. When recording is on (the standalone
 `codex-gateway sandbox`), the last requests it received can be read back at
 GET /sandbox/requests, which tests use to check what reached the upstream; a gateway serving
@@ -37,6 +41,8 @@ from codex_gateway.relay.sse import StreamScanner, iter_events
 TRANSCRIPTS = Path(__file__).parent / "transcripts"
 DEFAULT_TRANSCRIPT = "responses-text"
 TOOL_CONVERSATION = "tool-conversation"
+COMPACTION_TRANSCRIPT = "responses-compaction"
+COMPACT_TRANSCRIPT = "responses-compact"
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream; charset=utf-8")]
 HANG_LIMIT_SECONDS = 30.0
@@ -104,6 +110,8 @@ class SandboxApp:
             await self.chatgpt(scope, receive, send, path.removeprefix("/chatgpt"))
         elif path.endswith("/v1/responses") and method == "POST":
             await self._responses(scope, receive, send, path)
+        elif path.endswith("/v1/responses/compact") and method == "POST":
+            await self._compact(scope, receive, send)
         elif path.endswith("/v1/models") and method == "GET":
             await _json(send, 200, {"object": "list", "data": []})
         else:
@@ -122,7 +130,7 @@ class SandboxApp:
             self.requests.append({"path": scope["path"], "headers": headers, "body": recorded})
         name = headers.get("x-sandbox-transcript") or _segment(path) or DEFAULT_TRANSCRIPT
         if name == TOOL_CONVERSATION:
-            name = _tool_turn(document)
+            name = tool_turn(document)
         transcript = self.transcripts.get(name)
         if transcript is None:
             known = ", ".join([*self.transcripts, TOOL_CONVERSATION])
@@ -138,6 +146,21 @@ class SandboxApp:
             await _stream(send, transcript, delay)
         else:
             await _final(send, transcript)
+
+    async def _compact(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """`/v1/responses/compact`: the compacted history as one JSON object, with usage."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        body = await _read(receive)
+        if self.record:
+            recorded = body[:MAX_RECORDED_BODY].decode("utf-8", "replace")
+            self.requests.append({"path": scope["path"], "headers": headers, "body": recorded})
+        fault = headers.get("x-sandbox-fault") or self.faults.get(_bearer(headers), "")
+        if fault.isdigit():
+            await _fail_with_status(send, int(fault))
+            return
+        transcript = self.transcripts[COMPACT_TRANSCRIPT]
+        assert transcript.json is not None
+        await _replay_json(send, transcript.json)
 
     async def _set_fault(self, receive: Receive, send: Send) -> None:
         document = orjson.loads(await _read(receive))
@@ -227,12 +250,22 @@ def _segment(path: str) -> str | None:
     return parts[0] if len(parts) == 3 else None
 
 
-def _tool_turn(document: dict[str, Any]) -> str:
+def tool_turn(document: dict[str, Any]) -> str:
+    """The transcript for one turn of the tool conversation, from what the input holds.
+
+    Codex's remote compaction (v2) is an ordinary request whose input ends with a
+    `compaction_trigger` item; it is answered with one `compaction` item, and a history that
+    carries one has been answered before.
+    """
     items = document.get("input")
-    answered = isinstance(items, list) and any(
-        isinstance(item, dict) and item.get("type") == "function_call_output" for item in items
-    )
-    return "responses-text" if answered else "responses-reasoning-tool"
+    if not isinstance(items, list):
+        return "responses-reasoning-tool"
+    kinds = [item.get("type") for item in items if isinstance(item, dict)]
+    if kinds and kinds[-1] == "compaction_trigger":
+        return COMPACTION_TRANSCRIPT
+    if "function_call_output" in kinds or "compaction" in kinds:
+        return "responses-text"
+    return "responses-reasoning-tool"
 
 
 async def _stream(send: Send, transcript: Transcript, delay: float) -> None:

@@ -4,10 +4,13 @@ Mounted in the sandbox at `/sandbox/chatgpt`: `POST /backend-api/codex/responses
 the real backend refuses (no `instructions`, `store` not false, `stream` not true, fields it
 does not take, missing headers) with its `{"detail": ...}` bodies, answers an expired access
 token with 401 `token_expired`, and otherwise replays a transcript with `x-codex-*` quota
-headers. `POST /oauth/token` rotates single-use refresh tokens. `POST /expire-tokens` makes
-every access token issued so far expire, as happens in the middle of a long session.
+headers. `POST /backend-api/codex/responses/compact` (history compaction, one JSON answer)
+holds the same rules but for `stream` and `store`, which compaction does not take.
+`POST /oauth/token` rotates single-use refresh tokens. `POST /expire-tokens` makes every
+access token issued so far expire, as happens in the middle of a long session.
 Sandbox headers do not travel through the gateway's backend shaping, so an account whose
-base URL is `/sandbox/chatgpt/<transcript>/backend-api` picks the transcript instead.
+base URL is `/sandbox/chatgpt/<transcript>/backend-api` picks the transcript instead
+(`tool-conversation` plays the two-turn tool exchange, as the OpenAI sandbox does).
 """
 
 from __future__ import annotations
@@ -21,9 +24,18 @@ import orjson
 
 from codex_gateway.http.exchange import Receive, Scope, Send
 from codex_gateway.relay.chatgpt import UNSUPPORTED_FIELDS
-from codex_gateway.sandbox.app import _json, _read, _replay_json
+from codex_gateway.sandbox.app import (
+    COMPACT_TRANSCRIPT,
+    DEFAULT_TRANSCRIPT,
+    TOOL_CONVERSATION,
+    _json,
+    _read,
+    _replay_json,
+    tool_turn,
+)
 
 RESPONSES = "/backend-api/codex/responses"
+COMPACT = "/backend-api/codex/responses/compact"
 TOKEN = "/oauth/token"
 EXPIRE = "/expire-tokens"
 ACCOUNT_ID = "sandbox-chatgpt-account"
@@ -36,6 +48,8 @@ QUOTA_HEADERS = [
     (b"x-codex-secondary-window-minutes", b"10080"),
 ]
 REQUIRED_HEADERS = ("chatgpt-account-id", "originator", "session_id")
+# What Codex never sends to the compaction endpoint [inferred: its CompactionInput has neither].
+COMPACT_REFUSED = frozenset({"stream", "store"})
 
 
 def access_token(account_id: str = ACCOUNT_ID, lifetime: float = ACCESS_TOKEN_SECONDS) -> str:
@@ -49,7 +63,9 @@ def access_token(account_id: str = ACCOUNT_ID, lifetime: float = ACCESS_TOKEN_SE
     return jwt.encode(claims, _SIGNING_KEY, algorithm="HS256")
 
 
-def violation(headers: dict[str, str], document: Any) -> tuple[int, dict[str, Any]] | None:
+def violation(
+    headers: dict[str, str], document: Any, compact: bool = False
+) -> tuple[int, dict[str, Any]] | None:
     """What the backend says about a request that breaks its rules, or None."""
     missing = [name for name in REQUIRED_HEADERS if not headers.get(name)]
     if missing:
@@ -58,11 +74,13 @@ def violation(headers: dict[str, str], document: Any) -> tuple[int, dict[str, An
         return 400, {"detail": "The body must be a JSON object"}
     if not isinstance(document.get("instructions"), str):
         return 400, {"detail": "Instructions are required"}
-    if document.get("store") is not False:
+    if not compact and document.get("store") is not False:
         return 400, {"detail": "Store must be set to false"}
-    if document.get("stream") is not True:
+    if not compact and document.get("stream") is not True:
         return 400, {"detail": "Stream must be set to true"}
-    unsupported = sorted(UNSUPPORTED_FIELDS & set(document))
+    unsupported = sorted(
+        (UNSUPPORTED_FIELDS | (COMPACT_REFUSED if compact else set())) & set(document)
+    )
     if unsupported:
         return 400, {"detail": f"Unsupported parameter: {unsupported[0]}"}
     return None
@@ -84,8 +102,8 @@ class ChatGPTBackend:
                 {"path": scope["path"], "headers": headers, "body": body.decode("utf-8", "replace")}
             )
         transcript, path = _transcript_segment(path)
-        if path == RESPONSES:
-            await self._responses(send, headers, body, transcript)
+        if path in (RESPONSES, COMPACT):
+            await self._responses(send, headers, body, transcript, path == COMPACT)
         elif path == TOKEN:
             await self._token(send, body)
         elif path == EXPIRE:
@@ -95,18 +113,26 @@ class ChatGPTBackend:
             await _json(send, 404, {"detail": "Not Found"})
 
     async def _responses(
-        self, send: Send, headers: dict[str, str], body: bytes, transcript_name: str | None
+        self,
+        send: Send,
+        headers: dict[str, str],
+        body: bytes,
+        transcript_name: str | None,
+        compact: bool,
     ) -> None:
         refused = self._auth(headers)
+        document: Any = None
         if refused is None:
             try:
-                refused = violation(headers, orjson.loads(body))
+                document = orjson.loads(body)
             except orjson.JSONDecodeError:
                 refused = 400, {"detail": "The body is not JSON"}
+            else:
+                refused = violation(headers, document, compact)
         if refused is not None:
             await _json(send, *refused)
             return
-        name = transcript_name or headers.get("x-sandbox-transcript") or "responses-text"
+        name = _transcript_name(transcript_name, headers, document, compact)
         transcript = self._transcripts.get(name)
         if transcript is None:
             await _json(send, 400, {"detail": f"Unknown sandbox transcript {name!r}"})
@@ -144,6 +170,19 @@ class ChatGPTBackend:
         self._used_refresh_tokens.add(refresh)
         rotated = f"rt_sandbox_{self.refresh_calls}_{int(time.time() * 1000)}"
         await _json(send, 200, {"access_token": access_token(), "refresh_token": rotated})
+
+
+def _transcript_name(
+    named: str | None, headers: dict[str, str], document: dict[str, Any], compact: bool
+) -> str:
+    """Compaction answers with the compacted history, unless the base URL names another
+    transcript (a usage wall); a request plays the transcript its account's base URL names."""
+    name = named or headers.get("x-sandbox-transcript")
+    if compact:
+        return name if name and name != TOOL_CONVERSATION else COMPACT_TRANSCRIPT
+    if name == TOOL_CONVERSATION:
+        return tool_turn(document)
+    return name or DEFAULT_TRANSCRIPT
 
 
 def _transcript_segment(path: str) -> tuple[str | None, str]:

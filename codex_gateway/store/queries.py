@@ -155,6 +155,7 @@ class AccountRecord:
     state: str = "ready"
     state_reason: str | None = None
     state_until: datetime | None = None
+    chatgpt_account_id: str | None = None  # the ChatGPT-Account-ID of a `chatgpt` account
 
 
 def now() -> datetime:
@@ -506,6 +507,7 @@ class Store:
                         UpstreamAccount.state,
                         UpstreamAccount.state_reason,
                         UpstreamAccount.state_until,
+                        UpstreamAccount.chatgpt_account_id,
                     ).order_by(UpstreamAccount.priority, UpstreamAccount.id)
                 )
             ).all()

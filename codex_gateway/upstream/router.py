@@ -1,7 +1,9 @@
 """Failover: try the pool's accounts in turn until one answers, before the client sees a byte.
 
 An attempt fails on a connection error, a timeout, 401/403 (the account is marked as needing
-re-login), 429 (the account rests until the reset time the upstream gives) or 5xx, and also
+re-login, unless its kind can renew the credential: a ChatGPT account refreshes its token and
+is tried once more), 429 (the account rests until the reset time the upstream gives) or 5xx,
+a credential that cannot be had (a refused token refresh needs re-login), and also
 on a stream that ends or sends something other than SSE before its first event. A failed
 attempt moves the request to the next account, up to `upstream_max_attempts`. Other 4xx
 answers are the client's to see and are not retried. Once the first chunk is handed back,
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,6 +24,7 @@ import orjson
 from codex_gateway.config import Settings
 from codex_gateway.errors import (
     NoAccountAvailable,
+    TokenRefreshError,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamStatusError,
@@ -29,7 +32,9 @@ from codex_gateway.errors import (
 )
 from codex_gateway.store.queries import AccountRecord
 from codex_gateway.upstream.client import UpstreamClient, UpstreamResponse
+from codex_gateway.upstream.kinds import AccountKind, Call, Outgoing
 from codex_gateway.upstream.pool import AccountPool, Lease, quota_reset
+from codex_gateway.upstream.quota import QuotaBook
 from codex_gateway.upstream.stickiness import Stickiness
 
 log = logging.getLogger(__name__)
@@ -102,18 +107,20 @@ class Router:
         stickiness: Stickiness,
         settings: Settings,
         observer: AttemptObserver,
+        kinds: Mapping[str, AccountKind],
+        quotas: QuotaBook,
     ):
         self._client = client
         self.pool = pool
         self.stickiness = stickiness
         self._settings = settings
         self._observer = observer
+        self._kinds = kinds
+        self._quotas = quotas
 
     async def send(
         self,
-        path: str,
-        body: bytes,
-        headers_for: Callable[[AccountRecord], dict[str, str]],
+        call: Call,
         conversation: str | None,
         attempts: list[Attempt],
         deadline: float,
@@ -128,40 +135,61 @@ class Router:
                 break
             account = lease.account
             tried.add(account.id)
-            started = time.perf_counter()
             try:
-                answer = await self._attempt(lease, path, body, headers_for(account), deadline)
+                answer = await self._try_account(lease, call, attempts, deadline)
             except UpstreamError as exc:
                 lease.release()
-                attempts.append(Attempt(account.name, "failed", exc.kind, _ms(started), account.id))
-                if isinstance(exc, RefusedByUpstream):
-                    self._observer.upstream_answered(account.name, exc.headers)
-                self._observer.upstream_failed(account.name, exc.kind)
                 self._judge(account, exc)
                 last = exc
                 continue
-            attempts.append(Attempt(account.name, "ok", None, _ms(started), account.id))
-            self._observer.upstream_answered(account.name, answer.response.headers)
             self.pool.succeeded(account)
             if conversation is not None and account.id != preferred:
                 await self.stickiness.put(conversation, account.id)
             return answer
-        raise self._give_up(last, len(attempts))
+        raise self._give_up(last, len(tried))
 
-    async def _attempt(
-        self, lease: Lease, path: str, body: bytes, headers: dict[str, str], deadline: float
+    async def _try_account(
+        self, lease: Lease, call: Call, attempts: list[Attempt], deadline: float
     ) -> Answer:
+        """Try one account; a 401 that its kind answers by renewing the credential (a ChatGPT
+        account's token refresh) earns the same account one more try."""
+        account = lease.account
+        kind = self._kinds[account.kind]
+        for renewed in (False, True):
+            started = time.perf_counter()
+            try:
+                outgoing = await kind.prepare(account, call)
+                answer = await self._attempt(lease, outgoing, deadline)
+            except UpstreamError as exc:
+                attempts.append(Attempt(account.name, "failed", exc.kind, _ms(started), account.id))
+                self._refused(account, exc)
+                if renewed or not _unauthorized(exc) or not await kind.renew(account, outgoing):
+                    raise
+                continue
+            attempts.append(Attempt(account.name, "ok", None, _ms(started), account.id))
+            headers = answer.response.headers
+            self._observer.upstream_answered(account.name, headers)
+            self._quotas.answered(account, answer.response.status, headers)
+            return answer
+        raise AssertionError("unreachable: the second try returns or raises")
+
+    def _refused(self, account: AccountRecord, error: UpstreamError) -> None:
+        if isinstance(error, RefusedByUpstream):
+            self._observer.upstream_answered(account.name, error.headers)
+            self._quotas.answered(account, error.upstream_status, error.headers)
+        self._observer.upstream_failed(account.name, error.kind)
+
+    async def _attempt(self, lease: Lease, outgoing: Outgoing, deadline: float) -> Answer:
         """One try: the first-byte timeout covers the answer's head and a stream's first
         chunk; a whole JSON body, written only once the work is done, has until the deadline."""
         first_byte = self._settings.upstream_first_byte_timeout
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise total_timeout()
-        url = lease.account.base_url + path
         waiting_for_first_byte = remaining > first_byte
         try:
             async with asyncio.timeout(min(first_byte, remaining)) as limit:
-                response = await self._client.post(url, headers, body)
+                response = await self._client.post(outgoing.url, outgoing.headers, outgoing.body)
                 try:
                     if response.status == 200 and response.content_type == "text/event-stream":
                         return await _first_of_stream(lease, response)
@@ -188,6 +216,9 @@ class Router:
             extra={"account": account.name},
         )
         settings = self._settings
+        if isinstance(error, TokenRefreshError) and error.permanent:
+            self.pool.needs_relogin(account, error.reason or error.message)
+            return
         if not isinstance(error, RefusedByUpstream):
             self.pool.failed(account, error.message, settings.upstream_failure_cooldown_seconds)
             return
@@ -196,6 +227,8 @@ class Router:
             self.pool.needs_relogin(
                 account, f"the upstream refused its credentials (HTTP {status})"
             )
+        elif status == 429 and self._quotas.limit_reached(account, _json(error.upstream_body)):
+            return  # a usage wall: the quota book has marked the account until its reset
         elif status == 429:
             until = quota_reset(
                 error.headers,
@@ -220,7 +253,7 @@ class Router:
             f"No upstream account could serve this request ({tried} tried); "
             f"the last one failed: {last.message}"
         )
-        if isinstance(last, RefusedByUpstream):
+        if isinstance(last, RefusedByUpstream | TokenRefreshError):
             return UpstreamStatusError(message, code=last.code, kind=last.kind)
         return type(last)(message, code=last.code, kind=last.kind, detail=last.detail)
 
@@ -254,6 +287,10 @@ async def _first_chunk(chunks: AsyncIterator[bytes]) -> bytes:
             kind="garbage",
         )
     return first
+
+
+def _unauthorized(error: UpstreamError) -> bool:
+    return isinstance(error, RefusedByUpstream) and error.upstream_status == 401
 
 
 def _status_message(status: int) -> str:

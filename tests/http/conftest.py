@@ -1,12 +1,11 @@
-"""What the HTTP tests share: SDK clients closed after each test, two gateway processes on
-one database, and a gateway that reaches its database through a proxy a test can cut."""
+"""What the HTTP tests share: two gateway processes on one database, and a gateway that
+reaches its database through a proxy a test can cut."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import openai
 import pytest
 
 from tests.conftest import (
@@ -20,21 +19,6 @@ from tests.conftest import (
     wait_http,
 )
 from tests.tcp_proxy import TcpProxy
-
-
-@pytest.fixture
-def sdk(gateway: Gateway) -> Iterator[Callable[[str], openai.OpenAI]]:
-    """Make SDK clients for a key; every client is closed after the test."""
-    clients: list[openai.OpenAI] = []
-
-    def make(key: str) -> openai.OpenAI:
-        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
 
 
 @pytest.fixture(scope="module")

@@ -45,13 +45,20 @@ def user(text: str) -> dict[str, Any]:
 def test_a_codex_cli_turn_gets_instructions_store_false_and_stream_true() -> None:
     document = json.loads((CODEX_TURN / f"{CODEX_TURN_NAME}.body.json").read_text())
 
-    body = orjson.loads(shape_body(document, prompt_cache_key="derived"))
+    client_session = document["prompt_cache_key"]
+    derived = "11111111-2222-4333-8444-555555555555"
+
+    body = orjson.loads(shape_body(document, derived, client_session))
 
     assert body["instructions"].startswith("You are a coding agent running in the Codex CLI")
     assert body["store"] is False and body["stream"] is True
     assert [item.get("role") for item in body["input"][:2]] == ["user", "user"]
     assert body["input"][-2:] == document["input"][-2:]  # the tool call and its output
-    assert body["prompt_cache_key"] == "derived"
+    assert body["prompt_cache_key"] == derived
+    # Codex repeats its session id in client_metadata: there too it becomes the derived one
+    assert client_session in json.dumps(document["client_metadata"])
+    assert client_session not in json.dumps(body)
+    assert body["client_metadata"]["thread_id"] == derived
     assert body["include"] == ["reasoning.encrypted_content"]
     assert document["input"][0]["role"] == "developer"  # the client's document is untouched
 
@@ -235,6 +242,13 @@ def test_the_usage_wall_fixture_blocks_the_account_until_its_reset() -> None:
         ),
         # no absolute time: now plus the relative one
         ({"error": {"type": "usage_limit_reached", "resets_in_seconds": 60}}, 1060),
+        # an absolute time already past (a replayed wall, another clock): the relative one
+        (
+            {"error": {"type": "usage_limit_reached", "resets_at": 900, "resets_in_seconds": 60}},
+            1060,
+        ),
+        # a past time with nothing to fall back on is kept: the wall has ended
+        ({"error": {"type": "usage_limit_reached", "resets_at": 900}}, 900),
         # other errors are not a usage wall
         ({"error": {"type": "usage_not_included"}}, None),
         ({"type": "error", "code": "server_error"}, None),

@@ -29,6 +29,10 @@ TRANSCRIPTS = [
     ("responses-incomplete.sse", "response.incomplete", 11),
     ("responses-failed.sse", "response.failed", 3),
     ("responses-error-event.sse", "error", 2),
+    # Codex's remote compaction answered with one compaction item
+    ("responses-compaction.sse", "response.completed", 5),
+    # the ChatGPT backend's usage wall inside a stream: a nested `error` event
+    ("chatgpt-usage-limit-event.sse", "error", 2),
     # a Responses stream cut off before any terminal event
     ("responses-no-terminal.sse", None, 7),
     # Chat Completions streams carry no Responses terminal event
