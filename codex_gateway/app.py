@@ -56,6 +56,7 @@ class Gateway:
             lease_ttl=settings.lease_ttl_seconds,
             idle_seconds=settings.lease_idle_seconds,
         )
+        self.catalog.on_limits = self.admission.limits_changed
         self.client = UpstreamClient(
             connect_timeout=settings.upstream_connect_timeout,
             read_timeout=settings.upstream_read_timeout,

@@ -3,13 +3,16 @@
 Every administrative write bumps one revision number; each gateway process polls it and
 reloads when it moves, so a revoked key or a new price reaches every process within one poll
 interval without a database round trip per request. Balances are not cached here: admission
-holds requests against balance leases (billing/admission.py).
+holds requests against balance leases (billing/admission.py). When a reload shows a key's cap,
+expiry or revocation changed, or a correction lowered a user's balance, `on_limits` hears of
+those keys and users, so admission hands their unused leases back at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -25,6 +28,9 @@ MAX_UNKNOWN_KEYS = 10_000
 # Account kinds the relay can send to; a gateway without a secret key leaves out `chatgpt`.
 RELAYED_KINDS = frozenset({"openai", "chatgpt"})
 
+# Told the users and keys whose limits moved: (user ids, key ids).
+OnLimits = Callable[[set[int], set[int]], Awaitable[None]]
+
 
 class Catalog:
     def __init__(self, store: Store, kinds: frozenset[str] = RELAYED_KINDS):
@@ -37,6 +43,7 @@ class Catalog:
         self._unknown_keys: set[str] = set()
         self.traced_keys: frozenset[int] = frozenset()
         self._lock = asyncio.Lock()
+        self.on_limits: OnLimits | None = None
 
     async def refresh(self) -> None:
         """Reload everything if the revision moved; read first, then swap in together."""
@@ -48,11 +55,16 @@ class Catalog:
             prices = PriceTable(await self._store.prices())
             accounts = await self._store.accounts()
             traced_keys = await self._store.traced_keys()
+            first, previous = self.revision < 0, self.revision
+            lowered = set() if first else await self._store.lowered_since(previous)
+            changed = _changed_keys(self.keys, keys)
             self.keys, self.prices, self.accounts = keys, prices, accounts
             self.traced_keys = traced_keys
             self._unknown_keys.clear()
             self.revision = revision
             log.debug("catalog reloaded at revision %d", revision)
+        if (lowered or changed) and self.on_limits is not None:
+            await self.on_limits(lowered, changed)
 
     async def key(self, key_hash: str) -> KeyRecord | None:
         """The active key with this hash; a key created since the last poll is looked up."""
@@ -89,3 +101,9 @@ class Catalog:
                 await self.refresh()
             except Exception:  # the next poll retries; requests keep the last good snapshot
                 log.warning("catalog refresh failed", exc_info=True)
+
+
+def _changed_keys(old: dict[str, KeyRecord], new: dict[str, KeyRecord]) -> set[int]:
+    """Keys whose cap, expiry or revocation changed, or that are no longer active."""
+    now = {record.id: record.limits() for record in new.values()}
+    return {record.id for record in old.values() if now.get(record.id) != record.limits()}

@@ -7,6 +7,11 @@ not, the process asks for a larger slice, which the database grants only from wh
 process has set aside. So all processes together never admit more than the balance, and an
 unused lease is handed back after a short idle time. A key with a USD cap is admitted the
 same way against a second lease, a slice of the cap.
+
+When a limit moves under a lease (a cap lowered, a key revoked or its expiry changed, a
+correction that lowers a balance), the catalog tells admission, which hands back the unused
+part of those leases at once; the next request leases again against the new limit. A capped
+key is also checked in memory against the spending the catalog last loaded.
 """
 
 from __future__ import annotations
@@ -128,6 +133,26 @@ class _Leases:
                 "request, so it accepts no new requests; retry in a moment."
             ) from None
 
+    def held(self, owner_id: int) -> Decimal:
+        lease = self.leases.get(owner_id)
+        return lease.held if lease else ZERO
+
+    async def return_spare(self, owner_id: int) -> Decimal:
+        """Hand back what the owner's lease holds beyond its requests in flight.
+
+        The lease shrinks in memory before the database is asked, so no request admitted
+        meanwhile can use money that is on its way back.
+        """
+        lease = self.leases.get(owner_id)
+        if lease is None:
+            return ZERO
+        async with lease.lock:
+            spare = MONEY.subtract(lease.leased, lease.held)
+            if spare <= 0:
+                return ZERO
+            lease.leased = lease.held
+            return await self._store.release_lease(owner_id, self._holder, spare, self.scope)
+
     def settled(self, owner_id: int, estimate: Decimal, consumed: Decimal) -> None:
         """A hold ends, and `consumed` of the request's cost left the lease."""
         lease = self.leases.get(owner_id)
@@ -144,12 +169,8 @@ class _Leases:
                 # The database is the truth: a lease taken away from a stalled process is gone.
                 lease.leased = min(lease.leased, stored.get((self.scope.name, owner_id), ZERO))
                 idle = time.monotonic() - lease.idle_since > idle_seconds
-                spare = MONEY.subtract(lease.leased, lease.held)
-                if idle and lease.held == 0 and spare > 0:
-                    returned = await self._store.release_lease(
-                        owner_id, self._holder, spare, self.scope
-                    )
-                    lease.leased = MONEY.subtract(lease.leased, returned)
+            if idle and lease.held == 0:
+                await self.return_spare(owner_id)
 
     async def close(self) -> None:
         for owner_id, lease in self.leases.items():
@@ -175,8 +196,20 @@ class Admission:
         self._keys = _Leases(store, KEY_LEASES, self.holder)
 
     def held(self, user_id: int) -> Decimal:
-        lease = self._users.leases.get(user_id)
-        return lease.held if lease else ZERO
+        return self._users.held(user_id)
+
+    async def limits_changed(self, user_ids: set[int], key_ids: set[int]) -> None:
+        """Hand back the unused leases of users and keys whose limits moved."""
+        for leases, owners in ((self._users, user_ids), (self._keys, key_ids)):
+            for owner_id in sorted(owners):
+                returned = await leases.return_spare(owner_id)
+                if returned:
+                    log.info(
+                        "returned $%s of the %s %d's lease: its limit changed",
+                        plain(returned),
+                        leases.scope.name,
+                        owner_id,
+                    )
 
     async def admit(self, user_id: int, estimate: Decimal, key: KeyRecord | None = None) -> Hold:
         """Hold `estimate` for a request, or refuse it with insufficient_quota.
@@ -190,7 +223,7 @@ class Admission:
             )
         if key is None or key.cap is None:
             return Hold(estimate, ZERO)
-        if not await self._key_take(user_id, key, estimate):
+        if not self._within_cap(key, estimate) or not await self._key_take(user_id, key, estimate):
             raise InsufficientQuota(
                 f"This API key reached its spending cap of ${plain(key.cap)}: what it spent "
                 "and holds for requests in flight leaves no room for this request's largest "
@@ -198,6 +231,16 @@ class Admission:
                 code="key_cap_reached",
             )
         return Hold(estimate, estimate)
+
+    def _within_cap(self, key: KeyRecord, estimate: Decimal) -> bool:
+        """Whether what the key spent (as last loaded), holds here, and this request fit its
+        cap; a request refused here gives back its hold on the user's balance."""
+        assert key.cap is not None
+        known = MONEY.add(MONEY.add(key.spent, self._keys.held(key.id)), estimate)
+        if known <= key.cap:
+            return True
+        self._users.settled(key.user_id, estimate, ZERO)
+        return False
 
     async def _key_take(self, user_id: int, key: KeyRecord, estimate: Decimal) -> bool:
         try:

@@ -98,10 +98,10 @@ def users_refund(
     name: str, usd: Decimal, reason: str, operator: str, request_id: str | None
 ) -> None:
     """Give USD back to a user, as a ledger entry with its reason and operator."""
-    balance = with_store(
+    done = with_store(
         lambda store: store.correct(name, "refund", usd, reason, operator, request_id)
     )
-    click.echo(f"{name}: refunded ${plain(usd)}; balance is now ${plain(balance)}")
+    click.echo(f"{name}: refunded ${plain(usd)}; balance is now ${plain(done.balance)}")
 
 
 @users.command("adjust", context_settings={"ignore_unknown_options": True})
@@ -119,8 +119,15 @@ def users_adjust(name: str, usd: str, reason: str, operator: str) -> None:
     if magnitude == 0:
         raise click.BadParameter("must not be 0", param_hint="USD")
     amount = magnitude.copy_negate() if negative else magnitude
-    balance = with_store(lambda store: store.correct(name, "adjustment", amount, reason, operator))
-    click.echo(f"{name}: adjusted by ${plain(amount)}; balance is now ${plain(balance)}")
+    done = with_store(lambda store: store.correct(name, "adjustment", amount, reason, operator))
+    click.echo(f"{name}: adjusted by ${plain(amount)}; balance is now ${plain(done.balance)}")
+    if amount < 0 and done.balance < done.reserved:
+        click.echo(
+            f"warning: the balance is now below the ${plain(done.reserved)} that gateway "
+            f"processes hold for {name}'s requests; their open leases are being returned "
+            "within one catalog poll, and requests that no longer fit are refused.",
+            err=True,
+        )
 
 
 @users.command("list")

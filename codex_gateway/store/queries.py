@@ -53,6 +53,20 @@ class KeyRecord:
     cap: Decimal | None = None
     expires_at: datetime | None = None
     models: frozenset[str] | None = None
+    # What the key had spent when the catalog loaded it; admission adds its own holds.
+    spent: Decimal = ZERO
+
+    def limits(self) -> tuple[Decimal | None, datetime | None, bool]:
+        """What, when it changes, makes processes hand back the key's lease."""
+        return self.cap, self.expires_at, self.revoked
+
+
+@dataclass(frozen=True)
+class Corrected:
+    """A user's balance after a correction, and how much of it processes hold in leases."""
+
+    balance: Decimal
+    reserved: Decimal
 
 
 @dataclass(frozen=True)
@@ -77,12 +91,16 @@ _KEY_COLUMNS = (
     ApiKey.cap_usd,
     ApiKey.expires_at,
     ApiKey.models,
+    ApiKey.spent_usd,
 )
 
 
 def _key_record(row: Sequence[Any]) -> KeyRecord:
     models = frozenset(orjson.loads(row[7])) if row[7] is not None else None
-    return KeyRecord(row[0], row[1], row[2], row[3], row[4] is not None, row[5], row[6], models)
+    spent = Decimal(str(row[8])) if row[8] is not None else ZERO
+    return KeyRecord(
+        row[0], row[1], row[2], row[3], row[4] is not None, row[5], row[6], models, spent
+    )
 
 
 @dataclass(frozen=True)
@@ -200,10 +218,18 @@ class Store:
         return int(value or 0)
 
     @staticmethod
-    async def _bump(conn: AsyncConnection) -> None:
+    async def _bump(conn: AsyncConnection) -> int:
+        """Move the revision on; returns the new one (committed with the transaction)."""
         await conn.execute(
             update(Revision).where(Revision.id == 1).values(value=Revision.value + 1)
         )
+        return int(await conn.scalar(select(Revision.value).where(Revision.id == 1)) or 0)
+
+    async def lowered_since(self, revision: int) -> set[int]:
+        """Users whose balance a correction lowered after `revision`."""
+        async with self._read() as conn:
+            rows = await conn.scalars(select(User.id).where(User.lowered_at_revision > revision))
+            return set(rows.all())
 
     # -- users -------------------------------------------------------------------------------
 
@@ -241,18 +267,23 @@ class Store:
         reason: str,
         operator: str,
         refers_to: str | None = None,
-    ) -> Decimal:
+    ) -> Corrected:
         """A refund or adjustment: a new ledger entry with its reason and operator.
 
         A refund that names a request must be that user's, and all refunds of one request
-        together never exceed what it cost.
+        together never exceed what it cost. A correction that lowers the balance marks the
+        user with the new revision, so every process hands back its unused leases of the user
+        and leases again against the lower balance.
         """
         async with self.engine.begin() as conn:
             user_id, balance = await self._user_for_update(conn, name)
             if refers_to is not None:
                 await self._check_refund(conn, user_id, refers_to, amount)
             new_balance = MONEY.add(balance, amount)
-            await conn.execute(update(User).where(User.id == user_id).values(balance=new_balance))
+            values: dict[str, Any] = {"balance": new_balance}
+            if amount < 0:
+                values["lowered_at_revision"] = await self._bump(conn)
+            await conn.execute(update(User).where(User.id == user_id).values(values))
             await conn.execute(
                 insert(LedgerEntry).values(
                     user_id=user_id,
@@ -265,8 +296,10 @@ class Store:
                     created_at=now(),
                 )
             )
-            await self._bump(conn)
-        return new_balance
+            if amount >= 0:
+                await self._bump(conn)
+            reserved = await conn.scalar(select(User.reserved).where(User.id == user_id))
+        return Corrected(new_balance, Decimal(str(reserved)))
 
     @staticmethod
     async def _check_refund(
@@ -526,9 +559,7 @@ class Store:
                 .where(UpstreamAccount.id == account_id)
                 .values(state=state, state_reason=reason, state_until=until)
             )
-            await self._bump(conn)
-            revision = await conn.scalar(select(Revision.value).where(Revision.id == 1))
-        return int(revision or 0)
+            return await self._bump(conn)
 
     # -- prices ------------------------------------------------------------------------------
 

@@ -48,6 +48,9 @@ class User(Base):
     # The part of the balance set aside by gateway processes' leases (see BalanceLease).
     reserved: Mapped[Decimal] = mapped_column(Money, nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    # The revision of the last correction that lowered the balance: processes that see it
+    # hand back this user's unused leases and lease again against the lower balance.
+    lowered_at_revision: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class _Lease:

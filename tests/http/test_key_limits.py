@@ -112,3 +112,68 @@ def test_a_model_outside_the_allowlist_is_refused_before_any_upstream_call(
     assert sandbox.requests() == []
     listed = key_row(gateway, key)
     assert listed["models"] == '["gpt-5.1-codex-mini","gpt-5-codex"]'
+
+
+def settled_pair(gateway: Gateway, second_url: str, key: str) -> None:
+    """Two requests through each process, so that both hold leases for the key's owner."""
+    headers = {"Authorization": f"Bearer {key}"}
+    for url in (gateway.url, second_url, gateway.url, second_url):
+        response = httpx.post(url + "/v1/responses", content=BODY, headers=headers)
+        assert response.status_code == 200
+
+
+def refusals(gateway: Gateway, second_url: str, key: str) -> list[tuple[int, str]]:
+    headers = {"Authorization": f"Bearer {key}"}
+    answers = []
+    for url in (gateway.url, second_url):
+        response = httpx.post(url + "/v1/responses", content=BODY, headers=headers)
+        answers.append((response.status_code, response.json().get("error", {}).get("code")))
+    return answers
+
+
+def test_lowering_a_cap_stops_the_key_in_both_processes_within_a_poll(
+    two_gateways: tuple[Gateway, str],
+) -> None:
+    gateway, second_url = two_gateways
+    user, _ = gateway.new_user("1000")
+    key = new_key(gateway, user, "--cap", str(100 * LARGEST))
+    time.sleep(0.5)
+    settled_pair(gateway, second_url, key)
+    deadline = time.monotonic() + 20
+    while Decimal(str(key_row(gateway, key)["spent"])) < 4 * COST:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+    gateway.cli("keys", "update", str(key_row(gateway, key)["id"]), "--cap", str(4 * COST))
+    time.sleep(0.6)  # three catalog polls
+
+    assert refusals(gateway, second_url, key) == [(429, "key_cap_reached")] * 2
+    row = key_row(gateway, key)
+    assert (Decimal(str(row["spent"])), Decimal(str(row["held"]))) == (4 * COST, 0)
+    assert "ok:" in gateway.cli("ledger", "verify").stdout
+
+
+def test_a_negative_adjustment_stops_spending_from_granted_leases(
+    two_gateways: tuple[Gateway, str],
+) -> None:
+    gateway, second_url = two_gateways
+    user, key = gateway.new_user(str(100 * LARGEST))
+    time.sleep(0.5)
+    settled_pair(gateway, second_url, key)
+    deadline = time.monotonic() + 20
+    while len(gateway.cli_json("usage", "list", "--user", user)) < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    take = Decimal(gateway.balance(user)) - Decimal("0.01")
+
+    adjusted = gateway.cli(
+        "users", "adjust", user, f"-{take}", "--reason", "chargeback", "--operator", "me"
+    )
+    time.sleep(0.6)  # three catalog polls
+
+    assert "open leases are being returned" in adjusted.stderr
+    assert refusals(gateway, second_url, key) == [(429, "insufficient_quota")] * 2
+    assert Decimal(gateway.balance(user)) == Decimal("0.01")
+    users = gateway.cli_json("users", "list")
+    assert next(Decimal(str(u["reserved"])) for u in users if u["name"] == user) == 0
+    assert "ok:" in gateway.cli("ledger", "verify").stdout
