@@ -41,6 +41,7 @@ class Settings:
     upstream_total_timeout: float = 3600.0
     upstream_pool_size: int = 512
     hold_output_tokens: int = 32_768
+    hold_context_tokens: int = 400_000
     lease_ttl_seconds: float = 60.0
     lease_renew_seconds: float = 5.0
     lease_idle_seconds: float = 10.0
@@ -189,6 +190,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "upstream_total_timeout": _positive_float,
     "upstream_pool_size": _positive_int,
     "hold_output_tokens": _positive_int,
+    "hold_context_tokens": _positive_int,
     "lease_ttl_seconds": _positive_float,
     "lease_renew_seconds": _positive_float,
     "lease_idle_seconds": _positive_float,

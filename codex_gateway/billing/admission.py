@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 
 # Tokens of input the upstream may add to what the request carries (its own system text).
 INPUT_ALLOWANCE_TOKENS = 1_000
+# Top-level fields that make the upstream read input the body does not carry.
+STORED_INPUT_FIELDS = ("previous_response_id", "conversation", "prompt")
+# Byte hints of input items that point elsewhere (files, images by URL); checked before any walk.
+_POINTER_HINTS = (b'"file_id"', b'"file_url"', b'"image_url"')
 # A new lease covers up to this many requests like the one asking (and at most half of what
 # is unreserved), so most requests find room without asking the database again.
 LEASE_REQUESTS = 16
@@ -63,11 +67,17 @@ NO_HOLD = Hold(ZERO)
 
 
 def estimate_hold(
-    price: Price, body_bytes: int, max_output_tokens: object, default_output_tokens: int
+    price: Price,
+    body_bytes: int,
+    max_output_tokens: object,
+    default_output_tokens: int,
+    context_tokens: int = 0,
 ) -> Decimal:
     """The most a request can cost: every body byte a token, plus the largest output.
 
-    A token is at least one byte of text, so the body's length bounds its input tokens.
+    A token is at least one byte of text, so the body's length bounds its input tokens,
+    unless the request makes the upstream read input it does not carry; then the caller
+    passes the model's context window as `context_tokens`, which bounds the input instead.
     Output is bounded by the request's `max_output_tokens`, else by the default cap.
     """
     output = (
@@ -77,10 +87,36 @@ def estimate_hold(
         and max_output_tokens > 0
         else default_output_tokens
     )
-    input_cost = MONEY.multiply(Decimal(body_bytes + INPUT_ALLOWANCE_TOKENS), price.input)
+    input_tokens = max(body_bytes + INPUT_ALLOWANCE_TOKENS, context_tokens)
+    input_cost = MONEY.multiply(Decimal(input_tokens), price.input)
     output_cost = MONEY.multiply(Decimal(output), price.output)
     total = MONEY.divide(MONEY.add(input_cost, output_cost), MILLION)
     return MONEY.multiply(total, price.markup)
+
+
+def reads_stored_input(document: dict[str, Any], body: bytes) -> bool:
+    """Whether the upstream may bill input the body does not carry: an earlier response or
+    conversation, a stored prompt, a file by id or URL, or an image by URL."""
+    if any(document.get(name) for name in STORED_INPUT_FIELDS):
+        return True
+    if not any(hint in body for hint in _POINTER_HINTS):
+        return False
+    return _points_elsewhere(document.get("input"))
+
+
+def _points_elsewhere(value: object) -> bool:
+    if isinstance(value, list):
+        return any(_points_elsewhere(item) for item in value)
+    if not isinstance(value, dict):
+        return False
+    if value.get("file_id") or value.get("file_url"):
+        return True
+    image = value.get("image_url")
+    if isinstance(image, dict):
+        image = image.get("url")
+    if isinstance(image, str) and not image.startswith("data:"):
+        return True
+    return _points_elsewhere(value.get("content"))
 
 
 @dataclass

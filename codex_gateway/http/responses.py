@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from codex_gateway.billing.admission import estimate_hold
+from codex_gateway.billing.admission import estimate_hold, reads_stored_input
 from codex_gateway.billing.pricing import Price
 from codex_gateway.billing.settlement import Outcome
 from codex_gateway.errors import (
@@ -116,12 +116,19 @@ async def hold(
     gateway: Gateway, key: KeyRecord, request: ResponsesRequest, outcome: Outcome
 ) -> None:
     """Hold the request's largest possible cost against the user's balance (and the key's
-    cap), and journal the hold so that a crash cannot leave it open."""
+    cap), and journal the hold so that a crash cannot leave it open.
+
+    A request that makes the upstream read input it does not carry holds for the context
+    window, since its body's size says nothing of that input.
+    """
+    settings = gateway.settings
+    stored = reads_stored_input(request.document, request.body)
     estimate = estimate_hold(
         outcome.price,
         len(request.body),
         request.document.get("max_output_tokens"),
-        gateway.settings.hold_output_tokens,
+        settings.hold_output_tokens,
+        settings.hold_context_tokens if stored else 0,
     )
     held = await gateway.admission.admit(key.user_id, estimate, key)
     outcome.hold, outcome.key_hold = held.user, held.key

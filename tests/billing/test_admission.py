@@ -9,6 +9,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import orjson
 import pytest
 
 from codex_gateway.billing.admission import (
@@ -17,6 +18,7 @@ from codex_gateway.billing.admission import (
     Admission,
     Hold,
     estimate_hold,
+    reads_stored_input,
 )
 from codex_gateway.billing.pricing import Price
 from codex_gateway.billing.settler import Settler
@@ -170,3 +172,39 @@ async def test_an_unreachable_database_fails_closed() -> None:
         assert gate.held(1) == 0
     finally:
         await engine.dispose()
+
+
+def test_a_request_reading_stored_input_holds_the_context_window() -> None:
+    held = estimate_hold(CODEX, 100, 1000, 32768, context_tokens=400_000)
+    assert held == (Decimal(400_000) * Decimal("1.25") + 1000 * 10) / 10**6
+
+
+def test_a_body_larger_than_the_context_window_still_bounds_the_input() -> None:
+    held = estimate_hold(CODEX, 500_000, 1000, 32768, context_tokens=400_000)
+    assert held == (Decimal(501_000) * Decimal("1.25") + 1000 * 10) / 10**6
+
+
+STORED_INPUT = [
+    # top-level fields that make the upstream read earlier input
+    ({"input": "x", "previous_response_id": "resp_1"}, True),
+    ({"input": "x", "conversation": "conv_1"}, True),
+    ({"prompt": {"id": "pmpt_1"}}, True),
+    ({"input": "x", "previous_response_id": None}, False),
+    # input items that point at files or images elsewhere
+    ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, True),
+    ({"input": [{"type": "input_file", "file_url": "https://a/b.pdf"}]}, True),
+    ({"input": [{"content": [{"type": "input_image", "image_url": "https://a/i.png"}]}]}, True),
+    ({"messages": [], "input": [{"content": [{"image_url": {"url": "https://a/i"}}]}]}, True),
+    # everything the body carries itself
+    ({"input": [{"content": [{"image_url": "data:image/png;base64,AA"}]}]}, False),
+    ({"input": "the words file_id and image_url in plain text"}, False),
+    ({"input": "hi", "prompt_cache_key": "k"}, False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("document", "expected"), STORED_INPUT)
+def test_requests_that_read_input_they_do_not_carry(
+    document: dict[str, object], expected: bool
+) -> None:
+    body = orjson.dumps(document)
+    assert reads_stored_input(document, body) is expected
