@@ -102,19 +102,36 @@ def _open(output: Path | None) -> IO[str]:
     return output.open("w", encoding="utf-8", newline="")
 
 
-def read_rows(path: Path, fmt: str | None) -> Iterator[dict[str, Any]]:
-    """Rows of a CSV or JSON-lines file, with progress on stderr for large files."""
+def read_rows(path: Path, fmt: str | None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Rows of a CSV or JSON-lines file with the line each starts on, with progress on stderr
+    for large files. A JSON line that does not parse is an empty row, so it is reported."""
     kind = fmt or ("jsonl" if path.suffix in (".jsonl", ".json", ".ndjson") else "csv")
     with path.open(encoding="utf-8", newline="") as handle:
-        rows: Iterator[dict[str, Any]] = (
-            iter(csv.DictReader(handle))
-            if kind == "csv"
-            else (orjson.loads(line) for line in handle if line.strip())
-        )
+        rows = _csv_rows(handle) if kind == "csv" else _json_rows(handle)
         for count, row in enumerate(rows, 1):
             if count % PROGRESS_EVERY == 0:
                 click.echo(f"read {count:,} rows of {path.name}…", err=True)
             yield row
+
+
+def _csv_rows(handle: IO[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    reader = csv.DictReader(handle)
+    _ = reader.fieldnames  # reads the header, so line_num counts from it
+    line = reader.line_num + 1
+    for row in reader:
+        yield line, row
+        line = reader.line_num + 1
+
+
+def _json_rows(handle: IO[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    for number, line in enumerate(handle, 1):
+        if not line.strip():
+            continue
+        try:
+            row = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            row = {"cost_usd": line.strip()[:40]}
+        yield number, row if isinstance(row, dict) else {"cost_usd": str(row)[:40]}
 
 
 @click.command("reconcile")
@@ -144,7 +161,7 @@ def reconcile_command(
     Our rows are those in the days the file covers, unless --from/--to say otherwise.
     """
     mapping = dict(_pair(item) for item in mappings)
-    theirs = [normalise(row, mapping) for row in read_rows(file, fmt)]
+    theirs = [normalise(row, mapping, line) for line, row in read_rows(file, fmt)]
     days = sorted({record.day for record in theirs if record.day})
     if start is None and days:
         start = datetime.fromisoformat(days[0]).replace(tzinfo=UTC)
@@ -170,7 +187,9 @@ def _pair(item: str) -> tuple[str, str]:
 def render(report: Report, show: int) -> str:
     lines = [
         f"matched {report.matched}, mismatched {len(report.mismatched)}, "
-        f"missing from theirs {len(report.missing)}, extra in theirs {len(report.extra)}"
+        f"missing from theirs {len(report.missing)}, extra in theirs {len(report.extra)}, "
+        f"listed twice {len(report.duplicates)}, unreadable {len(report.unreadable)}, "
+        f"days that differ {len(report.day_mismatches)}"
     ]
     for mistake, count in report.mistakes().items():
         lines.append(f"  likely mistake in {count} rows: {mistake}")
@@ -182,6 +201,9 @@ def render(report: Report, show: int) -> str:
         )
     lines += [f"  missing from theirs: {rid}" for rid in report.missing[:show]]
     lines += [f"  extra in theirs: {rid}" for rid in report.extra[:show]]
+    lines += [f"  listed twice in theirs: {where}" for where in report.duplicates[:show]]
+    lines += [f"  unreadable in theirs: {where}" for where in report.unreadable[:show]]
+    lines += [f"  day differs: {day}" for day in report.day_mismatches]
     lines.append("per day (rows ours/theirs, cost ours/theirs):")
     for day, totals in sorted(report.days.items()):
         lines.append(

@@ -90,3 +90,46 @@ def test_columns_can_be_mapped_by_the_operator() -> None:
     row = {"rid": "req_1", "tokens_in": "11771", "tokens_out": "306"}
     mapping = {"rid": "request_id", "tokens_in": "input_tokens", "tokens_out": "output_tokens"}
     assert reconcile([normalise(OURS)], [normalise(row, mapping)]).clean
+
+
+def test_a_request_listed_twice_is_not_clean() -> None:
+    their_rows = [normalise(theirs(), line=2), normalise(theirs(), line=3)]
+    report = reconcile([normalise(OURS)], their_rows)
+    assert report.duplicates == ["req_1 at line 3 (first at line 2)"]
+    assert not report.clean
+
+
+# a value in their row that is not a plain number, as the report names it
+UNREADABLE = [
+    (theirs(input_tokens="abc"), "input_tokens='abc'"),
+    (theirs(input_tokens="1e3"), "input_tokens='1e3'"),
+    (theirs(output_tokens=""), "output_tokens=''"),
+    (theirs(cost_usd=""), "cost_usd=''"),
+    (theirs(cost_usd="free"), "cost_usd='free'"),
+    (theirs(cost_usd="NaN"), "cost_usd='NaN'"),
+    (theirs(reasoning_tokens="-3"), "reasoning_tokens='-3'"),
+]
+
+
+@pytest.mark.parametrize(("row", "named"), UNREADABLE)
+def test_an_unreadable_value_is_reported_with_its_line(row: dict[str, Any], named: str) -> None:
+    report = reconcile([normalise(OURS)], [normalise(row, line=7)])
+    assert report.unreadable == [f"line 7 (req_1): {named}"]
+    assert not report.clean
+
+
+def test_json_numbers_are_read_as_numbers() -> None:
+    row = theirs(input_tokens=11771, cost_usd=0.004875625)
+    assert reconcile([normalise(OURS)], [normalise(row)]).clean
+
+
+def test_a_row_moved_to_another_day_is_a_day_that_differs() -> None:
+    other = {**OURS, "request_id": "req_2", "response_id": "resp_2"}
+    moved = {**other, "started_at": "2026-12-05T01:00:00+00:00"}
+    report = reconcile([normalise(OURS), normalise(other)], [normalise(OURS), normalise(moved)])
+    assert report.matched == 2
+    assert report.day_mismatches == [
+        "2026-12-04: 2 rows $0.00975125 ours, 1 rows $0.004875625 theirs",
+        "2026-12-05: 0 rows $0 ours, 1 rows $0.004875625 theirs",
+    ]
+    assert not report.clean

@@ -91,3 +91,32 @@ def test_progress_is_shown_for_large_files(
     monkeypatch.setattr(reconcile_cli, "PROGRESS_EVERY", 1)
     result = gateway.cli("reconcile", str(exported), check=False)
     assert f"read 3 rows of {exported.name}" in result.stderr
+
+
+def test_a_duplicated_row_and_unreadable_values_are_reported_by_line(
+    gateway: Gateway, exported: Path, tmp_path: Path
+) -> None:
+    rows = rows_of(exported)
+    broken = dict(rows[1], input_tokens="abc", cost_usd="free")
+    their_rows = [rows[0], rows[0], broken, rows[2]]
+    result = gateway.cli("reconcile", str(write(tmp_path / "theirs.csv", their_rows)), check=False)
+    assert result.returncode == 1
+    assert f"listed twice in theirs: {rows[0]['request_id']} at line 3 (first at line 2)" in (
+        result.stdout
+    )
+    assert (
+        f"unreadable in theirs: line 4 ({rows[1]['request_id']}): input_tokens='abc', "
+        "cost_usd='free'" in result.stdout
+    )
+    assert "clean" not in result.stdout.splitlines()[-1]
+
+
+def test_a_broken_json_line_is_reported_not_skipped(
+    gateway: Gateway, exported: Path, tmp_path: Path
+) -> None:
+    lines = [json.dumps(row) for row in rows_of(exported)]
+    their_file = tmp_path / "theirs.jsonl"
+    their_file.write_text("\n".join([*lines, '{"request_id": "req_x", "cost']) + "\n")
+    result = gateway.cli("reconcile", str(their_file), check=False)
+    assert result.returncode == 1
+    assert "unreadable in theirs: line 4" in result.stdout
