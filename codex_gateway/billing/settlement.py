@@ -35,6 +35,7 @@ FLAG_EXCEEDED_HOLD = "exceeded_hold"
 FLAG_TRUNCATED = "upstream_field_truncated"
 MAX_TEXT = 200
 UNBILLABLE_FLAGS = frozenset({FLAG_INVALID, FLAG_MISSING})
+PRICE_COLUMNS = ("price_model", "price_input", "price_cached_input", "price_output", "markup")
 REVIEW_FLAGS = frozenset({FLAG_INVALID, FLAG_CACHED_OVER_INPUT, FLAG_REASONING_OVER_OUTPUT})
 
 
@@ -263,14 +264,27 @@ def explain(row: dict[str, Any]) -> str:
         f"   (cached reported: {row['cached_tokens']})",
         f"   output {row['output_tokens']} (of which reasoning {row['reasoning_tokens']})",
         "",
-        f"3. prices for {row['price_model']} (USD per 1M tokens)",
-        f"   input {plain(row['price_input'])}   cached input {plain(row['price_cached_input'])}"
-        f"   output {plain(row['price_output'])}   markup x{plain(row['markup'])}",
+        *_price_lines(row),
         "",
         "4. cost",
     ]
     lines.extend(_cost_lines(row))
     return "\n".join(lines)
+
+
+def _priced(row: dict[str, Any]) -> bool:
+    """Whether the row keeps a price snapshot (a request released as interrupted has none)."""
+    return all(row.get(name) is not None for name in PRICE_COLUMNS)
+
+
+def _price_lines(row: dict[str, Any]) -> list[str]:
+    if not _priced(row):
+        return ["3. prices: none recorded (the request was never priced)"]
+    return [
+        f"3. prices for {row['price_model']} (USD per 1M tokens)",
+        f"   input {plain(row['price_input'])}   cached input {plain(row['price_cached_input'])}"
+        f"   output {plain(row['price_output'])}   markup x{plain(row['markup'])}",
+    ]
 
 
 def _attempt_lines(attempts: str | None) -> list[str]:
@@ -287,12 +301,13 @@ def _attempt_lines(attempts: str | None) -> list[str]:
 
 def _cost_lines(row: dict[str, Any]) -> list[str]:
     unusable = [flag for flag in orjson.loads(row["flags"]) if flag in UNBILLABLE_FLAGS]
-    if unusable:
-        return [
-            f"   not billed: {', '.join(unusable)} (the upstream reported no usable usage)",
-            "",
-            f"   total charged: ${plain(row['cost_usd'])}",
-        ]
+    if unusable or not _priced(row):
+        reason = (
+            f"{', '.join(unusable)} (the upstream reported no usable usage)"
+            if unusable
+            else f"{row['status']} (no prices recorded)"
+        )
+        return [f"   not billed: {reason}", "", f"   total charged: ${plain(row['cost_usd'])}"]
     cached_billed = row["input_tokens"] - row["uncached_input_tokens"]
     terms = [
         (

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
+from codex_gateway.billing.journal import interrupted_row
 from codex_gateway.billing.pricing import PriceTable
 from codex_gateway.billing.settlement import (
     FLAG_MODEL_MISMATCH,
@@ -428,3 +429,37 @@ def test_a_cost_above_its_hold_is_billed_in_full_and_flagged(hold: Decimal, flag
     row = bill(state, PRICES)
     assert row["cost_usd"] == Decimal("0.114295")
     assert ("exceeded_hold" in flags(row)) is flagged
+
+
+def interrupted() -> dict[str, Any]:
+    """The row recovery writes for a hold whose usage never reached the journal."""
+    known = {
+        "request_id": "req_cut",
+        "started_at": "2026-12-04T16:00:00+00:00",
+        "user_id": 1,
+        "endpoint": "responses",
+        "model": "gpt-5.1-codex",
+        "stream": True,
+    }
+    return interrupted_row(known)
+
+
+ZERO_USAGE = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+
+
+@pytest.mark.parametrize(
+    ("row", "said"),
+    [
+        # released by recovery: no prices, no usage
+        pytest.param(
+            interrupted(), "not billed: interrupted (no prices recorded)", id="interrupted"
+        ),
+        # priced, but the upstream used nothing
+        pytest.param(bill(outcome(usage=ZERO_USAGE), PRICES), "0 x 10 / 1,000,000 = 0", id="zero"),
+    ],
+)
+def test_explain_reads_rows_without_prices_or_usage(row: dict[str, Any], said: str) -> None:
+    text = explain(row)
+
+    assert said in text
+    assert "total charged: $0" in text
