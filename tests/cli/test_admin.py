@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import shlex
 from collections.abc import Iterator
 from decimal import Decimal
 
@@ -16,7 +18,7 @@ from sqlalchemy import update
 from codex_gateway.store.db import create_engine
 from codex_gateway.store.queries import Store
 from codex_gateway.store.tables import User
-from tests.conftest import Gateway, make_gateway
+from tests.conftest import ROOT, Gateway, make_gateway
 from tests.store.test_queries import usage_row
 
 
@@ -225,6 +227,30 @@ def test_refunds_and_adjustments_are_ledger_entries_with_reason_and_operator(
         ("refund", "0.1", "outage", "lead@example.test"),
     ]
     assert "ok:" in db.cli("ledger", "verify").stdout
+
+
+def readme_commands(prefix: str) -> list[list[str]]:
+    """README's command lines that start with `codex-gateway PREFIX`, as an operator would
+    type them: optional `[...]` parts left out, trailing `# comments` dropped."""
+    found = []
+    for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
+        text = line.strip()
+        if not text.startswith(f"codex-gateway {prefix}"):
+            continue
+        text = re.sub(r"\s+#\s.*$", "", re.sub(r"\s*\[[^\]]*\]", "", text))
+        found.append(shlex.split(text)[1:])
+    return found
+
+
+def test_the_readme_user_commands_run_as_written(db: Gateway) -> None:
+    commands = readme_commands("users ")
+    assert any(command[:2] == ["users", "adjust"] for command in commands)
+
+    for command in commands:
+        result = db.cli(*command, check=False)
+        assert result.returncode == 0, (command, result.stderr)
+
+    assert db.balance("alice") == "24.6"
 
 
 def test_a_refund_of_a_request_is_bounded_by_what_it_cost(db: Gateway) -> None:
