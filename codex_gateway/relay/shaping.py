@@ -6,6 +6,8 @@ A body that already has `input` goes upstream byte for byte. A body with Chat-st
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +17,8 @@ import orjson
 from codex_gateway.errors import InvalidRequest
 
 MAX_MODEL_LENGTH = 200
+# What follows a string that is an object's key: JSON whitespace, then a colon.
+_KEY_END = re.compile(rb"[ \t\r\n]*:")
 
 # Client headers that describe the client's own connection or credentials, never forwarded.
 _DROPPED_HEADERS = frozenset(
@@ -111,7 +115,52 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
     if not isinstance(document, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    if _may_repeat_a_key(document, raw):
+        _refuse_repeated_keys(raw)
     return document
+
+
+def _may_repeat_a_key(document: dict[str, Any], raw: bytes) -> bool:
+    """Whether the body could name a top-level key twice; cheap, and never wrong when False.
+
+    The parser keeps the last of two equal keys, while the upstream may read the first, so a
+    repeat could pass a check on one value and send another. A key written with escapes could
+    hide a repeat from byte search, so such bodies are checked by a full parse; otherwise a
+    repeat needs a second occurrence of the key's text followed by a colon.
+    """
+    if b"\\u" in raw or b"\\/" in raw:
+        return True
+    for name in document:
+        token = orjson.dumps(name)
+        at = raw.find(token)
+        if at < 0:
+            return True
+        at = raw.find(token, at + len(token))
+        while at >= 0:
+            if _KEY_END.match(raw, at + len(token)):
+                return True
+            at = raw.find(token, at + len(token))
+    return False
+
+
+def _refuse_repeated_keys(raw: bytes) -> None:
+    """Parse again keeping the top-level object's pairs (the hook's last call) and refuse a
+    body that names one of them twice."""
+    pairs: list[tuple[str, Any]] = []
+
+    def keep(found: list[tuple[str, Any]]) -> dict[str, Any]:
+        pairs[:] = found
+        return dict(found)
+
+    json.loads(raw, object_pairs_hook=keep)
+    seen: set[str] = set()
+    for name, _ in pairs:
+        if name in seen:
+            raise InvalidRequest(
+                f"The request body names the field `{name}` more than once; send each field once.",
+                param=name,
+            )
+        seen.add(name)
 
 
 def messages_to_input(messages: Any) -> list[dict[str, Any]]:

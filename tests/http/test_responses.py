@@ -458,3 +458,39 @@ def test_unreachable_upstream_is_a_clear_502_that_names_no_address(
         assert "sk-upstream-down-0001" not in gateway.log_text()
     finally:
         gateway.stop()
+
+
+# path, a body that names `model` twice: first a model the key may not use, last one it may
+REPEATED_MODEL = [
+    ("/v1/responses", b'{"model":"gpt-5.1-codex","input":"x","model":"gpt-5.1-codex-mini"}'),
+    (
+        "/v1/chat/completions",
+        b'{"model":"gpt-5.1-codex","messages":[{"role":"user","content":"x"}],'
+        b'"model" :"gpt-5.1-codex-mini"}',
+    ),
+    (
+        "/v1/responses/compact",
+        b'{"model":"gpt-5.1-codex","input":"x","mod\\u0065l":"gpt-5.1-codex-mini"}',
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), REPEATED_MODEL)
+def test_a_body_naming_a_field_twice_is_refused_before_any_upstream_call(
+    gateway: Gateway, sandbox: Sandbox, path: str, body: bytes
+) -> None:
+    user, _ = gateway.new_user("1")
+    key = gateway.cli("keys", "create", "--user", user, "--models", "gpt-5.1-codex-mini")
+    sandbox.clear()
+
+    response = httpx.post(
+        gateway.url + path,
+        content=body,
+        headers={"Authorization": f"Bearer {key.stdout.strip().splitlines()[-1]}"},
+    )
+
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", "model")
+    assert "`model` more than once" in error["message"]
+    assert sandbox.requests() == []

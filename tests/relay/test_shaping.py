@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from codex_gateway.errors import InvalidRequest
-from codex_gateway.relay.shaping import parse_responses_request
+from codex_gateway.relay.shaping import parse_json_object, parse_responses_request
 from tests.conftest import FIXTURES
 
 REQUESTS = FIXTURES / "requests"
@@ -348,3 +348,15 @@ def test_bad_request_is_refused_naming_the_param(body: bytes, param: str | None,
     assert says in caught.value.message
     assert caught.value.message.endswith(".")
     assert caught.value.status == 400
+
+
+# bodies whose nested objects repeat a top-level key's name: accepted as they are
+NESTED_NAMES = [
+    b'{"model":"gpt-5.1-codex","input":[{"model":"a"}],"tools":[{"model":{"model":1}}]}',
+    b'{"model":"gpt-5.1-codex","input":"say \\"model\\": twice","text":{"model" : 1}}',
+]
+
+
+@pytest.mark.parametrize("body", NESTED_NAMES)
+def test_a_nested_object_may_use_a_top_level_name(body: bytes) -> None:
+    assert parse_json_object(body)["model"] == "gpt-5.1-codex"
