@@ -66,7 +66,10 @@ def parse_amount(text: str | int | Decimal, what: str) -> Decimal:
     """
     raw = str(text).strip()
     if not _AMOUNT.fullmatch(raw):
-        raise ValueError(f"{what} must be a plain decimal number such as 12.5, not {text!r}")
+        raise ValueError(
+            f"{what} must be a plain decimal number such as 12.5, with at most 18 decimals "
+            f"and at most {MAX_AMOUNT:,}, not {text!r}"
+        )
     value = Decimal(raw)
     if value > MAX_AMOUNT:
         raise ValueError(f"{what} must be at most {MAX_AMOUNT:,}, not {text!r}")

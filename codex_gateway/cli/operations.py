@@ -25,9 +25,9 @@ PROBE_TIMEOUT = 5.0
 @click.command()
 @click.option(
     "--journal-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
-    help="Hold journals to recover (default: the configured folder).",
+    help="Hold journals to recover (default: the configured folder); it must exist.",
 )
 def recover(journal_dir: Path | None) -> None:
     """Settle or release the holds that stopped gateway processes left in their journals.

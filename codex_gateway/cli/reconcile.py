@@ -74,6 +74,7 @@ def usage_export(
     start: datetime | None, end: datetime | None, fmt: str, output: Path | None
 ) -> None:
     """Write usage rows as CSV or JSON lines, oldest first (readable by `reconcile`)."""
+    _check_span(start, end)
 
     async def export(store: Store) -> int:
         with _open(output) as sink:
@@ -94,6 +95,13 @@ def usage_export(
     count = with_store(export)
     if output is not None:
         click.echo(f"wrote {count} usage rows to {output}")
+
+
+def _check_span(start: datetime | None, end: datetime | None) -> None:
+    if start is not None and end is not None and start >= end:
+        raise click.BadParameter(
+            f"--from ({start:%Y-%m-%d %H:%M}) must come before --to ({end:%Y-%m-%d %H:%M})"
+        )
 
 
 def _open(output: Path | None) -> IO[str]:
@@ -160,6 +168,7 @@ def reconcile_command(
 
     Our rows are those in the days the file covers, unless --from/--to say otherwise.
     """
+    _check_span(start, end)
     mapping = dict(_pair(item) for item in mappings)
     theirs = [normalise(row, mapping, line) for line, row in read_rows(file, fmt)]
     days = sorted({record.day for record in theirs if record.day})

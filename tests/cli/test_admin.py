@@ -280,3 +280,22 @@ def test_a_refund_of_a_request_is_bounded_by_what_it_cost(db: Gateway) -> None:
     )  # fmt: skip
     assert "not one of this user's requests" in someone_else.stderr
     assert "ok:" in db.cli("ledger", "verify").stdout
+
+
+# a command line an operator might mistype, and what the error says
+MISTAKES = [
+    # a journal folder that is not there
+    (["recover", "--journal-dir", "/nonexistent/journals"], "does not exist"),
+    # a span that ends before it starts
+    (["usage", "export", "--from", "2026-12-05", "--to", "2026-12-01"], "must come before --to"),
+    # an amount past the limits says what they are
+    (["users", "topup", "nobody", "0.1234567890123456789"], "at most 18 decimals"),
+]
+
+
+@pytest.mark.parametrize(("args", "said"), MISTAKES)
+def test_a_mistyped_command_fails_and_says_why(db: Gateway, args: list[str], said: str) -> None:
+    result = db.cli(*args, check=False)
+
+    assert result.returncode != 0
+    assert said in result.stderr
