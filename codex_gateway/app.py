@@ -113,6 +113,7 @@ class Gateway:
         self.journal.start()
         await self.recover_journals()
         await self.catalog.refresh()
+        await self.quotas.load(self.catalog.usable_accounts())
         if self.cipher is None and any(a.kind == KIND_CHATGPT for a in self.catalog.accounts):
             log.warning(
                 "ChatGPT accounts stay out of rotation: no secret key to open their tokens "

@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,6 +143,16 @@ def stored_tokens(gateway: Gateway, name: str) -> tuple[str, str]:
         return cipher.open(account.tokens.access_token), cipher.open(account.tokens.refresh_token)
 
     return asyncio.run(read())
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """The first truthy result of `check`, polled until `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.1)
 
 
 def listed(gateway: Gateway, name: str) -> dict[str, Any]:
