@@ -69,7 +69,13 @@ class Gateway:
         # Hands out ChatGPT access tokens from memory, refreshing them when due or after a
         # 401; None when no secret key opens the stored tokens.
         self.refresher = (
-            TokenRefresher(credentials, self.cipher, self.client, settings.chatgpt_token_url)
+            TokenRefresher(
+                credentials,
+                self.cipher,
+                self.client,
+                settings.chatgpt_token_url,
+                timeout=settings.token_refresh_timeout_seconds,
+            )
             if self.cipher
             else None
         )

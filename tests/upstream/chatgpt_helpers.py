@@ -29,6 +29,7 @@ from tests.upstream.pool_helpers import CATALOG_SETTLE_SECONDS
 
 SECRET = "test-operator-secret-for-chatgpt-0123456789"
 MODEL = "gpt-5.1-codex"
+TOKEN_REFRESH_TIMEOUT = 1
 
 
 @dataclass
@@ -112,6 +113,7 @@ def chatgpt_gateway(
 
     env = chatgpt_env(sandbox)
     env["CODEX_GATEWAY_UPSTREAM_FIRST_BYTE_TIMEOUT"] = "10"
+    env["CODEX_GATEWAY_TOKEN_REFRESH_TIMEOUT_SECONDS"] = str(TOKEN_REFRESH_TIMEOUT)
     yield from pool_gateway(backend, tmp_path_factory, env)
 
 
@@ -127,6 +129,12 @@ def refresh_calls(sandbox: Sandbox) -> list[dict[str, Any]]:
 def expire_tokens(sandbox: Sandbox) -> None:
     """Every access token the mock issued so far is refused from now on."""
     httpx.post(sandbox.url + "/sandbox/chatgpt/expire-tokens").raise_for_status()
+
+
+def delay_token_endpoint(sandbox: Sandbox, seconds: float) -> None:
+    """The mock's token endpoint answers only after `seconds` from now on."""
+    response = httpx.post(sandbox.url + "/sandbox/chatgpt/token-delay", json={"seconds": seconds})
+    response.raise_for_status()
 
 
 def stored_tokens(gateway: Gateway, name: str) -> tuple[str, str]:
