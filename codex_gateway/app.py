@@ -70,7 +70,13 @@ class Gateway:
         # Hands out ChatGPT access tokens from memory, refreshing them when due or after a
         # 401; None when no secret key opens the stored tokens.
         self.refresher = (
-            TokenRefresher(credentials, self.cipher, self.client, settings.chatgpt_token_url)
+            TokenRefresher(
+                credentials,
+                self.cipher,
+                self.client,
+                settings.chatgpt_token_url,
+                timeout=settings.token_refresh_timeout_seconds,
+            )
             if self.cipher
             else None
         )
@@ -114,6 +120,7 @@ class Gateway:
         self.journal.start()
         await self.recover_journals()
         await self.catalog.refresh()
+        await self.quotas.load(self.catalog.usable_accounts())
         if self.cipher is None and any(a.kind == KIND_CHATGPT for a in self.catalog.accounts):
             log.warning(
                 "ChatGPT accounts stay out of rotation: no secret key to open their tokens "

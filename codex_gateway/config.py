@@ -64,6 +64,9 @@ class Settings:
     secret_key_file: str | None = None
     chatgpt_base_url: str = DEFAULT_CHATGPT_BASE_URL
     chatgpt_token_url: str = "https://auth.openai.com/oauth/token"
+    # A refresh holds the account's row lock (on SQLite, the database's write lock, whose
+    # busy timeout is 30 s), so the token endpoint gets less than that to answer.
+    token_refresh_timeout_seconds: float = 20.0
 
     @property
     def journal_path(self) -> Path:
@@ -211,6 +214,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "secret_key_file": str,
     "chatgpt_base_url": _http_url,
     "chatgpt_token_url": _http_url,
+    "token_refresh_timeout_seconds": _positive_float,
 }
 SECRET_SETTINGS = frozenset({"admin_token", "secret_key"})
 # URLs that may carry a password, shown with it masked.

@@ -13,6 +13,7 @@
     ├── StorageUnavailable     503, the gateway's database cannot be reached (fail closed)
     └── UpstreamError          what the upstream did (5xx)
         ├── NoAccountAvailable      503
+        ├── UsageLimitReached       429, every account that could serve is at its usage limit
         ├── UpstreamConnectError    502
         ├── UpstreamTimeout         504
         ├── UpstreamStatusError     502, an upstream answer the client must not see as is
@@ -65,6 +66,10 @@ class GatewayError(Exception):
 
     def body(self) -> bytes:
         return orjson.dumps(self.payload())
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        """Headers the error response carries besides its JSON body."""
+        return []
 
 
 class ClientError(GatewayError):
@@ -144,6 +149,34 @@ class NoAccountAvailable(UpstreamError):
     status = 503
     code = "no_upstream_account"
     kind = "no_account"
+
+
+class UsageLimitReached(UpstreamError):
+    """Every account able to serve is behind a usage wall (ChatGPT's `usage_limit_reached`).
+
+    Shaped like the Codex backend's own 429, so Codex CLI shows its user the reset time
+    instead of retrying; `plan_type` is left out, since the client's plan is not the
+    account's.
+    """
+
+    status = 429
+    type = "usage_limit_reached"
+    code = "usage_limit_reached"
+    kind = "usage_limit_reached"
+
+    def __init__(self, message: str, *, resets_at: int, resets_in_seconds: int):
+        super().__init__(message)
+        self.resets_at = resets_at
+        self.resets_in_seconds = resets_in_seconds
+
+    def payload(self) -> dict[str, Any]:
+        payload = super().payload()
+        payload["error"]["resets_at"] = self.resets_at
+        payload["error"]["resets_in_seconds"] = self.resets_in_seconds
+        return payload
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", str(self.resets_in_seconds).encode())]
 
 
 class UpstreamConnectError(UpstreamError):

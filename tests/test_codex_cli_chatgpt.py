@@ -141,3 +141,21 @@ def test_codex_remote_compaction_is_relayed_and_billed(
     compaction = next(row for row in rows if row["response_id"] == "resp_fx_compaction")
     assert compaction["status"] == "completed"
     assert Decimal(compaction["cost_usd"]) == COMPACTION_COST
+
+
+def test_codex_shows_the_usage_limit_and_stops_when_every_account_is_walled(
+    gateway: Gateway, sandbox: Sandbox, codex: Callable[..., CodexRun]
+) -> None:
+    only_chatgpt_accounts(gateway, sandbox, [{"transcript": "chatgpt-usage-limit-429"}])
+    name, key = gateway.new_user("5")
+    sandbox.clear()
+
+    run = codex(key)
+
+    assert run.returncode != 0
+    assert "usage limit" in run.stderr.lower(), run.stderr
+    # a 429 Codex recognises is shown, not retried: one request reached the gateway
+    rows = user_usage_rows(gateway, name, 1)
+    assert [(row["http_status"], row["status"]) for row in rows] == [(429, "upstream_error")]
+    assert len(backend_requests(sandbox)) == 1
+    assert Decimal(gateway.balance(name)) == 5

@@ -104,7 +104,7 @@ class GatewayApp:
     async def _fail(exchange: Exchange, error: GatewayError) -> None:
         if exchange.response_started:
             return
-        await exchange.send_json(error.status, error.body())
+        await exchange.send_json(error.status, error.body(), error.response_headers())
 
     def _count(self, exchange: Exchange) -> None:
         """Requests by route, status and model; unknown paths and models share one label."""

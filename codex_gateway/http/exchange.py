@@ -127,7 +127,10 @@ class Exchange:
             self.finished = time.perf_counter()
         await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
 
-    async def send_json(self, status: int, payload: Any) -> None:
+    async def send_json(
+        self, status: int, payload: Any, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
-        await self.start(status, [JSON_TYPE, (b"content-length", str(len(body)).encode())])
+        length = (b"content-length", str(len(body)).encode())
+        await self.start(status, [JSON_TYPE, length, *(headers or [])])
         await self.write(body, more=False)

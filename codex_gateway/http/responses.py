@@ -30,7 +30,7 @@ from codex_gateway.errors import (
     UpstreamProtocolError,
 )
 from codex_gateway.http.exchange import Exchange
-from codex_gateway.relay.chatgpt import assemble_response
+from codex_gateway.relay.chatgpt import assemble_response, quota_from_event
 from codex_gateway.relay.shaping import (
     ResponsesRequest,
     parse_compact_request,
@@ -362,8 +362,11 @@ def _client_left(outcome: Outcome, scanner: StreamScanner) -> None:
 def take_terminal(
     gateway: Gateway, answer: Answer, scanner: StreamScanner, outcome: Outcome
 ) -> None:
-    """What the stream's terminal event says: status, usage, model, id; a usage wall inside
-    the stream (the ChatGPT backend's `error` event) also rests the account until its reset."""
+    """What the stream's terminal event says: status, usage, model, id. The ChatGPT backend's
+    `codex.rate_limits` event updates the account's windows, and a usage wall inside the
+    stream (its `error` event) rests the account until its reset."""
+    windows = quota_from_event(scanner.rate_limits)
+    gateway.quotas.reported(answer.account, windows, served=scanner.terminal_type != "error")
     if scanner.terminal_type == "error":
         gateway.quotas.limit_reached(answer.account, scanner.terminal)
     _read_terminal(scanner, outcome)

@@ -2,7 +2,8 @@
 
 The relay forwards upstream bytes untouched; this scanner only watches them. It splits events
 at blank lines and looks at each event's name (the `event:` line, else the leading `"type"` of
-its data) without decoding JSON. Only a terminal event's data is parsed.
+its data) without decoding JSON. Only a terminal event's data is parsed, and the others it
+keeps (`response.created`, `codex.rate_limits`) only when asked for.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import orjson
 TERMINAL_TYPES = frozenset(
     {"response.completed", "response.incomplete", "response.failed", "error"}
 )
+# The ChatGPT backend's in-stream report of an account's quota windows.
+RATE_LIMITS_TYPE = "codex.rate_limits"
 _EVENT_LINE = re.compile(rb"^event:[ ]?([^\n]*)$", re.MULTILINE)
 _LEADING_TYPE = re.compile(rb'^data:[ ]?\{\s*"type"\s*:\s*"([^"]+)"', re.MULTILINE)
 # Events whose `delta` is output the client saw; kept (as the bytes already in hand) so an
@@ -40,6 +43,7 @@ class StreamScanner:
         "_created",
         "_created_block",
         "_pending_cr",
+        "_rate_limits_block",
         "bytes_seen",
         "deltas",
         "events",
@@ -52,6 +56,7 @@ class StreamScanner:
         self._pending_cr = False
         self._created_block: bytes | None = None
         self._created: dict[str, Any] | None = None
+        self._rate_limits_block: bytes | None = None
         self.events = 0
         self.terminal: dict[str, Any] | None = None
         self.terminal_type: str | None = None
@@ -67,6 +72,13 @@ class StreamScanner:
             self._created = data if isinstance(data, dict) else None
             self._created_block = None
         return self._created
+
+    @property
+    def rate_limits(self) -> Any:
+        """The last `codex.rate_limits` event (the ChatGPT backend's quota windows), parsed."""
+        if self._rate_limits_block is None:
+            return None
+        return _parse_data(self._rate_limits_block)
 
     def feed(self, chunk: bytes) -> None:
         self.bytes_seen += len(chunk)
@@ -119,6 +131,8 @@ class StreamScanner:
             self._set_terminal(name, _parse_data(block))
         elif name == "response.created" and self._created_block is None:
             self._created_block = block
+        elif name == RATE_LIMITS_TYPE:
+            self._rate_limits_block = block
 
     def _set_terminal(self, name: str, data: Any) -> None:
         if self.terminal is not None:

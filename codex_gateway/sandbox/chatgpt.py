@@ -7,7 +7,9 @@ token with 401 `token_expired`, and otherwise replays a transcript with `x-codex
 headers. `POST /backend-api/codex/responses/compact` (history compaction, one JSON answer)
 holds the same rules but for `stream` and `store`, which compaction does not take.
 `POST /oauth/token` rotates single-use refresh tokens. `POST /expire-tokens` makes every
-access token issued so far expire, as happens in the middle of a long session.
+access token issued so far expire, as happens in the middle of a long session, and
+`POST /token-delay` (`{"seconds": N}`) makes the token endpoint wait that long before it
+answers, as one that hangs does.
 Sandbox headers do not travel through the gateway's backend shaping, so an account whose
 base URL is `/sandbox/chatgpt/<transcript>/backend-api` picks the transcript instead
 (`tool-conversation` plays the two-turn tool exchange, as the OpenAI sandbox does).
@@ -15,6 +17,7 @@ base URL is `/sandbox/chatgpt/<transcript>/backend-api` picks the transcript ins
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from typing import Any
@@ -38,6 +41,7 @@ RESPONSES = "/backend-api/codex/responses"
 COMPACT = "/backend-api/codex/responses/compact"
 TOKEN = "/oauth/token"
 EXPIRE = "/expire-tokens"
+TOKEN_DELAY = "/token-delay"
 ACCOUNT_ID = "sandbox-chatgpt-account"
 ACCESS_TOKEN_SECONDS = 3600
 _SIGNING_KEY = "sandbox-only-signing-key-never-a-secret"  # the gateway never verifies it
@@ -92,6 +96,7 @@ class ChatGPTBackend:
         self._requests = requests
         self._expired_before = 0.0
         self._used_refresh_tokens: set[str] = set()
+        self._token_delay = 0.0
         self.refresh_calls = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
@@ -109,6 +114,9 @@ class ChatGPTBackend:
         elif path == EXPIRE:
             self._expired_before = time.time()
             await _json(send, 200, {"expired_before": self._expired_before})
+        elif path == TOKEN_DELAY:
+            self._token_delay = float(orjson.loads(body)["seconds"])
+            await _json(send, 200, {"seconds": self._token_delay})
         else:
             await _json(send, 404, {"detail": "Not Found"})
 
@@ -156,6 +164,7 @@ class ChatGPTBackend:
 
     async def _token(self, send: Send, body: bytes) -> None:
         self.refresh_calls += 1
+        await asyncio.sleep(self._token_delay)
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -187,7 +196,7 @@ def _transcript_name(
 
 def _transcript_segment(path: str) -> tuple[str | None, str]:
     """`/responses-cached/backend-api/codex/responses` names the transcript to play."""
-    if path.startswith(("/backend-api/", TOKEN, EXPIRE)):
+    if path.startswith(("/backend-api/", TOKEN, EXPIRE, TOKEN_DELAY)):
         return None, path
     name, _, rest = path.removeprefix("/").partition("/")
     return name, "/" + rest

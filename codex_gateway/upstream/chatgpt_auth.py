@@ -3,7 +3,8 @@
 Refresh tokens are single-use and rotate on every refresh. `TokenRefresher.refresh` holds
 the account's database row lock for the whole exchange with the token endpoint and commits
 the new tokens before it hands the new access token out, so of several processes that find
-the same token expired, one refreshes and the others pick up its result.
+the same token expired, one refreshes and the others pick up its result. Since the lock is
+held meanwhile, the exchange has a time limit of its own, far below the relay's.
 """
 
 from __future__ import annotations
@@ -273,12 +274,19 @@ class TokenRefresher:
     """
 
     def __init__(
-        self, credentials: CredentialStore, cipher: TokenCipher, poster: Poster, token_url: str
+        self,
+        credentials: CredentialStore,
+        cipher: TokenCipher,
+        poster: Poster,
+        token_url: str,
+        *,
+        timeout: float,
     ):
         self._credentials = credentials
         self._cipher = cipher
         self._poster = poster
         self._token_url = token_url
+        self._timeout = timeout
         self._cache: dict[int, tuple[str, datetime | None]] = {}
         self._locks: dict[int, asyncio.Lock] = {}
 
@@ -352,10 +360,23 @@ class TokenRefresher:
         )
         headers = {"content-type": "application/json", "accept": "application/json"}
         try:
-            response = await self._poster.post(
-                self._token_url, headers, refresh_request(previous.refresh_token)
-            )
-            body = await response.read(MAX_TOKEN_RESPONSE)
+            async with asyncio.timeout(self._timeout):
+                response = await self._poster.post(
+                    self._token_url, headers, refresh_request(previous.refresh_token)
+                )
+                try:
+                    body = await response.read(MAX_TOKEN_RESPONSE)
+                except BaseException:
+                    response.close()
+                    raise
+        except TimeoutError:
+            # Not the sign-in's fault: the account rests a while and is tried again.
+            raise TokenRefreshError(
+                f"The token endpoint did not answer a refresh within {self._timeout:g} s; "
+                "the account is tried again later.",
+                permanent=False,
+                reason="token endpoint timeout",
+            ) from None
         except UpstreamError as exc:
             raise TokenRefreshError(
                 f"Could not reach the token endpoint to refresh an access token: {exc.message}",

@@ -32,6 +32,9 @@ QUOTA_LIMITED = "quota_limited"
 NEEDS_RELOGIN = "needs_relogin"
 # States that end by themselves when their time is up.
 TIMED_STATES = frozenset({COOLING_DOWN, QUOTA_LIMITED})
+# How the reason of a quota_limited mark begins when a usage wall put it there (rather than
+# a plain 429); the reason travels through the database, so every process can tell.
+USAGE_LIMIT_REASON = "usage limit reached"
 
 
 @dataclass
@@ -158,6 +161,25 @@ class AccountPool:
             return "No upstream account is available to serve this request."
         summary = ", ".join(sorted(set(states)))
         return f"No upstream account can serve this request now (accounts are {summary})."
+
+    def usage_limit_reset(self) -> float | None:
+        """When every account able to serve is behind a usage wall, the earliest reset.
+
+        Accounts that need a new sign-in cannot serve and do not count; one cooling down
+        after a passing failure, or at a plain 429, can, so then this is None.
+        """
+        now = time.time()
+        resets: list[float] = []
+        for account in self._accounts():
+            health = self.health(account)
+            state = health.current(now)
+            if state == NEEDS_RELOGIN:
+                continue
+            walled = state == QUOTA_LIMITED and (health.reason or "").startswith(USAGE_LIMIT_REASON)
+            if not walled:
+                return None
+            resets.append(health.until)
+        return min(resets) if resets else None
 
     # -- marks -----------------------------------------------------------------------------
 

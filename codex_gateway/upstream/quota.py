@@ -21,7 +21,7 @@ import orjson
 from codex_gateway.relay.chatgpt import Quota, quota_from_headers, usage_limit
 from codex_gateway.store.credentials import CredentialStore
 from codex_gateway.store.queries import AccountRecord
-from codex_gateway.upstream.pool import QUOTA_LIMITED, AccountPool
+from codex_gateway.upstream.pool import QUOTA_LIMITED, USAGE_LIMIT_REASON, AccountPool
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +41,39 @@ class QuotaBook:
     def get(self, account_id: int) -> Quota | None:
         return self._quotas.get(account_id)
 
+    async def load(self, accounts: list[AccountRecord]) -> None:
+        """Take up the windows stored before a restart, so that later readings add to them
+        and a wall still in force keeps resting its account."""
+        stored = await self._credentials.states()
+        for account in accounts:
+            document = stored[account.id].quota if account.id in stored else None
+            if not document or account.id in self._quotas:
+                continue
+            try:
+                quota = Quota.from_json(orjson.loads(document))
+            except orjson.JSONDecodeError:
+                log.warning("account %s has stored quota that is not JSON", account.name)
+                continue
+            self._quotas[account.id] = quota
+            self._block(account, quota)
+
     def answered(self, account: AccountRecord, status: int, headers: Mapping[str, str]) -> None:
         """An upstream answer's headers; one with no windows costs a dictionary look-up."""
-        reading = quota_from_headers(headers)
+        self.reported(account, quota_from_headers(headers), served=status == 200)
+
+    def reported(self, account: AccountRecord, reading: Quota | None, served: bool) -> None:
+        """Windows the backend reported (headers or a `codex.rate_limits` event); an answer
+        that served the request ends any wall the account was behind."""
         if reading is None:
             return
         current = self._quotas.get(account.id) or Quota()
-        # An answer that served the request ends any wall the account was behind.
-        wall = None if status == 200 else current.limit_reached_until
         self._record(
             account,
             Quota(
                 reading.primary or current.primary,
                 reading.secondary or current.secondary,
-                wall,
-                current.plan_type,
+                None if served else current.limit_reached_until,
+                reading.plan_type or current.plan_type,
             ),
         )
 
@@ -84,7 +102,8 @@ class QuotaBook:
             return True
         plan = f" (plan {quota.plan_type})" if quota.plan_type else ""
         resets = datetime.fromtimestamp(blocked, UTC).strftime("%Y-%m-%d %H:%M UTC")
-        self._pool.quota_limited(account, f"usage limit reached{plan}; resets at {resets}", blocked)
+        reason = f"{USAGE_LIMIT_REASON}{plan}; resets at {resets}"
+        self._pool.quota_limited(account, reason, blocked)
         return True
 
     def _save(self, account_id: int) -> None:

@@ -7,16 +7,20 @@ a credential that cannot be had (a refused token refresh needs re-login), and al
 on a stream that ends or sends something other than SSE before its first event. A failed
 attempt moves the request to the next account, up to `upstream_max_attempts`. Other 4xx
 answers are the client's to see and are not retried. Once the first chunk is handed back,
-nothing is retried: the caller relays it and owns whatever happens next.
+nothing is retried: the caller relays it and owns whatever happens next. When every account
+able to serve is behind a usage wall, the client gets a 429 `usage_limit_reached` naming the
+earliest reset, as the ChatGPT backend words it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
@@ -29,6 +33,7 @@ from codex_gateway.errors import (
     UpstreamProtocolError,
     UpstreamStatusError,
     UpstreamTimeout,
+    UsageLimitReached,
 )
 from codex_gateway.store.queries import AccountRecord
 from codex_gateway.upstream.client import UpstreamClient, UpstreamResponse
@@ -247,6 +252,9 @@ class Router:
             )
 
     def _give_up(self, last: UpstreamError | None, tried: int) -> UpstreamError:
+        resets = self.pool.usage_limit_reset()
+        if resets is not None:
+            return usage_limit_reached(resets, time.time())
         if last is None:
             return NoAccountAvailable(self.pool.why_none(set()))
         message = (
@@ -299,6 +307,25 @@ def _status_message(status: int) -> str:
     if status == 429:
         return "The upstream account is rate limited or out of quota; retry later."
     return f"The upstream failed with HTTP {status}; retry later."
+
+
+def usage_limit_reached(resets: float, now: float) -> UsageLimitReached:
+    """The answer when every account is at its usage limit, naming the earliest reset."""
+    seconds = max(math.ceil(resets - now), 1)
+    moment = datetime.fromtimestamp(resets, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return UsageLimitReached(
+        "Every upstream account that can serve this request has reached its usage limit; "
+        f"the first one resets at {moment} (in {_duration(seconds)}). Try again then.",
+        resets_at=math.ceil(resets),
+        resets_in_seconds=seconds,
+    )
+
+
+def _duration(seconds: int) -> str:
+    hours, minutes = divmod(math.ceil(seconds / 60), 60)
+    if hours == 0:
+        return f"{minutes} min"
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
 
 
 def total_timeout() -> UpstreamTimeout:

@@ -33,6 +33,7 @@ TRANSCRIPTS = [
     ("responses-compaction.sse", "response.completed", 5),
     # the ChatGPT backend's usage wall inside a stream: a nested `error` event
     ("chatgpt-usage-limit-event.sse", "error", 2),
+    ("chatgpt-rate-limits.sse", "response.completed", 18),
     # a Responses stream cut off before any terminal event
     ("responses-no-terminal.sse", None, 7),
     # Chat Completions streams carry no Responses terminal event
@@ -244,6 +245,20 @@ def test_comments_and_unknown_events_are_not_terminal() -> None:
     )
 
     assert scanner.terminal is None
+
+
+def test_the_last_rate_limits_event_is_kept_for_the_quota_book() -> None:
+    first = b'{"type":"codex.rate_limits","rate_limits":{"primary":{"used_percent":10}}}'
+    last = b'{"type":"codex.rate_limits","rate_limits":{"primary":{"used_percent":11}}}'
+    scanner = scan(
+        b"event: codex.rate_limits\ndata: " + first + b"\n\n"
+        b'event: response.created\ndata: {"type":"response.created"}\n\n'
+        b"data: " + last + b"\n\n"  # named by its data alone
+    )
+
+    assert scanner.rate_limits == orjson.loads(last)
+    created = b'event: response.created\ndata: {"type":"response.created"}\n\n'
+    assert scan(created).rate_limits is None
 
 
 def test_last_event_without_blank_line_counts_only_after_finish() -> None:

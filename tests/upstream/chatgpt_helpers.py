@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from tests.upstream.pool_helpers import CATALOG_SETTLE_SECONDS
 
 SECRET = "test-operator-secret-for-chatgpt-0123456789"
 MODEL = "gpt-5.1-codex"
+TOKEN_REFRESH_TIMEOUT = 1
 
 
 @dataclass
@@ -112,6 +113,7 @@ def chatgpt_gateway(
 
     env = chatgpt_env(sandbox)
     env["CODEX_GATEWAY_UPSTREAM_FIRST_BYTE_TIMEOUT"] = "10"
+    env["CODEX_GATEWAY_TOKEN_REFRESH_TIMEOUT_SECONDS"] = str(TOKEN_REFRESH_TIMEOUT)
     yield from pool_gateway(backend, tmp_path_factory, env)
 
 
@@ -129,6 +131,12 @@ def expire_tokens(sandbox: Sandbox) -> None:
     httpx.post(sandbox.url + "/sandbox/chatgpt/expire-tokens").raise_for_status()
 
 
+def delay_token_endpoint(sandbox: Sandbox, seconds: float) -> None:
+    """The mock's token endpoint answers only after `seconds` from now on."""
+    response = httpx.post(sandbox.url + "/sandbox/chatgpt/token-delay", json={"seconds": seconds})
+    response.raise_for_status()
+
+
 def stored_tokens(gateway: Gateway, name: str) -> tuple[str, str]:
     """An account's access and refresh tokens as the database holds them, opened."""
 
@@ -143,6 +151,16 @@ def stored_tokens(gateway: Gateway, name: str) -> tuple[str, str]:
         return cipher.open(account.tokens.access_token), cipher.open(account.tokens.refresh_token)
 
     return asyncio.run(read())
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """The first truthy result of `check`, polled until `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.1)
 
 
 def listed(gateway: Gateway, name: str) -> dict[str, Any]:

@@ -278,7 +278,9 @@ async def processes(
         await migrate(engine)
         client = UpstreamClient(connect_timeout=5, read_timeout=10, pool_size=4)
         credentials = CredentialStore(engine)
-        refresher = TokenRefresher(credentials, TokenCipher(SECRET), client, token_endpoint.url)
+        refresher = TokenRefresher(
+            credentials, TokenCipher(SECRET), client, token_endpoint.url, timeout=5
+        )
         made.append(Process(engine, client, refresher, credentials))
     try:
         yield made
@@ -395,7 +397,11 @@ async def test_a_passing_failure_keeps_the_account_and_its_refresh_token(
 async def test_an_unreachable_token_endpoint_is_a_passing_failure(processes: list[Process]) -> None:
     process = processes[0]
     refresher = TokenRefresher(
-        process.credentials, TokenCipher(SECRET), process.client, "http://127.0.0.1:9/oauth/token"
+        process.credentials,
+        TokenCipher(SECRET),
+        process.client,
+        "http://127.0.0.1:9/oauth/token",
+        timeout=5,
     )
     account_id, stale = await add_account(process, TokenEndpoint(), expires_in=3600)
 
@@ -403,3 +409,32 @@ async def test_an_unreachable_token_endpoint_is_a_passing_failure(processes: lis
         await refresher.refresh(account_id, stale=stale)
 
     assert not caught.value.permanent
+
+
+async def test_a_hanging_token_endpoint_times_out_and_the_account_is_tried_again_later(
+    processes: list[Process], token_endpoint: TokenEndpoint
+) -> None:
+    process = processes[0]
+    refresher = TokenRefresher(
+        process.credentials, TokenCipher(SECRET), process.client, token_endpoint.url, timeout=0.3
+    )
+    account_id, stale = await add_account(process, token_endpoint, expires_in=3600)
+    token_endpoint.delay = 2  # answers long after the refresher stops waiting
+
+    started = time.monotonic()
+    with pytest.raises(TokenRefreshError, match=r"did not answer a refresh within 0\.3 s") as hung:
+        await refresher.refresh(account_id, stale=stale)
+    waited = time.monotonic() - started
+
+    assert not hung.value.permanent  # a timeout says nothing about the sign-in
+    assert waited < 1.5
+    stored = await process.credentials.account(account_id)
+    assert (stored.state, TokenCipher(SECRET).open(stored.tokens.refresh_token)) == (
+        "ready",
+        "rt_first",
+    )
+    # the row lock went with the timeout: once the endpoint answers, the refresh goes through
+    token_endpoint.delay = 0
+    renewed = await processes[1].refresher.refresh(account_id, stale=stale)
+    assert renewed != stale
+    assert [call["refresh_token"] for call in token_endpoint.calls] == ["rt_first", "rt_first"]

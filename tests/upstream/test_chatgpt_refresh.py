@@ -1,16 +1,19 @@
 """A ChatGPT account's access token expires in the middle of a session, with two gateway
-processes on one PostgreSQL database in front of the mock backend.
+processes on one database (a PostgreSQL one, and a SQLite file) in front of the mock backend.
 
 The backend answers 401 once the token is expired; each process refreshes once and retries
 the same account. Refresh tokens are single-use, so exactly one refresh may reach the token
-endpoint: the process that gets the row lock first refreshes, the other finds the new token
-stored and uses it. The module runs a sandbox of its own, since expiring the mock's tokens
-touches every token it has issued.
+endpoint: the process that gets the row lock first (PostgreSQL's `FOR UPDATE`, SQLite's
+`BEGIN IMMEDIATE`) refreshes, the other finds the new token stored and uses it. A token
+endpoint that hangs costs a request its own short time limit, not the account its sign-in.
+The module runs a sandbox of its own, since expiring the mock's tokens touches every token
+it has issued.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -21,12 +24,16 @@ import pytest
 from tests.conftest import Gateway, Sandbox, run_sandbox
 from tests.upstream.chatgpt_helpers import (
     MODEL,
+    TOKEN_REFRESH_TIMEOUT,
     backend_requests,
     chatgpt_gateway,
+    delay_token_endpoint,
     expire_tokens,
+    listed,
     only_chatgpt_accounts,
     refresh_calls,
     stored_tokens,
+    wait_for,
 )
 from tests.upstream.pool_helpers import start_second_process
 
@@ -38,9 +45,11 @@ def mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     yield from run_sandbox(tmp_path_factory.mktemp("chatgpt-mock"))
 
 
-@pytest.fixture(scope="module")
-def gateway(mock: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    yield from chatgpt_gateway("postgresql", mock, tmp_path_factory)
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def gateway(
+    request: pytest.FixtureRequest, mock: Sandbox, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    yield from chatgpt_gateway(request.param, mock, tmp_path_factory)
 
 
 def turn(url: str, key: str, process: str) -> httpx.Response:
@@ -119,6 +128,37 @@ def test_two_processes_refresh_an_expired_token_exactly_once(
     assert len(seen) == len(responses) + len(after) + sum(
         1 for r in responses if attempts(gateway, r)[0] == ("failed", "http_401")
     )
+
+
+def test_a_hanging_token_endpoint_is_a_passing_failure_and_the_account_is_tried_again(
+    gateway: Gateway, mock: Sandbox
+) -> None:
+    (account,) = only_chatgpt_accounts(gateway, mock, [{"lifetime": 60}])  # due a refresh
+    _, key = gateway.new_user("10")
+    mock.clear()
+    delay_token_endpoint(mock, TOKEN_REFRESH_TIMEOUT + 4)
+
+    try:
+        started = time.monotonic()
+        hung = turn(gateway.url, key, "a")
+        waited = time.monotonic() - started
+    finally:
+        delay_token_endpoint(mock, 0)
+    shown = wait_for(lambda: (a := listed(gateway, account.name))["state"] != "ready" and a)
+    again = turn(gateway.url, key, "a")
+
+    assert hung.status_code == 502
+    error = hung.json()["error"]
+    assert error["code"] == "upstream_token_refresh_failed"
+    assert f"did not answer a refresh within {TOKEN_REFRESH_TIMEOUT:g} s" in error["message"]
+    assert waited < TOKEN_REFRESH_TIMEOUT + 3
+    assert attempts(gateway, hung) == [("failed", "token_refresh")]
+    # resting after a passing failure, its sign-in intact
+    assert shown["state"] == "cooling_down"
+    assert "did not answer a refresh" in shown["why"]
+    assert completed(again)
+    assert [c["refresh_token"] for c in refresh_calls(mock)] == [account.refresh_token] * 2
+    assert wait_for(lambda: listed(gateway, account.name)["state"] == "ready")
 
 
 def test_refreshed_sessions_keep_no_secret_in_logs_rows_or_error_bodies(

@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from itertools import takewhile
 from typing import Any
@@ -32,8 +32,9 @@ from tests.upstream.chatgpt_helpers import (
     only_chatgpt_accounts,
     refresh_calls,
     stored_tokens,
+    wait_for,
 )
-from tests.upstream.pool_helpers import stream_events
+from tests.upstream.pool_helpers import CATALOG_SETTLE_SECONDS, stream_events
 
 CODEX_TURN = "codex-exec-0.169.0-tool-turn1"
 # The usage wall fixture: its windows, and the wall's relative reset (its absolute one is past).
@@ -51,16 +52,6 @@ def codex_turn(key: str) -> tuple[dict[str, str], dict[str, Any]]:
     headers["authorization"] = f"Bearer {key}"
     body = json.loads(fixture_path("requests", f"{CODEX_TURN}.body.json").read_text())
     return headers, body
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """The first truthy result of `check`, polled until `timeout` seconds have passed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.1)
 
 
 def walled_and_spare(
@@ -235,6 +226,89 @@ def test_a_usage_wall_inside_the_stream_rests_the_account(
     assert shown
     second, _ = stream_events(gateway, key, HI)
     assert attempts_of(gateway, second) == [(spare.name, "ok", None)]
+
+
+def assert_usage_limit_answer(response: httpx.Response, resets_in: float) -> None:
+    """A 429 shaped like the backend's own wall, as Codex CLI reads it, resetting in about
+    `resets_in` seconds."""
+    assert response.status_code == 429
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("usage_limit_reached", "usage_limit_reached")
+    assert abs(error["resets_in_seconds"] - resets_in) < 30
+    assert abs(error["resets_at"] - (time.time() + error["resets_in_seconds"])) < 30
+    assert response.headers["retry-after"] == str(error["resets_in_seconds"])
+    moment = datetime.fromtimestamp(error["resets_at"], UTC).strftime("%Y-%m-%d %H:%M UTC")
+    assert error["message"].startswith("Every upstream account that can serve this request")
+    assert f"the first one resets at {moment}" in error["message"]
+
+
+def test_when_every_account_is_at_its_usage_limit_the_client_gets_the_walls_429(
+    gateway: Gateway, sandbox: Sandbox
+) -> None:
+    (walled,) = only_chatgpt_accounts(gateway, sandbox, [{"transcript": "chatgpt-usage-limit-429"}])
+    user, key = gateway.new_user("10")
+    sandbox.clear()
+
+    # the only answer there was: the backend's wall
+    first, _ = stream_events(gateway, key, HI)
+    # then the account rests, and nothing reaches the backend
+    second = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+
+    assert_usage_limit_answer(first, WALL_RESET_SECONDS)
+    assert_usage_limit_answer(second, WALL_RESET_SECONDS)
+    assert len(backend_requests(sandbox)) == 1
+    assert attempts_of(gateway, first) == [(walled.name, "failed", "http_429")]
+    assert attempts_of(gateway, second) == []
+    for response in (first, second):
+        row = gateway.usage_row(response.headers["x-request-id"])
+        assert (row["status"], row["http_status"]) == ("upstream_error", 429)
+        assert "usage_limit_reached" in row["flags"]
+        assert Decimal(row["cost_usd"]) == 0
+    assert Decimal(gateway.balance(user)) == 10
+
+
+def test_the_usage_limit_answer_comes_only_while_no_other_account_can_serve(
+    gateway: Gateway, sandbox: Sandbox
+) -> None:
+    _, spare, key = walled_and_spare(gateway, sandbox, "chatgpt-usage-limit-429")
+    stream_events(gateway, key, HI)  # rests the walled account; the spare serves
+    gateway.cli("accounts", "disable", spare.name)
+    time.sleep(CATALOG_SETTLE_SECONDS)
+
+    walled_only, _ = stream_events(gateway, key, HI)
+    gateway.cli("accounts", "enable", spare.name)
+    time.sleep(CATALOG_SETTLE_SECONDS)
+    served, _ = stream_events(gateway, key, HI)
+
+    assert_usage_limit_answer(walled_only, WALL_RESET_SECONDS)
+    assert served.status_code == 200
+    assert attempts_of(gateway, served) == [(spare.name, "ok", None)]
+
+
+def test_rate_limit_events_in_the_stream_update_the_accounts_windows(
+    gateway: Gateway, sandbox: Sandbox
+) -> None:
+    (account,) = only_chatgpt_accounts(gateway, sandbox, [{"transcript": "chatgpt-rate-limits"}])
+    _, key = gateway.new_user("10")
+
+    response, events = stream_events(gateway, key, HI)
+
+    assert response.status_code == 200
+    assert events[0]["type"] == "codex.rate_limits"  # relayed as the backend sent it
+    shown = wait_for(lambda: (q := listed(gateway, account.name)["quota"]) and q["plan_type"] and q)
+    # the headers said 12.5 % (primary) and 40 %; the event, read after them, says more
+    assert shown == {
+        "primary": {"used_percent": 87.5, "window_minutes": 300, "resets_at": 1764824400},
+        "secondary": {"used_percent": 40.0, "window_minutes": 10080, "resets_at": 1765238400},
+        "limit_reached_until": None,
+        "plan_type": "pro",
+    }
+    assert listed(gateway, account.name)["state"] == "ready"
 
 
 def test_a_token_about_to_expire_is_refreshed_before_it_is_used(

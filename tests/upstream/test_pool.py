@@ -13,6 +13,7 @@ from codex_gateway.upstream.pool import (
     COOLING_DOWN,
     NEEDS_RELOGIN,
     QUOTA_LIMITED,
+    USAGE_LIMIT_REASON,
     AccountPool,
     quota_reset,
 )
@@ -192,3 +193,48 @@ def test_quota_reset_time_comes_from_headers_or_body(
     headers: dict[str, str], body: Any, seconds: float
 ) -> None:
     assert quota_reset(headers, body, NOW, 60) == NOW + seconds
+
+
+def at(fields: dict[str, Any], now: float) -> dict[str, Any]:
+    """Account fields whose `state_until`, given in seconds from `now`, is made a moment."""
+    if "state_until" not in fields:
+        return fields
+    return {**fields, "state_until": datetime.fromtimestamp(now + fields["state_until"], UTC)}
+
+
+# A state's `state_until` in these rows is in seconds from when the test runs.
+WALLED = {"state": QUOTA_LIMITED, "state_reason": f"{USAGE_LIMIT_REASON} (plan plus); resets at"}
+COOLING = {"state": COOLING_DOWN, "state_until": 5}
+PLAIN_429 = {"state": QUOTA_LIMITED, "state_reason": "the upstream answered 429"}
+
+
+@pytest.mark.parametrize(
+    ("states", "resets_in"),
+    [
+        # every account able to serve is behind a wall: the earliest reset
+        ([{**WALLED, "state_until": 600}], 600),
+        ([{**WALLED, "state_until": 900}, {**WALLED, "state_until": 300}], 300),
+        # an account needing a new sign-in cannot serve, so it does not count
+        ([{**WALLED, "state_until": 600}, {"state": NEEDS_RELOGIN}], 600),
+        # an account that can serve, or may soon, means no wall answer
+        ([{**WALLED, "state_until": 600}, {}], None),
+        ([{**WALLED, "state_until": 600}, COOLING], None),
+        # a plain 429's rest is not a usage wall
+        ([{**PLAIN_429, "state_until": 60}], None),
+        # a wall whose time is up is over
+        ([{**WALLED, "state_until": -1}], None),
+        ([{"state": NEEDS_RELOGIN}], None),
+    ],
+)  # fmt: skip
+def test_the_usage_limit_reset_is_known_only_when_every_account_able_to_serve_is_walled(
+    states: list[dict[str, Any]], resets_in: float | None
+) -> None:
+    now = time.time()
+    pool, _, _ = make_pool(*[account(n, **at(fields, now)) for n, fields in enumerate(states, 1)])
+
+    reset = pool.usage_limit_reset()
+
+    if resets_in is None:
+        assert reset is None
+    else:
+        assert reset is not None and abs(reset - (time.time() + resets_in)) < 2

@@ -8,9 +8,13 @@ from typing import Any, cast
 
 import orjson
 
+from codex_gateway.relay.chatgpt import quota_from_event
+from codex_gateway.relay.sse import parse_events
+from codex_gateway.store.credentials import AccountState
 from codex_gateway.store.queries import AccountRecord
 from codex_gateway.upstream.pool import AccountPool
 from codex_gateway.upstream.quota import QuotaBook
+from tests.conftest import fixture_path
 
 ACCOUNT = AccountRecord(7, "plus", "chatgpt", "http://127.0.0.1:9/backend-api", "", 100, True)
 WALL = {"error": {"type": "usage_limit_reached", "plan_type": "plus", "resets_in_seconds": 600}}
@@ -19,9 +23,14 @@ WALL = {"error": {"type": "usage_limit_reached", "plan_type": "plus", "resets_in
 class Recorder:
     """Stands in for the store and the credential store: keeps what would be written."""
 
-    def __init__(self) -> None:
+    def __init__(self, stored: dict[str, Any] | None = None) -> None:
         self.marks: list[tuple[str, str | None]] = []
         self.quotas: list[dict[str, Any]] = []
+        self.stored = stored  # the quota JSON of ACCOUNT from before a restart
+
+    async def states(self) -> dict[int, AccountState]:
+        quota = orjson.dumps(self.stored).decode() if self.stored else None
+        return {ACCOUNT.id: AccountState("ready", None, quota, None)}
 
     async def mark_account(
         self, account_id: int, state: str, reason: str | None, until: Any
@@ -88,3 +97,69 @@ async def test_readings_are_written_at_most_once_per_interval_and_the_last_one_w
     quotas.answered(ACCOUNT, 200, {"content-type": "text/event-stream"})  # no windows: no write
     await quotas.drain()
     assert len(recorder.quotas) == 2
+
+
+# The backend's in-stream report: primary 87.5 %, secondary 40 %, plan pro.
+RATE_LIMITS = parse_events(fixture_path("upstream", "chatgpt-rate-limits.sse").read_bytes())[0]
+
+
+async def test_a_rate_limits_event_is_read_like_the_headers() -> None:
+    recorder = Recorder()
+    quotas, pool = book(recorder)
+    quotas.answered(ACCOUNT, 200, windows("12.5"))
+
+    quotas.reported(ACCOUNT, quota_from_event(RATE_LIMITS), served=True)
+    await quotas.drain()
+
+    quota = quotas.get(ACCOUNT.id)
+    assert quota is not None and quota.plan_type == "pro"
+    assert quota.primary is not None and quota.primary.used_percent == 87.5
+    assert quota.secondary is not None and quota.secondary.resets_at == 1765238400
+    assert recorder.quotas[-1]["primary"]["used_percent"] == 87.5
+    assert pool.health(ACCOUNT).state == "ready"
+
+
+async def test_an_event_showing_a_full_window_rests_the_account_until_its_reset() -> None:
+    quotas, pool = book(Recorder())
+    full = {"used_percent": 100, "window_minutes": 300, "reset_at": int(time.time()) + 900}
+    event = {**RATE_LIMITS, "rate_limits": {"primary": full}}
+
+    quotas.reported(ACCOUNT, quota_from_event(event), served=False)
+
+    health = pool.health(ACCOUNT)
+    assert health.state == "quota_limited" and abs(health.until - (time.time() + 900)) < 5
+
+
+async def test_windows_stored_before_a_restart_are_kept_and_added_to() -> None:
+    stored = {
+        "primary": {"used_percent": 30.0, "window_minutes": 300, "resets_at": 1764824400},
+        "secondary": {"used_percent": 61.5, "window_minutes": 10080, "resets_at": 1765238400},
+        "limit_reached_until": None,
+        "plan_type": "plus",
+    }
+    recorder = Recorder(stored)
+    quotas, _ = book(recorder)
+
+    await quotas.load([ACCOUNT])
+    quotas.answered(ACCOUNT, 200, windows("31"))  # only the primary window, as a header
+    await quotas.drain()
+
+    assert recorder.quotas == [
+        {**stored, "primary": {"used_percent": 31.0, "window_minutes": 300, "resets_at": None}}
+    ]
+
+
+async def test_a_wall_stored_before_a_restart_still_rests_the_account() -> None:
+    until = int(time.time()) + 1200
+    recorder = Recorder({"limit_reached_until": until, "plan_type": "plus"})
+    quotas, pool = book(recorder)
+
+    await quotas.load([ACCOUNT])
+    await asyncio.sleep(0.05)
+
+    health = pool.health(ACCOUNT)
+    assert (health.state, health.until) == ("quota_limited", until)
+    assert pool.usage_limit_reset() == until
+    assert recorder.marks[0][1] is not None and recorder.marks[0][1].startswith(
+        "usage limit reached (plan plus)"
+    )
