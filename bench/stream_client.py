@@ -23,7 +23,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
-TERMINAL = b"event: response.completed"
+# As an `event:` line or as the data's type: LiteLLM, for one, sends data lines only.
+TERMINAL = b"response.completed"
 
 
 @dataclass

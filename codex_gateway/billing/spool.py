@@ -7,9 +7,11 @@ request id, so a row that did reach the database before is not charged twice.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -32,16 +34,27 @@ class Spool:
     def __init__(self, path: Path):
         self.path = path
 
-    def append(self, row: dict[str, Any]) -> None:
-        """Write one row and flush it to disk before returning."""
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the spool for this process: the workers of `serve --workers` share one file."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = orjson.dumps(row, default=_encode) + b"\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            os.write(fd, line)
-            os.fsync(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
         finally:
             os.close(fd)
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Write one row and flush it to disk before returning."""
+        line = orjson.dumps(row, default=_encode) + b"\n"
+        with self._locked():
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         log.warning(
             "usage row spooled to %s", self.path, extra={"request_id": row.get("request_id")}
         )
@@ -65,22 +78,23 @@ class Spool:
 
         Returns how many were settled. One bad row never keeps the gateway from starting.
         """
-        rows = self.rows()
-        if not rows:
-            return 0
-        kept = []
-        for row in rows:
-            try:
-                await settle(row)
-            except Exception:
-                log.error(
-                    "spooled usage row still not settled; kept in %s",
-                    self.path,
-                    exc_info=True,
-                    extra={"request_id": row.get("request_id")},
-                )
-                kept.append(row)
-        self._rewrite(kept)
+        with self._locked():
+            rows = self.rows()
+            if not rows:
+                return 0
+            kept = []
+            for row in rows:
+                try:
+                    await settle(row)
+                except Exception:
+                    log.error(
+                        "spooled usage row still not settled; kept in %s",
+                        self.path,
+                        exc_info=True,
+                        extra={"request_id": row.get("request_id")},
+                    )
+                    kept.append(row)
+            self._rewrite(kept)
         log.info("replayed %d spooled usage row(s) from %s", len(rows) - len(kept), self.path)
         return len(rows) - len(kept)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import socket
 import sys
 from decimal import Decimal
 
@@ -11,6 +12,7 @@ import click
 from codex_gateway import __version__, logs
 from codex_gateway.cli import admin, operations, reconcile
 from codex_gateway.cli.context import settings_or_exit, with_store
+from codex_gateway.config import Settings
 from codex_gateway.store.queries import Store, StoreError
 
 SANDBOX_ACCOUNT = "sandbox"
@@ -34,8 +36,39 @@ def cli() -> None:
     "with no OpenAI account.",
 )
 @click.option("--log-level", default=None, help="DEBUG shows each request's bill in four stages.")
-def serve(host: str, port: int, sandbox: bool, log_level: str | None) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Gateway processes sharing the port; one per core serves the most.",
+)
+def serve(host: str, port: int, sandbox: bool, log_level: str | None, workers: int) -> None:
     """Run the gateway."""
+    settings = settings_or_exit()
+    logs.configure(
+        (log_level or settings.log_level).upper(), settings.log_format, settings.log_levels
+    )
+    if sandbox:
+        _prepare_sandbox(host, port)
+    if workers == 1:
+        sys.exit(_serve_one(settings, host, port, sandbox, None))
+    from codex_gateway.http.workers import serve_workers
+
+    try:
+        status = serve_workers(
+            workers, host, port, lambda sock: _serve_one(settings, host, port, sandbox, sock)
+        )
+    except OSError as exc:
+        click.echo(f"error: cannot listen on {host}:{port}: {exc.strerror}", err=True)
+        sys.exit(1)
+    sys.exit(status)
+
+
+def _serve_one(
+    settings: Settings, host: str, port: int, sandbox: bool, sock: socket.socket | None
+) -> int:
+    """One gateway process on HOST:PORT, or on `sock` when it is a worker; its exit status."""
     import uvicorn  # the server stack is imported only by the commands that serve
 
     from codex_gateway.app import Gateway
@@ -43,12 +76,6 @@ def serve(host: str, port: int, sandbox: bool, log_level: str | None) -> None:
     from codex_gateway.http.server import GracefulServer
     from codex_gateway.sandbox.app import SandboxApp
 
-    settings = settings_or_exit()
-    logs.configure(
-        (log_level or settings.log_level).upper(), settings.log_format, settings.log_levels
-    )
-    if sandbox:
-        _prepare_sandbox(host, port)
     gateway = Gateway(settings, sandbox=SandboxApp() if sandbox else None)
     config = uvicorn.Config(
         GatewayApp(gateway),
@@ -65,13 +92,12 @@ def serve(host: str, port: int, sandbox: bool, log_level: str | None) -> None:
     )
     server = GracefulServer(config, gateway)
     try:
-        server.run()
+        server.run(sockets=[sock] if sock is not None else None)
     except SystemExit as exc:  # uvicorn's own code 3 for a failed startup
         if exc.code:
-            sys.exit(1)  # the reason is already logged, one line
+            return 1  # the reason is already logged, one line
         raise
-    if not server.started:
-        sys.exit(1)
+    return 0 if server.started else 1
 
 
 def _prepare_sandbox(host: str, port: int) -> None:
