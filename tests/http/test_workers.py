@@ -18,16 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import (
-    PG_ADMIN_URL,
-    Gateway,
-    Sandbox,
-    add_sandbox_account,
-    free_port,
-    make_gateway,
-    spawn,
-    wait_http,
-)
+from tests.conftest import PG_ADMIN_URL, Gateway, Sandbox, make_gateway, running_gateway
 from tests.http.test_responses import expected_cost
 from tests.test_topology import CACHED_COUNTS, wait_for_rows
 
@@ -38,14 +29,7 @@ REQUESTS = 16
 def two_workers(
     request: pytest.FixtureRequest, sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
-    gw = make_gateway(request.param, tmp_path_factory)
-    try:
-        add_sandbox_account(gw, sandbox)
-        start_workers(gw, 2)
-        yield gw
-    finally:
-        gw.stop()
-        gw.drop_database()
+    yield from running_gateway(request.param, sandbox, tmp_path_factory, workers=2)
 
 
 def worker_pids(gw: Gateway) -> list[int]:
@@ -53,26 +37,6 @@ def worker_pids(gw: Gateway) -> list[int]:
     pid = gw.proc.popen.pid
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return [int(child) for child in children]
-
-
-def start_workers(gw: Gateway, count: int) -> None:
-    """`serve --workers COUNT`, once every worker listens (the first may answer alone)."""
-    port = free_port()
-    gw.url = f"http://127.0.0.1:{port}"
-    argv = ["serve", "--port", str(port), "--workers", str(count)]
-    gw.proc = spawn(argv, gw.env, gw.workdir / f"workers-{port}.log")
-    wait_http(gw.url + "/healthz")
-    deadline = time.monotonic() + 30
-    while listeners(port) < count:
-        assert time.monotonic() < deadline, gw.log_text()
-        time.sleep(0.05)
-
-
-def listeners(port: int) -> int:
-    """How many sockets listen on 127.0.0.1:PORT, from /proc/net/tcp."""
-    local = f"0100007F:{port:04X}"
-    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    return sum(1 for line in lines if line.split()[1] == local and line.split()[3] == "0A")
 
 
 def gone(pid: int, timeout: float = 10.0) -> bool:
@@ -157,7 +121,7 @@ def test_a_worker_that_dies_takes_the_service_down_with_exit_1(
 ) -> None:
     gw = make_gateway("sqlite", tmp_path_factory)
     try:
-        start_workers(gw, 2)
+        gw.start(workers=2)
         assert gw.proc is not None
         first, second = worker_pids(gw)
         subprocess.run(["kill", "-KILL", str(first)], check=True)
