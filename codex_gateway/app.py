@@ -87,7 +87,6 @@ class Gateway:
             await migrate(self.engine)
         await self.spool.replay(self.store.settle)
         await self.catalog.refresh()
-        await asyncio.to_thread(self.tokens.load)
         self.settler.start()
         self._tasks = [
             asyncio.create_task(self.catalog.poll(self.settings.catalog_refresh_seconds)),

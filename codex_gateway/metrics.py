@@ -100,6 +100,8 @@ class Metrics:
             "Relay requests being served right now.",
             registry=r,
         )
+        # Labelled children by labels, looked up once: `labels()` costs more than the update.
+        self._done: dict[tuple[str, int, str], tuple[Any, Any]] = {}
         self.holds = Gauge(
             "codex_gateway_open_holds",
             "Requests holding part of a balance: relays in flight and rows queued for writing.",
@@ -112,8 +114,13 @@ class Metrics:
         self.holds.set_function(lambda: float(holds()))
 
     def request_done(self, route: str, status: int, model: str, seconds: float) -> None:
-        self.requests.labels(route, str(status), model).inc()
-        self.latency.labels(route).observe(seconds)
+        key = (route, status, model)
+        counted = self._done.get(key)
+        if counted is None:
+            counted = (self.requests.labels(route, str(status), model), self.latency.labels(route))
+            self._done[key] = counted
+        counted[0].inc()
+        counted[1].observe(seconds)
 
     def settled(
         self, row: Mapping[str, Any], account: str | None, overhead_ms: float | None
