@@ -7,6 +7,7 @@ it and anything it started (its process group) even when the run fails or is int
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 PROXY_CORE = 0
+PR_SET_PDEATHSIG = 1
 LOAD_CORE = 1
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -72,6 +74,7 @@ class Processes:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         self._running.append(proc)
         return proc
@@ -98,6 +101,12 @@ class Processes:
     def stop_all(self) -> None:
         for proc in reversed(list(self._running)):
             self.stop(proc, grace=5.0)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: Linux sends it SIGTERM should this run be killed outright."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import resource
 import socket
 import sys
 from decimal import Decimal
@@ -51,6 +53,7 @@ def serve(host: str, port: int, sandbox: bool, log_level: str | None, workers: i
     )
     if sandbox:
         _prepare_sandbox(host, port)
+    _raise_open_file_limit()
     if workers == 1:
         sys.exit(_serve_one(settings, host, port, sandbox, None))
     from codex_gateway.http.workers import serve_workers
@@ -63,6 +66,16 @@ def serve(host: str, port: int, sandbox: bool, log_level: str | None, workers: i
         click.echo(f"error: cannot listen on {host}:{port}: {exc.strerror}", err=True)
         sys.exit(1)
     sys.exit(status)
+
+
+def _raise_open_file_limit() -> None:
+    """Every stream takes two sockets (client and upstream): allow as many as the system lets
+    this process have, not the usual soft limit of 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 65_536
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def _serve_one(
@@ -88,6 +101,9 @@ def _serve_one(
         log_config=None,
         server_header=False,
         date_header=False,
+        # The gateway never reads the client's address, so uvicorn need not rewrite it from
+        # X-Forwarded-* headers: one layer fewer on every request.
+        proxy_headers=False,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_seconds),
     )
     server = GracefulServer(config, gateway)
