@@ -238,6 +238,10 @@ def measure(target: Target, plan: Plan) -> dict[str, Any]:
     step("warmup", lambda: wrk(url, key, plain, 4, plan.warmup_s) | wrk(url, key, stream, 4, 1))
     _quiet(target.pid, plan.quiet_s)
     idle_kb = rss_kb(pid)
+    # Streams first, while the memory they take is not yet hidden by what the heavier
+    # measures below leave allocated (Python keeps memory it once used).
+    result["stall"] = _stall_steps(target, plan)
+    result["memory"] = _memory(idle_kb, result["stall"])
     step("latency_c1", lambda: wrk(url, key, plain, 1, plan.latency_s))
     step("rps_c64", lambda: _with_cpu(pid, lambda: wrk(url, key, plain, 64, plan.rps_s)))
     step("stream_rps_c64", lambda: _with_cpu(pid, lambda: wrk(url, key, stream, 64, plan.rps_s)))
@@ -257,8 +261,6 @@ def measure(target: Target, plan: Plan) -> dict[str, Any]:
             ramp=plan.ramp_s,
         ),
     )
-    result["stall"] = _stall_steps(target, plan)
-    result["memory"] = _memory(idle_kb, result["stall"])
     return result
 
 
@@ -291,6 +293,7 @@ def _stall_steps(target: Target, plan: Plan) -> dict[str, Any]:
     for count in plan.steps:
         print(f"   {count} paced streams", flush=True)
         _quiet(target.pid, plan.quiet_s)
+        before_kb = rss_kb(target.pid)
         try:
             result = streams(
                 target.url,
@@ -306,7 +309,8 @@ def _stall_steps(target: Target, plan: Plan) -> dict[str, Any]:
             steps.append({"streams": count, "held": False, "why": str(exc)[:300]})
             break
         why = _why_not_held(result, count)
-        steps.append({"streams": count, "held": why is None, "why": why, **result})
+        step = {"streams": count, "held": why is None, "why": why, "rss_before_kb": before_kb}
+        steps.append(step | result)
         if why is not None:
             break
         most_held = count
