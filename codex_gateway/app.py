@@ -96,6 +96,9 @@ class Gateway:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+        # Let a catalog poll or lease renewal caught mid-query unwind while the database is
+        # still there: one left to the loop's final cancel waits on a disposed pool for ever.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._relays_done()
         await self.settler.drain()
         await self.admission.close()
