@@ -130,7 +130,11 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 def _missing_tools(install: bool) -> list[str]:
     if shutil.which("wrk") is None and install and os.geteuid() == 0:
         print("wrk is not installed; installing it with apt-get", flush=True)
-        subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], capture_output=True, timeout=600)
+        install_wrk = ["apt-get", "install", "-y", "-q", "wrk"]
+        done = subprocess.run(install_wrk, capture_output=True, timeout=600)
+        if done.returncode != 0:  # a fresh machine may not have read the package lists yet
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=600)
+            subprocess.run(install_wrk, capture_output=True, timeout=600)
     missing = []
     if shutil.which("wrk") is None:
         missing.append("wrk is not installed (Debian: apt-get install wrk)")
