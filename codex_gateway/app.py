@@ -126,7 +126,6 @@ class Gateway:
                 "ChatGPT accounts stay out of rotation: no secret key to open their tokens "
                 "(set CODEX_GATEWAY_SECRET_KEY or CODEX_GATEWAY_SECRET_KEY_FILE)"
             )
-        await asyncio.to_thread(self.tokens.load)
         self.settler.start()
         self._tasks = [
             asyncio.create_task(self.catalog.poll(self.settings.catalog_refresh_seconds)),
@@ -158,6 +157,9 @@ class Gateway:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+        # Let a catalog poll or lease renewal caught mid-query unwind while the database is
+        # still there: one left to the loop's final cancel waits on a disposed pool for ever.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._relays_done()
         await self.settler.drain()
         self.journal.close()

@@ -39,7 +39,7 @@ class Settings:
     upstream_first_byte_timeout: float = 120.0
     upstream_read_timeout: float = 300.0
     upstream_total_timeout: float = 3600.0
-    upstream_pool_size: int = 512
+    upstream_pool_size: int = 4096
     hold_output_tokens: int = 32_768
     hold_context_tokens: int = 400_000
     lease_ttl_seconds: float = 60.0

@@ -9,6 +9,7 @@ settlement.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -107,6 +108,9 @@ class Metrics:
             "Relay requests being served right now.",
             registry=r,
         )
+        # Labelled children by labels, looked up once: `labels()` costs more than the update.
+        self._done: dict[tuple[str, int, str], tuple[Any, Any]] = {}
+        self._settled: dict[str, _PerModel] = {}
         self.holds = Gauge(
             "codex_gateway_open_holds",
             "Requests holding part of a balance: relays in flight and rows queued for writing.",
@@ -123,21 +127,33 @@ class Metrics:
         self.recovered_holds.labels("released").inc(released)
 
     def request_done(self, route: str, status: int, model: str, seconds: float) -> None:
-        self.requests.labels(route, str(status), model).inc()
-        self.latency.labels(route).observe(seconds)
+        key = (route, status, model)
+        counted = self._done.get(key)
+        if counted is None:
+            counted = (self.requests.labels(route, str(status), model), self.latency.labels(route))
+            self._done[key] = counted
+        counted[0].inc()
+        counted[1].observe(seconds)
 
     def settled(
         self, row: Mapping[str, Any], account: str | None, overhead_ms: float | None
     ) -> None:
         """Tokens, cost, timings and upstream errors of one settled request."""
         model = str(row["price_model"])
-        for token_class, column in TOKEN_CLASSES:
+        per_model = self._settled.get(model)
+        if per_model is None:
+            per_model = self._settled[model] = _PerModel(
+                [self.tokens.labels(model, token_class) for token_class, _ in TOKEN_CLASSES],
+                self.cost.labels(model),
+                self.ttfb.labels(model),
+            )
+        for tokens, (_, column) in zip(per_model.tokens, TOKEN_CLASSES, strict=True):
             count = row[column]
             if isinstance(count, int) and count > 0:
-                self.tokens.labels(model, token_class).inc(count)
-        self.cost.labels(model).inc(float(row["cost_usd"]))
+                tokens.inc(count)
+        per_model.cost.inc(float(row["cost_usd"]))
         if row["ttfb_ms"] is not None:
-            self.ttfb.labels(model).observe(row["ttfb_ms"] / 1000)
+            per_model.ttfb.observe(row["ttfb_ms"] / 1000)
         if overhead_ms is not None:
             self.overhead.observe(overhead_ms / 1000)
         if "stream_interrupted" in row["flags"]:
@@ -160,6 +176,15 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+@dataclass(frozen=True)
+class _PerModel:
+    """One model's labelled children of the settlement metrics."""
+
+    tokens: list[Any]
+    cost: Any
+    ttfb: Any
 
 
 def _number(text: str | None) -> float | None:

@@ -40,6 +40,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def listeners(port: int) -> int:
+    """How many sockets listen on 127.0.0.1:PORT, from /proc/net/tcp."""
+    local = f"0100007F:{port:04X}"
+    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    return sum(1 for row in rows if row[1] == local and row[3] == "0A")
+
+
 def wait_http(url: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -152,12 +159,19 @@ class Gateway:
     def cli_json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)
 
-    def start(self, log_level: str = "DEBUG") -> None:
+    def start(self, log_level: str = "DEBUG", workers: int = 1) -> None:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         log = self.workdir / f"gateway-{port}.log"
-        self.proc = spawn(["serve", "--port", str(port), "--log-level", log_level], self.env, log)
+        args = ["serve", "--port", str(port), "--log-level", log_level]
+        self.proc = spawn([*args, "--workers", str(workers)], self.env, log)
         wait_http(self.url + "/healthz")
+        # Every worker listening, not only the first (which answers /healthz alone).
+        deadline = time.monotonic() + 30
+        while listeners(port) < workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"fewer than {workers} workers listen:\n{self.log_text()}")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         for proc in [self.proc, *self.extra_procs]:
@@ -260,10 +274,20 @@ def gateway(
     request: pytest.FixtureRequest, sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
     """A gateway process on a fresh database of each backend, relaying to the sandbox."""
-    gw = make_gateway(request.param, tmp_path_factory)
+    yield from running_gateway(request.param, sandbox, tmp_path_factory)
+
+
+def running_gateway(
+    backend: str,
+    sandbox: Sandbox,
+    tmp_path_factory: pytest.TempPathFactory,
+    workers: int = 1,
+) -> Iterator[Gateway]:
+    """A gateway on a fresh database relaying to the sandbox, stopped and dropped after."""
+    gw = make_gateway(backend, tmp_path_factory)
     try:
         add_sandbox_account(gw, sandbox)
-        gw.start()
+        gw.start(workers=workers)
         yield gw
     finally:
         gw.stop()

@@ -7,9 +7,11 @@ request id, so a row that did reach the database before is not charged twice.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -29,19 +31,37 @@ _TIME_COLUMNS = frozenset({"started_at"})
 
 
 class Spool:
+    """The workers of `serve --workers` share one spool: appends take a short lock on a file
+    beside it, and one replay at a time runs (the others find it busy and leave it)."""
+
     def __init__(self, path: Path):
         self.path = path
 
-    def append(self, row: dict[str, Any]) -> None:
-        """Write one row and flush it to disk before returning."""
+    @contextlib.contextmanager
+    def _lock(self, suffix: str, *, wait: bool = True) -> Iterator[bool]:
+        """Hold the lock file `PATH<suffix>`; yields False when `wait` is off and it is taken."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = orjson.dumps(row, default=encode_value) + b"\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(self.path.with_name(self.path.name + suffix), os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            os.write(fd, line)
-            os.fsync(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
         finally:
             os.close(fd)
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Write one row and flush it to disk before returning."""
+        line = orjson.dumps(row, default=encode_value) + b"\n"
+        with self._lock(".lock"):
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         log.warning(
             "usage row spooled to %s", self.path, extra={"request_id": row.get("request_id")}
         )
@@ -65,28 +85,31 @@ class Spool:
         """Settle every spooled row; rows the database still refuses stay in the file.
 
         Returns how many were settled. One bad row never keeps the gateway from starting.
-        Rows this process appends while the replay waits on the database are kept.
+        Rows appended while the replay waits on the database are kept. The append lock is
+        never held across a wait, so a worker spooling a row is not held up by a replay.
         """
-        if not self.path.exists():
-            return 0
-        read = self.path.read_bytes()
-        rows = self._parse(read)
-        if not rows:
-            return 0
-        kept = []
-        for row in rows:
-            try:
-                await settle(row)
-            except Exception:
-                log.error(
-                    "spooled usage row still not settled; kept in %s",
-                    self.path,
-                    exc_info=True,
-                    extra={"request_id": row.get("request_id")},
-                )
-                kept.append(row)
-        self._rewrite(kept, self.path.read_bytes()[len(read) :])
-        log.info("replayed %d spooled usage row(s) from %s", len(rows) - len(kept), self.path)
+        with self._lock(".replay", wait=False) as mine:
+            if not mine or not self.path.exists():
+                return 0
+            with self._lock(".lock"):
+                read = self.path.read_bytes()
+            rows = self._parse(read)
+            kept = []
+            for row in rows:
+                try:
+                    await settle(row)
+                except Exception:
+                    log.error(
+                        "spooled usage row still not settled; kept in %s",
+                        self.path,
+                        exc_info=True,
+                        extra={"request_id": row.get("request_id")},
+                    )
+                    kept.append(row)
+            with self._lock(".lock"):
+                self._rewrite(kept, self.path.read_bytes()[len(read) :])
+        if rows:
+            log.info("replayed %d spooled usage row(s) from %s", len(rows) - len(kept), self.path)
         return len(rows) - len(kept)
 
     def _rewrite(self, rows: list[dict[str, Any]], appended: bytes) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import resource
+import socket
 import sys
 from decimal import Decimal
 
@@ -11,6 +14,7 @@ import click
 from codex_gateway import __version__, logs
 from codex_gateway.cli import admin, operations, reconcile
 from codex_gateway.cli.context import settings_or_exit, with_store
+from codex_gateway.config import Settings
 from codex_gateway.errors import CredentialError
 from codex_gateway.store.queries import Store, StoreError
 
@@ -35,8 +39,50 @@ def cli() -> None:
     "with no OpenAI account.",
 )
 @click.option("--log-level", default=None, help="DEBUG shows each request's bill in four stages.")
-def serve(host: str, port: int, sandbox: bool, log_level: str | None) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Gateway processes sharing the port; one per core serves the most.",
+)
+def serve(host: str, port: int, sandbox: bool, log_level: str | None, workers: int) -> None:
     """Run the gateway."""
+    settings = settings_or_exit()
+    logs.configure(
+        (log_level or settings.log_level).upper(), settings.log_format, settings.log_levels
+    )
+    if sandbox:
+        _prepare_sandbox(host, port)
+    _raise_open_file_limit()
+    if workers == 1:
+        sys.exit(_serve_one(settings, host, port, sandbox, None))
+    from codex_gateway.http.workers import serve_workers
+
+    try:
+        status = serve_workers(
+            workers, host, port, lambda sock: _serve_one(settings, host, port, sandbox, sock)
+        )
+    except OSError as exc:
+        click.echo(f"error: cannot listen on {host}:{port}: {exc.strerror}", err=True)
+        sys.exit(1)
+    sys.exit(status)
+
+
+def _raise_open_file_limit() -> None:
+    """Every stream takes two sockets (client and upstream): allow as many as the system lets
+    this process have, not the usual soft limit of 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 65_536
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def _serve_one(
+    settings: Settings, host: str, port: int, sandbox: bool, sock: socket.socket | None
+) -> int:
+    """One gateway process on HOST:PORT, or on `sock` when it is a worker; its exit status."""
     import uvicorn  # the server stack is imported only by the commands that serve
 
     from codex_gateway.app import Gateway
@@ -44,17 +90,11 @@ def serve(host: str, port: int, sandbox: bool, log_level: str | None) -> None:
     from codex_gateway.http.server import GracefulServer
     from codex_gateway.sandbox.app import SandboxApp
 
-    settings = settings_or_exit()
-    logs.configure(
-        (log_level or settings.log_level).upper(), settings.log_format, settings.log_levels
-    )
-    if sandbox:
-        _prepare_sandbox(host, port)
     try:
         gateway = Gateway(settings, sandbox=SandboxApp() if sandbox else None)
     except CredentialError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        return 1
     config = uvicorn.Config(
         GatewayApp(gateway),
         host=host,
@@ -66,17 +106,19 @@ def serve(host: str, port: int, sandbox: bool, log_level: str | None) -> None:
         log_config=None,
         server_header=False,
         date_header=False,
+        # The gateway never reads the client's address, so uvicorn need not rewrite it from
+        # X-Forwarded-* headers: one layer fewer on every request.
+        proxy_headers=False,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_seconds),
     )
     server = GracefulServer(config, gateway)
     try:
-        server.run()
+        server.run(sockets=[sock] if sock is not None else None)
     except SystemExit as exc:  # uvicorn's own code 3 for a failed startup
         if exc.code:
-            sys.exit(1)  # the reason is already logged, one line
+            return 1  # the reason is already logged, one line
         raise
-    if not server.started:
-        sys.exit(1)
+    return 0 if server.started else 1
 
 
 def _prepare_sandbox(host: str, port: int) -> None:

@@ -32,6 +32,7 @@ DELTA_TYPES = frozenset(
         "response.reasoning_text.delta",
     }
 )
+_DELTA_NAMES = frozenset(name.encode() for name in DELTA_TYPES)
 _TERMINAL_HINT = re.compile(rb"response\.(?:completed|incomplete|failed)|\"error\"")
 
 
@@ -91,19 +92,27 @@ class StreamScanner:
                 chunk = chunk[:-1]
                 self._pending_cr = True
             chunk = chunk.replace(b"\r\n", b"\n")
+        # The last blank line ends every whole event there is: they are split out in one call.
         buffer = self._buffer
-        # Only the new bytes (and the one before them) can complete a blank line.
-        search_from = max(len(buffer) - 1, 0)
-        buffer += chunk
-        start = 0
-        while True:
-            end = buffer.find(b"\n\n", search_from)
+        if buffer:
+            # Only the new bytes (and the one before them) can complete a blank line.
+            search_from = len(buffer) - 1
+            buffer += chunk
+            end = buffer.rfind(b"\n\n", search_from)
             if end < 0:
-                break
-            self._event(bytes(buffer[start:end]))
-            start = search_from = end + 2
-        if start:
-            del buffer[:start]
+                return
+            blocks = bytes(buffer[:end]).split(b"\n\n")
+            del buffer[: end + 2]
+        else:
+            # Nothing held back: the usual case, a chunk of whole events, is not copied.
+            end = chunk.rfind(b"\n\n")
+            if end < 0:
+                buffer += chunk
+                return
+            blocks = chunk[:end].split(b"\n\n")
+            buffer += chunk[end + 2 :]
+        for block in blocks:
+            self._event(block)
 
     def finish(self) -> None:
         """Treat what is left after the stream closed as a last event, as browsers do."""
@@ -112,10 +121,21 @@ class StreamScanner:
         self._buffer.clear()
 
     def _event(self, block: bytes) -> None:
-        if not block.strip():
+        if block.startswith(b"event: "):
+            # The shape every upstream sends: the name on the first line, no regex needed,
+            # and the bulk of a stream (its deltas) kept as they are.
+            newline = block.find(b"\n")
+            raw = block[7:newline] if newline > 0 else block[7:]
+            if raw in _DELTA_NAMES:
+                self.events += 1
+                self.deltas.append(block)
+                return
+            name: str | None = raw.decode("utf-8", "replace")
+        elif not block.strip():
             return
+        else:
+            name = _event_name(block)
         self.events += 1
-        name = _event_name(block)
         if name is None:
             if not _TERMINAL_HINT.search(block):
                 return

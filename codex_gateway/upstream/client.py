@@ -1,53 +1,311 @@
 """The one long-lived HTTP client every upstream call goes through.
 
 The relay sees only `UpstreamClient.post` and `UpstreamResponse`, so the implementation
-underneath can be swapped when the benchmark says so. Client library exceptions are turned
-into the gateway's own upstream errors here and nowhere else.
+underneath can be swapped when the benchmark says so. It is a lean HTTP/1.1 client: keep-alive
+connections per host (TLS through an `ssl` context for https), httptools' parser, no
+redirects, and body bytes handed on as they arrive, with no per-chunk work beyond the parser.
+Transport failures are turned into the gateway's own upstream errors here and nowhere else,
+and no message carries a request's headers, so none carries the upstream credentials.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
+import httptools
 
-from codex_gateway.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
+from codex_gateway.errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 
 # The largest whole (non-streamed) upstream body the gateway accepts.
 MAX_BODY_BYTES = 64 * 1024 * 1024
+# Body bytes held for a reader that has not taken them yet before the socket stops reading.
+_HIGH_WATER = 1024 * 1024
+# An idle keep-alive connection older than this is closed rather than reused: servers drop
+# idle connections after a while, and a request sent on one they are dropping is lost.
+_IDLE_SECONDS = 15.0
+_Origin = tuple[str, str, int]
+
+
+class Headers(Mapping[str, str]):
+    """Response headers, looked up without regard to case; repeated ones joined by commas."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, pairs: list[tuple[bytes, bytes]]):
+        items: dict[str, str] = {}
+        for raw_name, raw_value in pairs:
+            name = raw_name.decode("latin-1").lower()
+            value = raw_value.decode("latin-1")
+            items[name] = f"{items[name]}, {value}" if name in items else value
+        self._items = items
+
+    def __getitem__(self, name: str) -> str:
+        return self._items[name.lower()]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._items.get(name.lower(), default)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Headers({self._items!r})"
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection: one request at a time, the answer parsed as it arrives."""
+
+    def __init__(self, origin: _Origin, read_timeout: float):
+        self.origin = origin
+        self._read_timeout = read_timeout
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.response: UpstreamResponse | None = None
+        self.idle_since = 0.0
+        self._pending_headers: list[tuple[bytes, bytes]] = []
+        self._header_name = b""
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_read = 0.0
+        self._loop = asyncio.get_running_loop()
+
+    @property
+    def usable(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self.response is None:  # nothing was asked: a server talking out of turn
+            self.close()
+            return
+        self._last_read = self._loop.time()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamProtocolError("The upstream switched protocols unasked."))
+        except httptools.HttpParserError as exc:
+            self._fail(self._broken(f"{type(exc).__name__}: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._cancel_timer()
+        response = self.response
+        if response is not None and response.started and response.ends_with_close:
+            response.finish(keep_alive=False)  # a body with neither length nor chunks ends so
+        elif response is not None and not response.complete:
+            detail = f"{type(exc).__name__}: {exc}" if exc else "the upstream closed the connection"
+            response.fail(self._broken(detail))
+
+    # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._pending_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        response = self.response
+        if response is None:
+            return
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:  # an interim answer: the real one follows
+            self._pending_headers = []
+            return
+        response.head(status, Headers(self._pending_headers))
+        self._pending_headers = []
+
+    def on_body(self, body: bytes) -> None:
+        response = self.response
+        if response is not None:
+            response.feed(body)
+
+    def on_message_complete(self) -> None:
+        response = self.response
+        if response is None or not response.started:
+            return
+        self._cancel_timer()
+        response.finish(self._parser.should_keep_alive())
+
+    # -- used by the client ------------------------------------------------------------------
+
+    def send(self, request: bytes, response: UpstreamResponse) -> None:
+        assert self.transport is not None
+        self.response = response
+        self._parser = httptools.HttpResponseParser(self)
+        self._last_read = self._loop.time()
+        self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._check_idle)
+        self.transport.write(request)
+
+    def _check_idle(self) -> None:
+        """Fire the read timeout, unless bytes came since it was set (then set it again)."""
+        self._timer = None
+        due = self._last_read + self._read_timeout
+        if self._loop.time() < due:
+            self._timer = self._loop.call_at(due, self._check_idle)
+            return
+        response = self.response
+        if response is None or response.complete:
+            return
+        if response.paused:  # the reader is behind, not the upstream
+            self._last_read = self._loop.time()
+            self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._check_idle)
+            return
+        if response.started:
+            error = UpstreamTimeout(
+                "The upstream went silent for longer than the idle timeout before the "
+                "response ended.",
+                kind="timeout_idle",
+            )
+        else:
+            error = UpstreamTimeout(
+                "The upstream did not answer within the first-byte timeout.",
+                kind="timeout_first_byte",
+            )
+        self._fail(error)
+
+    def pause(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _broken(self, detail: str) -> UpstreamError:
+        response = self.response
+        if response is not None and response.started:
+            return UpstreamProtocolError(
+                "The upstream response was cut off before it ended.", kind="cut", detail=detail
+            )
+        return UpstreamConnectError("The request to the upstream failed.", detail=detail)
+
+    def _fail(self, error: UpstreamError) -> None:
+        response = self.response
+        if response is not None:
+            response.fail(error)
+        self.close()
 
 
 class UpstreamResponse:
-    def __init__(self, response: aiohttp.ClientResponse):
-        self._response = response
-        self.status = response.status
-        self.headers: Mapping[str, str] = response.headers
+    """One answer: status and headers first, then the body as it arrives."""
+
+    def __init__(self, client: UpstreamClient, connection: _Connection):
+        self._client = client
+        self._connection: _Connection | None = connection
+        self.status = 0
+        self.headers: Mapping[str, str] = Headers([])
+        self.started = False
+        self.complete = False
+        self._keep_alive = False
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self.paused = False
+        self.ends_with_close = False
+        self._error: UpstreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
 
     @property
     def content_type(self) -> str:
         return self.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
+    # -- fed by the connection ---------------------------------------------------------------
+
+    def head(self, status: int, headers: Headers) -> None:
+        self.status = status
+        self.headers = headers
+        self.started = True
+        self.ends_with_close = (
+            "content-length" not in headers
+            and "chunked" not in headers.get("transfer-encoding", "").lower()
+            and status not in (204, 304)
+        )
+        self._wake()
+
+    def feed(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered > _HIGH_WATER and not self.paused and self._connection is not None:
+            self.paused = True
+            self._connection.pause()
+        self._wake()
+
+    def finish(self, keep_alive: bool) -> None:
+        self.complete = True
+        self._keep_alive = keep_alive
+        self._wake()
+
+    def fail(self, error: UpstreamError) -> None:
+        if self._error is None and not self.complete:
+            self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def started_event(self) -> None:
+        """Wait for the status line and headers."""
+        while not self.started:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    # -- read by the relay -------------------------------------------------------------------
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive, without waiting to fill a buffer."""
-        try:
-            async for chunk in self._response.content.iter_any():
+        pending = self._chunks
+        while True:
+            if pending:
+                chunk = pending.popleft() if len(pending) == 1 else b"".join(pending)
+                pending.clear()
+                self._buffered = 0
+                if self.paused and self._connection is not None:
+                    self.paused = False
+                    self._connection.resume()
                 yield chunk
-        except TimeoutError:
-            raise UpstreamTimeout(
-                "The upstream went silent for longer than the idle timeout before the response "
-                "ended.",
-                kind="timeout_idle",
-            ) from None
-        except aiohttp.ClientPayloadError as exc:
-            raise UpstreamProtocolError(
-                "The upstream response was cut off before it ended.",
-                kind="cut",
-                detail=_describe(exc),
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamConnectError(
-                "The connection to the upstream failed.", detail=_describe(exc)
-            ) from None
+                continue
+            if self.complete:
+                return
+            if self._error is not None:
+                raise self._error
+            await self._wait()
 
     async def read(self, limit: int = MAX_BODY_BYTES) -> bytes:
         """The whole body, refusing one larger than `limit` bytes."""
@@ -63,65 +321,179 @@ class UpstreamResponse:
 
     def close(self) -> None:
         """Drop the connection now (the response will not be read to its end)."""
-        self._response.close()
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        if not self.complete:
+            self.fail(UpstreamConnectError("The gateway closed the upstream connection."))
+        connection.response = None
+        connection.close()
+        self._client.returned(connection, reuse=False)
 
     def release(self) -> None:
-        self._response.release()
+        """Hand the connection back for the next request, or close it if it is not reusable."""
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        reuse = self.complete and self._keep_alive and self._error is None and connection.usable
+        connection.response = None
+        if not reuse:
+            connection.close()
+        self._client.returned(connection, reuse=reuse)
 
 
 class UpstreamClient:
-    def __init__(self, *, connect_timeout: float, read_timeout: float, pool_size: int):
+    def __init__(
+        self,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        pool_size: int,
+        ssl_context: ssl.SSLContext | None = None,
+    ):
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._pool_size = pool_size
-        self._session: aiohttp.ClientSession | None = None
+        self._ssl = ssl_context
+        self._idle: dict[_Origin, list[_Connection]] = {}
+        self._slots: asyncio.Semaphore | None = None
+        self._targets: dict[str, tuple[_Origin, bytes]] = {}
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._pool_size, ttl_dns_cache=300),
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    sock_connect=self._connect_timeout,
-                    sock_read=self._read_timeout,
-                ),
-                skip_auto_headers=("User-Agent",),
-                trust_env=False,
-            )
-        return self._session
+    def _tls(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
 
     async def post(self, url: str, headers: Mapping[str, str], body: bytes) -> UpstreamResponse:
+        origin, start = self._target(url)
+        request = start + _head(headers, len(body)) + body
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self._pool_size)
+        await self._slots.acquire()
         try:
-            response = await self._get_session().post(
-                url, data=body, headers=headers, allow_redirects=False
-            )
-        except aiohttp.ConnectionTimeoutError:
+            return await self._exchange(origin, request)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def _exchange(self, origin: _Origin, request: bytes) -> UpstreamResponse:
+        """Send on an idle connection, or a new one; a reused connection that closes before
+        any answer was one the server was dropping, and the request goes once more, new."""
+        connection = self._take_idle(origin)
+        if connection is not None:
+            try:
+                return await self._send(connection, request)
+            except UpstreamConnectError:
+                pass
+        return await self._send(await self._connect(origin), request)
+
+    async def _send(self, connection: _Connection, request: bytes) -> UpstreamResponse:
+        response = UpstreamResponse(self, connection)
+        connection.send(request, response)
+        try:
+            await response.started_event()
+        except BaseException:
+            connection.response = None
+            connection.close()
+            raise
+        return response
+
+    def _take_idle(self, origin: _Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        now = asyncio.get_running_loop().time()
+        while idle:
+            connection = idle.pop()
+            if connection.usable and now - connection.idle_since < _IDLE_SECONDS:
+                return connection
+            connection.close()
+        return None
+
+    async def _connect(self, origin: _Origin) -> _Connection:
+        scheme, host, port = origin
+        loop = asyncio.get_running_loop()
+        tls = self._tls() if scheme == "https" else None
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, protocol = await loop.create_connection(
+                    lambda: _Connection(origin, self._read_timeout),
+                    host,
+                    port,
+                    ssl=tls,
+                    server_hostname=host if tls is not None else None,
+                )
+        except TimeoutError:
             raise UpstreamTimeout(
                 "Connecting to the upstream took longer than the connect timeout.",
                 kind="timeout_connect",
             ) from None
-        except TimeoutError:
-            raise UpstreamTimeout(
-                "The upstream did not answer within the first-byte timeout.",
-                kind="timeout_first_byte",
-            ) from None
-        except aiohttp.ClientConnectorError as exc:
+        except ssl.SSLError as exc:
             raise UpstreamConnectError(
-                "Could not connect to the upstream.", detail=str(exc.os_error)
+                "Could not connect to the upstream.", detail=f"TLS: {exc.reason or exc}"
             ) from None
-        except aiohttp.ClientError as exc:
+        except OSError as exc:
             raise UpstreamConnectError(
-                "The request to the upstream failed.", detail=_describe(exc)
+                "Could not connect to the upstream.",
+                detail=f"Cannot connect to host {host}:{port} [{exc.strerror or exc}]",
             ) from None
-        return UpstreamResponse(response)
+        return protocol
+
+    def returned(self, connection: _Connection, *, reuse: bool) -> None:
+        """A response is done with its connection: keep it for the next request or not."""
+        if self._slots is not None:
+            self._slots.release()
+        if not reuse:
+            return
+        connection.idle_since = asyncio.get_running_loop().time()
+        self._idle.setdefault(connection.origin, []).append(connection)
+
+    def _target(self, url: str) -> tuple[_Origin, bytes]:
+        """The origin and request line of a URL, worked out once per URL."""
+        known = self._targets.get(url)
+        if known is not None:
+            return known
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise UpstreamConnectError(
+                "The upstream URL is not an http or https URL.", detail=f"scheme {scheme!r}"
+            )
+        port = parts.port or (443 if scheme == "https" else 80)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        default_port = port == (443 if scheme == "https" else 80)
+        host = parts.hostname if default_port else f"{parts.hostname}:{port}"
+        if ":" in parts.hostname:  # an IPv6 literal keeps its brackets in the Host header
+            host = f"[{parts.hostname}]" + ("" if default_port else f":{port}")
+        start = f"POST {path} HTTP/1.1\r\nhost: {host}\r\n".encode("latin-1")
+        known = ((scheme, parts.hostname, port), start)
+        if len(self._targets) < 1024:
+            self._targets[url] = known
+        return known
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for idle in self._idle.values():
+            for connection in idle:
+                connection.close()
+        self._idle.clear()
 
 
-def _describe(error: aiohttp.ClientError) -> str:
-    """The error's class and message only: its repr carries the request's headers, and so the
-    upstream credentials."""
-    return f"{type(error).__name__}: {error}"
+def _head(headers: Mapping[str, str], length: int) -> bytes:
+    """The header lines after the request line; refuses a name or value that could split
+    the head (a CR or LF), which would let one header smuggle another."""
+    lines = []
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in ("content-length", "transfer-encoding", "host", "connection"):
+            continue
+        line = f"{name}: {value}\r\n"
+        if line.count("\n") != 1 or line.count("\r") != 1:
+            raise UpstreamProtocolError(
+                "A header for the upstream has a line break in it.", detail=f"header {name}"
+            )
+        lines.append(line)
+    lines.append(f"content-length: {length}\r\n\r\n")
+    try:
+        return "".join(lines).encode("latin-1")
+    except UnicodeEncodeError:
+        raise UpstreamProtocolError(
+            "A header for the upstream has characters HTTP headers cannot carry."
+        ) from None

@@ -199,8 +199,9 @@ class Router:
                     if response.status == 200 and response.content_type == "text/event-stream":
                         return await _first_of_stream(lease, response)
                     waiting_for_first_byte = False
-                    loop = asyncio.get_running_loop()
-                    limit.reschedule(loop.time() + deadline - time.monotonic())
+                    if not response.complete:  # a body that came with its head needs no time
+                        loop = asyncio.get_running_loop()
+                        limit.reschedule(loop.time() + deadline - time.monotonic())
                     return await _whole(lease, response)
                 except BaseException:
                     response.close()

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
-from codex_gateway.errors import UpstreamConnectError, UpstreamError, UpstreamProtocolError
+from codex_gateway.errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 from codex_gateway.upstream.client import UpstreamClient
 
 SECRET = "sk-upstream-secret-do-not-show-0001"
@@ -102,3 +110,184 @@ async def test_a_body_over_the_limit_is_refused(client: UpstreamClient) -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+class KeepAliveServer:
+    """A loopback server that answers request after request on one connection, in turn from
+    `replies`, then stays silent until the client hangs up."""
+
+    def __init__(self, replies: list[bytes]):
+        self.replies = replies
+        self.seen: list[bytes] = []
+        self.connections = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._handlers: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> KeepAliveServer:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for handler in self._handlers:
+            handler.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._server.wait_closed()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/responses"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.append(task)
+        self.connections += 1
+        try:
+            while self.replies:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                self.seen.append(head + await reader.readexactly(length))
+                writer.write(self.replies.pop(0))
+                await writer.drain()
+            await reader.read()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+OK_JSON = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+
+async def test_requests_reuse_one_keep_alive_connection(client: UpstreamClient) -> None:
+    async with KeepAliveServer([OK_JSON] * 3) as server:
+        for _ in range(3):
+            response = await client.post(server.url, {"x-test": "1"}, b'{"a":1}')
+            assert response.status == 200
+            assert response.headers["CONTENT-TYPE"] == "application/json"
+            assert response.content_type == "application/json"
+            assert await response.read() == b"{}"
+            response.release()
+        await client.close()
+    assert server.connections == 1
+    assert server.seen[0].startswith(b"POST /v1/responses HTTP/1.1\r\nhost: 127.0.0.1:")
+    assert b"\r\nx-test: 1\r\ncontent-length: 7\r\n\r\n" in server.seen[0]
+
+
+async def test_a_stream_arrives_chunk_by_chunk(client: UpstreamClient) -> None:
+    reply = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"6\r\ndata: \r\n3\r\n1\n\n\r\n0\r\n\r\n"
+    )
+    async with KeepAliveServer([reply]) as server:
+        response = await client.post(server.url, {}, b"{}")
+        assert response.content_type == "text/event-stream"
+        assert b"".join([chunk async for chunk in response.chunks()]) == b"data: 1\n\n"
+        response.release()
+        await client.close()
+
+
+async def test_a_connection_the_server_dropped_is_not_reused(client: UpstreamClient) -> None:
+    # The first answer says the connection closes after it; the next request needs another.
+    closing = OK_JSON.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
+    async with KeepAliveServer([closing, OK_JSON]) as server:
+        for _ in range(2):
+            response = await client.post(server.url, {}, b"{}")
+            assert await response.read() == b"{}"
+            response.release()
+        await client.close()
+    assert server.connections == 2
+
+
+async def test_an_upstream_that_goes_silent_is_an_idle_timeout() -> None:
+    reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n"
+    upstream = UpstreamClient(connect_timeout=2, read_timeout=0.3, pool_size=4)
+    async with KeepAliveServer([reply]) as server:
+        response = await upstream.post(server.url, {}, b"{}")
+        with pytest.raises(UpstreamTimeout) as caught:
+            await response.read()
+        assert caught.value.kind == "timeout_idle"
+        response.close()
+
+
+async def test_a_header_with_a_line_break_is_never_sent(client: UpstreamClient) -> None:
+    with pytest.raises(UpstreamProtocolError) as caught:
+        await client.post(
+            "http://127.0.0.1:9/v1/responses", {"x-a": f"1\r\nauthorization: {SECRET}"}, b"{}"
+        )
+    assert SECRET not in f"{caught.value.message} {caught.value.detail}"
+
+
+async def test_https_upstreams_are_reached_over_tls(tmp_path: Path) -> None:
+    certificate, key = self_signed_certificate(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(certificate, key)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(2)
+        writer.write(OK_JSON)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_tls)
+    port = server.sockets[0].getsockname()[1]
+    trusting = ssl.create_default_context(cafile=str(certificate))
+    upstream = UpstreamClient(connect_timeout=2, read_timeout=2, pool_size=4, ssl_context=trusting)
+    try:
+        response = await upstream.post(f"https://localhost:{port}/v1/responses", {}, b"{}")
+        assert response.status == 200
+        assert await response.read() == b"{}"
+        response.release()
+        # The system's trust store does not know this certificate: the handshake fails.
+        untrusting = UpstreamClient(connect_timeout=2, read_timeout=2, pool_size=4)
+        with pytest.raises(UpstreamConnectError) as caught:
+            await untrusting.post(f"https://localhost:{port}/v1/responses", {}, b"{}")
+        assert "TLS" in (caught.value.detail or "")
+        await untrusting.close()
+    finally:
+        await upstream.close()
+        server.close()
+        await server.wait_closed()
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for localhost signed by its own key, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path

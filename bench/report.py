@@ -1,0 +1,234 @@
+"""The machine a run measured on, and the run written as Markdown and JSON.
+
+Each measure is shown per row; "added" figures are the row's minus the direct baseline's.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+PACKAGES = (
+    "codex-gateway",
+    "uvicorn",
+    "httptools",
+    "uvloop",
+    "aiohttp",
+    "sqlalchemy",
+    "aiosqlite",
+    "asyncpg",
+    "orjson",
+)
+
+
+def machine(pg_admin_url: str) -> dict[str, Any]:
+    return {
+        "cpu_model": _cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": sorted(os.sched_getaffinity(0)),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "kernel": platform.release(),
+        "os": _os_name(),
+        "python": platform.python_version(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "wrk": _output(["wrk", "-v"]).split(" [")[0],
+        "postgresql": _output(["psql", pg_admin_url, "-tAc", "show server_version"]),
+        "git_commit": _output(["git", "rev-parse", "--short", "HEAD"]),
+        "git_dirty": bool(_output(["git", "status", "--porcelain", "--untracked-files=no"])),
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _os_name() -> str:
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    return platform.system()
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _output(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return (
+        (done.stdout or done.stderr).strip().splitlines()[0] if done.stdout or done.stderr else ""
+    )
+
+
+def _get(row: dict[str, Any], path: str) -> Any:
+    value: Any = row
+    for part in path.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _ms(value: Any) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def _added(row: dict[str, Any], base: dict[str, Any] | None, path: str) -> str:
+    value = _get(row, path)
+    if value is None:
+        return "—"
+    if base is None or row is base or _get(base, path) is None:
+        return _ms(value)
+    return f"{_ms(value)} (+{_ms(value - _get(base, path))})"
+
+
+def _number(path: str, unit: str = "") -> Callable[[dict[str, Any], dict[str, Any] | None], str]:
+    def show(row: dict[str, Any], _: dict[str, Any] | None) -> str:
+        value = _get(row, path)
+        if value is None:
+            return "—"
+        return f"{value:,.0f}{unit}" if isinstance(value, int | float) else str(value)
+
+    return show
+
+
+def _with_added(path: str) -> Callable[[dict[str, Any], dict[str, Any] | None], str]:
+    return lambda row, base: _added(row, base, path)
+
+
+def _errors(row: dict[str, Any], _: dict[str, Any] | None) -> str:
+    paths = (
+        "latency_c1.errors",
+        "rps_c64.errors",
+        "stream_rps_c64.errors",
+        "ttfe_c1.errors",
+        "paced_c1.errors",
+        "paced_many.errors",
+    )
+    values = [_get(row, path) for path in paths]
+    return str(sum(value for value in values if isinstance(value, int)))
+
+
+# (measure, target, how a row shows it)
+MEASURES: list[tuple[str, str, Callable[[dict[str, Any], dict[str, Any] | None], str]]] = [
+    ("latency p50, c=1, ms (added)", "added ≤ 0.5", _with_added("latency_c1.p50_ms")),
+    ("latency p99, c=1, ms (added)", "added ≤ 1.5", _with_added("latency_c1.p99_ms")),
+    ("requests/s, c=64, JSON", "≥ 5,000", _number("rps_c64.rps")),
+    ("requests/s, c=64, unpaced streams", "", _number("stream_rps_c64.rps")),
+    ("CPU ms per 1,000 JSON requests", "", _number("rps_c64.cpu_ms_per_1k")),
+    ("CPU ms per 1,000 unpaced streams", "", _number("stream_rps_c64.cpu_ms_per_1k")),
+    ("time to first event p50, c=1, ms (added)", "", _with_added("ttfe_c1.ttfe_ms.p50")),
+    ("time to first event p99, c=1, ms (added)", "added ≤ 1", _with_added("ttfe_c1.ttfe_ms.p99")),
+    ("gap between events p99, c=1, ms (added)", "added ≤ 0.3", _with_added("paced_c1.gap_ms.p99")),
+    ("time to first event p50, c=N, ms (added)", "", _with_added("paced_many.ttfe_ms.p50")),
+    (
+        "time to first event p99, c=N, ms (added)",
+        "added ≤ 1",
+        _with_added("paced_many.ttfe_ms.p99"),
+    ),
+    (
+        "gap between events p99, c=N, ms (added)",
+        "added ≤ 0.3",
+        _with_added("paced_many.gap_ms.p99"),
+    ),
+    ("paced streams held, no stall, no error", "1,000", _number("stall.most_held")),
+    ("RSS idle, MB", "≤ 100", _number("memory.idle_mb")),
+    ("RSS growth per 1,000 streams, MB", "≤ 40", _number("memory.mb_per_1k_streams")),
+    ("errors in the measures above", "0", _errors),
+]
+
+
+def markdown(run: dict[str, Any]) -> str:
+    rows = [row for row in run["rows"] if row["status"] == "ok"]
+    base = next((row for row in rows if row["name"] == "direct"), None)
+    many = run["plan"]["streams_many"]
+    lines = [
+        f"# Benchmark {run['date']}",
+        "",
+        f"Command: `{run['command']}`"
+        + (" (smoke mode: checks it works, not speed)" if run["smoke"] else ""),
+        "",
+        _machine_line(run["machine"]),
+        "",
+        "The proxy under test is pinned to core 0; the mock upstream, wrk and the stream client "
+        "to core 1. Added figures are the row's minus the direct row's. "
+        f"c=N is {many} concurrent paced streams (64 deltas 20 ms apart).",
+        "",
+    ]
+    if rows:
+        header = ["measure", "target", *[row["label"] for row in rows]]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for name, target, show in MEASURES:
+            cells = [show(row, base) for row in rows]
+            lines.append(
+                f"| {name.replace('c=N', f'c={many}')} | {target} | " + " | ".join(cells) + " |"
+            )
+        lines.append("")
+    for row in run["rows"]:
+        lines.append(
+            f"**{row['label']}**: {row['status']}"
+            + (f": {row['reason']}" if row.get("reason") else "")
+        )
+        for note in row.get("notes", []):
+            lines.append(f"- {note}")
+        steps = _get(row, "stall.steps") or []
+        if steps:
+            shown = ", ".join(
+                f"{step['streams']} {'held' if step['held'] else 'not held'}"
+                + ("" if step["held"] else f" ({step['why']})")
+                for step in steps
+            )
+            lines.append(f"- paced streams step by step: {shown}")
+        lines.append("")
+    lines.append(
+        f"Load average at the start {run['machine']['load_average_at_start']}, "
+        f"at the end {run['load_average_at_end']}."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _machine_line(info: dict[str, Any]) -> str:
+    packages = ", ".join(
+        f"{name} {version}" for name, version in info["packages"].items() if version
+    )
+    return (
+        f"Machine: {info['cpu_model']}, {info['cores']} cores, {info['memory_gib']} GiB, "
+        f"{info['os']}, kernel {info['kernel']}, Python {info['python']}; {packages}; "
+        f"{info['wrk']}; PostgreSQL {info['postgresql'] or 'n/a'}; commit {info['git_commit']}"
+        + (" (with local changes)" if info["git_dirty"] else "")
+        + "."
+    )
+
+
+def write(run: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = run["date"].replace(":", "-")
+    md, js = out / f"{stem}.md", out / f"{stem}.json"
+    js.write_text(json.dumps(run, indent=2) + "\n")
+    md.write_text(markdown(run))
+    return md, js

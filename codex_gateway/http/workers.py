@@ -1,0 +1,111 @@
+"""`serve --workers N`: N gateway processes on one port, each with a socket of its own.
+
+Every worker binds HOST:PORT with SO_REUSEPORT, so the kernel spreads new connections across
+them, and builds its own Gateway: its own database pool, catalog, balance leases and
+upstream client. Billing stays exact across them because admission holds against database
+leases, as it does across separate machines. The supervisor only forwards SIGTERM and
+SIGINT (each worker drains, then a second signal forces it) and waits. A worker that dies on
+its own takes the others down and the supervisor exits 1, so that systemd or Docker restarts
+the service whole rather than leaving it running short of a worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+# Runs one worker on the socket it is given; returns the worker's exit status.
+Worker = Callable[[socket.socket], int]
+_PR_SET_PDEATHSIG = 1
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to HOST:PORT that other sockets with SO_REUSEPORT may share."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def serve_workers(count: int, host: str, port: int, worker: Worker) -> int:
+    """Run `count` workers until they have all stopped; 0 when each one stopped cleanly."""
+    # Held (bound, never listening) for the supervisor's life: a port another program
+    # holds fails here, once, before any worker starts.
+    guard = reuse_port_socket(host, port)
+    children: dict[int, int] = {}
+    stopping = False
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for index in range(count):
+            pid = os.fork()
+            if pid == 0:
+                _run_child(guard, host, port, worker)
+            children[pid] = index
+        log.info("serving on %s:%d with %d workers: pids %s", host, port, count, list(children))
+        status = 0
+        while children:
+            pid, code = os.wait()
+            if children.pop(pid, None) is None:
+                continue
+            if os.waitstatus_to_exitcode(code) != 0:
+                status = 1
+            if not stopping:
+                log.error("worker %d stopped on its own; stopping the others", pid)
+                status = 1
+                forward(signal.SIGTERM, None)
+        return status
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        guard.close()
+
+
+def _run_child(guard: socket.socket, host: str, port: int, worker: Worker) -> None:
+    """In a forked worker: its own process group (the supervisor forwards signals, so a
+    Ctrl-C in a terminal arrives once, not twice), its own socket, and never a return."""
+    status = 1
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        os.setpgid(0, 0)
+        _die_with_parent()
+        guard.close()
+        status = worker(reuse_port_socket(host, port))
+    except SystemExit as exc:
+        status = 1 if exc.code else 0
+    except BaseException:
+        log.exception("worker %d failed", os.getpid())
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM when the supervisor dies, so no worker is left orphaned."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
