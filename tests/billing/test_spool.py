@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -109,3 +110,35 @@ async def test_a_row_the_database_refuses_stays_spooled_and_the_rest_are_settled
     assert replayed == 1
     assert [row["request_id"] for row in spool.rows()] == ["req_for_a_missing_user"]
     assert await store.usage("req_good") is not None
+
+
+async def test_a_second_replay_leaves_the_spool_to_the_first_and_appends_go_on(
+    tmp_path: Path,
+) -> None:
+    # Two workers share one spool: while one replays (waiting on the database), the other's
+    # replay finds it busy, and a row the other spools meanwhile is kept for the next replay.
+    first, second = Spool(tmp_path / "unsettled.jsonl"), Spool(tmp_path / "unsettled.jsonl")
+    first.append(usage_row("req_spooled_first"))
+    settling = asyncio.Event()
+    release = asyncio.Event()
+    settled: list[str] = []
+
+    async def slow_settle(row: dict[str, Any]) -> None:
+        settling.set()
+        await release.wait()
+        settled.append(row["request_id"])
+
+    async def record(row: dict[str, Any]) -> None:
+        settled.append(row["request_id"])
+
+    replay = asyncio.create_task(first.replay(slow_settle))
+    await settling.wait()
+    busy = await second.replay(record)
+    second.append(usage_row("req_spooled_during_replay"))
+    release.set()
+
+    assert (await replay, busy) == (1, 0)
+    assert settled == ["req_spooled_first"]
+    assert [row["request_id"] for row in first.rows()] == ["req_spooled_during_replay"]
+    assert await second.replay(record) == 1
+    assert not first.path.exists()
