@@ -55,6 +55,10 @@ class HoldJournal:
         self._fd: int | None = None
         self._number = 0
         self._size = 0
+        # The size of the checkpoint the current segment starts with: a segment is rotated
+        # only once it has grown by a whole segment beyond it, so rotating stays cheap even
+        # when many holds are open (each rotation rewrites them all).
+        self._checkpoint = 0
         # The lines of every hold still open, to start the next segment with.
         self._open: dict[str, list[bytes]] = {}
 
@@ -90,7 +94,7 @@ class HoldJournal:
         if self._open.pop(request_id, None) is None:
             return
         self._write(_line({"e": "done", "id": request_id}))
-        if self._size > self._segment_bytes:
+        if self._size > self._checkpoint + self._segment_bytes:
             self._next_segment()
 
     def close(self) -> None:
@@ -122,6 +126,7 @@ class HoldJournal:
         if checkpoint:
             os.write(fd, checkpoint)
         old, self._fd, self._size = self._fd, fd, len(checkpoint)
+        self._checkpoint = len(checkpoint)
         if old is not None:
             os.close(old)
         for segment in self._segments():

@@ -144,6 +144,31 @@ def test_a_full_segment_starts_over_with_only_the_holds_still_open(tmp_path: Pat
     journal.close()
 
 
+def test_many_open_holds_do_not_make_every_settlement_rewrite_the_journal(
+    tmp_path: Path,
+) -> None:
+    # A backlog of open holds larger than a segment: each rotation rewrites them all, so a
+    # segment must grow by a whole segment past its checkpoint before it rotates again.
+    journal = HoldJournal(tmp_path, "host:4:backlog", segment_bytes=2_000)
+    journal.start()
+    rows = [usage_row(1) for _ in range(200)]
+    for row in rows:
+        journal.opened(row["request_id"], Hold(EST), known(row))
+    rotations = 0
+    for row in rows[:100]:
+        before = segments(tmp_path, "host_4_backlog")
+        journal.settled(row["request_id"])
+        rotations += segments(tmp_path, "host_4_backlog") != before
+
+    assert 0 < rotations <= 10
+    (segment,) = segments(tmp_path, "host_4_backlog")
+    left = [hold.request_id for hold in read_journal([segment])]
+    assert left == [row["request_id"] for row in rows[100:]]
+    for row in rows[100:]:
+        journal.settled(row["request_id"])
+    journal.close()
+
+
 def test_a_line_cut_off_by_a_crash_is_skipped(tmp_path: Path) -> None:
     journal = HoldJournal(tmp_path, "host:3:cut")
     journal.start()
