@@ -21,6 +21,8 @@ from codex_gateway.store.queries import Settled, Store
 
 log = logging.getLogger(__name__)
 
+# How long the writer waits after the first row of a batch for others to join it.
+WRITE_LINGER_SECONDS = 0.005
 MAX_BATCH = 200
 RETRY_DELAYS = (0.2, 1.0, 3.0)
 
@@ -73,6 +75,10 @@ class Settler:
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            if self._queue.qsize() < MAX_BATCH:
+                # Let a few more rows arrive: at low concurrency one write per request would
+                # cost the event loop more than the requests themselves.
+                await asyncio.sleep(WRITE_LINGER_SECONDS)
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             self._writing = batch
