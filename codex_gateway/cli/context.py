@@ -46,6 +46,10 @@ def with_store(action: Callable[[Store], Awaitable[T]]) -> T:
         return asyncio.run(run())
     except (StoreError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    except BrokenPipeError:
+        # The reader of the output went away (`... | head`), not the database: click ends
+        # the command quietly, as it does for output written after this returns.
+        raise
     except (OSError, SQLAlchemyError) as exc:
         where = redact_url(settings.database_url)
         raise click.ClickException(f"database {where}: {_first_line(exc)}") from None

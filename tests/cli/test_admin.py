@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shlex
+import subprocess
 from collections.abc import Iterator
 from decimal import Decimal
 
@@ -18,7 +20,7 @@ from sqlalchemy import update
 from codex_gateway.store.db import create_engine
 from codex_gateway.store.queries import Store
 from codex_gateway.store.tables import User
-from tests.conftest import ROOT, Gateway, make_gateway
+from tests.conftest import CLI, ROOT, Gateway, make_gateway
 from tests.store.test_queries import usage_row
 
 
@@ -299,3 +301,37 @@ def test_a_mistyped_command_fails_and_says_why(db: Gateway, args: list[str], sai
 
     assert result.returncode != 0
     assert said in result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        # written while the database is open
+        ["usage", "export", "--format", "csv"],
+        # written after it is closed
+        ["users", "list"],
+    ],
+)
+def test_a_reader_that_stops_early_ends_the_command_quietly(
+    db: Gateway, command: list[str]
+) -> None:
+    # `codex-gateway usage export | head`: the pipe closes before the output is written; that
+    # is no database error.
+    db.cli("users", "create", f"piped-{command[0]}", "--balance", "1")
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        result = subprocess.run(
+            [*CLI, *command],
+            env=db.env,
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(writer)
+
+    assert result.returncode == 1
+    assert result.stderr == ""
