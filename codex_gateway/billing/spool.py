@@ -67,10 +67,11 @@ class Spool:
         )
 
     def rows(self) -> list[dict[str, Any]]:
-        return self._parse(self.path.read_bytes()) if self.path.exists() else []
+        return self._parse(self.path.read_bytes())[0] if self.path.exists() else []
 
-    def _parse(self, data: bytes) -> list[dict[str, Any]]:
-        rows = []
+    def _parse(self, data: bytes) -> tuple[list[dict[str, Any]], list[bytes]]:
+        """The rows in `data`, and the lines that are not rows."""
+        rows, bad = [], []
         for number, line in enumerate(data.splitlines(), start=1):
             if not line.strip():
                 continue
@@ -79,7 +80,19 @@ class Spool:
             except (orjson.JSONDecodeError, ValueError, TypeError):
                 # A line cut off by a crash mid-write; the rest of the file is still good.
                 log.error("spool %s line %d is not a usage row; skipped", self.path, number)
-        return rows
+                bad.append(line)
+        return rows, bad
+
+    def _reject(self, lines: list[bytes]) -> None:
+        """Keep lines that are not rows beside the spool, for an operator to look at."""
+        rejected = self.path.with_name(self.path.name + ".rejected")
+        fd = os.open(rejected, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, b"".join(line + b"\n" for line in lines))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        log.error("%d spool line(s) that are not usage rows kept in %s", len(lines), rejected)
 
     async def replay(self, settle: Callable[[dict[str, Any]], Awaitable[object]]) -> int:
         """Settle every spooled row; rows the database still refuses stay in the file.
@@ -93,7 +106,9 @@ class Spool:
                 return 0
             with self._lock(".lock"):
                 read = self.path.read_bytes()
-            rows = self._parse(read)
+            rows, bad = self._parse(read)
+            if bad:
+                self._reject(bad)
             kept = []
             for row in rows:
                 try:

@@ -76,6 +76,25 @@ def test_a_line_cut_off_by_a_crash_is_skipped_and_the_rest_kept(tmp_path: Path) 
     assert [row["request_id"] for row in spool.rows()] == ["req_a", "req_b"]
 
 
+async def test_a_line_that_is_not_a_row_is_kept_beside_the_spool_after_replay(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "unsettled.jsonl")
+    spool.append(usage_row("req_a"))
+    with spool.path.open("ab") as handle:
+        handle.write(b'{"request_id": "req_cut", "cost_\n')
+    settled: list[str] = []
+
+    async def record(row: dict[str, Any]) -> None:
+        settled.append(row["request_id"])
+
+    assert await spool.replay(record) == 1
+    assert settled == ["req_a"]
+    assert not spool.path.exists()
+    rejected = tmp_path / "unsettled.jsonl.rejected"
+    assert rejected.read_bytes() == b'{"request_id": "req_cut", "cost_\n'
+
+
 async def test_replay_settles_each_row_once_and_empties_the_spool(
     tmp_path: Path, store: Store
 ) -> None:
