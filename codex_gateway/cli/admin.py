@@ -12,7 +12,7 @@ from typing import Any, Final
 import click
 import orjson
 
-from codex_gateway.billing.pricing import Price, parse_amount, per_million, plain
+from codex_gateway.billing.pricing import Price, PriceTable, parse_amount, per_million, plain
 from codex_gateway.billing.settlement import explain as explain_row
 from codex_gateway.cli.context import dump_json, settings_or_exit, table, with_store
 from codex_gateway.errors import CredentialError
@@ -224,6 +224,26 @@ def _limit_changes(cap: Any, expires: Any, models: Any) -> dict[str, Any]:
     return {column: stored[column] for column, value in given.items() if value is not UNSET}
 
 
+async def _warn_about_limits(store: Store, limits: KeyLimits) -> None:
+    """Limits that are allowed but almost certainly a mistake: a key that can never be used."""
+    if limits.expires_at is not None and limits.expires_at <= datetime.now(UTC):
+        click.echo(
+            f"warning: --expires {limits.expires_at:%Y-%m-%d %H:%M} UTC has passed: "
+            "the key is refused from the start",
+            err=True,
+        )
+    if limits.models:
+        prices = PriceTable(await store.prices())
+        unpriced = [model for model in limits.models if prices.resolve(model) is None]
+        if unpriced:
+            click.echo(
+                f"warning: no price for {', '.join(unpriced)}: requests for "
+                f"{'it' if len(unpriced) == 1 else 'them'} are refused until one is set "
+                "(codex-gateway pricing set)",
+                err=True,
+            )
+
+
 @keys.command("create")
 @click.option("--user", "user_name", required=True, help="The user the key bills to.")
 @click.option("--name", default=None, help="A label for the key.")
@@ -231,7 +251,12 @@ def _limit_changes(cap: Any, expires: Any, models: Any) -> dict[str, Any]:
 def keys_create(user_name: str, name: str | None, cap: Any, expires: Any, models: Any) -> None:
     """Create a key and print it once (the last line of the output)."""
     limits = KeyLimits(_given(cap), _given(expires), _given(models))
-    raw, display = with_store(lambda store: store.create_key(user_name, name, limits))
+
+    async def create(store: Store) -> tuple[str, str]:
+        await _warn_about_limits(store, limits)
+        return await store.create_key(user_name, name, limits)
+
+    raw, display = with_store(create)
     click.echo(f"created key {display} for {user_name}; it is shown only this once:")
     click.echo(raw)
 
@@ -248,7 +273,12 @@ def keys_update(key_id: int, cap: Any, expires: Any, models: Any) -> None:
     changes = _limit_changes(cap, expires, models)
     if not changes:
         raise click.UsageError("give at least one of --cap, --expires, --models")
-    with_store(lambda store: store.update_key(key_id, changes))
+
+    async def update(store: Store) -> None:
+        await _warn_about_limits(store, KeyLimits(None, _given(expires), _given(models)))
+        await store.update_key(key_id, changes)
+
+    with_store(update)
     click.echo(f"updated key {key_id}: " + ", ".join(sorted(changes)))
 
 

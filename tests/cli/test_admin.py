@@ -335,3 +335,31 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(
 
     assert result.returncode == 1
     assert result.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("options", "warning"),
+    [
+        # limits a key can never be used under
+        (["--expires", "2020-01-01"], "2020-01-01 00:00 UTC has passed"),
+        (["--models", "gpt-5.1-codex,no-such-model"], "no price for no-such-model"),
+        # ordinary limits
+        (["--expires", "2999-01-01", "--models", "gpt-5.1-codex"], None),
+    ],
+)
+def test_key_limits_that_make_a_key_unusable_are_warned_about(
+    db: Gateway, options: list[str], warning: str | None
+) -> None:
+    user = "warned-" + "-".join(options).replace(",", "-")
+    db.cli("users", "create", user, "--balance", "1")
+
+    created = db.cli("keys", "create", "--user", user, *options)
+    key_id = db.cli_json("keys", "list", "--user", user)[0]["id"]
+    updated = db.cli("keys", "update", str(key_id), *options)
+
+    for result in (created, updated):
+        if warning is None:
+            assert "warning" not in result.stderr
+        else:
+            assert f"warning: {warning}" in result.stderr.replace("--expires ", "")
+    assert created.stdout.splitlines()[-1].startswith("sk-cg-")
