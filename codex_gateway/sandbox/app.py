@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from pathlib import Path
@@ -51,6 +52,12 @@ QUOTA_RESET_SECONDS = 120
 
 class DroppedConnection(Exception):
     """Raised mid-response so the server drops the connection, as a failing upstream does."""
+
+
+def _not_a_dropped_connection(record: logging.LogRecord) -> bool:
+    """The server logs an app's exception as an error with its traceback; a fault the sandbox
+    was asked for is no error of the server it runs in."""
+    return not (record.exc_info and isinstance(record.exc_info[1], DroppedConnection))
 
 
 class Transcript:
@@ -91,6 +98,9 @@ class SandboxApp:
         self.requests: deque[dict[str, Any]] = deque(maxlen=history)
         self.faults: dict[str, str] = {}
         self.chatgpt = ChatGPTBackend(self.transcripts, self.requests if record else None)
+        server_log = logging.getLogger("uvicorn.error")
+        if _not_a_dropped_connection not in server_log.filters:
+            server_log.addFilter(_not_a_dropped_connection)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
