@@ -18,6 +18,7 @@ from codex_gateway.billing.settler import Settler
 from codex_gateway.billing.spool import Spool
 from codex_gateway.catalog import RELAYED_KINDS, Catalog
 from codex_gateway.config import Settings
+from codex_gateway.errors import CredentialError
 from codex_gateway.metrics import Metrics
 from codex_gateway.readiness import Readiness
 from codex_gateway.relay.chatgpt import SessionIds
@@ -121,6 +122,7 @@ class Gateway:
         await self.recover_journals()
         await self.catalog.refresh()
         await self.quotas.load(self.catalog.usable_accounts())
+        await self._check_secret_key()
         if self.cipher is None and any(a.kind == KIND_CHATGPT for a in self.catalog.accounts):
             log.warning(
                 "ChatGPT accounts stay out of rotation: no secret key to open their tokens "
@@ -136,6 +138,20 @@ class Gateway:
     async def _settle_spooled(self, row: dict[str, Any]) -> None:
         """A row this process spooled, its cost taken from this process's lease."""
         await self.store.settle(row, self.admission.holder)
+
+    async def _check_secret_key(self) -> None:
+        """Refuse to serve with a secret key that does not open the stored ChatGPT tokens:
+        every request would fail on those accounts, and a changed key is an operator's slip."""
+        if self.refresher is None:
+            return
+        chatgpt = [a for a in self.catalog.accounts if a.kind == KIND_CHATGPT]
+        closed = [a.name for a in chatgpt if not await self.refresher.opens(a.id)]
+        if closed:
+            raise CredentialError(
+                "the secret key does not open the stored tokens of ChatGPT account(s) "
+                f"{', '.join(closed)}; start with the key they were imported with, or import "
+                "them again with --replace"
+            )
 
     async def recover_journals(self) -> None:
         """Settle or release the holds of gateway processes that died with holds open."""

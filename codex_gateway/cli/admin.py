@@ -404,6 +404,8 @@ def accounts_import_codex(
 
     async def store_tokens(store: Store) -> None:
         credentials = CredentialStore(store.engine)
+        if not replace:
+            _warn_if_imported(tokens.account_id, await credentials.imported_as(tokens.account_id))
         if replace:
             await credentials.replace_tokens(name, base, tokens.account_id, sealed)
         else:
@@ -417,6 +419,18 @@ def accounts_import_codex(
         f"{'replaced the tokens of' if replace else 'imported'} chatgpt account {name} "
         f"(ChatGPT account {tokens.account_id}{plan}) -> {base}{RESPONSES_PATH}"
     )
+
+
+def _warn_if_imported(chatgpt_account_id: str, names: list[str]) -> None:
+    """Two gateway accounts on one sign-in share one refresh token, which the first refresh
+    spends: the other then needs a new sign-in. Separate sign-ins are fine, but share a quota."""
+    if names:
+        click.echo(
+            f"warning: ChatGPT account {chatgpt_account_id} is already imported as "
+            f"{', '.join(names)}; accounts imported from one sign-in lock each other out at the "
+            "first token refresh (sign in again for each, or use --replace)",
+            err=True,
+        )
 
 
 @accounts.command("list")

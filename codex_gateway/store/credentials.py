@@ -134,6 +134,18 @@ class CredentialStore:
             },
         )
 
+    async def imported_as(self, chatgpt_account_id: str) -> list[str]:
+        """The names of the gateway accounts already holding tokens of this ChatGPT account."""
+        async with self.engine.connect() as conn:
+            names = await conn.scalars(
+                select(UpstreamAccount.name).where(
+                    UpstreamAccount.kind == KIND_CHATGPT,
+                    UpstreamAccount.chatgpt_account_id == chatgpt_account_id,
+                )
+            )
+            await conn.rollback()
+        return list(names)
+
     async def replace_tokens(
         self, name: str, base_url: str, chatgpt_account_id: str, tokens: SealedTokens
     ) -> None:

@@ -304,6 +304,15 @@ class TokenRefresher:
         self._cache[account_id] = (token, account.tokens.expires_at)
         return token
 
+    async def opens(self, account_id: int) -> bool:
+        """Whether this process's secret key opens the account's stored tokens."""
+        account = await self._credentials.account(account_id)
+        try:
+            self._cipher.open(account.tokens.refresh_token)
+        except CredentialError:
+            return False
+        return True
+
     async def refresh(self, account_id: int, stale: str | None) -> str:
         """Refresh unless another process already replaced `stale`; returns the new token.
 

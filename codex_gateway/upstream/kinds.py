@@ -110,9 +110,11 @@ async def _credentials(pending: Awaitable[T]) -> T:
     try:
         return await pending
     except CredentialError as exc:
+        # This process's key, not the account, is at fault: the account only cools down, so
+        # one misconfigured process does not take it out of rotation for every other.
         raise TokenRefreshError(
             "The ChatGPT account's stored tokens cannot be opened.",
-            permanent=True,
+            permanent=False,
             reason=str(exc),
         ) from None
     except (StoreError, SQLAlchemyError, OSError) as exc:

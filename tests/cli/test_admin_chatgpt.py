@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from codex_gateway.relay.chatgpt import Quota, QuotaWindow
 from codex_gateway.upstream.chatgpt_auth import TokenCipher
-from tests.conftest import Gateway, make_gateway
+from tests.conftest import CLI, Gateway, free_port, make_gateway
 from tests.upstream.test_chatgpt_auth import ACCOUNT, SECRET, make_jwt
 
 
@@ -163,3 +164,45 @@ def test_replacing_the_tokens_brings_an_account_back_into_rotation(
         "accounts", "import-codex", str(fresh), "--name", "c2", "--replace", check=False
     )
     assert missing.returncode != 0 and "no ChatGPT account named 'c2'" in missing.stderr
+
+
+def test_one_sign_in_imported_under_a_second_name_is_warned_about(
+    gateway: Gateway, auth_file: tuple[Path, str, str]
+) -> None:
+    # Two gateway accounts on one sign-in: the first refresh would lock the other out.
+    gateway.env["CODEX_GATEWAY_SECRET_KEY"] = SECRET
+    first = gateway.cli("accounts", "import-codex", str(auth_file[0]), "--name", "c1")
+    second = gateway.cli("accounts", "import-codex", str(auth_file[0]), "--name", "c2")
+    replaced = gateway.cli(
+        "accounts", "import-codex", str(auth_file[0]), "--name", "c1", "--replace"
+    )
+
+    assert "warning" not in first.stderr
+    assert "is already imported as c1; accounts imported from one sign-in" in second.stderr
+    assert "warning" not in replaced.stderr
+
+
+def test_a_gateway_whose_secret_key_does_not_open_the_tokens_refuses_to_start(
+    gateway: Gateway, auth_file: tuple[Path, str, str]
+) -> None:
+    # One process started with the wrong key must not take the account out of rotation for
+    # every other process: it stops, and the account stays as it was.
+    gateway.env["CODEX_GATEWAY_SECRET_KEY"] = SECRET
+    gateway.cli("accounts", "import-codex", str(auth_file[0]), "--name", "c1")
+    env = dict(gateway.env, CODEX_GATEWAY_SECRET_KEY="another-secret-key-" + "k" * 32)
+
+    served = subprocess.run(
+        [*CLI, "serve", "--port", str(free_port())],
+        env=env,
+        cwd=gateway.workdir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+    assert served.returncode != 0
+    assert "does not open the stored tokens of ChatGPT account(s) c1" in served.stderr
+    assert SECRET not in served.stderr and auth_file[2] not in served.stderr
+    (account,) = gateway.cli_json("accounts", "list")
+    assert account["state"] == "ready"
