@@ -284,17 +284,16 @@ class Store:
             if amount < 0:
                 values["lowered_at_revision"] = await self._bump(conn)
             await conn.execute(update(User).where(User.id == user_id).values(values))
-            await conn.execute(
-                insert(LedgerEntry).values(
-                    user_id=user_id,
-                    kind=kind,
-                    amount=amount,
-                    balance_after=new_balance,
-                    note=reason,
-                    operator=operator,
-                    refers_to=refers_to,
-                    created_at=now(),
-                )
+            await self._ledger(
+                conn,
+                user_id,
+                kind,
+                amount,
+                new_balance,
+                None,
+                reason,
+                operator=operator,
+                refers_to=refers_to,
             )
             if amount >= 0:
                 await self._bump(conn)
@@ -985,6 +984,8 @@ class Store:
         *,
         reserved_change: Decimal = ZERO,
         lease_id: int | None = None,
+        operator: str | None = None,
+        refers_to: str | None = None,
     ) -> None:
         await conn.execute(
             insert(LedgerEntry).values(
@@ -996,6 +997,8 @@ class Store:
                 note=note,
                 reserved_change=reserved_change,
                 lease_id=lease_id,
+                operator=operator,
+                refers_to=refers_to,
                 created_at=now(),
             )
         )
