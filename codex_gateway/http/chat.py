@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import orjson
@@ -26,11 +25,10 @@ from codex_gateway.http.responses import (
     _on_disconnect,
     _record_failure,
     _relay_client_error,
+    admit,
     authenticate,
     chunks_of,
     collect_stream,
-    hold,
-    price_of,
     send_upstream,
     settle_after,
     take_terminal,
@@ -57,18 +55,7 @@ async def relay_chat(gateway: Gateway, exchange: Exchange) -> None:
     chat = parse_chat_request(await exchange.body(gateway.settings.max_body_bytes))
     exchange.model = chat.model
     request = _upstream_request(chat)
-    outcome = Outcome(
-        request_id=exchange.request_id,
-        started_at=datetime.now(UTC),
-        started=exchange.started,
-        endpoint=ENDPOINT,
-        model=chat.model,
-        stream=chat.stream,
-        price=price_of(gateway, key, request),
-        user_id=key.user_id,
-        key_id=key.id,
-    )
-    await hold(gateway, key, request, outcome)
+    outcome = await admit(gateway, exchange, key, request, ENDPOINT, chat.stream)
     await settle_after(
         gateway, exchange, outcome, _relay(gateway, exchange, key, chat, request, outcome)
     )

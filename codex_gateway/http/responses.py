@@ -112,7 +112,32 @@ def price_of(gateway: Gateway, key: KeyRecord, request: ResponsesRequest) -> Pri
     return price
 
 
-async def hold(
+async def admit(
+    gateway: Gateway,
+    exchange: Exchange,
+    key: KeyRecord,
+    request: ResponsesRequest,
+    endpoint: str,
+    stream: bool,
+) -> Outcome:
+    """The request's outcome, priced and holding its largest cost; `stream` is what the client
+    asked for (a chat client's answer may be collected from an upstream stream)."""
+    outcome = Outcome(
+        request_id=exchange.request_id,
+        started_at=datetime.now(UTC),
+        started=exchange.started,
+        endpoint=endpoint,
+        model=request.model,
+        stream=stream,
+        price=price_of(gateway, key, request),
+        user_id=key.user_id,
+        key_id=key.id,
+    )
+    await _hold(gateway, key, request, outcome)
+    return outcome
+
+
+async def _hold(
     gateway: Gateway, key: KeyRecord, request: ResponsesRequest, outcome: Outcome
 ) -> None:
     """Hold the request's largest possible cost against the user's balance (and the key's
@@ -151,18 +176,7 @@ async def _admit_and_relay(
 ) -> None:
     key = await authenticate(gateway, exchange)
     exchange.model = request.model
-    outcome = Outcome(
-        request_id=exchange.request_id,
-        started_at=datetime.now(UTC),
-        started=exchange.started,
-        endpoint=endpoint,
-        model=request.model,
-        stream=request.stream,
-        price=price_of(gateway, key, request),
-        user_id=key.user_id,
-        key_id=key.id,
-    )
-    await hold(gateway, key, request, outcome)
+    outcome = await admit(gateway, exchange, key, request, endpoint, request.stream)
     if request.converted_messages:
         outcome.flag("messages_converted")
     relay = _relay(gateway, exchange, key, request, outcome, endpoint)
