@@ -56,12 +56,7 @@ class Spool:
         """Write one row and flush it to disk before returning."""
         line = orjson.dumps(row, default=encode_value) + b"\n"
         with self._lock(".lock"):
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, line)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _append_durably(self.path, line)
         log.warning(
             "usage row spooled to %s", self.path, extra={"request_id": row.get("request_id")}
         )
@@ -86,12 +81,7 @@ class Spool:
     def _reject(self, lines: list[bytes]) -> None:
         """Keep lines that are not rows beside the spool, for an operator to look at."""
         rejected = self.path.with_name(self.path.name + ".rejected")
-        fd = os.open(rejected, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, b"".join(line + b"\n" for line in lines))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _append_durably(rejected, b"".join(line + b"\n" for line in lines))
         log.error("%d spool line(s) that are not usage rows kept in %s", len(lines), rejected)
 
     async def replay(self, settle: Callable[[dict[str, Any]], Awaitable[object]]) -> int:
@@ -137,6 +127,16 @@ class Spool:
         kept = b"".join(orjson.dumps(row, default=encode_value) + b"\n" for row in rows)
         partial.write_bytes(kept + appended)
         os.replace(partial, self.path)
+
+
+def _append_durably(path: Path, data: bytes) -> None:
+    """Append `data` to `path` and flush it to disk before returning."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def encode_value(value: Any) -> Any:
