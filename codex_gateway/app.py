@@ -26,6 +26,7 @@ from codex_gateway.relay.estimate import TokenCounter
 from codex_gateway.store.credentials import KIND_CHATGPT, CredentialStore
 from codex_gateway.store.db import create_engine, migrate, schema_state
 from codex_gateway.store.queries import Settled, Store
+from codex_gateway.store.thread import StoreThread
 from codex_gateway.upstream.chatgpt_auth import TokenCipher, TokenRefresher, load_cipher
 from codex_gateway.upstream.client import UpstreamClient
 from codex_gateway.upstream.kinds import ChatGPTKind, account_kinds
@@ -97,7 +98,15 @@ class Gateway:
         self.sandbox = sandbox
         self.spool = Spool(Path(settings.spool_path))
         self.journal = HoldJournal(settings.journal_path, self.admission.holder)
-        self.settler = Settler(self.store, self.admission.holder, self._settled, self._spool)
+        # The usage writer's statements run on a thread and engine of their own, so that a
+        # busy request loop does not slow the writing of bills (not for an in-memory database,
+        # which a second engine would not see).
+        self.writer = (
+            None if ":memory:" in settings.database_url else StoreThread(settings.database_url)
+        )
+        self.settler = Settler(
+            self.writer or self.store, self.admission.holder, self._settled, self._spool
+        )
         self.readiness = Readiness(self.engine, self.catalog, settings.redis_url)
         # Relay requests being served; a graceful stop waits for them. Each holds part of a
         # balance until its row is written, so open holds are these plus the queued rows.
@@ -128,6 +137,8 @@ class Gateway:
                 "ChatGPT accounts stay out of rotation: no secret key to open their tokens "
                 "(set CODEX_GATEWAY_SECRET_KEY or CODEX_GATEWAY_SECRET_KEY_FILE)"
             )
+        if self.writer is not None:
+            self.writer.start()
         self.settler.start()
         self._tasks = [
             asyncio.create_task(self.catalog.poll(self.settings.catalog_refresh_seconds)),
@@ -178,6 +189,8 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._relays_done()
         await self.settler.drain()
+        if self.writer is not None:
+            await self.writer.close()
         self.journal.close()
         await self.admission.close()
         await self.pool.drain()

@@ -14,16 +14,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from codex_gateway.billing.admission import NO_HOLD, Hold
-from codex_gateway.store.queries import Settled, Store
+from codex_gateway.store.queries import Settled
 
 log = logging.getLogger(__name__)
 
 # How long the writer waits after the first row of a batch for others to join it.
 WRITE_LINGER_SECONDS = 0.005
-MAX_BATCH = 200
+MAX_BATCH = 1000
 RETRY_DELAYS = (0.2, 1.0, 3.0)
 
 # Called once per row with the holds the request had and what settling did (None when the row
@@ -31,10 +31,18 @@ RETRY_DELAYS = (0.2, 1.0, 3.0)
 OnSettled = Callable[[dict[str, Any], Hold, Settled | None], None]
 
 
+class SettlesMany(Protocol):
+    """A `Store`, or a `StoreThread` that runs the same statements on a thread of its own."""
+
+    async def settle_many(
+        self, records: list[dict[str, Any]], holder: str | None = None
+    ) -> list[Settled]: ...
+
+
 class Settler:
     def __init__(
         self,
-        store: Store,
+        store: SettlesMany,
         holder: str | None,
         on_settled: OnSettled,
         on_unwritten: Callable[[dict[str, Any]], None] | None = None,

@@ -4,11 +4,25 @@ On the first SIGTERM (or SIGINT) the server stops accepting and lets requests in
 finish within `shutdown_grace_seconds`; their bills settle as each one ends. A second signal
 stops waiting: bills still to be written go to the spool file, which the next start replays.
 Either way the process exits 0, since stopping on request is not a failure.
+
+Once started, the server tunes the interpreter for one busy event loop beside the usage
+writer's threads:
+
+- What start-up built is frozen out of the garbage collector's reach. It lives as long as
+  the process, and the collector's full passes would otherwise walk all of it (some 110,000
+  objects: tens of milliseconds, every request waiting) each time they run.
+- The interpreter's switch interval drops from 5 ms to 0.5 ms. A thread that waits for the
+  interpreter gets it only when the holder lets go or the interval runs out, and a busy loop
+  rarely lets go: with 5 ms a batch of bills waited that long at every step (a batch of 200
+  took a minute behind 64 busy tasks), with 0.5 ms it takes a fraction of a second.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import socket
+import sys
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -19,11 +33,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SWITCH_INTERVAL_SECONDS = 0.0005
+
 
 class GracefulServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, gateway: Gateway):
         super().__init__(config)
         self.gateway = gateway
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            gc.freeze()
+            sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not passed on to uvicorn, which would re-raise the signal after a clean shutdown

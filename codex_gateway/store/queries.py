@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from codex_gateway.billing.pricing import MONEY, ZERO, Price, plain
 from codex_gateway.store.audit import Snapshot, ledger_problems
+from codex_gateway.store.bulk import BulkInsert
 from codex_gateway.store.db import READ_ONLY
 from codex_gateway.store.tables import (
     HOLD,
@@ -197,10 +198,29 @@ def display_key(raw: str) -> str:
     return f"{KEY_PREFIX}…{raw[-4:]}"
 
 
+# What the usage writer puts in a ledger entry for each settled request.
+SETTLEMENT_COLUMNS = (
+    "user_id",
+    "kind",
+    "amount",
+    "reserved_change",
+    "balance_after",
+    "request_id",
+    "note",
+    "lease_id",
+    "created_at",
+)
+
+
 class Store:
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
+        tables = UsageRecord.metadata.tables
+        usage = tables[UsageRecord.__tablename__]
+        self._usage_rows = BulkInsert(usage, usage.columns.keys(), engine.dialect)
+        ledger = tables[LedgerEntry.__tablename__]
+        self._settlements = BulkInsert(ledger, SETTLEMENT_COLUMNS, engine.dialect)
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
@@ -644,7 +664,7 @@ class Store:
         debited and has its lease reduced once; each key's spending is added up once. Users
         and keys are locked in id order, so two writers never wait on each other in a circle.
         """
-        await conn.execute(insert(UsageRecord), records)
+        await self._usage_rows.run(conn, records)
         by_user: dict[int, list[dict[str, Any]]] = {}
         by_key: dict[int, list[dict[str, Any]]] = {}
         for record in records:
@@ -659,15 +679,17 @@ class Store:
         key_consumed: dict[str, Decimal] = {}
         for key_id, key_records in sorted(by_key.items()):
             key_consumed.update(await self._spend_key(conn, key_id, key_records, holder))
-        if ledger:
-            await conn.execute(insert(LedgerEntry), ledger)
-        return [
-            replace(
-                settled.get(r["request_id"]) or Settled(r["request_id"], r.get("user_id"), None),
-                key_consumed=key_consumed.get(r["request_id"], ZERO),
-            )
-            for r in records
-        ]
+        await self._settlements.run(conn, ledger)
+        return [self._settled(record, settled, key_consumed) for record in records]
+
+    @staticmethod
+    def _settled(
+        record: dict[str, Any], settled: dict[str, Settled], key_consumed: dict[str, Decimal]
+    ) -> Settled:
+        request_id = record["request_id"]
+        done = settled.get(request_id) or Settled(request_id, record.get("user_id"), None)
+        taken = key_consumed.get(request_id)
+        return done if taken is None else replace(done, key_consumed=taken)
 
     async def _charge(
         self,

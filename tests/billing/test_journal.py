@@ -6,10 +6,14 @@ process that is alive.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from codex_gateway.billing.admission import Admission, Hold
 from codex_gateway.billing.journal import HoldJournal, read_journal, recover, segments
@@ -169,14 +173,68 @@ def test_many_open_holds_do_not_make_every_settlement_rewrite_the_journal(
     journal.close()
 
 
-def test_a_line_cut_off_by_a_crash_is_skipped(tmp_path: Path) -> None:
-    journal = HoldJournal(tmp_path, "host:3:cut")
+def one_hold(directory: Path, holder: str) -> tuple[HoldJournal, dict[str, Any]]:
+    """A started journal with one hold opened in it."""
+    journal = HoldJournal(directory, holder)
     journal.start()
     row = usage_row(1)
     journal.opened(row["request_id"], Hold(EST), known(row))
+    return journal, row
+
+
+def on_disk(directory: Path, stem: str) -> list[str]:
+    """The request ids of the holds a journal's one segment leaves open."""
+    (segment,) = segments(directory, stem)
+    return [hold.request_id for hold in read_journal([segment])]
+
+
+def test_a_line_cut_off_by_a_crash_is_skipped(tmp_path: Path) -> None:
+    journal, row = one_hold(tmp_path, "host:3:cut")
     journal.close()
     (segment,) = segments(tmp_path, "host_3_cut")
     with segment.open("ab") as handle:
         handle.write(b'{"e":"open","id":"req_b","ho')
 
-    assert [hold.request_id for hold in read_journal([segment])] == [row["request_id"]]
+    assert on_disk(tmp_path, "host_3_cut") == [row["request_id"]]
+
+
+async def test_the_lines_of_one_loop_pass_reach_the_file_in_one_write_at_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = HoldJournal(tmp_path, "writes-once")
+    journal.start()
+    writes: list[int] = []
+    real_write = os.write
+
+    def counting_write(fd: int, data: bytes) -> int:
+        writes.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counting_write)
+    rows = [usage_row(1) for _ in range(3)]
+    for row in rows:
+        journal.opened(row["request_id"], Hold(EST), known(row))
+        journal.captured(row)
+    assert writes == [] and on_disk(tmp_path, "writes-once") == []
+
+    await asyncio.sleep(0)
+
+    assert len(writes) == 1
+    assert on_disk(tmp_path, "writes-once") == [r["request_id"] for r in rows]
+    journal.close()
+
+
+def test_without_an_event_loop_each_line_is_written_at_once(tmp_path: Path) -> None:
+    journal, row = one_hold(tmp_path, "no-loop")
+
+    assert on_disk(tmp_path, "no-loop") == [row["request_id"]]
+    journal.close()
+
+
+async def test_closing_writes_the_lines_still_waiting_for_the_pass_to_end(tmp_path: Path) -> None:
+    journal, row = one_hold(tmp_path, "closing")
+    assert on_disk(tmp_path, "closing") == []
+
+    journal.close()  # a hold is open, so the file stays for recovery
+
+    assert on_disk(tmp_path, "closing") == [row["request_id"]]

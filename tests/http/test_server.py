@@ -3,7 +3,10 @@ once and still loses no usage record (the spool is replayed at the next start)."
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +15,9 @@ from decimal import Decimal
 
 import httpx
 import pytest
+import uvicorn
 
+from codex_gateway.http.server import SWITCH_INTERVAL_SECONDS, GracefulServer
 from tests.conftest import Gateway, Sandbox, _drop_pg_database, make_gateway
 from tests.http.test_operations import add_sandbox_account
 from tests.http.test_responses import expected_cost
@@ -170,3 +175,25 @@ def test_streams_still_running_at_the_grace_limit_are_cut_and_billed_as_cancelle
     assert sorted(row["request_id"] for row in rows) == sorted(c.request_id for c in clients)
     assert {row["status"] for row in rows} == {"cancelled"}
     assert not (impatient_gateway.workdir / "unsettled-usage.jsonl").exists()
+
+
+async def test_a_started_server_freezes_start_up_objects_and_shortens_the_switch_interval() -> None:
+    async def app(scope: object, receive: object, send: object) -> None:
+        raise AssertionError("no request is sent")
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_config=None)
+    server = GracefulServer(config, gateway=None)  # type: ignore[arg-type]
+    previous = sys.getswitchinterval()
+    gc.unfreeze()
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            assert not serving.done(), "the server did not start"
+            await asyncio.sleep(0.01)
+        assert gc.get_freeze_count() > 0
+        assert sys.getswitchinterval() == SWITCH_INTERVAL_SECONDS
+    finally:
+        server.should_exit = True
+        await serving
+        gc.unfreeze()
+        sys.setswitchinterval(previous)

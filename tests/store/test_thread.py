@@ -1,0 +1,97 @@
+"""The usage writer's store on a thread of its own: same statements, same exactness."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from decimal import Decimal
+
+from codex_gateway.billing.settler import Settler
+from codex_gateway.http.server import SWITCH_INTERVAL_SECONDS
+from codex_gateway.store.queries import Store
+from codex_gateway.store.thread import StoreThread
+from tests.store.test_queries import new_user, usage_row
+
+SEED_COST = Decimal("0.114295")
+
+
+async def test_rows_settled_on_the_thread_are_written_and_debited_once(
+    store: Store, database_url: str
+) -> None:
+    name, user_id = await new_user(store, "10")
+    rows = [usage_row(user_id) for _ in range(20)]
+    writer = StoreThread(database_url)
+    writer.start()
+    try:
+        first = await writer.settle_many(rows[:15])
+        again = await writer.settle_many(rows[10:])
+    finally:
+        await writer.close()
+
+    assert [s.balance for s in first][-1] == Decimal("10") - 15 * SEED_COST
+    # The five already written are not charged again; the other five are.
+    assert [s.balance is None for s in again] == [True] * 5 + [False] * 5
+    assert (await store.balances())[user_id] == Decimal("10") - 20 * SEED_COST
+    settles = [e for e in await store.ledger(name) if e["kind"] == "settle"]
+    assert len(settles) == 20
+
+
+async def test_the_writer_runs_off_the_request_loop_and_stops_with_close(
+    store: Store, database_url: str
+) -> None:
+    _, user_id = await new_user(store, "5")
+    writer = StoreThread(database_url, name="usage-writer-test")
+    writer.start()
+    seen: list[str] = []
+    settler = Settler(writer, None, lambda row, _hold, _result: seen.append(row["request_id"]))
+    settler.start()
+    rows = [usage_row(user_id) for _ in range(5)]
+    for row in rows:
+        settler.submit(row)
+    await settler.drain()
+    assert any(thread.name == "usage-writer-test" for thread in threading.enumerate())
+
+    await writer.close()
+
+    assert seen == [row["request_id"] for row in rows]
+    assert not any(thread.name == "usage-writer-test" for thread in threading.enumerate())
+    for row in rows:
+        assert await store.usage(row["request_id"]) is not None
+
+
+async def test_a_batch_is_written_while_the_request_loop_is_busy(
+    store: Store, database_url: str
+) -> None:
+    """Sixty-four tasks keep this loop busy, as requests would (work, then a wait); the
+    batch's statements run on the writer's own loop and the batch is written meanwhile."""
+    _, user_id = await new_user(store, "100")
+    # As `serve` runs it (codex_gateway/http/server.py).
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+    stop = asyncio.Event()
+
+    async def busy() -> None:
+        while not stop.is_set():
+            sum(range(2_000))
+            await asyncio.sleep(0.001)
+
+    workers = [asyncio.create_task(busy()) for _ in range(64)]
+    writer = StoreThread(database_url)
+    writer.start()
+    try:
+        settled = await asyncio.wait_for(
+            writer.settle_many([usage_row(user_id) for _ in range(200)]), timeout=30
+        )
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+        await writer.close()
+        sys.setswitchinterval(previous)
+
+    assert len(settled) == 200
+    assert (await store.balances())[user_id] == Decimal("100") - 200 * SEED_COST
+
+
+async def test_closing_a_writer_that_never_started_does_nothing(database_url: str) -> None:
+    await StoreThread(database_url).close()
