@@ -103,15 +103,19 @@ def _added(row: dict[str, Any], base: dict[str, Any] | None, path: str) -> str:
         return "—"
     if base is None or row is base or _get(base, path) is None:
         return _ms(value)
-    return f"{_ms(value)} (+{_ms(value - _get(base, path))})"
+    added = value - _get(base, path)
+    sign = "+" if added >= 0 else "−"
+    return f"{_ms(value)} ({sign}{_ms(abs(added))})"
 
 
-def _number(path: str, unit: str = "") -> Callable[[dict[str, Any], dict[str, Any] | None], str]:
+def _number(
+    path: str, unit: str = "", digits: int = 0
+) -> Callable[[dict[str, Any], dict[str, Any] | None], str]:
     def show(row: dict[str, Any], _: dict[str, Any] | None) -> str:
         value = _get(row, path)
         if value is None:
             return "—"
-        return f"{value:,.0f}{unit}" if isinstance(value, int | float) else str(value)
+        return f"{value:,.{digits}f}{unit}" if isinstance(value, int | float) else str(value)
 
     return show
 
@@ -141,6 +145,7 @@ MEASURES: list[tuple[str, str, Callable[[dict[str, Any], dict[str, Any] | None],
     ("requests/s, c=64, unpaced streams", "", _number("stream_rps_c64.rps")),
     ("CPU ms per 1,000 JSON requests", "", _number("rps_c64.cpu_ms_per_1k")),
     ("CPU ms per 1,000 unpaced streams", "", _number("stream_rps_c64.cpu_ms_per_1k")),
+    ("s busy after the c=64 JSON load stopped", "", _number("rps_c64.after_load_s", digits=2)),
     ("time to first event p50, c=1, ms (added)", "", _with_added("ttfe_c1.ttfe_ms.p50")),
     ("time to first event p99, c=1, ms (added)", "added ≤ 1", _with_added("ttfe_c1.ttfe_ms.p99")),
     ("gap between events p99, c=1, ms (added)", "added ≤ 0.3", _with_added("paced_c1.gap_ms.p99")),

@@ -247,8 +247,14 @@ def measure(target: Target, plan: Plan) -> dict[str, Any]:
     result["stall"] = _stall_steps(target, plan)
     result["memory"] = _memory(idle_kb, result["stall"])
     step("latency_c1", lambda: wrk(url, key, plain, 1, plan.latency_s))
-    step("rps_c64", lambda: _with_cpu(pid, lambda: wrk(url, key, plain, 64, plan.rps_s)))
-    step("stream_rps_c64", lambda: _with_cpu(pid, lambda: wrk(url, key, stream, 64, plan.rps_s)))
+    step(
+        "rps_c64",
+        lambda: _with_cpu(pid, plan, lambda: wrk(url, key, plain, 64, plan.rps_s)),
+    )
+    step(
+        "stream_rps_c64",
+        lambda: _with_cpu(pid, plan, lambda: wrk(url, key, stream, 64, plan.rps_s)),
+    )
     step("ttfe_c1", lambda: streams(url, key, "bench-model", 1, per_connection=plan.ttfe_streams))
     step(
         "paced_c1",
@@ -268,9 +274,13 @@ def measure(target: Target, plan: Plan) -> dict[str, Any]:
     return result
 
 
-def _with_cpu(pid: int, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def _with_cpu(pid: int, plan: Plan, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A load run with the proxy's CPU time, counted until the proxy has gone quiet again: a
+    proxy that puts work off (bills written after the load stops) pays for it here too, and
+    `after_load_s` says how long it kept working once the load had stopped."""
     before = cpu_seconds(pid)
     result = run()
+    result["after_load_s"] = round(_quiet(pid, plan.quiet_s), 2)
     used = cpu_seconds(pid) - before
     result["cpu_seconds"] = round(used, 3)
     if result["requests"]:
@@ -278,16 +288,19 @@ def _with_cpu(pid: int, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _quiet(pid: int, limit: float) -> None:
-    """Wait until the proxy has finished its own work (bills still being written, say)."""
-    deadline = time.monotonic() + limit
+def _quiet(pid: int, limit: float) -> float:
+    """Wait until the proxy has finished its own work (bills still being written, say); the
+    seconds that took, not counting the last quiet quarter second."""
+    started = time.monotonic()
+    deadline = started + limit
     last = cpu_seconds(pid)
     while time.monotonic() < deadline:
         time.sleep(0.25)
         now = cpu_seconds(pid)
         if now - last < 0.01:
-            return
+            return max(0.0, time.monotonic() - started - 0.25)
         last = now
+    return time.monotonic() - started
 
 
 def _stall_steps(target: Target, plan: Plan) -> dict[str, Any]:
