@@ -38,7 +38,7 @@ from bench.targets import Target, Unavailable
 
 HERE = Path(__file__).resolve().parent
 MOCK = HERE / "mock_upstream.py"
-ROWS = ("direct", "sqlite", "postgresql", "litellm")
+ROWS = ("direct", "bare", "sqlite", "postgresql", "litellm")
 PG_ADMIN_URL = os.environ.get(
     "CODEX_GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
@@ -115,7 +115,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--no-install", action="store_true", help="install neither wrk nor LiteLLM when missing"
     )
     args = parser.parse_args(argv)
-    default = ROWS if not args.smoke else ("direct", "sqlite", "postgresql")
+    default = ROWS if not args.smoke else ("direct", "bare", "sqlite", "postgresql")
     args.rows = tuple(args.rows.split(",")) if args.rows else default
     unknown = set(args.rows) - set(ROWS)
     if unknown:
@@ -192,6 +192,8 @@ def _open_target(
 ) -> AbstractContextManager[Target]:
     if name == "direct":
         return targets.direct(mock_url, mock_pid)
+    if name == "bare":
+        return targets.bare_hop(procs, mock_url, free_port(), work)
     if name == "litellm":
         return targets.litellm(procs, mock_url, free_port(), work, install=not args.no_install)
     return targets.gateway(procs, name, mock_url, free_port(), work, PG_ADMIN_URL, args.workers)
@@ -220,9 +222,12 @@ def _measure_row(name: str, opened: AbstractContextManager[Target], plan: Plan) 
 
 
 def _label(name: str) -> str:
-    return {"sqlite": "codex-gateway, SQLite", "postgresql": "codex-gateway, PostgreSQL"}.get(
-        name, name
-    )
+    labels = {
+        "bare": "bare Python hop",
+        "sqlite": "codex-gateway, SQLite",
+        "postgresql": "codex-gateway, PostgreSQL",
+    }
+    return labels.get(name, name)
 
 
 def measure(target: Target, plan: Plan) -> dict[str, Any]:

@@ -78,6 +78,29 @@ def direct(mock_url: str, mock_pid: int) -> Iterator[Target]:
 
 
 @contextmanager
+def bare_hop(procs: Processes, mock_url: str, port: int, work: Path) -> Iterator[Target]:
+    """uvicorn and the gateway's upstream client with nothing in between: a hop's floor."""
+    work.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, str(HERE / "bare_hop.py"), "--port", str(port), "--upstream", mock_url]
+    proc = procs.start("bare", argv, core=PROXY_CORE, env=child_env(), cwd=work)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 60, proc)
+        yield Target(
+            "bare",
+            "bare Python hop (uvicorn + the gateway's upstream client)",
+            f"http://127.0.0.1:{port}/v1/responses",
+            "none",
+            proc.pid,
+            notes=[
+                "the floor of a Python hop here: the same server and upstream client as the "
+                "gateway, and nothing else (no key, price, hold or bill)"
+            ],
+        )
+    finally:
+        procs.stop(proc)
+
+
+@contextmanager
 def gateway(
     procs: Processes,
     backend: str,

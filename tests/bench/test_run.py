@@ -31,7 +31,7 @@ def test_smoke_mode_measures_direct_and_gateway_rows_and_writes_the_report(
     run = json.loads(report.read_text())
     rows = {row["name"]: row for row in run["rows"]}
     assert rows["litellm"]["status"] == "not run"
-    for name in ("direct", "gateway-sqlite", "gateway-postgresql"):
+    for name in ("direct", "bare", "gateway-sqlite", "gateway-postgresql"):
         row = rows[name]
         assert row["status"] == "ok", row
         assert row["latency_c1"]["p50_ms"] > 0
