@@ -24,7 +24,7 @@ from codex_gateway.readiness import Readiness
 from codex_gateway.relay.chatgpt import SessionIds
 from codex_gateway.relay.estimate import TokenCounter
 from codex_gateway.store.credentials import KIND_CHATGPT, CredentialStore
-from codex_gateway.store.db import create_engine, migrate, schema_state
+from codex_gateway.store.db import create_engine, in_memory, migrate, schema_state
 from codex_gateway.store.queries import Settled, Store
 from codex_gateway.store.thread import StoreThread
 from codex_gateway.upstream.chatgpt_auth import TokenCipher, TokenRefresher, load_cipher
@@ -101,9 +101,8 @@ class Gateway:
         # The usage writer's statements run on a thread and engine of their own, so that a
         # busy request loop does not slow the writing of bills (not for an in-memory database,
         # which a second engine would not see).
-        self.writer = (
-            None if ":memory:" in settings.database_url else StoreThread(settings.database_url)
-        )
+        url = settings.database_url
+        self.writer = None if in_memory(url) else StoreThread(url)
         self.settler = Settler(
             self.writer or self.store, self.admission.holder, self._settled, self._spool
         )

@@ -4,9 +4,9 @@ Each gateway process appends three kinds of line to its own journal: a hold open
 user, key, amounts), the request's usage row as soon as it is billed (before the batch writer
 takes it), and the request settled. The lines of one pass of the event loop go to the operating
 system together, with one `write` at the end of that pass, and no fsync: a killed process
-(even kill -9) loses at most the lines of the pass it was killed in, as if it had died a few
-microseconds sooner, because the kernel still has the bytes; only a power loss of the machine
-can lose more. The journal is rewritten as a short checkpoint of
+(even kill -9) loses at most the lines of the pass it was killed in, as if it had died at the
+end of the pass before, because the kernel still has the bytes; only a power loss of the
+machine can lose more. The journal is rewritten as a short checkpoint of
 the holds still open whenever it grows past a size, so it stays small.
 
 A live process holds a lock on its journal. `recover` takes the journals whose lock is free,
@@ -126,16 +126,22 @@ class HoldJournal:
             return
         try:
             asyncio.get_running_loop().call_soon(self.flush)
-        except RuntimeError:  # no event loop: a command, not a serving process
+        except RuntimeError:  # called outside an event loop: nothing to wait for
             self.flush()
 
     def flush(self) -> None:
-        """Hand the lines written so far to the operating system."""
+        """Hand the lines written so far to the operating system. Lines the system refuses
+        (a full disk, say) are kept for the next flush, and the refusal is logged."""
         if not self._pending or self._fd is None:
             return
         data = b"".join(self._pending)
+        try:
+            os.write(self._fd, data)
+        except OSError as exc:
+            self._pending[:] = [data]
+            log.error("could not write the hold journal; will try again: %s", exc)
+            return
         self._pending.clear()
-        os.write(self._fd, data)
 
     def _next_segment(self) -> None:
         """Start a new segment with the holds still open, then drop the older ones."""

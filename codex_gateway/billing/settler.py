@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # How long the writer waits after the first row of a batch for others to join it.
 WRITE_LINGER_SECONDS = 0.005
-MAX_BATCH = 1000
+MAX_BATCH = 500
 RETRY_DELAYS = (0.2, 1.0, 3.0)
 
 # Called once per row with the holds the request had and what settling did (None when the row

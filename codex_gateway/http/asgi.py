@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from codex_gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from codex_gateway.http.chat import relay_chat
-from codex_gateway.http.exchange import Exchange, Receive, Scope, Send
+from codex_gateway.http.exchange import Exchange, Receive, RequestIds, Scope, Send
 from codex_gateway.http.models import list_models
 from codex_gateway.http.operations import healthz, metrics, readyz
 from codex_gateway.http.responses import relay_compact, relay_responses
@@ -40,6 +40,7 @@ RELAY_ROUTES = frozenset({"/v1/responses", "/v1/responses/compact", "/v1/chat/co
 class GatewayApp:
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
+        self.request_ids = RequestIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -69,7 +70,7 @@ class GatewayApp:
         if sandbox is not None and path.startswith("/sandbox/"):
             await sandbox(scope, receive, send)
             return
-        exchange = Exchange(scope, receive, send)
+        exchange = Exchange(scope, receive, send, self.request_ids())
         try:
             await self._route(exchange)
         except GatewayError as exc:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import os
-import random
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -22,24 +23,25 @@ Send = Callable[[Message], Awaitable[None]]
 JSON_TYPE = (b"content-type", b"application/json")
 
 
-class _RequestIds:
-    """`req_` and 128 random bits in hex, as a uuid4's hex would be.
+class RequestIds:
+    """`req_` and 128 bits in hex, as a uuid4's hex would be: a keyed BLAKE2b of a counter,
+    so ids are unique and cannot be guessed from the ones a client has seen.
 
-    The bits come from a generator seeded from the operating system, not from a system call
-    per request: that call lets the usage writer's thread take the interpreter, and the
-    request waits for it to let go. The generator is seeded again in a forked child, so
-    worker processes never share a sequence.
+    The key comes from the operating system once per process (a forked worker makes its own
+    on its first id), not a system call per request: such a call lets the usage writer's
+    thread take the interpreter, and the request then waits for it to let go.
     """
 
     def __init__(self) -> None:
-        self._random = random.Random()
-        os.register_at_fork(after_in_child=self._random.seed)
+        self._pid = 0
+        self._key = b""
+        self._count = itertools.count()
 
     def __call__(self) -> str:
-        return f"req_{self._random.getrandbits(128):032x}"
-
-
-new_request_id = _RequestIds()
+        if self._pid != os.getpid():
+            self._pid, self._key, self._count = os.getpid(), os.urandom(32), itertools.count()
+        number = next(self._count).to_bytes(8, "little")
+        return "req_" + hashlib.blake2b(number, key=self._key, digest_size=16).hexdigest()
 
 
 class Exchange:
@@ -62,11 +64,11 @@ class Exchange:
         "status",
     )
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send):
+    def __init__(self, scope: Scope, receive: Receive, send: Send, request_id: str):
         self.scope = scope
         self.receive = receive
         self._send = send
-        self.request_id = new_request_id()
+        self.request_id = request_id
         self.started = time.perf_counter()
         self.status = 0
         self.response_started = False

@@ -6,15 +6,11 @@ stops waiting: bills still to be written go to the spool file, which the next st
 Either way the process exits 0, since stopping on request is not a failure.
 
 Once started, the server tunes the interpreter for one busy event loop beside the usage
-writer's threads:
-
-- What start-up built is frozen out of the garbage collector's reach. It lives as long as
-  the process, and the collector's full passes would otherwise walk all of it (some 110,000
-  objects: tens of milliseconds, every request waiting) each time they run.
-- The interpreter's switch interval drops from 5 ms to 0.5 ms. A thread that waits for the
-  interpreter gets it only when the holder lets go or the interval runs out, and a busy loop
-  rarely lets go: with 5 ms a batch of bills waited that long at every step (a batch of 200
-  took a minute behind 64 busy tasks), with 0.5 ms it takes a fraction of a second.
+writer's threads. What start-up built, and lives as long as the process, is frozen out of the
+garbage collector's full passes, which would otherwise walk all of it with every request
+waiting. The switch interval drops from 5 ms to 0.5 ms: a thread waiting for the interpreter
+gets it when the holder lets go or the interval runs out, and a busy loop seldom lets go, so
+with 5 ms the writer waited that long at every step of a batch.
 """
 
 from __future__ import annotations
@@ -44,6 +40,7 @@ class GracefulServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
+            gc.collect()
             gc.freeze()
             sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
 

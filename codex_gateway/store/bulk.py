@@ -1,15 +1,15 @@
-"""Many rows into one table with a single driver call, for the usage writer's batches.
+"""Many rows into one table with a few driver calls, for the usage writer's batches.
 
 SQLAlchemy binds an executemany value by value through each column type's processors; for a
-batch of usage rows and their ledger entries that cost more than the database's own work.
+batch of usage rows and their ledger entries that costs more than the database's own work.
 `BulkInsert` writes the statement once per table and converts each value as the column's
 type would store it (`Money` as an exact decimal string on SQLite and as NUMERIC elsewhere,
-`UTCDateTime` in UTC), then hands every row to the driver at once. Errors, an
-`IntegrityError` for a repeated request id among them, come back as SQLAlchemy's.
+`UTCDateTime` in UTC). Errors, an `IntegrityError` for a repeated request id among them,
+come back as SQLAlchemy's.
 
-On SQLite the rows go as one INSERT with many VALUES lists (as many as its limit on
-parameters allows) rather than one statement a row: the driver lets go of the interpreter
-for each statement it steps, and under load taking it back again is what a batch waits for.
+On SQLite the rows go as INSERTs with many VALUES lists each, not one statement a row: the
+driver lets go of the interpreter for every statement it steps, and a writer thread beside a
+busy request loop waits to get it back each time.
 """
 
 from __future__ import annotations
@@ -27,14 +27,19 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from codex_gateway.store.types import Money, UTCDateTime
 
-Convert = Callable[[Any], Any]
-# Parameters one SQLite statement may carry (32,766 since SQLite 3.32, 999 before).
-SQLITE_PARAMETERS = 32_766 if sqlite3.sqlite_version_info >= (3, 32) else 999
-# Rows per SQLite statement at most, whatever the parameter limit allows.
-SQLITE_ROWS = 500
+Converter = Callable[[Any], Any]
+# Rows per SQLite statement at most. A batch's rows go in statements of this many, and the
+# rest in statements of powers of two, so only a handful of statement texts are ever built.
+SQLITE_ROWS = 512
 
 
-def _same(value: Any) -> Any:
+def _sqlite_parameter_limit() -> int:
+    """How many parameters one statement may carry with the SQLite this Python links."""
+    with sqlite3.connect(":memory:") as probe:
+        return probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+
+
+def _unchanged(value: Any) -> Any:
     return value
 
 
@@ -82,46 +87,73 @@ def _placeholders(paramstyle: str, count: int) -> str:
     raise ValueError(f"no bulk insert for the parameter style {paramstyle!r}")
 
 
+def _converter(column_type: object, as_text: bool) -> Converter:
+    if isinstance(column_type, Money):
+        return _money_text if as_text else _money
+    if isinstance(column_type, UTCDateTime):
+        return _utc_text if as_text else _utc
+    if isinstance(column_type, Float):
+        return _float
+    return _unchanged
+
+
+def _chunks(count: int, largest: int) -> list[int]:
+    """`count` rows as statements of `largest` rows, then of powers of two."""
+    sizes = [largest] * (count // largest)
+    rest = count % largest
+    size = 1 << (largest.bit_length() - 1)
+    while rest:
+        if size <= rest:
+            sizes.append(size)
+            rest -= size
+        size >>= 1
+    return sizes
+
+
 class BulkInsert:
     """INSERT of the named columns of `table`, many rows a call."""
 
     def __init__(self, table: Table, columns: Sequence[str], dialect: Dialect):
+        if not columns:
+            raise ValueError("a bulk insert needs at least one column")
         self.columns = tuple(columns)
-        text = dialect.name == "sqlite"
-        converts = [self._converter(table.columns[name].type, text) for name in self.columns]
+        self._known = frozenset(self.columns)
+        on_sqlite = dialect.name == "sqlite"
+        converters = [_converter(table.columns[name].type, on_sqlite) for name in self.columns]
         # Only the columns whose values change on the way in are visited one by one.
-        self._converts = [
-            (index, convert) for index, convert in enumerate(converts) if convert is not _same
+        self._converters = [
+            (index, convert)
+            for index, convert in enumerate(converters)
+            if convert is not _unchanged
         ]
-        self._take = itemgetter(*self.columns)
-        names = ", ".join(dialect.identifier_preparer.quote(name) for name in self.columns)
+        take = itemgetter(*self.columns)
+        self._take: Callable[[Mapping[str, Any]], tuple[Any, ...]] = (
+            take if len(self.columns) > 1 else lambda record: (take(record),)
+        )
+        preparer = dialect.identifier_preparer
+        names = ", ".join(preparer.quote(name) for name in self.columns)
         self._row = f"({_placeholders(dialect.paramstyle, len(self.columns))})"
-        self.sql = f"INSERT INTO {table.name} ({names}) VALUES "
+        self.sql = f"INSERT INTO {preparer.format_table(table)} ({names}) VALUES "
         # Rows per statement on SQLite; None: one statement a row, sent with executemany.
         self._per_statement = (
-            min(SQLITE_ROWS, SQLITE_PARAMETERS // len(self.columns)) if text else None
+            min(SQLITE_ROWS, _sqlite_parameter_limit() // len(self.columns)) if on_sqlite else None
         )
         self._statements: dict[int, str] = {}
 
-    @staticmethod
-    def _converter(column_type: object, text: bool) -> Convert:
-        if isinstance(column_type, Money):
-            return _money_text if text else _money
-        if isinstance(column_type, UTCDateTime):
-            return _utc_text if text else _utc
-        if isinstance(column_type, Float):
-            return _float
-        return _same
-
     def values(self, records: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
-        """Each record's values in column order; a column a record lacks is NULL."""
+        """Each record's values in column order; a column a record lacks is NULL, and a key
+        of the first record that is no column is refused (it would be dropped unseen)."""
+        if records:
+            unknown = records[0].keys() - self._known
+            if unknown:
+                raise ValueError(f"no such column: {', '.join(sorted(unknown))}")
         rows = []
         for record in records:
             try:
                 row = list(self._take(record))
             except KeyError:
                 row = [record.get(name) for name in self.columns]
-            for index, convert in self._converts:
+            for index, convert in self._converters:
                 row[index] = convert(row[index])
             rows.append(tuple(row))
         return rows
@@ -137,11 +169,12 @@ class BulkInsert:
         values = self.values(records)
         if not values:
             return
-        step = self._per_statement
-        if step is None:
+        if self._per_statement is None:
             await conn.exec_driver_sql(self.statement(1), values)
             return
-        for start in range(0, len(values), step):
-            chunk = values[start : start + step]
+        start = 0
+        for size in _chunks(len(values), self._per_statement):
+            chunk = values[start : start + size]
+            start += size
             flat = tuple(value for row in chunk for value in row)
-            await conn.exec_driver_sql(self.statement(len(chunk)), flat)
+            await conn.exec_driver_sql(self.statement(size), flat)

@@ -46,10 +46,19 @@ def redact_url(url: str) -> str:
     return f"{head}://{user}:***@{host}" if ":" in credentials else url
 
 
-def create_engine(url: str) -> AsyncEngine:
+def create_engine(url: str, pool_size: int = 10, max_overflow: int = 20) -> AsyncEngine:
+    """An engine for `url`; the pool sizes apply to server databases (SQLite opens a
+    connection per checkout)."""
     if url.startswith("sqlite:///"):
         return _sqlite_engine(url)
-    return create_async_engine(driver_url(url), pool_size=10, max_overflow=20, pool_pre_ping=True)
+    return create_async_engine(
+        driver_url(url), pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True
+    )
+
+
+def in_memory(url: str) -> bool:
+    """Whether the database lives in one connection's memory, unseen by any other engine."""
+    return url.startswith("sqlite") and ":memory:" in url
 
 
 def _sqlite_engine(url: str) -> AsyncEngine:

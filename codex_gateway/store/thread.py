@@ -1,11 +1,9 @@
 """A store on a thread of its own, for the usage writer.
 
-A batch of usage rows takes several statements, and each waits for its answer. On the
-request loop every one of those waits lasts until the loop comes round again, which under
-load is a whole pass over every busy request: a batch took a hundred milliseconds at 3,500
-requests a second and the rows queued faster than they were written. Here the statements
-run on a second event loop, with an engine of its own, and the request loop waits once per
-batch.
+Settling a batch takes several statements, each waiting for its answer. On a busy request
+loop every such wait lasts until the loop has been round all its ready requests, so bills
+can be queued faster than they are written. Here the statements run on a second event loop
+with an engine of its own, and the request loop waits once per batch.
 """
 
 from __future__ import annotations
@@ -22,30 +20,48 @@ from codex_gateway.store.db import create_engine
 from codex_gateway.store.queries import Settled, Store
 
 T = TypeVar("T")
+# The writer takes one connection at a time, and one more when a batch falls back to
+# settling its rows one by one.
+POOL_SIZE = 1
+MAX_OVERFLOW = 1
+START_TIMEOUT_SECONDS = 30.0
 
 
 class StoreThread:
     """`settle_many` of a `Store` on its own engine and event loop, on a daemon thread."""
 
-    def __init__(self, database_url: str, name: str = "usage-writer"):
+    def __init__(
+        self,
+        database_url: str,
+        name: str = "usage-writer",
+        new_loop: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop,
+    ):
         self._url = database_url
         self._name = name
+        self._new_loop = new_loop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._store: Store | None = None
 
     def start(self) -> None:
-        loop = uvloop.new_event_loop()
-        self._thread = threading.Thread(target=loop.run_forever, name=self._name, daemon=True)
-        self._thread.start()
-        self._loop = loop
-        self._store = self._call(self._open).result()
+        if self._loop is not None:
+            raise RuntimeError("the store thread has already started")
+        loop = self._new_loop()
+        thread = threading.Thread(target=loop.run_forever, name=self._name, daemon=True)
+        thread.start()
+        self._loop, self._thread = loop, thread
+        try:
+            self._store = self._call(self._open).result(START_TIMEOUT_SECONDS)
+        except BaseException:
+            self._stop_loop()
+            raise
 
     async def _open(self) -> Store:
-        return Store(create_engine(self._url))
+        return Store(create_engine(self._url, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW))
 
     def _call(self, make: Callable[[], Awaitable[T]]) -> Future[T]:
-        assert self._loop is not None, "the store thread has not started"
+        if self._loop is None:
+            raise RuntimeError("the store thread has not started")
 
         async def run() -> T:
             return await make()
@@ -56,18 +72,26 @@ class StoreThread:
         self, records: list[dict[str, Any]], holder: str | None = None
     ) -> list[Settled]:
         store = self._store
-        assert store is not None, "the store thread has not started"
+        if store is None:
+            raise RuntimeError("the store thread has not started")
         return await asyncio.wrap_future(self._call(lambda: store.settle_many(records, holder)))
 
     async def close(self) -> None:
         """Close the engine, stop the loop and wait for the thread."""
-        if self._loop is None or self._store is None:
+        store, self._store = self._store, None
+        try:
+            if store is not None:
+                await asyncio.wrap_future(self._call(store.engine.dispose))
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        """Stop the loop and wait for its thread, which ends as soon as the loop does."""
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        if loop is None:
             return
-        store, loop, thread = self._store, self._loop, self._thread
-        self._store = None
-        await asyncio.wrap_future(self._call(store.engine.dispose))
         loop.call_soon_threadsafe(loop.stop)
         if thread is not None:
-            await asyncio.to_thread(thread.join)
+            thread.join()
         loop.close()
-        self._loop = None

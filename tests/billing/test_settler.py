@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
 from codex_gateway.billing import settler as settler_module
 from codex_gateway.billing.settler import Settler
-from codex_gateway.store.queries import Store
+from codex_gateway.store.queries import Settled, Store
+from codex_gateway.store.thread import StoreThread
 from tests.store.test_queries import new_user, usage_row
 
 SEED_COST = Decimal("0.114295")
@@ -100,3 +103,34 @@ async def test_abandon_hands_over_every_row_not_yet_written(store: Store) -> Non
 
     assert [row["request_id"] for row in abandoned] == [row["request_id"] for row in rows]
     assert settler.pending == 0
+
+
+async def test_rows_queued_for_a_store_thread_are_settled_on_that_thread(
+    store: Store, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, user_id = await new_user(store, "5")
+    threads: list[str] = []
+    settle_many = Store.settle_many
+
+    async def settle_many_noting_the_thread(
+        self: Store, records: list[dict[str, Any]], holder: str | None = None
+    ) -> list[Settled]:
+        threads.append(threading.current_thread().name)
+        return await settle_many(self, records, holder)
+
+    monkeypatch.setattr(Store, "settle_many", settle_many_noting_the_thread)
+    writer = StoreThread(database_url, name="usage-writer-test")
+    writer.start()
+    seen: list[str] = []
+    settler = Settler(writer, None, lambda row, _hold, _result: seen.append(row["request_id"]))
+    settler.start()
+    rows = [usage_row(user_id) for _ in range(5)]
+    for row in rows:
+        settler.submit(row)
+    await settler.drain()
+    await writer.close()
+
+    assert threads and set(threads) == {"usage-writer-test"}
+    assert seen == [row["request_id"] for row in rows]
+    for row in rows:
+        assert await store.usage(row["request_id"]) is not None

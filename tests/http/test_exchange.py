@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import re
 
-from codex_gateway.http.exchange import new_request_id
+from codex_gateway.http.exchange import RequestIds
 
 
 def test_a_request_id_is_req_and_128_bits_in_hex() -> None:
+    new_request_id = RequestIds()
     ids = [new_request_id() for _ in range(10_000)]
 
     assert all(re.fullmatch(r"req_[0-9a-f]{32}", request_id) for request_id in ids)
@@ -16,6 +17,8 @@ def test_a_request_id_is_req_and_128_bits_in_hex() -> None:
 
 
 def test_a_forked_worker_does_not_repeat_the_ids_of_its_parent() -> None:
+    new_request_id = RequestIds()
+    new_request_id()  # the parent's key exists before the fork
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: its first ids, then exit at once

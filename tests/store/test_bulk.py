@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from codex_gateway.store.bulk import SQLITE_ROWS, BulkInsert
+from codex_gateway.store.bulk import SQLITE_ROWS, BulkInsert, _chunks
 from codex_gateway.store.queries import SETTLEMENT_COLUMNS, Store
 from codex_gateway.store.tables import LedgerEntry, UsageRecord
-from tests.store.test_queries import new_user, usage_row
+from tests.store.test_queries import as_utc, new_user, usage_row
 
 TABLES = UsageRecord.metadata.tables
 USAGE = TABLES[UsageRecord.__tablename__]
@@ -44,10 +44,7 @@ async def test_usage_rows_read_back_exactly_as_written(store: Store) -> None:
     assert first["price_input"] == rows[0]["price_input"]
     assert first["raw_usage"] == rows[0]["raw_usage"]
     assert first["stream"] is True
-    started = second["started_at"]
-    assert started.replace(tzinfo=started.tzinfo or UTC) == datetime(
-        2026, 12, 4, 16, 30, 5, 123456, tzinfo=UTC
-    )
+    assert as_utc(second["started_at"]) == datetime(2026, 12, 4, 16, 30, 5, 123456, tzinfo=UTC)
     assert third["duration_ms"] == 7.0
 
 
@@ -145,3 +142,36 @@ async def test_more_rows_than_one_statement_carries_all_arrive(store: Store) -> 
         ).scalars()
 
     assert sorted(stored) == sorted(row["request_id"] for row in rows)
+
+
+async def test_a_key_that_is_no_column_is_refused_not_dropped(store: Store) -> None:
+    _, user_id = await new_user(store, "1")
+    row = usage_row(user_id)
+    row["ttfb_msec"] = 3.0
+
+    with pytest.raises(ValueError, match="ttfb_msec"):
+        bulk(store, UsageRecord.__tablename__).values([row])
+
+
+async def test_one_column_is_enough(store: Store) -> None:
+    insert = bulk(store, UsageRecord.__tablename__, ("request_id",))
+
+    assert insert.values([{"request_id": "req_one"}]) == [("req_one",)]
+
+
+@pytest.mark.parametrize(
+    ("count", "largest", "sizes"),
+    [
+        # whole statements of the largest size, then powers of two for the rest
+        (1_031, 512, [512, 512, 4, 2, 1]),
+        (7, 512, [4, 2, 1]),
+        (512, 512, [512]),
+        # a largest size that is no power of two (a SQLite with a low parameter limit)
+        (70, 29, [29, 29, 8, 4]),
+        (0, 512, []),
+    ],
+)
+def test_rows_are_cut_into_a_handful_of_statement_sizes(
+    count: int, largest: int, sizes: list[int]
+) -> None:
+    assert _chunks(count, largest) == sizes

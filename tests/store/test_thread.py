@@ -7,7 +7,8 @@ import sys
 import threading
 from decimal import Decimal
 
-from codex_gateway.billing.settler import Settler
+import pytest
+
 from codex_gateway.http.server import SWITCH_INTERVAL_SECONDS
 from codex_gateway.store.queries import Store
 from codex_gateway.store.thread import StoreThread
@@ -35,29 +36,6 @@ async def test_rows_settled_on_the_thread_are_written_and_debited_once(
     assert (await store.balances())[user_id] == Decimal("10") - 20 * SEED_COST
     settles = [e for e in await store.ledger(name) if e["kind"] == "settle"]
     assert len(settles) == 20
-
-
-async def test_the_writer_runs_off_the_request_loop_and_stops_with_close(
-    store: Store, database_url: str
-) -> None:
-    _, user_id = await new_user(store, "5")
-    writer = StoreThread(database_url, name="usage-writer-test")
-    writer.start()
-    seen: list[str] = []
-    settler = Settler(writer, None, lambda row, _hold, _result: seen.append(row["request_id"]))
-    settler.start()
-    rows = [usage_row(user_id) for _ in range(5)]
-    for row in rows:
-        settler.submit(row)
-    await settler.drain()
-    assert any(thread.name == "usage-writer-test" for thread in threading.enumerate())
-
-    await writer.close()
-
-    assert seen == [row["request_id"] for row in rows]
-    assert not any(thread.name == "usage-writer-test" for thread in threading.enumerate())
-    for row in rows:
-        assert await store.usage(row["request_id"]) is not None
 
 
 async def test_a_batch_is_written_while_the_request_loop_is_busy(
@@ -93,5 +71,36 @@ async def test_a_batch_is_written_while_the_request_loop_is_busy(
     assert (await store.balances())[user_id] == Decimal("100") - 200 * SEED_COST
 
 
+def writer_threads(name: str) -> int:
+    return sum(1 for thread in threading.enumerate() if thread.name == name)
+
+
 async def test_closing_a_writer_that_never_started_does_nothing(database_url: str) -> None:
-    await StoreThread(database_url).close()
+    writer = StoreThread(database_url, name="usage-writer-idle")
+
+    await writer.close()
+
+    assert writer_threads("usage-writer-idle") == 0
+    with pytest.raises(RuntimeError, match="not started"):
+        await writer.settle_many([])
+
+
+async def test_a_writer_starts_once_and_its_thread_ends_with_close(database_url: str) -> None:
+    writer = StoreThread(database_url, name="usage-writer-once")
+    writer.start()
+    assert writer_threads("usage-writer-once") == 1
+
+    with pytest.raises(RuntimeError, match="already started"):
+        writer.start()
+    await writer.close()
+
+    assert writer_threads("usage-writer-once") == 0
+
+
+def test_a_writer_whose_database_cannot_be_opened_leaves_no_thread_behind() -> None:
+    writer = StoreThread("nosuchdriver://127.0.0.1/none", name="usage-writer-broken")
+
+    with pytest.raises(Exception, match="nosuchdriver"):
+        writer.start()
+
+    assert writer_threads("usage-writer-broken") == 0
