@@ -224,7 +224,7 @@ class Gateway:
             self._spool(row)
             self.journal.settled(row["request_id"])
             return
-        self.settler.submit(row, Hold(outcome.hold, outcome.key_hold))
+        self.settler.submit(row, self.admission.billed(row, Hold(outcome.hold, outcome.key_hold)))
 
     def _settled(self, row: dict[str, Any], hold: Hold, result: Settled | None) -> None:
         """The writer is done with a row: in the database, or in the spool (`result` None)."""

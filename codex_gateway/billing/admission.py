@@ -189,6 +189,14 @@ class _Leases:
             lease.leased = lease.held
             return await self._store.release_lease(owner_id, self._holder, spare, self.scope)
 
+    def grow(self, owner_id: int, more: Decimal) -> bool:
+        """Hold `more` for a request already admitted; False when the owner has no lease."""
+        lease = self.leases.get(owner_id)
+        if lease is None:
+            return False
+        lease.held = MONEY.add(lease.held, more)
+        return True
+
     def settled(self, owner_id: int, estimate: Decimal, consumed: Decimal) -> None:
         """A hold ends, and `consumed` of the request's cost left the lease."""
         lease = self.leases.get(owner_id)
@@ -287,6 +295,23 @@ class Admission:
             raise
         self._users.settled(user_id, estimate, ZERO)
         return False
+
+    def billed(self, row: dict[str, Any], hold: Hold) -> Hold:
+        """The hold a billed request keeps until its row is written: its cost, where the cost
+        went past what it held.
+
+        Otherwise the lease would go on admitting requests against money the request has
+        already spent, until the writer took the cost out: a run of requests each costing
+        more than its hold could overdraw a balance or a key's cap many times over.
+        """
+        cost: Decimal = row["cost_usd"]
+        user, key = hold.user, hold.key
+        user_id, key_id = row.get("user_id"), row.get("key_id")
+        if user_id is not None and cost > user and self._users.grow(user_id, cost - user):
+            user = cost
+        if key_id is not None and key > 0 and cost > key and self._keys.grow(key_id, cost - key):
+            key = cost
+        return Hold(user, key)
 
     def settled(self, row: dict[str, Any], hold: Hold, result: Settled | None) -> None:
         """A held request was written (`result`) or spooled (None): its holds end, and what

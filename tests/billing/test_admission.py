@@ -24,7 +24,7 @@ from codex_gateway.billing.pricing import Price
 from codex_gateway.billing.settler import Settler
 from codex_gateway.errors import InsufficientQuota, StorageUnavailable
 from codex_gateway.store.db import create_engine
-from codex_gateway.store.queries import Store
+from codex_gateway.store.queries import KeyLimits, KeyRecord, Store, hash_key
 from tests.store.test_queries import new_user, usage_row
 
 CODEX = Price("gpt-5.1-codex", Decimal("1.25"), Decimal("0.125"), Decimal("10"))
@@ -208,3 +208,74 @@ def test_requests_that_read_input_they_do_not_carry(
 ) -> None:
     body = orjson.dumps(document)
     assert reads_stored_input(document, body) is expected
+
+
+async def admitted_until_refused(
+    gate: Admission, user_id: int, hold: Decimal, key: KeyRecord | None, settler: Settler
+) -> int:
+    """Requests one after another, each billed at the seed cost (far above its hold), their
+    rows queued for a writer that has not written any yet; how many were admitted."""
+    admitted = 0
+    for _ in range(40):
+        try:
+            held = await gate.admit(user_id, hold, key)
+        except InsufficientQuota:
+            return admitted
+        admitted += 1
+        row = usage_row(user_id)
+        row["key_id"] = key.id if key is not None else None
+        settler.submit(row, gate.billed(row, held))
+    return admitted
+
+
+async def test_requests_costing_more_than_their_hold_overdraw_by_one_excess_at_most(
+    store: Store,
+) -> None:
+    _, user_id = await new_user(store, "0.5")
+    gate = admission(store)
+    settler = Settler(store, gate.holder, gate.settled)
+
+    admitted = await admitted_until_refused(gate, user_id, Decimal("0.0014"), None, settler)
+    settler.start()
+    await settler.drain()
+
+    cost = Decimal("0.114295")
+    # 4 x 0.114295 = 0.45718 leaves room for a fifth hold; after it nothing is left.
+    assert admitted == 5
+    assert (await store.balances())[user_id] == Decimal("0.5") - 5 * cost
+    assert gate.held(user_id) == 0
+    problems, _ = await store.verify_ledger()
+    assert problems == []
+    await gate.close()
+
+
+async def test_a_key_cap_is_overdrawn_by_one_excess_at_most_when_costs_pass_their_holds(
+    store: Store,
+) -> None:
+    name, user_id = await new_user(store, "10")
+    raw, _ = await store.create_key(name, limits=KeyLimits(cap=Decimal("0.3")))
+    key = await store.find_key(hash_key(raw))
+    assert key is not None
+    gate = admission(store)
+    settler = Settler(store, gate.holder, gate.settled)
+
+    admitted = await admitted_until_refused(gate, user_id, Decimal("0.0014"), key, settler)
+    settler.start()
+    await settler.drain()
+
+    # 2 x 0.114295 = 0.22859 leaves room for a third hold under the 0.3 cap.
+    assert admitted == 3
+    problems, _ = await store.verify_ledger()
+    assert problems == []
+    await gate.close()
+
+
+async def test_a_billed_request_within_its_hold_keeps_its_hold(store: Store) -> None:
+    _, user_id = await new_user(store, "1")
+    gate = admission(store)
+    held = await gate.admit(user_id, Decimal("0.2"))
+    row = usage_row(user_id)
+
+    assert gate.billed(row, held) == held
+    assert gate.held(user_id) == Decimal("0.2")
+    await gate.close()
