@@ -99,7 +99,9 @@ def reads_stored_input(document: dict[str, Any], body: bytes) -> bool:
     conversation, a stored prompt, a file by id or URL, or an image by URL."""
     if any(document.get(name) for name in STORED_INPUT_FIELDS):
         return True
-    if not any(hint in body for hint in _POINTER_HINTS):
+    # A key spelled with JSON escapes (`"image\u005furl"`) hides from the byte hints, so a
+    # body with any escape is walked in full.
+    if not any(hint in body for hint in _POINTER_HINTS) and b"\\u" not in body:
         return False
     return _points_elsewhere(document.get("input"))
 

@@ -658,13 +658,12 @@ class Store:
     async def _settle_batch(
         self, conn: AsyncConnection, records: list[dict[str, Any]], holder: str | None
     ) -> list[Settled]:
-        """Insert the rows; debit each user once for all their costs, lease first.
+        """Debit each user once for all their costs, lease first; then insert the rows.
 
         Rows go in with one statement and ledger entries with another. Each user is locked,
         debited and has its lease reduced once; each key's spending is added up once. Users
         and keys are locked in id order, so two writers never wait on each other in a circle.
         """
-        await self._usage_rows.run(conn, records)
         by_user: dict[int, list[dict[str, Any]]] = {}
         by_key: dict[int, list[dict[str, Any]]] = {}
         for record in records:
@@ -679,6 +678,9 @@ class Store:
         key_consumed: dict[str, Decimal] = {}
         for key_id, key_records in sorted(by_key.items()):
             key_consumed.update(await self._spend_key(conn, key_id, key_records, holder))
+        # The rows go in only now: their foreign keys share-lock the user and key rows, and a
+        # share lock taken before the locks above would let two writers deadlock upgrading it.
+        await self._usage_rows.run(conn, records)
         await self._settlements.run(conn, ledger)
         return [self._settled(record, settled, key_consumed) for record in records]
 

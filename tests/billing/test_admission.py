@@ -279,3 +279,20 @@ async def test_a_billed_request_within_its_hold_keeps_its_hold(store: Store) -> 
     assert gate.billed(row, held) == held
     assert gate.held(user_id) == Decimal("0.2")
     await gate.close()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # the pointer's key spelled with JSON escapes, which the byte hints do not match
+        rb'{"input":[{"content":[{"type":"input_image","image\u005furl":"http://a/i.png"}]}]}',
+        rb'{"input":[{"content":[{"type":"input_file","file\u005fid":"file_1"}]}]}',
+    ],
+)
+def test_a_pointer_spelled_with_escapes_still_reads_stored_input(body: bytes) -> None:
+    assert reads_stored_input(orjson.loads(body), body) is True
+
+
+def test_an_escaped_body_that_points_nowhere_reads_nothing_stored() -> None:
+    body = rb'{"input":"caf\u00e9"}'
+    assert reads_stored_input(orjson.loads(body), body) is False
