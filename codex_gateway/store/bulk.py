@@ -14,10 +14,9 @@ busy request loop waits to get it back each time.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
-from decimal import Decimal
 from operator import itemgetter
 from typing import Any
 
@@ -25,7 +24,7 @@ from sqlalchemy import Float, Table
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from codex_gateway.store.types import Money, UTCDateTime
+from codex_gateway.store.types import Money, UTCDateTime, bind_money, bind_utc
 
 Converter = Callable[[Any], Any]
 # Rows per SQLite statement at most. A batch's rows go in statements of this many, and the
@@ -33,6 +32,7 @@ Converter = Callable[[Any], Any]
 SQLITE_ROWS = 512
 
 
+@functools.cache
 def _sqlite_parameter_limit() -> int:
     """How many parameters one statement may carry with the SQLite this Python links."""
     with sqlite3.connect(":memory:") as probe:
@@ -43,28 +43,14 @@ def _unchanged(value: Any) -> Any:
     return value
 
 
-def _money(value: Any) -> Decimal | None:
-    if value is None or isinstance(value, Decimal):
-        return value
-    raise TypeError(f"money must be a Decimal, got {type(value).__name__}")
-
-
 def _money_text(value: Any) -> str | None:
-    money = _money(value)
+    money = bind_money(value)
     return None if money is None else format(money, "f")
-
-
-def _utc(value: Any) -> datetime | None:
-    if value is None:
-        return None
-    if not isinstance(value, datetime) or value.tzinfo is None:
-        raise TypeError("timestamps must be timezone-aware datetimes")
-    return value.astimezone(UTC)
 
 
 def _utc_text(value: Any) -> str | None:
     """The text SQLAlchemy's SQLite DATETIME stores, so that reads parse it back the same."""
-    moment = _utc(value)
+    moment = bind_utc(value)
     if moment is None:
         return None
     return (
@@ -89,9 +75,9 @@ def _placeholders(paramstyle: str, count: int) -> str:
 
 def _converter(column_type: object, as_text: bool) -> Converter:
     if isinstance(column_type, Money):
-        return _money_text if as_text else _money
+        return _money_text if as_text else bind_money
     if isinstance(column_type, UTCDateTime):
-        return _utc_text if as_text else _utc
+        return _utc_text if as_text else bind_utc
     if isinstance(column_type, Float):
         return _float
     return _unchanged

@@ -660,7 +660,7 @@ class Store:
     ) -> list[Settled]:
         """Debit each user once for all their costs, lease first; then insert the rows.
 
-        Rows go in with one statement and ledger entries with another. Each user is locked,
+        Rows and ledger entries go in a few statements each (`BulkInsert`). Each user is locked,
         debited and has its lease reduced once; each key's spending is added up once. Users
         and keys are locked in id order, so two writers never wait on each other in a circle.
         """

@@ -11,6 +11,23 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 
+def bind_money(value: Any) -> Decimal | None:
+    """A money value on its way into the database: a Decimal, or None; anything else is
+    refused, since a float or a string would not be exact."""
+    if value is None or isinstance(value, Decimal):
+        return value
+    raise TypeError(f"money must be a Decimal, got {type(value).__name__}")
+
+
+def bind_utc(value: Any) -> datetime | None:
+    """A timestamp on its way into the database, in UTC; one without a zone is refused."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise TypeError("timestamps must be timezone-aware datetimes")
+    return value.astimezone(UTC)
+
+
 class Money(TypeDecorator[Decimal]):
     """NUMERIC on PostgreSQL; a decimal string on SQLite, whose NUMERIC would round to float."""
 
@@ -23,13 +40,10 @@ class Money(TypeDecorator[Decimal]):
         return dialect.type_descriptor(Numeric(asdecimal=True))
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
-        if value is None:
-            return None
-        if not isinstance(value, Decimal):
-            raise TypeError(f"money must be a Decimal, got {type(value).__name__}")
-        if dialect.name == "sqlite":
-            return format(value, "f")
-        return value
+        money = bind_money(value)
+        if money is not None and dialect.name == "sqlite":
+            return format(money, "f")
+        return money
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
         if value is None:
@@ -47,11 +61,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
-        if value is None:
-            return None
-        if not isinstance(value, datetime) or value.tzinfo is None:
-            raise TypeError("timestamps must be timezone-aware datetimes")
-        return value.astimezone(UTC)
+        return bind_utc(value)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
