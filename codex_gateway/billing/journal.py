@@ -66,6 +66,7 @@ class HoldJournal:
         self._open: dict[str, list[bytes]] = {}
         # Lines of this pass of the event loop, written together when it ends.
         self._pending: list[bytes] = []
+        self._flush_scheduled = False
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -122,16 +123,19 @@ class HoldJournal:
             return
         self._pending.append(line)
         self._size += len(line)
-        if len(self._pending) > 1:
+        if self._flush_scheduled:
             return
         try:
             asyncio.get_running_loop().call_soon(self.flush)
         except RuntimeError:  # called outside an event loop: nothing to wait for
             self.flush()
+            return
+        self._flush_scheduled = True
 
     def flush(self) -> None:
         """Hand the lines written so far to the operating system. Lines the system refuses
-        (a full disk, say) are kept for the next flush, and the refusal is logged."""
+        (a full disk, say) are kept, logged, and tried again with the next line written."""
+        self._flush_scheduled = False
         if not self._pending or self._fd is None:
             return
         data = b"".join(self._pending)

@@ -238,3 +238,25 @@ async def test_closing_writes_the_lines_still_waiting_for_the_pass_to_end(tmp_pa
     journal.close()  # a hold is open, so the file stays for recovery
 
     assert on_disk(tmp_path, "closing") == [row["request_id"]]
+
+
+async def test_lines_a_full_disk_refused_are_written_with_the_next_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal, first = one_hold(tmp_path, "full-disk")
+    real_write = os.write
+
+    def refusing_write(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", refusing_write)
+    await asyncio.sleep(0)
+    assert on_disk(tmp_path, "full-disk") == []
+
+    monkeypatch.setattr(os, "write", real_write)
+    second = usage_row(1)
+    journal.opened(second["request_id"], Hold(EST), known(second))
+    await asyncio.sleep(0)
+
+    assert on_disk(tmp_path, "full-disk") == [first["request_id"], second["request_id"]]
+    journal.close()
