@@ -3,17 +3,20 @@
 Each process has its own registry (on the `Gateway` object) and serves its own numbers at
 `/metrics`; with several processes Prometheus scrapes each one and sums them. Nothing is
 recorded per streamed chunk: one access-line update per request and one update per
-settlement.
+settlement. Those per-request series are plain numbers the event loop adds to, turned into
+Prometheus samples only when scraped: a labelled client metric takes a lock and makes several
+calls for every update, which a request pays for and a scrape need not.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 UNKNOWN_MODEL = "unknown"
@@ -30,48 +33,94 @@ TOKEN_CLASSES = (
 QUOTA_WINDOWS = ("primary", "secondary")
 
 
+class Tally:
+    """A counter by label values, kept as plain numbers and read when scraped."""
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]):
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def add(self, labels: tuple[str, ...], amount: float = 1) -> None:
+        self.values[labels] = self.values.get(labels, 0) + amount
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, value in self.values.items():
+            family.add_metric(labels, value)
+        yield family
+
+
+class Timings:
+    """A histogram by label values, kept as plain bucket counts and read when scraped."""
+
+    def __init__(
+        self, name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+    ):
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self.bounds = buckets
+        self._les = [str(float(bound)) for bound in buckets] + ["+Inf"]
+        # Per label values: one count per bucket (the last is above every bound), then the sum.
+        self.series: dict[tuple[str, ...], list[float]] = {}
+
+    def observe(self, labels: tuple[str, ...], seconds: float) -> None:
+        series = self.series.get(labels)
+        if series is None:
+            series = self.series[labels] = [0.0] * (len(self.bounds) + 2)
+        series[bisect_left(self.bounds, seconds)] += 1
+        series[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, series in self.series.items():
+            cumulative, buckets = 0.0, []
+            for le, count in zip(self._les, series, strict=False):
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric(labels, buckets, series[-1])
+        yield family
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
+        self.requests = Tally(
             "codex_gateway_requests",
             "HTTP requests by route, status and model.",
-            ["route", "status", "model"],
-            registry=r,
+            ("route", "status", "model"),
         )
-        self.latency = Histogram(
+        self.latency = Timings(
             "codex_gateway_request_seconds",
             "Time from the request's arrival to its last byte (the bill is written after).",
-            ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            ("route",),
+            LATENCY_BUCKETS,
         )
-        self.ttfb = Histogram(
+        self.ttfb = Timings(
             "codex_gateway_upstream_first_byte_seconds",
             "Time from the request's arrival to the upstream's response headers.",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            ("model",),
+            LATENCY_BUCKETS,
         )
-        self.overhead = Histogram(
+        self.overhead = Timings(
             "codex_gateway_overhead_seconds",
             "The gateway's own time before the upstream call: authentication, admission, shaping.",
-            buckets=OVERHEAD_BUCKETS,
-            registry=r,
+            (),
+            OVERHEAD_BUCKETS,
         )
-        self.tokens = Counter(
+        self.tokens = Tally(
             "codex_gateway_tokens",
             "Billed tokens by model and class (cached is part of input, reasoning of output).",
-            ["model", "token_class"],
-            registry=r,
+            ("model", "token_class"),
         )
-        self.cost = Counter(
+        self.cost = Tally(
             "codex_gateway_cost_usd",
             "USD charged, by model (a float view; the ledger holds the exact amounts).",
-            ["model"],
-            registry=r,
+            ("model",),
         )
+        for collector in (self.requests, self.latency, self.ttfb, self.overhead):
+            r.register(collector)
+        r.register(self.tokens)
+        r.register(self.cost)
         self.spooled = Counter(
             "codex_gateway_spooled_rows",
             "Usage rows written to the local spool because the database could not take them.",
@@ -108,9 +157,6 @@ class Metrics:
             "Relay requests being served right now.",
             registry=r,
         )
-        # Labelled children by labels, looked up once: `labels()` costs more than the update.
-        self._done: dict[tuple[str, int, str], tuple[Any, Any]] = {}
-        self._settled: dict[str, _PerModel] = {}
         self.holds = Gauge(
             "codex_gateway_open_holds",
             "Requests holding part of a balance: relays in flight and rows queued for writing.",
@@ -127,35 +173,23 @@ class Metrics:
         self.recovered_holds.labels("released").inc(released)
 
     def request_done(self, route: str, status: int, model: str, seconds: float) -> None:
-        key = (route, status, model)
-        counted = self._done.get(key)
-        if counted is None:
-            counted = (self.requests.labels(route, str(status), model), self.latency.labels(route))
-            self._done[key] = counted
-        counted[0].inc()
-        counted[1].observe(seconds)
+        self.requests.add((route, str(status), model))
+        self.latency.observe((route,), seconds)
 
     def settled(
         self, row: Mapping[str, Any], account: str | None, overhead_ms: float | None
     ) -> None:
         """Tokens, cost, timings and upstream errors of one settled request."""
         model = str(row["price_model"])
-        per_model = self._settled.get(model)
-        if per_model is None:
-            per_model = self._settled[model] = _PerModel(
-                [self.tokens.labels(model, token_class) for token_class, _ in TOKEN_CLASSES],
-                self.cost.labels(model),
-                self.ttfb.labels(model),
-            )
-        for tokens, (_, column) in zip(per_model.tokens, TOKEN_CLASSES, strict=True):
+        for token_class, column in TOKEN_CLASSES:
             count = row[column]
             if isinstance(count, int) and count > 0:
-                tokens.inc(count)
-        per_model.cost.inc(float(row["cost_usd"]))
+                self.tokens.add((model, token_class), count)
+        self.cost.add((model,), float(row["cost_usd"]))
         if row["ttfb_ms"] is not None:
-            per_model.ttfb.observe(row["ttfb_ms"] / 1000)
+            self.ttfb.observe((model,), row["ttfb_ms"] / 1000)
         if overhead_ms is not None:
-            self.overhead.observe(overhead_ms / 1000)
+            self.overhead.observe((), overhead_ms / 1000)
         if "stream_interrupted" in row["flags"]:
             # Failures before the first byte are counted per attempt by upstream_failed.
             self.upstream_errors.labels(account or "-", _error_kind(row["flags"])).inc()
@@ -176,15 +210,6 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-@dataclass(frozen=True)
-class _PerModel:
-    """One model's labelled children of the settlement metrics."""
-
-    tokens: list[Any]
-    cost: Any
-    ttfb: Any
 
 
 def _number(text: str | None) -> float | None:

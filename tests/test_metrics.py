@@ -125,3 +125,24 @@ def test_in_flight_and_holds_are_read_when_scraped() -> None:
     assert value(metrics, "codex_gateway_streams_in_flight") == 3
     assert value(metrics, "codex_gateway_open_holds") == 1
     assert b"codex_gateway_streams_in_flight 3.0" in metrics.render()
+
+
+def test_request_timings_fall_in_prometheus_buckets_on_scrape() -> None:
+    """A time equal to a bound counts in that bound's bucket; one above every bound only in
+    +Inf; buckets are cumulative, as Prometheus reads them."""
+    metrics = Metrics()
+    for seconds in (0.005, 0.0051, 400.0):
+        metrics.request_done("/v1/responses", 200, "gpt-5.1-codex", seconds)
+
+    route = {"route": "/v1/responses"}
+    assert value(metrics, "codex_gateway_request_seconds_bucket", **route, le="0.005") == 1
+    assert value(metrics, "codex_gateway_request_seconds_bucket", **route, le="0.01") == 2
+    assert value(metrics, "codex_gateway_request_seconds_bucket", **route, le="300.0") == 2
+    assert value(metrics, "codex_gateway_request_seconds_bucket", **route, le="+Inf") == 3
+    assert value(metrics, "codex_gateway_request_seconds_count", **route) == 3
+    assert value(metrics, "codex_gateway_request_seconds_sum", **route) == pytest.approx(400.0101)
+    requests = {"route": "/v1/responses", "status": "200", "model": "gpt-5.1-codex"}
+    assert value(metrics, "codex_gateway_requests_total", **requests) == 3
+    assert b'codex_gateway_request_seconds_bucket{le="+Inf",route="/v1/responses"} 3.0' in (
+        metrics.render()
+    )
