@@ -55,6 +55,8 @@ _PASSED_HEADERS = ("user-agent", "version", "x-openai-subagent")
 _MIN_SESSION_LENGTH = 8
 _INSTRUCTION_ROLES = frozenset({"developer", "system"})
 _TEXT_PARTS = frozenset({"input_text", "text"})
+# Every rate-limit window header begins so; an answer with none is done with at once.
+_QUOTA_HEADER_PREFIX = "x-codex-"
 
 
 # -- the request body ---------------------------------------------------------------------
@@ -288,7 +290,13 @@ def _window_from_json(data: Any) -> QuotaWindow | None:
 
 def quota_from_headers(headers: Mapping[str, str]) -> Quota | None:
     """The `x-codex-primary-*` / `x-codex-secondary-*` windows of a response, if it has any."""
-    lowered = {name.lower(): value for name, value in headers.items()}
+    lowered = {
+        name.lower(): value
+        for name, value in headers.items()
+        if name[:8].lower() == _QUOTA_HEADER_PREFIX
+    }
+    if not lowered:
+        return None
     primary = _header_window(lowered, "x-codex-primary-")
     secondary = _header_window(lowered, "x-codex-secondary-")
     if primary is None and secondary is None:

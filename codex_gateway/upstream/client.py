@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, ItemsView, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -57,6 +57,10 @@ class Headers(Mapping[str, str]):
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name.lower() in self._items
+
+    def items(self) -> ItemsView[str, str]:
+        """The names (in lower case) and values, without a look-up per name."""
+        return self._items.items()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
