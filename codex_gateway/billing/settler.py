@@ -22,7 +22,7 @@ from codex_gateway.store.queries import Settled
 log = logging.getLogger(__name__)
 
 # How long the writer waits after the first row of a batch for others to join it.
-WRITE_LINGER_SECONDS = 0.005
+WRITE_LINGER_SECONDS = 0.02
 MAX_BATCH = 500
 RETRY_DELAYS = (0.2, 1.0, 3.0)
 
