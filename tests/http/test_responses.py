@@ -306,6 +306,13 @@ BAD_INPUT = [
         "model_not_found",
         "model",
     ),
+    (
+        b'{"model": "gpt-5-codex-2025-13-45", "input": "hi"}',
+        404,
+        "invalid_request_error",
+        "model_not_found",
+        "model",
+    ),
 ]
 
 
