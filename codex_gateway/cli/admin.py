@@ -596,6 +596,14 @@ def pricing_set(
         f"{model}: input {plain(price.input)}, cached input {plain(price.cached_input)}, "
         f"output {plain(price.output)} USD per 1M tokens, markup x{plain(price.markup)}"
     )
+    if price.cached_input > price.input:
+        # Allowed, since the operator may mean it, but a cache read costing more than a fresh
+        # read is almost always the two prices swapped or a misplaced decimal point.
+        click.echo(
+            f"warning: the cached input price {plain(cached_input)} is above the input price "
+            f"{plain(input_)}: cached tokens will cost more than uncached ones",
+            err=True,
+        )
 
 
 @pricing.command("remove")
