@@ -462,3 +462,13 @@ def test_a_body_nested_deeper_than_orjson_writes_is_still_checked() -> None:
         parse_json_object(body)
 
     assert caught.value.param == "deep"
+
+
+def test_a_body_too_deep_to_check_for_repeats_is_refused_saying_so() -> None:
+    deep = b'{"a":' * 1000 + b"1" + b"}" * 1000
+    body = b'{"model":"m","input":"x","deep":' + deep + b"}"
+
+    with pytest.raises(InvalidRequest) as caught:
+        parse_json_object(body)
+
+    assert "nests objects and arrays too deeply" in caught.value.message
