@@ -8,6 +8,7 @@
     │   ├── ModelNotAllowed         403 model_not_allowed (the key's allowlist)
     │   ├── InsufficientQuota       429 insufficient_quota
     │   ├── BodyTooLarge            413
+    │   ├── UnsupportedEncoding     415, a compressed request body
     │   ├── NotFound                404 for unknown paths
     │   └── MethodNotAllowed        405
     ├── StorageUnavailable     503, the gateway's database cannot be reached (fail closed)
@@ -105,6 +106,11 @@ class InsufficientQuota(ClientError):
 class BodyTooLarge(ClientError):
     status = 413
     code = "request_too_large"
+
+
+class UnsupportedEncoding(ClientError):
+    status = 415
+    code = "unsupported_content_encoding"
 
 
 class NotFound(ClientError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import date
 from decimal import Context, Decimal, DivisionByZero, Inexact, InvalidOperation, Overflow
 
 from codex_gateway.relay.usage import MappedUsage
@@ -20,7 +21,7 @@ MONEY = Context(prec=200, traps=[InvalidOperation, DivisionByZero, Overflow, Ine
 MILLION = Decimal(1_000_000)
 THOUSAND_PER_MILLION = Decimal(1_000)
 ZERO = Decimal(0)
-_DATED_SUFFIX = re.compile(r"-\d{4}-\d{2}-\d{2}$")
+_DATED_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2})$", re.ASCII)
 _AMOUNT = re.compile(r"[0-9]{1,13}(\.[0-9]{1,18})?", re.ASCII)
 MAX_AMOUNT = Decimal(10**12)
 
@@ -100,8 +101,16 @@ def _term(tokens: int, usd_per_million: Decimal) -> Decimal:
 
 
 def base_model(name: str) -> str:
-    """`gpt-5.1-codex-2025-11-13` -> `gpt-5.1-codex`; other names are returned as they are."""
-    return _DATED_SUFFIX.sub("", name)
+    """`gpt-5.1-codex-2025-11-13` -> `gpt-5.1-codex`; other names are returned as they are,
+    among them one whose date no calendar has (`-2025-13-45`), which is no snapshot."""
+    dated = _DATED_SUFFIX.search(name)
+    if dated is None:
+        return name
+    try:
+        date.fromisoformat(dated.group(1))
+    except ValueError:
+        return name
+    return name[: dated.start()]
 
 
 class PriceTable:

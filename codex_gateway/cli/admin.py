@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -529,9 +530,20 @@ def accounts_disable(name: str) -> None:
 @accounts.command("enable")
 @click.argument("name")
 def accounts_enable(name: str) -> None:
-    """Put an account back into rotation, clearing any health mark (e.g. after re-login)."""
-    with_store(lambda store: store.set_account_enabled(name, True))
+    """Put an account back into rotation, clearing any health mark (e.g. after re-login)
+    and any usage wall its stored quota reports: the operator knows best."""
+    with_store(lambda store: store.set_account_enabled(name, True, _without_walls))
     click.echo(f"enabled account {name}")
+
+
+def _without_walls(document: str) -> str | None:
+    """A stored quota document with its walls lifted; one that is not JSON is dropped, as
+    the gateway would ignore it anyway."""
+    try:
+        quota = Quota.from_json(orjson.loads(document))
+    except orjson.JSONDecodeError:
+        return None
+    return orjson.dumps(quota.without_walls(time.time()).to_json()).decode()
 
 
 @accounts.command("remove")
@@ -596,6 +608,14 @@ def pricing_set(
         f"{model}: input {plain(price.input)}, cached input {plain(price.cached_input)}, "
         f"output {plain(price.output)} USD per 1M tokens, markup x{plain(price.markup)}"
     )
+    if price.cached_input > price.input:
+        # Allowed, since the operator may mean it, but a cache read costing more than a fresh
+        # read is almost always the two prices swapped or a misplaced decimal point.
+        click.echo(
+            f"warning: the cached input price {plain(cached_input)} is above the input price "
+            f"{plain(input_)}: cached tokens will cost more than uncached ones",
+            err=True,
+        )
 
 
 @pricing.command("remove")

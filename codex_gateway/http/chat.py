@@ -21,6 +21,8 @@ from codex_gateway.http.responses import (
     _JSON_STATUS,
     _STREAM_HEADERS,
     MISSING_TERMINAL_MESSAGE,
+    SHUTDOWN_CODE,
+    SHUTDOWN_MESSAGE,
     _client_left,
     _on_disconnect,
     _record_failure,
@@ -29,6 +31,8 @@ from codex_gateway.http.responses import (
     authenticate,
     chunks_of,
     collect_stream,
+    cut_by_shutdown,
+    end_cut_stream,
     send_upstream,
     settle_after,
     take_terminal,
@@ -89,7 +93,7 @@ async def _relay(
         raise
     finally:
         answer.close()
-    if scanner.terminal is None and answer.rest is not None:
+    if scanner.terminal is None and answer.rest is not None and not cut_by_shutdown():
         outcome.estimate = await asyncio.to_thread(
             gateway.tokens.estimate, request.document, scanner.deltas
         )
@@ -111,6 +115,11 @@ async def _stream(
     exchange.watch_disconnect(lambda: _on_disconnect(gateway, answer, stop_later))
     try:
         await _translate(exchange, answer, scanner, splitter, translator)
+    except asyncio.CancelledError:  # by a shutdown: end the stream as for a broken upstream
+        take_terminal(gateway, answer, scanner, outcome)
+        shutdown = {"type": "error", "code": SHUTDOWN_CODE, "message": SHUTDOWN_MESSAGE}
+        await end_cut_stream(exchange, outcome, b"".join(translator.feed(shutdown)))
+        return
     except UpstreamError as exc:
         take_terminal(gateway, answer, scanner, outcome)
         if exchange.disconnected:

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from codex_gateway.errors import BodyTooLarge
+from codex_gateway.errors import BodyTooLarge, UnsupportedEncoding
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -101,6 +101,7 @@ class Exchange:
         return values[0] if values else None
 
     async def body(self, limit: int) -> bytes:
+        self._refuse_compressed_body()
         declared = self.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise BodyTooLarge(f"The request body is larger than the limit of {limit} bytes.")
@@ -115,6 +116,18 @@ class Exchange:
             if not message.get("more_body", False):
                 break
         return bytes(chunks)
+
+    def _refuse_compressed_body(self) -> None:
+        """The body is checked, priced and relayed as the JSON text it is, so a compressed
+        one is refused by its header before it is read."""
+        encoding = self.headers.get("content-encoding", "").strip()
+        if encoding.lower() in ("", "identity"):
+            return
+        raise UnsupportedEncoding(
+            f"The Content-Encoding header says {encoding[:40]!r}, but the gateway does not "
+            "accept compressed request bodies; send the JSON uncompressed and leave the "
+            "header out."
+        )
 
     def watch_disconnect(self, on_disconnect: Callable[[], None]) -> None:
         """Notice the client leaving while a response streams (the body must be read first).

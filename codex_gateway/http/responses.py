@@ -63,6 +63,13 @@ _STREAM_HEADERS = [
 MISSING_TERMINAL_MESSAGE = (
     "The upstream stream ended before its final event, so this response is incomplete."
 )
+SHUTDOWN_CODE = "gateway_shutting_down"
+SHUTDOWN_MESSAGE = (
+    "The gateway is shutting down and ended this stream before the upstream finished it; "
+    "send the request again."
+)
+# How long a stream cut by a shutdown may spend handing its closing event to a slow client.
+CUT_WRITE_SECONDS = 1.0
 
 
 async def authenticate(gateway: Gateway, exchange: Exchange) -> KeyRecord:
@@ -310,10 +317,13 @@ async def _relay_stream(
     stop_later: list[asyncio.TimerHandle] = []
     exchange.watch_disconnect(lambda: _on_disconnect(gateway, answer, stop_later))
     failure: UpstreamError | None = None
+    cut = False
     try:
         await _pump(exchange, answer, scanner, deadline)
     except UpstreamError as exc:
         failure = exc
+    except asyncio.CancelledError:
+        cut = True  # by a shutdown; the task stays cancelling, which settlement reads
     finally:
         for handle in stop_later:
             handle.cancel()
@@ -322,7 +332,9 @@ async def _relay_stream(
         # The final event arrived before the connection broke: the response is whole.
         outcome.flag(failure.kind)
         failure = None
-    if exchange.disconnected:
+    if cut:
+        await end_cut_stream(exchange, outcome, error_event(SHUTDOWN_CODE, SHUTDOWN_MESSAGE))
+    elif exchange.disconnected:
         _client_left(outcome, scanner)
     elif failure is not None:
         _record_failure(outcome, failure)
@@ -335,10 +347,37 @@ async def _relay_stream(
         await exchange.write(error_event("stream_incomplete", MISSING_TERMINAL_MESSAGE), False)
     else:
         await exchange.write(b"", more=False)
-    if scanner.terminal is None:
+    if scanner.terminal is None and not cut_by_shutdown():
         outcome.estimate = await asyncio.to_thread(
             gateway.tokens.estimate, request.document, scanner.deltas
         )
+
+
+def cut_by_shutdown() -> bool:
+    """Whether this request's task was cancelled, which only a shutdown does to a relay."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def end_cut_stream(exchange: Exchange, outcome: Outcome, last: bytes) -> None:
+    """Close a stream that a shutdown cancelled, saying so to the client, in one log line.
+
+    The cancellation is handled here rather than left to the server, which would log a
+    traceback per stream and close the connection mid-chunk. A cut stream is billed at the
+    usage the upstream reported, so no estimate is made for it.
+    """
+    outcome.error = "The gateway shut down before the upstream finished the stream."
+    log.warning(
+        "stream cut by the shutdown before the upstream finished it",
+        extra={"request_id": outcome.request_id, "account_id": outcome.account_id},
+    )
+    if exchange.disconnected:
+        return
+    try:
+        async with asyncio.timeout(CUT_WRITE_SECONDS):
+            await exchange.write(last, more=False)
+    except TimeoutError:
+        pass  # a client that reads nothing more loses the connection with the process
 
 
 async def _pump(

@@ -1,7 +1,9 @@
 """The HTTP server's shutdown rules: SIGTERM drains, a second SIGTERM ends at once.
 
 On the first SIGTERM (or SIGINT) the server stops accepting and lets requests in flight
-finish within `shutdown_grace_seconds`; their bills settle as each one ends. A second signal
+finish within `shutdown_grace_seconds`; their bills settle as each one ends. Then it cancels
+what still runs, and a cut stream ends with an `error` event saying the gateway is shutting
+down (the relay handles the cancellation; see `end_cut_stream`). A second signal
 stops waiting: bills still to be written go to the spool file, which the next start replays.
 Either way the process exits 0, since stopping on request is not a failure.
 

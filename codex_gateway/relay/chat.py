@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from codex_gateway.errors import InvalidRequest, UpstreamProtocolError
-from codex_gateway.relay.shaping import messages_to_input, parse_json_object
+from codex_gateway.relay.shaping import check_output_cap, messages_to_input, parse_json_object
 
 DONE = b"data: [DONE]\n\n"
 
@@ -197,14 +197,11 @@ def _allowed_tool(tool: Any) -> Any:
 
 
 def _translate_limits(document: dict[str, Any], responses: dict[str, Any]) -> None:
-    for name in ("max_completion_tokens", "max_tokens"):  # the newer name wins
+    for name in ("max_tokens", "max_completion_tokens"):  # the newer name wins
         value = document.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidRequest(f"{name} must be a positive integer.", param=name)
-        responses["max_output_tokens"] = value
-        break
+        check_output_cap(value, name)
+        if value is not None:
+            responses["max_output_tokens"] = value
     effort = document.get("reasoning_effort")
     if effort is not None:
         if not isinstance(effort, str):

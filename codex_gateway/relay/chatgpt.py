@@ -238,6 +238,17 @@ class Quota:
         future = [moment for moment in times if moment is not None and moment > now]
         return max(future) if future else None
 
+    def without_walls(self, now: float) -> Quota:
+        """This quota with nothing that blocks the account at `now`: no wall time, and no
+        window that is full until a reset still ahead (the next answer reports it afresh)."""
+
+        def open_window(window: QuotaWindow | None) -> QuotaWindow | None:
+            if window is None or window.used_percent < 100 or (window.resets_at or 0) <= now:
+                return window
+            return None
+
+        return Quota(open_window(self.primary), open_window(self.secondary), None, self.plan_type)
+
     def updated(self, newer: Quota) -> Quota:
         """This quota with whatever `newer` knows laid over it."""
         return Quota(

@@ -17,8 +17,14 @@ import orjson
 from codex_gateway.errors import InvalidRequest
 
 MAX_MODEL_LENGTH = 200
-# What follows a string that is an object's key: JSON whitespace, then a colon.
-_KEY_END = re.compile(rb"[ \t\r\n]*:")
+# The least output cap OpenAI's Responses API accepts (below it answers
+# `integer_below_min_value`); Chat requests are served through it too.
+MIN_OUTPUT_TOKENS = 16
+# How the first bytes of a body that is not JSON text give it away.
+GZIP_MAGIC = b"\x1f\x8b"
+UTF8_BOM = b"\xef\xbb\xbf"
+# A colon written as an escape, which a count of colon bytes misses.
+_ESCAPED_COLON = re.compile(rb"\\u003[aA]")
 
 # Client headers that describe the client's own connection or credentials, never forwarded.
 _DROPPED_HEADERS = frozenset(
@@ -73,6 +79,7 @@ def parse_responses_request(raw: bytes) -> ResponsesRequest:
         stream = False
     if not isinstance(stream, bool):
         raise InvalidRequest("The stream parameter must be true or false.", param="stream")
+    check_output_cap(document.get("max_output_tokens"), "max_output_tokens")
     has_input = document.get("input") is not None
     has_messages = document.get("messages") is not None
     if has_input and has_messages:
@@ -104,9 +111,39 @@ def _model(model: object) -> str:
     return model
 
 
+def check_output_cap(value: object, name: str) -> None:
+    """Refuse an output cap the upstream would refuse, before anything is held or sent: a
+    value that is not an integer, or one below the least the upstream takes."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(
+            f"{name} must be an integer number of tokens, not {_json_kind(value)}.",
+            param=name,
+            code="invalid_type",
+        )
+    if value < MIN_OUTPUT_TOKENS:
+        raise InvalidRequest(
+            f"{name} must be at least {MIN_OUTPUT_TOKENS}, the least output the Responses API "
+            f"accepts, not {value}.",
+            param=name,
+            code="integer_below_min_value",
+        )
+
+
+def _json_kind(value: object) -> str:
+    """What a JSON value is, for a message that must not echo a value of any size."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, float):
+        return "a decimal number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
-    if not raw.strip():
-        raise InvalidRequest("The request body is empty; send a JSON object.")
+    _refuse_undecodable(raw)
     try:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -120,47 +157,100 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return document
 
 
+def _refuse_undecodable(raw: bytes) -> None:
+    """Name the two kinds of body that are bytes of something other than JSON text, which
+    would otherwise be reported as text that is not UTF-8."""
+    if not raw.strip():
+        raise InvalidRequest("The request body is empty; send a JSON object.")
+    if raw.startswith(GZIP_MAGIC):
+        raise InvalidRequest(
+            "The request body is gzip-compressed; the gateway does not accept compressed "
+            "request bodies, so send the JSON uncompressed and without Content-Encoding."
+        )
+    if raw.startswith(UTF8_BOM):
+        # JSON sent over a network must not start with one (RFC 8259), and the body goes
+        # upstream byte for byte, so it is named rather than silently removed.
+        raise InvalidRequest(
+            "The request body starts with a UTF-8 byte-order mark (EF BB BF); "
+            "send the JSON text without it."
+        )
+
+
 def _may_repeat_a_key(document: dict[str, Any], raw: bytes) -> bool:
-    """Whether the body could name a top-level key twice; cheap, and never wrong when False.
+    """Whether some object in the body could name a key twice; cheap, and never wrong when
+    False.
 
     The parser keeps the last of two equal keys, while the upstream may read the first, so a
-    repeat could pass a check on one value and send another. A key written with escapes could
-    hide a repeat from byte search, so such bodies are checked by a full parse; otherwise a
-    repeat needs a second occurrence of the key's text followed by a colon.
+    repeat could pass a check on one value and send another. Outside strings a colon only
+    ends a key, and the document written back out has one colon per key it kept and the
+    same colons inside strings, so the body has more colons when an object repeats a key,
+    unless it spells colons inside strings as escapes, which evens the count out.
     """
-    if b"\\u" in raw or b"\\/" in raw:
+    try:
+        kept = orjson.dumps(document)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes: check the slow way
         return True
-    for name in document:
-        token = orjson.dumps(name)
-        at = raw.find(token)
-        if at < 0:
-            return True
-        at = raw.find(token, at + len(token))
-        while at >= 0:
-            if _KEY_END.match(raw, at + len(token)):
-                return True
-            at = raw.find(token, at + len(token))
-    return False
+    if kept == raw:  # most clients write compact JSON just as orjson does
+        return False
+    if raw.count(b":") != kept.count(b":"):
+        return True
+    return _ESCAPED_COLON.search(raw) is not None
+
+
+class _RepeatedKey:
+    """Stands, in the checking parse, for an object that names `name` twice."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
 
 
 def _refuse_repeated_keys(raw: bytes) -> None:
-    """Parse again keeping the top-level object's pairs (the hook's last call) and refuse a
-    body that names one of them twice."""
-    pairs: list[tuple[str, Any]] = []
+    """Parse again keeping each object's pairs, and refuse a body in which any object names
+    a key twice, naming the first such key by its path (`input[0].content[1].image_url`)."""
+    try:
+        document = json.loads(raw, object_pairs_hook=_object_or_repeat)
+    except RecursionError:
+        raise InvalidRequest(
+            "The request body nests objects and arrays too deeply for the gateway to check it."
+        ) from None
+    path = _repeated_key_path(document)
+    if path is not None:
+        raise InvalidRequest(
+            f"The request body names the field `{path}` more than once; send each field once.",
+            param=path,
+        )
 
-    def keep(found: list[tuple[str, Any]]) -> dict[str, Any]:
-        pairs[:] = found
-        return dict(found)
 
-    json.loads(raw, object_pairs_hook=keep)
+def _object_or_repeat(pairs: list[tuple[str, Any]]) -> dict[str, Any] | _RepeatedKey:
+    found = dict(pairs)
+    if len(found) == len(pairs):
+        return found
     seen: set[str] = set()
     for name, _ in pairs:
         if name in seen:
-            raise InvalidRequest(
-                f"The request body names the field `{name}` more than once; send each field once.",
-                param=name,
-            )
+            return _RepeatedKey(name)
         seen.add(name)
+    raise AssertionError("unreachable: fewer keys than pairs means a repeat")
+
+
+def _repeated_key_path(document: Any) -> str | None:
+    """The path of the first repeated key in document order, walking without recursion
+    (the body may nest as deep as the parser allows)."""
+    pending: list[tuple[Any, str]] = [(document, "")]
+    while pending:
+        node, path = pending.pop()
+        if isinstance(node, _RepeatedKey):
+            return f"{path}.{node.name}" if path else node.name
+        if isinstance(node, dict):
+            children = [(value, f"{path}.{name}" if path else name) for name, value in node.items()]
+        elif isinstance(node, list):
+            children = [(value, f"{path}[{index}]") for index, value in enumerate(node)]
+        else:
+            continue
+        pending.extend(reversed(children))
+    return None
 
 
 def messages_to_input(messages: Any) -> list[dict[str, Any]]:
@@ -294,6 +384,7 @@ def parse_compact_request(raw: bytes) -> ResponsesRequest:
             "Compaction answers with one JSON object and cannot be streamed; leave stream out.",
             param="stream",
         )
+    check_output_cap(document.get("max_output_tokens"), "max_output_tokens")
     if document.get("input") is None and document.get("previous_response_id") is None:
         raise InvalidRequest(
             "The request has nothing to compact; send the conversation in input.", param="input"

@@ -500,12 +500,30 @@ class Store:
             await self._bump(conn)
         return account_id
 
-    async def set_account_enabled(self, name: str, enabled: bool) -> None:
-        """Enabling also clears a health mark: the operator says the account is fixed."""
+    async def set_account_enabled(
+        self,
+        name: str,
+        enabled: bool,
+        lift_walls: Callable[[str], str | None] | None = None,
+    ) -> None:
+        """Enabling also clears a health mark: the operator says the account is fixed.
+
+        A usage wall is also kept in the stored quota, which a restarting gateway reads
+        again; `lift_walls` rewrites that document, in the same transaction, so the
+        operator's word outlasts a restart.
+        """
         values: dict[str, Any] = {"enabled": enabled}
         if enabled:
             values.update(state="ready", state_reason=None, state_until=None)
         async with self.engine.begin() as conn:
+            if enabled and lift_walls is not None:
+                stored = await conn.scalar(
+                    select(UpstreamAccount.quota)
+                    .where(UpstreamAccount.name == name)
+                    .with_for_update()
+                )
+                if stored:
+                    values["quota"] = lift_walls(stored)
             result = await conn.execute(
                 update(UpstreamAccount).where(UpstreamAccount.name == name).values(**values)
             )

@@ -107,6 +107,11 @@ def test_dated_upstream_model_of_the_case_resolves_to_the_case_price_only() -> N
         ("gpt-5.1-codex-2025-11", None),
         ("gpt-5.1-codex-20251113", None),
         ("gpt-5.1-codex-2025-11-13-preview", None),
+        # a snapshot date no calendar has is no snapshot
+        ("gpt-5-codex-2025-13-45", None),
+        ("gpt-5.1-codex-2025-02-30", None),
+        ("gpt-5.1-codex-2025-00-10", None),
+        ("gpt-5.1-codex-٢٠٢٥-11-13", None),
         ("codex", None),
         ("gpt", None),
         ("", None),
@@ -148,6 +153,9 @@ def test_price_table_has_one_price_per_model() -> None:
         ("gpt-5.1-codex-2025-11", "gpt-5.1-codex-2025-11"),
         ("gpt-5.1-codex-2025-11-13-preview", "gpt-5.1-codex-2025-11-13-preview"),
         ("2025-11-13", "2025-11-13"),
+        ("gpt-5-codex-2025-13-45", "gpt-5-codex-2025-13-45"),
+        ("gpt-5.1-codex-2024-02-29", "gpt-5.1-codex"),
+        ("gpt-5.1-codex-2025-02-29", "gpt-5.1-codex-2025-02-29"),
     ],
 )
 def test_base_model(name: str, base: str) -> None:

@@ -363,3 +363,34 @@ def test_key_limits_that_make_a_key_unusable_are_warned_about(
         else:
             assert f"warning: {warning}" in result.stderr.replace("--expires ", "")
     assert created.stdout.splitlines()[-1].startswith("sk-cg-")
+
+
+# prices given to `pricing set`, the cached input price kept (per 1M) and the warning they
+# draw (None: no warning)
+PRICE_WARNINGS = [
+    # a cache read dearer than a fresh one, named by the prices as typed
+    (["--input", "1.25", "--cached-input", "12.5"], "12.5", "12.5 is above the input price 1.25"),
+    (
+        ["--input", "0.001", "--cached-input", "0.002", "--per", "1k"],
+        "2",
+        "0.002 is above the input price 0.001",
+    ),
+    # a cache read at or below the input price
+    (["--input", "1.25", "--cached-input", "0.125"], "0.125", None),
+    (["--input", "1", "--cached-input", "1"], "1", None),
+]
+
+
+@pytest.mark.parametrize(("prices", "kept", "warning"), PRICE_WARNINGS)
+def test_a_cached_input_price_above_the_input_price_is_warned_about_and_kept(
+    db: Gateway, prices: list[str], kept: str, warning: str | None
+) -> None:
+    result = db.cli("pricing", "set", "warned-model", *prices, "--output", "10")
+
+    stored = {p["model"]: p for p in db.cli_json("pricing", "list")}["warned-model"]
+    assert stored["cached_input"] == kept
+    if warning is None:
+        assert "warning" not in result.stderr
+    else:
+        assert f"warning: the cached input price {warning}" in result.stderr
+        assert "warning" not in result.stdout

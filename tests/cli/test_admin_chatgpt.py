@@ -1,17 +1,25 @@
-"""`accounts import-codex` and `accounts list`, run as an operator runs them."""
+"""`accounts import-codex`, `accounts list` and `accounts enable`, run as an operator runs
+them."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import subprocess
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 import pytest
 
 from codex_gateway.relay.chatgpt import Quota, QuotaWindow
+from codex_gateway.store.credentials import CredentialStore
+from codex_gateway.store.db import create_engine
+from codex_gateway.store.queries import Store
 from codex_gateway.upstream.chatgpt_auth import TokenCipher
+from codex_gateway.upstream.pool import AccountPool
+from codex_gateway.upstream.quota import QuotaBook
 from tests.conftest import CLI, Gateway, free_port, make_gateway
 from tests.upstream.test_chatgpt_auth import ACCOUNT, SECRET, make_jwt
 
@@ -206,3 +214,50 @@ def test_a_gateway_whose_secret_key_does_not_open_the_tokens_refuses_to_start(
     assert SECRET not in served.stderr and auth_file[2] not in served.stderr
     (account,) = gateway.cli_json("accounts", "list")
     assert account["state"] == "ready"
+
+
+def rested_after_a_restart(gateway: Gateway, name: str) -> str:
+    """The state a starting gateway gives the account, from what the database holds."""
+
+    async def start() -> str:
+        engine = create_engine(gateway.database_url)
+        try:
+            accounts = await Store(engine).accounts()
+            pool = AccountPool(Store(engine), lambda: accounts, lambda: 0)
+            await QuotaBook(pool, CredentialStore(engine)).load(accounts)
+            await pool.drain()
+            account = next(a for a in accounts if a.name == name)
+            return pool.health(account).current(time.time())
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(start())
+
+
+def test_enabling_an_account_lifts_its_usage_wall_for_good(
+    gateway: Gateway, auth_file: tuple[Path, str, str]
+) -> None:
+    gateway.env["CODEX_GATEWAY_SECRET_KEY"] = SECRET
+    gateway.cli("accounts", "import-codex", str(auth_file[0]), "--name", "walled")
+    resets = int(time.time()) + 3600
+    wall = Quota(QuotaWindow(100.0, 300, resets), QuotaWindow(61.5, 10080, resets + 60), resets)
+    with database(gateway) as conn:  # as a gateway leaves an account that hit its wall
+        conn.execute(
+            "UPDATE upstream_accounts SET state = 'quota_limited', state_reason = ?, "
+            "state_until = ?, quota = ? WHERE name = 'walled'",
+            (
+                "usage limit reached (plan plus); resets at later",
+                datetime.fromtimestamp(resets, UTC).replace(tzinfo=None).isoformat(" "),
+                orjson.dumps(wall.to_json()).decode(),
+            ),
+        )
+    assert rested_after_a_restart(gateway, "walled") == "quota_limited"
+
+    gateway.cli("accounts", "enable", "walled")
+
+    listed = gateway.cli_json("accounts", "list")[0]
+    assert (listed["state"], listed["why"]) == ("ready", None)
+    assert listed["quota"]["limit_reached_until"] is None
+    assert listed["quota"]["primary"] is None  # full until a reset ahead: read afresh
+    assert listed["quota"]["secondary"]["used_percent"] == 61.5
+    assert rested_after_a_restart(gateway, "walled") == "ready"

@@ -1,12 +1,17 @@
-"""Request ids: the shape clients and the usage rows see, unique across worker processes."""
+"""Request ids: the shape clients and the usage rows see, unique across worker processes; a
+request body is read only when it is not compressed."""
 
 from __future__ import annotations
 
 import os
 import re
 import time
+from typing import Any
 
-from codex_gateway.http.exchange import RequestIds
+import pytest
+
+from codex_gateway.errors import UnsupportedEncoding
+from codex_gateway.http.exchange import Exchange, RequestIds
 
 
 def test_a_request_id_is_req_and_128_bits_in_hex() -> None:
@@ -47,3 +52,34 @@ def test_a_forked_worker_does_not_repeat_the_ids_of_its_parent() -> None:
 
     assert len(child) == 5
     assert not set(child) & set(parent)
+
+
+def exchange_with(headers: list[tuple[bytes, bytes]], body: bytes) -> Exchange:
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: Any) -> None:
+        raise AssertionError("nothing is sent while the body is read")
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/responses", "headers": headers}
+    return Exchange(scope, receive, send, "req_test")
+
+
+# Content-Encoding values a body is read under, and those it is refused under
+@pytest.mark.parametrize("encoding", [None, b"identity", b" Identity ", b""])
+async def test_an_uncompressed_body_is_read(encoding: bytes | None) -> None:
+    headers = [] if encoding is None else [(b"content-encoding", encoding)]
+
+    assert await exchange_with(headers, b"{}").body(100) == b"{}"
+
+
+@pytest.mark.parametrize("encoding", [b"gzip", b"br", b"deflate, gzip", b"x-gzip"])
+async def test_a_compressed_body_is_refused_by_its_header(encoding: bytes) -> None:
+    exchange = exchange_with([(b"content-encoding", encoding)], b"\x1f\x8b\x08\x00")
+
+    with pytest.raises(UnsupportedEncoding) as caught:
+        await exchange.body(100)
+
+    assert caught.value.status == 415
+    assert encoding.decode() in caught.value.message
+    assert "does not accept compressed request bodies" in caught.value.message

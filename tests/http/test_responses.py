@@ -6,6 +6,7 @@ unchanged, and be billed exactly as the price table says.
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 from collections.abc import Callable
@@ -305,6 +306,13 @@ BAD_INPUT = [
         "model_not_found",
         "model",
     ),
+    (
+        b'{"model": "gpt-5-codex-2025-13-45", "input": "hi"}',
+        404,
+        "invalid_request_error",
+        "model_not_found",
+        "model",
+    ),
 ]
 
 
@@ -493,4 +501,76 @@ def test_a_body_naming_a_field_twice_is_refused_before_any_upstream_call(
     error = response.json()["error"]
     assert (error["type"], error["param"]) == ("invalid_request_error", "model")
     assert "`model` more than once" in error["message"]
+    assert sandbox.requests() == []
+
+
+# body bytes and headers that are not JSON text, the status and what the refusal says
+UNREADABLE_BODIES = [
+    (gzip.compress(b'{"model":"gpt-5.1-codex","input":"x"}'), {}, 400, "gzip-compressed"),
+    (
+        gzip.compress(b'{"model":"gpt-5.1-codex","input":"x"}'),
+        {"Content-Encoding": "gzip"},
+        415,
+        "does not accept compressed request bodies",
+    ),
+    (b'\xef\xbb\xbf{"model":"gpt-5.1-codex","input":"x"}', {}, 400, "byte-order mark"),
+]
+
+
+@pytest.mark.parametrize(("body", "headers", "status", "says"), UNREADABLE_BODIES)
+def test_a_body_that_is_not_json_text_is_refused_saying_what_it_is(
+    gateway: Gateway, sandbox: Sandbox, body: bytes, headers: dict[str, str], status: int, says: str
+) -> None:
+    user, _ = gateway.new_user("1")
+    key = gateway.cli("keys", "create", "--user", user).stdout.strip().splitlines()[-1]
+    sandbox.clear()
+
+    response = httpx.post(
+        gateway.url + "/v1/responses",
+        content=body,
+        headers={"Authorization": f"Bearer {key}", **headers},
+    )
+
+    assert response.status_code == status
+    assert says in response.json()["error"]["message"]
+    assert "UTF-8 text" not in response.json()["error"]["message"]
+    assert sandbox.requests() == []
+
+
+# path, a body the upstream must never see, and the field the refusal names
+REFUSED_BEFORE_UPSTREAM = [
+    (
+        "/v1/responses",
+        b'{"model":"gpt-5.1-codex","input":"x","max_output_tokens":-1}',
+        "max_output_tokens",
+    ),
+    (
+        "/v1/responses",
+        b'{"model":"gpt-5.1-codex","input":[{"role":"user","content":[{"type":"input_image",'
+        b'"image_url":"https://a/1.png","image_url":"https://b/2.png"}]}]}',
+        "input[0].content[0].image_url",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"model":"gpt-5.1-codex","messages":[{"role":"user","content":"x"}],"max_tokens":0}',
+        "max_tokens",
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "param"), REFUSED_BEFORE_UPSTREAM)
+def test_a_field_the_upstream_would_misread_is_refused_naming_it(
+    gateway: Gateway, sandbox: Sandbox, path: str, body: bytes, param: str
+) -> None:
+    user, _ = gateway.new_user("1")
+    key = gateway.cli("keys", "create", "--user", user).stdout.strip().splitlines()[-1]
+    sandbox.clear()
+
+    response = httpx.post(
+        gateway.url + path, content=body, headers={"Authorization": f"Bearer {key}"}
+    )
+
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
     assert sandbox.requests() == []

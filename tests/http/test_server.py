@@ -1,5 +1,7 @@
-"""SIGTERM while streams are in flight: they finish and are billed; a second SIGTERM ends at
-once and still loses no usage record (the spool is replayed at the next start)."""
+"""SIGTERM while streams are in flight: they finish and are billed; streams still running at
+the end of the grace period end with an error event saying the gateway is shutting down; a
+second SIGTERM ends at once and still loses no usage record (the spool is replayed at the
+next start)."""
 
 from __future__ import annotations
 
@@ -12,17 +14,28 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 import httpx
+import orjson
 import pytest
 import uvicorn
 
 from codex_gateway.http.server import SWITCH_INTERVAL_SECONDS, GracefulServer
+from codex_gateway.relay.sse import parse_events
 from tests.conftest import Gateway, Sandbox, _drop_pg_database, make_gateway
 from tests.http.test_operations import add_sandbox_account
 from tests.http.test_responses import expected_cost
 
 STREAMS = 10
+BODIES = {
+    "/v1/responses": {"model": "gpt-5.1-codex", "input": "hi", "stream": True},
+    "/v1/chat/completions": {
+        "model": "gpt-5.1-codex",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+    },
+}
 TEXT_COUNTS = (1252, 0, 11273, 10944)  # responses-text: input, cached, output, reasoning
 
 
@@ -33,6 +46,7 @@ class Client:
     url: str
     key: str
     delay_ms: int
+    path: str = "/v1/responses"
     started: threading.Event = field(default_factory=threading.Event)
     request_id: str = ""
     body: bytes = b""
@@ -42,12 +56,12 @@ class Client:
         try:
             with httpx.stream(
                 "POST",
-                self.url + "/v1/responses",
+                self.url + self.path,
                 headers={
                     "Authorization": f"Bearer {self.key}",
                     "x-sandbox-delay-ms": str(self.delay_ms),
                 },
-                json={"model": "gpt-5.1-codex", "input": "hi", "stream": True},
+                json=BODIES[self.path],
                 timeout=60,
             ) as response:
                 self.request_id = response.headers["x-request-id"]
@@ -87,9 +101,9 @@ def impatient_gateway(
 
 
 def start_streams(
-    gw: Gateway, key: str, delay_ms: int
+    gw: Gateway, key: str, delay_ms: int, path: str = "/v1/responses"
 ) -> tuple[list[Client], list[threading.Thread]]:
-    clients = [Client(gw.url, key, delay_ms) for _ in range(STREAMS)]
+    clients = [Client(gw.url, key, delay_ms, path) for _ in range(STREAMS)]
     threads = [threading.Thread(target=client.run) for client in clients]
     for thread in threads:
         thread.start()
@@ -158,12 +172,26 @@ def test_a_second_sigterm_exits_at_once_and_the_spool_keeps_every_usage_record(
     assert not spool.exists()
 
 
+def shutdown_error(path: str, body: bytes) -> dict[str, Any]:
+    """The one error a cut stream ends with, in the shape of its endpoint's stream."""
+    if path == "/v1/chat/completions":
+        lines = [line for line in body.split(b"\n") if line.startswith(b"data: ")]
+        assert lines[-1] == b"data: [DONE]"
+        errors = [line for line in lines if line.startswith(b'data: {"error"')]
+        assert errors == [lines[-2]]
+        return dict(orjson.loads(errors[0][len(b"data: ") :])["error"])
+    events = parse_events(body)
+    assert [event for event in events if event.get("type") == "error"] == [events[-1]]
+    return dict(events[-1])
+
+
+@pytest.mark.parametrize("path", list(BODIES))
 def test_streams_still_running_at_the_grace_limit_are_cut_and_billed_as_cancelled(
-    impatient_gateway: Gateway,
+    impatient_gateway: Gateway, path: str
 ) -> None:
     _, key = impatient_gateway.new_user("10")
     assert impatient_gateway.proc is not None
-    clients, threads = start_streams(impatient_gateway, key, delay_ms=1500)
+    clients, threads = start_streams(impatient_gateway, key, delay_ms=1500, path=path)
 
     impatient_gateway.proc.popen.send_signal(signal.SIGTERM)
     code = exit_code(impatient_gateway, 20)
@@ -171,10 +199,19 @@ def test_streams_still_running_at_the_grace_limit_are_cut_and_billed_as_cancelle
         thread.join(10)
     rows = impatient_gateway.usage_rows()
 
-    assert code == 0, impatient_gateway.log_text()
+    log = impatient_gateway.log_text()
+    assert code == 0, log
     assert sorted(row["request_id"] for row in rows) == sorted(c.request_id for c in clients)
     assert {row["status"] for row in rows} == {"cancelled"}
     assert not (impatient_gateway.workdir / "unsettled-usage.jsonl").exists()
+    for client in clients:  # each stream ends with one error saying why, and one log line
+        assert client.error is None, client.error
+        error = shutdown_error(path, client.body)
+        assert error["code"] == "gateway_shutting_down"
+        assert "shutting down" in error["message"]
+        cut = [line for line in log.splitlines() if "cut by the shutdown" in line]
+        assert len([line for line in cut if client.request_id in line]) == 1, log
+    assert "Traceback" not in log and "CancelledError" not in log
 
 
 async def test_a_started_server_freezes_start_up_objects_and_shortens_the_switch_interval() -> None:

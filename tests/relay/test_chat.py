@@ -226,7 +226,14 @@ def test_without_stream_options_a_stream_carries_no_usage_chunk_request() -> Non
             "tools[0].function.name",
         ),
         ({"tool_choice": "sometimes"}, "tool_choice"),
+        # output caps the Responses API would refuse, under either name
         ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -100}, "max_tokens"),
+        ({"max_tokens": 15}, "max_tokens"),
+        ({"max_tokens": 64.0}, "max_tokens"),
+        ({"max_completion_tokens": "64"}, "max_completion_tokens"),
+        ({"max_completion_tokens": -1, "max_tokens": 64}, "max_completion_tokens"),
+        ({"max_completion_tokens": 64, "max_tokens": -1}, "max_tokens"),
         ({"response_format": {"type": "yaml"}}, "response_format"),
         # parameters Responses has no equivalent for, unless they ask for nothing
         ({"n": 2}, "n"),

@@ -274,6 +274,9 @@ def test_converted_messages_keep_their_order_and_the_other_fields() -> None:
         (b'{"model": "gpt-5.1-codex", "input": ', None, "not valid JSON"),
         (b"{'model': 'gpt-5.1-codex'}", None, "not valid JSON"),
         (b'{"model": "\xff\xfe", "input": "hi"}', None, "not valid UTF-8 text"),
+        # bytes that are not JSON text at all: compressed, or behind a byte-order mark
+        (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xab\xae\x05\x00", None, "gzip-compressed"),
+        (b'\xef\xbb\xbf{"model": "m", "input": "hi"}', None, "byte-order mark"),
         (b"[]", None, "must be a JSON object"),
         (b'"hello"', None, "must be a JSON object"),
         (b"null", None, "must be a JSON object"),
@@ -289,6 +292,25 @@ def test_converted_messages_keep_their_order_and_the_other_fields() -> None:
         (b'{"model": "m", "input": "hi", "stream": "true"}', "stream", "true or false"),
         (b'{"model": "m", "input": "hi", "stream": 1}', "stream", "true or false"),
         (b'{"model": "m", "input": "hi", "stream": {}}', "stream", "true or false"),
+        # an output cap that is not an integer, or below the upstream's least
+        (b'{"model": "m", "input": "hi", "max_output_tokens": -5}', "max_output_tokens", "-5"),
+        (b'{"model": "m", "input": "hi", "max_output_tokens": 0}', "max_output_tokens", "16"),
+        (b'{"model": "m", "input": "hi", "max_output_tokens": 15}', "max_output_tokens", "16"),
+        (
+            b'{"model": "m", "input": "hi", "max_output_tokens": 64.5}',
+            "max_output_tokens",
+            "decimal",
+        ),
+        (
+            b'{"model": "m", "input": "hi", "max_output_tokens": "64"}',
+            "max_output_tokens",
+            "string",
+        ),
+        (
+            b'{"model": "m", "input": "hi", "max_output_tokens": true}',
+            "max_output_tokens",
+            "boolean",
+        ),
         # both or neither of input and messages
         (b'{"model": "m", "input": "hi", "messages": []}', "messages", "not both"),
         (b'{"model": "m"}', "input", "neither input nor messages"),
@@ -360,3 +382,93 @@ NESTED_NAMES = [
 @pytest.mark.parametrize("body", NESTED_NAMES)
 def test_a_nested_object_may_use_a_top_level_name(body: bytes) -> None:
     assert parse_json_object(body)["model"] == "gpt-5.1-codex"
+
+
+@pytest.mark.parametrize("cap", [16, 64, 128_000, None])
+def test_an_output_cap_the_upstream_takes_passes_untouched(cap: int | None) -> None:
+    raw = orjson.dumps({"model": "gpt-5.1-codex", "input": "hi", "max_output_tokens": cap})
+
+    assert parse_responses_request(raw).body == raw
+
+
+def test_a_too_small_output_cap_carries_openais_error_code() -> None:
+    body = b'{"model": "m", "input": "hi", "max_output_tokens": -1}'
+
+    with pytest.raises(InvalidRequest) as caught:
+        parse_responses_request(body)
+
+    assert caught.value.code == "integer_below_min_value"
+
+
+# a key named twice at any depth, and the path the refusal names
+REPEATED_KEYS = [
+    # at the top level, however the second one is spelled
+    (b'{"model":"m","input":"x","model":"n"}', "model"),
+    (b'{"model":"m","input":"x","mod\\u0065l":"n"}', "model"),
+    (b'{"model":"m", "input":"x",\n "model" : "n"}', "model"),
+    # inside input items and their content parts
+    (
+        b'{"model":"m","input":[{"type":"message","role":"user","content":[{"type":"input_text",'
+        b'"text":"a"},{"type":"input_image","image_url":"https://a/1.png",'
+        b'"image_url":"https://b/2.png"}]}]}',
+        "input[0].content[1].image_url",
+    ),
+    (b'{"model":"m","input":[{"role":"user","role":"developer","content":"x"}]}', "input[0].role"),
+    (
+        b'{"model":"m","input":"x","text":{"format":{"type":"text","type":"json_object"}}}',
+        "text.format.type",
+    ),
+    # spelled with escapes, or with a colon escaped in a string to even out the count
+    (
+        b'{"model":"m","input":"x","reasoning":{"effort":"low","eff\\u006frt":"high"}}',
+        "reasoning.effort",
+    ),
+    (
+        b'{"model":"m","input":"\\u003a","text":{"verbosity":"low","verbosity":"high"}}',
+        "text.verbosity",
+    ),
+    # the first repeat in the order the body is written
+    (b'{"model":"m","input":[{"a":1,"a":2},{"b":1,"b":2}]}', "input[0].a"),
+]
+
+
+@pytest.mark.parametrize(("body", "path"), REPEATED_KEYS)
+def test_a_key_named_twice_at_any_depth_is_refused_naming_its_path(body: bytes, path: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse_responses_request(body)
+
+    assert caught.value.param == path
+    assert f"`{path}` more than once" in caught.value.message
+
+
+# bodies whose strings hold colons, keys and escapes that look like a repeat but are none
+LOOK_ALIKES = [
+    b'{"model":"m","input":[{"a":1},{"a":2}],"text":{"a":"a: b","b":"\\":"}}',
+    b'{"model":"m","input":"say \\"a\\": 1, \\"a\\": 2 and \\\\u003a","x":{"a":1}}',
+    b'{"model":"m","input":"\\u00e9:\\u003A","y":"\\\\u003a"}',
+]
+
+
+@pytest.mark.parametrize("body", LOOK_ALIKES)
+def test_a_body_that_only_looks_like_it_repeats_a_key_is_accepted(body: bytes) -> None:
+    assert parse_json_object(body)["model"] == "m"
+
+
+def test_a_body_nested_deeper_than_orjson_writes_is_still_checked() -> None:
+    deep = b'{"a":' * 300 + b"1" + b"}" * 300
+    body = b'{"model":"m","input":"x","deep":' + deep + b',"deep":1}'
+
+    with pytest.raises(InvalidRequest) as caught:
+        parse_json_object(body)
+
+    assert caught.value.param == "deep"
+
+
+def test_a_body_too_deep_to_check_for_repeats_is_refused_saying_so() -> None:
+    deep = b'{"a":' * 1000 + b"1" + b"}" * 1000
+    body = b'{"model":"m","input":"x","deep":' + deep + b"}"
+
+    with pytest.raises(InvalidRequest) as caught:
+        parse_json_object(body)
+
+    assert "nests objects and arrays too deeply" in caught.value.message
