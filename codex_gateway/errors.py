@@ -12,6 +12,7 @@
     │   ├── NotFound                404 for unknown paths
     │   └── MethodNotAllowed        405
     ├── StorageUnavailable     503, the gateway's database cannot be reached (fail closed)
+    ├── ShuttingDown           503, a shutdown cut the request before its answer began
     └── UpstreamError          what the upstream did (5xx)
         ├── NoAccountAvailable      503
         ├── UsageLimitReached       429, every account that could serve is at its usage limit
@@ -128,6 +129,13 @@ class StorageUnavailable(GatewayError):
 
     status = 503
     code = "storage_unavailable"
+
+
+class ShuttingDown(GatewayError):
+    """The shutdown's grace period ended before the upstream began to answer."""
+
+    status = 503
+    code = "gateway_shutting_down"
 
 
 class UpstreamError(GatewayError):

@@ -116,9 +116,13 @@ async def _stream(
     try:
         await _translate(exchange, answer, scanner, splitter, translator)
     except asyncio.CancelledError:  # by a shutdown: end the stream as for a broken upstream
+        tail = answer.response.buffered()
+        scanner.feed(tail)
         take_terminal(gateway, answer, scanner, outcome)
-        shutdown = {"type": "error", "code": SHUTDOWN_CODE, "message": SHUTDOWN_MESSAGE}
-        await end_cut_stream(exchange, outcome, b"".join(translator.feed(shutdown)))
+        lines = [line for block in splitter.feed(tail) for line in translator.feed(_event(block))]
+        error = {"type": "server_error", "code": SHUTDOWN_CODE, "message": SHUTDOWN_MESSAGE}
+        last = translator.feed({"type": "error", "error": error})
+        await end_cut_stream(exchange, outcome, scanner, b"".join(last), b"".join(lines))
         return
     except UpstreamError as exc:
         take_terminal(gateway, answer, scanner, outcome)

@@ -26,6 +26,7 @@ from codex_gateway.errors import (
     AuthenticationError,
     ModelNotAllowed,
     ModelNotFound,
+    ShuttingDown,
     UpstreamError,
     UpstreamProtocolError,
 )
@@ -66,6 +67,10 @@ MISSING_TERMINAL_MESSAGE = (
 SHUTDOWN_CODE = "gateway_shutting_down"
 SHUTDOWN_MESSAGE = (
     "The gateway is shutting down and ended this stream before the upstream finished it; "
+    "send the request again."
+)
+SHUTDOWN_REFUSAL = (
+    "The gateway is shutting down and stopped this request before the upstream answered; "
     "send the request again."
 )
 # How long a stream cut by a shutdown may spend handing its closing event to a slow client.
@@ -198,6 +203,15 @@ async def settle_after(
         await relay
     except UpstreamError:
         raise
+    except asyncio.CancelledError:
+        # A shutdown cut the request: a 503 if its answer had not begun; settled either way.
+        if exchange.response_started:
+            log.warning(
+                "request cut by the shutdown while its answer was being sent",
+                extra={"request_id": outcome.request_id, "account_id": outcome.account_id},
+            )
+        else:
+            await refuse_cut(exchange, outcome)
     except BaseException:
         outcome.status = "gateway_error"
         outcome.http_status = 500
@@ -327,13 +341,17 @@ async def _relay_stream(
     finally:
         for handle in stop_later:
             handle.cancel()
+    # What came but was not relayed yet still counts: its final event may carry the usage.
+    tail = answer.response.buffered() if cut else b""
+    scanner.feed(tail)
     take_terminal(gateway, answer, scanner, outcome)
     if failure is not None and scanner.terminal is not None:
         # The final event arrived before the connection broke: the response is whole.
         outcome.flag(failure.kind)
         failure = None
     if cut:
-        await end_cut_stream(exchange, outcome, error_event(SHUTDOWN_CODE, SHUTDOWN_MESSAGE))
+        shutdown = error_event(SHUTDOWN_CODE, SHUTDOWN_MESSAGE)
+        await end_cut_stream(exchange, outcome, scanner, shutdown, tail)
     elif exchange.disconnected:
         _client_left(outcome, scanner)
     elif failure is not None:
@@ -359,23 +377,46 @@ def cut_by_shutdown() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-async def end_cut_stream(exchange: Exchange, outcome: Outcome, last: bytes) -> None:
+async def refuse_cut(exchange: Exchange, outcome: Outcome) -> None:
+    """Answer a request that a shutdown cancelled before the upstream began to answer: a
+    503 saying so, and one log line instead of the server's traceback."""
+    error = ShuttingDown(SHUTDOWN_REFUSAL)
+    outcome.error = "The gateway shut down before the upstream answered."
+    log.warning(
+        "request cut by the shutdown before the upstream answered",
+        extra={"request_id": outcome.request_id, "account_id": outcome.account_id},
+    )
+    try:
+        async with asyncio.timeout(CUT_WRITE_SECONDS):
+            await exchange.send_json(error.status, error.body())
+    except TimeoutError:
+        pass  # a client that reads nothing more loses the connection with the process
+
+
+async def end_cut_stream(
+    exchange: Exchange, outcome: Outcome, scanner: StreamScanner, last: bytes, tail: bytes
+) -> None:
     """Close a stream that a shutdown cancelled, saying so to the client, in one log line.
 
     The cancellation is handled here rather than left to the server, which would log a
-    traceback per stream and close the connection mid-chunk. A cut stream is billed at the
-    usage the upstream reported, so no estimate is made for it.
+    traceback per stream and close the connection mid-chunk. `tail` (what came from the
+    upstream but was not relayed yet) goes first; a stream whose final event had come is
+    whole and ends there. A cut stream is billed at the usage the upstream reported, so no
+    estimate is made for it.
     """
-    outcome.error = "The gateway shut down before the upstream finished the stream."
-    log.warning(
-        "stream cut by the shutdown before the upstream finished it",
-        extra={"request_id": outcome.request_id, "account_id": outcome.account_id},
-    )
+    whole = scanner.terminal is not None
+    if not whole:
+        outcome.error = "The gateway shut down before the upstream finished the stream."
+        log.warning(
+            "stream cut by the shutdown before the upstream finished it",
+            extra={"request_id": outcome.request_id, "account_id": outcome.account_id},
+        )
     if exchange.disconnected:
+        _client_left(outcome, scanner)
         return
     try:
         async with asyncio.timeout(CUT_WRITE_SECONDS):
-            await exchange.write(last, more=False)
+            await exchange.write(tail if whole else tail + last, more=False)
     except TimeoutError:
         pass  # a client that reads nothing more loses the connection with the process
 

@@ -311,6 +311,13 @@ class UpstreamResponse:
                 raise self._error
             await self._wait()
 
+    def buffered(self) -> bytes:
+        """The body bytes that came and were not read yet, taken without waiting for more."""
+        chunk = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        return chunk
+
     async def read(self, limit: int = MAX_BODY_BYTES) -> bytes:
         """The whole body, refusing one larger than `limit` bytes."""
         parts = bytearray()

@@ -1,15 +1,18 @@
 """POST /v1/responses end to end: the official SDK and raw HTTP through a gateway process.
 
 Every upstream transcript is replayed by the sandbox upstream and must reach the client
-unchanged, and be billed exactly as the price table says.
+unchanged, and be billed exactly as the price table says. A stream the shutdown cuts ends
+as it is when its final event had come, else with one error event.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -17,6 +20,11 @@ import httpx
 import openai
 import pytest
 
+from codex_gateway.billing.pricing import Price
+from codex_gateway.billing.settlement import Outcome
+from codex_gateway.http.exchange import Exchange, Message
+from codex_gateway.http.responses import end_cut_stream
+from codex_gateway.relay.sse import StreamScanner
 from tests.conftest import (
     MAX_BODY_BYTES,
     Gateway,
@@ -574,3 +582,91 @@ def test_a_field_the_upstream_would_misread_is_refused_naming_it(
     error = response.json()["error"]
     assert (error["type"], error["param"]) == ("invalid_request_error", param)
     assert sandbox.requests() == []
+
+
+# -- streams cut by the shutdown ----------------------------------------------------------
+
+CUT_COMPLETED = (
+    b'event: response.completed\ndata: {"type":"response.completed","response":'
+    b'{"id":"resp_1","status":"completed","usage":{"input_tokens":5,"output_tokens":2}}}\n\n'
+)
+CUT_EVENT = b'event: error\ndata: {"type":"error","code":"gateway_shutting_down"}\n\n'
+
+
+def exchange_and_sent() -> tuple[Exchange, list[Message]]:
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: dict[str, Any] = {"method": "POST", "path": "/v1/responses", "headers": []}
+    return Exchange(scope, receive, send, "req_cut"), sent
+
+
+def cut_outcome() -> Outcome:
+    return Outcome(
+        request_id="req_cut",
+        started_at=datetime.now(UTC),
+        started=0.0,
+        endpoint="responses",
+        model="gpt-5.1-codex",
+        stream=True,
+        price=Price("gpt-5.1-codex", Decimal("1.25"), Decimal("0.125"), Decimal("10")),
+    )
+
+
+async def test_a_stream_cut_after_its_final_event_ends_as_it_is(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    exchange, sent = exchange_and_sent()
+    scanner = StreamScanner()
+    scanner.feed(CUT_COMPLETED)
+    cut = cut_outcome()
+
+    with caplog.at_level(logging.WARNING):
+        await end_cut_stream(exchange, cut, scanner, CUT_EVENT, b"")
+
+    assert sent == [{"type": "http.response.body", "body": b"", "more_body": False}]
+    assert cut.error is None
+    assert "cut by the shutdown" not in caplog.text
+
+
+async def test_a_stream_cut_before_its_final_event_ends_with_the_error_and_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    exchange, sent = exchange_and_sent()
+    cut = cut_outcome()
+
+    with caplog.at_level(logging.WARNING):
+        await end_cut_stream(exchange, cut, StreamScanner(), CUT_EVENT, b"")
+
+    assert sent == [{"type": "http.response.body", "body": CUT_EVENT, "more_body": False}]
+    assert cut.error is not None and "shut down" in cut.error
+    assert caplog.text.count("stream cut by the shutdown") == 1
+
+
+async def test_a_stream_cut_after_its_client_left_is_marked_as_left() -> None:
+    exchange, sent = exchange_and_sent()
+    exchange.disconnected = True
+    cut = cut_outcome()
+
+    await end_cut_stream(exchange, cut, StreamScanner(), CUT_EVENT, b"")
+
+    assert sent == []
+    assert "client_disconnected" in cut.flags
+    assert cut.status == "client_disconnected"
+
+
+async def test_what_came_but_was_not_relayed_goes_first_and_can_make_the_stream_whole() -> None:
+    """The final event was buffered, unread, when the shutdown cut the stream: the caller
+    has fed it to the scanner, and the client gets it with no error after it."""
+    exchange, sent = exchange_and_sent()
+    scanner = StreamScanner()
+    scanner.feed(CUT_COMPLETED)
+
+    await end_cut_stream(exchange, cut_outcome(), scanner, CUT_EVENT, CUT_COMPLETED)
+
+    assert sent == [{"type": "http.response.body", "body": CUT_COMPLETED, "more_body": False}]

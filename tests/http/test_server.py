@@ -172,6 +172,18 @@ def test_a_second_sigterm_exits_at_once_and_the_spool_keeps_every_usage_record(
     assert not spool.exists()
 
 
+def shut_down(
+    gw: Gateway, threads: list[threading.Thread]
+) -> tuple[int, list[dict[str, Any]], str]:
+    """SIGTERM, then the exit code, the usage rows and the log once the clients are done."""
+    assert gw.proc is not None
+    gw.proc.popen.send_signal(signal.SIGTERM)
+    code = exit_code(gw, 20)
+    for thread in threads:
+        thread.join(10)
+    return code, gw.usage_rows(), gw.log_text()
+
+
 def shutdown_error(path: str, body: bytes) -> dict[str, Any]:
     """The one error a cut stream ends with, in the shape of its endpoint's stream."""
     if path == "/v1/chat/completions":
@@ -193,13 +205,8 @@ def test_streams_still_running_at_the_grace_limit_are_cut_and_billed_as_cancelle
     assert impatient_gateway.proc is not None
     clients, threads = start_streams(impatient_gateway, key, delay_ms=1500, path=path)
 
-    impatient_gateway.proc.popen.send_signal(signal.SIGTERM)
-    code = exit_code(impatient_gateway, 20)
-    for thread in threads:
-        thread.join(10)
-    rows = impatient_gateway.usage_rows()
+    code, rows, log = shut_down(impatient_gateway, threads)
 
-    log = impatient_gateway.log_text()
     assert code == 0, log
     assert sorted(row["request_id"] for row in rows) == sorted(c.request_id for c in clients)
     assert {row["status"] for row in rows} == {"cancelled"}
@@ -211,6 +218,50 @@ def test_streams_still_running_at_the_grace_limit_are_cut_and_billed_as_cancelle
         assert "shutting down" in error["message"]
         cut = [line for line in log.splitlines() if "cut by the shutdown" in line]
         assert len([line for line in cut if client.request_id in line]) == 1, log
+    assert "Traceback" not in log and "CancelledError" not in log
+
+
+def hanging(sandbox: Sandbox) -> list[dict[str, Any]]:
+    return [r for r in sandbox.requests() if r["headers"].get("x-sandbox-fault") == "hang-before"]
+
+
+@pytest.mark.parametrize("path", list(BODIES))
+def test_requests_still_waiting_for_the_upstream_at_the_grace_limit_get_a_503_and_a_row(
+    impatient_gateway: Gateway, sandbox: Sandbox, path: str
+) -> None:
+    """The upstream never answers; the shutdown's cancel reaches the relay before its first
+    byte, and each client gets an OpenAI-shaped 503 instead of a traceback and a 500."""
+    _, key = impatient_gateway.new_user("10")
+    assert impatient_gateway.proc is not None
+    answers: list[httpx.Response] = []
+
+    def post() -> None:
+        headers = {"Authorization": f"Bearer {key}", "x-sandbox-fault": "hang-before"}
+        answers.append(
+            httpx.post(impatient_gateway.url + path, headers=headers, json=BODIES[path], timeout=30)
+        )
+
+    sandbox.clear()
+    threads = [threading.Thread(target=post) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 20
+    while len(hanging(sandbox)) < 3:  # every request is at the upstream, waiting for it
+        assert time.monotonic() < deadline, sandbox.requests()
+        time.sleep(0.05)
+    code, rows, log = shut_down(impatient_gateway, threads)
+
+    assert code == 0, log
+    assert [answer.status_code for answer in answers] == [503] * 3
+    for answer in answers:
+        error = answer.json()["error"]
+        assert error["code"] == "gateway_shutting_down"
+        assert "shutting down" in error["message"]
+    assert sorted(row["request_id"] for row in rows) == sorted(
+        answer.headers["x-request-id"] for answer in answers
+    )
+    assert {(row["status"], row["http_status"]) for row in rows} == {("cancelled", 503)}
+    assert log.count("cut by the shutdown before the upstream answered") == 3
     assert "Traceback" not in log and "CancelledError" not in log
 
 

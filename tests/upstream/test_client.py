@@ -195,6 +195,27 @@ async def test_a_stream_arrives_chunk_by_chunk(client: UpstreamClient) -> None:
         await client.close()
 
 
+async def test_bytes_that_came_can_be_taken_without_waiting_for_more(
+    client: UpstreamClient,
+) -> None:
+    """What a relay cut by the shutdown still gets: the body so far, once, and no wait."""
+    reply = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"6\r\ndata: \r\n3\r\n1\n\n\r\n"
+    )
+    async with KeepAliveServer([reply]) as server:
+        response = await client.post(server.url, {}, b"{}")
+        deadline = asyncio.get_running_loop().time() + 5
+        taken = b""
+        while taken != b"data: 1\n\n":  # the chunks come in their own time
+            assert asyncio.get_running_loop().time() < deadline, taken
+            await asyncio.sleep(0.01)
+            taken += response.buffered()
+        assert response.buffered() == b""
+        response.close()
+        await client.close()
+
+
 async def test_a_connection_the_server_dropped_is_not_reused(client: UpstreamClient) -> None:
     # The first answer says the connection closes after it; the next request needs another.
     closing = OK_JSON.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
