@@ -87,6 +87,9 @@ class AccountPool:
         self._health: dict[int, Health] = {}
         self._floor = 0.0
         self._writes: set[asyncio.Task[None]] = set()
+        # Told when this process adopts `ready` written elsewhere (the operator enabling the
+        # account, or another process it served), so that what rested it here rests it no more.
+        self.on_ready: Callable[[AccountRecord], None] | None = None
 
     def health(self, account: AccountRecord) -> Health:
         """This process's view, adopting a state another process or the operator wrote."""
@@ -95,9 +98,12 @@ class AccountPool:
             health = self._health[account.id] = Health()
         stored = (account.state, account.state_reason, account.state_until)
         if health.seen != stored and self._revision() >= health.mark_revision:
+            lifted = health.seen is not None and health.state != READY == account.state
             health.seen = stored
             health.state, health.reason = account.state, account.state_reason
             health.until = _epoch(account.state_until)
+            if lifted and self.on_ready is not None:
+                self.on_ready(account)
         return health
 
     def choose(self, exclude: set[int], preferred: int | None = None) -> Lease | None:

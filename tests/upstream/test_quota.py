@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import Any, cast
 
 import orjson
@@ -163,3 +164,26 @@ async def test_a_wall_stored_before_a_restart_still_rests_the_account() -> None:
     assert recorder.marks[0][1] is not None and recorder.marks[0][1].startswith(
         "usage limit reached (plan plus)"
     )
+
+
+async def test_an_account_enabled_elsewhere_loses_its_wall_here_for_good() -> None:
+    """The operator's `accounts enable` reaches this process as a new `ready` snapshot; a later
+    reading from an answer that served nothing must not bring the wall back, nor store it."""
+    recorder = Recorder()
+    revision = [0]
+    accounts = [ACCOUNT]
+    pool = AccountPool(cast(Any, recorder), lambda: accounts, lambda: revision[0])
+    quotas = QuotaBook(pool, cast(Any, recorder), 0.05)
+    assert quotas.limit_reached(ACCOUNT, WALL) is True
+    await asyncio.sleep(0.1)  # the mark and the walled quota are written
+    assert pool.health(ACCOUNT).state == "quota_limited"
+
+    revision[0] = 10**6  # the operator enables the account: a newer snapshot, ready again
+    enabled = replace(ACCOUNT, state="ready", state_reason=None, state_until=None)
+    assert pool.health(enabled).state == "ready"
+    quotas.answered(enabled, 429, windows("40"))  # served nothing, reports windows
+    await asyncio.sleep(0.2)
+
+    assert pool.health(enabled).state == "ready"
+    assert recorder.quotas[-1]["limit_reached_until"] is None
+    assert recorder.quotas[-1]["primary"]["used_percent"] == 40.0
