@@ -61,6 +61,8 @@ class Timings:
         self._les = [str(float(bound)) for bound in buckets] + ["+Inf"]
         # Per label values: one count per bucket (the last is above every bound), then the sum.
         self.series: dict[tuple[str, ...], list[float]] = {}
+        if not labels:  # an unlabelled histogram is shown, at zero, from the start
+            self.series[()] = [0.0] * (len(buckets) + 2)
 
     def observe(self, labels: tuple[str, ...], seconds: float) -> None:
         series = self.series.get(labels)
@@ -117,10 +119,11 @@ class Metrics:
             "USD charged, by model (a float view; the ledger holds the exact amounts).",
             ("model",),
         )
-        for collector in (self.requests, self.latency, self.ttfb, self.overhead):
+        collectors: tuple[Tally | Timings, ...] = (
+            self.requests, self.latency, self.ttfb, self.overhead, self.tokens, self.cost
+        )  # fmt: skip
+        for collector in collectors:
             r.register(collector)
-        r.register(self.tokens)
-        r.register(self.cost)
         self.spooled = Counter(
             "codex_gateway_spooled_rows",
             "Usage rows written to the local spool because the database could not take them.",

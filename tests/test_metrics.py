@@ -146,3 +146,10 @@ def test_request_timings_fall_in_prometheus_buckets_on_scrape() -> None:
     assert b'codex_gateway_request_seconds_bucket{le="+Inf",route="/v1/responses"} 3.0' in (
         metrics.render()
     )
+
+
+def test_the_unlabelled_overhead_histogram_is_shown_at_zero_before_any_request() -> None:
+    metrics = Metrics()
+
+    assert value(metrics, "codex_gateway_overhead_seconds_count") == 0
+    assert value(metrics, "codex_gateway_overhead_seconds_bucket", le="+Inf") == 0
