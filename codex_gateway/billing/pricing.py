@@ -21,7 +21,7 @@ MONEY = Context(prec=200, traps=[InvalidOperation, DivisionByZero, Overflow, Ine
 MILLION = Decimal(1_000_000)
 THOUSAND_PER_MILLION = Decimal(1_000)
 ZERO = Decimal(0)
-_DATED_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2})$", re.ASCII)
+_DATED_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2})\Z", re.ASCII)
 _AMOUNT = re.compile(r"[0-9]{1,13}(\.[0-9]{1,18})?", re.ASCII)
 MAX_AMOUNT = Decimal(10**12)
 
