@@ -27,9 +27,10 @@ class RequestIds:
     """`req_` and 128 bits in hex, as a uuid4's hex would be: the time in milliseconds (48
     bits), then 80 bits of a keyed BLAKE2b of a counter.
 
-    The time first makes ids sort in the order requests came, so the usage rows' and ledger
-    entries' indexes on the id grow at one end instead of at random pages; the keyed hash
-    keeps ids unique and not guessable from the ones a client has seen. The key comes from
+    The time first makes ids sort by the millisecond their requests came in (across machines,
+    as far as their clocks agree), so the usage rows' and ledger entries' indexes on the id
+    grow at one end instead of at random pages; the keyed hash keeps ids unique and not
+    guessable from the ones a client has seen. The key comes from
     the operating system once per process (a forked worker makes its own on its first id),
     not a system call per request: such a call lets the usage writer's thread take the
     interpreter, and the request then waits for it to let go.
