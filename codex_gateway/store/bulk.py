@@ -9,7 +9,10 @@ come back as SQLAlchemy's.
 
 On SQLite the rows go as INSERTs with many VALUES lists each, not one statement a row: the
 driver lets go of the interpreter for every statement it steps, and a writer thread beside a
-busy request loop waits to get it back each time.
+busy request loop waits to get it back each time. On PostgreSQL they go to asyncpg's
+`executemany` a few rows a call: asyncpg encodes a call's rows without letting go of the
+interpreter, so a large call keeps a request waiting for it (with 500-row calls a quarter of
+the requests at c=1 waited about 3 ms).
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from collections.abc import Callable, Mapping, Sequence
 from operator import itemgetter
 from typing import Any
 
+import asyncpg
 from sqlalchemy import Float, Table
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from codex_gateway.store.types import Money, UTCDateTime, bind_money, bind_utc
@@ -30,6 +35,9 @@ Converter = Callable[[Any], Any]
 # Rows per SQLite statement at most. A batch's rows go in statements of this many, and the
 # rest in statements of powers of two, so only a handful of statement texts are ever built.
 SQLITE_ROWS = 512
+# Rows per asyncpg `executemany` call: small enough that encoding them takes a request's
+# interpreter for well under a millisecond.
+ASYNCPG_ROWS = 16
 
 
 @functools.cache
@@ -125,6 +133,7 @@ class BulkInsert:
             min(SQLITE_ROWS, _sqlite_parameter_limit() // len(self.columns)) if on_sqlite else None
         )
         self._statements: dict[int, str] = {}
+        self._on_asyncpg = dialect.driver == "asyncpg"
 
     def values(self, records: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
         """Each record's values in column order; a column a record lacks is NULL, and a key
@@ -155,6 +164,9 @@ class BulkInsert:
         values = self.values(records)
         if not values:
             return
+        if self._on_asyncpg:
+            await self._asyncpg_executemany(conn, values)
+            return
         if self._per_statement is None:
             await conn.exec_driver_sql(self.statement(1), values)
             return
@@ -164,3 +176,22 @@ class BulkInsert:
             start += size
             flat = tuple(value for row in chunk for value in row)
             await conn.exec_driver_sql(self.statement(size), flat)
+
+    async def _asyncpg_executemany(
+        self, conn: AsyncConnection, values: list[tuple[Any, ...]]
+    ) -> None:
+        """The driver's own `executemany`, ASYNCPG_ROWS rows a call, in the connection's
+        transaction. SQLAlchemy's cursor would cost more per call than the call's rows do;
+        a repeated key still comes back as SQLAlchemy's `IntegrityError`."""
+        driver: Any = (await conn.get_raw_connection()).driver_connection
+        statement = self.statement(1)
+        for start in range(0, len(values), ASYNCPG_ROWS):
+            rows = values[start : start + ASYNCPG_ROWS]
+            if not driver.is_in_transaction():
+                # SQLAlchemy begins the transaction with the first statement it runs itself.
+                await conn.exec_driver_sql(statement, rows)
+                continue
+            try:
+                await driver.executemany(statement, rows)
+            except asyncpg.IntegrityConstraintViolationError as exc:
+                raise IntegrityError(statement, None, exc) from exc

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from codex_gateway.store.bulk import SQLITE_ROWS, BulkInsert, _chunks
+from codex_gateway.store.bulk import ASYNCPG_ROWS, SQLITE_ROWS, BulkInsert, _chunks
 from codex_gateway.store.queries import SETTLEMENT_COLUMNS, Store
 from codex_gateway.store.tables import LedgerEntry, UsageRecord
 from tests.store.test_queries import as_utc, new_user, usage_row
@@ -48,16 +48,27 @@ async def test_usage_rows_read_back_exactly_as_written(store: Store) -> None:
     assert third["duration_ms"] == 7.0
 
 
-async def test_a_repeated_request_id_fails_the_whole_insert(store: Store) -> None:
+@pytest.mark.parametrize(
+    "others",
+    [
+        # the repeat in the first driver call
+        0,
+        # the repeat in a later call (on PostgreSQL past SQLAlchemy's cursor, straight to the
+        # driver): still SQLAlchemy's error, and the calls before it are rolled back too
+        ASYNCPG_ROWS + 3,
+    ],
+)
+async def test_a_repeated_request_id_fails_the_whole_insert(store: Store, others: int) -> None:
     _, user_id = await new_user(store, "1")
     row = usage_row(user_id)
+    rows = [row] + [usage_row(user_id) for _ in range(others)] + [dict(row)]
     insert = bulk(store, UsageRecord.__tablename__)
 
     with pytest.raises(IntegrityError):
         async with store.engine.begin() as conn:
-            await insert.run(conn, [row, dict(row)])
+            await insert.run(conn, rows)
 
-    assert await store.usage(row["request_id"]) is None
+    assert all([await store.usage(each["request_id"]) is None for each in rows])
 
 
 async def test_a_column_a_record_lacks_is_null(store: Store) -> None:
