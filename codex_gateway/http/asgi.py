@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING
 from codex_gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from codex_gateway.http.chat import relay_chat
 from codex_gateway.http.exchange import Exchange, Receive, RequestIds, Scope, Send
-from codex_gateway.http.models import list_models
+from codex_gateway.http.models import MODEL_PATH, list_models, retrieve_model
 from codex_gateway.http.operations import healthz, metrics, readyz
 from codex_gateway.http.responses import relay_compact, relay_responses
 from codex_gateway.metrics import UNKNOWN_MODEL, UNMATCHED_ROUTE
@@ -33,6 +34,8 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/readyz": {"GET": readyz},
     "/metrics": {"GET": metrics},
 }
+# GET /v1/models/{model}, the one route with a name in its path.
+MODEL_ROUTE: dict[str, Handler] = {"GET": retrieve_model}
 # Routes whose requests are billed: counted in flight until their bill is settled.
 RELAY_ROUTES = frozenset({"/v1/responses", "/v1/responses/compact", "/v1/chat/completions"})
 
@@ -49,6 +52,14 @@ class GatewayApp:
             await self._lifespan(receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
+        try:
+            await self._lifespan_messages(receive, send)
+        except asyncio.CancelledError:
+            # A second signal ends the process before the shutdown message: the bills went to
+            # the spool (`Gateway.force`), and nothing is left to wait for.
+            log.info("exiting without the orderly shutdown")
+
+    async def _lifespan_messages(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
@@ -85,6 +96,8 @@ class GatewayApp:
     async def _route(self, exchange: Exchange) -> None:
         route = exchange.path.rstrip("/") or "/"
         methods = ROUTES.get(route)
+        if methods is None and route.startswith(MODEL_PATH):
+            methods = MODEL_ROUTE
         if methods is None:
             raise NotFound(f"There is no route {exchange.method} {exchange.path} on this gateway.")
         handler = methods.get(exchange.method)
@@ -108,13 +121,16 @@ class GatewayApp:
         await exchange.send_json(error.status, error.body(), error.response_headers())
 
     def _count(self, exchange: Exchange) -> None:
-        """Requests by route, status and model; unknown paths and models share one label."""
+        """Requests by route, status and model; unknown paths and models share one label, and
+        a dated snapshot counts under the priced model it resolves to, so clients cannot add
+        series by inventing names."""
         route = exchange.path.rstrip("/") or "/"
-        model = exchange.model
-        if model is None or self.gateway.catalog.prices.resolve(model) is None:
-            model = UNKNOWN_MODEL
+        price = self.gateway.catalog.prices.resolve(exchange.model) if exchange.model else None
+        model = UNKNOWN_MODEL if price is None else price.model
+        if route.startswith(MODEL_PATH):
+            route = MODEL_PATH + "{model}"
         self.gateway.metrics.request_done(
-            route if route in ROUTES else UNMATCHED_ROUTE,
+            route if route in ROUTES or route.startswith(MODEL_PATH) else UNMATCHED_ROUTE,
             exchange.status,
             model,
             (exchange.finished or time.perf_counter()) - exchange.started,

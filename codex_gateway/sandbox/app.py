@@ -105,6 +105,14 @@ class SandboxApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
+        try:
+            await self._route(scope, receive, send)
+        except asyncio.CancelledError:
+            # The server it runs in is shutting down: the connection drops, as it would from
+            # an upstream that goes away, with no traceback in the server's log.
+            raise DroppedConnection("the server shut down") from None
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"].removeprefix("/sandbox")
         method: str = scope["method"]
         if path == "/requests" and not self.record:

@@ -13,8 +13,9 @@ import httpx
 from tests.conftest import CLI, fixture_path, free_port, wait_http
 
 
-def start(workdir: Path, port: int) -> subprocess.Popen[str]:
+def start(workdir: Path, port: int, **settings: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CODEX_GATEWAY_")}
+    env.update(settings)
     return subprocess.Popen(
         [*CLI, "serve", "--sandbox", "--port", str(port)],
         cwd=workdir,
@@ -93,3 +94,33 @@ def _explain(workdir: Path, request_id: str) -> str:
         [*CLI, "explain", request_id], cwd=workdir, env=env, capture_output=True, text=True
     )
     return result.stdout
+
+
+def test_a_quick_start_stream_cut_by_the_shutdown_logs_one_line_and_no_traceback(
+    tmp_path: Path,
+) -> None:
+    """The built-in sandbox is cut by the same shutdown as the stream it serves; neither
+    leaves a traceback in the log."""
+    port = free_port()
+    proc = start(tmp_path, port, CODEX_GATEWAY_SHUTDOWN_GRACE_SECONDS="1")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        assert proc.stdout is not None
+        key = next(line for line in iter(proc.stdout.readline, "") if line.startswith("sk-cg-"))
+        with httpx.stream(
+            "POST",
+            f"http://127.0.0.1:{port}/v1/responses",
+            json={"model": "gpt-5.1-codex", "input": "hi", "stream": True},
+            headers={"Authorization": f"Bearer {key.strip()}", "x-sandbox-delay-ms": "1000"},
+            timeout=30,
+        ) as response:
+            assert response.status_code == 200
+            proc.terminate()
+            body = b"".join(response.iter_raw())
+    finally:
+        output = stop(proc)
+
+    assert proc.returncode == 0, output
+    assert b"gateway_shutting_down" in body
+    assert output.count("stream cut by the shutdown") == 1, output
+    assert "Traceback" not in output and "CancelledError" not in output, output

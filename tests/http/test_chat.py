@@ -171,6 +171,27 @@ def test_models_lists_the_priced_models_for_a_key(gateway: Gateway, sdk: Sdk) ->
     assert denied.status_code == 401
 
 
+def test_one_model_is_retrieved_by_name_and_an_allowlist_narrows_what_is_shown(
+    gateway: Gateway, sdk: Sdk
+) -> None:
+    user, key = gateway.new_user("1")
+    created = gateway.cli("keys", "create", "--user", user, "--models", "gpt-5.1-codex")
+    limited = created.stdout.strip().splitlines()[-1]
+
+    with sdk(key) as client:
+        model = client.models.retrieve("gpt-5.1-codex")
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.models.retrieve("no-such-model")
+    with sdk(limited) as client:
+        shown = [each.id for each in client.models.list()]
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("gpt-5.1-codex-mini")
+
+    assert (model.id, model.object) == ("gpt-5.1-codex", "model")
+    assert missing.value.code == "model_not_found"  # type: ignore[attr-defined]
+    assert shown == ["gpt-5.1-codex"]
+
+
 def test_the_key_never_reaches_the_gateway_log_or_the_usage_row(gateway: Gateway, sdk: Sdk) -> None:
     _, key = gateway.new_user("1")
 

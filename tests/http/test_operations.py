@@ -204,6 +204,38 @@ def test_metrics_counters_move_after_requests(ops_gateway: Gateway) -> None:
     assert sample(after, "codex_gateway_open_holds") == 0
 
 
+def test_request_series_are_labelled_by_the_priced_model_not_the_name_sent(
+    ops_gateway: Gateway,
+) -> None:
+    """A dated snapshot counts under the model it is priced as, and a name with no price
+    under `unknown`, so a client cannot add series by inventing names."""
+    _, key = ops_gateway.new_user("10")
+    before = metrics(ops_gateway)
+
+    for model in ("gpt-5.1-codex-2025-11-13", "gpt-5.1-codex-2031-05-05", "no-such-model"):
+        httpx.post(
+            ops_gateway.url + "/v1/responses",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": model, "input": "hi"},
+            timeout=30,
+        )
+    after = metrics(ops_gateway)
+
+    route = {"route": "/v1/responses", "status": "200", "model": "gpt-5.1-codex"}
+    unknown = {"route": "/v1/responses", "status": "404", "model": "unknown"}
+    assert (
+        sample(after, "codex_gateway_requests_total", **route)
+        - sample(before, "codex_gateway_requests_total", **route)
+        == 2
+    )
+    assert (
+        sample(after, "codex_gateway_requests_total", **unknown)
+        - sample(before, "codex_gateway_requests_total", **unknown)
+        == 1
+    )
+    assert "2025-11-13" not in after and "2031-05-05" not in after
+
+
 def test_an_upstream_failure_counts_by_account_and_kind(
     ops_gateway: Gateway, sandbox: Sandbox
 ) -> None:

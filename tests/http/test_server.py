@@ -159,6 +159,7 @@ def test_a_second_sigterm_exits_at_once_and_the_spool_keeps_every_usage_record(
     code = exit_code(pg_gateway, 10)
     for thread in threads:
         thread.join(10)
+    log = pg_gateway.log_text()
     spooled = spool.read_text(encoding="utf-8").count("\n")
     pg_gateway.start(log_level="INFO")  # the next start replays the spool before it serves
     rows = pg_gateway.usage_rows()
@@ -170,6 +171,7 @@ def test_a_second_sigterm_exits_at_once_and_the_spool_keeps_every_usage_record(
     assert sorted(row["request_id"] for row in rows) == sorted(c.request_id for c in clients)
     assert {row["status"] for row in rows} == {"cancelled"}
     assert not spool.exists()
+    assert "Traceback" not in log and "CancelledError" not in log
 
 
 def shut_down(
