@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from codex_gateway.billing.admission import estimate_hold, reads_stored_input
-from codex_gateway.billing.pricing import Price
+from codex_gateway.billing.pricing import Price, base_model
 from codex_gateway.billing.settlement import Outcome
 from codex_gateway.errors import (
     AuthenticationError,
@@ -108,8 +108,9 @@ def _bearer(exchange: Exchange) -> str:
 
 
 def price_of(gateway: Gateway, key: KeyRecord, request: ResponsesRequest) -> Price:
-    """The model's price, once the key may use the model at all."""
-    if key.models is not None and request.model not in key.models:
+    """The model's price, once the key may use the model at all (a dated snapshot of an
+    allowed model is allowed, as it is priced as that model)."""
+    if key.models is not None and not {request.model, base_model(request.model)} & key.models:
         allowed = ", ".join(f"`{model}`" for model in sorted(key.models)) or "none"
         raise ModelNotAllowed(
             f"This API key may not use the model `{request.model}`; it may use: {allowed}.",
@@ -173,20 +174,26 @@ async def _hold(
 
 
 async def relay_responses(gateway: Gateway, exchange: Exchange) -> None:
+    # The key first: a caller without one learns nothing of the body, and costs no parse.
+    key = await authenticate(gateway, exchange)
     request = parse_responses_request(await exchange.body(gateway.settings.max_body_bytes))
-    await _admit_and_relay(gateway, exchange, request, RESPONSES)
+    await _admit_and_relay(gateway, exchange, key, request, RESPONSES)
 
 
 async def relay_compact(gateway: Gateway, exchange: Exchange) -> None:
     """POST /v1/responses/compact: one JSON answer, billed from its `usage` like any other."""
+    key = await authenticate(gateway, exchange)
     request = parse_compact_request(await exchange.body(gateway.settings.max_body_bytes))
-    await _admit_and_relay(gateway, exchange, request, COMPACT)
+    await _admit_and_relay(gateway, exchange, key, request, COMPACT)
 
 
 async def _admit_and_relay(
-    gateway: Gateway, exchange: Exchange, request: ResponsesRequest, endpoint: str
+    gateway: Gateway,
+    exchange: Exchange,
+    key: KeyRecord,
+    request: ResponsesRequest,
+    endpoint: str,
 ) -> None:
-    key = await authenticate(gateway, exchange)
     exchange.model = request.model
     outcome = await admit(gateway, exchange, key, request, endpoint, request.stream)
     if request.converted_messages:

@@ -17,6 +17,8 @@ import orjson
 from codex_gateway.errors import InvalidRequest
 
 MAX_MODEL_LENGTH = 200
+# The longest path of a repeated key an error shows; a longer one is shown by its end.
+MAX_PATH_SHOWN = 200
 # The least output cap OpenAI's Responses API accepts (below it answers
 # `integer_below_min_value`); Chat requests are served through it too.
 MIN_OUTPUT_TOKENS = 16
@@ -217,6 +219,8 @@ def _refuse_repeated_keys(raw: bytes) -> None:
         ) from None
     path = _repeated_key_path(document)
     if path is not None:
+        if len(path) > MAX_PATH_SHOWN:  # a huge key or a deep path: its end says enough
+            path = "…" + path[-(MAX_PATH_SHOWN - 1) :]
         raise InvalidRequest(
             f"The request body names the field `{path}` more than once; send each field once.",
             param=path,

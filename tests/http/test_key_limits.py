@@ -114,6 +114,28 @@ def test_a_model_outside_the_allowlist_is_refused_before_any_upstream_call(
     assert listed["models"] == '["gpt-5.1-codex-mini","gpt-5-codex"]'
 
 
+def test_a_dated_snapshot_of_an_allowed_model_is_allowed(
+    two_gateways: tuple[Gateway, str],
+) -> None:
+    """Priced as the model it is a snapshot of, so allowed as that model; another model's
+    snapshot is not."""
+    gateway, _ = two_gateways
+    key = limited_key(gateway, "--models", "gpt-5.1-codex")
+    headers = {"Authorization": f"Bearer {key}"}
+
+    answers = {
+        model: httpx.post(
+            gateway.url + "/v1/responses",
+            json={"model": model, "input": "hi"},
+            headers=headers,
+            timeout=30,
+        ).status_code
+        for model in ("gpt-5.1-codex-2025-11-13", "gpt-5.1-codex-mini-2025-11-13")
+    }
+
+    assert answers == {"gpt-5.1-codex-2025-11-13": 200, "gpt-5.1-codex-mini-2025-11-13": 403}
+
+
 def settled_pair(gateway: Gateway, second_url: str, key: str) -> None:
     """Two requests through each process, so that both hold leases for the key's owner."""
     headers = {"Authorization": f"Bearer {key}"}

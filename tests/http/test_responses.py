@@ -371,11 +371,19 @@ def test_oversized_body_is_refused_before_reading_it_all(
         ({"Authorization": "Basic dXNlcjpwYXNz"}, "didn't provide an API key"),
     ],
 )
+@pytest.mark.parametrize(
+    "body",
+    [
+        GOOD,
+        # a body with faults: a caller without a key learns nothing of them
+        b'{"model": "gpt-5.1-codex", "input": "hi", "input": "ho"',
+    ],
+)
 def test_bad_key_gets_401_in_openai_shape(
-    gateway: Gateway, sandbox: Sandbox, headers: dict[str, str], message_part: str
+    gateway: Gateway, sandbox: Sandbox, headers: dict[str, str], message_part: str, body: bytes
 ) -> None:
     sandbox.clear()
-    response = httpx.post(gateway.url + "/v1/responses", content=GOOD, headers=headers)
+    response = httpx.post(gateway.url + "/v1/responses", content=body, headers=headers)
     assert response.status_code == 401
     error = response.json()["error"]
     assert error["code"] == "invalid_api_key"

@@ -10,7 +10,11 @@ import orjson
 import pytest
 
 from codex_gateway.errors import InvalidRequest
-from codex_gateway.relay.shaping import parse_json_object, parse_responses_request
+from codex_gateway.relay.shaping import (
+    MAX_PATH_SHOWN,
+    parse_json_object,
+    parse_responses_request,
+)
 from tests.conftest import FIXTURES
 
 REQUESTS = FIXTURES / "requests"
@@ -439,6 +443,19 @@ def test_a_key_named_twice_at_any_depth_is_refused_naming_its_path(body: bytes, 
 
     assert caught.value.param == path
     assert f"`{path}` more than once" in caught.value.message
+
+
+def test_a_repeated_key_too_long_to_show_is_named_by_its_end() -> None:
+    name = "k" * 100_000
+    body = b'{"model":"m","input":"x","text":{"%s":1,"%s":2}}' % (name.encode(), name.encode())
+
+    with pytest.raises(InvalidRequest) as caught:
+        parse_responses_request(body)
+
+    path = caught.value.param
+    assert path is not None and len(path) == MAX_PATH_SHOWN
+    assert path == "…" + name[-(MAX_PATH_SHOWN - 1) :]
+    assert len(caught.value.message) < 2 * MAX_PATH_SHOWN
 
 
 # bodies whose strings hold colons, keys and escapes that look like a repeat but are none
