@@ -132,7 +132,7 @@ class StorageUnavailable(GatewayError):
 
 
 class ShuttingDown(GatewayError):
-    """The shutdown's grace period ended before the upstream began to answer."""
+    """The shutdown's grace period ended before the request's answer began."""
 
     status = 503
     code = "gateway_shutting_down"

@@ -116,10 +116,11 @@ async def _stream(
     try:
         await _translate(exchange, answer, scanner, splitter, translator)
     except asyncio.CancelledError:  # by a shutdown: end the stream as for a broken upstream
-        tail = answer.response.buffered()
-        scanner.feed(tail)
+        buffered = answer.response.buffered()
+        scanner.feed(buffered)
         take_terminal(gateway, answer, scanner, outcome)
-        lines = [line for block in splitter.feed(tail) for line in translator.feed(_event(block))]
+        blocks = splitter.feed(buffered)
+        lines = [exchange.unsent, *(line for b in blocks for line in translator.feed(_event(b)))]
         error = {"type": "server_error", "code": SHUTDOWN_CODE, "message": SHUTDOWN_MESSAGE}
         last = translator.feed({"type": "error", "error": error})
         await end_cut_stream(exchange, outcome, scanner, b"".join(last), b"".join(lines))

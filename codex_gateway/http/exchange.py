@@ -67,6 +67,7 @@ class Exchange:
         "scope",
         "started",
         "status",
+        "unsent",
     )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send, request_id: str):
@@ -78,6 +79,7 @@ class Exchange:
         self.status = 0
         self.response_started = False
         self.bytes_sent = 0
+        self.unsent = b""
         self.finished: float | None = None
         self.headers: dict[str, str] = {
             name.decode("latin-1").lower(): value.decode("latin-1")
@@ -157,12 +159,16 @@ class Exchange:
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def write(self, chunk: bytes, more: bool = True) -> None:
-        self.bytes_sent += len(chunk)
         if not more:
             # When the client got the last byte (set first, so that a client closing the
             # connection right after it is not taken for one that left early).
             self.finished = time.perf_counter()
+        # The server's send waits for a slow client before it writes anything, so a chunk
+        # whose send was cancelled never left; `unsent` keeps it for whoever ends the stream.
+        self.unsent = chunk
         await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
+        self.unsent = b""
+        self.bytes_sent += len(chunk)
 
     async def send_json(
         self, status: int, payload: Any, headers: list[tuple[bytes, bytes]] | None = None

@@ -70,7 +70,7 @@ SHUTDOWN_MESSAGE = (
     "send the request again."
 )
 SHUTDOWN_REFUSAL = (
-    "The gateway is shutting down and stopped this request before the upstream answered; "
+    "The gateway is shutting down and stopped this request before its answer began; "
     "send the request again."
 )
 # How long a stream cut by a shutdown may spend handing its closing event to a slow client.
@@ -349,8 +349,10 @@ async def _relay_stream(
         for handle in stop_later:
             handle.cancel()
     # What came but was not relayed yet still counts: its final event may carry the usage.
-    tail = answer.response.buffered() if cut else b""
-    scanner.feed(tail)
+    # The chunk whose send was cut was scanned already; what is still buffered was not.
+    buffered = answer.response.buffered() if cut else b""
+    scanner.feed(buffered)
+    tail = exchange.unsent + buffered if cut else b""
     take_terminal(gateway, answer, scanner, outcome)
     if failure is not None and scanner.terminal is not None:
         # The final event arrived before the connection broke: the response is whole.
@@ -385,12 +387,13 @@ def cut_by_shutdown() -> bool:
 
 
 async def refuse_cut(exchange: Exchange, outcome: Outcome) -> None:
-    """Answer a request that a shutdown cancelled before the upstream began to answer: a
-    503 saying so, and one log line instead of the server's traceback."""
+    """Answer a request that a shutdown cancelled before its answer began (still waiting for
+    the upstream, or gathering a stream into one JSON answer): a 503 saying so, and one log
+    line instead of the server's traceback."""
     error = ShuttingDown(SHUTDOWN_REFUSAL)
-    outcome.error = "The gateway shut down before the upstream answered."
+    outcome.error = "The gateway shut down before the request's answer began."
     log.warning(
-        "request cut by the shutdown before the upstream answered",
+        "request cut by the shutdown before its answer began",
         extra={"request_id": outcome.request_id, "account_id": outcome.account_id},
     )
     try:

@@ -1,8 +1,9 @@
 """Request ids: the shape clients and the usage rows see, unique across worker processes; a
-request body is read only when it is not compressed."""
+request body is read only when it is not compressed; a chunk whose send was cut is kept."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
@@ -83,3 +84,31 @@ async def test_a_compressed_body_is_refused_by_its_header(encoding: bytes) -> No
     assert caught.value.status == 415
     assert encoding.decode() in caught.value.message
     assert "does not accept compressed request bodies" in caught.value.message
+
+
+async def test_a_chunk_whose_send_was_cancelled_is_kept_as_unsent() -> None:
+    """The server's send waits for a slow client before writing; a chunk cut there never left,
+    and whoever ends the stream must still send it."""
+    client_reads = asyncio.Event()
+    sent: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        await client_reads.wait()
+        sent.append(message["body"])
+
+    scope: dict[str, Any] = {"method": "POST", "path": "/v1/responses", "headers": []}
+    exchange = Exchange(scope, receive, send, "req_test")
+    writing = asyncio.create_task(exchange.write(b"event: response.completed\n\n"))
+    await asyncio.sleep(0)
+    writing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await writing
+
+    assert exchange.unsent == b"event: response.completed\n\n"
+    assert exchange.bytes_sent == 0
+    client_reads.set()
+    await exchange.write(b"data: 1\n\n")
+    assert (exchange.unsent, exchange.bytes_sent, sent) == (b"", 9, [b"data: 1\n\n"])

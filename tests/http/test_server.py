@@ -263,7 +263,7 @@ def test_requests_still_waiting_for_the_upstream_at_the_grace_limit_get_a_503_an
         answer.headers["x-request-id"] for answer in answers
     )
     assert {(row["status"], row["http_status"]) for row in rows} == {("cancelled", 503)}
-    assert log.count("cut by the shutdown before the upstream answered") == 3
+    assert log.count("cut by the shutdown before its answer began") == 3
     assert "Traceback" not in log and "CancelledError" not in log
 
 
