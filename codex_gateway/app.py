@@ -83,6 +83,7 @@ class Gateway:
             else None
         )
         self.quotas = QuotaBook(self.pool, credentials)
+        self.pool.on_ready = self.quotas.lift
         self.router = Router(
             self.client,
             self.pool,

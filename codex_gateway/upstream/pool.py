@@ -98,7 +98,8 @@ class AccountPool:
             health = self._health[account.id] = Health()
         stored = (account.state, account.state_reason, account.state_until)
         if health.seen != stored and self._revision() >= health.mark_revision:
-            lifted = health.seen is not None and health.state != READY == account.state
+            # Not a first look: a state this process held gives way to `ready`.
+            lifted = health.seen is not None and health.state != READY and account.state == READY
             health.seen = stored
             health.state, health.reason = account.state, account.state_reason
             health.until = _epoch(account.state_until)

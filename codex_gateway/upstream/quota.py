@@ -37,7 +37,6 @@ class QuotaBook:
         self._dirty: set[int] = set()
         self._writers: dict[int, asyncio.Task[None]] = {}
         self._written: dict[int, float] = {}  # loop time of each account's last write
-        pool.on_ready = self.lift
 
     def get(self, account_id: int) -> Quota | None:
         return self._quotas.get(account_id)
@@ -80,15 +79,15 @@ class QuotaBook:
 
     def lift(self, account: AccountRecord) -> None:
         """The account was put back into rotation elsewhere (`accounts enable`): forget the
-        walls this process knew of, so that a later reading cannot bring them back, and drop
-        a pending write that would store them again."""
+        walls this process knew of, so that a later reading cannot bring them back, and store
+        the quota without them (after any write of the walled one already under way)."""
         quota = self._quotas.get(account.id)
         if quota is None:
             return
         lifted = quota.without_walls(time.time())
         if lifted != quota:
             self._quotas[account.id] = lifted
-            self._dirty.discard(account.id)
+            self._save(account.id)
 
     def limit_reached(self, account: AccountRecord, payload: Any) -> bool:
         """A 429 body or a stream's `error` event: True when a usage wall now blocks the

@@ -174,15 +174,20 @@ async def test_an_account_enabled_elsewhere_loses_its_wall_here_for_good() -> No
     accounts = [ACCOUNT]
     pool = AccountPool(cast(Any, recorder), lambda: accounts, lambda: revision[0])
     quotas = QuotaBook(pool, cast(Any, recorder), 0.05)
+    pool.on_ready = quotas.lift  # as the gateway wires them
     assert quotas.limit_reached(ACCOUNT, WALL) is True
-    await asyncio.sleep(0.1)  # the mark and the walled quota are written
+    await pool.drain()  # the mark and the walled quota are written
+    await quotas.drain()
     assert pool.health(ACCOUNT).state == "quota_limited"
+    assert recorder.quotas[-1]["limit_reached_until"] is not None
 
     revision[0] = 10**6  # the operator enables the account: a newer snapshot, ready again
     enabled = replace(ACCOUNT, state="ready", state_reason=None, state_until=None)
     assert pool.health(enabled).state == "ready"
+    await quotas.drain()
+    assert recorder.quotas[-1]["limit_reached_until"] is None  # stored without the wall
     quotas.answered(enabled, 429, windows("40"))  # served nothing, reports windows
-    await asyncio.sleep(0.2)
+    await quotas.drain()
 
     assert pool.health(enabled).state == "ready"
     assert recorder.quotas[-1]["limit_reached_until"] is None
