@@ -4,15 +4,16 @@ SQLAlchemy binds an executemany value by value through each column type's proces
 batch of usage rows and their ledger entries that costs more than the database's own work.
 `BulkInsert` writes the statement once per table and converts each value as the column's
 type would store it (`Money` as an exact decimal string on SQLite and as NUMERIC elsewhere,
-`UTCDateTime` in UTC). Errors, an `IntegrityError` for a repeated request id among them,
-come back as SQLAlchemy's.
+`UTCDateTime` in UTC). A repeated request id comes back as SQLAlchemy's `IntegrityError`;
+other errors of asyncpg's own calls (below) as asyncpg's, which the usage writer retries
+like any other.
 
 On SQLite the rows go as INSERTs with many VALUES lists each, not one statement a row: the
 driver lets go of the interpreter for every statement it steps, and a writer thread beside a
 busy request loop waits to get it back each time. On PostgreSQL they go to asyncpg's
 `executemany` a few rows a call: asyncpg encodes a call's rows without letting go of the
-interpreter, so a large call keeps a request waiting for it (with 500-row calls a quarter of
-the requests at c=1 waited about 3 ms).
+interpreter, so a large call keeps a request waiting for it (with one call a batch, the
+slowest 1 % of requests at c=1 waited about 3 ms).
 """
 
 from __future__ import annotations

@@ -49,16 +49,22 @@ async def test_usage_rows_read_back_exactly_as_written(store: Store) -> None:
 
 
 @pytest.mark.parametrize(
-    "others",
+    ("others", "begun"),
     [
-        # the repeat in the first driver call
-        0,
-        # the repeat in a later call (on PostgreSQL past SQLAlchemy's cursor, straight to the
-        # driver): still SQLAlchemy's error, and the calls before it are rolled back too
-        ASYNCPG_ROWS + 3,
+        # the insert begins the transaction: on PostgreSQL its first call goes through
+        # SQLAlchemy, which begins it, and the later ones straight to the driver
+        (0, False),
+        (ASYNCPG_ROWS + 3, False),
+        # a statement began it, as in settlement: every call goes straight to the driver
+        (0, True),
+        (ASYNCPG_ROWS + 3, True),
     ],
 )
-async def test_a_repeated_request_id_fails_the_whole_insert(store: Store, others: int) -> None:
+async def test_a_repeated_request_id_fails_the_whole_insert(
+    store: Store, others: int, begun: bool
+) -> None:
+    """Still SQLAlchemy's error, in whichever call the repeat lands, and the calls before it
+    are rolled back with the transaction."""
     _, user_id = await new_user(store, "1")
     row = usage_row(user_id)
     rows = [row] + [usage_row(user_id) for _ in range(others)] + [dict(row)]
@@ -66,6 +72,8 @@ async def test_a_repeated_request_id_fails_the_whole_insert(store: Store, others
 
     with pytest.raises(IntegrityError):
         async with store.engine.begin() as conn:
+            if begun:
+                await conn.execute(select(1))
             await insert.run(conn, rows)
 
     assert all([await store.usage(each["request_id"]) is None for each in rows])
