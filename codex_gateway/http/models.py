@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from codex_gateway.errors import ModelNotFound
 from codex_gateway.http.exchange import Exchange
 from codex_gateway.http.responses import authenticate
+from codex_gateway.relay.shaping import MAX_MODEL_LENGTH
 from codex_gateway.store.queries import KeyRecord
 
 if TYPE_CHECKING:
@@ -41,16 +42,17 @@ async def retrieve_model(gateway: Gateway, exchange: Exchange) -> None:
     name = exchange.path.rstrip("/").removeprefix(MODEL_PATH)
     found = next((model for model in models(gateway, key) if model["id"] == name), None)
     if found is None:
+        shown = name if len(name) <= MAX_MODEL_LENGTH else name[:MAX_MODEL_LENGTH] + "…"
         raise ModelNotFound(
-            f"The model `{name}` does not exist or this API key may not use it.", param="model"
+            f"The model `{shown}` does not exist or this API key may not use it.", param="model"
         )
     await exchange.send_json(200, found)
 
 
-def models(gateway: Gateway, key: KeyRecord | None = None) -> list[dict[str, Any]]:
+def models(gateway: Gateway, key: KeyRecord) -> list[dict[str, Any]]:
     if not gateway.catalog.usable_accounts():
         return []
     names = sorted(price.model for price in gateway.catalog.prices)
-    if key is not None and key.models is not None:
+    if key.models is not None:
         names = [name for name in names if name in key.models]
     return [{"id": name, "object": "model", "created": 0, "owned_by": "openai"} for name in names]
