@@ -616,6 +616,8 @@ def pricing_set(
             f"{plain(input_)}: cached tokens will cost more than uncached ones",
             err=True,
         )
+    if price.markup == 0:
+        click.echo(f"warning: a markup of 0 makes every request for {model} free", err=True)
 
 
 @pricing.command("remove")

@@ -40,13 +40,16 @@ async def list_models(gateway: Gateway, exchange: Exchange) -> None:
 async def retrieve_model(gateway: Gateway, exchange: Exchange) -> None:
     key = await authenticate(gateway, exchange)
     name = exchange.path.rstrip("/").removeprefix(MODEL_PATH)
-    found = next((model for model in models(gateway, key) if model["id"] == name), None)
+    # A dated snapshot is served as the model it is priced as.
+    price = gateway.catalog.prices.resolve(name)
+    listed = {model["id"]: model for model in models(gateway, key)}
+    found = listed.get(price.model) if price is not None else None
     if found is None:
         shown = name if len(name) <= MAX_MODEL_LENGTH else name[:MAX_MODEL_LENGTH] + "…"
         raise ModelNotFound(
             f"The model `{shown}` does not exist or this API key may not use it.", param="model"
         )
-    await exchange.send_json(200, found)
+    await exchange.send_json(200, {**found, "id": name})
 
 
 def models(gateway: Gateway, key: KeyRecord) -> list[dict[str, Any]]:

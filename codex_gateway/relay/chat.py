@@ -104,18 +104,21 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
 
 
 def _refuse_unsupported(document: dict[str, Any]) -> None:
-    for name, value in document.items():
-        if name in _TRANSLATED or name in _PASSED:
-            continue
-        neutral = _NEUTRAL.get(name)
-        if neutral is None:
-            raise InvalidRequest(f"Unrecognized request argument supplied: {name}.", param=name)
-        if not neutral(value):
-            raise InvalidRequest(
-                f"{name} is not supported for this model: Codex models answer through the "
-                "Responses API, which has no equivalent. Leave it out.",
-                param=name,
-            )
+    """Refuse every argument that cannot be honoured, naming them all at once."""
+    asked = [name for name in document if name not in _TRANSLATED and name not in _PASSED]
+    unknown = [name for name in asked if name not in _NEUTRAL]
+    if unknown:
+        raise InvalidRequest(
+            f"Unrecognized request argument supplied: {', '.join(unknown)}.", param=unknown[0]
+        )
+    refused = [name for name in asked if not _NEUTRAL[name](document[name])]
+    if refused:
+        verb, pronoun = ("is", "it") if len(refused) == 1 else ("are", "them")
+        raise InvalidRequest(
+            f"{', '.join(refused)} {verb} not supported for this model: Codex models answer "
+            f"through the Responses API, which has no equivalent. Leave {pronoun} out.",
+            param=refused[0],
+        )
 
 
 def _input(document: dict[str, Any]) -> list[dict[str, Any]]:

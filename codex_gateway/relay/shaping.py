@@ -82,6 +82,13 @@ def parse_responses_request(raw: bytes) -> ResponsesRequest:
     if not isinstance(stream, bool):
         raise InvalidRequest("The stream parameter must be true or false.", param="stream")
     check_output_cap(document.get("max_output_tokens"), "max_output_tokens")
+    if "max_tokens" in document:
+        # The Responses API refuses it; refused here, it costs no hold and no upstream call.
+        raise InvalidRequest(
+            "max_tokens is a Chat Completions parameter; on /v1/responses the output cap is "
+            "max_output_tokens.",
+            param="max_tokens",
+        )
     has_input = document.get("input") is not None
     has_messages = document.get("messages") is not None
     if has_input and has_messages:
@@ -138,7 +145,8 @@ def _json_kind(value: object) -> str:
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, float):
-        return "a decimal number"
+        # The parser reads a whole number too large for 64 bits as a float.
+        return "a number too large for one" if abs(value) >= 2**64 else "a decimal number"
     if isinstance(value, str):
         return "a string"
     return "an array" if isinstance(value, list) else "an object"

@@ -381,6 +381,26 @@ PRICE_WARNINGS = [
 ]
 
 
+def test_a_markup_of_zero_is_warned_about_and_kept(db: Gateway) -> None:
+    result = db.cli(
+        "pricing",
+        "set",
+        "free-model",
+        "--input",
+        "1",
+        "--cached-input",
+        "0.1",
+        "--output",
+        "2",
+        "--markup",
+        "0",
+    )
+
+    stored = {p["model"]: p for p in db.cli_json("pricing", "list")}["free-model"]
+    assert stored["markup"] == "0"
+    assert "warning: a markup of 0 makes every request for free-model free" in result.stderr
+
+
 @pytest.mark.parametrize(("prices", "kept", "warning"), PRICE_WARNINGS)
 def test_a_cached_input_price_above_the_input_price_is_warned_about_and_kept(
     db: Gateway, prices: list[str], kept: str, warning: str | None

@@ -180,6 +180,7 @@ def test_one_model_is_retrieved_by_name_and_an_allowlist_narrows_what_is_shown(
 
     with sdk(key) as client:
         model = client.models.retrieve("gpt-5.1-codex")
+        snapshot = client.models.retrieve("gpt-5.1-codex-2025-11-13")
         with pytest.raises(openai.NotFoundError) as missing:
             client.models.retrieve("no-such-model")
     with sdk(limited) as client:
@@ -188,6 +189,7 @@ def test_one_model_is_retrieved_by_name_and_an_allowlist_narrows_what_is_shown(
             client.models.retrieve("gpt-5.1-codex-mini")
 
     assert (model.id, model.object) == ("gpt-5.1-codex", "model")
+    assert snapshot.id == "gpt-5.1-codex-2025-11-13"
     assert missing.value.code == "model_not_found"  # type: ignore[attr-defined]
     assert shown == ["gpt-5.1-codex"]
 

@@ -250,6 +250,15 @@ def test_bad_chat_requests_are_refused_naming_the_field(fields: dict[str, Any], 
     assert caught.value.message.endswith(".")
 
 
+def test_every_argument_that_cannot_be_honoured_is_named_at_once() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        request(n=2, stop=["END"], temperature=0.5)
+
+    assert caught.value.param == "n"
+    assert caught.value.message.startswith("n, stop are not supported")
+    assert "Leave them out." in caught.value.message
+
+
 # -- streams ------------------------------------------------------------------------------
 
 

@@ -315,6 +315,13 @@ def test_converted_messages_keep_their_order_and_the_other_fields() -> None:
             "max_output_tokens",
             "boolean",
         ),
+        (
+            b'{"model": "m", "input": "hi", "max_output_tokens": 18446744073709551616}',
+            "max_output_tokens",
+            "too large",
+        ),
+        # the Chat Completions name for the cap, which the Responses API refuses
+        (b'{"model": "m", "input": "hi", "max_tokens": 64}', "max_tokens", "max_output_tokens"),
         # both or neither of input and messages
         (b'{"model": "m", "input": "hi", "messages": []}', "messages", "not both"),
         (b'{"model": "m"}', "input", "neither input nor messages"),
