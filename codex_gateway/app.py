@@ -13,7 +13,7 @@ from typing import Any
 
 from codex_gateway.billing.admission import Admission, Hold
 from codex_gateway.billing.journal import HoldJournal, recover
-from codex_gateway.billing.settlement import Outcome, bill
+from codex_gateway.billing.settlement import Outcome, bill, cut_by_shutdown
 from codex_gateway.billing.settler import Settler
 from codex_gateway.billing.spool import Spool
 from codex_gateway.catalog import RELAYED_KINDS, Catalog
@@ -209,9 +209,7 @@ class Gateway:
 
     def settle(self, outcome: Outcome) -> None:
         """Price the request and queue its usage row and debit for the writer."""
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            # Cut by a shutdown (the grace period ran out, or a second SIGTERM), not finished.
+        if cut_by_shutdown():
             outcome.flag(FLAG_CANCELLED)
             if not outcome.usage_reported:
                 outcome.status = FLAG_CANCELLED

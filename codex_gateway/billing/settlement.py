@@ -6,6 +6,7 @@ raw upstream usage -> mapped token classes -> billed counts with prices -> cost 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -88,6 +89,13 @@ class Outcome:
             "model": self.model,
             "stream": self.stream,
         }
+
+
+def cut_by_shutdown() -> bool:
+    """Whether the running request's task was cancelled, which only a shutdown does to a
+    relay (the grace period ran out, or a second SIGTERM): its bill says so."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def bill(outcome: Outcome, prices: PriceTable, trace: bool = False) -> dict[str, Any]:

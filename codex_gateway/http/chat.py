@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from codex_gateway.billing.settlement import Outcome
+from codex_gateway.billing.settlement import Outcome, cut_by_shutdown
 from codex_gateway.errors import UpstreamError, UpstreamProtocolError
 from codex_gateway.http.exchange import Exchange
 from codex_gateway.http.responses import (
@@ -31,7 +31,6 @@ from codex_gateway.http.responses import (
     authenticate,
     chunks_of,
     collect_stream,
-    cut_by_shutdown,
     end_cut_stream,
     send_upstream,
     settle_after,

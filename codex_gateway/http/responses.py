@@ -21,7 +21,7 @@ import orjson
 
 from codex_gateway.billing.admission import estimate_hold, reads_stored_input
 from codex_gateway.billing.pricing import Price, base_model
-from codex_gateway.billing.settlement import Outcome
+from codex_gateway.billing.settlement import Outcome, cut_by_shutdown
 from codex_gateway.errors import (
     AuthenticationError,
     ModelNotAllowed,
@@ -378,12 +378,6 @@ async def _relay_stream(
         outcome.estimate = await asyncio.to_thread(
             gateway.tokens.estimate, request.document, scanner.deltas
         )
-
-
-def cut_by_shutdown() -> bool:
-    """Whether this request's task was cancelled, which only a shutdown does to a relay."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 async def refuse_cut(exchange: Exchange, outcome: Outcome) -> None:
