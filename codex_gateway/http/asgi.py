@@ -125,12 +125,14 @@ class GatewayApp:
         a dated snapshot counts under the priced model it resolves to, so clients cannot add
         series by inventing names."""
         route = exchange.path.rstrip("/") or "/"
-        price = self.gateway.catalog.prices.resolve(exchange.model) if exchange.model else None
-        model = UNKNOWN_MODEL if price is None else price.model
         if route.startswith(MODEL_PATH):
             route = MODEL_PATH + "{model}"
+        elif route not in ROUTES:
+            route = UNMATCHED_ROUTE
+        price = self.gateway.catalog.prices.resolve(exchange.model) if exchange.model else None
+        model = UNKNOWN_MODEL if price is None else price.model
         self.gateway.metrics.request_done(
-            route if route in ROUTES or route.startswith(MODEL_PATH) else UNMATCHED_ROUTE,
+            route,
             exchange.status,
             model,
             (exchange.finished or time.perf_counter()) - exchange.started,

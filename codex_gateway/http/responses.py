@@ -390,11 +390,7 @@ async def refuse_cut(exchange: Exchange, outcome: Outcome) -> None:
         "request cut by the shutdown before its answer began",
         extra={"request_id": outcome.request_id, "account_id": outcome.account_id},
     )
-    try:
-        async with asyncio.timeout(CUT_WRITE_SECONDS):
-            await exchange.send_json(error.status, error.body())
-    except TimeoutError:
-        pass  # a client that reads nothing more loses the connection with the process
+    await _last_words(exchange.send_json(error.status, error.body()))
 
 
 async def end_cut_stream(
@@ -418,9 +414,14 @@ async def end_cut_stream(
     if exchange.disconnected:
         _client_left(outcome, scanner)
         return
+    await _last_words(exchange.write(tail if whole else tail + last, more=False))
+
+
+async def _last_words(sending: Awaitable[None]) -> None:
+    """What a request cut by the shutdown still sends, within CUT_WRITE_SECONDS."""
     try:
         async with asyncio.timeout(CUT_WRITE_SECONDS):
-            await exchange.write(tail if whole else tail + last, more=False)
+            await sending
     except TimeoutError:
         pass  # a client that reads nothing more loses the connection with the process
 
