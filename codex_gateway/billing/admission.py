@@ -5,7 +5,9 @@ against a lease: a slice of the user's balance this process has set aside in the
 While the lease covers a request, admitting it costs no database round trip; when it does
 not, the process asks for a larger slice, which the database grants only from what no other
 process has set aside. So all processes together never admit more than the balance, and an
-unused lease is handed back after a short idle time. A key with a USD cap is admitted the
+unused lease is handed back after a short idle time. A lease running low is grown in the
+background while what is left still admits requests, so a steady stream of requests seldom
+waits for the database (which may be busy writing bills). A key with a USD cap is admitted the
 same way against a second lease, a slice of the cap.
 
 When a limit moves under a lease (a cap lowered, a key revoked or its expiry changed, a
@@ -52,6 +54,9 @@ _POINTER_HINTS = (b'"file_id"', b'"file_url"', b'"image_url"')
 # A new lease covers up to this many requests like the one asking (and at most half of what
 # is unreserved), so most requests find room without asking the database again.
 LEASE_REQUESTS = 16
+# A lease is grown in the background once what is left covers fewer requests than this, or
+# less than half of what is held, whichever is more.
+REFILL_REQUESTS = LEASE_REQUESTS // 4
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,7 @@ class _Lease:
     held: Decimal = ZERO
     idle_since: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    refill: asyncio.Task[None] | None = None
 
 
 class _Leases:
@@ -142,22 +148,38 @@ class _Leases:
         """Hold `estimate` against the owner's lease, growing the lease if it must."""
         lease = self.leases.setdefault(owner_id, _Lease())
         if _take(lease, estimate):
+            if lease.refill is None and _running_low(lease, estimate):
+                lease.refill = asyncio.create_task(self._refill(owner_id, lease, estimate))
             return True
         async with lease.lock:
             if _take(lease, estimate):
                 return True
             shortfall = MONEY.subtract(estimate, MONEY.subtract(lease.leased, lease.held))
-            # Room for LEASE_REQUESTS more like this one, or for twice the load in flight.
-            wanted = max(
-                shortfall,
-                MONEY.multiply(estimate, Decimal(LEASE_REQUESTS)),
-                MONEY.multiply(lease.held, Decimal(2)),
-            )
-            granted = await self._acquire(owner_id, shortfall, wanted)
+            granted = await self._acquire(owner_id, shortfall, _wanted(lease, estimate, shortfall))
             if granted > 0:
                 lease.leased = MONEY.add(lease.leased, granted)
                 return _take(lease, estimate)
         return False
+
+    async def _refill(self, owner_id: int, lease: _Lease, estimate: Decimal) -> None:
+        """Grow a lease running low before a request has to wait for it; a failure is left
+        to the request that finds the lease empty, which reports it."""
+        try:
+            async with lease.lock:
+                if _running_low(lease, estimate):
+                    granted = await self._acquire(
+                        owner_id, estimate, _wanted(lease, estimate, estimate)
+                    )
+                    lease.leased = MONEY.add(lease.leased, granted)
+        except StorageUnavailable:
+            pass  # logged by `_acquire`
+        finally:
+            lease.refill = None
+
+    async def settle_refills(self) -> None:
+        """Wait for the leases being grown in the background."""
+        refills = [lease.refill for lease in self.leases.values() if lease.refill is not None]
+        await asyncio.gather(*refills, return_exceptions=True)
 
     async def _acquire(self, owner_id: int, needed: Decimal, wanted: Decimal) -> Decimal:
         try:
@@ -219,10 +241,28 @@ class _Leases:
                 await self.return_spare(owner_id)
 
     async def close(self) -> None:
+        await self.settle_refills()
         for owner_id, lease in self.leases.items():
             # Everything stored: a spooled row's share is replayed by the next start, not here.
             await self._store.release_lease(owner_id, self._holder, EVERYTHING, self.scope)
             lease.leased = ZERO
+
+
+def _wanted(lease: _Lease, estimate: Decimal, shortfall: Decimal) -> Decimal:
+    """How much to ask for: room for LEASE_REQUESTS more like this one, or for twice the load
+    in flight, and at least the shortfall."""
+    return max(
+        shortfall,
+        MONEY.multiply(estimate, Decimal(LEASE_REQUESTS)),
+        MONEY.multiply(lease.held, Decimal(2)),
+    )
+
+
+def _running_low(lease: _Lease, estimate: Decimal) -> bool:
+    room = MONEY.subtract(lease.leased, lease.held)
+    return room < max(
+        MONEY.multiply(estimate, Decimal(REFILL_REQUESTS)), MONEY.divide(lease.held, Decimal(2))
+    )
 
 
 def _take(lease: _Lease, estimate: Decimal) -> bool:
@@ -345,6 +385,11 @@ class Admission:
         reaped = await self._store.reap_leases(cutoff)
         if reaped:
             log.info("returned %d leases whose holders stopped renewing them", reaped)
+
+    async def settle_refills(self) -> None:
+        """Wait for the leases being grown in the background."""
+        for leases in (self._users, self._keys):
+            await leases.settle_refills()
 
     async def close(self) -> None:
         """Hand back every lease this process holds (after all its requests are settled)."""

@@ -10,9 +10,13 @@ Either way the process exits 0, since stopping on request is not a failure.
 Once started, the server tunes the interpreter for one busy event loop beside the usage
 writer's threads. What start-up built, and lives as long as the process, is frozen out of the
 garbage collector's full passes, which would otherwise walk all of it with every request
-waiting. The switch interval drops from 5 ms to 0.5 ms: a thread waiting for the interpreter
-gets it when the holder lets go or the interval runs out, and a busy loop seldom lets go, so
-with 5 ms the writer waited that long at every step of a batch.
+waiting. The youngest generation is collected after 20,000 new objects instead of 700: a
+request leaves a few dozen objects behind for a while, so at the default the collector ran
+about every 20 requests and each pass walked what the requests in flight held (at c=64, about
+5 % of the process's time, and a fifth fewer requests a second). The switch interval drops
+from 5 ms to 0.5 ms: a thread waiting for the interpreter gets it when the holder lets go or
+the interval runs out, and a busy loop seldom lets go, so with 5 ms the writer waited that
+long at every step of a batch.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SWITCH_INTERVAL_SECONDS = 0.0005
+# New objects between two collections of the youngest generation (the interpreter's default
+# is 700); the older generations keep their default rhythm relative to it.
+YOUNG_GENERATION_THRESHOLD = 20_000
 
 
 class GracefulServer(uvicorn.Server):
@@ -44,6 +51,7 @@ class GracefulServer(uvicorn.Server):
         if self.started:
             gc.collect()
             gc.freeze()
+            gc.set_threshold(YOUNG_GENERATION_THRESHOLD, *gc.get_threshold()[1:])
             sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import orjson
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from codex_gateway.billing.admission import (
     INPUT_ALLOWANCE_TOKENS,
     LEASE_REQUESTS,
+    REFILL_REQUESTS,
     Admission,
     Hold,
     estimate_hold,
@@ -29,6 +31,15 @@ from tests.store.test_queries import new_user, usage_row
 
 CODEX = Price("gpt-5.1-codex", Decimal("1.25"), Decimal("0.125"), Decimal("10"))
 EST = Decimal("0.01")
+
+
+# The request after which a first lease of LEASE_REQUESTS requests is low: what is left
+# covers fewer than REFILL_REQUESTS of them, or less than half of what is held.
+LOW_AT = next(
+    held
+    for held in range(1, LEASE_REQUESTS + 1)
+    if LEASE_REQUESTS - held < max(REFILL_REQUESTS, held / 2)
+)
 
 
 def admission(store: Store) -> Admission:
@@ -65,11 +76,80 @@ async def test_requests_within_a_lease_take_no_new_lease(store: Store) -> None:
     assert [(lease["user_id"], lease["amount"]) for lease in leases] == [
         (user_id, LEASE_REQUESTS * EST)
     ]
+    # Until the lease runs low, nothing more is asked for.
+    for _ in range(LOW_AT - 2):
+        await gate.admit(user_id, EST)
+    await gate.settle_refills()
+    assert [lease["amount"] for lease in await store.leases()] == [LEASE_REQUESTS * EST]
+    assert gate.held(user_id) == (LOW_AT - 1) * EST
+    await gate.close()
+
+
+async def test_a_lease_running_low_grows_while_it_still_admits(store: Store) -> None:
+    _, user_id = await new_user(store, "10")
+    gate = admission(store)
+    await gate.admit(user_id, EST)
+    # The database stalls (busy writing bills, say) until the test lets it go on.
+    go_on = asyncio.Event()
+    real = store.acquire_lease
+
+    async def stalled(*args: Any, **kwargs: Any) -> Decimal:
+        await go_on.wait()
+        return await real(*args, **kwargs)
+
+    store.acquire_lease = stalled  # type: ignore[method-assign]
+    # Every request the first slice covers is admitted while its refill waits.
+    for _ in range(LEASE_REQUESTS - 1):
+        await asyncio.wait_for(gate.admit(user_id, EST), 1)
+    assert [lease["amount"] for lease in await store.leases()] == [LEASE_REQUESTS * EST]
+    go_on.set()
+    await gate.settle_refills()
+    # It grew once, by twice what was held when it was found low.
+    grown = LEASE_REQUESTS * EST + 2 * LOW_AT * EST
+    assert [lease["amount"] for lease in await store.leases()] == [grown]
+    await gate.close()
+    assert await store.leases() == []
+    problems, _ = await store.verify_ledger()
+    assert problems == []
+
+
+async def test_a_lease_that_cannot_grow_leaves_the_error_to_the_request_that_finds_it_empty(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, user_id = await new_user(store, "10")
+    gate = admission(store)
+    await gate.admit(user_id, EST)
+    real = store.acquire_lease
+
+    async def unreachable(*args: Any, **kwargs: Any) -> Decimal:
+        raise OSError("connection refused")
+
+    store.acquire_lease = unreachable  # type: ignore[method-assign]
     for _ in range(LEASE_REQUESTS - 1):
         await gate.admit(user_id, EST)
-    assert [lease["amount"] for lease in await store.leases()] == [LEASE_REQUESTS * EST]
+    await gate.settle_refills()
+    assert "cannot place a hold" in caplog.text
     assert gate.held(user_id) == LEASE_REQUESTS * EST
+    with pytest.raises(StorageUnavailable):
+        await gate.admit(user_id, EST)
+    assert gate.held(user_id) == LEASE_REQUESTS * EST
+    store.acquire_lease = real  # type: ignore[method-assign]
+    await gate.admit(user_id, EST)
     await gate.close()
+    assert await store.leases() == []
+
+
+async def test_close_waits_for_a_lease_being_grown(store: Store) -> None:
+    _, user_id = await new_user(store, "10")
+    gate = admission(store)
+    for _ in range(LOW_AT):
+        await gate.admit(user_id, EST)
+    await gate.close()
+    # The grant that came in during close went back with the rest.
+    assert await store.leases() == []
+    problems, _ = await store.verify_ledger()
+    assert problems == []
+    assert (await store.balances())[user_id] == Decimal("10")
 
 
 async def try_admit(gate: Admission, user_id: int) -> bool:

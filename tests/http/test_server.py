@@ -21,7 +21,11 @@ import orjson
 import pytest
 import uvicorn
 
-from codex_gateway.http.server import SWITCH_INTERVAL_SECONDS, GracefulServer
+from codex_gateway.http.server import (
+    SWITCH_INTERVAL_SECONDS,
+    YOUNG_GENERATION_THRESHOLD,
+    GracefulServer,
+)
 from codex_gateway.relay.sse import parse_events
 from tests.conftest import Gateway, Sandbox, _drop_pg_database, make_gateway
 from tests.http.test_operations import add_sandbox_account
@@ -267,13 +271,14 @@ def test_requests_still_waiting_for_the_upstream_at_the_grace_limit_get_a_503_an
     assert "Traceback" not in log and "CancelledError" not in log
 
 
-async def test_a_started_server_freezes_start_up_objects_and_shortens_the_switch_interval() -> None:
+async def test_a_started_server_tunes_the_collector_and_the_switch_interval() -> None:
     async def app(scope: object, receive: object, send: object) -> None:
         raise AssertionError("no request is sent")
 
     config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_config=None)
     server = GracefulServer(config, gateway=None)  # type: ignore[arg-type]
     previous = sys.getswitchinterval()
+    thresholds = gc.get_threshold()
     gc.unfreeze()
     serving = asyncio.create_task(server.serve())
     try:
@@ -282,8 +287,10 @@ async def test_a_started_server_freezes_start_up_objects_and_shortens_the_switch
             await asyncio.sleep(0.01)
         assert gc.get_freeze_count() > 0
         assert sys.getswitchinterval() == SWITCH_INTERVAL_SECONDS
+        assert gc.get_threshold() == (YOUNG_GENERATION_THRESHOLD, *thresholds[1:])
     finally:
         server.should_exit = True
         await serving
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
         sys.setswitchinterval(previous)
