@@ -19,8 +19,12 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from codex_gateway.store.same_thread import connector
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 7_220_130_411
+# How long a SQLite connection waits for another's write lock.
+SQLITE_TIMEOUT_SECONDS = 30
 # Execution options for a connection that only reads.
 READ_ONLY = {"read_only": True}
 
@@ -46,11 +50,14 @@ def redact_url(url: str) -> str:
     return f"{head}://{user}:***@{host}" if ":" in credentials else url
 
 
-def create_engine(url: str, pool_size: int = 10, max_overflow: int = 20) -> AsyncEngine:
+def create_engine(
+    url: str, pool_size: int = 10, max_overflow: int = 20, same_thread: bool = False
+) -> AsyncEngine:
     """An engine for `url`; the pool sizes apply to server databases (SQLite opens a
-    connection per checkout)."""
+    connection per checkout). `same_thread`: SQLite's calls block the calling thread
+    (`store/same_thread.py`), for an event loop that waits for nothing else."""
     if url.startswith("sqlite:///"):
-        return _sqlite_engine(url)
+        return _sqlite_engine(url, same_thread)
     return create_async_engine(
         driver_url(url), pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True
     )
@@ -61,11 +68,17 @@ def in_memory(url: str) -> bool:
     return url.startswith("sqlite") and ":memory:" in url
 
 
-def _sqlite_engine(url: str) -> AsyncEngine:
+def _sqlite_engine(url: str, same_thread: bool) -> AsyncEngine:
     path = url[len("sqlite:///") :]
     if path and path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(driver_url(url), connect_args={"timeout": 30})
+    if same_thread:
+        creator = connector(path, SQLITE_TIMEOUT_SECONDS)
+        engine = create_async_engine(driver_url(url), async_creator=creator)
+    else:
+        engine = create_async_engine(
+            driver_url(url), connect_args={"timeout": SQLITE_TIMEOUT_SECONDS}
+        )
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:

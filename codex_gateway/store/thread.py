@@ -3,7 +3,8 @@
 Settling a batch takes several statements, each waiting for its answer. On a busy request
 loop every such wait lasts until the loop has been round all its ready requests, so bills
 can be queued faster than they are written. Here the statements run on a second event loop
-with an engine of its own, and the request loop waits once per batch.
+with an engine of its own, and the request loop waits once per batch. On SQLite that engine's
+connections make their calls on this thread (`same_thread.py`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ class StoreThread:
             raise
 
     async def _open(self) -> Store:
-        return Store(create_engine(self._url, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW))
+        engine = create_engine(
+            self._url, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW, same_thread=True
+        )
+        return Store(engine)
 
     def _call(self, make: Callable[[], Awaitable[T]]) -> Future[T]:
         if self._loop is None:
