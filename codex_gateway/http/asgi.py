@@ -13,7 +13,7 @@ from codex_gateway.http.chat import relay_chat
 from codex_gateway.http.exchange import Exchange, Receive, RequestIds, Scope, Send
 from codex_gateway.http.models import MODEL_PATH, list_models, retrieve_model
 from codex_gateway.http.operations import healthz, metrics, readyz
-from codex_gateway.http.responses import relay_compact, relay_responses
+from codex_gateway.http.responses import refuse_unanswered, relay_compact, relay_responses
 from codex_gateway.metrics import UNKNOWN_MODEL, UNMATCHED_ROUTE
 
 if TYPE_CHECKING:
@@ -84,6 +84,11 @@ class GatewayApp:
         exchange = Exchange(scope, receive, send, self.request_ids())
         try:
             await self._route(exchange)
+        except asyncio.CancelledError:
+            # A shutdown cut the request before a relay took charge of it (its body was being
+            # read, or its hold placed); a relay answers its own cut requests.
+            if not exchange.response_started:
+                await refuse_unanswered(exchange)
         except GatewayError as exc:
             await self._fail(exchange, exc)
         except Exception:

@@ -384,11 +384,16 @@ async def refuse_cut(exchange: Exchange, outcome: Outcome) -> None:
     """Answer a request that a shutdown cancelled before its answer began (still waiting for
     the upstream, or gathering a stream into one JSON answer): a 503 saying so, and one log
     line instead of the server's traceback."""
-    error = ShuttingDown(SHUTDOWN_REFUSAL)
     outcome.error = "The gateway shut down before the request's answer began."
+    await refuse_unanswered(exchange, outcome.account_id)
+
+
+async def refuse_unanswered(exchange: Exchange, account_id: int | None = None) -> None:
+    """The 503 for a request a shutdown cut before its answer began, and its log line."""
+    error = ShuttingDown(SHUTDOWN_REFUSAL)
     log.warning(
         "request cut by the shutdown before its answer began",
-        extra={"request_id": outcome.request_id, "account_id": outcome.account_id},
+        extra={"request_id": exchange.request_id, "account_id": account_id},
     )
     await _last_words(exchange.send_json(error.status, error.body()))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import socket
 import sys
 import threading
 import time
@@ -225,6 +226,51 @@ def test_streams_still_running_at_the_grace_limit_are_cut_and_billed_as_cancelle
         cut = [line for line in log.splitlines() if "cut by the shutdown" in line]
         assert len([line for line in cut if client.request_id in line]) == 1, log
     assert "Traceback" not in log and "CancelledError" not in log
+
+
+def test_a_request_whose_body_is_still_coming_at_the_grace_limit_gets_a_503(
+    impatient_gateway: Gateway,
+) -> None:
+    """The cancel reaches the request while its body is read, before any relay has it: an
+    OpenAI-shaped 503 and one log line, no traceback, and nothing billed."""
+    name, key = impatient_gateway.new_user("10")
+    assert impatient_gateway.proc is not None
+    port = int(impatient_gateway.url.rsplit(":", 1)[1])
+    # With `Expect: 100-continue` the server says "continue" once the gateway asks for the
+    # body, that is once the key has been checked.
+    head = (
+        "POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 100\r\nExpect: 100-continue\r\n\r\n"
+    )
+    reading = threading.Event()
+    answer = bytearray()
+
+    def post_half_a_body() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
+            conn.sendall(head.encode())
+            while not answer.endswith(b"\r\n\r\n"):
+                answer.extend(conn.recv(1))
+            answer.clear()
+            conn.sendall(b'{"model": "gpt-5.1-codex", ')
+            reading.set()
+            while chunk := conn.recv(65536):
+                answer.extend(chunk)
+
+    thread = threading.Thread(target=post_half_a_body)
+    thread.start()
+    assert reading.wait(20), impatient_gateway.log_text()
+    code, rows, log = shut_down(impatient_gateway, [thread])
+
+    assert code == 0, log
+    status_line, _, rest = bytes(answer).partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 503 Service Unavailable", bytes(answer)
+    error = orjson.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "gateway_shutting_down"
+    assert log.count("cut by the shutdown before its answer began") == 1
+    assert "Traceback" not in log and "CancelledError" not in log
+    assert rows == []
+    assert impatient_gateway.balance(name) == "10"
 
 
 def hanging(sandbox: Sandbox) -> list[dict[str, Any]]:
