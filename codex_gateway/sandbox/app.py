@@ -18,8 +18,9 @@ with `PUT /sandbox/faults {"key": KEY, "fault": MODE}` (`"fault": null` clears i
 answer misbehave. Modes: `500` (or any 4xx/5xx status), `429` (with reset headers),
 `hang-before` (no answer until the caller leaves, at most 30 s), `hang-middle:N` (N events,
 then silence), `cut-after:N` (N events, then the connection drops), `garbage` (bytes that
-are not SSE), `drip:MS` (each event MS milliseconds apart). A refused connection needs no
-mode: point an account at a closed port.
+are not SSE), `drip:MS` (each event MS milliseconds apart). `/v1/responses/compact`, which
+answers with one JSON object, takes a status, `hang-before` and `garbage` (a 200 whose body
+is not JSON). A refused connection needs no mode: point an account at a closed port.
 
 A mock of the ChatGPT Codex backend answers under /sandbox/chatgpt (see `chatgpt.py`).
 """
@@ -173,8 +174,8 @@ class SandboxApp:
             recorded = body[:MAX_RECORDED_BODY].decode("utf-8", "replace")
             self.requests.append({"path": scope["path"], "headers": headers, "body": recorded})
         fault = headers.get("x-sandbox-fault") or self.faults.get(_bearer(headers), "")
-        if fault.isdigit():
-            await _fail_with_status(send, int(fault))
+        if fault:
+            await _misbehave_in_json(fault, receive, send)
             return
         transcript = self.transcripts[COMPACT_TRANSCRIPT]
         assert transcript.json is not None
@@ -214,6 +215,24 @@ async def _misbehave(fault: str, transcript: Transcript, receive: Receive, send:
         await _stream(send, transcript, float(argument or 100) / 1000)
     else:
         await _json(send, 400, _error(f"Unknown sandbox fault {fault!r}."))
+
+
+async def _misbehave_in_json(fault: str, receive: Receive, send: Send) -> None:
+    """The faults that apply to an answer of one JSON object."""
+    if fault.isdigit():
+        await _fail_with_status(send, int(fault))
+    elif fault == "hang-before":
+        await _until_caller_leaves(receive)
+    elif fault == "garbage":
+        body = b"<html>502 Bad Gateway</html>"
+        headers = [(b"content-type", b"text/html"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+    else:
+        message = (
+            f"Sandbox fault {fault!r} does not apply here; use a status, hang-before or garbage."
+        )
+        await _json(send, 400, _error(message))
 
 
 async def _fail_with_status(send: Send, status: int) -> None:

@@ -73,3 +73,47 @@ def test_a_request_that_cannot_be_compacted_is_refused_before_any_upstream_call(
     error = response.json()["error"]
     assert error["param"] == param and error["message"].endswith(".")
     assert sandbox.requests() == []
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "flag"),
+    [
+        # a body that is not JSON, with a 200
+        ("garbage", 502, "upstream_body_not_json"),
+        # the upstream fails (the one account is tried, then rests)
+        ("500", 502, "http_500"),
+    ],
+)
+def test_a_compaction_the_upstream_botches_is_an_error_and_a_row_with_nothing_billed(
+    gateway: Gateway, sandbox: Sandbox, fault: str, status: int, flag: str
+) -> None:
+    user, key = gateway.new_user("5")
+
+    response = httpx.post(
+        gateway.url + "/v1/responses/compact",
+        json={"model": "gpt-5.1-codex", "input": INPUT},
+        headers={"Authorization": f"Bearer {key}", "x-sandbox-fault": fault},
+    )
+
+    assert response.status_code == status
+    assert response.json()["error"]["type"] == "upstream_error"
+    row = gateway.usage_row(response.headers["x-request-id"])
+    assert (row["endpoint"], row["status"], row["http_status"]) == (
+        "responses.compact",
+        "upstream_error",
+        status,
+    )
+    assert flag in row["flags"]
+    assert Decimal(row["cost_usd"]) == 0
+    assert Decimal(gateway.balance(user)) == Decimal(5)
+
+
+def test_the_sandbox_names_a_fault_that_does_not_apply_to_compaction(sandbox: Sandbox) -> None:
+    response = httpx.post(
+        sandbox.base_url + "/responses/compact",
+        json={"model": "gpt-5.1-codex", "input": INPUT},
+        headers={"x-sandbox-fault": "cut-after:2"},
+    )
+
+    assert response.status_code == 400
+    assert "'cut-after:2' does not apply" in response.json()["error"]["message"]
