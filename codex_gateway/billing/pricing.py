@@ -8,6 +8,7 @@ is added again. Nothing is rounded: every term is exact.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ MILLION = Decimal(1_000_000)
 THOUSAND_PER_MILLION = Decimal(1_000)
 ZERO = Decimal(0)
 _DATED_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2})\Z", re.ASCII)
+# Model names whose base `base_model` remembers.
+BASE_MODEL_CACHE = 1024
 _AMOUNT = re.compile(r"[0-9]{1,13}(\.[0-9]{1,18})?", re.ASCII)
 MAX_AMOUNT = Decimal(10**12)
 
@@ -100,9 +103,14 @@ def _term(tokens: int, usd_per_million: Decimal) -> Decimal:
     return MONEY.divide(MONEY.multiply(Decimal(tokens), usd_per_million), MILLION)
 
 
+@functools.lru_cache(maxsize=BASE_MODEL_CACHE)
 def base_model(name: str) -> str:
     """`gpt-5.1-codex-2025-11-13` -> `gpt-5.1-codex`; other names are returned as they are,
-    among them one whose date no calendar has (`-2025-13-45`), which is no snapshot."""
+    among them one whose date no calendar has (`-2025-13-45`), which is no snapshot.
+
+    A request asks for it up to five times (the key's allowlist, the price, the bill, the
+    metrics), so the last names seen are remembered, a bounded number of them since clients
+    choose the names."""
     dated = _DATED_SUFFIX.search(name)
     if dated is None:
         return name

@@ -111,12 +111,13 @@ def bill(outcome: Outcome, prices: PriceTable, trace: bool = False) -> dict[str,
         flags.append(FLAG_ESTIMATED)
     else:
         mapped = NO_USAGE
-    price = _price_for(outcome, prices)
+    another_model = _ran_another_model(outcome)
+    price = _price_for(outcome, prices, another_model)
     cost = compute_cost(mapped, price)
     flags.extend(flag for flag in mapped.flags if flag not in flags)
     if any(flag in REVIEW_FLAGS for flag in mapped.flags):
         flags.append(FLAG_NEEDS_REVIEW)
-    if _ran_another_model(outcome):
+    if another_model:
         flags.append(FLAG_MODEL_MISMATCH)
     if outcome.hold > 0 and cost.total > outcome.hold:
         flags.append(FLAG_EXCEEDED_HOLD)
@@ -163,9 +164,9 @@ def bill(outcome: Outcome, prices: PriceTable, trace: bool = False) -> dict[str,
     }
 
 
-def _price_for(outcome: Outcome, prices: PriceTable) -> Price:
+def _price_for(outcome: Outcome, prices: PriceTable, another_model: bool) -> Price:
     """Price by the model the upstream says it ran when that is priced; else as admitted."""
-    if outcome.upstream_model and _ran_another_model(outcome):
+    if outcome.upstream_model and another_model:
         reported = prices.resolve(outcome.upstream_model)
         if reported is not None:
             return reported
