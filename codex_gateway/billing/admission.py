@@ -57,6 +57,9 @@ LEASE_REQUESTS = 16
 # A lease is grown in the background once what is left covers fewer requests than this, or
 # less than half of what is held, whichever is more.
 REFILL_REQUESTS = LEASE_REQUESTS // 4
+# After a background refill got nothing (everything left is set aside, or the database cannot
+# be reached), none is tried for this long; a request that finds the lease empty still asks.
+REFILL_PAUSE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,9 @@ class _Lease:
     idle_since: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     refill: asyncio.Task[None] | None = None
+    refill_paused_until: float = 0.0
+    # Grants so far: maintenance leaves alone a lease granted more after its reading.
+    grants: int = 0
 
 
 class _Leases:
@@ -148,7 +154,11 @@ class _Leases:
         """Hold `estimate` against the owner's lease, growing the lease if it must."""
         lease = self.leases.setdefault(owner_id, _Lease())
         if _take(lease, estimate):
-            if lease.refill is None and _running_low(lease, estimate):
+            if (
+                lease.refill is None
+                and _running_low(lease, estimate)
+                and time.monotonic() >= lease.refill_paused_until
+            ):
                 lease.refill = asyncio.create_task(self._refill(owner_id, lease, estimate))
             return True
         async with lease.lock:
@@ -157,29 +167,36 @@ class _Leases:
             shortfall = MONEY.subtract(estimate, MONEY.subtract(lease.leased, lease.held))
             granted = await self._acquire(owner_id, shortfall, _wanted(lease, estimate, shortfall))
             if granted > 0:
-                lease.leased = MONEY.add(lease.leased, granted)
+                _grow(lease, granted)
                 return _take(lease, estimate)
         return False
 
     async def _refill(self, owner_id: int, lease: _Lease, estimate: Decimal) -> None:
-        """Grow a lease running low before a request has to wait for it; a failure is left
-        to the request that finds the lease empty, which reports it."""
+        """Grow a lease running low before a request has to wait for it. When that gets
+        nothing, the next background try waits REFILL_PAUSE_SECONDS; a failure is left to
+        the request that finds the lease empty, which reports it."""
         try:
             async with lease.lock:
                 if _running_low(lease, estimate):
-                    granted = await self._acquire(
-                        owner_id, estimate, _wanted(lease, estimate, estimate)
-                    )
-                    lease.leased = MONEY.add(lease.leased, granted)
+                    wanted = _wanted(lease, estimate, estimate)
+                    granted = await self._acquire(owner_id, estimate, wanted)
+                    if granted > 0:
+                        _grow(lease, granted)
+                    else:
+                        _pause_refills(lease)
         except StorageUnavailable:
-            pass  # logged by `_acquire`
+            _pause_refills(lease)  # logged by `_acquire`
         finally:
             lease.refill = None
 
     async def settle_refills(self) -> None:
         """Wait for the leases being grown in the background."""
         refills = [lease.refill for lease in self.leases.values() if lease.refill is not None]
-        await asyncio.gather(*refills, return_exceptions=True)
+        await asyncio.gather(*refills)
+
+    def grants(self) -> dict[int, int]:
+        """How many grants each lease has had, for `maintain`."""
+        return {owner_id: lease.grants for owner_id, lease in self.leases.items()}
 
     async def _acquire(self, owner_id: int, needed: Decimal, wanted: Decimal) -> Decimal:
         try:
@@ -231,11 +248,20 @@ class _Leases:
         if lease.held == 0:
             lease.idle_since = time.monotonic()
 
-    async def maintain(self, stored: dict[tuple[str, int], Decimal], idle_seconds: float) -> None:
+    async def maintain(
+        self,
+        stored: dict[tuple[str, int], Decimal],
+        idle_seconds: float,
+        grants_before: dict[int, int],
+    ) -> None:
+        """Bring the leases in line with `stored`, read after `grants_before` (`grants`)."""
         for owner_id, lease in list(self.leases.items()):
             async with lease.lock:
                 # The database is the truth: a lease taken away from a stalled process is gone.
-                lease.leased = min(lease.leased, stored.get((self.scope.name, owner_id), ZERO))
+                # A lease granted more since the reading is newer than it, and stays.
+                if lease.grants == grants_before.get(owner_id):
+                    stored_amount = stored.get((self.scope.name, owner_id), ZERO)
+                    lease.leased = min(lease.leased, stored_amount)
                 idle = time.monotonic() - lease.idle_since > idle_seconds
             if idle and lease.held == 0:
                 await self.return_spare(owner_id)
@@ -256,6 +282,15 @@ def _wanted(lease: _Lease, estimate: Decimal, shortfall: Decimal) -> Decimal:
         MONEY.multiply(estimate, Decimal(LEASE_REQUESTS)),
         MONEY.multiply(lease.held, Decimal(2)),
     )
+
+
+def _grow(lease: _Lease, granted: Decimal) -> None:
+    lease.leased = MONEY.add(lease.leased, granted)
+    lease.grants += 1
+
+
+def _pause_refills(lease: _Lease) -> None:
+    lease.refill_paused_until = time.monotonic() + REFILL_PAUSE_SECONDS
 
 
 def _running_low(lease: _Lease, estimate: Decimal) -> bool:
@@ -378,9 +413,11 @@ class Admission:
                 log.warning("lease maintenance failed", exc_info=True)
 
     async def _maintain_once(self) -> None:
+        scopes = (self._users, self._keys)
+        grants = [leases.grants() for leases in scopes]
         stored = await self._store.renew_leases(self.holder)
-        for leases in (self._users, self._keys):
-            await leases.maintain(stored, self._idle_seconds)
+        for leases, grants_before in zip(scopes, grants, strict=True):
+            await leases.maintain(stored, self._idle_seconds, grants_before)
         cutoff = datetime.now(UTC) - timedelta(seconds=self._lease_ttl)
         reaped = await self._store.reap_leases(cutoff)
         if reaped:

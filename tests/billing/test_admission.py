@@ -98,8 +98,11 @@ async def test_a_lease_running_low_grows_while_it_still_admits(store: Store) -> 
         return await real(*args, **kwargs)
 
     store.acquire_lease = stalled  # type: ignore[method-assign]
-    # Every request the first slice covers is admitted while its refill waits.
-    for _ in range(LEASE_REQUESTS - 1):
+    for _ in range(LOW_AT - 1):
+        await gate.admit(user_id, EST)
+    await asyncio.sleep(0)  # the refill starts, and waits for the database
+    # Every other request the first slice covers is admitted while the refill waits.
+    for _ in range(LEASE_REQUESTS - LOW_AT):
         await asyncio.wait_for(gate.admit(user_id, EST), 1)
     assert [lease["amount"] for lease in await store.leases()] == [LEASE_REQUESTS * EST]
     go_on.set()
@@ -120,23 +123,67 @@ async def test_a_lease_that_cannot_grow_leaves_the_error_to_the_request_that_fin
     gate = admission(store)
     await gate.admit(user_id, EST)
     real = store.acquire_lease
+    calls = 0
 
     async def unreachable(*args: Any, **kwargs: Any) -> Decimal:
+        nonlocal calls
+        calls += 1
         raise OSError("connection refused")
 
     store.acquire_lease = unreachable  # type: ignore[method-assign]
     for _ in range(LEASE_REQUESTS - 1):
         await gate.admit(user_id, EST)
+        await asyncio.sleep(0)
+    # The background refill failed once, quietly for the requests, and was not tried again
+    # for each of the requests after it.
     await gate.settle_refills()
-    assert "cannot place a hold" in caplog.text
+    assert calls == 1
+    assert caplog.text.count("cannot place a hold") == 1
     assert gate.held(user_id) == LEASE_REQUESTS * EST
+    # The request that finds the lease empty asks, and reports what is wrong.
     with pytest.raises(StorageUnavailable):
         await gate.admit(user_id, EST)
+    assert calls == 2
     assert gate.held(user_id) == LEASE_REQUESTS * EST
     store.acquire_lease = real  # type: ignore[method-assign]
     await gate.admit(user_id, EST)
     await gate.close()
     assert await store.leases() == []
+
+
+async def test_a_lease_granted_more_while_maintenance_reads_the_database_keeps_the_grant(
+    store: Store,
+) -> None:
+    _, user_id = await new_user(store, "10")
+    gate = admission(store)
+    await gate.admit(user_id, EST)
+    real_renew = store.renew_leases
+    real_acquire = store.acquire_lease
+
+    async def renew_then_grant(holder: str) -> dict[tuple[str, int], Decimal]:
+        stored = await real_renew(holder)
+        # A grant lands after the reading, before maintenance looks at the lease.
+        for _ in range(LEASE_REQUESTS):
+            await gate.admit(user_id, EST)
+        await gate.settle_refills()
+        return stored
+
+    store.renew_leases = renew_then_grant  # type: ignore[method-assign]
+    await gate._maintain_once()
+    # The database stalls now: a request admitted at all was admitted from the grant.
+    go_on = asyncio.Event()
+
+    async def stalled(*args: Any, **kwargs: Any) -> Decimal:
+        await go_on.wait()
+        return await real_acquire(*args, **kwargs)
+
+    store.acquire_lease = stalled  # type: ignore[method-assign]
+    await asyncio.wait_for(gate.admit(user_id, EST), 1)
+    go_on.set()
+    await gate.close()
+    assert await store.leases() == []
+    problems, _ = await store.verify_ledger()
+    assert problems == []
 
 
 async def test_close_waits_for_a_lease_being_grown(store: Store) -> None:
