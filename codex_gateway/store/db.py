@@ -8,6 +8,7 @@ while reads (connections with the READ_ONLY options) take none.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,10 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from codex_gateway.store.same_thread import connector
+from codex_gateway.store.same_thread import SameThreadConnection, connector
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 7_220_130_411
@@ -73,12 +74,10 @@ def _sqlite_engine(url: str, same_thread: bool) -> AsyncEngine:
     if path and path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     if same_thread:
-        creator = connector(path, SQLITE_TIMEOUT_SECONDS)
-        engine = create_async_engine(driver_url(url), async_creator=creator)
+        engine = create_async_engine(driver_url(url), async_creator=_same_thread(url))
     else:
-        engine = create_async_engine(
-            driver_url(url), connect_args={"timeout": SQLITE_TIMEOUT_SECONDS}
-        )
+        timeout = {"timeout": SQLITE_TIMEOUT_SECONDS}
+        engine = create_async_engine(driver_url(url), connect_args=timeout)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -96,6 +95,14 @@ def _sqlite_engine(url: str, same_thread: bool) -> AsyncEngine:
         connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
+
+
+def _same_thread(url: str) -> Callable[[], Awaitable[SameThreadConnection]]:
+    """The connections of a same-thread engine, opened with the arguments SQLAlchemy's own
+    SQLite dialect takes from `url` (the file, and options in its query string)."""
+    address = make_url(driver_url(url))
+    arguments, options = address.get_dialect()().create_connect_args(address)
+    return connector(*arguments, **{"timeout": SQLITE_TIMEOUT_SECONDS, **options})
 
 
 def alembic_config() -> Config:

@@ -68,11 +68,12 @@ class SameThreadConnection(aiosqlite.Connection):
         return None
 
 
-def connector(path: str, timeout: float) -> Callable[[], Awaitable[SameThreadConnection]]:
-    """What `create_async_engine(async_creator=...)` calls for each new connection."""
+def connector(database: str, **options: Any) -> Callable[[], Awaitable[SameThreadConnection]]:
+    """What `create_async_engine(async_creator=...)` calls for each new connection:
+    `sqlite3.connect(database, **options)`, with autocommit left to SQLAlchemy's BEGIN."""
 
     async def connect() -> SameThreadConnection:
-        opened = functools.partial(sqlite3.connect, path, timeout=timeout, isolation_level=None)
+        opened = functools.partial(sqlite3.connect, database, **options, isolation_level=None)
         connection = SameThreadConnection(opened)
         await connection
         return connection

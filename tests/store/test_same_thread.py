@@ -24,7 +24,7 @@ def driver_threads() -> int:
 
 
 async def test_statements_run_on_the_thread_that_awaits_them(tmp_path: Path) -> None:
-    connection = await connector(str(tmp_path / "calls.db"), timeout=5)()
+    connection = await connector(str(tmp_path / "calls.db"))()
     try:
         await connection.create_function("caller", 0, threading.get_ident)
         async with connection.execute("SELECT caller()") as cursor:
@@ -37,7 +37,7 @@ async def test_statements_run_on_the_thread_that_awaits_them(tmp_path: Path) -> 
 async def test_errors_reach_the_caller_and_a_closed_connection_refuses_calls(
     tmp_path: Path,
 ) -> None:
-    connection = await connector(str(tmp_path / "errors.db"), timeout=5)()
+    connection = await connector(str(tmp_path / "errors.db"))()
     with pytest.raises(sqlite3.OperationalError, match="no such table"):
         await connection.execute("SELECT * FROM missing")
     await connection.close()
@@ -45,10 +45,31 @@ async def test_errors_reach_the_caller_and_a_closed_connection_refuses_calls(
         await connection.execute("SELECT 1")
 
 
+async def test_a_connection_left_to_another_thread_closes_there(tmp_path: Path) -> None:
+    """SQLAlchemy's pool or the garbage collector may be the one to close a connection."""
+    connection = await connector(str(tmp_path / "left.db"), check_same_thread=False)()
+    errors: list[BaseException] = []
+
+    def close_elsewhere() -> None:
+        try:
+            connection.stop()
+        except BaseException as exc:
+            errors.append(exc)
+
+    closer = threading.Thread(target=close_elsewhere)
+    closer.start()
+    closer.join()
+    assert errors == []
+    with pytest.raises(ValueError, match="no active connection"):
+        await connection.execute("SELECT 1")
+
+
+@pytest.mark.parametrize("query", ["", "?timeout=5"])
 async def test_the_writer_on_sqlite_settles_exactly_once_without_driver_threads(
-    tmp_path: Path,
+    tmp_path: Path, query: str
 ) -> None:
-    url = f"sqlite:///{tmp_path}/gateway.db"
+    # The writer opens the file the gateway's own engine opens, options or none.
+    url = f"sqlite:///{tmp_path}/gateway.db{query}"
     engine = create_engine(url)
     await migrate(engine)
     store = Store(engine)
