@@ -8,7 +8,6 @@ is added again. Nothing is rounded: every term is exact.
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ MILLION = Decimal(1_000_000)
 THOUSAND_PER_MILLION = Decimal(1_000)
 ZERO = Decimal(0)
 _DATED_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2})\Z", re.ASCII)
-# Model names whose base `base_model` remembers.
+# Model names whose base a price table remembers (clients choose the names, so not all).
 BASE_MODEL_CACHE = 1024
 _AMOUNT = re.compile(r"[0-9]{1,13}(\.[0-9]{1,18})?", re.ASCII)
 MAX_AMOUNT = Decimal(10**12)
@@ -103,14 +102,9 @@ def _term(tokens: int, usd_per_million: Decimal) -> Decimal:
     return MONEY.divide(MONEY.multiply(Decimal(tokens), usd_per_million), MILLION)
 
 
-@functools.lru_cache(maxsize=BASE_MODEL_CACHE)
 def base_model(name: str) -> str:
     """`gpt-5.1-codex-2025-11-13` -> `gpt-5.1-codex`; other names are returned as they are,
-    among them one whose date no calendar has (`-2025-13-45`), which is no snapshot.
-
-    A request asks for it up to five times (the key's allowlist, the price, the bill, the
-    metrics), so the last names seen are remembered, a bounded number of them since clients
-    choose the names."""
+    among them one whose date no calendar has (`-2025-13-45`), which is no snapshot."""
     dated = _DATED_SUFFIX.search(name)
     if dated is None:
         return name
@@ -126,6 +120,7 @@ class PriceTable:
 
     def __init__(self, prices: Iterable[Price] = ()):
         self._prices: Mapping[str, Price] = {price.model: price for price in prices}
+        self._bases: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self._prices)
@@ -137,7 +132,17 @@ class PriceTable:
         price = self._prices.get(model)
         if price is not None:
             return price
-        return self._prices.get(base_model(model))
+        return self._prices.get(self.base(model))
+
+    def base(self, model: str) -> str:
+        """`base_model(model)`, remembered: a request asks for it up to five times (the key's
+        allowlist, the price, the bill, the metrics)."""
+        known = self._bases.get(model)
+        if known is None:
+            if len(self._bases) >= BASE_MODEL_CACHE:
+                self._bases.clear()
+            known = self._bases[model] = base_model(model)
+        return known
 
 
 def plain(value: Decimal) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from codex_gateway.billing.pricing import Cost, Price, PriceTable, base_model, compute_cost, plain
+from codex_gateway.billing.pricing import Cost, Price, PriceTable, compute_cost, plain
 from codex_gateway.relay.usage import (
     FLAG_CACHED_OVER_INPUT,
     FLAG_INVALID,
@@ -111,7 +111,7 @@ def bill(outcome: Outcome, prices: PriceTable, trace: bool = False) -> dict[str,
         flags.append(FLAG_ESTIMATED)
     else:
         mapped = NO_USAGE
-    another_model = _ran_another_model(outcome)
+    another_model = _ran_another_model(outcome, prices)
     price = _price_for(outcome, prices, another_model)
     cost = compute_cost(mapped, price)
     flags.extend(flag for flag in mapped.flags if flag not in flags)
@@ -173,9 +173,9 @@ def _price_for(outcome: Outcome, prices: PriceTable, another_model: bool) -> Pri
     return outcome.price
 
 
-def _ran_another_model(outcome: Outcome) -> bool:
+def _ran_another_model(outcome: Outcome, prices: PriceTable) -> bool:
     reported = outcome.upstream_model
-    return bool(reported) and base_model(str(reported)) != base_model(outcome.model)
+    return bool(reported) and prices.base(str(reported)) != prices.base(outcome.model)
 
 
 def _clip(value: str | None, flags: list[str]) -> str | None:

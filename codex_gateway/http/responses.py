@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from codex_gateway.billing.admission import estimate_hold, reads_stored_input
-from codex_gateway.billing.pricing import Price, base_model
+from codex_gateway.billing.pricing import Price
 from codex_gateway.billing.settlement import Outcome, cut_by_shutdown
 from codex_gateway.errors import (
     AuthenticationError,
@@ -110,13 +110,14 @@ def _bearer(exchange: Exchange) -> str:
 def price_of(gateway: Gateway, key: KeyRecord, request: ResponsesRequest) -> Price:
     """The model's price, once the key may use the model at all (a dated snapshot of an
     allowed model is allowed, as it is priced as that model)."""
-    if key.models is not None and not {request.model, base_model(request.model)} & key.models:
+    prices = gateway.catalog.prices
+    if key.models is not None and not {request.model, prices.base(request.model)} & key.models:
         allowed = ", ".join(f"`{model}`" for model in sorted(key.models)) or "none"
         raise ModelNotAllowed(
             f"This API key may not use the model `{request.model}`; it may use: {allowed}.",
             param="model",
         )
-    price = gateway.catalog.prices.resolve(request.model)
+    price = prices.resolve(request.model)
     if price is None:
         raise ModelNotFound(
             f"The model `{request.model}` does not exist or has no price on this gateway.",

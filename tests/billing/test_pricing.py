@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from codex_gateway.billing.pricing import (
+    BASE_MODEL_CACHE,
     LIST_PRICES,
     Price,
     PriceTable,
@@ -160,6 +161,17 @@ def test_price_table_has_one_price_per_model() -> None:
 )
 def test_base_model(name: str, base: str) -> None:
     assert base_model(name) == base
+    # A price table gives the same, asked once or twice.
+    table = PriceTable()
+    assert table.base(name) == table.base(name) == base
+
+
+def test_a_price_table_remembers_a_bounded_number_of_bases() -> None:
+    table = PriceTable()
+    names = [f"client-model-{number}-2025-11-13" for number in range(3 * BASE_MODEL_CACHE)]
+    for name in names:
+        assert table.base(name) == name.removesuffix("-2025-11-13")
+    assert 0 < len(table._bases) <= BASE_MODEL_CACHE
 
 
 @pytest.mark.parametrize(
