@@ -106,14 +106,3 @@ def test_a_compaction_the_upstream_botches_is_an_error_and_a_row_with_nothing_bi
     assert flag in row["flags"]
     assert Decimal(row["cost_usd"]) == 0
     assert Decimal(gateway.balance(user)) == Decimal(5)
-
-
-def test_the_sandbox_names_a_fault_that_does_not_apply_to_compaction(sandbox: Sandbox) -> None:
-    response = httpx.post(
-        sandbox.base_url + "/responses/compact",
-        json={"model": "gpt-5.1-codex", "input": INPUT},
-        headers={"x-sandbox-fault": "cut-after:2"},
-    )
-
-    assert response.status_code == 400
-    assert "'cut-after:2' does not apply" in response.json()["error"]["message"]

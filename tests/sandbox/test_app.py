@@ -1,11 +1,15 @@
-"""The sandbox's faults stay faults of the sandbox, not errors of the server it runs in."""
+"""The sandbox's faults: each answers as it says, and stays a fault of the sandbox, not an
+error of the server it runs in."""
 
 from __future__ import annotations
 
 import logging
 import sys
 
+import httpx
+
 from codex_gateway.sandbox.app import DroppedConnection, SandboxApp
+from tests.conftest import Sandbox
 
 
 def _record(error: Exception) -> logging.LogRecord:
@@ -27,3 +31,14 @@ def test_a_connection_the_sandbox_drops_on_purpose_is_not_logged_as_a_server_err
     assert not server_log.filter(_record(DroppedConnection("sandbox fault cut-after:2")))
     assert server_log.filter(_record(RuntimeError("a real bug")))
     assert len(server_log.filters) == filters
+
+
+def test_compaction_names_a_fault_that_does_not_apply_to_it(sandbox: Sandbox) -> None:
+    response = httpx.post(
+        sandbox.base_url + "/responses/compact",
+        json={"model": "gpt-5.1-codex", "input": [{"role": "user", "content": "hi"}]},
+        headers={"x-sandbox-fault": "cut-after:2"},
+    )
+
+    assert response.status_code == 400
+    assert "'cut-after:2' does not apply" in response.json()["error"]["message"]
