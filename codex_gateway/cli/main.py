@@ -52,13 +52,20 @@ def serve(host: str, port: int, sandbox: bool, log_level: str | None, workers: i
     logs.configure(
         (log_level or settings.log_level).upper(), settings.log_format, settings.log_levels
     )
+    from codex_gateway.http.workers import listening_socket, serve_workers
+
+    # The port first: a gateway that cannot listen must change nothing, not even where the
+    # sandbox account points, which a gateway already running on the database relays to.
+    try:
+        held = listening_socket(host, port, shared=workers > 1)
+    except OSError as exc:
+        click.echo(f"error: cannot listen on {host}:{port}: {exc.strerror}", err=True)
+        sys.exit(1)
     if sandbox:
-        _prepare_sandbox(host, port)
+        _prepare_sandbox(host, held.getsockname()[1])
     _raise_open_file_limit()
     if workers == 1:
-        sys.exit(_serve_one(settings, host, port, sandbox, None))
-    from codex_gateway.http.workers import serve_workers
-
+        sys.exit(_serve_one(settings, host, port, sandbox, held))
     try:
         status = serve_workers(
             workers, host, port, lambda sock: _serve_one(settings, host, port, sandbox, sock)
@@ -79,10 +86,8 @@ def _raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-def _serve_one(
-    settings: Settings, host: str, port: int, sandbox: bool, sock: socket.socket | None
-) -> int:
-    """One gateway process on HOST:PORT, or on `sock` when it is a worker; its exit status."""
+def _serve_one(settings: Settings, host: str, port: int, sandbox: bool, sock: socket.socket) -> int:
+    """One gateway process on `sock` (bound to HOST:PORT); its exit status."""
     import uvicorn  # the server stack is imported only by the commands that serve
 
     from codex_gateway.app import Gateway
@@ -113,7 +118,7 @@ def _serve_one(
     )
     server = GracefulServer(config, gateway)
     try:
-        server.run(sockets=[sock] if sock is not None else None)
+        server.run(sockets=[sock])
     except SystemExit as exc:  # uvicorn's own code 3 for a failed startup
         if exc.code:
             return 1  # the reason is already logged, one line

@@ -30,10 +30,17 @@ _PR_SET_PDEATHSIG = 1
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:
     """A socket bound to HOST:PORT that other sockets with SO_REUSEPORT may share."""
+    return listening_socket(host, port, shared=True)
+
+
+def listening_socket(host: str, port: int, shared: bool = False) -> socket.socket:
+    """A socket bound to HOST:PORT, for the server to listen on; `shared`: other sockets
+    with SO_REUSEPORT (the other workers) may bind the same port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
 from decimal import Decimal
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import CLI, fixture_path, free_port, wait_http
 
@@ -86,6 +88,46 @@ def test_quick_start_answers_bills_and_survives_a_restart_on_another_port(
     users = run_cli(tmp_path, "users", "list", "--json")
     assert '"balance": "4.885705"' in users
     assert Decimal("5") - Decimal("0.114295") == Decimal("4.885705")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_gateway_that_cannot_listen_leaves_the_running_ones_upstream_alone(
+    tmp_path: Path, workers: str
+) -> None:
+    port = free_port()
+    proc = start(tmp_path, port)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        key = next(line for line in _lines_until_key(proc) if line.startswith("sk-cg-"))
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            other = taken.getsockname()[1]
+            env = {k: v for k, v in os.environ.items() if not k.startswith("CODEX_GATEWAY_")}
+            args = ["serve", "--sandbox", "--port", str(other), "--workers", workers]
+            failed = subprocess.run(
+                [*CLI, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+            )
+        assert failed.returncode == 1
+        assert f"cannot listen on 127.0.0.1:{other}" in failed.stderr
+        accounts = run_cli(tmp_path, "accounts", "list", "--json")
+        assert f"127.0.0.1:{port}/sandbox/v1" in accounts
+        assert str(other) not in accounts
+        # The running gateway still relays to its own sandbox.
+        assert guide_request(port, key).status_code == 200
+    finally:
+        stop(proc)
+
+
+def _lines_until_key(proc: subprocess.Popen[str]) -> list[str]:
+    """The quick start's output up to the demo key, which it prints once at start."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    while not lines or not lines[-1].startswith("sk-cg-"):
+        line = proc.stdout.readline()
+        assert line, "the gateway printed no key"
+        lines.append(line.strip())
+    return lines
 
 
 def _explain(workdir: Path, request_id: str) -> str:
