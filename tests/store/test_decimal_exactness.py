@@ -8,7 +8,6 @@ last digit on NUMERIC (PostgreSQL) and on decimal text (SQLite).
 from __future__ import annotations
 
 import sqlite3
-import time
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -112,7 +111,6 @@ def _sqlite(value: Any) -> Any:
 async def test_a_million_tiny_costs_sum_exactly_to_the_ledger(
     store: Store, engine: AsyncEngine
 ) -> None:
-    began = time.monotonic()
     _, user_id = await new_user(store, str(TOPUP))
     usage_rows, ledger_rows, total = generate(user_id)
     await bulk_insert(engine, usage_rows, ledger_rows)
@@ -136,4 +134,3 @@ async def test_a_million_tiny_costs_sum_exactly_to_the_ledger(
     problems, counts = await store.verify_ledger()
     assert problems == []
     assert counts["usage rows"] == ROWS
-    assert time.monotonic() - began < 90  # bounded, on a 2-core machine shared with others
