@@ -340,7 +340,9 @@ class Admission:
         if not await self._users.take(user_id, estimate):
             raise InsufficientQuota(
                 "You exceeded your current quota: the balance does not cover this request's "
-                "largest possible cost. Ask the gateway operator to top it up."
+                f"largest possible cost, ${plain(estimate)} (its input, and its output up to "
+                "max_output_tokens or the gateway's default cap). Lower max_output_tokens, or "
+                "ask the gateway operator to top the balance up."
             )
         if key is None or key.cap is None:
             return Hold(estimate, ZERO)
@@ -348,7 +350,7 @@ class Admission:
             raise InsufficientQuota(
                 f"This API key reached its spending cap of ${plain(key.cap)}: what it spent "
                 "and holds for requests in flight leaves no room for this request's largest "
-                "possible cost. Ask the gateway operator to raise the cap.",
+                f"possible cost, ${plain(estimate)}. Ask the gateway operator to raise the cap.",
                 code="key_cap_reached",
             )
         return Hold(estimate, estimate)

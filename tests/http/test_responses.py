@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from codex_gateway.billing.pricing import Price
+from codex_gateway.billing.pricing import Price, plain
 from codex_gateway.billing.settlement import Outcome
 from codex_gateway.http.exchange import Exchange, Message
 from codex_gateway.http.responses import end_cut_stream
@@ -431,7 +431,9 @@ def test_a_request_is_admitted_only_if_the_balance_covers_its_largest_cost(
     sandbox.clear()
     second = post(gateway, key, GOOD)
     assert second.status_code == 429
-    assert "largest possible cost" in second.json()["error"]["message"]
+    message = second.json()["error"]["message"]
+    assert f"largest possible cost, ${plain(largest)}" in message
+    assert "max_output_tokens" in message
     assert sandbox.requests() == []
     assert Decimal(gateway.balance(user)) == largest + Decimal("0.1") - Decimal("0.114295")
 
