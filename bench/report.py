@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,48 @@ def machine(pg_admin_url: str) -> dict[str, Any]:
         "git_commit": _output(["git", "rev-parse", "--short", "HEAD"]),
         "git_dirty": bool(_output(["git", "status", "--porcelain", "--untracked-files=no"])),
         "load_average_at_start": list(os.getloadavg()),
+        "host_at_start": host_probe(),
     }
+
+
+# Iterations of the steadiness probe's loop: about half a second on the machines measured.
+PROBE_ITERATIONS = 3_000_000
+PROBE_RUNS = 5
+
+
+def host_probe() -> dict[str, Any]:
+    """How fast and how shared the host is right now: a fixed pure Python loop timed a few
+    times (on a virtual machine whose neighbours are busy its time moves, and every row's
+    with it), and the system's CPU ticks so far, of which `steal` went to other guests."""
+    loop_ms = []
+    for _ in range(PROBE_RUNS):
+        began = time.perf_counter()
+        total = 0
+        for number in range(PROBE_ITERATIONS):
+            total += number
+        loop_ms.append(round((time.perf_counter() - began) * 1000))
+    return {"loop_ms": loop_ms, "cpu_ticks": _cpu_ticks()}
+
+
+def _cpu_ticks() -> dict[str, int] | None:
+    """The first line of /proc/stat: all ticks (user to steal) and the steal ones alone."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    counts = [int(value) for value in fields[1:9]]
+    return {"total": sum(counts), "steal": counts[7]}
+
+
+def steal_percent(start: dict[str, Any], end: dict[str, Any]) -> float | None:
+    """The share of the run's CPU time the hypervisor gave to other guests."""
+    before, after = start.get("cpu_ticks"), end.get("cpu_ticks")
+    if not before or not after or after["total"] <= before["total"]:
+        return None
+    stolen = after["steal"] - before["steal"]
+    return round(100 * stolen / (after["total"] - before["total"]), 1)
 
 
 def _cpu_model() -> str:
@@ -214,7 +256,24 @@ def markdown(run: dict[str, Any]) -> str:
         f"Load average at the start {run['machine']['load_average_at_start']}, "
         f"at the end {run['load_average_at_end']}."
     )
+    lines.append("")
+    lines.append(steadiness_line(run["machine"]["host_at_start"], run["host_at_end"]))
     return "\n".join(lines) + "\n"
+
+
+def steadiness_line(start: dict[str, Any], end: dict[str, Any]) -> str:
+    """Whether the host kept its speed: runs on a host whose probe moved compare badly."""
+    stolen = steal_percent(start, end)
+    steal = "not known" if stolen is None else f"{stolen} % of the CPU time"
+    return (
+        f"Host steadiness: a fixed Python loop took {_span(start['loop_ms'])} ms at the start "
+        f"and {_span(end['loop_ms'])} ms at the end; steal time during the run: {steal}. "
+        "When these move, figures of runs on this host compare badly with each other."
+    )
+
+
+def _span(values: list[int]) -> str:
+    return f"{min(values)}–{max(values)}" if min(values) != max(values) else str(values[0])
 
 
 def _machine_line(info: dict[str, Any]) -> str:

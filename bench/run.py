@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.stop_all()
         signal.signal(signal.SIGTERM, previous)
     run["load_average_at_end"] = list(os.getloadavg())
+    run["host_at_end"] = report.host_probe()
     md, js = report.write(run, out)
     print(md.read_text())
     print(f"written: {md} and {js}")

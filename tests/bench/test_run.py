@@ -42,8 +42,18 @@ def test_smoke_mode_measures_direct_and_gateway_rows_and_writes_the_report(
         assert row["memory"]["idle_kb"] > 0
     assert run["machine"]["cpu_model"]
     assert run["machine"]["packages"]["uvicorn"]
+    for probe in (run["machine"]["host_at_start"], run["host_at_end"]):
+        assert len(probe["loop_ms"]) == 5 and min(probe["loop_ms"]) > 0
+        assert probe["cpu_ticks"]["total"] > probe["cpu_ticks"]["steal"] >= 0
+    ticks = (
+        run["host_at_end"]["cpu_ticks"]["total"]
+        - run["machine"]["host_at_start"]["cpu_ticks"]["total"]
+    )
+    assert ticks > 0
 
     markdown = report.with_suffix(".md").read_text()
     assert "| latency p50, c=1, ms (added) |" in markdown
     assert "codex-gateway, billing on, SQLite" in markdown
     assert "not run: smoke mode" in markdown
+    assert "Host steadiness: a fixed Python loop took " in markdown
+    assert "steal time during the run: " in markdown
