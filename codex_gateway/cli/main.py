@@ -66,14 +66,9 @@ def serve(host: str, port: int, sandbox: bool, log_level: str | None, workers: i
     _raise_open_file_limit()
     if workers == 1:
         sys.exit(_serve_one(settings, host, port, sandbox, held))
-    try:
-        status = serve_workers(
-            workers, host, port, lambda sock: _serve_one(settings, host, port, sandbox, sock)
-        )
-    except OSError as exc:
-        click.echo(f"error: cannot listen on {host}:{port}: {exc.strerror}", err=True)
-        sys.exit(1)
-    sys.exit(status)
+    sys.exit(
+        serve_workers(workers, held, lambda sock: _serve_one(settings, host, port, sandbox, sock))
+    )
 
 
 def _raise_open_file_limit() -> None:

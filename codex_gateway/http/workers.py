@@ -28,11 +28,6 @@ Worker = Callable[[socket.socket], int]
 _PR_SET_PDEATHSIG = 1
 
 
-def reuse_port_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to HOST:PORT that other sockets with SO_REUSEPORT may share."""
-    return listening_socket(host, port, shared=True)
-
-
 def listening_socket(host: str, port: int, shared: bool = False) -> socket.socket:
     """A socket bound to HOST:PORT, for the server to listen on; `shared`: other sockets
     with SO_REUSEPORT (the other workers) may bind the same port."""
@@ -49,11 +44,15 @@ def listening_socket(host: str, port: int, shared: bool = False) -> socket.socke
     return sock
 
 
-def serve_workers(count: int, host: str, port: int, worker: Worker) -> int:
-    """Run `count` workers until they have all stopped; 0 when each one stopped cleanly."""
-    # Held (bound, never listening) for the supervisor's life: a port another program
-    # holds fails here, once, before any worker starts.
-    guard = reuse_port_socket(host, port)
+def serve_workers(count: int, guard: socket.socket, worker: Worker) -> int:
+    """Run `count` workers on the port of `guard` until they have all stopped; 0 when each
+    one stopped cleanly.
+
+    `guard` is a `listening_socket(..., shared=True)` the caller bound, so that a port another
+    program holds fails once, before anything starts; it is held (bound, never listening) for
+    the supervisor's life and closed at the end.
+    """
+    host, port = guard.getsockname()[:2]
     children: dict[int, int] = {}
     stopping = False
 
@@ -100,7 +99,7 @@ def _run_child(guard: socket.socket, host: str, port: int, worker: Worker) -> No
         os.setpgid(0, 0)
         _die_with_parent()
         guard.close()
-        status = worker(reuse_port_socket(host, port))
+        status = worker(listening_socket(host, port, shared=True))
     except SystemExit as exc:
         status = 1 if exc.code else 0
     except BaseException:
