@@ -7,11 +7,17 @@ this process's balance lease. `drain` waits until every submitted row is written
 gateway calls it before it stops. Rows the database still refuses after the retries go to
 `on_unwritten` (the gateway's spool), and `abandon` hands over every row not yet written when
 the process cannot wait.
+
+The writer gets the CPU when the request loop leaves it idle (`store/thread.py`), so a loop
+that never idles could leave it ever further behind: `keep_up` makes new requests wait while
+the rows to write are more than `BACKLOG_LIMIT`, until the writer is halfway back, so that the
+loop idles and the writer catches up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -25,6 +31,10 @@ log = logging.getLogger(__name__)
 WRITE_LINGER_SECONDS = 0.02
 MAX_BATCH = 500
 RETRY_DELAYS = (0.2, 1.0, 3.0)
+# Rows waiting to be written above which new requests wait for the writer, and for how long
+# at most (a database that hangs must not stop the requests: their bills wait in memory).
+BACKLOG_LIMIT = 2 * MAX_BATCH
+BACKLOG_WAIT_SECONDS = 1.0
 
 # Called once per row with the holds the request had and what settling did (None when the row
 # could not be written and went to `on_unwritten`).
@@ -54,6 +64,7 @@ class Settler:
         self._queue: asyncio.Queue[tuple[dict[str, Any], Hold]] = asyncio.Queue()
         self._writing: list[tuple[dict[str, Any], Hold]] = []
         self._worker: asyncio.Task[None] | None = None
+        self._caught_up = asyncio.Event()
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run())
@@ -64,6 +75,16 @@ class Settler:
     @property
     def pending(self) -> int:
         return self._queue.qsize()
+
+    async def keep_up(self) -> None:
+        """Return at once unless more than `BACKLOG_LIMIT` rows wait to be written; then wait
+        until half of that is left, or `BACKLOG_WAIT_SECONDS` have passed."""
+        if self._queue.qsize() <= BACKLOG_LIMIT:
+            return
+        self._caught_up.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(BACKLOG_WAIT_SECONDS):
+                await self._caught_up.wait()
 
     def abandon(self) -> list[dict[str, Any]]:
         """Every row not known to be written: the batch being written, then those queued."""
@@ -96,6 +117,8 @@ class Settler:
                 self._writing = []
                 for _ in batch:
                     self._queue.task_done()
+                if self._queue.qsize() <= BACKLOG_LIMIT // 2:
+                    self._caught_up.set()
 
     async def _write(self, batch: list[tuple[dict[str, Any], Hold]]) -> None:
         rows = [row for row, _ in batch]

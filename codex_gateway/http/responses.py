@@ -147,6 +147,7 @@ async def admit(
         user_id=key.user_id,
         key_id=key.id,
     )
+    await gateway.settler.keep_up()
     await _hold(gateway, key, request, outcome)
     return outcome
 

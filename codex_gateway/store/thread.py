@@ -5,11 +5,23 @@ loop every such wait lasts until the loop has been round all its ready requests,
 can be queued faster than they are written. Here the statements run on a second event loop
 with an engine of its own, and the request loop waits once per batch. On SQLite that engine's
 connections make their calls on this thread (`same_thread.py`).
+
+On SQLite the thread runs at the lowest CPU priority (Linux lets any thread lower its own).
+SQLite does much of a batch's work in this process without the interpreter lock, and on a
+busy core the kernel would otherwise let that work finish its time slice, a few
+milliseconds, before the request loop woke to an answer that had come in. A request now
+takes the core at once; the writer has every moment the loop leaves idle, and requests wait
+for it when it falls far behind (`Settler.keep_up`). PostgreSQL does that work in its own
+processes, and what is left here holds the interpreter lock, which the request loop takes
+back within the switch interval; lowered, the writer fell behind at saturation there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
@@ -20,12 +32,16 @@ import uvloop
 from codex_gateway.store.db import create_engine
 from codex_gateway.store.queries import Settled, Store
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
 # The writer takes one connection at a time, and one more when a batch falls back to
 # settling its rows one by one.
 POOL_SIZE = 1
 MAX_OVERFLOW = 1
 START_TIMEOUT_SECONDS = 30.0
+# The writer's nice value: the lowest priority there is.
+WRITER_NICENESS = 19
 
 
 class StoreThread:
@@ -48,7 +64,8 @@ class StoreThread:
         if self._loop is not None:
             raise RuntimeError("the store thread has already started")
         loop = self._new_loop()
-        thread = threading.Thread(target=loop.run_forever, name=self._name, daemon=True)
+        lowered = self._url.startswith("sqlite")
+        thread = threading.Thread(target=_run, args=(loop, lowered), name=self._name, daemon=True)
         thread.start()
         self._loop, self._thread = loop, thread
         try:
@@ -99,3 +116,14 @@ class StoreThread:
         if thread is not None:
             thread.join()
         loop.close()
+
+
+def _run(loop: asyncio.AbstractEventLoop, lowered: bool) -> None:
+    """Run `loop` on this thread, the thread's priority lowered first if asked, where that
+    applies to one thread (Linux; elsewhere it would lower the whole process)."""
+    if lowered and sys.platform == "linux":
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+        except OSError as exc:
+            log.warning("the usage writer keeps its priority: %s", exc)
+    loop.run_forever()

@@ -134,3 +134,78 @@ async def test_rows_queued_for_a_store_thread_are_settled_on_that_thread(
     assert seen == [row["request_id"] for row in rows]
     for row in rows:
         assert await store.usage(row["request_id"]) is not None
+
+
+class GatedStore:
+    """A real store whose writes wait for the test to open a gate, as a slow database's
+    would."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.gate = asyncio.Event()
+
+    async def settle_many(
+        self, records: list[dict[str, Any]], holder: str | None = None
+    ) -> list[Settled]:
+        await self.gate.wait()
+        return await self.store.settle_many(records, holder)
+
+
+async def _behind(
+    store: Store, monkeypatch: pytest.MonkeyPatch, rows: int
+) -> tuple[Settler, GatedStore]:
+    """A settler writing one row behind a closed gate, with `rows` more queued, and a limit of
+    four rows behind."""
+    monkeypatch.setattr(settler_module, "BACKLOG_LIMIT", 4)
+    _, user_id = await new_user(store, "5")
+    gated = GatedStore(store)
+    settler = Settler(gated, None, lambda *_settled: None)
+    settler.start()
+    settler.submit(usage_row(user_id))
+    await asyncio.sleep(settler_module.WRITE_LINGER_SECONDS * 2)
+    for _ in range(rows):
+        settler.submit(usage_row(user_id))
+    return settler, gated
+
+
+async def test_keeping_up_costs_nothing_while_the_writer_is_near(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settler, gated = await _behind(store, monkeypatch, 4)
+
+    await asyncio.wait_for(settler.keep_up(), timeout=0.01)
+
+    gated.gate.set()
+    await settler.drain()
+
+
+async def test_requests_wait_while_the_writer_is_far_behind_until_it_catches_up(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settler, gated = await _behind(store, monkeypatch, 10)
+
+    waiting = asyncio.create_task(settler.keep_up())
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    gated.gate.set()
+    await asyncio.wait_for(waiting, timeout=5)
+
+    assert settler.pending <= 2
+    await settler.drain()
+    assert settler.pending == 0
+
+
+async def test_a_writer_that_hangs_holds_requests_up_only_for_a_while(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(settler_module, "BACKLOG_WAIT_SECONDS", 0.2)
+    settler, gated = await _behind(store, monkeypatch, 10)
+
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(settler.keep_up(), timeout=5)
+    waited = asyncio.get_running_loop().time() - started
+
+    assert waited >= 0.2
+    assert settler.pending == 10
+    gated.gate.set()
+    await settler.drain()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 from decimal import Decimal
@@ -11,7 +12,7 @@ import pytest
 
 from codex_gateway.http.server import SWITCH_INTERVAL_SECONDS
 from codex_gateway.store.queries import Store
-from codex_gateway.store.thread import StoreThread
+from codex_gateway.store.thread import WRITER_NICENESS, StoreThread
 from tests.store.test_queries import new_user, usage_row
 
 SEED_COST = Decimal("0.114295")
@@ -104,3 +105,20 @@ def test_a_writer_whose_database_cannot_be_opened_leaves_no_thread_behind() -> N
         writer.start()
 
     assert writer_threads("usage-writer-broken") == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own priority is Linux's")
+async def test_the_sqlite_writer_runs_at_the_lowest_priority_and_the_requests_keep_theirs(
+    database_url: str,
+) -> None:
+    ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    writer = StoreThread(database_url, name="usage-writer-nice")
+    writer.start()
+    try:
+        thread = next(t for t in threading.enumerate() if t.name == "usage-writer-nice")
+        assert thread.native_id is not None
+        lowered = WRITER_NICENESS if database_url.startswith("sqlite") else ours
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == lowered
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == ours
+    finally:
+        await writer.close()
