@@ -24,7 +24,7 @@ from codex_gateway.readiness import Readiness
 from codex_gateway.relay.chatgpt import SessionIds
 from codex_gateway.relay.estimate import TokenCounter
 from codex_gateway.store.credentials import KIND_CHATGPT, CredentialStore
-from codex_gateway.store.db import create_engine, in_memory, migrate, schema_state
+from codex_gateway.store.db import create_engine, in_memory, is_sqlite, migrate, schema_state
 from codex_gateway.store.queries import Settled, Store
 from codex_gateway.store.thread import StoreThread
 from codex_gateway.upstream.chatgpt_auth import TokenCipher, TokenRefresher, load_cipher
@@ -43,7 +43,10 @@ FLAG_CANCELLED = "cancelled"
 
 
 class Gateway:
-    def __init__(self, settings: Settings, sandbox: ASGIApp | None = None):
+    def __init__(self, settings: Settings, sandbox: ASGIApp | None = None, alone: bool = False):
+        """`alone`: no other gateway process serves from this machine's database file (one
+        `serve` worker), so a SQLite writer may run at the lowest priority (`store/thread.py`).
+        """
         self.settings = settings
         self.build = build_info()
         self.version = self.build.version
@@ -99,13 +102,18 @@ class Gateway:
         self.sandbox = sandbox
         self.spool = Spool(Path(settings.spool_path))
         self.journal = HoldJournal(settings.journal_path, self.admission.holder)
-        # The usage writer's statements run on a thread and engine of their own, so that a
-        # busy request loop does not slow the writing of bills (not for an in-memory database,
-        # which a second engine would not see).
+        # The usage writer's statements run on a thread and engine of their own, so that the
+        # request loop waits once per batch (not for an in-memory database, which a second
+        # engine would not see).
         url = settings.database_url
-        self.writer = None if in_memory(url) else StoreThread(url)
+        lowered = alone and is_sqlite(url)
+        self.writer = None if in_memory(url) else StoreThread(url, lowered=lowered)
         self.settler = Settler(
-            self.writer or self.store, self.admission.holder, self._settled, self._spool
+            self.writer or self.store,
+            self.admission.holder,
+            self._settled,
+            self._spool,
+            backlog_limit=settings.writer_backlog_rows,
         )
         self.readiness = Readiness(self.engine, self.catalog, settings.redis_url)
         # Relay requests being served; a graceful stop waits for them. Each holds part of a

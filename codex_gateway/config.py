@@ -45,6 +45,8 @@ class Settings:
     lease_ttl_seconds: float = 60.0
     lease_renew_seconds: float = 5.0
     lease_idle_seconds: float = 10.0
+    # Bills waiting to be written above which new requests wait for the writer.
+    writer_backlog_rows: int = 1000
     redis_url: str | None = None
     admin_token: str | None = None
     log_levels: tuple[tuple[str, str], ...] = ()
@@ -197,6 +199,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "lease_ttl_seconds": _positive_float,
     "lease_renew_seconds": _positive_float,
     "lease_idle_seconds": _positive_float,
+    "writer_backlog_rows": _positive_int,
     "redis_url": _redis_url,
     "admin_token": _admin_token,
     "log_levels": _log_levels,

@@ -129,6 +129,11 @@ class Metrics:
             "Usage rows written to the local spool because the database could not take them.",
             registry=r,
         )
+        self.writer_waits = Counter(
+            "codex_gateway_writer_waits",
+            "Requests that waited for the usage writer to catch up before they were relayed.",
+            registry=r,
+        )
         self.recovered_holds = Counter(
             "codex_gateway_recovered_holds",
             "Holds of dead gateway processes found in their journals: settled from the "

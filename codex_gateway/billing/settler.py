@@ -8,10 +8,7 @@ gateway calls it before it stops. Rows the database still refuses after the retr
 `on_unwritten` (the gateway's spool), and `abandon` hands over every row not yet written when
 the process cannot wait.
 
-The writer gets the CPU when the request loop leaves it idle (`store/thread.py`), so a loop
-that never idles could leave it ever further behind: `keep_up` makes new requests wait while
-the rows to write are more than `BACKLOG_LIMIT`, until the writer is halfway back, so that the
-loop idles and the writer catches up.
+`keep_up` holds new requests back while the writer is far behind.
 """
 
 from __future__ import annotations
@@ -31,9 +28,10 @@ log = logging.getLogger(__name__)
 WRITE_LINGER_SECONDS = 0.02
 MAX_BATCH = 500
 RETRY_DELAYS = (0.2, 1.0, 3.0)
-# Rows waiting to be written above which new requests wait for the writer, and for how long
-# at most (a database that hangs must not stop the requests: their bills wait in memory).
-BACKLOG_LIMIT = 2 * MAX_BATCH
+# How long at most a request waits for a writer that is far behind (a database that hangs
+# must not stop the requests: their bills wait in memory). A writer at low priority
+# (`store/thread.py`) gets the CPU the request loop leaves idle, and the wait makes a loop that
+# never idles leave some.
 BACKLOG_WAIT_SECONDS = 1.0
 
 # Called once per row with the holds the request had and what settling did (None when the row
@@ -56,15 +54,19 @@ class Settler:
         holder: str | None,
         on_settled: OnSettled,
         on_unwritten: Callable[[dict[str, Any]], None] | None = None,
+        backlog_limit: int = 2 * MAX_BATCH,
     ):
         self._store = store
         self._holder = holder
         self._on_settled = on_settled
         self._on_unwritten = on_unwritten
+        self._backlog_limit = backlog_limit
         self._queue: asyncio.Queue[tuple[dict[str, Any], Hold]] = asyncio.Queue()
         self._writing: list[tuple[dict[str, Any], Hold]] = []
         self._worker: asyncio.Task[None] | None = None
         self._caught_up = asyncio.Event()
+        # Set while a batch waits to be tried again: waiting for the writer would not help.
+        self._retrying = False
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run())
@@ -76,15 +78,20 @@ class Settler:
     def pending(self) -> int:
         return self._queue.qsize()
 
-    async def keep_up(self) -> None:
-        """Return at once unless more than `BACKLOG_LIMIT` rows wait to be written; then wait
-        until half of that is left, or `BACKLOG_WAIT_SECONDS` have passed."""
-        if self._queue.qsize() <= BACKLOG_LIMIT:
-            return
+    async def keep_up(self) -> bool:
+        """Return at once unless more than `backlog_limit` rows wait for a writer that is
+        writing; then wait until half of that is left, or `BACKLOG_WAIT_SECONDS` have passed.
+        Whether it waited."""
+        if self._queue.qsize() <= self._backlog_limit or self._retrying or not self._writer_alive():
+            return False
         self._caught_up.clear()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(BACKLOG_WAIT_SECONDS):
                 await self._caught_up.wait()
+        return True
+
+    def _writer_alive(self) -> bool:
+        return self._worker is not None and not self._worker.done()
 
     def abandon(self) -> list[dict[str, Any]]:
         """Every row not known to be written: the batch being written, then those queued."""
@@ -92,6 +99,7 @@ class Settler:
         while not self._queue.empty():
             rows.append(self._queue.get_nowait()[0])
             self._queue.task_done()
+        self._caught_up.set()
         return rows
 
     async def drain(self) -> None:
@@ -100,6 +108,7 @@ class Settler:
         if self._worker is not None:
             self._worker.cancel()
             self._worker = None
+        self._caught_up.set()
 
     async def _run(self) -> None:
         while True:
@@ -117,7 +126,7 @@ class Settler:
                 self._writing = []
                 for _ in batch:
                     self._queue.task_done()
-                if self._queue.qsize() <= BACKLOG_LIMIT // 2:
+                if self._queue.qsize() <= self._backlog_limit // 2:
                     self._caught_up.set()
 
     async def _write(self, batch: list[tuple[dict[str, Any], Hold]]) -> None:
@@ -131,7 +140,12 @@ class Settler:
                     self._lost(batch)
                     return
                 log.warning("usage write failed; retrying in %.1fs", delay, exc_info=True)
-                await asyncio.sleep(delay)
+                self._retrying = True
+                self._caught_up.set()
+                try:
+                    await asyncio.sleep(delay)
+                finally:
+                    self._retrying = False
         for (row, hold), result in zip(batch, results, strict=True):
             self._on_settled(row, hold, result)
 

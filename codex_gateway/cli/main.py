@@ -65,9 +65,11 @@ def serve(host: str, port: int, sandbox: bool, log_level: str | None, workers: i
         _prepare_sandbox(host, held.getsockname()[1])
     _raise_open_file_limit()
     if workers == 1:
-        sys.exit(_serve_one(settings, host, port, sandbox, held))
+        sys.exit(_serve_one(settings, host, port, sandbox, held, alone=True))
     sys.exit(
-        serve_workers(workers, held, lambda sock: _serve_one(settings, host, port, sandbox, sock))
+        serve_workers(
+            workers, held, lambda sock: _serve_one(settings, host, port, sandbox, sock, alone=False)
+        )
     )
 
 
@@ -81,8 +83,11 @@ def _raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-def _serve_one(settings: Settings, host: str, port: int, sandbox: bool, sock: socket.socket) -> int:
-    """One gateway process on `sock` (bound to HOST:PORT); its exit status."""
+def _serve_one(
+    settings: Settings, host: str, port: int, sandbox: bool, sock: socket.socket, alone: bool
+) -> int:
+    """One gateway process on `sock` (bound to HOST:PORT), `alone` when it is the only
+    worker; its exit status."""
     import uvicorn  # the server stack is imported only by the commands that serve
 
     from codex_gateway.app import Gateway
@@ -91,7 +96,7 @@ def _serve_one(settings: Settings, host: str, port: int, sandbox: bool, sock: so
     from codex_gateway.sandbox.app import SandboxApp
 
     try:
-        gateway = Gateway(settings, sandbox=SandboxApp() if sandbox else None)
+        gateway = Gateway(settings, sandbox=SandboxApp() if sandbox else None, alone=alone)
     except CredentialError as exc:
         click.echo(f"error: {exc}", err=True)
         return 1

@@ -86,7 +86,8 @@ class GatewayApp:
             await self._route(exchange)
         except asyncio.CancelledError:
             # A shutdown cut the request before a relay took charge of it (its body was being
-            # read, or its hold placed); a relay answers its own cut requests.
+            # read, it waited for the usage writer, or its hold was being placed); a relay
+            # answers its own cut requests.
             if not exchange.response_started:
                 await refuse_unanswered(exchange)
         except GatewayError as exc:

@@ -73,6 +73,8 @@ SHUTDOWN_REFUSAL = (
     "The gateway is shutting down and stopped this request before its answer began; "
     "send the request again."
 )
+# The request waited for the usage writer, which was far behind, before it was relayed.
+FLAG_WAITED_FOR_WRITER = "waited_for_writer"
 # How long a stream cut by a shutdown may spend handing its closing event to a slow client.
 CUT_WRITE_SECONDS = 1.0
 
@@ -135,7 +137,8 @@ async def admit(
     stream: bool,
 ) -> Outcome:
     """The request's outcome, priced and holding its largest cost; `stream` is what the client
-    asked for (a chat client's answer may be collected from an upstream stream)."""
+    asked for (a chat client's answer may be collected from an upstream stream). A request
+    first waits for the usage writer if that is far behind (`Settler.keep_up`)."""
     outcome = Outcome(
         request_id=exchange.request_id,
         started_at=datetime.now(UTC),
@@ -147,7 +150,9 @@ async def admit(
         user_id=key.user_id,
         key_id=key.id,
     )
-    await gateway.settler.keep_up()
+    if await gateway.settler.keep_up():
+        gateway.metrics.writer_waits.inc()
+        outcome.flag(FLAG_WAITED_FOR_WRITER)
     await _hold(gateway, key, request, outcome)
     return outcome
 

@@ -66,7 +66,11 @@ def create_engine(
 
 def in_memory(url: str) -> bool:
     """Whether the database lives in one connection's memory, unseen by any other engine."""
-    return url.startswith("sqlite") and ":memory:" in url
+    return is_sqlite(url) and ":memory:" in url
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
 
 
 def _sqlite_engine(url: str, same_thread: bool) -> AsyncEngine:

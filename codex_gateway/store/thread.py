@@ -6,14 +6,7 @@ can be queued faster than they are written. Here the statements run on a second 
 with an engine of its own, and the request loop waits once per batch. On SQLite that engine's
 connections make their calls on this thread (`same_thread.py`).
 
-On SQLite the thread runs at the lowest CPU priority (Linux lets any thread lower its own).
-SQLite does much of a batch's work in this process without the interpreter lock, and on a
-busy core the kernel would otherwise let that work finish its time slice, a few
-milliseconds, before the request loop woke to an answer that had come in. A request now
-takes the core at once; the writer has every moment the loop leaves idle, and requests wait
-for it when it falls far behind (`Settler.keep_up`). PostgreSQL does that work in its own
-processes, and what is left here holds the interpreter lock, which the request loop takes
-back within the switch interval; lowered, the writer fell behind at saturation there.
+A writer made with `lowered` runs at the lowest CPU priority (`_run`).
 """
 
 from __future__ import annotations
@@ -52,8 +45,10 @@ class StoreThread:
         database_url: str,
         name: str = "usage-writer",
         new_loop: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop,
+        lowered: bool = False,
     ):
         self._url = database_url
+        self._lowered = lowered
         self._name = name
         self._new_loop = new_loop
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -64,8 +59,9 @@ class StoreThread:
         if self._loop is not None:
             raise RuntimeError("the store thread has already started")
         loop = self._new_loop()
-        lowered = self._url.startswith("sqlite")
-        thread = threading.Thread(target=_run, args=(loop, lowered), name=self._name, daemon=True)
+        thread = threading.Thread(
+            target=_run, args=(loop, self._lowered), name=self._name, daemon=True
+        )
         thread.start()
         self._loop, self._thread = loop, thread
         try:
@@ -119,8 +115,16 @@ class StoreThread:
 
 
 def _run(loop: asyncio.AbstractEventLoop, lowered: bool) -> None:
-    """Run `loop` on this thread, the thread's priority lowered first if asked, where that
-    applies to one thread (Linux; elsewhere it would lower the whole process)."""
+    """Run `loop` on this thread, first lowering the thread's priority if asked, where a
+    priority applies to one thread (Linux; elsewhere it would lower the whole process).
+
+    SQLite does much of a batch's work without the interpreter lock. Sharing a core with the
+    request loop at the same priority, that work runs out its time slice, a few milliseconds,
+    before the loop wakes to an answer that has come in; lowered, it gives way at once and
+    has the time the loop leaves idle (`Settler.keep_up` makes the loop leave some). A
+    lowered thread that holds the interpreter lock while other processes keep the core busy
+    holds up its own request loop, so only a gateway alone on its database lowers it.
+    """
     if lowered and sys.platform == "linux":
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)

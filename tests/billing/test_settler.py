@@ -138,58 +138,69 @@ async def test_rows_queued_for_a_store_thread_are_settled_on_that_thread(
 
 class GatedStore:
     """A real store whose writes wait for the test to open a gate, as a slow database's
-    would."""
+    would, or are refused, as by a database that is away; `entered` is set once a write was
+    tried."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, refuse: bool = False):
         self.store = store
+        self.refuse = refuse
         self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
 
     async def settle_many(
         self, records: list[dict[str, Any]], holder: str | None = None
     ) -> list[Settled]:
+        self.entered.set()
+        if self.refuse:
+            raise OSError("the database is away")
         await self.gate.wait()
         return await self.store.settle_many(records, holder)
 
 
-async def _behind(
-    store: Store, monkeypatch: pytest.MonkeyPatch, rows: int
-) -> tuple[Settler, GatedStore]:
-    """A settler writing one row behind a closed gate, with `rows` more queued, and a limit of
-    four rows behind."""
-    monkeypatch.setattr(settler_module, "BACKLOG_LIMIT", 4)
+async def _behind(store: Store, rows: int, refuse: bool = False) -> tuple[Settler, GatedStore]:
+    """A settler writing one row behind a closed gate (or retrying it, with `refuse`), with
+    `rows` more queued, and a limit of four rows behind."""
     _, user_id = await new_user(store, "5")
-    gated = GatedStore(store)
-    settler = Settler(gated, None, lambda *_settled: None)
+    gated = GatedStore(store, refuse)
+    settler = Settler(gated, None, lambda *_settled: None, backlog_limit=4)
     settler.start()
     settler.submit(usage_row(user_id))
-    await asyncio.sleep(settler_module.WRITE_LINGER_SECONDS * 2)
+    await asyncio.wait_for(gated.entered.wait(), timeout=5)
     for _ in range(rows):
         settler.submit(usage_row(user_id))
     return settler, gated
 
 
-async def test_keeping_up_costs_nothing_while_the_writer_is_near(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    settler, gated = await _behind(store, monkeypatch, 4)
+async def test_keeping_up_costs_nothing_while_the_writer_is_near(store: Store) -> None:
+    settler, gated = await _behind(store, 4)
 
-    await asyncio.wait_for(settler.keep_up(), timeout=0.01)
+    assert await asyncio.wait_for(settler.keep_up(), timeout=0.01) is False
 
     gated.gate.set()
     await settler.drain()
 
 
-async def test_requests_wait_while_the_writer_is_far_behind_until_it_catches_up(
+async def _waiting(
     store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    settler, gated = await _behind(store, monkeypatch, 10)
-
+) -> tuple[Settler, GatedStore, asyncio.Task[bool]]:
+    """A request waiting for a writer ten rows too far behind, with a wait far longer than
+    the test: only the writer catching up, or its rows being handed over, can end it."""
+    monkeypatch.setattr(settler_module, "BACKLOG_WAIT_SECONDS", 60)
+    settler, gated = await _behind(store, 10)
     waiting = asyncio.create_task(settler.keep_up())
     await asyncio.sleep(0.1)
     assert not waiting.done()
-    gated.gate.set()
-    await asyncio.wait_for(waiting, timeout=5)
+    return settler, gated, waiting
 
+
+async def test_requests_wait_while_the_writer_is_far_behind_until_it_catches_up(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settler, gated, waiting = await _waiting(store, monkeypatch)
+
+    gated.gate.set()
+
+    assert await asyncio.wait_for(waiting, timeout=10) is True
     assert settler.pending <= 2
     await settler.drain()
     assert settler.pending == 0
@@ -199,13 +210,36 @@ async def test_a_writer_that_hangs_holds_requests_up_only_for_a_while(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(settler_module, "BACKLOG_WAIT_SECONDS", 0.2)
-    settler, gated = await _behind(store, monkeypatch, 10)
+    settler, gated = await _behind(store, 10)
 
     started = asyncio.get_running_loop().time()
-    await asyncio.wait_for(settler.keep_up(), timeout=5)
+    assert await asyncio.wait_for(settler.keep_up(), timeout=5) is True
     waited = asyncio.get_running_loop().time() - started
 
     assert waited >= 0.2
     assert settler.pending == 10
+    gated.gate.set()
+    await settler.drain()
+
+
+async def test_nobody_waits_for_a_writer_that_is_retrying_a_failed_write(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(settler_module, "BACKLOG_WAIT_SECONDS", 60)
+    monkeypatch.setattr(settler_module, "RETRY_DELAYS", (60,))
+    settler, _ = await _behind(store, 10, refuse=True)
+
+    assert await asyncio.wait_for(settler.keep_up(), timeout=1) is False
+    assert len(settler.abandon()) == 11
+
+
+async def test_waiting_requests_are_let_go_when_the_rows_are_handed_over(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settler, gated, waiting = await _waiting(store, monkeypatch)
+
+    assert len(settler.abandon()) == 11
+
+    assert await asyncio.wait_for(waiting, timeout=5) is True
     gated.gate.set()
     await settler.drain()
