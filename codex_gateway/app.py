@@ -44,9 +44,8 @@ FLAG_CANCELLED = "cancelled"
 
 class Gateway:
     def __init__(self, settings: Settings, sandbox: ASGIApp | None = None, alone: bool = False):
-        """`alone`: no other gateway process serves from this machine's database file (one
-        `serve` worker), so a SQLite writer may run at the lowest priority (`store/thread.py`).
-        """
+        """`alone`: the only worker of its `serve`, whose SQLite writer then runs at the
+        lowest priority (`store/thread.py`)."""
         self.settings = settings
         self.build = build_info()
         self.version = self.build.version

@@ -105,7 +105,8 @@ class Metrics:
         )
         self.overhead = Timings(
             "codex_gateway_overhead_seconds",
-            "The gateway's own time before the upstream call: authentication, admission, shaping.",
+            "The gateway's own time before the upstream call: authentication, admission (and any "
+            "wait for the usage writer), shaping.",
             (),
             OVERHEAD_BUCKETS,
         )

@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
+from typing import TYPE_CHECKING
 
-import redis.asyncio as aioredis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from codex_gateway.catalog import Catalog
 from codex_gateway.store.db import schema_state
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +29,12 @@ class Readiness:
     def __init__(self, engine: AsyncEngine, catalog: Catalog, redis_url: str | None):
         self._engine = engine
         self._catalog = catalog
-        self._redis = (
-            aioredis.from_url(redis_url, socket_connect_timeout=CHECK_TIMEOUT)
-            if redis_url
-            else None
-        )
+        self._redis: aioredis.Redis | None = None
+        if redis_url:
+            # Imported here: a gateway without Redis never loads the client.
+            import redis.asyncio as aioredis
+
+            self._redis = aioredis.from_url(redis_url, socket_connect_timeout=CHECK_TIMEOUT)
 
     async def problems(self) -> dict[str, str]:
         """Each failing check by name with the reason; empty when ready."""

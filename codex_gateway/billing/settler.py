@@ -14,7 +14,6 @@ the process cannot wait.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -65,8 +64,10 @@ class Settler:
         self._writing: list[tuple[dict[str, Any], Hold]] = []
         self._worker: asyncio.Task[None] | None = None
         self._caught_up = asyncio.Event()
-        # Set while a batch waits to be tried again: waiting for the writer would not help.
+        # Set while a batch waits to be tried again, and from a wait that timed out until a
+        # batch is done: waiting for the writer would not help.
         self._retrying = False
+        self._stalled = False
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run())
@@ -81,13 +82,18 @@ class Settler:
     async def keep_up(self) -> bool:
         """Return at once unless more than `backlog_limit` rows wait for a writer that is
         writing; then wait until half of that is left, or `BACKLOG_WAIT_SECONDS` have passed.
-        Whether it waited."""
-        if self._queue.qsize() <= self._backlog_limit or self._retrying or not self._writer_alive():
+        Whether it waited. After a wait that ran out, nobody waits until a batch is done: a
+        writer stuck on a database that does not answer is not helped by waiting."""
+        if self._queue.qsize() <= self._backlog_limit:
+            return False
+        if self._retrying or self._stalled or not self._writer_alive():
             return False
         self._caught_up.clear()
-        with contextlib.suppress(TimeoutError):
+        try:
             async with asyncio.timeout(BACKLOG_WAIT_SECONDS):
                 await self._caught_up.wait()
+        except TimeoutError:
+            self._stalled = True
         return True
 
     def _writer_alive(self) -> bool:
@@ -111,9 +117,15 @@ class Settler:
         self._caught_up.set()
 
     async def _run(self) -> None:
+        try:
+            await self._write_batches()
+        finally:
+            self._caught_up.set()
+
+    async def _write_batches(self) -> None:
         while True:
             batch = [await self._queue.get()]
-            if self._queue.qsize() < MAX_BATCH:
+            if self._queue.qsize() < min(MAX_BATCH, self._backlog_limit):
                 # Let a few more rows arrive: at low concurrency one write per request would
                 # cost the event loop more than the requests themselves.
                 await asyncio.sleep(WRITE_LINGER_SECONDS)
@@ -126,6 +138,7 @@ class Settler:
                 self._writing = []
                 for _ in batch:
                     self._queue.task_done()
+                self._stalled = False
                 if self._queue.qsize() <= self._backlog_limit // 2:
                     self._caught_up.set()
 

@@ -70,6 +70,7 @@ def in_memory(url: str) -> bool:
 
 
 def is_sqlite(url: str) -> bool:
+    """Whether the database is a SQLite file (or memory), which this process writes itself."""
     return url.startswith("sqlite")
 
 

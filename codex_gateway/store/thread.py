@@ -123,7 +123,7 @@ def _run(loop: asyncio.AbstractEventLoop, lowered: bool) -> None:
     before the loop wakes to an answer that has come in; lowered, it gives way at once and
     has the time the loop leaves idle (`Settler.keep_up` makes the loop leave some). A
     lowered thread that holds the interpreter lock while other processes keep the core busy
-    holds up its own request loop, so only a gateway alone on its database lowers it.
+    holds up its own request loop, so only the single worker of a `serve` lowers it.
     """
     if lowered and sys.platform == "linux":
         try:

@@ -13,10 +13,10 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import redis.asyncio
-from redis.exceptions import RedisError
+if TYPE_CHECKING:
+    import redis.asyncio
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +79,19 @@ class RedisStickiness:
     """Bindings shared by every process that uses the same Redis and prefix."""
 
     def __init__(self, url: str, prefix: str, ttl: float):
-        self._redis = redis.asyncio.Redis.from_url(url, socket_timeout=1.0)
+        # Imported here: a gateway without Redis never loads the client (about 6 MB).
+        import redis.asyncio
+        from redis.exceptions import RedisError
+
+        self._redis: redis.asyncio.Redis = redis.asyncio.Redis.from_url(url, socket_timeout=1.0)
+        self._errors = (RedisError, OSError)
         self._prefix = prefix + ":sticky:"
         self._ttl = max(int(ttl), 1)
 
     async def get(self, conversation: str) -> int | None:
         try:
             value = await self._redis.getex(self._prefix + conversation, ex=self._ttl)
-        except (RedisError, OSError) as exc:
+        except self._errors as exc:
             log.warning("stickiness lookup failed, choosing freely: %s", exc)
             return None
         if value is None:
@@ -99,7 +104,7 @@ class RedisStickiness:
     async def put(self, conversation: str, account_id: int) -> None:
         try:
             await self._redis.set(self._prefix + conversation, account_id, ex=self._ttl)
-        except (RedisError, OSError) as exc:
+        except self._errors as exc:
             log.warning("could not store a stickiness binding: %s", exc)
 
     async def close(self) -> None:

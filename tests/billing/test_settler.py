@@ -218,6 +218,8 @@ async def test_a_writer_that_hangs_holds_requests_up_only_for_a_while(
 
     assert waited >= 0.2
     assert settler.pending == 10
+    # Until the writer is done with a batch, nobody waits for it again.
+    assert await asyncio.wait_for(settler.keep_up(), timeout=0.05) is False
     gated.gate.set()
     await settler.drain()
 
@@ -226,11 +228,12 @@ async def test_nobody_waits_for_a_writer_that_is_retrying_a_failed_write(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(settler_module, "BACKLOG_WAIT_SECONDS", 60)
-    monkeypatch.setattr(settler_module, "RETRY_DELAYS", (60,))
+    monkeypatch.setattr(settler_module, "RETRY_DELAYS", (0.5,))
     settler, _ = await _behind(store, 10, refuse=True)
 
     assert await asyncio.wait_for(settler.keep_up(), timeout=1) is False
     assert len(settler.abandon()) == 11
+    await settler.drain()  # stops the writer in its pause before the next try
 
 
 async def test_waiting_requests_are_let_go_when_the_rows_are_handed_over(

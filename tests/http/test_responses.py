@@ -7,9 +7,11 @@ as it is when its final event had come, else with one error event.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -29,6 +31,7 @@ from tests.conftest import (
     MAX_BODY_BYTES,
     Gateway,
     Sandbox,
+    add_sandbox_account,
     estimated_counts,
     fixture_path,
     free_port,
@@ -680,3 +683,65 @@ async def test_what_came_but_was_not_relayed_goes_first_and_can_make_the_stream_
     await end_cut_stream(exchange, cut_outcome(), scanner, CUT_EVENT, CUT_COMPLETED)
 
     assert sent == [{"type": "http.response.body", "body": CUT_COMPLETED, "more_body": False}]
+
+
+BACKLOG_ADMIN_TOKEN = "backlog-admin-token-0123456789"
+BACKLOG_BODY = b'{"model":"gpt-5.1-codex","input":"hi"}'
+BACKLOG_CLIENTS = 16
+BACKLOG_EACH = 6
+# What the sandbox's default answer costs at the seeded price.
+SEED_COST = Decimal("0.114295")
+
+
+def test_requests_wait_for_a_writer_far_behind_and_each_is_billed_once(
+    sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    gw = make_gateway("sqlite", tmp_path_factory)
+    # One bill queued is "far behind": requests that arrive while a batch is written wait.
+    gw.env["CODEX_GATEWAY_WRITER_BACKLOG_ROWS"] = "1"
+    gw.env["CODEX_GATEWAY_ADMIN_TOKEN"] = BACKLOG_ADMIN_TOKEN
+    add_sandbox_account(gw, sandbox)
+    gw.start(log_level="INFO")
+    try:
+        user, key = gw.new_user("100")
+
+        async def client_loop(client: httpx.AsyncClient) -> list[int]:
+            statuses = []
+            for _ in range(BACKLOG_EACH):
+                response = await client.post(
+                    gw.url + "/v1/responses",
+                    content=BACKLOG_BODY,
+                    headers={"Authorization": f"Bearer {key}"},
+                )
+                statuses.append(response.status_code)
+            return statuses
+
+        async def fire() -> list[list[int]]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                return await asyncio.gather(*(client_loop(client) for _ in range(BACKLOG_CLIENTS)))
+
+        statuses = [status for loop in asyncio.run(fire()) for status in loop]
+        assert statuses == [200] * BACKLOG_CLIENTS * BACKLOG_EACH
+
+        deadline = time.monotonic() + 20
+        while len(rows := gw.cli_json("usage", "list", "--user", user, "--limit", "500")) < len(
+            statuses
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert len({row["request_id"] for row in rows}) == len(statuses)
+        assert Decimal(gw.balance(user)) == 100 - len(statuses) * SEED_COST
+        assert "ok:" in gw.cli("ledger", "verify").stdout
+
+        waited = [row for row in rows if "waited_for_writer" in str(row["flags"])]
+        assert waited
+        text = httpx.get(
+            gw.url + "/metrics",
+            headers={"Authorization": f"Bearer {BACKLOG_ADMIN_TOKEN}"},
+            timeout=10,
+        ).text
+        counted = re.search(r"^codex_gateway_writer_waits_total (\S+)$", text, re.MULTILINE)
+        assert counted is not None
+        assert float(counted.group(1)) == len(waited)
+    finally:
+        gw.stop()

@@ -7,9 +7,12 @@ import os
 import sys
 import threading
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
+from codex_gateway.app import Gateway
+from codex_gateway.config import Settings
 from codex_gateway.http.server import SWITCH_INTERVAL_SECONDS
 from codex_gateway.store.queries import Store
 from codex_gateway.store.thread import WRITER_NICENESS, StoreThread
@@ -125,3 +128,26 @@ async def test_a_lowered_writer_runs_at_the_lowest_priority_and_the_requests_kee
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == ours
     finally:
         await writer.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own priority is Linux's")
+@pytest.mark.parametrize("alone", [True, False])
+async def test_only_the_single_worker_of_a_serve_lowers_its_sqlite_writer(
+    database_url: str, tmp_path: Path, alone: bool
+) -> None:
+    ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    if ours == WRITER_NICENESS:
+        pytest.skip("the tests themselves run at the lowest priority")
+    settings = Settings(database_url=database_url, spool_path=str(tmp_path / "spool.jsonl"))
+    gateway = Gateway(settings, alone=alone)
+    assert gateway.writer is not None
+    gateway.writer.start()
+    try:
+        thread = next(t for t in threading.enumerate() if t.name == "usage-writer")
+        assert thread.native_id is not None
+        lowered = alone and database_url.startswith("sqlite")
+        expected = WRITER_NICENESS if lowered else ours
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == expected
+    finally:
+        await gateway.writer.close()
+        await gateway.engine.dispose()

@@ -8,8 +8,11 @@ Redis that agree on where a conversation lives.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -170,3 +173,22 @@ def test_two_gateway_processes_sharing_redis_agree_on_the_account(
     served = served_by(sandbox, accounts)
     assert served[0] != served[1]
     assert served[1:] == [served[1]] * 5
+
+
+@pytest.mark.parametrize("redis_url", ["", "redis://127.0.0.1:6379/0"])
+def test_a_gateway_loads_the_redis_client_only_when_it_uses_redis(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The client is several megabytes that a gateway on one machine never uses."""
+    code = (
+        "import sys\n"
+        "from codex_gateway.app import Gateway\n"
+        "from codex_gateway.config import Settings\n"
+        f"Gateway(Settings(database_url='sqlite:///{tmp_path}/gateway.db', "
+        f"spool_path='{tmp_path}/spool.jsonl', redis_url={redis_url or None!r}))\n"
+        "print(any(name.split('.')[0] == 'redis' for name in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(bool(redis_url))
