@@ -24,7 +24,14 @@ from codex_gateway.readiness import Readiness
 from codex_gateway.relay.chatgpt import SessionIds
 from codex_gateway.relay.estimate import TokenCounter
 from codex_gateway.store.credentials import KIND_CHATGPT, CredentialStore
-from codex_gateway.store.db import create_engine, in_memory, is_sqlite, migrate, schema_state
+from codex_gateway.store.db import (
+    create_engine,
+    database_identity,
+    in_memory,
+    is_sqlite,
+    migrate,
+    schema_state,
+)
 from codex_gateway.store.queries import Settled, Store
 from codex_gateway.store.thread import StoreThread
 from codex_gateway.upstream.chatgpt_auth import TokenCipher, TokenRefresher, load_cipher
@@ -99,8 +106,13 @@ class Gateway:
         )
         self.tokens = TokenCounter()
         self.sandbox = sandbox
-        self.spool = Spool(Path(settings.spool_path))
-        self.journal = HoldJournal(settings.journal_path, self.admission.holder)
+        # Journals and spool lines name their database, so that gateways of different
+        # databases sharing a folder never settle each other's bills.
+        self.database = database_identity(settings.database_url)
+        self.spool = Spool(Path(settings.spool_path), self.database)
+        self.journal = HoldJournal(
+            settings.journal_path, self.admission.holder, database=self.database
+        )
         # The usage writer's statements run on a thread and engine of their own, so that the
         # request loop waits once per batch (not for an in-memory database, which a second
         # engine would not see).
@@ -122,6 +134,8 @@ class Gateway:
         # Set by a second SIGTERM: bills go straight to the spool instead of the database.
         self.forced = False
         self._tasks: list[asyncio.Task[None]] = []
+        # Dead processes' journals of other databases in the journal folder, reported once.
+        self._foreign_journals: set[str] = set()
 
     def _chatgpt_kind(self) -> ChatGPTKind | None:
         if self.cipher is None or self.refresher is None:
@@ -173,7 +187,10 @@ class Gateway:
 
     async def recover_journals(self) -> None:
         """Settle or release the holds of gateway processes that died with holds open."""
-        recovered = await recover(self.settings.journal_path, self.store)
+        recovered = await recover(self.settings.journal_path, self.store, self.database)
+        for lock in set(recovered.foreign) - self._foreign_journals:
+            log.warning("left the hold journal %s alone: it is of another database", lock)
+        self._foreign_journals.update(recovered.foreign)
         if recovered.journals:
             self.metrics.recovered(len(recovered.settled), len(recovered.released))
 

@@ -47,11 +47,19 @@ INTERRUPTED_MESSAGE = (
 
 
 class HoldJournal:
-    """This process's journal: `<dir>/<holder>.lock` and segments `<holder>.<n>.jsonl`."""
+    """This process's journal: `<dir>/<holder>.lock` and segments `<holder>.<n>.jsonl`. The
+    lock file names the holder and the database (`database_identity`) the holds are in."""
 
-    def __init__(self, directory: Path, holder: str, segment_bytes: int = SEGMENT_BYTES):
+    def __init__(
+        self,
+        directory: Path,
+        holder: str,
+        segment_bytes: int = SEGMENT_BYTES,
+        database: str = "",
+    ):
         self.directory = directory
         self.holder = holder
+        self.database = database
         self._stem = _file_stem(holder)
         self._segment_bytes = segment_bytes
         self._lock_fd: int | None = None
@@ -73,7 +81,7 @@ class HoldJournal:
         lock = self.directory / f"{self._stem}.lock"
         self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.write(self._lock_fd, self.holder.encode())
+        os.write(self._lock_fd, f"{self.holder}\n{self.database}".encode())
         self._next_segment()
 
     @property
@@ -196,6 +204,8 @@ class Recovered:
     journals: int = 0
     settled: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
+    # Lock files of dead processes' journals of another database, left alone.
+    foreign: list[str] = field(default_factory=list)
 
 
 def read_journal(paths: list[Path]) -> list[OpenHold]:
@@ -260,18 +270,24 @@ def interrupted_row(known: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def recover(directory: Path, store: Store) -> Recovered:
+async def recover(directory: Path, store: Store, database: str = "") -> Recovered:
     """Settle or release the open holds of every journal in `directory` whose process is gone.
 
     A journal still locked belongs to a live process and is left alone; so is one whose
-    recovery fails (the next sweep tries again, and settling twice changes nothing).
+    recovery fails (the next sweep tries again, and settling twice changes nothing), and one
+    of another database than `database` (`Recovered.foreign`), whose holds and bills are not
+    this database's to settle.
     """
     done = Recovered()
     if not directory.is_dir():
         return done
     for lock in sorted(directory.glob("*.lock")):
-        with _unless_alive(lock) as holder:
-            if holder is None:
+        with _unless_alive(lock) as owner:
+            if owner is None:
+                continue
+            holder, _, its_database = owner.partition("\n")
+            if its_database and database and its_database != database:
+                done.foreign.append(lock.name)
                 continue
             await _recover_one(directory, lock, holder, store, done)
     return done

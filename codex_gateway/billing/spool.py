@@ -28,14 +28,20 @@ _DECIMAL_COLUMNS = frozenset(
     column.name for column in UsageRecord.__table__.columns if isinstance(column.type, Money)
 )
 _TIME_COLUMNS = frozenset({"started_at"})
+# The key a spooled line names its database under (`store.db.database_identity`).
+DATABASE_KEY = "spooled_for"
 
 
 class Spool:
     """The workers of `serve --workers` share one spool: appends take a short lock on a file
-    beside it, and one replay at a time runs (the others find it busy and leave it)."""
+    beside it, and one replay at a time runs (the others find it busy and leave it).
 
-    def __init__(self, path: Path):
+    Each line names the database its row is for; a replay settles only its own database's
+    rows and keeps the others' (gateways of different databases that share a spool file)."""
+
+    def __init__(self, path: Path, database: str = ""):
         self.path = path
+        self.database = database
 
     @contextlib.contextmanager
     def _lock(self, suffix: str, *, wait: bool = True) -> Iterator[bool]:
@@ -54,7 +60,8 @@ class Spool:
 
     def append(self, row: dict[str, Any]) -> None:
         """Write one row and flush it to disk before returning."""
-        line = orjson.dumps(row, default=encode_value) + b"\n"
+        record = {**row, DATABASE_KEY: self.database} if self.database else row
+        line = orjson.dumps(record, default=encode_value) + b"\n"
         with self._lock(".lock"):
             _append_durably(self.path, line)
         log.warning(
@@ -62,21 +69,30 @@ class Spool:
         )
 
     def rows(self) -> list[dict[str, Any]]:
+        """This database's rows in the spool."""
         return self._parse(self.path.read_bytes())[0] if self.path.exists() else []
 
-    def _parse(self, data: bytes) -> tuple[list[dict[str, Any]], list[bytes]]:
-        """The rows in `data`, and the lines that are not rows."""
-        rows, bad = [], []
+    def _parse(self, data: bytes) -> tuple[list[dict[str, Any]], list[bytes], list[bytes]]:
+        """This database's rows in `data`, the lines that are not rows, and the lines of
+        other databases' rows."""
+        rows, bad, foreign = [], [], []
         for number, line in enumerate(data.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                rows.append(decode_row(orjson.loads(line)))
-            except (orjson.JSONDecodeError, ValueError, TypeError):
+                record = orjson.loads(line)
+                database = record.pop(DATABASE_KEY, "")
+                row = decode_row(record)
+            except (orjson.JSONDecodeError, ValueError, TypeError, AttributeError):
                 # A line cut off by a crash mid-write; the rest of the file is still good.
                 log.error("spool %s line %d is not a usage row; skipped", self.path, number)
                 bad.append(line)
-        return rows, bad
+                continue
+            if database and self.database and database != self.database:
+                foreign.append(line)
+            else:
+                rows.append(row)
+        return rows, bad, foreign
 
     def _reject(self, lines: list[bytes]) -> None:
         """Keep lines that are not rows beside the spool, for an operator to look at."""
@@ -96,7 +112,7 @@ class Spool:
                 return 0
             with self._lock(".lock"):
                 read = self.path.read_bytes()
-            rows, bad = self._parse(read)
+            rows, bad, foreign = self._parse(read)
             if bad:
                 self._reject(bad)
             kept = []
@@ -112,7 +128,11 @@ class Spool:
                     )
                     kept.append(row)
             with self._lock(".lock"):
-                self._rewrite(kept, self.path.read_bytes()[len(read) :])
+                self._rewrite(
+                    kept,
+                    b"".join(line + b"\n" for line in foreign)
+                    + self.path.read_bytes()[len(read) :],
+                )
         if rows:
             log.info("replayed %d spooled usage row(s) from %s", len(rows) - len(kept), self.path)
         return len(rows) - len(kept)
@@ -124,7 +144,13 @@ class Spool:
             self.path.unlink()
             return
         partial = self.path.with_name(self.path.name + ".partial")
-        kept = b"".join(orjson.dumps(row, default=encode_value) + b"\n" for row in rows)
+        kept = b"".join(
+            orjson.dumps(
+                {**row, DATABASE_KEY: self.database} if self.database else row, default=encode_value
+            )
+            + b"\n"
+            for row in rows
+        )
         partial.write_bytes(kept + appended)
         os.replace(partial, self.path)
 

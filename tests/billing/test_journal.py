@@ -30,12 +30,18 @@ def known(row: dict[str, object]) -> dict[str, object]:
 
 
 async def crashed_process(
-    store: Store, directory: Path, user_id: int, captured: int, open_only: int, done: int
+    store: Store,
+    directory: Path,
+    user_id: int,
+    captured: int,
+    open_only: int,
+    done: int,
+    database: str = "",
 ) -> tuple[Admission, list[str], list[str]]:
     """A process that placed holds, then died: some usage journaled, some holds bare, some
     settled. Returns its admission and the request ids it left with usage and without."""
     gate = Admission(store, lease_ttl=60, idle_seconds=60)
-    journal = HoldJournal(directory, gate.holder)
+    journal = HoldJournal(directory, gate.holder, database=database)
     journal.start()
     with_usage, bare = [], []
     for index in range(captured + open_only + done):
@@ -87,6 +93,34 @@ async def test_a_dead_process_holds_are_settled_from_usage_or_released(
     kinds = [entry["kind"] for entry in await store.ledger(name)]
     # the top-up, one lease granted, 7 requests settled, 2 released, the lease returned
     assert kinds == ["topup", "hold", *["settle"] * 7, *["release"] * 3]
+
+
+async def test_a_dead_process_journal_of_another_database_is_left_to_that_database(
+    store: Store, tmp_path: Path
+) -> None:
+    """Gateways of two databases sharing a journal folder: neither settles the other's bills
+    (the user ids of one mean other users in the other)."""
+    _, user_id = await new_user(store, "10")
+    _, with_usage, bare = await crashed_process(
+        store, tmp_path, user_id, 3, 2, 0, database="sqlite:/srv/one.db"
+    )
+    balance = (await store.balances())[user_id]
+
+    elsewhere = await recover(tmp_path, store, "sqlite:/srv/other.db")
+
+    assert (elsewhere.journals, elsewhere.settled, elsewhere.released) == (0, [], [])
+    assert len(elsewhere.foreign) == 1
+    for request_id in with_usage + bare:
+        assert await store.usage(request_id) is None
+    assert (await store.balances())[user_id] == balance
+
+    own = await recover(tmp_path, store, "sqlite:/srv/one.db")
+
+    assert (own.journals, sorted(own.settled), sorted(own.released)) == (
+        1,
+        sorted(with_usage),
+        sorted(bare),
+    )
 
 
 async def test_recovering_again_after_a_partial_recovery_charges_nothing_twice(

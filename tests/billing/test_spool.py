@@ -115,6 +115,27 @@ async def test_replay_settles_each_row_once_and_empties_the_spool(
     assert (await store.balances())[user_id] == Decimal("1") - 2 * Decimal("0.004875625")
 
 
+async def test_a_replay_settles_its_own_database_rows_and_keeps_the_others(
+    tmp_path: Path, store: Store
+) -> None:
+    """Gateways of two databases sharing a spool file: each replays only its own rows."""
+    await store.create_user("carol", Decimal("1"))
+    user_id = (await store.list_users())[0]["id"]
+    path = tmp_path / "unsettled.jsonl"
+    Spool(path, "sqlite:/srv/other.db").append(usage_row("req_of_the_other", user_id))
+    ours = Spool(path, "sqlite:/srv/ours.db")
+    ours.append(usage_row("req_of_ours", user_id))
+
+    assert await ours.replay(store.settle) == 1
+
+    assert await store.usage("req_of_ours") is not None
+    assert await store.usage("req_of_the_other") is None
+    assert (await store.balances())[user_id] == Decimal("1") - Decimal("0.004875625")
+    theirs = Spool(path, "sqlite:/srv/other.db")
+    assert [row["request_id"] for row in theirs.rows()] == ["req_of_the_other"]
+    assert ours.rows() == []
+
+
 async def test_a_row_the_database_refuses_stays_spooled_and_the_rest_are_settled(
     tmp_path: Path, store: Store
 ) -> None:
