@@ -107,7 +107,8 @@ class Gateway:
         self.tokens = TokenCounter()
         self.sandbox = sandbox
         # Journals and spool lines name their database, so that gateways of different
-        # databases sharing a folder never settle each other's bills.
+        # databases sharing a folder never settle each other's bills: by its URL here, and by
+        # the server's own identity once `start` has asked it.
         self.database = database_identity(settings.database_url)
         self.spool = Spool(Path(settings.spool_path), self.database)
         self.journal = HoldJournal(
@@ -147,6 +148,8 @@ class Gateway:
             log.warning("the database was migrated by a newer version; serving it as it is")
         else:
             await migrate(self.engine)
+        self.database = await self.store.server_identity() or self.database
+        self.spool.database = self.journal.database = self.database
         await self.spool.replay(self.store.settle)
         self.journal.start()
         await self.recover_journals()

@@ -12,8 +12,8 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
-from sqlalchemy import Select, delete, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Select, delete, func, insert, select, text, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from codex_gateway.billing.pricing import MONEY, ZERO, Price, plain
@@ -1132,6 +1132,20 @@ class Store:
             await _require_user(conn, user_name)
             rows = (await conn.execute(query)).mappings().all()
         return [dict(row) for row in rows]
+
+    async def server_identity(self) -> str | None:
+        """A PostgreSQL database's identity however it is reached (host names, proxies): its
+        cluster's system identifier and its name. None on SQLite, or when the server keeps
+        the identifier to itself."""
+        if self.engine.dialect.name != "postgresql":
+            return None
+        query = text("SELECT system_identifier::text, current_database() FROM pg_control_system()")
+        try:
+            async with self.engine.connect() as connection:
+                system, name = (await connection.execute(query)).one()
+        except SQLAlchemyError:
+            return None
+        return f"postgresql:{system}/{name}"
 
     async def count_usage(self) -> int:
         async with self._read() as conn:

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from codex_gateway.billing.pricing import LIST_PRICES, Price, PriceTable, plain
 from codex_gateway.billing.settlement import Outcome, bill
+from codex_gateway.store.db import create_engine
 from codex_gateway.store.queries import KEY_PREFIX, KeyRecord, Store, StoreError, hash_key
 from tests.store.dump import dump
 
@@ -320,3 +321,19 @@ async def test_revoking_a_key_twice_is_refused(store: Store) -> None:
 async def test_key_for_an_unknown_user_is_refused(store: Store) -> None:
     with pytest.raises(StoreError, match="no user named"):
         await store.create_key(unique("nobody"))
+
+
+async def test_a_server_database_is_the_same_however_it_is_reached(
+    store: Store, database_url: str
+) -> None:
+    identity = await store.server_identity()
+    if database_url.startswith("sqlite"):
+        assert identity is None
+        return
+    other_name = create_engine(database_url.replace("@127.0.0.1", "@localhost"))
+    try:
+        assert identity is not None
+        assert identity.endswith("/" + database_url.rsplit("/", 1)[1])
+        assert await Store(other_name).server_identity() == identity
+    finally:
+        await other_name.dispose()
