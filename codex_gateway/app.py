@@ -26,7 +26,6 @@ from codex_gateway.relay.estimate import TokenCounter
 from codex_gateway.store.credentials import KIND_CHATGPT, CredentialStore
 from codex_gateway.store.db import (
     create_engine,
-    database_identity,
     in_memory,
     is_sqlite,
     migrate,
@@ -106,14 +105,10 @@ class Gateway:
         )
         self.tokens = TokenCounter()
         self.sandbox = sandbox
-        # Journals and spool lines name their database, so that gateways of different
-        # databases sharing a folder never settle each other's bills: by its URL here, and by
-        # the server's own identity once `start` has asked it.
-        self.database = database_identity(settings.database_url)
-        self.spool = Spool(Path(settings.spool_path), self.database)
-        self.journal = HoldJournal(
-            settings.journal_path, self.admission.holder, database=self.database
-        )
+        # Journals and spool lines name their database by its identity, read at `start`, so
+        # that gateways of different databases sharing a folder never settle each other's bills.
+        self.spool = Spool(Path(settings.spool_path))
+        self.journal = HoldJournal(settings.journal_path, self.admission.holder)
         # The usage writer's statements run on a thread and engine of their own, so that the
         # request loop waits once per batch (not for an in-memory database, which a second
         # engine would not see).
@@ -148,8 +143,9 @@ class Gateway:
             log.warning("the database was migrated by a newer version; serving it as it is")
         else:
             await migrate(self.engine)
-        self.database = await self.store.server_identity() or self.database
-        self.spool.database = self.journal.database = self.database
+        database = await self.store.database_id()
+        self.spool.database = database
+        self.journal.database = database
         await self.spool.replay(self.store.settle)
         self.journal.start()
         await self.recover_journals()
@@ -190,7 +186,7 @@ class Gateway:
 
     async def recover_journals(self) -> None:
         """Settle or release the holds of gateway processes that died with holds open."""
-        recovered = await recover(self.settings.journal_path, self.store, self.database)
+        recovered = await recover(self.settings.journal_path, self.store, self.journal.database)
         for lock in set(recovered.foreign) - self._foreign_journals:
             log.warning("left the hold journal %s alone: it is of another database", lock)
         self._foreign_journals.update(recovered.foreign)

@@ -39,6 +39,8 @@ from codex_gateway.store.tables import STATUS_INTERRUPTED
 log = logging.getLogger(__name__)
 
 SEGMENT_BYTES = 8 * 1024 * 1024
+# What a lock file holds at most: the holder's name and the database's identity.
+LOCK_FILE_BYTES = 4096
 FLAG_INTERRUPTED = "interrupted"
 INTERRUPTED_MESSAGE = (
     "The gateway process serving this request stopped before the request's usage was "
@@ -48,7 +50,7 @@ INTERRUPTED_MESSAGE = (
 
 class HoldJournal:
     """This process's journal: `<dir>/<holder>.lock` and segments `<holder>.<n>.jsonl`. The
-    lock file names the holder and the database (`database_identity`) the holds are in."""
+    lock file names the holder and the database (`Store.database_id`) the holds are in."""
 
     def __init__(
         self,
@@ -276,7 +278,8 @@ async def recover(directory: Path, store: Store, database: str = "") -> Recovere
     A journal still locked belongs to a live process and is left alone; so is one whose
     recovery fails (the next sweep tries again, and settling twice changes nothing), and one
     of another database than `database` (`Recovered.foreign`), whose holds and bills are not
-    this database's to settle.
+    this database's to settle. A journal that names no database (written before journals
+    did) is recovered by whoever comes first, as is every journal when `database` is empty.
     """
     done = Recovered()
     if not directory.is_dir():
@@ -307,7 +310,7 @@ def _unless_alive(lock: Path) -> Any:
         except BlockingIOError:
             yield None
             return
-        yield os.pread(fd, 1000, 0).decode(errors="replace") or None
+        yield os.pread(fd, LOCK_FILE_BYTES, 0).decode(errors="replace") or None
     finally:
         os.close(fd)
 

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -28,7 +28,7 @@ _DECIMAL_COLUMNS = frozenset(
     column.name for column in UsageRecord.__table__.columns if isinstance(column.type, Money)
 )
 _TIME_COLUMNS = frozenset({"started_at"})
-# The key a spooled line names its database under (`store.db.database_identity`).
+# The key a spooled line names its database under (`Store.database_id`).
 DATABASE_KEY = "spooled_for"
 
 
@@ -70,12 +70,14 @@ class Spool:
 
     def rows(self) -> list[dict[str, Any]]:
         """This database's rows in the spool."""
-        return self._parse(self.path.read_bytes())[0] if self.path.exists() else []
+        if not self.path.exists():
+            return []
+        return [row for row, _ in self._parse(self.path.read_bytes()).own]
 
-    def _parse(self, data: bytes) -> tuple[list[dict[str, Any]], list[bytes], list[bytes]]:
-        """This database's rows in `data`, the lines that are not rows, and the lines of
-        other databases' rows."""
-        rows, bad, foreign = [], [], []
+    def _parse(self, data: bytes) -> _Lines:
+        """The lines of `data`: this database's rows (each with its line as written), the
+        lines that are not rows, and the lines of other databases' rows."""
+        lines = _Lines([], [], [])
         for number, line in enumerate(data.splitlines(), start=1):
             if not line.strip():
                 continue
@@ -86,13 +88,13 @@ class Spool:
             except (orjson.JSONDecodeError, ValueError, TypeError, AttributeError):
                 # A line cut off by a crash mid-write; the rest of the file is still good.
                 log.error("spool %s line %d is not a usage row; skipped", self.path, number)
-                bad.append(line)
+                lines.bad.append(line)
                 continue
             if database and self.database and database != self.database:
-                foreign.append(line)
+                lines.foreign.append(line)
             else:
-                rows.append(row)
-        return rows, bad, foreign
+                lines.own.append((row, line))
+        return lines
 
     def _reject(self, lines: list[bytes]) -> None:
         """Keep lines that are not rows beside the spool, for an operator to look at."""
@@ -101,7 +103,8 @@ class Spool:
         log.error("%d spool line(s) that are not usage rows kept in %s", len(lines), rejected)
 
     async def replay(self, settle: Callable[[dict[str, Any]], Awaitable[object]]) -> int:
-        """Settle every spooled row; rows the database still refuses stay in the file.
+        """Settle every spooled row of this database; rows the database still refuses, and
+        other databases' rows, stay in the file as they were written.
 
         Returns how many were settled. One bad row never keeps the gateway from starting.
         Rows appended while the replay waits on the database are kept. The append lock is
@@ -112,11 +115,11 @@ class Spool:
                 return 0
             with self._lock(".lock"):
                 read = self.path.read_bytes()
-            rows, bad, foreign = self._parse(read)
-            if bad:
-                self._reject(bad)
-            kept = []
-            for row in rows:
+            lines = self._parse(read)
+            if lines.bad:
+                self._reject(lines.bad)
+            kept = list(lines.foreign)
+            for row, line in lines.own:
                 try:
                     await settle(row)
                 except Exception:
@@ -126,33 +129,31 @@ class Spool:
                         exc_info=True,
                         extra={"request_id": row.get("request_id")},
                     )
-                    kept.append(row)
-            with self._lock(".lock"):
-                self._rewrite(
-                    kept,
-                    b"".join(line + b"\n" for line in foreign)
-                    + self.path.read_bytes()[len(read) :],
-                )
-        if rows:
-            log.info("replayed %d spooled usage row(s) from %s", len(rows) - len(kept), self.path)
-        return len(rows) - len(kept)
+                    kept.append(line)
+            settled = len(lines.own) + len(lines.foreign) - len(kept)
+            if settled or lines.bad:
+                with self._lock(".lock"):
+                    self._rewrite(kept, self.path.read_bytes()[len(read) :])
+        if settled:
+            log.info("replayed %d spooled usage row(s) from %s", settled, self.path)
+        return settled
 
-    def _rewrite(self, rows: list[dict[str, Any]], appended: bytes) -> None:
-        """Replace the file with `rows` and the lines `appended` since it was read, in one
-        rename, so a crash leaves the old or the new."""
-        if not rows and not appended:
+    def _rewrite(self, lines: list[bytes], appended: bytes) -> None:
+        """Replace the file with `lines` and the bytes `appended` since it was read, in one
+        rename made durable first, so a crash leaves the old or the new."""
+        if not lines and not appended:
             self.path.unlink()
             return
         partial = self.path.with_name(self.path.name + ".partial")
-        kept = b"".join(
-            orjson.dumps(
-                {**row, DATABASE_KEY: self.database} if self.database else row, default=encode_value
-            )
-            + b"\n"
-            for row in rows
-        )
-        partial.write_bytes(kept + appended)
+        partial.unlink(missing_ok=True)
+        _append_durably(partial, b"".join(line + b"\n" for line in lines) + appended)
         os.replace(partial, self.path)
+
+
+class _Lines(NamedTuple):
+    own: list[tuple[dict[str, Any], bytes]]
+    bad: list[bytes]
+    foreign: list[bytes]
 
 
 def _append_durably(path: Path, data: bytes) -> None:

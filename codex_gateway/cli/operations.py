@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from codex_gateway.billing.journal import Recovered
 from codex_gateway.billing.journal import recover as recover_journals
 from codex_gateway.cli.context import dump_json, settings_or_exit, table, with_store
 from codex_gateway.config import describe, load_settings
@@ -37,10 +38,15 @@ def recover(journal_dir: Path | None) -> None:
     processes still running are left alone.
     """
     directory = journal_dir or settings_or_exit().journal_path
-    done = with_store(lambda store: recover_journals(directory, store))
+
+    async def recover_ours(store: Store) -> Recovered:
+        return await recover_journals(directory, store, await store.database_id())
+
+    done = with_store(recover_ours)
     click.echo(
         f"recovered {done.journals} journal(s) in {directory}: {len(done.settled)} request(s) "
         f"settled from their journaled usage, {len(done.released)} released as interrupted"
+        + (f"; {len(done.foreign)} of other databases left alone" if done.foreign else "")
     )
 
 

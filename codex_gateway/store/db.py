@@ -8,7 +8,6 @@ while reads (connections with the READ_ONLY options) take none.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -68,18 +67,6 @@ def create_engine(
 def in_memory(url: str) -> bool:
     """Whether the database lives in one connection's memory, unseen by any other engine."""
     return is_sqlite(url) and ":memory:" in url
-
-
-def database_identity(url: str) -> str:
-    """Which database `url` is, without credentials, for files that must be replayed into the
-    database they came from (hold journals, the spool): a SQLite file by its real path, a
-    server's database by host, port and name."""
-    if is_sqlite(url):
-        path = url[len("sqlite:///") :].split("?", 1)[0]
-        return url if not path or ":memory:" in path else "sqlite:" + os.path.realpath(path)
-    address = make_url(url)
-    host = (address.host or "").lower()
-    return f"{address.get_backend_name()}://{host}:{address.port or ''}/{address.database or ''}"
 
 
 def is_sqlite(url: str) -> bool:

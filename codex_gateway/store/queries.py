@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Select, delete, func, insert, select, text, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from codex_gateway.billing.pricing import MONEY, ZERO, Price, plain
@@ -1133,19 +1133,13 @@ class Store:
             rows = (await conn.execute(query)).mappings().all()
         return [dict(row) for row in rows]
 
-    async def server_identity(self) -> str | None:
-        """A PostgreSQL database's identity however it is reached (host names, proxies): its
-        cluster's system identifier and its name. None on SQLite, or when the server keeps
-        the identifier to itself."""
-        if self.engine.dialect.name != "postgresql":
-            return None
-        query = text("SELECT system_identifier::text, current_database() FROM pg_control_system()")
-        try:
-            async with self.engine.connect() as connection:
-                system, name = (await connection.execute(query)).one()
-        except SQLAlchemyError:
-            return None
-        return f"postgresql:{system}/{name}"
+    async def database_id(self) -> str:
+        """This database's own random identity, made by its migrations: the same however the
+        database is reached, and new for each database (a copy of one keeps its identity)."""
+        async with self.engine.connect() as connection:
+            return str(
+                (await connection.execute(text("SELECT id FROM database_identity"))).scalar_one()
+            )
 
     async def count_usage(self) -> int:
         async with self._read() as conn:

@@ -95,6 +95,16 @@ async def test_a_dead_process_holds_are_settled_from_usage_or_released(
     assert kinds == ["topup", "hold", *["settle"] * 7, *["release"] * 3]
 
 
+async def test_a_journal_that_names_no_database_is_recovered(store: Store, tmp_path: Path) -> None:
+    """Journals written before they named their database are still settled."""
+    _, user_id = await new_user(store, "10")
+    _, with_usage, _ = await crashed_process(store, tmp_path, user_id, 2, 0, 0)
+
+    done = await recover(tmp_path, store, "ours")
+
+    assert sorted(done.settled) == sorted(with_usage)
+
+
 async def test_a_dead_process_journal_of_another_database_is_left_to_that_database(
     store: Store, tmp_path: Path
 ) -> None:

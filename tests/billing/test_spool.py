@@ -136,6 +136,36 @@ async def test_a_replay_settles_its_own_database_rows_and_keeps_the_others(
     assert ours.rows() == []
 
 
+async def test_a_row_spooled_before_rows_named_their_database_is_replayed_and_kept_as_written(
+    tmp_path: Path, store: Store
+) -> None:
+    await store.create_user("dan", Decimal("1"))
+    user_id = (await store.list_users())[0]["id"]
+    path = tmp_path / "unsettled.jsonl"
+    Spool(path).append(usage_row("req_untagged_good", user_id))
+    Spool(path).append(usage_row("req_untagged_refused", user_id + 1000))
+    refused_line = path.read_bytes().splitlines()[1]
+
+    assert await Spool(path, "ours").replay(store.settle) == 1
+
+    assert await store.usage("req_untagged_good") is not None
+    # A row the database refuses may be another database's: it stays as it was written.
+    assert path.read_bytes() == refused_line + b"\n"
+
+
+async def test_a_replay_that_settles_nothing_leaves_the_file_untouched(
+    tmp_path: Path, store: Store
+) -> None:
+    path = tmp_path / "unsettled.jsonl"
+    Spool(path, "theirs").append(usage_row("req_of_theirs"))
+    before = path.stat()
+
+    assert await Spool(path, "ours").replay(store.settle) == 0
+
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
 async def test_a_row_the_database_refuses_stays_spooled_and_the_rest_are_settled(
     tmp_path: Path, store: Store
 ) -> None:

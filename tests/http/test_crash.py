@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from decimal import Decimal
 
 import httpx
+import pytest
 
-from tests.conftest import (
-    Gateway,
-)
+from tests.conftest import Gateway, Sandbox, add_sandbox_account, make_gateway
 from tests.http.conftest import rows_by_id, serve
 from tests.http.test_overdraft import BODY, COST
 from tests.tcp_proxy import TcpProxy
@@ -108,3 +108,49 @@ def test_kill_9_mid_stream_settles_or_releases_every_request(
     assert None in releases
     assert "ok:" in gateway.cli("ledger", "verify").stdout
     assert list(gateway.workdir.joinpath("hold-journal").iterdir()) != []  # the new process's own
+
+
+def test_a_killed_gateway_journal_is_never_settled_into_another_database(
+    sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Two gateways of different databases share one journal folder, as two started in one
+    working directory with only the database changed do: the survivor of a kill -9 leaves the
+    other's journal alone, and the killed one's next start settles it into its own database."""
+    ours = make_gateway("sqlite", tmp_path_factory)
+    theirs = make_gateway("sqlite", tmp_path_factory)
+    folder = ours.workdir / "hold-journal"
+    for gateway in (ours, theirs):
+        gateway.env["CODEX_GATEWAY_JOURNAL_DIR"] = str(folder)
+        add_sandbox_account(gateway, sandbox)
+    ours_user, _ = ours.new_user("50")
+    theirs_user, theirs_key = theirs.new_user("50")
+    survivor = serve(ours, None, "ours.log")
+    killed = serve(theirs, None, "theirs.log")
+    running: list[str] = []
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            slow = [
+                asyncio.create_task(stream(client, theirs.url, theirs_key, 1000, running))
+                for _ in range(4)
+            ]
+            while len(running) < 4:
+                await asyncio.sleep(0.05)
+            os.kill(killed.popen.pid, 9)
+            killed.popen.wait(10)
+            await asyncio.gather(*slow)
+
+    try:
+        asyncio.run(run())
+        time.sleep(2)  # several of the survivor's sweeps (every 0.5 s here)
+        assert "of another database" in survivor.log_text()
+        assert rows_by_id(ours, ours_user) == {}
+        assert ours.cli_json("usage", "list") == []
+
+        serve(theirs, None, "theirs-again.log")
+        rows = rows_by_id(theirs, theirs_user)
+        assert set(rows) == set(running)
+        assert {row["status"] for row in rows.values()} == {"interrupted"}
+    finally:
+        survivor.stop()
+        theirs.stop()

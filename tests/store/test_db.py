@@ -14,7 +14,6 @@ from codex_gateway.billing.pricing import LIST_PRICES, Price
 from codex_gateway.store.db import (
     alembic_config,
     create_engine,
-    database_identity,
     driver_url,
     is_current,
     migrate,
@@ -122,18 +121,3 @@ async def test_sqlite_reads_do_not_wait_for_a_writer(tmp_path: Path) -> None:
             assert await asyncio.wait_for(store.revision(), timeout=5) >= 1
     finally:
         await engine.dispose()
-
-
-def test_a_database_is_known_by_its_file_or_server_never_by_its_credentials(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "data").mkdir()
-    relative = database_identity("sqlite:///./data/gateway.db")
-
-    assert relative == database_identity(f"sqlite:///{tmp_path}/data/gateway.db")
-    assert relative != database_identity(f"sqlite:///{tmp_path}/data/other.db")
-    server = database_identity("postgresql://codex:secret@DB.example:5432/gateway")
-    assert server == database_identity("postgresql+asyncpg://other:pw@db.example:5432/gateway")
-    assert "secret" not in server and "codex" not in server
-    assert server != database_identity("postgresql://codex:secret@db.example:5432/another")

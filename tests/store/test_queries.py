@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from codex_gateway.billing.pricing import LIST_PRICES, Price, PriceTable, plain
 from codex_gateway.billing.settlement import Outcome, bill
-from codex_gateway.store.db import create_engine
+from codex_gateway.store.db import create_engine, migrate
 from codex_gateway.store.queries import KEY_PREFIX, KeyRecord, Store, StoreError, hash_key
 from tests.store.dump import dump
 
@@ -323,17 +323,17 @@ async def test_key_for_an_unknown_user_is_refused(store: Store) -> None:
         await store.create_key(unique("nobody"))
 
 
-async def test_a_server_database_is_the_same_however_it_is_reached(
-    store: Store, database_url: str
+async def test_a_database_keeps_one_identity_however_it_is_reached_and_another_has_its_own(
+    store: Store, database_url: str, empty_database_url: str
 ) -> None:
-    identity = await store.server_identity()
-    if database_url.startswith("sqlite"):
-        assert identity is None
-        return
-    other_name = create_engine(database_url.replace("@127.0.0.1", "@localhost"))
+    identity = await store.database_id()
+    same = create_engine(database_url.replace("@127.0.0.1", "@localhost"))
+    other = create_engine(empty_database_url)
     try:
-        assert identity is not None
-        assert identity.endswith("/" + database_url.rsplit("/", 1)[1])
-        assert await Store(other_name).server_identity() == identity
+        await migrate(same)
+        await migrate(other)
+        assert await Store(same).database_id() == identity
+        assert await Store(other).database_id() != identity
     finally:
-        await other_name.dispose()
+        await same.dispose()
+        await other.dispose()
