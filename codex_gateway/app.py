@@ -24,13 +24,7 @@ from codex_gateway.readiness import Readiness
 from codex_gateway.relay.chatgpt import SessionIds
 from codex_gateway.relay.estimate import TokenCounter
 from codex_gateway.store.credentials import KIND_CHATGPT, CredentialStore
-from codex_gateway.store.db import (
-    create_engine,
-    in_memory,
-    is_sqlite,
-    migrate,
-    schema_state,
-)
+from codex_gateway.store.db import create_engine, in_memory, is_sqlite, migrate, schema_state
 from codex_gateway.store.queries import Settled, Store
 from codex_gateway.store.thread import StoreThread
 from codex_gateway.upstream.chatgpt_auth import TokenCipher, TokenRefresher, load_cipher

@@ -84,6 +84,7 @@ class HoldJournal:
         self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.write(self._lock_fd, f"{self.holder}\n{self.database}".encode())
+        os.fsync(self._lock_fd)
         self._next_segment()
 
     @property

@@ -84,16 +84,17 @@ class Spool:
             try:
                 record = orjson.loads(line)
                 database = record.pop(DATABASE_KEY, "")
+                if database and self.database and database != self.database:
+                    lines.foreign.append(line)  # decoded by its own database's gateway
+                    continue
                 row = decode_row(record)
             except (orjson.JSONDecodeError, ValueError, TypeError, AttributeError):
-                # A line cut off by a crash mid-write; the rest of the file is still good.
+                # A line cut off by a crash mid-write, or not a row at all; the rest of the
+                # file is still good.
                 log.error("spool %s line %d is not a usage row; skipped", self.path, number)
                 lines.bad.append(line)
                 continue
-            if database and self.database and database != self.database:
-                lines.foreign.append(line)
-            else:
-                lines.own.append((row, line))
+            lines.own.append((row, line))
         return lines
 
     def _reject(self, lines: list[bytes]) -> None:
@@ -148,6 +149,11 @@ class Spool:
         partial.unlink(missing_ok=True)
         _append_durably(partial, b"".join(line + b"\n" for line in lines) + appended)
         os.replace(partial, self.path)
+        folder = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 class _Lines(NamedTuple):

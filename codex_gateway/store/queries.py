@@ -12,7 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
-from sqlalchemy import Select, delete, func, insert, select, text, update
+from sqlalchemy import Select, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -28,6 +28,7 @@ from codex_gateway.store.tables import (
     ApiKey,
     BalanceLease,
     BillingTrace,
+    DatabaseIdentity,
     KeyLease,
     LedgerEntry,
     ModelPricing,
@@ -1136,10 +1137,8 @@ class Store:
     async def database_id(self) -> str:
         """This database's own random identity, made by its migrations: the same however the
         database is reached, and new for each database (a copy of one keeps its identity)."""
-        async with self.engine.connect() as connection:
-            return str(
-                (await connection.execute(text("SELECT id FROM database_identity"))).scalar_one()
-            )
+        async with self._read() as conn:
+            return str((await conn.execute(select(DatabaseIdentity.id))).scalar_one())
 
     async def count_usage(self) -> int:
         async with self._read() as conn:

@@ -39,6 +39,15 @@ class Revision(Base):
     value: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 
+class DatabaseIdentity(Base):
+    """One row: the random identity this database's migrations gave it, by which hold journals
+    and spooled usage rows name it."""
+
+    __tablename__ = "database_identity"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+
+
 class User(Base):
     __tablename__ = "users"
 

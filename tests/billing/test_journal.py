@@ -98,9 +98,11 @@ async def test_a_dead_process_holds_are_settled_from_usage_or_released(
 async def test_a_journal_that_names_no_database_is_recovered(store: Store, tmp_path: Path) -> None:
     """Journals written before they named their database are still settled."""
     _, user_id = await new_user(store, "10")
-    _, with_usage, _ = await crashed_process(store, tmp_path, user_id, 2, 0, 0)
+    gate, with_usage, _ = await crashed_process(store, tmp_path, user_id, 2, 0, 0)
+    (lock,) = tmp_path.glob("*.lock")
+    lock.write_text(gate.holder)  # as such a journal's lock file was: the holder alone
 
-    done = await recover(tmp_path, store, "ours")
+    done = await recover(tmp_path, store, "5f0c3a9e2b7d4e61")
 
     assert sorted(done.settled) == sorted(with_usage)
 
@@ -112,11 +114,11 @@ async def test_a_dead_process_journal_of_another_database_is_left_to_that_databa
     (the user ids of one mean other users in the other)."""
     _, user_id = await new_user(store, "10")
     _, with_usage, bare = await crashed_process(
-        store, tmp_path, user_id, 3, 2, 0, database="sqlite:/srv/one.db"
+        store, tmp_path, user_id, 3, 2, 0, database="5f0c3a9e2b7d4e61"
     )
     balance = (await store.balances())[user_id]
 
-    elsewhere = await recover(tmp_path, store, "sqlite:/srv/other.db")
+    elsewhere = await recover(tmp_path, store, "a83d1c07e6f24b95")
 
     assert (elsewhere.journals, elsewhere.settled, elsewhere.released) == (0, [], [])
     assert len(elsewhere.foreign) == 1
@@ -124,7 +126,7 @@ async def test_a_dead_process_journal_of_another_database_is_left_to_that_databa
         assert await store.usage(request_id) is None
     assert (await store.balances())[user_id] == balance
 
-    own = await recover(tmp_path, store, "sqlite:/srv/one.db")
+    own = await recover(tmp_path, store, "5f0c3a9e2b7d4e61")
 
     assert (own.journals, sorted(own.settled), sorted(own.released)) == (
         1,

@@ -122,8 +122,8 @@ async def test_a_replay_settles_its_own_database_rows_and_keeps_the_others(
     await store.create_user("carol", Decimal("1"))
     user_id = (await store.list_users())[0]["id"]
     path = tmp_path / "unsettled.jsonl"
-    Spool(path, "sqlite:/srv/other.db").append(usage_row("req_of_the_other", user_id))
-    ours = Spool(path, "sqlite:/srv/ours.db")
+    Spool(path, "a83d1c07e6f24b95").append(usage_row("req_of_the_other", user_id))
+    ours = Spool(path, "5f0c3a9e2b7d4e61")
     ours.append(usage_row("req_of_ours", user_id))
 
     assert await ours.replay(store.settle) == 1
@@ -131,7 +131,7 @@ async def test_a_replay_settles_its_own_database_rows_and_keeps_the_others(
     assert await store.usage("req_of_ours") is not None
     assert await store.usage("req_of_the_other") is None
     assert (await store.balances())[user_id] == Decimal("1") - Decimal("0.004875625")
-    theirs = Spool(path, "sqlite:/srv/other.db")
+    theirs = Spool(path, "a83d1c07e6f24b95")
     assert [row["request_id"] for row in theirs.rows()] == ["req_of_the_other"]
     assert ours.rows() == []
 
@@ -142,25 +142,29 @@ async def test_a_row_spooled_before_rows_named_their_database_is_replayed_and_ke
     await store.create_user("dan", Decimal("1"))
     user_id = (await store.list_users())[0]["id"]
     path = tmp_path / "unsettled.jsonl"
+    ours = Spool(path, "5f0c3a9e2b7d4e61")
     Spool(path).append(usage_row("req_untagged_good", user_id))
     Spool(path).append(usage_row("req_untagged_refused", user_id + 1000))
-    refused_line = path.read_bytes().splitlines()[1]
+    ours.append(usage_row("req_ours_refused", user_id + 1000))
+    refused = path.read_bytes().splitlines()[1:]
 
-    assert await Spool(path, "ours").replay(store.settle) == 1
+    assert await ours.replay(store.settle) == 1
 
     assert await store.usage("req_untagged_good") is not None
-    # A row the database refuses may be another database's: it stays as it was written.
-    assert path.read_bytes() == refused_line + b"\n"
+    # Refused rows stay as they were written: an untagged one may be another database's, and
+    # ours keeps its name.
+    assert path.read_bytes().splitlines() == refused
+    assert b"5f0c3a9e2b7d4e61" in refused[1]
 
 
 async def test_a_replay_that_settles_nothing_leaves_the_file_untouched(
     tmp_path: Path, store: Store
 ) -> None:
     path = tmp_path / "unsettled.jsonl"
-    Spool(path, "theirs").append(usage_row("req_of_theirs"))
+    Spool(path, "a83d1c07e6f24b95").append(usage_row("req_of_theirs"))
     before = path.stat()
 
-    assert await Spool(path, "ours").replay(store.settle) == 0
+    assert await Spool(path, "5f0c3a9e2b7d4e61").replay(store.settle) == 0
 
     after = path.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)

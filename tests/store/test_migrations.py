@@ -1,5 +1,6 @@
 """Migrations on both backends: 0004 adds the ChatGPT account columns and takes them away
-again; 0007 opens the books of reservations so an older database still verifies."""
+again; 0007 opens the books of reservations so an older database still verifies; 0009's
+identity survives a downgrade."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ async def test_0004_upgrades_and_downgrades_cleanly(database_url: str) -> None:
     engine = create_engine(database_url)
     try:
         await migrate(engine)
+        identity = await Store(engine).database_id()
         async with engine.connect() as conn:
             assert await conn.run_sync(_columns) >= CHATGPT_COLUMNS
             await conn.run_sync(_downgrade)
@@ -47,6 +49,8 @@ async def test_0004_upgrades_and_downgrades_cleanly(database_url: str) -> None:
         await migrate(engine)
         async with engine.connect() as conn:
             assert await conn.run_sync(_columns) >= CHATGPT_COLUMNS
+        # 0009's identity outlives the downgrade: journals and the spool still name it.
+        assert await Store(engine).database_id() == identity
     finally:
         await engine.dispose()
 
