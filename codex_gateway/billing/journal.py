@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 
 from codex_gateway.billing.admission import Hold
-from codex_gateway.billing.spool import decode_row, encode_value
+from codex_gateway.billing.spool import decode_row, encode_value, of_another_database
 from codex_gateway.store.queries import Store
 from codex_gateway.store.tables import STATUS_INTERRUPTED
 
@@ -290,7 +290,7 @@ async def recover(directory: Path, store: Store, database: str = "") -> Recovere
             if owner is None:
                 continue
             holder, _, its_database = owner.partition("\n")
-            if its_database and database and its_database != database:
+            if of_another_database(its_database, database):
                 done.foreign.append(lock.name)
                 continue
             await _recover_one(directory, lock, holder, store, done)

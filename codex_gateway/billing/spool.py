@@ -32,6 +32,13 @@ _TIME_COLUMNS = frozenset({"started_at"})
 DATABASE_KEY = "spooled_for"
 
 
+def of_another_database(named: str, ours: str) -> bool:
+    """Whether a spooled line or a hold journal that names the database `named` belongs to
+    another than `ours`. One that names none (written before they did) belongs to whoever
+    finds it, and so does everything to a caller that names none."""
+    return bool(named and ours and named != ours)
+
+
 class Spool:
     """The workers of `serve --workers` share one spool: appends take a short lock on a file
     beside it, and one replay at a time runs (the others find it busy and leave it).
@@ -84,7 +91,7 @@ class Spool:
             try:
                 record = orjson.loads(line)
                 database = record.pop(DATABASE_KEY, "")
-                if database and self.database and database != self.database:
+                if of_another_database(database, self.database):
                     lines.foreign.append(line)  # decoded by its own database's gateway
                     continue
                 row = decode_row(record)
