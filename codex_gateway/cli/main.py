@@ -92,6 +92,7 @@ def _serve_one(
 
     from codex_gateway.app import Gateway
     from codex_gateway.http.asgi import GatewayApp
+    from codex_gateway.http.protocol import CoalescingProtocol
     from codex_gateway.http.server import GracefulServer
     from codex_gateway.sandbox.app import SandboxApp
 
@@ -104,7 +105,7 @@ def _serve_one(
         GatewayApp(gateway),
         host=host,
         port=port,
-        http="httptools",
+        http=CoalescingProtocol,
         loop="uvloop",
         lifespan="on",
         access_log=False,

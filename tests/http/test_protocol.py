@@ -1,0 +1,215 @@
+"""The server protocol sends a response's head together with its first body bytes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import uvicorn
+
+from codex_gateway.http.protocol import CoalescingProtocol, HeadHoldingTransport
+
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+
+
+class Recording:
+    """A transport that keeps what it was asked to write, one entry a write."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def writelines(self, lines: list[bytes]) -> None:
+        self.writes.append(b"".join(lines))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def _holding() -> tuple[HeadHoldingTransport, Recording]:
+    inner = Recording()
+    return HeadHoldingTransport(inner, asyncio.get_running_loop()), inner  # type: ignore[arg-type]
+
+
+async def test_a_head_and_its_body_go_out_in_one_write() -> None:
+    transport, inner = _holding()
+
+    transport.write(HEAD)
+    assert inner.writes == []
+    transport.write(b"{}")
+
+    assert inner.writes == [HEAD + b"{}"]
+    await asyncio.sleep(0)  # the flush scheduled for the head finds nothing left
+    assert inner.writes == [HEAD + b"{}"]
+
+
+async def test_a_head_without_a_body_yet_goes_out_on_the_next_turn_of_the_loop() -> None:
+    transport, inner = _holding()
+
+    transport.write(HEAD)
+    await asyncio.sleep(0)
+
+    assert inner.writes == [HEAD]
+    transport.write(b"{}")
+    assert inner.writes == [HEAD, b"{}"]
+
+
+async def test_an_interim_answer_and_body_bytes_go_out_at_once() -> None:
+    transport, inner = _holding()
+
+    transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    transport.write(b"HTTP/1.1 is only text here")
+
+    assert inner.writes == [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 is only text here"]
+
+
+async def test_closing_sends_a_held_head_first() -> None:
+    transport, inner = _holding()
+
+    transport.write(HEAD)
+    transport.close()
+
+    assert inner.writes == [HEAD]
+    assert inner.closed
+
+
+async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    if scope["path"] == "/stream":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for part in (b"one ", b"two"):
+            await asyncio.sleep(0.01)
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+async def running() -> AsyncIterator[uvicorn.Server]:
+    config = uvicorn.Config(
+        _app, host="127.0.0.1", port=0, http=CoalescingProtocol, lifespan="off", log_config=None
+    )
+    running = uvicorn.Server(config)
+    serving = asyncio.create_task(running.serve())
+    while not running.started:
+        assert not serving.done(), "the server did not start"
+        await asyncio.sleep(0.01)
+    yield running
+    running.should_exit = True
+    await serving
+
+
+@pytest.fixture
+def server(running: uvicorn.Server) -> int:
+    port: int = running.servers[0].sockets[0].getsockname()[1]
+    return port
+
+
+async def _exchange(port: int, request: bytes, until: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    answer = b""
+    while until not in answer:
+        chunk = await asyncio.wait_for(reader.read(65536), 5)
+        assert chunk, f"the connection closed after {answer!r}"
+        answer += chunk
+    writer.close()
+    return answer
+
+
+async def test_answers_on_one_connection_come_whole_and_in_order(
+    running: uvicorn.Server, server: int
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server)
+    answers = b""
+    for body in (b"first", b"second"):
+        writer.write(
+            b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s"
+            % (
+                len(body),
+                body,
+            )
+        )
+        while not answers.endswith(body):
+            answers += await asyncio.wait_for(reader.read(65536), 5)
+    connections = list(running.server_state.connections)
+    writer.close()
+
+    assert [type(c.transport) for c in connections] == [HeadHoldingTransport]  # type: ignore[attr-defined]
+    assert answers.count(b"HTTP/1.1 200 OK") == 2
+    assert answers.index(b"first") < answers.index(b"second")
+
+
+async def test_a_streamed_answer_keeps_its_order_and_chunking(server: int) -> None:
+    answer = await _exchange(server, b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n", b"0\r\n\r\n")
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    assert b"transfer-encoding: chunked" in head
+    assert body == b"4\r\none \r\n3\r\ntwo\r\n0\r\n\r\n"
+
+
+async def test_a_client_that_waits_for_100_continue_gets_it_before_sending_the_body(
+    server: int,
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server)
+    writer.write(
+        b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\nexpect: 100-continue\r\n\r\n"
+    )
+    interim = await asyncio.wait_for(reader.read(1024), 5)
+    writer.write(b"ping")
+    answer = b""
+    while not answer.endswith(b"ping"):
+        answer += await asyncio.wait_for(reader.read(1024), 5)
+    writer.close()
+
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert answer.startswith(b"HTTP/1.1 200 OK")
+
+
+async def test_a_head_is_dropped_when_the_connection_closed_before_its_turn() -> None:
+    transport, inner = _holding()
+
+    transport.write(HEAD)
+    inner.closed = True  # the client reset the connection in the same turn of the loop
+    await asyncio.sleep(0)
+
+    assert inner.writes == []
+
+
+async def test_a_pipelined_head_request_and_the_next_one_are_both_answered(server: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server)
+    writer.write(
+        b"HEAD /echo HTTP/1.1\r\nhost: x\r\n\r\n"
+        b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nping"
+    )
+    answers = b""
+    while not answers.endswith(b"ping"):
+        answers += await asyncio.wait_for(reader.read(65536), 5)
+    writer.close()
+
+    first, _, second = answers.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200 OK")
+    assert second.startswith(b"HTTP/1.1 200 OK")
+    assert second.endswith(b"\r\n\r\nping")
