@@ -157,12 +157,21 @@ class GatedStore:
         return await self.store.settle_many(records, holder)
 
 
-async def _behind(store: Store, rows: int, refuse: bool = False) -> tuple[Settler, GatedStore]:
+async def _behind(
+    store: Store, rows: int, refuse: bool = False, told: list[bool] | None = None
+) -> tuple[Settler, GatedStore]:
     """A settler writing one row behind a closed gate (or retrying it, with `refuse`), with
-    `rows` more queued, and a limit of four rows behind."""
+    `rows` more queued, and a limit of four rows behind; what it says of being behind goes to
+    `told`."""
     _, user_id = await new_user(store, "5")
     gated = GatedStore(store, refuse)
-    settler = Settler(gated, None, lambda *_settled: None, backlog_limit=4)
+    settler = Settler(
+        gated,
+        None,
+        lambda *_settled: None,
+        backlog_limit=4,
+        on_behind=None if told is None else told.append,
+    )
     settler.start()
     settler.submit(usage_row(user_id))
     await asyncio.wait_for(gated.entered.wait(), timeout=5)
@@ -172,21 +181,23 @@ async def _behind(store: Store, rows: int, refuse: bool = False) -> tuple[Settle
 
 
 async def test_keeping_up_costs_nothing_while_the_writer_is_near(store: Store) -> None:
-    settler, gated = await _behind(store, 4)
+    told: list[bool] = []
+    settler, gated = await _behind(store, 4, told=told)
 
     assert await asyncio.wait_for(settler.keep_up(), timeout=0.01) is False
+    assert told == []
 
     gated.gate.set()
     await settler.drain()
 
 
 async def _waiting(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    store: Store, monkeypatch: pytest.MonkeyPatch, told: list[bool] | None = None
 ) -> tuple[Settler, GatedStore, asyncio.Task[bool]]:
     """A request waiting for a writer ten rows too far behind, with a wait far longer than
     the test: only the writer catching up, or its rows being handed over, can end it."""
     monkeypatch.setattr(settler_module, "BACKLOG_WAIT_SECONDS", 60)
-    settler, gated = await _behind(store, 10)
+    settler, gated = await _behind(store, 10, told=told)
     waiting = asyncio.create_task(settler.keep_up())
     await asyncio.sleep(0.1)
     assert not waiting.done()
@@ -196,12 +207,18 @@ async def _waiting(
 async def test_requests_wait_while_the_writer_is_far_behind_until_it_catches_up(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settler, gated, waiting = await _waiting(store, monkeypatch)
+    told: list[bool] = []
+    settler, gated, waiting = await _waiting(store, monkeypatch, told)
+    second = asyncio.create_task(settler.keep_up())
+    await asyncio.sleep(0.05)
+    assert told == [True]  # said once, however many requests wait
 
     gated.gate.set()
 
     assert await asyncio.wait_for(waiting, timeout=10) is True
+    assert await asyncio.wait_for(second, timeout=10) is True
     assert settler.pending <= 2
+    assert told == [True, False]
     await settler.drain()
     assert settler.pending == 0
 
@@ -246,3 +263,35 @@ async def test_waiting_requests_are_let_go_when_the_rows_are_handed_over(
     assert await asyncio.wait_for(waiting, timeout=5) is True
     gated.gate.set()
     await settler.drain()
+
+
+class _WritesAll:
+    """A store that writes every row at once, for how the rows are reported afterwards."""
+
+    async def settle_many(
+        self, records: list[dict[str, Any]], holder: str | None = None
+    ) -> list[Settled]:
+        return [Settled(record["id"], None, None) for record in records]
+
+
+async def test_a_large_batch_is_reported_in_slices_with_the_loop_turning_between() -> None:
+    reported: list[str] = []
+    settler = Settler(_WritesAll(), None, lambda row, _hold, _result: reported.append(row["id"]))
+    rows = [{"id": str(number)} for number in range(3 * settler_module.REPORT_SLICE + 5)]
+    for row in rows:
+        settler.submit(row)
+    seen_between: list[int] = []
+
+    def watch() -> None:
+        seen_between.append(len(reported))
+        if len(reported) < len(rows):
+            asyncio.get_running_loop().call_soon(watch)
+
+    settler.start()
+    asyncio.get_running_loop().call_soon(watch)
+    await settler.drain()
+
+    assert reported == [row["id"] for row in rows]
+    # The loop ran other callbacks after each slice, not only before and after the batch.
+    slices = {count for count in seen_between if 0 < count < len(rows)}
+    assert slices == {settler_module.REPORT_SLICE * n for n in (1, 2, 3)}
