@@ -6,7 +6,8 @@ can be queued faster than they are written. Here the statements run on a second 
 with an engine of its own, and the request loop waits once per batch. On SQLite that engine's
 connections make their calls on this thread (`same_thread.py`).
 
-A writer made with `lowered` runs at the lowest CPU priority (`_run`).
+A writer made with `lowered` runs at the lowest priority: where it may, only when its core has
+nothing else to do, and at the lowest ordinary priority while it is behind (`_run`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ T = TypeVar("T")
 POOL_SIZE = 1
 MAX_OVERFLOW = 1
 START_TIMEOUT_SECONDS = 30.0
-# The writer's nice value: the lowest priority there is.
+# The writer's nice value: the lowest priority of the ordinary policy, which a lowered
+# writer has while it is behind.
 WRITER_NICENESS = 19
 
 
@@ -49,6 +51,8 @@ class StoreThread:
     ):
         self._url = database_url
         self._lowered = lowered
+        # Whether the writer has the idle policy while it keeps up (set by `start`).
+        self._idle = False
         self._name = name
         self._new_loop = new_loop
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -58,9 +62,10 @@ class StoreThread:
     def start(self) -> None:
         if self._loop is not None:
             raise RuntimeError("the store thread has already started")
+        self._idle = self._lowered and may_leave_idle()
         loop = self._new_loop()
         thread = threading.Thread(
-            target=_run, args=(loop, self._lowered), name=self._name, daemon=True
+            target=_run, args=(loop, self._lowered, self._idle), name=self._name, daemon=True
         )
         thread.start()
         self._loop, self._thread = loop, thread
@@ -84,6 +89,14 @@ class StoreThread:
             return await make()
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop)
+
+    def behind(self, behind: bool) -> None:
+        """A lowered writer that is behind (`Settler.keep_up` makes requests wait for it) takes
+        its turns like any other thread, at the lowest priority, until it has caught up."""
+        thread = self._thread
+        if self._idle and thread is not None and thread.native_id is not None:
+            # A policy that could not be changed (logged once) is left as it is from then on.
+            self._idle = _lower(thread.native_id, idle=not behind)
 
     async def settle_many(
         self, records: list[dict[str, Any]], holder: str | None = None
@@ -114,20 +127,64 @@ class StoreThread:
         loop.close()
 
 
-def _run(loop: asyncio.AbstractEventLoop, lowered: bool) -> None:
-    """Run `loop` on this thread, first lowering the thread's priority if asked, where a
-    priority applies to one thread (Linux; elsewhere it would lower the whole process).
+def _run(loop: asyncio.AbstractEventLoop, lowered: bool, idle: bool) -> None:
+    """Run `loop` on this thread, lowered first if asked: to the lowest nice value, and with
+    `idle` to the idle policy too.
 
-    SQLite does much of a batch's work without the interpreter lock. Sharing a core with the
-    request loop at the same priority, that work runs out its time slice, a few milliseconds,
-    before the loop wakes to an answer that has come in; lowered, it gives way at once and
-    has the time the loop leaves idle (`Settler.keep_up` makes the loop leave some). A
-    lowered thread that holds the interpreter lock while other processes keep the core busy
-    holds up its own request loop, so only the single worker of a `serve` lowers it.
+    SQLite does much of a batch's work without the interpreter lock. On a core it shares with
+    the request loop, that work would keep the core for the rest of its time slice, a few
+    milliseconds, while an answer that has come in waits for the loop. Under the idle policy
+    the scheduler hands the core to the loop the moment it wakes, and the writer has the time
+    the loop leaves idle; `Settler.keep_up` makes a loop that never idles leave some, and the
+    writer meanwhile takes ordinary turns at the lowest nice value (`StoreThread.behind`).
+    A lowered thread that holds the interpreter lock while other processes keep the core busy
+    holds up its own request loop, and more so under the idle policy (about a fifth of the
+    share a thread at nice 19 gets), so only the single worker of a `serve` lowers it.
     """
-    if lowered and sys.platform == "linux":
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
-        except OSError as exc:
-            log.warning("the usage writer keeps its priority: %s", exc)
+    if lowered:
+        _lower(threading.get_native_id(), idle=idle)
     loop.run_forever()
+
+
+def may_leave_idle() -> bool:
+    """Whether a thread at WRITER_NICENESS under the idle policy may take the ordinary policy
+    back, as the writer does when it falls behind: tried on a short-lived thread of its own.
+    An unprivileged user whose RLIMIT_NICE is 0 (the container image's) may not."""
+    if sys.platform != "linux":
+        return False
+    allowed: list[bool] = []
+
+    def probe() -> None:
+        native_id = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, native_id, WRITER_NICENESS)
+            os.sched_setscheduler(native_id, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(native_id, os.SCHED_OTHER, os.sched_param(0))
+        except OSError:
+            allowed.append(False)
+        else:
+            allowed.append(True)
+
+    thread = threading.Thread(target=probe, name="usage-writer-probe", daemon=True)
+    thread.start()
+    thread.join()
+    return allowed == [True]
+
+
+def _lower(native_id: int, idle: bool) -> bool:
+    """Lower one thread to WRITER_NICENESS, under the idle policy or the ordinary one, where
+    these apply to one thread (Linux; elsewhere they would apply to the whole process).
+    Whether that could be done."""
+    if sys.platform != "linux":
+        return False
+    try:
+        if idle:
+            os.setpriority(os.PRIO_PROCESS, native_id, WRITER_NICENESS)
+            os.sched_setscheduler(native_id, os.SCHED_IDLE, os.sched_param(0))
+        else:
+            os.sched_setscheduler(native_id, os.SCHED_OTHER, os.sched_param(0))
+            os.setpriority(os.PRIO_PROCESS, native_id, WRITER_NICENESS)
+    except OSError as exc:
+        log.warning("the usage writer keeps its priority: %s", exc)
+        return False
+    return True

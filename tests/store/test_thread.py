@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
+import shutil
+import subprocess
 import sys
 import threading
 from decimal import Decimal
@@ -14,6 +17,7 @@ import pytest
 from codex_gateway.app import Gateway
 from codex_gateway.config import Settings
 from codex_gateway.http.server import SWITCH_INTERVAL_SECONDS
+from codex_gateway.store import thread as thread_module
 from codex_gateway.store.queries import Store
 from codex_gateway.store.thread import WRITER_NICENESS, StoreThread
 from tests.store.test_queries import new_user, usage_row
@@ -110,34 +114,118 @@ def test_a_writer_whose_database_cannot_be_opened_leaves_no_thread_behind() -> N
     assert writer_threads("usage-writer-broken") == 0
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own priority is Linux's")
-@pytest.mark.parametrize("lowered", [True, False])
-async def test_a_lowered_writer_runs_at_the_lowest_priority_and_the_requests_keep_theirs(
-    database_url: str, lowered: bool
-) -> None:
-    ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    if ours == WRITER_NICENESS:
+def _policy(native_id: int) -> tuple[int, int]:
+    return os.sched_getscheduler(native_id), os.getpriority(os.PRIO_PROCESS, native_id)
+
+
+def _ordinary_policy_of_our_own() -> tuple[int, int]:
+    ours = _policy(threading.get_native_id())
+    if ours[0] != os.SCHED_OTHER or ours[1] == WRITER_NICENESS:
         pytest.skip("the tests themselves run at the lowest priority")
+    return ours
+
+
+LOWEST = (os.SCHED_OTHER, WRITER_NICENESS)
+IDLE = (os.SCHED_IDLE, WRITER_NICENESS)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own policy is Linux's")
+@pytest.mark.parametrize("lowered", [True, False])
+async def test_a_lowered_writer_runs_when_the_core_is_idle_and_takes_turns_while_behind(
+    store: Store, database_url: str, lowered: bool
+) -> None:
+    ours = _ordinary_policy_of_our_own()
+    # Where the writer could not take ordinary turns again, it keeps to them throughout.
+    keeping_up = IDLE if thread_module.may_leave_idle() else LOWEST
     writer = StoreThread(database_url, name="usage-writer-nice", lowered=lowered)
     writer.start()
     try:
         thread = next(t for t in threading.enumerate() if t.name == "usage-writer-nice")
         assert thread.native_id is not None
-        expected = WRITER_NICENESS if lowered else ours
-        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == expected
-        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == ours
+        assert _policy(thread.native_id) == (keeping_up if lowered else ours)
+        writer.behind(True)
+        assert _policy(thread.native_id) == (LOWEST if lowered else ours)
+        writer.behind(False)
+        assert _policy(thread.native_id) == (keeping_up if lowered else ours)
+        assert _policy(threading.get_native_id()) == ours
+        _, user_id = await new_user(store, "1")
+        settled = await writer.settle_many([usage_row(user_id)])
+        assert settled[0].balance == Decimal("1") - SEED_COST
     finally:
         await writer.close()
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own priority is Linux's")
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own policy is Linux's")
+async def test_a_writer_that_could_not_leave_the_idle_policy_keeps_to_the_lowest_nice_value(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _ordinary_policy_of_our_own()
+    monkeypatch.setattr(thread_module, "may_leave_idle", lambda: False)
+    writer = StoreThread(database_url, name="usage-writer-unprivileged", lowered=True)
+    writer.start()
+    try:
+        thread = next(t for t in threading.enumerate() if t.name == "usage-writer-unprivileged")
+        assert thread.native_id is not None
+        assert _policy(thread.native_id) == LOWEST
+        writer.behind(True)
+        writer.behind(False)
+        assert _policy(thread.native_id) == LOWEST
+    finally:
+        await writer.close()
+
+
+def _has_cap_sys_nice() -> bool:
+    status = Path("/proc/self/status").read_text()
+    effective = next(line for line in status.splitlines() if line.startswith("CapEff:"))
+    return bool(int(effective.split()[1], 16) >> 23 & 1)  # CAP_SYS_NICE is capability 23
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own policy is Linux's")
+def test_the_right_to_leave_the_idle_policy_is_tried_on_a_thread_that_is_then_gone() -> None:
+    ours = _ordinary_policy_of_our_own()
+
+    allowed = thread_module.may_leave_idle()
+
+    nice_limit = resource.getrlimit(resource.RLIMIT_NICE)[0]
+    expected = _has_cap_sys_nice() or nice_limit == resource.RLIM_INFINITY or nice_limit >= 1
+    assert allowed is expected
+    assert _policy(threading.get_native_id()) == ours
+    assert writer_threads("usage-writer-probe") == 0
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux"
+    or os.geteuid() != 0
+    or shutil.which("setpriv") is None
+    or resource.getrlimit(resource.RLIMIT_NICE)[0] != 0,
+    reason="needs Linux, root to drop a capability with setpriv, and an RLIMIT_NICE of 0",
+)
+def test_without_cap_sys_nice_and_room_in_the_nice_limit_the_idle_policy_is_not_used() -> None:
+    unprivileged = subprocess.run(
+        [
+            "setpriv",
+            "--inh-caps=-sys_nice",
+            "--bounding-set=-sys_nice",
+            sys.executable,
+            "-c",
+            "from codex_gateway.store.thread import may_leave_idle; print(may_leave_idle())",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert unprivileged.returncode == 0, unprivileged.stderr
+    assert unprivileged.stdout.strip() == "False"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own policy is Linux's")
 @pytest.mark.parametrize("alone", [True, False])
 async def test_only_the_single_worker_of_a_serve_lowers_its_sqlite_writer(
     database_url: str, tmp_path: Path, alone: bool
 ) -> None:
-    ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    if ours == WRITER_NICENESS:
-        pytest.skip("the tests themselves run at the lowest priority")
+    ours = _ordinary_policy_of_our_own()
+    keeping_up = IDLE if thread_module.may_leave_idle() else LOWEST
     settings = Settings(database_url=database_url, spool_path=str(tmp_path / "spool.jsonl"))
     gateway = Gateway(settings, alone=alone)
     assert gateway.writer is not None
@@ -146,8 +234,7 @@ async def test_only_the_single_worker_of_a_serve_lowers_its_sqlite_writer(
         thread = next(t for t in threading.enumerate() if t.name == "usage-writer")
         assert thread.native_id is not None
         lowered = alone and database_url.startswith("sqlite")
-        expected = WRITER_NICENESS if lowered else ours
-        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == expected
+        assert _policy(thread.native_id) == (keeping_up if lowered else ours)
     finally:
         await gateway.writer.close()
         await gateway.engine.dispose()
