@@ -134,13 +134,14 @@ class Settler:
     async def _write_batches(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            # Handed over by `abandon` from now on, while it waits for others to join it too.
+            self._writing = batch
             if self._queue.qsize() < min(MAX_BATCH, self._backlog_limit):
                 # Let a few more rows arrive: at low concurrency one write per request would
                 # cost the event loop more than the requests themselves.
                 await asyncio.sleep(WRITE_LINGER_SECONDS)
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            self._writing = batch
             try:
                 await self._write(batch)
             finally:

@@ -295,3 +295,18 @@ async def test_a_large_batch_is_reported_in_slices_with_the_loop_turning_between
     # The loop ran other callbacks after each slice, not only before and after the batch.
     slices = {count for count in seen_between if 0 < count < len(rows)}
     assert slices == {settler_module.REPORT_SLICE * n for n in (1, 2, 3)}
+
+
+async def test_a_row_waiting_for_others_to_join_its_batch_is_handed_over_by_abandon(
+    store: Store,
+) -> None:
+    _, user_id = await new_user(store, "5")
+    written: list[str] = []
+    settler = Settler(store, None, lambda row, _hold, _result: written.append(row["request_id"]))
+    settler.start()
+    row = usage_row(user_id)
+    settler.submit(row)
+    await asyncio.sleep(settler_module.WRITE_LINGER_SECONDS / 4)  # taken, not yet written
+
+    assert [handed["request_id"] for handed in settler.abandon()] == [row["request_id"]]
+    await settler.drain()
