@@ -123,6 +123,13 @@ class MethodNotAllowed(ClientError):
     status = 405
     code = "method_not_allowed"
 
+    def __init__(self, message: str, allowed: list[str]):
+        super().__init__(message)
+        self.allowed = allowed
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"allow", ", ".join(self.allowed).encode())]
+
 
 class StorageUnavailable(GatewayError):
     """The gateway's own database cannot be reached: requests fail closed."""

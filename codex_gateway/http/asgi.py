@@ -107,9 +107,13 @@ class GatewayApp:
         if methods is None:
             raise NotFound(f"There is no route {exchange.method} {exchange.path} on this gateway.")
         handler = methods.get(exchange.method)
+        if handler is None and exchange.method == "HEAD":
+            # The GET answer's head alone: the server sends no body for a HEAD request.
+            handler = methods.get("GET")
         if handler is None:
+            allowed = [*methods, "HEAD"] if "GET" in methods else list(methods)
             raise MethodNotAllowed(
-                f"{exchange.path} accepts {', '.join(methods)}, not {exchange.method}."
+                f"{exchange.path} accepts {', '.join(allowed)}, not {exchange.method}.", allowed
             )
         if route not in RELAY_ROUTES:
             await handler(self.gateway, exchange)

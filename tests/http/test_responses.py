@@ -455,6 +455,40 @@ def test_unknown_route_is_an_openai_shaped_404(gateway: Gateway) -> None:
     assert response.headers["x-request-id"].startswith("req_")
 
 
+def test_a_method_a_route_does_not_take_is_a_405_that_names_the_ones_it_does(
+    gateway: Gateway,
+) -> None:
+    response = httpx.get(gateway.url + "/v1/responses")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    error = response.json()["error"]
+    assert error["code"] == "method_not_allowed"
+    assert error["message"] == "/v1/responses accepts POST, not GET."
+
+    response = httpx.delete(gateway.url + "/healthz")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, HEAD"
+
+
+def test_a_head_request_gets_the_head_of_the_get_answer_on_one_connection(
+    gateway: Gateway,
+) -> None:
+    with httpx.Client(base_url=gateway.url) as client:
+        head = client.head("/healthz")
+        get = client.get("/healthz")
+        keyless_head = client.head("/v1/models")
+        keyless_get = client.get("/v1/models")
+
+    assert head.status_code == get.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
+    assert head.headers["content-length"] == str(len(get.content))
+    # A refusal's head is the GET refusal's, without its body.
+    assert keyless_head.status_code == keyless_get.status_code == 401
+    assert keyless_head.content == b""
+    assert keyless_head.headers["content-length"] == str(len(keyless_get.content))
+
+
 def test_unreachable_upstream_is_a_clear_502_that_names_no_address(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
