@@ -30,6 +30,7 @@ Every error a client sees is rendered by `GatewayError.body()`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -123,9 +124,9 @@ class MethodNotAllowed(ClientError):
     status = 405
     code = "method_not_allowed"
 
-    def __init__(self, message: str, allowed: list[str]):
+    def __init__(self, message: str, *, allowed: Sequence[str] = ()):
         super().__init__(message)
-        self.allowed = allowed
+        self.allowed = list(allowed)
 
     def response_headers(self) -> list[tuple[bytes, bytes]]:
         return [(b"allow", ", ".join(self.allowed).encode())]

@@ -107,8 +107,8 @@ class Settler:
         return self._worker is not None and not self._worker.done()
 
     def abandon(self) -> list[dict[str, Any]]:
-        """Every row not reported settled yet: what is left of the batch being written or
-        reported (a row already written is skipped when the spool is replayed), then the
+        """Every row not reported settled yet: what is left of the batch being gathered,
+        written or reported (a row already written is skipped when the spool is replayed), then the
         rows queued."""
         rows = [row for row, _ in self._writing]
         while not self._queue.empty():
@@ -134,7 +134,7 @@ class Settler:
     async def _write_batches(self) -> None:
         while True:
             batch = [await self._queue.get()]
-            # Handed over by `abandon` from now on, while it waits for others to join it too.
+            # Set before the linger, so that a forced exit (`abandon`) hands this row over too.
             self._writing = batch
             if self._queue.qsize() < min(MAX_BATCH, self._backlog_limit):
                 # Let a few more rows arrive: at low concurrency one write per request would

@@ -111,9 +111,12 @@ class GatewayApp:
             # The GET answer's head alone: the server sends no body for a HEAD request.
             handler = methods.get("GET")
         if handler is None:
-            allowed = [*methods, "HEAD"] if "GET" in methods else list(methods)
+            allowed = list(methods)
+            if "GET" in allowed and "HEAD" not in allowed:
+                allowed.append("HEAD")
             raise MethodNotAllowed(
-                f"{exchange.path} accepts {', '.join(allowed)}, not {exchange.method}.", allowed
+                f"{exchange.path} accepts {' or '.join(allowed)}, not {exchange.method}.",
+                allowed=allowed,
             )
         if route not in RELAY_ROUTES:
             await handler(self.gateway, exchange)

@@ -310,3 +310,6 @@ async def test_a_row_waiting_for_others_to_join_its_batch_is_handed_over_by_aban
 
     assert [handed["request_id"] for handed in settler.abandon()] == [row["request_id"]]
     await settler.drain()
+    # The writer still writes it; replaying the spool then finds it written and skips it.
+    assert written == [row["request_id"]]
+    assert await store.usage(row["request_id"]) is not None

@@ -455,19 +455,33 @@ def test_unknown_route_is_an_openai_shaped_404(gateway: Gateway) -> None:
     assert response.headers["x-request-id"].startswith("req_")
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allow", "message"),
+    [
+        ("GET", "/v1/responses", "POST", "/v1/responses accepts POST, not GET."),
+        ("HEAD", "/v1/responses", "POST", ""),
+        ("DELETE", "/healthz", "GET, HEAD", "/healthz accepts GET or HEAD, not DELETE."),
+        (
+            "POST",
+            "/v1/models/gpt-5.1-codex",
+            "GET, HEAD",
+            "/v1/models/gpt-5.1-codex accepts GET or HEAD, not POST.",
+        ),
+    ],
+)
 def test_a_method_a_route_does_not_take_is_a_405_that_names_the_ones_it_does(
-    gateway: Gateway,
+    gateway: Gateway, method: str, path: str, allow: str, message: str
 ) -> None:
-    response = httpx.get(gateway.url + "/v1/responses")
+    response = httpx.request(method, gateway.url + path)
+
     assert response.status_code == 405
-    assert response.headers["allow"] == "POST"
+    assert response.headers["allow"] == allow
+    if method == "HEAD":
+        assert response.content == b""  # the head of the answer alone
+        return
     error = response.json()["error"]
     assert error["code"] == "method_not_allowed"
-    assert error["message"] == "/v1/responses accepts POST, not GET."
-
-    response = httpx.delete(gateway.url + "/healthz")
-    assert response.status_code == 405
-    assert response.headers["allow"] == "GET, HEAD"
+    assert error["message"] == message
 
 
 def test_a_head_request_gets_the_head_of_the_get_answer_on_one_connection(
