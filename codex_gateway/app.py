@@ -141,7 +141,7 @@ class Gateway:
         database = await self.store.database_id()
         self.spool.database = database
         self.journal.database = database
-        await self.spool.replay(self.store.settle)
+        await self.spool.replay(self.store.settle, self.store.settle_many)
         self.journal.start()
         await self.recover_journals()
         await self.catalog.refresh()
@@ -164,6 +164,9 @@ class Gateway:
     async def _settle_spooled(self, row: dict[str, Any]) -> None:
         """A row this process spooled, its cost taken from this process's lease."""
         await self.store.settle(row, self.admission.holder)
+
+    async def _settle_spooled_batch(self, rows: list[dict[str, Any]]) -> None:
+        await self.store.settle_many(rows, self.admission.holder)
 
     async def _check_secret_key(self) -> None:
         """Refuse to serve with a secret key that does not open the stored ChatGPT tokens:
@@ -194,7 +197,7 @@ class Gateway:
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.spool.replay(self._settle_spooled)
+                await self.spool.replay(self._settle_spooled, self._settle_spooled_batch)
                 await self.recover_journals()
             except Exception:
                 log.warning("replaying the spool or a hold journal failed", exc_info=True)
@@ -248,16 +251,18 @@ class Gateway:
         self.admission.settled(row, hold, result)
         self.journal.settled(row["request_id"])
 
-    def force(self) -> None:
+    def force(self) -> int:
         """Exit without waiting for the database: every bill not yet written goes to the spool.
 
         A row the writer commits after all is skipped when the spool is replayed; the holds of
-        this process's lease lapse with it.
+        this process's lease lapse with it. Returns how many bills went to the spool.
         """
         self.forced = True
-        for row in self.settler.abandon():
+        rows = self.settler.abandon()
+        for row in rows:
             self._spool(row)
             self.journal.settled(row["request_id"])
+        return len(rows)
 
     def _spool(self, row: dict[str, Any]) -> None:
         self.spool.append(row)

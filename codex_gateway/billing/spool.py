@@ -30,6 +30,11 @@ _DECIMAL_COLUMNS = frozenset(
 _TIME_COLUMNS = frozenset({"started_at"})
 # The key a spooled line names its database under (`Store.database_id`).
 DATABASE_KEY = "spooled_for"
+# Rows a replay hands to `settle_many` at a time: one transaction each instead of one a row.
+REPLAY_BATCH = 500
+
+Settle = Callable[[dict[str, Any]], Awaitable[object]]
+SettleMany = Callable[[list[dict[str, Any]]], Awaitable[object]]
 
 
 def of_another_database(named: str, ours: str) -> bool:
@@ -110,10 +115,12 @@ class Spool:
         _append_durably(rejected, b"".join(line + b"\n" for line in lines))
         log.error("%d spool line(s) that are not usage rows kept in %s", len(lines), rejected)
 
-    async def replay(self, settle: Callable[[dict[str, Any]], Awaitable[object]]) -> int:
+    async def replay(self, settle: Settle, settle_many: SettleMany | None = None) -> int:
         """Settle every spooled row of this database; rows the database still refuses, and
         other databases' rows, stay in the file as they were written.
 
+        With `settle_many`, REPLAY_BATCH rows go in one call; a batch the database refuses is
+        tried again row by row with `settle`, so that one bad row holds up no other.
         Returns how many were settled. One bad row never keeps the gateway from starting.
         Rows appended while the replay waits on the database are kept. The append lock is
         never held across a wait, so a worker spooling a row is not held up by a replay.
@@ -127,17 +134,12 @@ class Spool:
             if lines.bad:
                 self._reject(lines.bad)
             kept = list(lines.foreign)
-            for row, line in lines.own:
-                try:
-                    await settle(row)
-                except Exception:
-                    log.error(
-                        "spooled usage row still not settled; kept in %s",
-                        self.path,
-                        exc_info=True,
-                        extra={"request_id": row.get("request_id")},
-                    )
-                    kept.append(line)
+            size = REPLAY_BATCH if settle_many is not None else 1
+            for start in range(0, len(lines.own), size):
+                batch = lines.own[start : start + size]
+                if settle_many is not None and await self._settled_at_once(settle_many, batch):
+                    continue
+                kept.extend(await self._settle_one_by_one(settle, batch))
             settled = len(lines.own) + len(lines.foreign) - len(kept)
             if settled or lines.bad:
                 with self._lock(".lock"):
@@ -145,6 +147,39 @@ class Spool:
         if settled:
             log.info("replayed %d spooled usage row(s) from %s", settled, self.path)
         return settled
+
+    @staticmethod
+    async def _settled_at_once(
+        settle_many: SettleMany, batch: list[tuple[dict[str, Any], bytes]]
+    ) -> bool:
+        try:
+            await settle_many([row for row, _ in batch])
+        except Exception:
+            log.warning(
+                "a batch of %d spooled usage rows was refused; settling them one by one",
+                len(batch),
+                exc_info=True,
+            )
+            return False
+        return True
+
+    async def _settle_one_by_one(
+        self, settle: Settle, batch: list[tuple[dict[str, Any], bytes]]
+    ) -> list[bytes]:
+        """Settle each row on its own; the lines of those still refused."""
+        kept = []
+        for row, line in batch:
+            try:
+                await settle(row)
+            except Exception:
+                log.error(
+                    "spooled usage row still not settled; kept in %s",
+                    self.path,
+                    exc_info=True,
+                    extra={"request_id": row.get("request_id")},
+                )
+                kept.append(line)
+        return kept
 
     def _rewrite(self, lines: list[bytes], appended: bytes) -> None:
         """Replace the file with `lines` and the bytes `appended` since it was read, in one

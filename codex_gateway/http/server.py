@@ -61,10 +61,12 @@ class GracefulServer(uvicorn.Server):
             log.info("signal %d: draining %d request(s) in flight", sig, self.gateway.in_flight)
             self.should_exit = True
             return
+        spooled = self.gateway.force()
         log.warning(
-            "signal %d again: exiting now; %d bill(s) in flight go to the spool",
+            "signal %d again: exiting now; %d bill(s) waiting to be written went to the spool, "
+            "and the %d request(s) in flight spool theirs as they end",
             sig,
+            spooled,
             self.gateway.in_flight,
         )
-        self.gateway.force()
         self.force_exit = True

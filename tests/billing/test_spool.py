@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from codex_gateway.billing import spool as spool_module
 from codex_gateway.billing.settlement import Outcome, bill
 from codex_gateway.billing.spool import Spool
 from codex_gateway.store.db import create_engine, migrate
@@ -216,3 +217,52 @@ async def test_a_second_replay_leaves_the_spool_to_the_first_and_appends_go_on(
     assert [row["request_id"] for row in first.rows()] == ["req_spooled_during_replay"]
     assert await second.replay(record) == 1
     assert not first.path.exists()
+
+
+async def _small_batches(
+    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, Spool]:
+    """A user with $1 and an empty spool that replays four rows a batch."""
+    monkeypatch.setattr(spool_module, "REPLAY_BATCH", 4)
+    await store.create_user("alice", Decimal("1"))
+    user_id: int = (await store.list_users())[0]["id"]
+    return user_id, Spool(tmp_path / "unsettled.jsonl")
+
+
+async def test_a_large_spool_is_replayed_a_batch_a_transaction_each_row_once(
+    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user_id, spool = await _small_batches(tmp_path, store, monkeypatch)
+    already = usage_row("req_0", user_id)
+    await store.settle(already)
+    for number in range(10):
+        spool.append(usage_row(f"req_{number}", user_id))
+    batches: list[int] = []
+
+    async def settle_many(rows: list[dict[str, Any]]) -> object:
+        batches.append(len(rows))
+        return await store.settle_many(rows)
+
+    replayed = await spool.replay(store.settle, settle_many)
+
+    assert replayed == 10
+    assert batches == [4, 4, 2]
+    assert not spool.path.exists()
+    assert await store.count_usage() == 10
+    assert (await store.balances())[user_id] == Decimal("1") - 10 * Decimal("0.004875625")
+
+
+async def test_a_batch_the_database_refuses_is_settled_row_by_row_and_only_the_bad_row_kept(
+    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user_id, spool = await _small_batches(tmp_path, store, monkeypatch)
+    for number in range(6):
+        # The third row's user is not in the database: its foreign key refuses it.
+        spool.append(usage_row(f"req_{number}", user_id if number != 2 else user_id + 1000))
+
+    replayed = await spool.replay(store.settle, store.settle_many)
+
+    assert replayed == 5
+    assert [row["request_id"] for row in spool.rows()] == ["req_2"]
+    assert await store.count_usage() == 5
+    assert (await store.balances())[user_id] == Decimal("1") - 5 * Decimal("0.004875625")

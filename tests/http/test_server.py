@@ -171,6 +171,11 @@ def test_a_second_sigterm_exits_at_once_and_the_spool_keeps_every_usage_record(
 
     assert code == 0, pg_gateway.log_text()
     assert spooled == STREAMS
+    # Their bills were not queued yet: each request spooled its own as it was cut.
+    assert (
+        f"0 bill(s) waiting to be written went to the spool, and the {STREAMS} request(s) in "
+        "flight spool theirs as they end" in log
+    )
     for client in clients:
         assert b"event: response.completed" not in client.body
     assert sorted(row["request_id"] for row in rows) == sorted(c.request_id for c in clients)
