@@ -141,7 +141,7 @@ class Gateway:
         database = await self.store.database_id()
         self.spool.database = database
         self.journal.database = database
-        await self.spool.replay(self.store.settle, self.store.settle_many)
+        await self.spool.replay(self.store.settle_many)
         self.journal.start()
         await self.recover_journals()
         await self.catalog.refresh()
@@ -161,11 +161,8 @@ class Gateway:
             asyncio.create_task(self._sweep(self.settings.lease_renew_seconds)),
         ]
 
-    async def _settle_spooled(self, row: dict[str, Any]) -> None:
-        """A row this process spooled, its cost taken from this process's lease."""
-        await self.store.settle(row, self.admission.holder)
-
-    async def _settle_spooled_batch(self, rows: list[dict[str, Any]]) -> None:
+    async def _settle_spooled(self, rows: list[dict[str, Any]]) -> None:
+        """Rows this process spooled, their cost taken from this process's lease."""
         await self.store.settle_many(rows, self.admission.holder)
 
     async def _check_secret_key(self) -> None:
@@ -197,7 +194,7 @@ class Gateway:
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.spool.replay(self._settle_spooled, self._settle_spooled_batch)
+                await self.spool.replay(self._settle_spooled)
                 await self.recover_journals()
             except Exception:
                 log.warning("replaying the spool or a hold journal failed", exc_info=True)

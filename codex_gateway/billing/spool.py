@@ -33,7 +33,6 @@ DATABASE_KEY = "spooled_for"
 # Rows a replay hands to `settle_many` at a time: one transaction each instead of one a row.
 REPLAY_BATCH = 500
 
-Settle = Callable[[dict[str, Any]], Awaitable[object]]
 SettleMany = Callable[[list[dict[str, Any]]], Awaitable[object]]
 
 
@@ -115,12 +114,12 @@ class Spool:
         _append_durably(rejected, b"".join(line + b"\n" for line in lines))
         log.error("%d spool line(s) that are not usage rows kept in %s", len(lines), rejected)
 
-    async def replay(self, settle: Settle, settle_many: SettleMany | None = None) -> int:
+    async def replay(self, settle_many: SettleMany) -> int:
         """Settle every spooled row of this database; rows the database still refuses, and
         other databases' rows, stay in the file as they were written.
 
-        With `settle_many`, REPLAY_BATCH rows go in one call; a batch the database refuses is
-        tried again row by row with `settle`, so that one bad row holds up no other.
+        REPLAY_BATCH rows go to `settle_many` in one call; a batch the database refuses is
+        tried again a row a call, so that one bad row holds up no other.
         Returns how many were settled. One bad row never keeps the gateway from starting.
         Rows appended while the replay waits on the database are kept. The append lock is
         never held across a wait, so a worker spooling a row is not held up by a replay.
@@ -134,12 +133,11 @@ class Spool:
             if lines.bad:
                 self._reject(lines.bad)
             kept = list(lines.foreign)
-            size = REPLAY_BATCH if settle_many is not None else 1
-            for start in range(0, len(lines.own), size):
-                batch = lines.own[start : start + size]
-                if settle_many is not None and await self._settled_at_once(settle_many, batch):
+            for start in range(0, len(lines.own), REPLAY_BATCH):
+                batch = lines.own[start : start + REPLAY_BATCH]
+                if len(batch) > 1 and await self._settled_at_once(settle_many, batch):
                     continue
-                kept.extend(await self._settle_one_by_one(settle, batch))
+                kept.extend(await self._settle_one_by_one(settle_many, batch))
             settled = len(lines.own) + len(lines.foreign) - len(kept)
             if settled or lines.bad:
                 with self._lock(".lock"):
@@ -164,13 +162,13 @@ class Spool:
         return True
 
     async def _settle_one_by_one(
-        self, settle: Settle, batch: list[tuple[dict[str, Any], bytes]]
+        self, settle_many: SettleMany, batch: list[tuple[dict[str, Any], bytes]]
     ) -> list[bytes]:
         """Settle each row on its own; the lines of those still refused."""
         kept = []
         for row, line in batch:
             try:
-                await settle(row)
+                await settle_many([row])
             except Exception:
                 log.error(
                     "spooled usage row still not settled; kept in %s",

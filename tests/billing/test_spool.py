@@ -86,8 +86,8 @@ async def test_a_line_that_is_not_a_row_is_kept_beside_the_spool_after_replay(
         handle.write(b'{"request_id": "req_cut", "cost_\n')
     settled: list[str] = []
 
-    async def record(row: dict[str, Any]) -> None:
-        settled.append(row["request_id"])
+    async def record(rows: list[dict[str, Any]]) -> None:
+        settled.extend(row["request_id"] for row in rows)
 
     assert await spool.replay(record) == 1
     assert settled == ["req_a"]
@@ -107,8 +107,8 @@ async def test_replay_settles_each_row_once_and_empties_the_spool(
     spool.append(already)
     spool.append(usage_row("req_only_spooled", user_id))
 
-    replayed = await spool.replay(store.settle)
-    again = await spool.replay(store.settle)
+    replayed = await spool.replay(store.settle_many)
+    again = await spool.replay(store.settle_many)
 
     assert (replayed, again) == (2, 0)
     assert not spool.path.exists()
@@ -127,7 +127,7 @@ async def test_a_replay_settles_its_own_database_rows_and_keeps_the_others(
     ours = Spool(path, "5f0c3a9e2b7d4e61")
     ours.append(usage_row("req_of_ours", user_id))
 
-    assert await ours.replay(store.settle) == 1
+    assert await ours.replay(store.settle_many) == 1
 
     assert await store.usage("req_of_ours") is not None
     assert await store.usage("req_of_the_other") is None
@@ -149,7 +149,7 @@ async def test_a_row_spooled_before_rows_named_their_database_is_replayed_and_ke
     ours.append(usage_row("req_ours_refused", user_id + 1000))
     refused = path.read_bytes().splitlines()[1:]
 
-    assert await ours.replay(store.settle) == 1
+    assert await ours.replay(store.settle_many) == 1
 
     assert await store.usage("req_untagged_good") is not None
     # Refused rows stay as they were written: an untagged one may be another database's, and
@@ -165,7 +165,7 @@ async def test_a_replay_that_settles_nothing_leaves_the_file_untouched(
     Spool(path, "a83d1c07e6f24b95").append(usage_row("req_of_theirs"))
     before = path.stat()
 
-    assert await Spool(path, "5f0c3a9e2b7d4e61").replay(store.settle) == 0
+    assert await Spool(path, "5f0c3a9e2b7d4e61").replay(store.settle_many) == 0
 
     after = path.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
@@ -180,7 +180,7 @@ async def test_a_row_the_database_refuses_stays_spooled_and_the_rest_are_settled
     spool.append(usage_row("req_for_a_missing_user", user_id + 1000))
     spool.append(usage_row("req_good", user_id))
 
-    replayed = await spool.replay(store.settle)
+    replayed = await spool.replay(store.settle_many)
 
     assert replayed == 1
     assert [row["request_id"] for row in spool.rows()] == ["req_for_a_missing_user"]
@@ -198,13 +198,13 @@ async def test_a_second_replay_leaves_the_spool_to_the_first_and_appends_go_on(
     release = asyncio.Event()
     settled: list[str] = []
 
-    async def slow_settle(row: dict[str, Any]) -> None:
+    async def slow_settle(rows: list[dict[str, Any]]) -> None:
         settling.set()
         await release.wait()
-        settled.append(row["request_id"])
+        settled.extend(row["request_id"] for row in rows)
 
-    async def record(row: dict[str, Any]) -> None:
-        settled.append(row["request_id"])
+    async def record(rows: list[dict[str, Any]]) -> None:
+        settled.extend(row["request_id"] for row in rows)
 
     replay = asyncio.create_task(first.replay(slow_settle))
     await settling.wait()
@@ -243,7 +243,7 @@ async def test_a_large_spool_is_replayed_a_batch_a_transaction_each_row_once(
         batches.append(len(rows))
         return await store.settle_many(rows)
 
-    replayed = await spool.replay(store.settle, settle_many)
+    replayed = await spool.replay(settle_many)
 
     assert replayed == 10
     assert batches == [4, 4, 2]
@@ -260,7 +260,7 @@ async def test_a_batch_the_database_refuses_is_settled_row_by_row_and_only_the_b
         # The third row's user is not in the database: its foreign key refuses it.
         spool.append(usage_row(f"req_{number}", user_id if number != 2 else user_id + 1000))
 
-    replayed = await spool.replay(store.settle, store.settle_many)
+    replayed = await spool.replay(store.settle_many)
 
     assert replayed == 5
     assert [row["request_id"] for row in spool.rows()] == ["req_2"]
