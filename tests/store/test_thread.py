@@ -83,6 +83,13 @@ def writer_threads(name: str) -> int:
     return sum(1 for thread in threading.enumerate() if thread.name == name)
 
 
+def _native_id(name: str) -> int:
+    """The operating system's id of the running thread called `name`."""
+    thread = next(t for t in threading.enumerate() if t.name == name)
+    assert thread.native_id is not None
+    return thread.native_id
+
+
 async def test_closing_a_writer_that_never_started_does_nothing(database_url: str) -> None:
     writer = StoreThread(database_url, name="usage-writer-idle")
 
@@ -140,13 +147,12 @@ async def test_a_lowered_writer_runs_when_the_core_is_idle_and_takes_turns_while
     writer = StoreThread(database_url, name="usage-writer-nice", lowered=lowered)
     writer.start()
     try:
-        thread = next(t for t in threading.enumerate() if t.name == "usage-writer-nice")
-        assert thread.native_id is not None
-        assert _policy(thread.native_id) == (keeping_up if lowered else ours)
+        native_id = _native_id("usage-writer-nice")
+        assert _policy(native_id) == (keeping_up if lowered else ours)
         writer.behind(True)
-        assert _policy(thread.native_id) == (LOWEST if lowered else ours)
+        assert _policy(native_id) == (LOWEST if lowered else ours)
         writer.behind(False)
-        assert _policy(thread.native_id) == (keeping_up if lowered else ours)
+        assert _policy(native_id) == (keeping_up if lowered else ours)
         assert _policy(threading.get_native_id()) == ours
         _, user_id = await new_user(store, "1")
         settled = await writer.settle_many([usage_row(user_id)])
@@ -164,12 +170,11 @@ async def test_a_writer_that_could_not_leave_the_idle_policy_keeps_to_the_lowest
     writer = StoreThread(database_url, name="usage-writer-unprivileged", lowered=True)
     writer.start()
     try:
-        thread = next(t for t in threading.enumerate() if t.name == "usage-writer-unprivileged")
-        assert thread.native_id is not None
-        assert _policy(thread.native_id) == LOWEST
+        native_id = _native_id("usage-writer-unprivileged")
+        assert _policy(native_id) == LOWEST
         writer.behind(True)
         writer.behind(False)
-        assert _policy(thread.native_id) == LOWEST
+        assert _policy(native_id) == LOWEST
     finally:
         await writer.close()
 
@@ -231,10 +236,9 @@ async def test_only_the_single_worker_of_a_serve_lowers_its_sqlite_writer(
     assert gateway.writer is not None
     gateway.writer.start()
     try:
-        thread = next(t for t in threading.enumerate() if t.name == "usage-writer")
-        assert thread.native_id is not None
+        native_id = _native_id("usage-writer")
         lowered = alone and database_url.startswith("sqlite")
-        assert _policy(thread.native_id) == (keeping_up if lowered else ours)
+        assert _policy(native_id) == (keeping_up if lowered else ours)
     finally:
         await gateway.writer.close()
         await gateway.engine.dispose()
