@@ -1,10 +1,12 @@
-"""uvicorn's httptools protocol, sending each response's head and first body bytes together.
+"""uvicorn's httptools protocol, with each response's writes sent in as few system calls as
+the event loop allows.
 
 uvicorn writes a response's status line and headers to the socket as soon as the app sends
 `http.response.start`, and the body with the next message: two system calls, and on
 loopback two passes through the kernel's TCP stack, for every JSON answer. Here the head
 waits in the transport until the body's first write joins it, and at most one turn of the
-event loop.
+event loop. Writes made while the loop is busy wait for the start of the next turn and go
+out together with the turn's other writes (`coalesce.py`).
 """
 
 from __future__ import annotations
@@ -15,50 +17,67 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from codex_gateway.coalesce import WriteCoalescer
+
 # How every final response head begins: the status line of a status from 200 to 599. An
-# interim answer (100 Continue) goes out at once, since the client waits for it before it
-# sends the body. Body bytes that happen to begin the same way are only held for the same
+# interim answer (100 Continue) is not held for a body, since the client waits for it before
+# it sends its own. Body bytes that happen to begin the same way are only held for the same
 # turn of the loop, and still go out in order.
 _HEAD = b"HTTP/1.1 "
 _FINAL_STATUS = frozenset(b"2345")
 
 
 class HeadHoldingTransport:
-    """A transport that keeps a response head back until the next write, or one loop turn."""
+    """A transport that keeps a response head back until the next write, or one loop turn,
+    and the writes of a busy turn until the next turn starts."""
 
-    __slots__ = ("_held", "_loop", "_transport")
+    __slots__ = ("_for_turn", "_held", "_transport", "_writes")
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
+    def __init__(self, transport: asyncio.Transport, writes: WriteCoalescer):
         self._transport = transport
-        self._loop = loop
-        self._held: bytes | None = None
+        self._writes = writes
+        # Bytes not written yet, in order; None when nothing is held.
+        self._held: list[bytes] | None = None
+        # Whether the held bytes wait for the next turn, or only a head for its body.
+        self._for_turn = False
 
     def write(self, data: bytes) -> None:
         held = self._held
         if held is not None:
-            self._held = None
-            # One system call for both, without copying the body onto the head.
-            self._transport.writelines((held, data))
+            held.append(data)
+            if not self._for_turn:  # the body of a held head: both go now or with the turn
+                self._for_turn = True
+                if self._writes.may_write_now():
+                    self.flush()
             return
         if data[:9] == _HEAD and len(data) > 9 and data[9] in _FINAL_STATUS:
-            self._held = data
-            self._loop.call_soon(self.flush)
-            return
-        self._transport.write(data)
+            self._held, self._for_turn = [data], False
+            self._writes.hold(self)
+        elif self._writes.may_write_now():
+            self._transport.write(data)
+        else:
+            self._held, self._for_turn = [data], True
+            self._writes.hold(self)
 
     def writelines(self, lines: Iterable[bytes]) -> None:
         self.flush()
         self._transport.writelines(lines)
 
-    def flush(self) -> None:
-        """Send a held head, unless the connection has closed meanwhile (a client that reset
-        it), as uvicorn drops what is written to a closed connection."""
+    def flush(self) -> bool:
+        """Send what is held, in one system call, unless the connection has closed meanwhile
+        (a client that reset it), as uvicorn drops what is written to a closed connection.
+        Whether anything was sent."""
         held = self._held
         if held is None:
-            return
+            return False
         self._held = None
-        if not self._transport.is_closing():
-            self._transport.write(held)
+        if self._transport.is_closing():
+            return False
+        if len(held) == 1:
+            self._transport.write(held[0])
+        else:
+            self._transport.writelines(held)
+        return True
 
     def write_eof(self) -> None:
         self.flush()
@@ -89,8 +108,17 @@ class HeadHoldingTransport:
 
 
 class CoalescingProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol on a `HeadHoldingTransport`: give it to uvicorn.Config
-    as `http`."""
+    """uvicorn's httptools protocol on a `HeadHoldingTransport`: give uvicorn.Config
+    `http=CoalescingProtocol.through(writes)`, with the coalescer the upstream client writes
+    through too."""
+
+    writes: WriteCoalescer
+
+    @classmethod
+    def through(cls, writes: WriteCoalescer) -> type[CoalescingProtocol]:
+        """This protocol, its connections writing through `writes`."""
+        return type(cls.__name__, (cls,), {"writes": writes})
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(HeadHoldingTransport(transport, self.loop))  # type: ignore[arg-type]
+        holding = HeadHoldingTransport(transport, self.writes)
+        super().connection_made(holding)  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
-"""The server protocol sends a response's head together with its first body bytes."""
+"""The server protocol sends a response's head together with its first body bytes, and the
+writes of a busy turn of the event loop together when the next turn starts."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import pytest
 import uvicorn
 
+from codex_gateway.coalesce import WriteCoalescer
 from codex_gateway.http.protocol import CoalescingProtocol, HeadHoldingTransport
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
@@ -34,9 +36,10 @@ class Recording:
         return self.closed
 
 
-def _holding() -> tuple[HeadHoldingTransport, Recording]:
+def _holding(writes: WriteCoalescer | None = None) -> tuple[HeadHoldingTransport, Recording]:
     inner = Recording()
-    return HeadHoldingTransport(inner, asyncio.get_running_loop()), inner  # type: ignore[arg-type]
+    holding = HeadHoldingTransport(inner, writes or WriteCoalescer())  # type: ignore[arg-type]
+    return holding, inner
 
 
 async def test_a_head_and_its_body_go_out_in_one_write() -> None:
@@ -62,13 +65,37 @@ async def test_a_head_without_a_body_yet_goes_out_on_the_next_turn_of_the_loop()
     assert inner.writes == [HEAD, b"{}"]
 
 
-async def test_an_interim_answer_and_body_bytes_go_out_at_once() -> None:
+async def test_an_interim_answer_is_not_held_for_a_body() -> None:
     transport, inner = _holding()
 
     transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    assert inner.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+
+
+async def test_body_bytes_that_read_like_a_status_line_are_not_held_for_more() -> None:
+    transport, inner = _holding()
+
     transport.write(b"HTTP/1.1 is only text here")
 
-    assert inner.writes == [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 is only text here"]
+    assert inner.writes == [b"HTTP/1.1 is only text here"]
+
+
+async def test_in_a_busy_turn_a_body_waits_with_its_head_for_the_next_turn() -> None:
+    writes = WriteCoalescer()
+    first, first_inner = _holding(writes)
+    second, second_inner = _holding(writes)
+    first.write(b"event one")  # the first write of the turn goes out at once
+
+    second.write(HEAD)
+    second.write(b"{}")
+    first.write(b"event two")
+    assert second_inner.writes == []
+    assert first_inner.writes == [b"event one"]
+    await asyncio.sleep(0)
+
+    assert second_inner.writes == [HEAD + b"{}"]
+    assert first_inner.writes == [b"event one", b"event two"]
 
 
 async def test_closing_sends_a_held_head_first() -> None:
@@ -108,7 +135,12 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 @pytest.fixture
 async def running() -> AsyncIterator[uvicorn.Server]:
     config = uvicorn.Config(
-        _app, host="127.0.0.1", port=0, http=CoalescingProtocol, lifespan="off", log_config=None
+        _app,
+        host="127.0.0.1",
+        port=0,
+        http=CoalescingProtocol.through(WriteCoalescer()),
+        lifespan="off",
+        log_config=None,
     )
     running = uvicorn.Server(config)
     serving = asyncio.create_task(running.serve())
@@ -157,6 +189,7 @@ async def test_answers_on_one_connection_come_whole_and_in_order(
     writer.close()
 
     assert [type(c.transport) for c in connections] == [HeadHoldingTransport]  # type: ignore[attr-defined]
+    assert all(isinstance(c, CoalescingProtocol) for c in connections)
     assert answers.count(b"HTTP/1.1 200 OK") == 2
     assert answers.index(b"first") < answers.index(b"second")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from codex_gateway.coalesce import Holder, WriteCoalescer
 from codex_gateway.errors import (
     UpstreamConnectError,
     UpstreamError,
@@ -180,6 +181,39 @@ async def test_requests_reuse_one_keep_alive_connection(client: UpstreamClient) 
     assert server.connections == 1
     assert server.seen[0].startswith(b"POST /v1/responses HTTP/1.1\r\nhost: 127.0.0.1:")
     assert b"\r\nx-test: 1\r\ncontent-length: 7\r\n\r\n" in server.seen[0]
+
+
+class CountingCoalescer(WriteCoalescer):
+    """A coalescer that counts the writes it was asked to hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = 0
+
+    def hold(self, holder: Holder) -> None:
+        self.held += 1
+        super().hold(holder)
+
+
+async def test_a_request_of_a_busy_turn_goes_out_when_the_next_turn_starts() -> None:
+    writes = CountingCoalescer()
+    client = UpstreamClient(connect_timeout=2, read_timeout=2, pool_size=4, writes=writes)
+    async with KeepAliveServer([OK_JSON] * 2) as server:
+        first = await client.post(server.url, {}, b"{}")  # the first write of its turn
+        await first.read()
+        first.release()
+        assert writes.held == 0
+
+        assert writes.may_write_now()  # an answer to a client went out at once this turn
+        second = await client.post(server.url, {}, b'{"n":2}')
+
+        assert writes.held == 1
+        assert second.status == 200
+        assert await second.read() == b"{}"
+        second.release()
+        await client.close()
+    assert server.connections == 1
+    assert server.seen[1].endswith(b'\r\n\r\n{"n":2}')
 
 
 async def test_a_stream_arrives_chunk_by_chunk(client: UpstreamClient) -> None:
