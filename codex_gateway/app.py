@@ -17,7 +17,7 @@ from codex_gateway.billing.settlement import Outcome, bill, cut_by_shutdown
 from codex_gateway.billing.settler import Settler
 from codex_gateway.billing.spool import Spool
 from codex_gateway.catalog import RELAYED_KINDS, Catalog
-from codex_gateway.coalesce import WriteCoalescer
+from codex_gateway.coalescer import WriteCoalescer
 from codex_gateway.config import Settings
 from codex_gateway.errors import CredentialError
 from codex_gateway.metrics import Metrics
@@ -63,12 +63,12 @@ class Gateway:
         )
         self.catalog.on_limits = self.admission.limits_changed
         # The server's answers and the upstream requests go out through one coalescer.
-        self.writes = WriteCoalescer()
+        self.coalescer = WriteCoalescer()
         self.client = UpstreamClient(
             connect_timeout=settings.upstream_connect_timeout,
             read_timeout=settings.upstream_read_timeout,
             pool_size=settings.upstream_pool_size,
-            writes=self.writes,
+            coalescer=self.coalescer,
         )
         self.pool = AccountPool(
             self.store, self.catalog.usable_accounts, lambda: self.catalog.revision

@@ -105,7 +105,7 @@ def _serve_one(
         GatewayApp(gateway),
         host=host,
         port=port,
-        http=CoalescingProtocol.through(gateway.writes),
+        http=CoalescingProtocol.through(gateway.coalescer),
         loop="uvloop",
         lifespan="on",
         access_log=False,

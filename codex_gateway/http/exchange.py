@@ -160,8 +160,9 @@ class Exchange:
 
     async def write(self, chunk: bytes, more: bool = True) -> None:
         if not more:
-            # When the client got the last byte (set first, so that a client closing the
-            # connection right after it is not taken for one that left early).
+            # When the last byte went to the server, which sends it within a turn of the
+            # loop (set first, so that a client closing the connection right after it is
+            # not taken for one that left early).
             self.finished = time.perf_counter()
         # The server's send waits for a slow client before it writes anything, so a chunk
         # whose send was cancelled never left; `unsent` keeps it for whoever ends the stream.

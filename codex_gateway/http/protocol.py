@@ -6,7 +6,7 @@ uvicorn writes a response's status line and headers to the socket as soon as the
 loopback two passes through the kernel's TCP stack, for every JSON answer. Here the head
 waits in the transport until the body's first write joins it, and at most one turn of the
 event loop. Writes made while the loop is busy wait for the start of the next turn and go
-out together with the turn's other writes (`coalesce.py`).
+out together with the turn's other writes (`coalescer.py`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from codex_gateway.coalesce import WriteCoalescer
+from codex_gateway.coalescer import WriteCoalescer
 
 # How every final response head begins: the status line of a status from 200 to 599. An
 # interim answer (100 Continue) is not held for a body, since the client waits for it before
@@ -25,39 +25,52 @@ from codex_gateway.coalesce import WriteCoalescer
 # turn of the loop, and still go out in order.
 _HEAD = b"HTTP/1.1 "
 _FINAL_STATUS = frozenset(b"2345")
+# Held bytes past this go out at once: uvicorn's flow control only sees what reached the
+# socket's transport, so an app that writes without waiting must not pile up bytes here.
+HOLD_LIMIT = 64 * 1024
 
 
 class HeadHoldingTransport:
     """A transport that keeps a response head back until the next write, or one loop turn,
-    and the writes of a busy turn until the next turn starts."""
+    and the writes of a busy turn until the next turn."""
 
-    __slots__ = ("_for_turn", "_held", "_transport", "_writes")
+    __slots__ = ("_coalescer", "_held", "_held_bytes", "_transport", "_until_next_turn")
 
-    def __init__(self, transport: asyncio.Transport, writes: WriteCoalescer):
+    def __init__(self, transport: asyncio.Transport, coalescer: WriteCoalescer):
         self._transport = transport
-        self._writes = writes
+        self._coalescer = coalescer
         # Bytes not written yet, in order; None when nothing is held.
         self._held: list[bytes] | None = None
+        self._held_bytes = 0
         # Whether the held bytes wait for the next turn, or only a head for its body.
-        self._for_turn = False
+        self._until_next_turn = False
 
     def write(self, data: bytes) -> None:
         held = self._held
         if held is not None:
-            held.append(data)
-            if not self._for_turn:  # the body of a held head: both go now or with the turn
-                self._for_turn = True
-                if self._writes.may_write_now():
+            if data:
+                held.append(data)
+                self._held_bytes += len(data)
+            if self._held_bytes > HOLD_LIMIT:
+                self.flush()
+            elif not self._until_next_turn:  # the body of a held head: now, or next turn
+                self._until_next_turn = True
+                if self._coalescer.may_write_now():
                     self.flush()
             return
+        if not data:
+            return
         if data[:9] == _HEAD and len(data) > 9 and data[9] in _FINAL_STATUS:
-            self._held, self._for_turn = [data], False
-            self._writes.hold(self)
-        elif self._writes.may_write_now():
+            self._hold(data, until_next_turn=False)
+        elif self._coalescer.may_write_now():
             self._transport.write(data)
         else:
-            self._held, self._for_turn = [data], True
-            self._writes.hold(self)
+            self._hold(data, until_next_turn=True)
+
+    def _hold(self, data: bytes, until_next_turn: bool) -> None:
+        self._held, self._held_bytes = [data], len(data)
+        self._until_next_turn = until_next_turn
+        self._coalescer.hold(self)
 
     def writelines(self, lines: Iterable[bytes]) -> None:
         self.flush()
@@ -70,7 +83,7 @@ class HeadHoldingTransport:
         held = self._held
         if held is None:
             return False
-        self._held = None
+        self._held, self._held_bytes = None, 0
         if self._transport.is_closing():
             return False
         if len(held) == 1:
@@ -88,7 +101,7 @@ class HeadHoldingTransport:
         self._transport.close()
 
     def abort(self) -> None:
-        self._held = None
+        self._held, self._held_bytes = None, 0
         self._transport.abort()
 
     def is_closing(self) -> bool:
@@ -109,16 +122,18 @@ class HeadHoldingTransport:
 
 class CoalescingProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol on a `HeadHoldingTransport`: give uvicorn.Config
-    `http=CoalescingProtocol.through(writes)`, with the coalescer the upstream client writes
-    through too."""
+    `http=CoalescingProtocol.through(coalescer)`, with the coalescer the upstream client
+    writes through too."""
 
-    writes: WriteCoalescer
+    coalescer: WriteCoalescer | None = None
 
     @classmethod
-    def through(cls, writes: WriteCoalescer) -> type[CoalescingProtocol]:
-        """This protocol, its connections writing through `writes`."""
-        return type(cls.__name__, (cls,), {"writes": writes})
+    def through(cls, coalescer: WriteCoalescer) -> type[CoalescingProtocol]:
+        """This protocol, its connections writing through `coalescer`."""
+        return type(cls.__name__, (cls,), {"coalescer": coalescer})
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        holding = HeadHoldingTransport(transport, self.writes)
+        if self.coalescer is None:
+            raise TypeError("serve CoalescingProtocol.through(coalescer), not the class itself")
+        holding = HeadHoldingTransport(transport, self.coalescer)
         super().connection_made(holding)  # type: ignore[arg-type]

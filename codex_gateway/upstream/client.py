@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from codex_gateway.coalesce import WriteCoalescer
+from codex_gateway.coalescer import WriteCoalescer
 from codex_gateway.errors import (
     UpstreamConnectError,
     UpstreamError,
@@ -76,11 +76,11 @@ class Headers(Mapping[str, str]):
 class _Connection(asyncio.Protocol):
     """One HTTP/1.1 connection: one request at a time, the answer parsed as it arrives."""
 
-    def __init__(self, origin: _Origin, read_timeout: float, writes: WriteCoalescer | None):
+    def __init__(self, origin: _Origin, read_timeout: float, coalescer: WriteCoalescer | None):
         self.origin = origin
         self._read_timeout = read_timeout
-        self._writes = writes
-        # A request waiting for the next turn of the loop to be sent (`coalesce.py`).
+        self._coalescer = coalescer
+        # A request waiting for the next turn of the loop to be sent (`coalescer.py`).
         self._held: bytes | None = None
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
@@ -158,13 +158,14 @@ class _Connection(asyncio.Protocol):
         self.response = response
         self._parser = httptools.HttpResponseParser(self)
         self._last_read = self._loop.time()
+        # The timer may start a turn of the loop before a held request leaves: negligible.
         self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._check_idle)
-        writes = self._writes
-        if writes is None or writes.may_write_now():
+        coalescer = self._coalescer
+        if coalescer is None or coalescer.may_write_now():
             self.transport.write(request)
             return
         self._held = request
-        writes.hold(self)
+        coalescer.hold(self)
 
     def flush(self) -> bool:
         """Send the request held for this turn, unless the connection closed meanwhile."""
@@ -379,15 +380,15 @@ class UpstreamClient:
         read_timeout: float,
         pool_size: int,
         ssl_context: ssl.SSLContext | None = None,
-        writes: WriteCoalescer | None = None,
+        coalescer: WriteCoalescer | None = None,
     ):
-        """`writes`: the coalescer the server's answers go through too, so that requests
-        sent while the loop is busy go out together with them; None sends each at once."""
+        """`coalescer`: the one the server's answers go through too, so that requests sent
+        while the loop is busy go out together with them; None sends each at once."""
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._pool_size = pool_size
         self._ssl = ssl_context
-        self._writes = writes
+        self._coalescer = coalescer
         self._idle: dict[_Origin, list[_Connection]] = {}
         self._slots: asyncio.Semaphore | None = None
         self._targets: dict[str, tuple[_Origin, bytes]] = {}
@@ -448,7 +449,7 @@ class UpstreamClient:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, protocol = await loop.create_connection(
-                    lambda: _Connection(origin, self._read_timeout, self._writes),
+                    lambda: _Connection(origin, self._read_timeout, self._coalescer),
                     host,
                     port,
                     ssl=tls,

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import uvicorn
 
-from codex_gateway.coalesce import WriteCoalescer
-from codex_gateway.http.protocol import CoalescingProtocol, HeadHoldingTransport
+from codex_gateway.coalescer import WriteCoalescer
+from codex_gateway.http.protocol import HOLD_LIMIT, CoalescingProtocol, HeadHoldingTransport
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
 
@@ -21,12 +21,15 @@ class Recording:
 
     def __init__(self) -> None:
         self.writes: list[bytes] = []
+        self.calls = 0  # each write or writelines is one system call on a real transport
         self.closed = False
 
     def write(self, data: bytes) -> None:
+        self.calls += 1
         self.writes.append(data)
 
     def writelines(self, lines: list[bytes]) -> None:
+        self.calls += 1
         self.writes.append(b"".join(lines))
 
     def close(self) -> None:
@@ -36,9 +39,11 @@ class Recording:
         return self.closed
 
 
-def _holding(writes: WriteCoalescer | None = None) -> tuple[HeadHoldingTransport, Recording]:
+def _holding(
+    coalescer: WriteCoalescer | None = None,
+) -> tuple[HeadHoldingTransport, Recording]:
     inner = Recording()
-    holding = HeadHoldingTransport(inner, writes or WriteCoalescer())  # type: ignore[arg-type]
+    holding = HeadHoldingTransport(inner, coalescer or WriteCoalescer())  # type: ignore[arg-type]
     return holding, inner
 
 
@@ -50,6 +55,7 @@ async def test_a_head_and_its_body_go_out_in_one_write() -> None:
     transport.write(b"{}")
 
     assert inner.writes == [HEAD + b"{}"]
+    assert inner.calls == 1
     await asyncio.sleep(0)  # the flush scheduled for the head finds nothing left
     assert inner.writes == [HEAD + b"{}"]
 
@@ -81,10 +87,19 @@ async def test_body_bytes_that_read_like_a_status_line_are_not_held_for_more() -
     assert inner.writes == [b"HTTP/1.1 is only text here"]
 
 
+async def test_an_empty_body_sends_its_held_head_at_once() -> None:
+    transport, inner = _holding()
+
+    transport.write(HEAD)
+    transport.write(b"")
+
+    assert inner.writes == [HEAD]
+
+
 async def test_in_a_busy_turn_a_body_waits_with_its_head_for_the_next_turn() -> None:
-    writes = WriteCoalescer()
-    first, first_inner = _holding(writes)
-    second, second_inner = _holding(writes)
+    coalescer = WriteCoalescer()
+    first, first_inner = _holding(coalescer)
+    second, second_inner = _holding(coalescer)
     first.write(b"event one")  # the first write of the turn goes out at once
 
     second.write(HEAD)
@@ -95,7 +110,32 @@ async def test_in_a_busy_turn_a_body_waits_with_its_head_for_the_next_turn() -> 
     await asyncio.sleep(0)
 
     assert second_inner.writes == [HEAD + b"{}"]
+    assert second_inner.calls == 1
     assert first_inner.writes == [b"event one", b"event two"]
+
+
+async def test_held_bytes_past_the_limit_go_out_at_once_in_order() -> None:
+    coalescer = WriteCoalescer()
+    assert coalescer.may_write_now()  # another answer went out at once in this turn
+    transport, inner = _holding(coalescer)
+    part = b"x" * (HOLD_LIMIT // 2)
+
+    transport.write(b"event one")
+    transport.write(part)
+    assert inner.writes == []
+    transport.write(part)
+
+    assert inner.writes == [b"event one" + part + part]
+    transport.write(b"event two")
+    await asyncio.sleep(0)
+    assert inner.writes == [b"event one" + part + part, b"event two"]
+
+
+def test_the_protocol_class_itself_is_refused_for_want_of_a_coalescer() -> None:
+    protocol = CoalescingProtocol.__new__(CoalescingProtocol)
+
+    with pytest.raises(TypeError, match="through"):
+        protocol.connection_made(Recording())  # type: ignore[arg-type]
 
 
 async def test_closing_sends_a_held_head_first() -> None:

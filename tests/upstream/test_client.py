@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from codex_gateway.coalesce import Holder, WriteCoalescer
+from codex_gateway.coalescer import Holder, WriteCoalescer
 from codex_gateway.errors import (
     UpstreamConnectError,
     UpstreamError,
@@ -196,18 +196,18 @@ class CountingCoalescer(WriteCoalescer):
 
 
 async def test_a_request_of_a_busy_turn_goes_out_when_the_next_turn_starts() -> None:
-    writes = CountingCoalescer()
-    client = UpstreamClient(connect_timeout=2, read_timeout=2, pool_size=4, writes=writes)
+    coalescer = CountingCoalescer()
+    client = UpstreamClient(connect_timeout=2, read_timeout=2, pool_size=4, coalescer=coalescer)
     async with KeepAliveServer([OK_JSON] * 2) as server:
         first = await client.post(server.url, {}, b"{}")  # the first write of its turn
         await first.read()
         first.release()
-        assert writes.held == 0
+        assert coalescer.held == 0
 
-        assert writes.may_write_now()  # an answer to a client went out at once this turn
+        assert coalescer.may_write_now()  # an answer to a client went out at once this turn
         second = await client.post(server.url, {}, b'{"n":2}')
 
-        assert writes.held == 1
+        assert coalescer.held == 1
         assert second.status == 200
         assert await second.read() == b"{}"
         second.release()
