@@ -7,9 +7,10 @@ from decimal import Decimal
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import IntegrityError
 
-from codex_gateway.store.bulk import ASYNCPG_ROWS, SQLITE_ROWS, BulkInsert, _chunks
+from codex_gateway.store.bulk import ASYNCPG_ROWS, SQLITE_ROWS, BulkInsert, _chunks, _utc_text
 from codex_gateway.store.queries import SETTLEMENT_COLUMNS, Store
 from codex_gateway.store.tables import LedgerEntry, UsageRecord
 from tests.store.test_queries import as_utc, new_user, usage_row
@@ -194,3 +195,19 @@ def test_rows_are_cut_into_a_handful_of_statement_sizes(
     count: int, largest: int, sizes: list[int]
 ) -> None:
     assert _chunks(count, largest) == sizes
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        # a whole second: the microseconds are written out all the same
+        datetime(2026, 12, 4, 16, 0, 0, tzinfo=UTC),
+        # another zone, and a year of three digits
+        datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=timezone(timedelta(hours=2))),
+    ],
+)
+def test_times_go_to_sqlite_as_sqlalchemys_datetime_text_in_utc(moment: datetime) -> None:
+    as_sqlalchemy = sqlite.DATETIME().bind_processor(sqlite.dialect())
+    assert as_sqlalchemy is not None
+
+    assert _utc_text(moment) == as_sqlalchemy(moment.astimezone(UTC).replace(tzinfo=None))
