@@ -15,7 +15,7 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from codex_gateway.coalescer import WriteCoalescer
 
@@ -126,6 +126,9 @@ class CoalescingProtocol(HttpToolsProtocol):
     writes through too."""
 
     coalescer: WriteCoalescer | None = None
+    # The request whose answer is being sent; uvicorn's `cycle` is the newest one parsed,
+    # which is a request pipelined behind it when there is one.
+    _answering: RequestResponseCycle | None = None
 
     @classmethod
     def through(cls, coalescer: WriteCoalescer) -> type[CoalescingProtocol]:
@@ -137,3 +140,18 @@ class CoalescingProtocol(HttpToolsProtocol):
             raise TypeError("serve CoalescingProtocol.through(coalescer), not the class itself")
         holding = HeadHoldingTransport(transport, self.coalescer)
         super().connection_made(holding)  # type: ignore[arg-type]
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        self._answering = cycle
+        super()._start_asgi_task(cycle, app)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """uvicorn tells only its newest request that the client has gone. With a request
+        pipelined behind a stream, the stream was never told, went on writing to the closed
+        connection and ended in an error; it is told too."""
+        super().connection_lost(exc)
+        answering = self._answering
+        if answering is None or answering is self.cycle or answering.response_complete:
+            return
+        answering.disconnected = True
+        answering.message_event.set()

@@ -44,8 +44,11 @@ def gateway(
     yield from pool_gateway(backend, tmp_path_factory, {"CODEX_GATEWAY_DISCONNECT_POLICY": policy})
 
 
-def read_then_hang_up(gateway: Gateway, key: str, events: int) -> tuple[str, int]:
-    """Stream a request, read `events` events, close the socket; (request id, bytes read)."""
+def read_then_hang_up(
+    gateway: Gateway, key: str, events: int, pipelined: bytes = b""
+) -> tuple[str, int]:
+    """Stream a request (with `pipelined` sent right behind it), read `events` events, close
+    the socket; (request id, bytes read)."""
     body = json.dumps({"model": "gpt-5.1-codex", "input": PROMPT, "stream": True}).encode()
     host, port = gateway.url.removeprefix("http://").split(":")
     head = (
@@ -54,7 +57,7 @@ def read_then_hang_up(gateway: Gateway, key: str, events: int) -> tuple[str, int
         "x-sandbox-delay-ms: 20\r\n\r\n"
     ).encode()
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(head + body)
+        sock.sendall(head + body + pipelined)
         received = b""
         while b"\r\n\r\n" not in received:
             received += sock.recv(65536)
@@ -100,6 +103,27 @@ def test_a_client_leaving_at_any_event_leaves_exactly_one_row(
     for row in rows:
         position = left_at[row["request_id"]]
         check_row(row, policy, position)
+
+
+def test_a_client_leaving_a_stream_with_a_request_pipelined_behind_it_leaves_one_row(
+    gateway: Gateway, sandbox: Sandbox
+) -> None:
+    """The server is told of the hang-up by the newest request it parsed, the pipelined one
+    that never started; the stream being answered must learn of it all the same."""
+    policy = gateway.env["CODEX_GATEWAY_DISCONNECT_POLICY"]
+    fresh_accounts(gateway, sandbox, [{}])
+    user, key = gateway.new_user("10")
+    behind = f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n"
+
+    request_id, _ = read_then_hang_up(gateway, key, 3, behind.encode())
+
+    rows = rows_for(gateway, user, 1)
+    time.sleep(1)  # a second row would have been written by now
+    rows = rows_for(gateway, user, 1)
+    assert [row["request_id"] for row in rows] == [request_id]
+    assert "gateway_error" not in rows[0]["flags"]
+    check_row(rows[0], policy, 3)
+    assert Decimal(gateway.balance(user)) == Decimal(10) - Decimal(rows[0]["cost_usd"])
 
 
 def check_row(row: dict[str, Any], policy: str, position: int) -> None:

@@ -148,7 +148,38 @@ async def test_closing_sends_a_held_head_first() -> None:
     assert inner.closed
 
 
+# What `/long` saw: whether the server told it the client had gone, and any error of a write.
+SEEN: dict[str, Any] = {}
+
+
+async def _long(receive: Any, send: Any) -> None:
+    """A stream that goes on until the server says the client has gone (or 2 s pass)."""
+    gone = asyncio.Event()
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    watching = asyncio.create_task(watch())
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    try:
+        for _ in range(200):
+            if gone.is_set():
+                break
+            await send({"type": "http.response.body", "body": b"tick\n", "more_body": True})
+            await asyncio.sleep(0.01)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except Exception as exc:
+        SEEN["error"] = exc
+    SEEN["gone"] = gone.is_set()
+    watching.cancel()
+
+
 async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["path"] == "/long":
+        await _long(receive, send)
+        return
     body = b""
     while True:
         message = await receive()
@@ -286,3 +317,22 @@ async def test_a_pipelined_head_request_and_the_next_one_are_both_answered(serve
     assert first.startswith(b"HTTP/1.1 200 OK")
     assert second.startswith(b"HTTP/1.1 200 OK")
     assert second.endswith(b"\r\n\r\nping")
+
+
+async def test_a_stream_whose_client_left_with_a_request_pipelined_behind_it_learns_so(
+    server: int,
+) -> None:
+    SEEN.clear()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server)
+    writer.write(
+        b"GET /long HTTP/1.1\r\nhost: x\r\n\r\n"
+        b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nping"
+    )
+    assert b"tick" in await asyncio.wait_for(reader.read(65536), 5)
+    writer.close()
+    for _ in range(300):
+        if "gone" in SEEN:
+            break
+        await asyncio.sleep(0.01)
+
+    assert SEEN == {"gone": True}
