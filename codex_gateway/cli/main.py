@@ -61,8 +61,10 @@ def serve(host: str, port: int, sandbox: bool, log_level: str | None, workers: i
     except OSError as exc:
         click.echo(f"error: cannot listen on {host}:{port}: {exc.strerror}", err=True)
         sys.exit(1)
+    bound = held.getsockname()[1]
+    click.echo(f"serving on http://{f'[{host}]' if ':' in host else host}:{bound}")
     if sandbox:
-        _prepare_sandbox(host, held.getsockname()[1])
+        _prepare_sandbox(host, bound)
     _raise_open_file_limit()
     if workers == 1:
         sys.exit(_serve_one(settings, host, port, sandbox, held, alone=True))

@@ -65,6 +65,7 @@ def test_quick_start_answers_bills_and_survives_a_restart_on_another_port(
     finally:
         first_output = stop(proc)
     key = next(line for line in first_output.splitlines() if line.startswith("sk-cg-"))
+    assert f"serving on http://127.0.0.1:{port}\n" in first_output
     assert (tmp_path / "data" / "codex-gateway.db").exists()
 
     port = free_port()
