@@ -59,8 +59,10 @@ class WriteCoalescer:
     def _schedule(self) -> None:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
-            # A flush queued on a loop that has since stopped would never run.
-            self._loop, self._scheduled, self._wrote = loop, False, False
+            # A flush queued on a loop that has since stopped would never run; the writes it
+            # held were for that loop's connections, which are gone with it.
+            self._loop, self._due = loop, []
+            self._scheduled = self._wrote = self._busy = False
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)

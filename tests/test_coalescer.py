@@ -4,6 +4,7 @@ writes go out together early in the next turn, in the order they were made."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 from codex_gateway.coalescer import WriteCoalescer
 
@@ -124,10 +125,10 @@ async def test_a_holder_that_fails_does_not_strand_the_others() -> None:
     assert log == ["a:1", "b:1"]
 
 
-def test_a_flush_left_queued_on_a_stopped_loop_does_not_stop_later_ones() -> None:
+def test_a_flush_left_queued_on_a_stopped_loop_does_not_stop_the_next_loop() -> None:
     coalescer = WriteCoalescer()
     log: list[str] = []
-    a, b = Writer("a", coalescer, log), Writer("b", coalescer, log)
+    a, b, c = (Writer(name, coalescer, log) for name in "abc")
 
     async def write_and_stop() -> None:
         a.write("1")
@@ -136,7 +137,7 @@ def test_a_flush_left_queued_on_a_stopped_loop_does_not_stop_later_ones() -> Non
 
     async def write_again() -> None:
         a.write("2")
-        b.write("2")
+        c.write("1")
         await asyncio.sleep(0)
 
     stopped = asyncio.new_event_loop()
@@ -145,4 +146,21 @@ def test_a_flush_left_queued_on_a_stopped_loop_does_not_stop_later_ones() -> Non
     assert log == ["a:1"]
     asyncio.run(write_again())
 
-    assert log == ["a:1", "a:2", "b:1", "b:2"]
+    # b's connection went with its loop, and what it held with it.
+    assert log == ["a:1", "a:2", "c:1"]
+
+
+async def test_the_next_loop_starts_out_of_a_busy_spell() -> None:
+    (a, _, _), log = await _busy()
+
+    async def write() -> None:
+        a.write("2")
+        sent_at_once.extend(log)
+
+    sent_at_once: list[str] = []
+    # Joined without yielding, so this loop's busy spell cannot end meanwhile.
+    other = threading.Thread(target=asyncio.run, args=(write(),))
+    other.start()
+    other.join()
+
+    assert sent_at_once == ["a:1", "b:1", "c:1", "a:2"]

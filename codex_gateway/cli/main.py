@@ -62,7 +62,8 @@ def serve(host: str, port: int, sandbox: bool, log_level: str | None, workers: i
         click.echo(f"error: cannot listen on {host}:{port}: {exc.strerror}", err=True)
         sys.exit(1)
     bound = held.getsockname()[1]
-    click.echo(f"serving on http://{f'[{host}]' if ':' in host else host}:{bound}")
+    address = f"[{host}]" if ":" in host else host  # an IPv6 address keeps its brackets
+    click.echo(f"serving on http://{address}:{bound}")
     if sandbox:
         _prepare_sandbox(host, bound)
     _raise_open_file_limit()

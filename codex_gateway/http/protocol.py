@@ -62,7 +62,7 @@ class HeadHoldingTransport:
             return
         if data[:9] == _HEAD and len(data) > 9 and data[9] in _FINAL_STATUS:
             self._hold(data, until_next_turn=False)
-        elif self._coalescer.may_write_now():
+        elif len(data) > HOLD_LIMIT or self._coalescer.may_write_now():
             self._transport.write(data)
         else:
             self._hold(data, until_next_turn=True)

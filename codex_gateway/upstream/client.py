@@ -158,7 +158,8 @@ class _Connection(asyncio.Protocol):
         self.response = response
         self._parser = httptools.HttpResponseParser(self)
         self._last_read = self._loop.time()
-        # The timer may start a turn of the loop before a held request leaves: negligible.
+        # The read timeout counts from here, up to one turn of the loop before a held request
+        # is written (`coalescer.py`): a turn is far shorter than any timeout.
         self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._check_idle)
         coalescer = self._coalescer
         if coalescer is None or coalescer.may_write_now():

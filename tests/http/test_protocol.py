@@ -96,6 +96,27 @@ async def test_an_empty_body_sends_its_held_head_at_once() -> None:
     assert inner.writes == [HEAD]
 
 
+async def test_an_empty_write_leaves_the_turns_first_write_to_a_real_one() -> None:
+    coalescer = WriteCoalescer()
+    transport, inner = _holding(coalescer)
+
+    transport.write(b"")
+
+    assert inner.calls == 0
+    assert coalescer.may_write_now()
+
+
+async def test_one_write_past_the_limit_goes_out_at_once_even_in_a_busy_turn() -> None:
+    coalescer = WriteCoalescer()
+    assert coalescer.may_write_now()  # another answer went out at once in this turn
+    transport, inner = _holding(coalescer)
+    large = b"x" * (HOLD_LIMIT + 1)
+
+    transport.write(large)
+
+    assert inner.writes == [large]
+
+
 async def test_in_a_busy_turn_a_body_waits_with_its_head_for_the_next_turn() -> None:
     coalescer = WriteCoalescer()
     first, first_inner = _holding(coalescer)
