@@ -337,7 +337,7 @@ async def test_a_started_server_tunes_the_collector_and_the_switch_interval() ->
             assert not serving.done(), "the server did not start"
             await asyncio.sleep(0.01)
         assert gc.get_freeze_count() > 0
-        assert sys.getswitchinterval() == SWITCH_INTERVAL_SECONDS
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_SECONDS)
         assert gc.get_threshold() == (YOUNG_GENERATION_THRESHOLD, *thresholds[1:])
     finally:
         server.should_exit = True
