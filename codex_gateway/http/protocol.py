@@ -5,8 +5,8 @@ uvicorn writes a response's status line and headers to the socket as soon as the
 `http.response.start`, and the body with the next message: two system calls, and on
 loopback two passes through the kernel's TCP stack, for every JSON answer. Here the head
 waits in the transport until the body's first write joins it, and at most one turn of the
-event loop. Writes made while the loop is busy wait for the start of the next turn and go
-out together with the turn's other writes (`coalescer.py`).
+event loop. Writes made while the loop is busy wait until early in the next turn and go out
+together with the turn's other writes (`coalescer.py`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from codex_gateway.coalescer import WriteCoalescer
 
 # How every final response head begins: the status line of a status from 200 to 599. An
 # interim answer (100 Continue) is not held for a body, since the client waits for it before
-# it sends its own. Body bytes that happen to begin the same way are only held for the same
-# turn of the loop, and still go out in order.
+# it sends its own. Body bytes that happen to begin the same way are held no longer than a
+# head is, and still go out in order.
 _HEAD = b"HTTP/1.1 "
 _FINAL_STATUS = frozenset(b"2345")
 # Held bytes past this go out at once: uvicorn's flow control only sees what reached the

@@ -17,8 +17,9 @@ about every 20 requests and each pass walked what the requests in flight held (a
 from 5 ms to 0.1 ms: a thread waiting for the interpreter gets it when the holder lets go or
 the interval runs out. A busy loop seldom lets go, so with 5 ms the writer waited that long
 at every step of a batch; and the request loop, woken while the writer ran Python, waited
-out the interval before it could answer (at 0.5 ms the slowest 1 % of streams at c=1 on
-SQLite got their first event 1.5 to 1.7 ms after the request, at 0.1 ms 1.0 to 1.3 ms).
+out the interval before it could answer (on a quiet SQLite gateway at c=1, the slowest 1 % of
+streams got their first event 1.5 to 1.7 ms after the request at 0.5 ms, 1.0 to 1.3 ms at
+0.1 ms; see docs/benchmarks.md).
 """
 
 from __future__ import annotations
