@@ -163,6 +163,7 @@ class GatewayApp:
             (time.perf_counter() - exchange.started) * 1000,
             exchange.model or "-",
             exchange.key_display or "-",
-            exchange.bytes_sent,
+            # The server sends a HEAD answer's head alone, whatever the handler wrote.
+            0 if exchange.method == "HEAD" else exchange.bytes_sent,
             extra={"request_id": exchange.request_id},
         )

@@ -501,6 +501,11 @@ def test_a_head_request_gets_the_head_of_the_get_answer_on_one_connection(
     assert keyless_head.status_code == keyless_get.status_code == 401
     assert keyless_head.content == b""
     assert keyless_head.headers["content-length"] == str(len(keyless_get.content))
+    # The access line counts the body bytes that left: none for a HEAD answer.
+    for answer, sent in ((head, 0), (get, len(get.content))):
+        request_id = answer.headers["x-request-id"]
+        line = next(ln for ln in gateway.log_text().splitlines() if request_id in ln)
+        assert line.endswith(f" bytes={sent}")
 
 
 def test_unreachable_upstream_is_a_clear_502_that_names_no_address(
