@@ -157,9 +157,8 @@ def may_leave_idle() -> bool:
     def probe() -> None:
         native_id = threading.get_native_id()
         try:
-            os.setpriority(os.PRIO_PROCESS, native_id, WRITER_NICENESS)
-            os.sched_setscheduler(native_id, os.SCHED_IDLE, os.sched_param(0))
-            os.sched_setscheduler(native_id, os.SCHED_OTHER, os.sched_param(0))
+            _set_policy(native_id, idle=True)
+            _set_policy(native_id, idle=False)
         except OSError:
             allowed.append(False)
         else:
@@ -178,13 +177,18 @@ def _lower(native_id: int, idle: bool) -> bool:
     if sys.platform != "linux":
         return False
     try:
-        if idle:
-            os.setpriority(os.PRIO_PROCESS, native_id, WRITER_NICENESS)
-            os.sched_setscheduler(native_id, os.SCHED_IDLE, os.sched_param(0))
-        else:
-            os.sched_setscheduler(native_id, os.SCHED_OTHER, os.sched_param(0))
-            os.setpriority(os.PRIO_PROCESS, native_id, WRITER_NICENESS)
+        _set_policy(native_id, idle)
     except OSError as exc:
         log.warning("the usage writer keeps its priority: %s", exc)
         return False
     return True
+
+
+def _set_policy(native_id: int, idle: bool) -> None:
+    """WRITER_NICENESS under the idle policy or the ordinary one; OSError where not allowed."""
+    if idle:
+        os.setpriority(os.PRIO_PROCESS, native_id, WRITER_NICENESS)
+        os.sched_setscheduler(native_id, os.SCHED_IDLE, os.sched_param(0))
+    else:
+        os.sched_setscheduler(native_id, os.SCHED_OTHER, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, native_id, WRITER_NICENESS)
