@@ -12,7 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
-from sqlalchemy import Select, delete, func, insert, select, update
+from sqlalchemy import Select, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -20,6 +20,7 @@ from codex_gateway.billing.pricing import MONEY, ZERO, Price, plain
 from codex_gateway.store.audit import Snapshot, ledger_problems
 from codex_gateway.store.bulk import BulkInsert
 from codex_gateway.store.db import READ_ONLY
+from codex_gateway.store.direct import Direct
 from codex_gateway.store.tables import (
     HOLD,
     RELEASE,
@@ -157,6 +158,54 @@ KEY_LEASES = LeaseScope(
     _cap_left, KeyLease, KeyLease.key_id, ledger=False,
 )  # fmt: skip
 SCOPES = (USER_LEASES, KEY_LEASES)
+
+
+@dataclass(frozen=True)
+class ScopeStatements:
+    """The statements settling runs on a scope's owners and leases, once per batch each."""
+
+    lock_owner: Direct
+    lock_lease: Direct
+    write_owner: Direct  # the owner's columns settlement changes
+    write_lease: Direct
+
+    @classmethod
+    def of(cls, scope: LeaseScope, settled: tuple[Any, ...]) -> ScopeStatements:
+        owner: Any = bindparam("owner")
+        return cls(
+            Direct(
+                select(*scope.limit_columns, scope.reserved)
+                .where(scope.owner_id == owner)
+                .with_for_update()
+            ),
+            Direct(
+                select(scope.lease.id, scope.lease.amount)
+                .where(scope.lease_owner == owner, scope.lease.holder == bindparam("holder"))
+                .with_for_update()
+            ),
+            Direct(
+                update(scope.owner)
+                .where(scope.owner_id == owner)
+                .values({column.key: bindparam(f"new_{column.key}") for column in settled})
+            ),
+            Direct(
+                update(scope.lease)
+                .where(scope.lease.id == bindparam("lease"))
+                .values(amount=bindparam("new_amount"))
+            ),
+        )
+
+
+STATEMENTS = {
+    USER_LEASES.name: ScopeStatements.of(USER_LEASES, (User.balance, User.reserved)),
+    KEY_LEASES.name: ScopeStatements.of(KEY_LEASES, (ApiKey.spent_usd, ApiKey.reserved_usd)),
+}
+# A key's spending and what is reserved of its cap, locked for settling.
+KEY_SPENDING = Direct(
+    select(ApiKey.spent_usd, ApiKey.reserved_usd)
+    .where(ApiKey.id == bindparam("owner"))
+    .with_for_update()
+)
 # Asks a release for the whole lease, whatever it holds.
 EVERYTHING = Decimal(10) ** 30
 
@@ -757,13 +806,7 @@ class Store:
         self, conn: AsyncConnection, key_id: int, records: list[dict[str, Any]], holder: str | None
     ) -> dict[str, Decimal]:
         """Add the costs to the key's spending, out of the holder's lease on its cap first."""
-        row = (
-            await conn.execute(
-                select(ApiKey.spent_usd, ApiKey.reserved_usd)
-                .where(ApiKey.id == key_id)
-                .with_for_update()
-            )
-        ).one()
+        row = await KEY_SPENDING.one(conn, owner=key_id)
         spent, reserved = Decimal(str(row[0])), Decimal(str(row[1]))
         lease = await self._lock_lease(conn, KEY_LEASES, key_id, holder) if holder else None
         leased = lease[1] if lease else ZERO
@@ -788,16 +831,11 @@ class Store:
         leased: Decimal,
     ) -> None:
         """Store what settling left of an owner's row and of the settling process's lease."""
-        await conn.execute(update(scope.owner).where(scope.owner_id == owner_id).values(values))
+        statements = STATEMENTS[scope.name]
+        new = {f"new_{name}": value for name, value in values.items()}
+        await statements.write_owner.run(conn, owner=owner_id, **new)
         if lease is not None:
-            await conn.execute(
-                update(scope.lease).where(scope.lease.id == lease[0]).values(amount=leased)
-            )
-
-    @staticmethod
-    async def _lock_user(conn: AsyncConnection, user_id: int) -> tuple[Decimal, Decimal]:
-        """The user's balance and reserved amount, locked for this transaction."""
-        return await Store._lock_owner(conn, USER_LEASES, user_id)
+            await statements.write_lease.run(conn, lease=lease[0], new_amount=leased)
 
     @staticmethod
     async def _lock_owner(
@@ -805,27 +843,16 @@ class Store:
     ) -> tuple[Decimal, Decimal]:
         """What the owner may spend in all (a balance; a cap less what was spent) and what of
         it is reserved, locked for this transaction."""
-        row = (
-            await conn.execute(
-                select(*scope.limit_columns, scope.reserved)
-                .where(scope.owner_id == owner_id)
-                .with_for_update()
-            )
-        ).one()
+        row = await STATEMENTS[scope.name].lock_owner.one(conn, owner=owner_id)
         return scope.limit(row), Decimal(str(row[-1]))
 
     @staticmethod
     async def _lock_lease(
         conn: AsyncConnection, scope: LeaseScope, owner_id: int, holder: str
     ) -> tuple[int, Decimal] | None:
-        lease = (
-            await conn.execute(
-                select(scope.lease.id, scope.lease.amount)
-                .where(scope.lease_owner == owner_id, scope.lease.holder == holder)
-                .with_for_update()
-            )
-        ).first()
-        return (lease[0], Decimal(str(lease[1]))) if lease else None
+        statement = STATEMENTS[scope.name].lock_lease
+        found = await statement.rows(conn, owner=owner_id, holder=holder)
+        return (found[0][0], Decimal(str(found[0][1]))) if found else None
 
     # -- leases: admission without a database round trip per request -----------------------
 

@@ -80,6 +80,31 @@ async def test_a_repeated_request_id_fails_the_whole_insert(
     assert all([await store.usage(each["request_id"]) is None for each in rows])
 
 
+async def test_text_and_amounts_of_every_shape_read_back_unchanged(store: Store) -> None:
+    """Quotes, backslashes, control and non-ASCII characters in text, and amounts written
+    with an exponent, a sign or many digits (PostgreSQL reads them out of a JSON document)."""
+    _, user_id = await new_user(store, "1")
+    row = usage_row(user_id)
+    row["error"] = 'a "quoted" \\ back\\slash, tab\t, newline\n, \u2028, é, 🚀, {"x": [1]}'
+    row["attempts"] = "[]"
+    row["flags"] = ""
+    row["cost_usd"] = Decimal("1E-18")
+    row["cost_output"] = Decimal("5E+3")
+    row["cost_cached_input"] = Decimal("-0.000000000000000001")
+    row["price_input"] = Decimal("123456789012345678.123456789012345678")
+    row["ttfb_ms"] = 0.1 + 0.2  # a float that needs every digit to come back the same
+
+    async with store.engine.begin() as conn:
+        await bulk(store, UsageRecord.__tablename__).run(conn, [row])
+
+    stored = await store.usage(row["request_id"])
+    assert stored is not None
+    for column in ("error", "attempts", "flags", "ttfb_ms"):
+        assert stored[column] == row[column], column
+    for column in ("cost_usd", "cost_output", "cost_cached_input", "price_input"):
+        assert Decimal(str(stored[column])) == row[column], column
+
+
 async def test_a_column_a_record_lacks_is_null(store: Store) -> None:
     _, user_id = await new_user(store, "1")
     row = usage_row(user_id)
@@ -111,7 +136,10 @@ async def test_values_of_the_wrong_kind_are_refused(
     row[column] = value
 
     with pytest.raises(TypeError):
-        bulk(store, UsageRecord.__tablename__).values([row])
+        async with store.engine.begin() as conn:
+            await bulk(store, UsageRecord.__tablename__).run(conn, [row])
+
+    assert await store.usage(row["request_id"]) is None
 
 
 async def test_ledger_entries_keep_amounts_and_default_columns(store: Store) -> None:
@@ -170,7 +198,8 @@ async def test_a_key_that_is_no_column_is_refused_not_dropped(store: Store) -> N
     row["ttfb_msec"] = 3.0
 
     with pytest.raises(ValueError, match="ttfb_msec"):
-        bulk(store, UsageRecord.__tablename__).values([row])
+        async with store.engine.begin() as conn:
+            await bulk(store, UsageRecord.__tablename__).run(conn, [row])
 
 
 async def test_one_column_is_enough(store: Store) -> None:
