@@ -2,24 +2,23 @@
 
 SQLAlchemy binds an executemany value by value through each column type's processors; for a
 batch of usage rows and their ledger entries that costs more than the database's own work.
-`BulkInsert` writes the statement once per table and checks and converts each value as the
-column's type would (`Money` must be a Decimal and `UTCDateTime` must carry its zone). A
-repeated request id comes back as SQLAlchemy's `IntegrityError`; other errors of asyncpg's
-own calls (below) as asyncpg's, which the usage writer retries like any other.
+`BulkInsert` writes the statement once per table and checks each value as the column's type
+would (`Money` must be a Decimal, `UTCDateTime` must carry its zone). A repeated request id
+comes back as SQLAlchemy's `IntegrityError`.
 
 On SQLite the rows go as INSERTs with many VALUES lists each, not one statement a row: the
 driver lets go of the interpreter for every statement it steps, and a writer thread beside a
 busy request loop waits to get it back each time. Money is stored there as its exact
 decimal text, and times as UTC text.
 
-On PostgreSQL the rows of a statement go as one JSON document, which the server turns into
-rows (`json_populate_recordset`, each field read as its column's type: money from its exact
-decimal text). orjson writes a usage row in about 3 µs; asyncpg spent about 16 on the same
-row as parameters, whether one message a row (`executemany`) or one array a column (it
-checks every element of an array for being an array itself). A statement carries a few
-dozen rows, so that writing its document takes a request's interpreter for well under a
-millisecond (with one statement for a batch of hundreds, the slowest 1 % of requests at c=1
-waited about 3 ms).
+On PostgreSQL the rows of a statement go as one JSON document that the server reads into
+rows (`json_populate_recordset`, each field as its column's type: money from its exact
+decimal text, times with their zone). orjson writes a usage row in about 3 µs, where asyncpg
+takes about 16 to bind the same values as parameters. A statement carries
+`POSTGRESQL_ROWS` rows at most, so that writing its document holds the interpreter, and with
+it the request loop, for a few hundred microseconds at most. The statements go straight to
+asyncpg in the transaction SQLAlchemy began (`store/direct.py`). A float that is not a
+number is written as NULL, as SQLite stores it.
 """
 
 from __future__ import annotations
@@ -32,22 +31,20 @@ from itertools import chain
 from operator import itemgetter
 from typing import Any
 
-import asyncpg
 import orjson
 from sqlalchemy import Float, Table
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from codex_gateway.store.direct import open_driver, sqlalchemy_errors
 from codex_gateway.store.types import Money, UTCDateTime, bind_money, bind_utc
 
 Converter = Callable[[Any], Any]
 # Rows per SQLite statement at most. A batch's rows go in statements of this many, and the
 # rest in statements of powers of two, so only a handful of statement texts are ever built.
 SQLITE_ROWS = 512
-# Rows per PostgreSQL statement at most: small enough that encoding them takes a request's
-# interpreter for well under a millisecond.
-ASYNCPG_ROWS = 32
+# Rows per PostgreSQL statement (one JSON document) at most.
+POSTGRESQL_ROWS = 32
 
 
 @functools.cache
@@ -81,32 +78,31 @@ def _float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _placeholders(paramstyle: str, count: int) -> str:
-    if paramstyle == "qmark":
-        return ", ".join("?" * count)
-    if paramstyle == "numeric_dollar":
-        return ", ".join(f"${number}" for number in range(1, count + 1))
-    if paramstyle in ("format", "pyformat"):
-        return ", ".join(["%s"] * count)
-    raise ValueError(f"no bulk insert for the parameter style {paramstyle!r}")
-
-
-def _json_money(value: Any) -> str:
-    """orjson's fallback: money as its exact decimal text (a Decimal is the only value of
-    a row orjson does not write itself)."""
+def _decimal_text(value: Any) -> str:
+    """orjson's fallback for a value it does not write itself: a Decimal, as its exact
+    decimal text."""
     if isinstance(value, Decimal):
         return format(value, "f")
     raise TypeError(f"no JSON form for {type(value).__name__}")
 
 
-def _converter(column_type: object, as_text: bool) -> Converter:
+def _sqlite_converter(column_type: object) -> Converter:
     if isinstance(column_type, Money):
-        return _money_text if as_text else bind_money
+        return _money_text
     if isinstance(column_type, UTCDateTime):
-        return _utc_text if as_text else bind_utc
+        return _utc_text
     if isinstance(column_type, Float):
         return _float
     return _unchanged
+
+
+def _check(column_type: object) -> Converter | None:
+    """What a value of the column must pass before it is written into a JSON document."""
+    if isinstance(column_type, Money):
+        return bind_money
+    if isinstance(column_type, UTCDateTime):
+        return bind_utc
+    return None
 
 
 def _chunks(count: int, largest: int) -> list[int]:
@@ -123,16 +119,23 @@ def _chunks(count: int, largest: int) -> list[int]:
 
 
 class BulkInsert:
-    """INSERT of the named columns of `table`, many rows a call."""
+    """INSERT of the named columns of `table`, many rows a call, on SQLite or on PostgreSQL
+    through asyncpg."""
 
     def __init__(self, table: Table, columns: Sequence[str], dialect: Dialect):
         if not columns:
             raise ValueError("a bulk insert needs at least one column")
+        self._on_sqlite = dialect.name == "sqlite"
+        if not self._on_sqlite and dialect.driver != "asyncpg":
+            raise ValueError(f"no bulk insert through the driver {dialect.driver!r}")
         self.columns = tuple(columns)
         self._known = frozenset(self.columns)
-        on_sqlite = dialect.name == "sqlite"
-        converters = [_converter(table.columns[name].type, on_sqlite) for name in self.columns]
-        # Only the columns whose values change on the way in are visited one by one.
+        types = [table.columns[name].type for name in self.columns]
+        preparer = dialect.identifier_preparer
+        table_name = preparer.format_table(table)
+        names = ", ".join(preparer.quote(name) for name in self.columns)
+        # SQLite: the columns whose values change on the way in, and the INSERT's start.
+        converters = [_sqlite_converter(column_type) for column_type in types]
         self._converters = [
             (index, convert)
             for index, convert in enumerate(converters)
@@ -142,25 +145,18 @@ class BulkInsert:
         self._take: Callable[[Mapping[str, Any]], tuple[Any, ...]] = (
             take if len(self.columns) > 1 else lambda record: (take(record),)
         )
-        preparer = dialect.identifier_preparer
-        names = ", ".join(preparer.quote(name) for name in self.columns)
-        self._row = f"({_placeholders(dialect.paramstyle, len(self.columns))})"
-        self.sql = f"INSERT INTO {preparer.format_table(table)} ({names}) VALUES "
-        # Rows per statement on SQLite; None: one statement a row, sent with executemany.
-        self._per_statement = (
-            min(SQLITE_ROWS, _sqlite_parameter_limit() // len(self.columns)) if on_sqlite else None
-        )
+        self._row = "(" + ", ".join("?" * len(self.columns)) + ")"
+        self.sql = f"INSERT INTO {table_name} ({names}) VALUES "
+        self._per_statement = min(SQLITE_ROWS, _sqlite_parameter_limit() // len(self.columns))
         self._statements: dict[int, str] = {}
-        self._on_asyncpg = dialect.driver == "asyncpg"
-        # PostgreSQL: the columns whose values are checked (money, times) before orjson
-        # writes them, and the INSERT that reads the rows out of one JSON document.
-        self._checks = [
-            (name, convert)
-            for name, convert in zip(self.columns, converters, strict=True)
-            if convert in (bind_money, bind_utc)
+        # PostgreSQL: the columns whose values are checked, and the INSERT that reads the
+        # rows out of one JSON document.
+        checks = [
+            (name, _check(column_type))
+            for name, column_type in zip(self.columns, types, strict=True)
         ]
-        table_name = preparer.format_table(table)
-        self.from_json = (
+        self._checks = [(name, check) for name, check in checks if check is not None]
+        self.json_sql = (
             f"INSERT INTO {table_name} ({names}) SELECT {names} "
             f"FROM json_populate_recordset(NULL::{table_name}, $1::json)"
         )
@@ -174,7 +170,8 @@ class BulkInsert:
                 raise ValueError(f"no such column: {', '.join(sorted(unknown))}")
 
     def values(self, records: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
-        """Each record's values in column order; a column a record lacks is NULL."""
+        """Each record's values in column order, as SQLite stores them; a column a record
+        lacks is NULL."""
         self._refuse_unknown(records)
         rows = []
         for record in records:
@@ -188,31 +185,28 @@ class BulkInsert:
         return rows
 
     def statement(self, rows: int) -> str:
-        """The INSERT text for `rows` rows in one statement."""
+        """The SQLite INSERT text for `rows` rows in one statement."""
         text = self._statements.get(rows)
         if text is None:
             text = self._statements[rows] = self.sql + ", ".join([self._row] * rows)
         return text
 
     def document(self, records: Sequence[Mapping[str, Any]]) -> str:
-        """The records as the JSON document `from_json` reads, once their values pass the
+        """The records as the JSON document `json_sql` reads, once their values pass the
         columns' checks; a column a record lacks is NULL."""
         self._refuse_unknown(records)
         for record in records:
             for name, check in self._checks:
                 check(record.get(name))
-        return orjson.dumps(records, default=_json_money).decode()
+        return orjson.dumps(records, default=_decimal_text).decode()
 
     async def run(self, conn: AsyncConnection, records: Sequence[Mapping[str, Any]]) -> None:
         if not records:
             return
-        if self._on_asyncpg:
-            await self._asyncpg_documents(conn, records)
+        if not self._on_sqlite:
+            await self._postgresql(conn, records)
             return
         values = self.values(records)
-        if self._per_statement is None:
-            await conn.exec_driver_sql(self.statement(1), values)
-            return
         start = 0
         for size in _chunks(len(values), self._per_statement):
             chunk = values[start : start + size]
@@ -220,20 +214,16 @@ class BulkInsert:
             flat = tuple(chain.from_iterable(chunk))
             await conn.exec_driver_sql(self.statement(size), flat)
 
-    async def _asyncpg_documents(
+    async def _postgresql(
         self, conn: AsyncConnection, records: Sequence[Mapping[str, Any]]
     ) -> None:
-        """ASYNCPG_ROWS rows a statement, in the connection's transaction. SQLAlchemy's
-        cursor would cost more per call than the call's rows do; a repeated key still comes
-        back as SQLAlchemy's `IntegrityError`."""
-        driver: Any = (await conn.get_raw_connection()).driver_connection
-        for start in range(0, len(records), ASYNCPG_ROWS):
-            document = self.document(records[start : start + ASYNCPG_ROWS])
-            if not driver.is_in_transaction():
-                # SQLAlchemy begins the transaction with the first statement it runs itself.
-                await conn.exec_driver_sql(self.from_json, (document,))
+        """POSTGRESQL_ROWS rows a statement, in the connection's transaction (begun by
+        SQLAlchemy with this insert's first statement if none was run before it)."""
+        for start in range(0, len(records), POSTGRESQL_ROWS):
+            document = self.document(records[start : start + POSTGRESQL_ROWS])
+            driver = await open_driver(conn)
+            if driver is None:
+                await conn.exec_driver_sql(self.json_sql, (document,))
                 continue
-            try:
-                await driver.execute(self.from_json, document)
-            except asyncpg.IntegrityConstraintViolationError as exc:
-                raise IntegrityError(self.from_json, None, exc) from exc
+            with sqlalchemy_errors(self.json_sql):
+                await driver.execute(self.json_sql, document)

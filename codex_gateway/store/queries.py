@@ -20,7 +20,7 @@ from codex_gateway.billing.pricing import MONEY, ZERO, Price, plain
 from codex_gateway.store.audit import Snapshot, ledger_problems
 from codex_gateway.store.bulk import BulkInsert
 from codex_gateway.store.db import READ_ONLY
-from codex_gateway.store.direct import Direct
+from codex_gateway.store.direct import DriverStatement
 from codex_gateway.store.tables import (
     HOLD,
     RELEASE,
@@ -162,33 +162,35 @@ SCOPES = (USER_LEASES, KEY_LEASES)
 
 @dataclass(frozen=True)
 class ScopeStatements:
-    """The statements settling runs on a scope's owners and leases, once per batch each."""
+    """The statements on a scope's owners and leases that settling runs for every batch
+    (and leasing now and then), each run by asyncpg itself on PostgreSQL once a transaction
+    is open (`store/direct.py`)."""
 
-    lock_owner: Direct
-    lock_lease: Direct
-    write_owner: Direct  # the owner's columns settlement changes
-    write_lease: Direct
+    lock_owner: DriverStatement
+    lock_lease: DriverStatement
+    write_owner: DriverStatement  # the owner's columns settlement changes
+    write_lease: DriverStatement
 
     @classmethod
     def of(cls, scope: LeaseScope, settled: tuple[Any, ...]) -> ScopeStatements:
         owner: Any = bindparam("owner")
         return cls(
-            Direct(
+            DriverStatement(
                 select(*scope.limit_columns, scope.reserved)
                 .where(scope.owner_id == owner)
                 .with_for_update()
             ),
-            Direct(
+            DriverStatement(
                 select(scope.lease.id, scope.lease.amount)
                 .where(scope.lease_owner == owner, scope.lease.holder == bindparam("holder"))
                 .with_for_update()
             ),
-            Direct(
+            DriverStatement(
                 update(scope.owner)
                 .where(scope.owner_id == owner)
                 .values({column.key: bindparam(f"new_{column.key}") for column in settled})
             ),
-            Direct(
+            DriverStatement(
                 update(scope.lease)
                 .where(scope.lease.id == bindparam("lease"))
                 .values(amount=bindparam("new_amount"))
@@ -200,12 +202,6 @@ STATEMENTS = {
     USER_LEASES.name: ScopeStatements.of(USER_LEASES, (User.balance, User.reserved)),
     KEY_LEASES.name: ScopeStatements.of(KEY_LEASES, (ApiKey.spent_usd, ApiKey.reserved_usd)),
 }
-# A key's spending and what is reserved of its cap, locked for settling.
-KEY_SPENDING = Direct(
-    select(ApiKey.spent_usd, ApiKey.reserved_usd)
-    .where(ApiKey.id == bindparam("owner"))
-    .with_for_update()
-)
 # Asks a release for the whole lease, whatever it holds.
 EVERYTHING = Decimal(10) ** 30
 
@@ -806,8 +802,9 @@ class Store:
         self, conn: AsyncConnection, key_id: int, records: list[dict[str, Any]], holder: str | None
     ) -> dict[str, Decimal]:
         """Add the costs to the key's spending, out of the holder's lease on its cap first."""
-        row = await KEY_SPENDING.one(conn, owner=key_id)
-        spent, reserved = Decimal(str(row[0])), Decimal(str(row[1]))
+        # The key's cap, what it has spent and what is reserved of the cap, locked.
+        row = await STATEMENTS[KEY_LEASES.name].lock_owner.one(conn, owner=key_id)
+        spent, reserved = Decimal(str(row[1])), Decimal(str(row[2]))
         lease = await self._lock_lease(conn, KEY_LEASES, key_id, holder) if holder else None
         leased = lease[1] if lease else ZERO
         consumed: dict[str, Decimal] = {}
