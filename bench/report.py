@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,10 +41,24 @@ def machine(pg_admin_url: str) -> dict[str, Any]:
         "packages": {name: _version(name) for name in PACKAGES},
         "wrk": _output(["wrk", "-v"]).split(" [")[0],
         "postgresql": _output(["psql", pg_admin_url, "-tAc", "show server_version"]),
-        "git_commit": _output(["git", "rev-parse", "--short", "HEAD"]),
-        "git_dirty": bool(_output(["git", "status", "--porcelain", "--untracked-files=no"])),
+        **gateway_source(),
         "load_average_at_start": list(os.getloadavg()),
         "host_at_start": host_probe(),
+    }
+
+
+def gateway_source() -> dict[str, Any]:
+    """The commit of the codex_gateway package the gateway rows run: the one a child
+    process imports with this environment (`PYTHONPATH` first), which need not be the
+    checkout the benchmark itself was started from."""
+    where = "import codex_gateway, os; print(os.path.dirname(codex_gateway.__file__))"
+    # From the root directory, as the gateway runs from its own work folder, not from here.
+    folder = _output([sys.executable, "-c", where], cwd="/")
+    git = ["git", "-C", folder or "."]
+    return {
+        "gateway_package": folder,
+        "git_commit": _output([*git, "rev-parse", "--short", "HEAD"]),
+        "git_dirty": bool(_output([*git, "status", "--porcelain", "--untracked-files=no"])),
     }
 
 
@@ -114,9 +129,9 @@ def _version(name: str) -> str | None:
         return None
 
 
-def _output(argv: list[str]) -> str:
+def _output(argv: list[str], cwd: str | None = None) -> str:
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=20, cwd=cwd)
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return (
