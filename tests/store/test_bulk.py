@@ -10,7 +10,14 @@ from sqlalchemy import select
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import IntegrityError
 
-from codex_gateway.store.bulk import POSTGRESQL_ROWS, SQLITE_ROWS, BulkInsert, _chunks, _utc_text
+from codex_gateway.store.bulk import (
+    POSTGRESQL_ROWS,
+    SQLITE_ROWS,
+    BulkInsert,
+    _chunks,
+    _utc_text,
+    postgresql_rows,
+)
 from codex_gateway.store.queries import SETTLEMENT_COLUMNS, Store
 from codex_gateway.store.tables import LedgerEntry, UsageRecord
 from tests.store.test_queries import as_utc, new_user, usage_row
@@ -53,12 +60,13 @@ async def test_usage_rows_read_back_exactly_as_written(store: Store) -> None:
     ("others", "begun"),
     [
         # the insert begins the transaction: on PostgreSQL its first call goes through
-        # SQLAlchemy, which begins it, and the later ones straight to the driver
+        # SQLAlchemy, which begins it, and the later ones straight to the driver; with 41
+        # others (43 rows, statements of 10) the repeat lands in the fifth statement
         (0, False),
-        (POSTGRESQL_ROWS + 3, False),
+        (41, False),
         # a statement began it, as in settlement: every call goes straight to the driver
         (0, True),
-        (POSTGRESQL_ROWS + 3, True),
+        (41, True),
     ],
 )
 async def test_a_repeated_request_id_fails_the_whole_insert(
@@ -179,7 +187,7 @@ def test_a_driver_other_than_sqlite_and_asyncpg_is_refused(store: Store) -> None
 
 async def test_more_rows_than_one_statement_carries_all_arrive(store: Store) -> None:
     _, user_id = await new_user(store, "1")
-    rows = [usage_row(user_id) for _ in range(max(SQLITE_ROWS, POSTGRESQL_ROWS) * 2 + 7)]
+    rows = [usage_row(user_id) for _ in range(max(SQLITE_ROWS, POSTGRESQL_ROWS[1] * 4) * 2 + 7)]
 
     async with store.engine.begin() as conn:
         await bulk(store, UsageRecord.__tablename__).run(conn, rows)
@@ -204,6 +212,23 @@ async def test_one_column_is_enough(store: Store) -> None:
     insert = bulk(store, UsageRecord.__tablename__, ("request_id",))
 
     assert insert.values([{"request_id": "req_one"}]) == [("req_one",)]
+
+
+@pytest.mark.parametrize(
+    ("count", "rows"),
+    [
+        # a small batch (a quiet gateway): short statements
+        (1, 8),
+        (50, 12),
+        # a large one (a busy gateway): few round trips, up to 64 rows each
+        (140, 35),
+        (1_000, 64),
+    ],
+)
+def test_postgresql_statements_carry_a_quarter_of_the_batch_within_limits(
+    count: int, rows: int
+) -> None:
+    assert postgresql_rows(count) == rows
 
 
 @pytest.mark.parametrize(
