@@ -49,8 +49,8 @@ def sqlalchemy_errors(sql: str) -> Iterator[None]:
 
 class DriverStatement:
     """One statement with named parameters (`bindparam`), run by asyncpg itself where it can
-    be. Its values go through their columns' types (money must be a Decimal); values written
-    into the statement itself are sent as they were given."""
+    be. Its values, those given by name and those written into the statement, go through
+    their columns' types as SQLAlchemy would send them (money must be a Decimal)."""
 
     def __init__(self, clause: Executable):
         assert isinstance(clause, ClauseElement)
