@@ -16,7 +16,9 @@ rows (`json_populate_recordset`, each field as its column's type: money from its
 decimal text, times with their zone). orjson writes a usage row in about 3 µs, where asyncpg
 takes about 16 to bind the same values as parameters. The statements go straight to asyncpg
 in the transaction SQLAlchemy began (`store/direct.py`). A float that is not a number is
-written as NULL, as SQLite stores it.
+written as NULL, as SQLite stores it; a NUL character in text (an upstream may send one in
+an error message or a model name) as U+FFFD, since PostgreSQL's text cannot hold it and would
+refuse the row, and with it the bill.
 
 How many rows a PostgreSQL statement carries follows the batch (`postgresql_rows`). The server
 spends about 20 µs on each usage row, all at once for a statement; where it shares its cores
@@ -90,6 +92,14 @@ def _decimal_text(value: Any) -> str:
     if isinstance(value, Decimal):
         return format(value, "f")
     raise TypeError(f"no JSON form for {type(value).__name__}")
+
+
+def _without_nul(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The record with each NUL character in its text replaced by U+FFFD."""
+    return {
+        name: value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+        for name, value in record.items()
+    }
 
 
 def _sqlite_converter(column_type: object) -> Converter:
@@ -210,7 +220,12 @@ class BulkInsert:
         for record in records:
             for name, check in self._checks:
                 check(record.get(name))
-        return orjson.dumps(records, default=_decimal_text).decode()
+        document = orjson.dumps(records, default=_decimal_text).decode()
+        if "\\u0000" in document:
+            # PostgreSQL's text holds no NUL character, and would refuse the whole statement.
+            cleaned = [_without_nul(record) for record in records]
+            document = orjson.dumps(cleaned, default=_decimal_text).decode()
+        return document
 
     async def run(self, conn: AsyncConnection, records: Sequence[Mapping[str, Any]]) -> None:
         if not records:

@@ -113,6 +113,26 @@ async def test_text_and_amounts_of_every_shape_read_back_unchanged(store: Store)
         assert Decimal(str(stored[column])) == row[column], column
 
 
+async def test_a_nul_character_in_text_does_not_cost_the_row(store: Store) -> None:
+    """An upstream may put one in an error or a model name: SQLite keeps it, and PostgreSQL,
+    whose text cannot hold it, stores U+FFFD in its place instead of refusing the row."""
+    _, user_id = await new_user(store, "1")
+    row = usage_row(user_id)
+    row["error"] = "upstream_error: a\x00b"
+    row["upstream_model"] = "gpt-5.1-codex\x00x"
+    other = usage_row(user_id)
+
+    async with store.engine.begin() as conn:
+        await bulk(store, UsageRecord.__tablename__).run(conn, [row, other])
+
+    stored = await store.usage(row["request_id"])
+    assert stored is not None and await store.usage(other["request_id"]) is not None
+    kept = "\x00" if store.is_sqlite else "\ufffd"
+    assert stored["error"] == "upstream_error: a" + kept + "b"
+    assert stored["upstream_model"] == "gpt-5.1-codex" + kept + "x"
+    assert stored["cost_usd"] == row["cost_usd"]
+
+
 async def test_a_column_a_record_lacks_is_null(store: Store) -> None:
     _, user_id = await new_user(store, "1")
     row = usage_row(user_id)
