@@ -8,6 +8,7 @@ keeps (`response.created`, `codex.rate_limits`) only when asked for.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -18,6 +19,8 @@ TERMINAL_TYPES = frozenset(
 )
 # The ChatGPT backend's in-stream report of an account's quota windows.
 RATE_LIMITS_TYPE = "codex.rate_limits"
+# What Python's JSON parser leaves of a surrogate escape that is not half of a pair.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _EVENT_LINE = re.compile(rb"^event:[ ]?([^\n]*)$", re.MULTILINE)
 _LEADING_TYPE = re.compile(rb'^data:[ ]?\{\s*"type"\s*:\s*"([^"]+)"', re.MULTILINE)
 # Events whose `delta` is output the client saw; kept (as the bytes already in hand) so an
@@ -176,7 +179,30 @@ def _parse_data(block: bytes) -> Any:
     try:
         return orjson.loads(payload)
     except orjson.JSONDecodeError:
+        return _parse_with_lone_surrogates(payload)
+
+
+def _parse_with_lone_surrogates(payload: bytes) -> Any:
+    """JSON that orjson refuses only for a lone surrogate escape such as `\\ud800` (valid
+    JSON, but no character), as Python's own parser reads it, each lone surrogate replaced by
+    U+FFFD, so that the usage it carries is billed and its text can be stored and logged;
+    None for anything else that is not JSON."""
+    if b"\\ud" not in payload.lower():
         return None
+    try:
+        return _without_surrogates(json.loads(payload))
+    except (ValueError, RecursionError):
+        return None
+
+
+def _without_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_without_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_surrogates(k): _without_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def iter_events(raw: bytes) -> list[bytes]:

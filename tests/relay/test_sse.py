@@ -237,6 +237,22 @@ def test_terminal_event_whose_data_is_not_json_is_terminal_with_empty_data() -> 
     assert scanner.terminal == {}
 
 
+def test_a_terminal_event_with_a_lone_surrogate_escape_still_gives_its_usage() -> None:
+    """Valid JSON that orjson refuses: the usage is read, the lone surrogate becomes U+FFFD
+    (a whole pair stays the character it encodes)."""
+    scanner = scan(
+        b'event: response.completed\ndata: {"type":"response.completed","response":'
+        b'{"id":"resp_\\ud800x","model":"m \\ud83d\\ude80","usage":{"input_tokens":1000,'
+        b'"output_tokens":500}}}\n\n'
+    )
+
+    assert scanner.terminal_type == "response.completed"
+    response = scanner.terminal["response"]
+    assert response["id"] == "resp_\ufffdx"
+    assert response["model"] == "m \U0001f680"
+    assert response["usage"] == {"input_tokens": 1000, "output_tokens": 500}
+
+
 def test_comments_and_unknown_events_are_not_terminal() -> None:
     scanner = scan(
         b": keep-alive\n\n"
