@@ -139,6 +139,9 @@ class _Lease:
     refill_paused_until: float = 0.0
     # Grants so far: maintenance leaves alone a lease granted more after its reading.
     grants: int = 0
+    # The owner's limit moved and the spare part was handed back: what settling frees later
+    # (a hold less the cost) admits nothing until the database grants this lease more.
+    draining: bool = False
 
 
 class _Leases:
@@ -164,7 +167,8 @@ class _Leases:
         async with lease.lock:
             if _take(lease, estimate):
                 return True
-            shortfall = MONEY.subtract(estimate, MONEY.subtract(lease.leased, lease.held))
+            room = ZERO if lease.draining else MONEY.subtract(lease.leased, lease.held)
+            shortfall = MONEY.subtract(estimate, room)
             granted = await self._acquire(owner_id, shortfall, _wanted(lease, estimate, shortfall))
             if granted > 0:
                 _grow(lease, granted)
@@ -218,12 +222,15 @@ class _Leases:
         """Hand back what the owner's lease holds beyond its requests in flight.
 
         The lease shrinks in memory before the database is asked, so no request admitted
-        meanwhile can use money that is on its way back.
+        meanwhile can use money that is on its way back; and it admits nothing more until
+        the database grants it more against the new limit, so what its requests in flight
+        leave over as they settle is not spent either.
         """
         lease = self.leases.get(owner_id)
         if lease is None:
             return ZERO
         async with lease.lock:
+            lease.draining = True
             spare = MONEY.subtract(lease.leased, lease.held)
             if spare <= 0:
                 return ZERO
@@ -287,6 +294,7 @@ def _wanted(lease: _Lease, estimate: Decimal, shortfall: Decimal) -> Decimal:
 def _grow(lease: _Lease, granted: Decimal) -> None:
     lease.leased = MONEY.add(lease.leased, granted)
     lease.grants += 1
+    lease.draining = False
 
 
 def _pause_refills(lease: _Lease) -> None:
@@ -301,7 +309,7 @@ def _running_low(lease: _Lease, estimate: Decimal) -> bool:
 
 
 def _take(lease: _Lease, estimate: Decimal) -> bool:
-    if MONEY.subtract(lease.leased, lease.held) < estimate:
+    if lease.draining or MONEY.subtract(lease.leased, lease.held) < estimate:
         return False
     lease.held = MONEY.add(lease.held, estimate)
     return True

@@ -257,6 +257,44 @@ async def test_settling_takes_the_cost_out_of_the_lease_and_close_returns_the_re
     assert (await store.balances())[user_id] == Decimal("1") - cost
 
 
+async def test_after_a_balance_is_lowered_what_settling_frees_admits_nothing_more(
+    store: Store,
+) -> None:
+    """A correction takes the balance below what the lease reserved; the lease hands back its
+    spare part, and the hold a request in flight leaves over when it settles (its hold less
+    its cost) does not admit another request: the database, asked again, has nothing."""
+    name, user_id = await new_user(store, "1")
+    gate = admission(store)
+    hold = Decimal("0.2")
+    await gate.admit(user_id, hold)
+    await store.correct(name, "adjustment", Decimal("-0.9"), "test", "operator")
+    await gate.limits_changed({user_id}, set())
+
+    row = usage_row(user_id)  # costs 0.114295, well under its hold
+    gate.settled(row, Hold(hold), None)
+
+    with pytest.raises(InsufficientQuota):
+        await gate.admit(user_id, EST)
+    assert gate.held(user_id) == 0
+    await gate.close()
+
+
+async def test_after_a_lowered_limit_a_grant_from_the_database_admits_again(
+    store: Store,
+) -> None:
+    """Lowered, but still covering more: the next request is admitted once the database
+    grants it, against the new balance."""
+    name, user_id = await new_user(store, "1")
+    gate = admission(store)
+    await gate.admit(user_id, Decimal("0.2"))
+    await store.correct(name, "adjustment", Decimal("-0.1"), "test", "operator")
+    await gate.limits_changed({user_id}, set())
+
+    assert await gate.admit(user_id, EST) == Hold(EST, Decimal(0))
+    assert gate.held(user_id) == Decimal("0.2") + EST
+    await gate.close()
+
+
 async def test_a_balance_that_covers_nothing_refuses_at_once(store: Store) -> None:
     _, user_id = await new_user(store, "0")
     with pytest.raises(InsufficientQuota):
