@@ -24,6 +24,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -139,9 +140,10 @@ class _Lease:
     refill_paused_until: float = 0.0
     # Grants so far: maintenance leaves alone a lease granted more after its reading.
     grants: int = 0
-    # The owner's limit moved and the spare part was handed back: what settling frees later
-    # (a hold less the cost) admits nothing until the database grants this lease more.
-    draining: bool = False
+    # The spare part was handed back (a limit moved, or the lease sat idle): the lease admits
+    # nothing from its own room until the database grants it more, and what its requests in
+    # flight leave over when they settle (a hold less the cost) goes back before it asks.
+    needs_grant: bool = False
 
 
 class _Leases:
@@ -167,8 +169,9 @@ class _Leases:
         async with lease.lock:
             if _take(lease, estimate):
                 return True
-            room = ZERO if lease.draining else MONEY.subtract(lease.leased, lease.held)
-            shortfall = MONEY.subtract(estimate, room)
+            if lease.needs_grant:
+                await self._storage(self._hand_back_spare(owner_id, lease))
+            shortfall = MONEY.subtract(estimate, MONEY.subtract(lease.leased, lease.held))
             granted = await self._acquire(owner_id, shortfall, _wanted(lease, estimate, shortfall))
             if granted > 0:
                 _grow(lease, granted)
@@ -203,10 +206,15 @@ class _Leases:
         return {owner_id: lease.grants for owner_id, lease in self.leases.items()}
 
     async def _acquire(self, owner_id: int, needed: Decimal, wanted: Decimal) -> Decimal:
+        return await self._storage(
+            self._store.acquire_lease(owner_id, self._holder, needed, wanted, self.scope)
+        )
+
+    @staticmethod
+    async def _storage(call: Awaitable[Decimal]) -> Decimal:
+        """What a lease statement returns; StorageUnavailable when the database fails it."""
         try:
-            return await self._store.acquire_lease(
-                owner_id, self._holder, needed, wanted, self.scope
-            )
+            return await call
         except (OSError, SQLAlchemyError) as exc:
             log.error("cannot place a hold: %s", exc)
             raise StorageUnavailable(
@@ -223,19 +231,23 @@ class _Leases:
 
         The lease shrinks in memory before the database is asked, so no request admitted
         meanwhile can use money that is on its way back; and it admits nothing more until
-        the database grants it more against the new limit, so what its requests in flight
-        leave over as they settle is not spent either.
+        the database grants it more (`_Lease.needs_grant`), so what its requests in flight
+        leave over as they settle is not spent against a limit that moved either.
         """
         lease = self.leases.get(owner_id)
         if lease is None:
             return ZERO
         async with lease.lock:
-            lease.draining = True
-            spare = MONEY.subtract(lease.leased, lease.held)
-            if spare <= 0:
-                return ZERO
-            lease.leased = lease.held
-            return await self._store.release_lease(owner_id, self._holder, spare, self.scope)
+            lease.needs_grant = True
+            return await self._hand_back_spare(owner_id, lease)
+
+    async def _hand_back_spare(self, owner_id: int, lease: _Lease) -> Decimal:
+        """Under the lease's lock: hand back what it holds beyond its requests in flight."""
+        spare = MONEY.subtract(lease.leased, lease.held)
+        if spare <= 0:
+            return ZERO
+        lease.leased = lease.held
+        return await self._store.release_lease(owner_id, self._holder, spare, self.scope)
 
     def grow(self, owner_id: int, more: Decimal) -> bool:
         """Hold `more` for a request already admitted; False when the owner has no lease."""
@@ -294,7 +306,7 @@ def _wanted(lease: _Lease, estimate: Decimal, shortfall: Decimal) -> Decimal:
 def _grow(lease: _Lease, granted: Decimal) -> None:
     lease.leased = MONEY.add(lease.leased, granted)
     lease.grants += 1
-    lease.draining = False
+    lease.needs_grant = False
 
 
 def _pause_refills(lease: _Lease) -> None:
@@ -309,7 +321,7 @@ def _running_low(lease: _Lease, estimate: Decimal) -> bool:
 
 
 def _take(lease: _Lease, estimate: Decimal) -> bool:
-    if lease.draining or MONEY.subtract(lease.leased, lease.held) < estimate:
+    if lease.needs_grant or MONEY.subtract(lease.leased, lease.held) < estimate:
         return False
     lease.held = MONEY.add(lease.held, estimate)
     return True

@@ -279,20 +279,61 @@ async def test_after_a_balance_is_lowered_what_settling_frees_admits_nothing_mor
     await gate.close()
 
 
-async def test_after_a_lowered_limit_a_grant_from_the_database_admits_again(
+async def test_after_a_lowered_balance_a_request_it_still_covers_is_admitted(
     store: Store,
 ) -> None:
-    """Lowered, but still covering more: the next request is admitted once the database
-    grants it, against the new balance."""
+    """What settling left over goes back to the database first, which then grants the
+    request out of the new balance: $1, a $0.20 hold, a $0.60 correction, the request
+    settles for $0.114295, and $0.25 of the $0.285705 left is still admitted."""
     name, user_id = await new_user(store, "1")
     gate = admission(store)
-    await gate.admit(user_id, Decimal("0.2"))
-    await store.correct(name, "adjustment", Decimal("-0.1"), "test", "operator")
+    hold = Decimal("0.2")
+    await gate.admit(user_id, hold)
+    await store.correct(name, "adjustment", Decimal("-0.6"), "test", "operator")
     await gate.limits_changed({user_id}, set())
+    row = usage_row(user_id)
+    settler = Settler(store, gate.holder, gate.settled)
+    settler.start()
+    settler.submit(row, Hold(hold))
+    await settler.drain()
 
-    assert await gate.admit(user_id, EST) == Hold(EST, Decimal(0))
-    assert gate.held(user_id) == Decimal("0.2") + EST
+    assert await gate.admit(user_id, Decimal("0.25")) == Hold(Decimal("0.25"), Decimal(0))
+    with pytest.raises(InsufficientQuota):
+        await gate.admit(user_id, Decimal("0.05"))
     await gate.close()
+    assert (await store.balances())[user_id] == Decimal("0.285705")
+    problems, _ = await store.verify_ledger()
+    assert problems == []
+
+
+async def test_a_lowered_key_cap_admits_nothing_its_settled_requests_leave_over(
+    store: Store,
+) -> None:
+    """The same for a capped key's lease on its cap: what the settled request left of its
+    hold on the cap does not admit another request past the lowered cap."""
+    name, user_id = await new_user(store, "10")
+    gate = admission(store)
+    raw, _ = await store.create_key(name, limits=KeyLimits(cap=Decimal("1")))
+    key = await store.find_key(hash_key(raw))
+    assert key is not None
+    hold = Hold(Decimal("0.2"), Decimal("0.2"))
+    assert await gate.admit(user_id, hold.user, key) == hold
+    await store.update_key(key.id, {"cap_usd": Decimal("0.1")})
+    key = await store.find_key(hash_key(raw))
+    assert key is not None
+    await gate.limits_changed(set(), {key.id})
+    row = usage_row(user_id)  # costs 0.114295: past the new cap, under its hold
+    row["key_id"] = key.id
+    settler = Settler(store, gate.holder, gate.settled)
+    settler.start()
+    settler.submit(row, hold)
+    await settler.drain()
+
+    with pytest.raises(InsufficientQuota, match="cap"):
+        await gate.admit(user_id, EST, key)
+    await gate.close()
+    problems, _ = await store.verify_ledger()
+    assert problems == []
 
 
 async def test_a_balance_that_covers_nothing_refuses_at_once(store: Store) -> None:
