@@ -190,9 +190,23 @@ def _parse_with_lone_surrogates(payload: bytes) -> Any:
     if b"\\ud" not in payload.lower():
         return None
     try:
-        return _without_surrogates(json.loads(payload))
+        data = json.loads(payload, parse_constant=_refuse_constant, parse_int=_int_of_64_bits)
     except (ValueError, RecursionError):
         return None
+    return _without_surrogates(data)
+
+
+def _refuse_constant(name: str) -> Any:
+    """NaN and Infinity, which Python's parser takes and orjson does not."""
+    raise ValueError(f"{name} is not JSON")
+
+
+def _int_of_64_bits(text: str) -> int:
+    """A whole number as orjson reads it: one of more than 64 bits is refused."""
+    number = int(text)
+    if not -(2**63) <= number < 2**64:
+        raise ValueError("a whole number of more than 64 bits")
+    return number
 
 
 def _without_surrogates(value: Any) -> Any:

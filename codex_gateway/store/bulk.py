@@ -222,7 +222,6 @@ class BulkInsert:
                 check(record.get(name))
         document = orjson.dumps(records, default=_decimal_text).decode()
         if "\\u0000" in document:
-            # PostgreSQL's text holds no NUL character, and would refuse the whole statement.
             cleaned = [_without_nul(record) for record in records]
             document = orjson.dumps(cleaned, default=_decimal_text).decode()
         return document

@@ -253,6 +253,40 @@ def test_a_terminal_event_with_a_lone_surrogate_escape_still_gives_its_usage() -
     assert response["usage"] == {"input_tokens": 1000, "output_tokens": 500}
 
 
+@pytest.mark.parametrize(
+    ("escape", "text"),
+    [
+        (b"\\uD800", "\ufffd"),  # written in capitals
+        (b"\\udc00", "\ufffd"),  # a low surrogate alone
+        (b"\\udc00\\ud800", "\ufffd\ufffd"),  # a pair in the wrong order
+    ],
+)
+def test_every_kind_of_lone_surrogate_becomes_a_replacement_character(
+    escape: bytes, text: str
+) -> None:
+    scanner = scan(
+        b'event: response.failed\ndata: {"type":"response.failed","m":"' + escape + b'"}\n\n'
+    )
+
+    assert scanner.terminal == {"type": "response.failed", "m": text}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # what Python's parser takes and orjson does not: still no JSON
+        b'{"type":"response.completed","id":"\\ud800","usage":{"input_tokens":NaN}}',
+        b'{"type":"response.completed","id":"\\ud800","n":123456789012345678901234567890}',
+        b'{"type":"response.completed","id":"\\ud800",',
+    ],
+)
+def test_a_lone_surrogate_does_not_let_in_what_orjson_refuses(data: bytes) -> None:
+    scanner = scan(b"event: response.completed\ndata: " + data + b"\n\n")
+
+    assert scanner.terminal_type == "response.completed"
+    assert scanner.terminal == {}
+
+
 def test_comments_and_unknown_events_are_not_terminal() -> None:
     scanner = scan(
         b": keep-alive\n\n"

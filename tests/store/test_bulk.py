@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
+import orjson
 import pytest
 from sqlalchemy import select
-from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from codex_gateway.store.bulk import (
@@ -131,6 +132,21 @@ async def test_a_nul_character_in_text_does_not_cost_the_row(store: Store) -> No
     assert stored["error"] == "upstream_error: a" + kept + "b"
     assert stored["upstream_model"] == "gpt-5.1-codex" + kept + "x"
     assert stored["cost_usd"] == row["cost_usd"]
+
+
+def test_the_postgresql_document_has_no_nul_and_keeps_json_text_as_it_is() -> None:
+    """Without a database: a NUL becomes U+FFFD, and text that is itself JSON with an escaped
+    NUL (`raw_usage`) is kept to the character."""
+    insert = BulkInsert(USAGE, tuple(USAGE.columns.keys()), postgresql.asyncpg.dialect())
+    row = usage_row(1)
+    row["error"] = "a\x00b"
+    row["raw_usage"] = '{"model":"m\\u0000"}'
+
+    (stored,) = orjson.loads(insert.document([row]))
+
+    assert stored["error"] == "a\ufffdb"
+    assert stored["raw_usage"] == '{"model":"m\\u0000"}'
+    assert stored["cost_usd"] == format(row["cost_usd"], "f")
 
 
 async def test_a_column_a_record_lacks_is_null(store: Store) -> None:
