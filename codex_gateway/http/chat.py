@@ -43,7 +43,7 @@ from codex_gateway.relay.chat import (
     parse_chat_request,
 )
 from codex_gateway.relay.shaping import ResponsesRequest
-from codex_gateway.relay.sse import EventSplitter, StreamScanner, event_data
+from codex_gateway.relay.sse import EventSplitter, StreamScanner, event_data, upstream_json
 from codex_gateway.store.queries import KeyRecord
 from codex_gateway.upstream.router import Answer
 
@@ -199,10 +199,7 @@ async def _whole(
 
 def _json_response(body: bytes, outcome: Outcome) -> dict[str, object]:
     """An upstream that ignored `stream` and sent the response object itself."""
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        document = None
+    document = upstream_json(body)
     if not isinstance(document, dict):
         outcome.flag("upstream_body_not_json")
         raise UpstreamProtocolError("The upstream answered with a body that is not JSON.")

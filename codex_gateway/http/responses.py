@@ -17,8 +17,6 @@ from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from codex_gateway.billing.admission import estimate_hold, reads_stored_input
 from codex_gateway.billing.pricing import Price
 from codex_gateway.billing.settlement import Outcome, cut_by_shutdown
@@ -37,7 +35,7 @@ from codex_gateway.relay.shaping import (
     parse_compact_request,
     parse_responses_request,
 )
-from codex_gateway.relay.sse import StreamScanner, error_event
+from codex_gateway.relay.sse import StreamScanner, error_event, upstream_json
 from codex_gateway.relay.usage import response_id_of, upstream_model_of, usage_from_terminal
 from codex_gateway.store.queries import KeyRecord, hash_key
 from codex_gateway.upstream.kinds import COMPACT, RESPONSES, Call
@@ -510,10 +508,7 @@ def _error_message(terminal: dict[str, object]) -> str:
 
 async def _relay_json(exchange: Exchange, answer: Answer, outcome: Outcome) -> None:
     body = answer.first
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        document = None
+    document = upstream_json(body)
     if not isinstance(document, dict):
         outcome.flag("upstream_body_not_json")
         raise UpstreamProtocolError(

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import orjson
+from codex_gateway.relay.sse import upstream_json
 
 ENCODING = "o200k_base"
 # Keys whose values are identifiers or opaque data, not text the model reads as tokens.
@@ -90,10 +90,7 @@ def delta_texts(deltas: Iterable[bytes]) -> Iterator[str]:
         for line in block.split(b"\n"):
             if not line.startswith(b"data:"):
                 continue
-            try:
-                data = orjson.loads(line[5:])
-            except orjson.JSONDecodeError:
-                continue
+            data = upstream_json(line[5:])
             delta = data.get("delta") if isinstance(data, dict) else None
             if isinstance(delta, str):
                 yield delta

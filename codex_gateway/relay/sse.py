@@ -175,7 +175,12 @@ def _parse_data(block: bytes) -> Any:
     lines = [
         line[5:].lstrip(b" ") if line.startswith(b"data:") else None for line in block.split(b"\n")
     ]
-    payload = b"\n".join(line for line in lines if line is not None)
+    return upstream_json(b"\n".join(line for line in lines if line is not None))
+
+
+def upstream_json(payload: bytes) -> Any:
+    """What an upstream sent as JSON (an event's data, a response body), or None when it is
+    not JSON."""
     try:
         return orjson.loads(payload)
     except orjson.JSONDecodeError:

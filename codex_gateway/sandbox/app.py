@@ -7,7 +7,9 @@ output, the way a two-turn Codex exchange goes; an input that ends with Codex's
 `compaction_trigger` gets `responses-compaction` (one `compaction` item), and
 `POST .../v1/responses/compact` gets `responses-compact.json`. Besides the shared fixtures,
 `chatgpt-usage-limit-event.sse` is the Codex backend's usage wall inside a stream (a nested
-`error` event after `response.created`). Streams are sent one event per write; a
+`error` event after `response.created`), and `responses-lone-surrogate.sse` is
+`responses-text.sse` whose final event's id holds a lone surrogate escape (`\\ud800`, valid
+JSON that orjson refuses). Streams are sent one event per write; a
 non-streaming request gets the final response object. When recording is on (the standalone
 `codex-gateway sandbox`), the last requests it received can be read back at
 GET /sandbox/requests, which tests use to check what reached the upstream; a gateway serving

@@ -124,6 +124,31 @@ def test_stream_reaches_the_sdk_unchanged_and_is_billed(
     assert Decimal(gateway.balance(user)) == Decimal(10) - expected_cost(counts)
 
 
+def test_a_final_event_with_a_lone_surrogate_escape_is_billed_its_usage(gateway: Gateway) -> None:
+    """Valid JSON that orjson refuses (`"id":"resp_fx_\\ud800text"`): the stream reaches
+    the client untouched, and the bill counts the usage it carries."""
+    user, key = gateway.new_user("10")
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/responses",
+        json={"model": "gpt-5.1-codex", "input": "hi", "stream": True},
+        headers={
+            "Authorization": f"Bearer {key}",
+            "x-sandbox-transcript": "responses-lone-surrogate",
+        },
+        timeout=30,
+    ) as response:
+        streamed = response.read()
+        request_id = response.headers["x-request-id"]
+
+    assert b'"id":"resp_fx_\\ud800text"' in streamed
+    row = gateway.usage_row(request_id)
+    _, counts = TRANSCRIPTS["responses-text"]
+    assert_billed(row, "completed", counts)
+    assert row["response_id"] == "resp_fx_\ufffdtext"
+    assert Decimal(gateway.balance(user)) == Decimal(10) - expected_cost(counts)
+
+
 @pytest.mark.parametrize("name", ["responses-text", "responses-cached", "responses-incomplete"])
 def test_json_response_reaches_the_sdk_unchanged_and_is_billed(
     gateway: Gateway, sdk: Callable[[str], openai.OpenAI], name: str

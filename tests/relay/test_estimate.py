@@ -94,3 +94,12 @@ def test_known_token_counts(counter: TokenCounter) -> None:
     # o200k_base: "hello world" is two tokens, and nothing is zero tokens.
     assert counter.count("hello world") == 2
     assert counter.count("") == 0
+
+
+def test_a_delta_with_a_lone_surrogate_escape_still_counts() -> None:
+    block = (
+        b"event: response.output_text.delta\n"
+        b'data: {"type":"response.output_text.delta","delta":"a\\ud800b"}\n\n'
+    )
+
+    assert list(delta_texts([block])) == ["a\ufffdb"]

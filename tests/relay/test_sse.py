@@ -24,6 +24,7 @@ Feeder = Callable[[bytes], Iterator[bytes]]
 TRANSCRIPTS = [
     # Responses streams that end with a terminal event: (file, terminal type, events)
     ("responses-text.sse", "response.completed", 17),
+    ("responses-lone-surrogate.sse", "response.completed", 17),
     ("responses-cached.sse", "response.completed", 12),
     ("responses-reasoning-tool.sse", "response.completed", 14),
     ("responses-incomplete.sse", "response.incomplete", 11),
@@ -77,9 +78,11 @@ def scan(raw: bytes, feeder: Feeder = whole) -> StreamScanner:
 
 
 def last_data(raw: bytes) -> object:
+    """The last event's data, a lone surrogate escape read as U+FFFD (as the scanner reads
+    it in `responses-lone-surrogate.sse`)."""
     block = iter_events(raw)[-1]
     line = next(line for line in block.split(b"\n") if line.startswith(b"data:"))
-    return orjson.loads(line[len(b"data:") :])
+    return orjson.loads(line[len(b"data:") :].replace(rb"\ud800", "\ufffd".encode()))
 
 
 def test_the_table_covers_every_upstream_transcript() -> None:
