@@ -282,7 +282,9 @@ class _Leases:
                     stored_amount = stored.get((self.scope.name, owner_id), ZERO)
                     lease.leased = min(lease.leased, stored_amount)
                 idle = time.monotonic() - lease.idle_since > idle_seconds
-            if idle and lease.held == 0:
+            # A lease waiting for a grant hands back what settled requests left over each
+            # round, so that it reserves no more than its requests in flight hold.
+            if (idle and lease.held == 0) or lease.needs_grant:
                 await self.return_spare(owner_id)
 
     async def close(self) -> None:

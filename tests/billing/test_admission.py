@@ -26,7 +26,7 @@ from codex_gateway.billing.pricing import Price
 from codex_gateway.billing.settler import Settler
 from codex_gateway.errors import InsufficientQuota, StorageUnavailable
 from codex_gateway.store.db import create_engine
-from codex_gateway.store.queries import KeyLimits, KeyRecord, Store, hash_key
+from codex_gateway.store.queries import KEY_LEASES, KeyLimits, KeyRecord, Store, hash_key
 from tests.store.test_queries import new_user, usage_row
 
 CODEX = Price("gpt-5.1-codex", Decimal("1.25"), Decimal("0.125"), Decimal("10"))
@@ -329,8 +329,44 @@ async def test_a_lowered_key_cap_admits_nothing_its_settled_requests_leave_over(
     settler.submit(row, hold)
     await settler.drain()
 
+    # With the spending loaded before the request was billed, the lease is asked: it hands
+    # back what the request left over, and the database has nothing for the new cap.
     with pytest.raises(InsufficientQuota, match="cap"):
         await gate.admit(user_id, EST, key)
+    assert await store.leases(KEY_LEASES) == []
+    await gate.close()
+    problems, _ = await store.verify_ledger()
+    assert problems == []
+
+
+async def test_maintenance_hands_back_what_a_lowered_lease_was_left(store: Store) -> None:
+    """Requests refused in memory (the key's spending as loaded is past its new cap) never
+    ask the lease; maintenance hands back what the settled request left of its hold, so the
+    key is not shown holding money for nothing."""
+    name, user_id = await new_user(store, "10")
+    gate = Admission(store, lease_ttl=60, idle_seconds=3600)  # never idle here
+    raw, _ = await store.create_key(name, limits=KeyLimits(cap=Decimal("1")))
+    key = await store.find_key(hash_key(raw))
+    assert key is not None
+    hold = Hold(Decimal("0.2"), Decimal("0.2"))
+    assert await gate.admit(user_id, hold.user, key) == hold
+    await store.update_key(key.id, {"cap_usd": Decimal("0.1")})
+    await gate.limits_changed(set(), {key.id})
+    row = usage_row(user_id)
+    row["key_id"] = key.id
+    settler = Settler(store, gate.holder, gate.settled)
+    settler.start()
+    settler.submit(row, hold)
+    await settler.drain()
+    key = await store.find_key(hash_key(raw))
+    assert key is not None
+
+    with pytest.raises(InsufficientQuota, match="cap"):
+        await gate.admit(user_id, EST, key)
+    (lease,) = await store.leases(KEY_LEASES)
+    assert lease["amount"] == Decimal("0.2") - Decimal("0.114295")
+    await gate._maintain_once()
+    assert await store.leases(KEY_LEASES) == []
     await gate.close()
     problems, _ = await store.verify_ledger()
     assert problems == []
