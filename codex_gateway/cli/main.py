@@ -52,12 +52,20 @@ def serve(host: str, port: int, sandbox: bool, log_level: str | None, workers: i
     logs.configure(
         (log_level or settings.log_level).upper(), settings.log_format, settings.log_levels
     )
-    from codex_gateway.http.workers import listening_socket, serve_workers
+    from codex_gateway.http.workers import (
+        listening_socket,
+        serve_workers,
+        shared_socket_of_a_free_port,
+    )
 
     # The port first: a gateway that cannot listen must change nothing, not even where the
     # sandbox account points, which a gateway already running on the database relays to.
     try:
-        held = listening_socket(host, port, shared=workers > 1)
+        held = (
+            shared_socket_of_a_free_port(host, port)
+            if workers > 1
+            else listening_socket(host, port)
+        )
     except OSError as exc:
         click.echo(f"error: cannot listen on {host}:{port}: {exc.strerror}", err=True)
         sys.exit(1)

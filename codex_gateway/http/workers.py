@@ -44,11 +44,25 @@ def listening_socket(host: str, port: int, shared: bool = False) -> socket.socke
     return sock
 
 
+def shared_socket_of_a_free_port(host: str, port: int) -> socket.socket:
+    """A `listening_socket(..., shared=True)` on a port nothing else holds. SO_REUSEPORT
+    alone would let it bind beside the listeners of another gateway started with `--workers`
+    (or of any program that set the option), and the kernel would split the connections
+    between the two; so the port is bound without it first, which fails if anything holds
+    it. Port 0 becomes the port the system picked."""
+    alone = listening_socket(host, port)
+    try:
+        port = alone.getsockname()[1]
+    finally:
+        alone.close()
+    return listening_socket(host, port, shared=True)
+
+
 def serve_workers(count: int, guard: socket.socket, worker: Worker) -> int:
     """Run `count` workers on the port of `guard` until they have all stopped; 0 when each
     one stopped cleanly.
 
-    `guard` is a `listening_socket(..., shared=True)` the caller bound, so that a port another
+    `guard` is a `shared_socket_of_a_free_port` the caller bound, so that a port another
     program holds fails once, before anything starts; it is held (bound, never listening) for
     the supervisor's life and closed at the end.
     """

@@ -139,6 +139,24 @@ def _explain(workdir: Path, request_id: str) -> str:
     return result.stdout
 
 
+def test_workers_do_not_share_a_port_with_another_gateways_workers(tmp_path: Path) -> None:
+    """Listeners with SO_REUSEPORT, as another `serve --workers` leaves, hold the port: a
+    second gateway started on it is refused instead of taking part of its connections."""
+    with socket.socket() as other_workers:
+        other_workers.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other_workers.bind(("127.0.0.1", 0))
+        other_workers.listen()
+        port = other_workers.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CODEX_GATEWAY_")}
+        failed = subprocess.run(
+            [*CLI, "serve", "--sandbox", "--port", str(port), "--workers", "2"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    assert failed.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in failed.stderr
+
+
 def test_a_quick_start_stream_cut_by_the_shutdown_logs_one_line_and_no_traceback(
     tmp_path: Path,
 ) -> None:
