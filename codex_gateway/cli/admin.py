@@ -122,7 +122,7 @@ def users_adjust(name: str, usd: str, reason: str, operator: str) -> None:
     amount = magnitude.copy_negate() if negative else magnitude
     done = with_store(lambda store: store.correct(name, "adjustment", amount, reason, operator))
     click.echo(f"{name}: adjusted by ${plain(amount)}; balance is now ${plain(done.balance)}")
-    if amount < 0 and done.balance < done.reserved:
+    if amount < 0 and done.reserved > 0 and done.balance < done.reserved:
         click.echo(
             f"warning: the balance is now below the ${plain(done.reserved)} that gateway "
             f"processes hold for {name}'s requests; their open leases are being returned "

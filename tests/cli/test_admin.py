@@ -231,6 +231,16 @@ def test_refunds_and_adjustments_are_ledger_entries_with_reason_and_operator(
     assert "ok:" in db.cli("ledger", "verify").stdout
 
 
+def test_an_adjustment_below_zero_warns_of_leases_only_when_there_are_some(db: Gateway) -> None:
+    db.cli("users", "create", "nothing-held", "--balance", "1")
+
+    adjusted = db.cli("users", "adjust", "nothing-held", "-3", "--reason", "chargeback",
+                      "--operator", "ops@example.test")  # fmt: skip
+
+    assert db.balance("nothing-held") == "-2"
+    assert "warning" not in adjusted.stderr
+
+
 def readme_commands(prefix: str) -> list[list[str]]:
     """README's command lines that start with `codex-gateway PREFIX`, as an operator would
     type them: optional `[...]` parts left out, trailing `# comments` dropped."""
