@@ -306,28 +306,40 @@ async def test_after_a_lowered_balance_a_request_it_still_covers_is_admitted(
     assert problems == []
 
 
-async def test_a_lowered_key_cap_admits_nothing_its_settled_requests_leave_over(
-    store: Store,
-) -> None:
-    """The same for a capped key's lease on its cap: what the settled request left of its
-    hold on the cap does not admit another request past the lowered cap."""
+async def request_billed_past_a_lowered_cap(
+    store: Store, gate: Admission
+) -> tuple[int, KeyRecord, KeyRecord]:
+    """A key capped at $1 holds $0.20 for a request; the cap drops to $0.10 and admission is
+    told; the request is billed $0.114295, past the new cap and under its hold. Returns the
+    user's id and the key as loaded before and after the bill."""
     name, user_id = await new_user(store, "10")
-    gate = admission(store)
     raw, _ = await store.create_key(name, limits=KeyLimits(cap=Decimal("1")))
     key = await store.find_key(hash_key(raw))
     assert key is not None
     hold = Hold(Decimal("0.2"), Decimal("0.2"))
     assert await gate.admit(user_id, hold.user, key) == hold
     await store.update_key(key.id, {"cap_usd": Decimal("0.1")})
-    key = await store.find_key(hash_key(raw))
-    assert key is not None
+    before = await store.find_key(hash_key(raw))
+    assert before is not None
     await gate.limits_changed(set(), {key.id})
-    row = usage_row(user_id)  # costs 0.114295: past the new cap, under its hold
+    row = usage_row(user_id)
     row["key_id"] = key.id
     settler = Settler(store, gate.holder, gate.settled)
     settler.start()
     settler.submit(row, hold)
     await settler.drain()
+    after = await store.find_key(hash_key(raw))
+    assert after is not None
+    return user_id, before, after
+
+
+async def test_a_lowered_key_cap_admits_nothing_its_settled_requests_leave_over(
+    store: Store,
+) -> None:
+    """The same for a capped key's lease on its cap: what the settled request left of its
+    hold on the cap does not admit another request past the lowered cap."""
+    gate = admission(store)
+    user_id, key, _ = await request_billed_past_a_lowered_cap(store, gate)
 
     # With the spending loaded before the request was billed, the lease is asked: it hands
     # back what the request left over, and the database has nothing for the new cap.
@@ -343,23 +355,8 @@ async def test_maintenance_hands_back_what_a_lowered_lease_was_left(store: Store
     """Requests refused in memory (the key's spending as loaded is past its new cap) never
     ask the lease; maintenance hands back what the settled request left of its hold, so the
     key is not shown holding money for nothing."""
-    name, user_id = await new_user(store, "10")
     gate = Admission(store, lease_ttl=60, idle_seconds=3600)  # never idle here
-    raw, _ = await store.create_key(name, limits=KeyLimits(cap=Decimal("1")))
-    key = await store.find_key(hash_key(raw))
-    assert key is not None
-    hold = Hold(Decimal("0.2"), Decimal("0.2"))
-    assert await gate.admit(user_id, hold.user, key) == hold
-    await store.update_key(key.id, {"cap_usd": Decimal("0.1")})
-    await gate.limits_changed(set(), {key.id})
-    row = usage_row(user_id)
-    row["key_id"] = key.id
-    settler = Settler(store, gate.holder, gate.settled)
-    settler.start()
-    settler.submit(row, hold)
-    await settler.drain()
-    key = await store.find_key(hash_key(raw))
-    assert key is not None
+    user_id, _, key = await request_billed_past_a_lowered_cap(store, gate)
 
     with pytest.raises(InsufficientQuota, match="cap"):
         await gate.admit(user_id, EST, key)
