@@ -257,21 +257,30 @@ async def test_settling_takes_the_cost_out_of_the_lease_and_close_returns_the_re
     assert (await store.balances())[user_id] == Decimal("1") - cost
 
 
+HELD_BEFORE_LOWERING = Decimal("0.2")
+
+
+async def hold_then_lower_the_balance(store: Store, gate: Admission, adjustment: Decimal) -> int:
+    """A user with $1 holds HELD_BEFORE_LOWERING for a request; a correction of
+    `adjustment` lowers the balance and admission is told. Returns the user's id."""
+    name, user_id = await new_user(store, "1")
+    await gate.admit(user_id, HELD_BEFORE_LOWERING)
+    await store.correct(name, "adjustment", adjustment, "test", "operator")
+    await gate.limits_changed({user_id}, set())
+    return user_id
+
+
 async def test_after_a_balance_is_lowered_what_settling_frees_admits_nothing_more(
     store: Store,
 ) -> None:
     """A correction takes the balance below what the lease reserved; the lease hands back its
     spare part, and the hold a request in flight leaves over when it settles (its hold less
     its cost) does not admit another request: the database, asked again, has nothing."""
-    name, user_id = await new_user(store, "1")
     gate = admission(store)
-    hold = Decimal("0.2")
-    await gate.admit(user_id, hold)
-    await store.correct(name, "adjustment", Decimal("-0.9"), "test", "operator")
-    await gate.limits_changed({user_id}, set())
+    user_id = await hold_then_lower_the_balance(store, gate, Decimal("-0.9"))
 
     row = usage_row(user_id)  # costs 0.114295, well under its hold
-    gate.settled(row, Hold(hold), None)
+    gate.settled(row, Hold(HELD_BEFORE_LOWERING), None)
 
     with pytest.raises(InsufficientQuota):
         await gate.admit(user_id, EST)
@@ -285,16 +294,12 @@ async def test_after_a_lowered_balance_a_request_it_still_covers_is_admitted(
     """What settling left over goes back to the database first, which then grants the
     request out of the new balance: $1, a $0.20 hold, a $0.60 correction, the request
     settles for $0.114295, and $0.25 of the $0.285705 left is still admitted."""
-    name, user_id = await new_user(store, "1")
     gate = admission(store)
-    hold = Decimal("0.2")
-    await gate.admit(user_id, hold)
-    await store.correct(name, "adjustment", Decimal("-0.6"), "test", "operator")
-    await gate.limits_changed({user_id}, set())
+    user_id = await hold_then_lower_the_balance(store, gate, Decimal("-0.6"))
     row = usage_row(user_id)
     settler = Settler(store, gate.holder, gate.settled)
     settler.start()
-    settler.submit(row, Hold(hold))
+    settler.submit(row, Hold(HELD_BEFORE_LOWERING))
     await settler.drain()
 
     assert await gate.admit(user_id, Decimal("0.25")) == Hold(Decimal("0.25"), Decimal(0))
