@@ -30,10 +30,25 @@ def cores_available() -> bool:
     return {PROXY_CORE, LOAD_CORE} <= os.sched_getaffinity(0)
 
 
-def pinned(argv: Sequence[str], core: int | None) -> list[str]:
+def pinned(argv: Sequence[str], core: int | str | None) -> list[str]:
+    """`argv` under taskset on `core`: one core, or a list such as "0,1"."""
     if core is None or not cores_available():
         return list(argv)
     return ["taskset", "-c", str(core), *argv]
+
+
+def proxy_cores(text: str) -> str:
+    """The cores given to the proxy under test, as taskset takes them ("0" or "0,1"); each
+    must be one this process may run on."""
+    try:
+        cores = sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        raise ValueError(f"cores are numbers separated by commas, not {text!r}") from None
+    usable = os.sched_getaffinity(0)
+    missing = [core for core in cores if core not in usable]
+    if missing:
+        raise ValueError(f"no such core here: {', '.join(map(str, missing))}")
+    return ",".join(map(str, cores))
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -60,7 +75,7 @@ class Processes:
         name: str,
         argv: Sequence[str],
         *,
-        core: int | None,
+        core: int | str | None,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
     ) -> subprocess.Popen[bytes]:

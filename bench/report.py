@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.procs import LOAD_CORE, PROXY_CORE
+
 PACKAGES = (
     "codex-gateway",
     "uvicorn",
@@ -224,6 +226,26 @@ MEASURES: list[tuple[str, str, Callable[[dict[str, Any], dict[str, Any] | None],
 ]
 
 
+def _layout(run: dict[str, Any]) -> str:
+    """Which cores the proxy under test and the load had (runs before the choice existed
+    pinned the proxy to core 0)."""
+    workers = run.get("workers", 1)
+    as_workers = f" (the gateway as {workers} worker processes)" if workers > 1 else ""
+    if not run["pinned"]:
+        return (
+            f"Nothing is pinned (this machine lacks core {PROXY_CORE} or {LOAD_CORE}): the proxy "
+            f"under test{as_workers} shares every core with the load."
+        )
+    cores = run.get("proxy_cores", str(PROXY_CORE))
+    text = (
+        f"The proxy under test is pinned to core{'s' if ',' in cores else ''} {cores}"
+        f"{as_workers}; the mock upstream, wrk and the stream client to core {LOAD_CORE}."
+    )
+    if str(LOAD_CORE) in cores.split(","):
+        text += f" The proxy shares core {LOAD_CORE} with the load."
+    return text
+
+
 def markdown(run: dict[str, Any]) -> str:
     rows = [row for row in run["rows"] if row["status"] == "ok"]
     base = next((row for row in rows if row["name"] == "direct"), None)
@@ -236,8 +258,7 @@ def markdown(run: dict[str, Any]) -> str:
         "",
         _machine_line(run["machine"]),
         "",
-        "The proxy under test is pinned to core 0; the mock upstream, wrk and the stream client "
-        "to core 1. Added figures are the row's minus the direct row's. "
+        _layout(run) + " Added figures are the row's minus the direct row's. "
         f"c=N is {many} concurrent paced streams (64 deltas 20 ms apart).",
         "",
     ]

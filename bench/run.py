@@ -3,14 +3,16 @@
     .venv/bin/python -m bench.run            # the whole run, about eight minutes
     .venv/bin/python -m bench.run --smoke    # everything tiny: checks that it works, not speed
 
-Starts every process itself (the proxy under test pinned to core 0; the mock upstream, wrk
-and the stream client to core 1), measures each row in turn, stops everything (also on
-failure or Ctrl-C), and writes bench/results/<date>.md and .json. See docs/benchmarks.md.
+Starts every process itself (the proxy under test pinned to core 0, or to the cores
+`--proxy-cores` names; the mock upstream, wrk and the stream client to core 1), measures each
+row in turn, stops everything (also on failure or Ctrl-C), and writes bench/results/<date>.md
+and .json. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import shlex
@@ -33,7 +35,16 @@ if __package__ in (None, ""):  # run as a file: make `bench` importable
 
 from bench import report, targets
 from bench.loads import LoadError, request_body, streams, wrk
-from bench.procs import LOAD_CORE, Processes, cores_available, cpu_seconds, rss_kb, tree
+from bench.procs import (
+    LOAD_CORE,
+    PROXY_CORE,
+    Processes,
+    cores_available,
+    cpu_seconds,
+    proxy_cores,
+    rss_kb,
+    tree,
+)
 from bench.targets import Target, Unavailable
 
 HERE = Path(__file__).resolve().parent
@@ -86,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         "smoke": args.smoke,
         "plan": asdict(plan),
         "pinned": cores_available(),
+        "proxy_cores": args.proxy_cores,
+        "workers": args.workers,
         "machine": report.machine(PG_ADMIN_URL),
         "rows": [],
     }
@@ -113,9 +126,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(HERE / "results"), help="where the report goes")
     parser.add_argument("--workers", type=int, default=1, help="gateway worker processes")
     parser.add_argument(
+        "--proxy-cores",
+        default=str(PROXY_CORE),
+        help=f"the cores the proxy under test may use, separated by commas "
+        f"(default {PROXY_CORE}; the load runs on core {LOAD_CORE} whatever this says)",
+    )
+    parser.add_argument(
         "--no-install", action="store_true", help="install neither wrk nor LiteLLM when missing"
     )
     args = parser.parse_args(argv)
+    try:
+        args.proxy_cores = proxy_cores(args.proxy_cores)
+    except ValueError as exc:
+        parser.error(f"--proxy-cores: {exc}")
     default = ROWS if not args.smoke else ("direct", "bare", "sqlite", "postgresql")
     args.rows = tuple(args.rows.split(",")) if args.rows else default
     unknown = set(args.rows) - set(ROWS)
@@ -194,10 +217,14 @@ def _open_target(
     if name == "direct":
         return targets.direct(mock_url, mock_pid)
     if name == "bare":
-        return targets.bare_hop(procs, mock_url, free_port(), work)
+        return targets.bare_hop(procs, mock_url, free_port(), work, args.proxy_cores)
     if name == "litellm":
-        return targets.litellm(procs, mock_url, free_port(), work, install=not args.no_install)
-    return targets.gateway(procs, name, mock_url, free_port(), work, PG_ADMIN_URL, args.workers)
+        return targets.litellm(
+            procs, mock_url, free_port(), work, not args.no_install, args.proxy_cores
+        )
+    return targets.gateway(
+        procs, name, mock_url, free_port(), work, PG_ADMIN_URL, args.workers, args.proxy_cores
+    )
 
 
 def _row_status(name: str, label: str, status: str, reason: str) -> dict[str, Any]:
@@ -213,6 +240,7 @@ def _measure_row(name: str, opened: AbstractContextManager[Target], plan: Plan) 
                 "status": "ok",
                 "notes": list(target.notes),
             }
+            row["processes"] = _processes(target.pid)
             row.update(measure(target, plan))
             if name == "litellm":
                 row["notes"].append(_foreign_connections(target.pid))
@@ -220,6 +248,15 @@ def _measure_row(name: str, opened: AbstractContextManager[Target], plan: Plan) 
     except Unavailable as exc:
         print(f"   {name}: unavailable: {exc}", flush=True)
         return _row_status(name, _label(name), "unavailable", str(exc))
+
+
+def _processes(pid: int) -> list[dict[str, Any]]:
+    """The proxy's processes (a supervisor and its workers) and the cores each may run on."""
+    found = []
+    for member in tree(pid):
+        with contextlib.suppress(OSError):
+            found.append({"pid": member, "cores": sorted(os.sched_getaffinity(member))})
+    return found
 
 
 def _label(name: str) -> str:

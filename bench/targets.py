@@ -78,11 +78,13 @@ def direct(mock_url: str, mock_pid: int) -> Iterator[Target]:
 
 
 @contextmanager
-def bare_hop(procs: Processes, mock_url: str, port: int, work: Path) -> Iterator[Target]:
+def bare_hop(
+    procs: Processes, mock_url: str, port: int, work: Path, cores: str = str(PROXY_CORE)
+) -> Iterator[Target]:
     """uvicorn and the gateway's upstream client with nothing in between: a hop's floor."""
     work.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, str(HERE / "bare_hop.py"), "--port", str(port), "--upstream", mock_url]
-    proc = procs.start("bare", argv, core=PROXY_CORE, env=child_env(), cwd=work)
+    proc = procs.start("bare", argv, core=cores, env=child_env(), cwd=work)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", 60, proc)
         yield Target(
@@ -109,6 +111,7 @@ def gateway(
     work: Path,
     pg_admin_url: str,
     workers: int,
+    cores: str = str(PROXY_CORE),
 ) -> Iterator[Target]:
     """codex-gateway with billing on (users, keys, prices, holds), SQLite or PostgreSQL."""
     work.mkdir(parents=True, exist_ok=True)
@@ -128,7 +131,7 @@ def gateway(
         key = _prepare_gateway(env, mock_url)
         argv = [sys.executable, "-m", "codex_gateway", "serve", "--port", str(port)]
         argv += ["--workers", str(workers)] if workers > 1 else []
-        proc = procs.start(f"gateway-{backend}", argv, core=PROXY_CORE, env=env, cwd=work)
+        proc = procs.start(f"gateway-{backend}", argv, core=cores, env=env, cwd=work)
         try:
             wait_http(f"http://127.0.0.1:{port}/healthz", 60, proc)
             label = (
@@ -241,7 +244,12 @@ LITELLM_ENV = {
 
 @contextmanager
 def litellm(
-    procs: Processes, mock_url: str, port: int, work: Path, install: bool
+    procs: Processes,
+    mock_url: str,
+    port: int,
+    work: Path,
+    install: bool,
+    cores: str = str(PROXY_CORE),
 ) -> Iterator[Target]:
     """The LiteLLM proxy, one worker, no database, no callbacks, the mock as its upstream."""
     work.mkdir(parents=True, exist_ok=True)
@@ -254,7 +262,7 @@ def litellm(
     config.write_text(json.dumps(litellm_config(mock_url), indent=2))
     argv = [str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--num_workers", "1", "--telemetry", "False"]
-    proc = procs.start("litellm", argv, core=PROXY_CORE, env=child_env(LITELLM_ENV), cwd=work)
+    proc = procs.start("litellm", argv, core=cores, env=child_env(LITELLM_ENV), cwd=work)
     try:
         wait_http(f"http://127.0.0.1:{port}/health/liveliness", 180, proc)
         yield Target(

@@ -14,17 +14,21 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 
-def test_smoke_mode_measures_direct_and_gateway_rows_and_writes_the_report(
-    tmp_path: Path,
-) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--smoke", "--out", str(tmp_path)],
+def bench_run(*argv: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench.run", *argv],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+def test_smoke_mode_measures_direct_and_gateway_rows_and_writes_the_report(
+    tmp_path: Path,
+) -> None:
+    done = bench_run("--smoke", "--out", str(tmp_path))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     (report,) = tmp_path.glob("*-smoke.json")
@@ -40,6 +44,9 @@ def test_smoke_mode_measures_direct_and_gateway_rows_and_writes_the_report(
         assert row["paced_many"]["completed"] > 0
         assert row["stall"]["most_held"] > 0
         assert row["memory"]["idle_kb"] > 0
+    # the proxies alone on core 0, each one process
+    for name in ("bare", "gateway-sqlite", "gateway-postgresql"):
+        assert [process["cores"] for process in rows[name]["processes"]] == [[0]]
     assert run["machine"]["cpu_model"]
     assert run["machine"]["packages"]["uvicorn"]
     for probe in (run["machine"]["host_at_start"], run["host_at_end"]):
@@ -57,3 +64,33 @@ def test_smoke_mode_measures_direct_and_gateway_rows_and_writes_the_report(
     assert "not run: smoke mode" in markdown
     assert "Host steadiness: a fixed Python loop took " in markdown
     assert "steal time during the run: " in markdown
+
+
+def test_smoke_mode_runs_the_gateway_as_two_workers_on_the_cores_given(tmp_path: Path) -> None:
+    """`--workers 2 --proxy-cores 0,1`: both workers answer, their CPU is counted, and the
+    report says which cores the proxy had and that it shared one with the load."""
+    command = ["--smoke", "--rows", "direct,sqlite", "--workers", "2", "--proxy-cores", "0,1"]
+    done = bench_run(*command, "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    (report,) = tmp_path.glob("*-smoke.json")
+    run = json.loads(report.read_text())
+    assert (run["proxy_cores"], run["workers"]) == ("0,1", 2)
+    rows = {row["name"]: row for row in run["rows"]}
+    row = rows["gateway-sqlite"]
+    assert row["status"] == "ok", row
+    assert row["label"] == "codex-gateway, billing on, SQLite, 2 workers"
+    # `serve` and the two workers it started, each free to run on both cores
+    assert [process["cores"] for process in row["processes"]] == [[0, 1]] * 3
+    assert row["rps_c64"]["rps"] > 0 and row["rps_c64"]["cpu_seconds"] > 0
+    assert row["paced_many"]["completed"] > 0
+    markdown = report.with_suffix(".md").read_text()
+    assert "pinned to cores 0,1 (the gateway as 2 worker processes)" in markdown
+    assert "The proxy shares core 1 with the load." in markdown
+
+
+def test_cores_the_machine_lacks_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    done = bench_run("--smoke", "--proxy-cores", "0,4096", "--out", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert "--proxy-cores: no such core here: 4096" in done.stderr
+    assert not (tmp_path / "out").exists()
