@@ -36,6 +36,8 @@ FLAG_EXCEEDED_HOLD = "exceeded_hold"
 FLAG_TRUNCATED = "upstream_field_truncated"
 MAX_TEXT = 200
 UNBILLABLE_FLAGS = frozenset({FLAG_INVALID, FLAG_MISSING})
+# Statuses of an answer the upstream served in full or in part: the work was done.
+SERVED_STATUSES = frozenset({"completed", "incomplete"})
 PRICE_COLUMNS = ("price_model", "price_input", "price_cached_input", "price_output", "markup")
 REVIEW_FLAGS = frozenset({FLAG_INVALID, FLAG_CACHED_OVER_INPUT, FLAG_REASONING_OVER_OUTPUT})
 
@@ -71,12 +73,30 @@ class Outcome:
     # What the request holds against its key's cap (0 when the key has none).
     key_hold: Decimal = Decimal(0)
     attempts: list[dict[str, Any]] = field(default_factory=list)
-    # The gateway's own count, billed only when the upstream reported no usage.
+    # The gateway's own count, billed only when the upstream reported no usage it can bill.
     estimate: dict[str, Any] | None = None
+    # `usage` and its mapping, kept so that it is mapped once (`reported_usage`).
+    _mapped: tuple[Any, MappedUsage] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def flag(self, name: str) -> None:
         if name not in self.flags:
             self.flags.append(name)
+
+    def reported_usage(self) -> MappedUsage:
+        """The upstream's usage, mapped; NO_USAGE when it reported none."""
+        if not self.usage_reported:
+            return NO_USAGE
+        if self._mapped is None or self._mapped[0] is not self.usage:
+            self._mapped = (self.usage, map_usage(self.usage))
+        return self._mapped[1]
+
+    def served_without_usage(self) -> bool:
+        """Whether the upstream served an answer (completed or incomplete) yet reported no
+        usage that can be billed: none, or counts that are not counts. The work was done, so
+        such a request is billed the gateway's estimate rather than nothing."""
+        return self.status in SERVED_STATUSES and not self.reported_usage().billable
 
     def known(self) -> dict[str, Any]:
         """What a hold journal keeps of the request before its usage is known."""
@@ -104,18 +124,18 @@ def bill(outcome: Outcome, prices: PriceTable, trace: bool = False) -> dict[str,
     The four stages are logged at DEBUG, or at INFO when `trace` is on for this request.
     """
     flags = list(outcome.flags)
-    if outcome.usage_reported:
-        mapped = map_usage(outcome.usage)
-    elif outcome.estimate is not None:
+    mapped = outcome.reported_usage()
+    if not mapped.billable and outcome.estimate is not None:
+        if outcome.usage_reported or outcome.status in SERVED_STATUSES:
+            # Why the upstream's own count was not billed: usage_invalid or usage_missing.
+            flags.extend(flag for flag in mapped.flags if flag not in flags)
         mapped = map_usage(outcome.estimate)
         flags.append(FLAG_ESTIMATED)
-    else:
-        mapped = NO_USAGE
     another_model = _ran_another_model(outcome, prices)
     price = _price_for(outcome, prices, another_model)
     cost = compute_cost(mapped, price)
     flags.extend(flag for flag in mapped.flags if flag not in flags)
-    if any(flag in REVIEW_FLAGS for flag in mapped.flags):
+    if any(flag in REVIEW_FLAGS for flag in flags):
         flags.append(FLAG_NEEDS_REVIEW)
     if another_model:
         flags.append(FLAG_MODEL_MISMATCH)
@@ -192,7 +212,7 @@ def _log_stages(
 ) -> None:
     extra = {"request_id": outcome.request_id}
     raw = orjson.dumps(outcome.usage).decode() if outcome.usage_reported else "none reported"
-    if not outcome.usage_reported and outcome.estimate is not None:
+    if outcome.estimate is not None:
         raw += " estimated=" + orjson.dumps(outcome.estimate).decode()
     log.log(
         level,
@@ -261,9 +281,9 @@ def explain(row: dict[str, Any]) -> str:
         *(
             [
                 "   counts below are the gateway's estimate (o200k_base tokens of the request"
-                " and of the streamed output)"
+                " and of the output it was sent)"
             ]
-            if FLAG_ESTIMATED in orjson.loads(row["flags"]) and not row["raw_usage"]
+            if FLAG_ESTIMATED in orjson.loads(row["flags"])
             else []
         ),
         "",
@@ -309,7 +329,8 @@ def _attempt_lines(attempts: str | None) -> list[str]:
 
 
 def _cost_lines(row: dict[str, Any]) -> list[str]:
-    unusable = [flag for flag in orjson.loads(row["flags"]) if flag in UNBILLABLE_FLAGS]
+    flags = orjson.loads(row["flags"])
+    unusable = [flag for flag in flags if flag in UNBILLABLE_FLAGS and FLAG_ESTIMATED not in flags]
     if unusable or not _priced(row):
         reason = (
             f"{', '.join(unusable)} (the upstream reported no usable usage)"

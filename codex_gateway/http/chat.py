@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from codex_gateway.billing.settlement import Outcome, cut_by_shutdown
+from codex_gateway.billing.settlement import Outcome
 from codex_gateway.errors import UpstreamError, UpstreamProtocolError
 from codex_gateway.http.exchange import Exchange
 from codex_gateway.http.responses import (
@@ -32,6 +32,8 @@ from codex_gateway.http.responses import (
     chunks_of,
     collect_stream,
     end_cut_stream,
+    estimate_unbilled,
+    estimate_unbilled_answer,
     send_upstream,
     settle_after,
     take_terminal,
@@ -92,10 +94,8 @@ async def _relay(
         raise
     finally:
         answer.close()
-    if scanner.terminal is None and answer.rest is not None and not cut_by_shutdown():
-        outcome.estimate = await asyncio.to_thread(
-            gateway.tokens.estimate, request.document, scanner.deltas
-        )
+    if answer.rest is not None:
+        await estimate_unbilled(gateway, outcome, request.document, scanner)
 
 
 async def _stream(
@@ -190,8 +190,9 @@ async def _whole(
     """Collect the stream, bill it, and answer with one chat.completion."""
     if answer.rest is None:
         # An upstream that ignored `stream` and sent the response object itself.
-        body = answer.first
-        await exchange.send_json(200, chat_completion(_json_response(body, outcome), chat.model))
+        document = _json_response(answer.first, outcome)
+        await exchange.send_json(200, chat_completion(document, chat.model))
+        await estimate_unbilled_answer(gateway, outcome, chat.responses, document)
         return
     final = await collect_stream(gateway, answer, outcome, scanner)
     await exchange.send_json(200, chat_completion(final, chat.model))

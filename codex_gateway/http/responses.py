@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from codex_gateway.billing.admission import estimate_hold, reads_stored_input
 from codex_gateway.billing.pricing import Price
-from codex_gateway.billing.settlement import Outcome, cut_by_shutdown
+from codex_gateway.billing.settlement import SERVED_STATUSES, Outcome, cut_by_shutdown
 from codex_gateway.errors import (
     AuthenticationError,
     ModelNotAllowed,
@@ -255,8 +255,10 @@ async def _relay(
             scanner = StreamScanner()
             final = await collect_stream(gateway, answer, outcome, scanner)
             await exchange.send_json(200, final)
+            await estimate_unbilled(gateway, outcome, request.document, scanner)
         elif answer.response.status == 200:
-            await _relay_json(exchange, answer, outcome)
+            document = await _relay_json(exchange, answer, outcome)
+            await estimate_unbilled_answer(gateway, outcome, request.document, document)
         else:
             await _relay_client_error(exchange, answer, outcome)
     except UpstreamError as exc:
@@ -379,10 +381,26 @@ async def _relay_stream(
         await exchange.write(error_event("stream_incomplete", MISSING_TERMINAL_MESSAGE), False)
     else:
         await exchange.write(b"", more=False)
-    if scanner.terminal is None and not cut_by_shutdown():
-        outcome.estimate = await asyncio.to_thread(
-            gateway.tokens.estimate, request.document, scanner.deltas
-        )
+    await estimate_unbilled(gateway, outcome, request.document, scanner)
+
+
+async def estimate_unbilled(
+    gateway: Gateway, outcome: Outcome, request: dict[str, Any], scanner: StreamScanner
+) -> None:
+    """The gateway's own count of a stream that ended without its final event, or whose
+    final event served the answer without usage it can bill; none for a request a shutdown
+    cut, which costs what the upstream reported."""
+    if (scanner.terminal is None or outcome.served_without_usage()) and not cut_by_shutdown():
+        outcome.estimate = await asyncio.to_thread(gateway.tokens.estimate, request, scanner.deltas)
+
+
+async def estimate_unbilled_answer(
+    gateway: Gateway, outcome: Outcome, request: dict[str, Any], answer: dict[str, Any]
+) -> None:
+    """The gateway's own count of a JSON answer that says it was served (its own `status`
+    completed or incomplete) without usage it can bill."""
+    if answer.get("status") in SERVED_STATUSES and outcome.served_without_usage():
+        outcome.estimate = await asyncio.to_thread(gateway.tokens.estimate_answer, request, answer)
 
 
 async def refuse_cut(exchange: Exchange, outcome: Outcome) -> None:
@@ -506,7 +524,9 @@ def _error_message(terminal: dict[str, object]) -> str:
     return f"{terminal.get('code')}: {terminal.get('message')}"
 
 
-async def _relay_json(exchange: Exchange, answer: Answer, outcome: Outcome) -> None:
+async def _relay_json(exchange: Exchange, answer: Answer, outcome: Outcome) -> dict[str, Any]:
+    """Send a JSON answer as it came, with what it says read onto the outcome; the answer
+    parsed."""
     body = answer.first
     document = upstream_json(body)
     if not isinstance(document, dict):
@@ -522,6 +542,7 @@ async def _relay_json(exchange: Exchange, answer: Answer, outcome: Outcome) -> N
     outcome.response_id = response_id_of(document)
     outcome.status = _JSON_STATUS.get(str(document.get("status")), "completed")
     await _send_body(exchange, 200, answer, body)
+    return document
 
 
 async def _relay_client_error(exchange: Exchange, answer: Answer, outcome: Outcome) -> None:

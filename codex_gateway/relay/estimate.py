@@ -1,11 +1,13 @@
-"""Estimate a request's token usage when the upstream never reported it.
+"""Estimate a request's token usage when the upstream reported none it can be billed by.
 
-A stream that ends without its terminal event carries no usage, yet the upstream did the
-work. Rather than bill it as free, the gateway counts tokens itself with the o200k_base
-vocabulary (the GPT-5 family's): input from the text of the request body, output from what
-was streamed (text, refusals, tool arguments and reasoning summaries). Hidden reasoning is
-never streamed, so the estimate is a lower bound; rows billed this way are flagged
-`estimated`. The vocabulary ships inside the `bpe-openai` wheel, so nothing is downloaded.
+A stream that ends without its terminal event carries no usage, and an answer may come with
+none or with counts that are not counts; yet the upstream did the work. Rather than bill it
+as free, the gateway counts tokens itself with the o200k_base vocabulary (the GPT-5
+family's): input from the text of the request body, output from what was streamed (text,
+refusals, tool arguments and reasoning summaries) or from the same parts of a JSON answer's
+output items. Hidden reasoning is never sent, so the estimate is a lower bound; rows billed this way
+are flagged `estimated`. The vocabulary ships inside the `bpe-openai` wheel, so nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ _INPUT_FIELDS = ("instructions", "input", "tools", "text")
 class TokenCounter:
     """Counts tokens with the bundled vocabulary, loaded the first time it is needed.
 
-    Loaded, the vocabulary takes about 130 MB of memory, and only a stream that ends without
-    usage needs it; so a gateway whose upstreams always report usage never pays for it.
+    Loaded, the vocabulary takes about 130 MB of memory, and only a request billed without
+    the upstream's usage needs it; so a gateway whose upstreams always report usage never pays
+    for it.
     """
 
     def __init__(self) -> None:
@@ -53,8 +56,16 @@ class TokenCounter:
 
     def estimate(self, request: dict[str, Any], deltas: Iterable[bytes]) -> dict[str, Any]:
         """A Responses-shaped usage object for `request` and the streamed delta events."""
+        return self._usage(request, "".join(delta_texts(deltas)))
+
+    def estimate_answer(self, request: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+        """The same for `request` and a JSON answer, counting what a stream of it would have
+        carried as deltas."""
+        return self._usage(request, "".join(answer_texts(answer.get("output"))))
+
+    def _usage(self, request: dict[str, Any], output: str) -> dict[str, Any]:
         input_tokens = self.count("\n".join(request_texts(request)))
-        output_tokens = self.count("".join(delta_texts(deltas)))
+        output_tokens = self.count(output)
         return {
             "input_tokens": input_tokens,
             "input_tokens_details": {"cached_tokens": 0},
@@ -82,6 +93,35 @@ def _strings(value: Any) -> Iterator[str]:
         for key, item in value.items():
             if key not in _SKIPPED_KEYS:
                 yield from _strings(item)
+
+
+# Per output item type, the fields a stream sends as deltas: (field, its parts' text field).
+_ITEM_TEXTS: dict[str, tuple[tuple[str, str | None], ...]] = {
+    "message": (("content", "text"), ("content", "refusal")),
+    "reasoning": (("summary", "text"), ("content", "text")),
+    "function_call": (("arguments", None),),
+    "custom_tool_call": (("input", None),),
+}
+
+
+def answer_texts(output: Any) -> Iterator[str]:
+    """The text of a JSON answer's output items that a stream of it sends as deltas: message
+    text and refusals, reasoning summaries and text, tool call arguments and input."""
+    if not isinstance(output, list):
+        return
+    for item in output:
+        if not isinstance(item, dict):
+            continue
+        for name, part_field in _ITEM_TEXTS.get(str(item.get("type")), ()):
+            value = item.get(name)
+            if part_field is None:
+                if isinstance(value, str):
+                    yield value
+            elif isinstance(value, list):
+                for part in value:
+                    text = part.get(part_field) if isinstance(part, dict) else None
+                    if isinstance(text, str):
+                        yield text
 
 
 def delta_texts(deltas: Iterable[bytes]) -> Iterator[str]:

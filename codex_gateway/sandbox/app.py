@@ -7,22 +7,25 @@ output, the way a two-turn Codex exchange goes; an input that ends with Codex's
 `compaction_trigger` gets `responses-compaction` (one `compaction` item), and
 `POST .../v1/responses/compact` gets `responses-compact.json`. Besides the shared fixtures,
 `chatgpt-usage-limit-event.sse` is the Codex backend's usage wall inside a stream (a nested
-`error` event after `response.created`), and `responses-lone-surrogate.sse` is
-`responses-text.sse` whose final event's id holds a lone surrogate escape (`\\ud800`, valid
-JSON that orjson refuses). Streams are sent one event per write; a
-non-streaming request gets the final response object. When recording is on (the standalone
-`codex-gateway sandbox`), the last requests it received can be read back at
-GET /sandbox/requests, which tests use to check what reached the upstream; a gateway serving
-the sandbox for its quick start keeps no such record of its users' requests.
+`error` event after `response.created`), `responses-lone-surrogate.sse` is `responses-text.sse`
+whose final event's id holds a lone surrogate escape (`\\ud800`, valid JSON that orjson
+refuses), and `responses-usage-missing.sse` and `responses-usage-invalid.sse` are the same
+answer with its usage null, or with an output count sent as a string. Streams are sent one
+event per write; a non-streaming request gets the final response object. When recording is on
+(the standalone `codex-gateway sandbox`), the last requests it received can be read back at
+GET /sandbox/requests, which tests use to check what reached the upstream; a gateway serving the
+sandbox for its quick start keeps no such record of its users' requests.
 
 Faults, for failover tests: the header `x-sandbox-fault`, or a fault set for one upstream key
 with `PUT /sandbox/faults {"key": KEY, "fault": MODE}` (`"fault": null` clears it), makes the
 answer misbehave. Modes: `500` (or any 4xx/5xx status), `429` (with reset headers),
 `hang-before` (no answer until the caller leaves, at most 30 s), `hang-middle:N` (N events,
-then silence), `cut-after:N` (N events, then the connection drops), `garbage` (bytes that
-are not SSE), `drip:MS` (each event MS milliseconds apart). `/v1/responses/compact`, which
-answers with one JSON object, takes a status, `hang-before` and `garbage` (a 200 whose body
-is not JSON). A refused connection needs no mode: point an account at a closed port.
+then silence), `cut-after:N` (N events, then the connection drops), `garbage` (bytes that are
+not SSE), `drip:MS` (each event MS milliseconds apart), `json` (the final response object even
+when a stream was asked for, as an upstream that ignores `stream` answers).
+`/v1/responses/compact`, which answers with one JSON object, takes a status, `hang-before` and
+`garbage` (a 200 whose body is not JSON). A refused connection needs no mode: point an account
+at a closed port.
 
 A mock of the ChatGPT Codex backend answers under /sandbox/chatgpt (see `chatgpt.py`).
 """
@@ -215,6 +218,8 @@ async def _misbehave(fault: str, transcript: Transcript, receive: Receive, send:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     elif mode == "drip":
         await _stream(send, transcript, float(argument or 100) / 1000)
+    elif mode == "json":
+        await _final(send, transcript)
     else:
         await _json(send, 400, _error(f"Unknown sandbox fault {fault!r}."))
 

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from codex_gateway.billing.journal import interrupted_row
-from codex_gateway.billing.pricing import PriceTable
+from codex_gateway.billing.pricing import PriceTable, plain
 from codex_gateway.billing.settlement import (
     FLAG_MODEL_MISMATCH,
     FLAG_NEEDS_REVIEW,
@@ -345,6 +345,71 @@ def test_explain_says_why_nothing_was_billed_without_false_equations(
     assert TERM.findall(text) == []
     assert f"not billed: {flag}" in text
     assert "total charged: $0" in text
+
+
+# The gateway's own count (its details, zero, left out)
+ESTIMATE = {"input_tokens": 40, "output_tokens": 300}
+
+
+@pytest.mark.parametrize(
+    ("state", "unbilled"),
+    [
+        # usage the bill can use
+        pytest.param(outcome(usage=SEED_CASE["upstream_usage"]), False, id="counted"),
+        # an answer served with no usage, or with counts that are not counts
+        pytest.param(outcome(), True, id="completed-without-usage"),
+        pytest.param(outcome(usage=INVALID_REASONING), True, id="completed-with-invalid-usage"),
+        pytest.param(outcome(status="incomplete", usage={}), True, id="incomplete-no-counts"),
+        # an upstream that failed did not serve the answer: nothing to estimate
+        pytest.param(outcome(status="failed"), False, id="failed"),
+        pytest.param(outcome(status="no_terminal_event"), False, id="no-final-event"),
+    ],
+)
+def test_an_answer_served_without_usable_usage_is_told_apart(
+    state: Outcome, unbilled: bool
+) -> None:
+    assert state.served_without_usage() is unbilled
+
+
+@pytest.mark.parametrize(
+    ("usage", "why"),
+    [
+        # counts that are not counts: kept, and the row needs review
+        pytest.param(
+            INVALID_REASONING, [FLAG_INVALID, "estimated", FLAG_NEEDS_REVIEW], id="invalid"
+        ),
+        # no usage at all
+        pytest.param(None, [FLAG_MISSING, "estimated"], id="missing"),
+    ],
+)
+def test_an_answer_served_without_usable_usage_is_billed_the_estimate(
+    usage: dict[str, Any] | None, why: list[str]
+) -> None:
+    """The upstream did the work: the row bills the gateway's count instead of nothing, and
+    keeps what the upstream sent with the flags that say why it was not billed."""
+    state = outcome(usage=usage, estimate=ESTIMATE)
+
+    row = bill(state, PRICES)
+
+    assert flags(row) == why
+    assert row["raw_usage"] == (None if usage is None else orjson.dumps(usage).decode())
+    assert (row["input_tokens"], row["output_tokens"]) == (40, 300)
+    price = state.price
+    assert row["cost_usd"] == (40 * price.input + 300 * price.output) / Decimal(1_000_000)
+    text = explain(row)
+    assert "counts below are the gateway's estimate" in text
+    assert "not billed" not in text
+    assert len(TERM.findall(text)) == 3
+    assert f"total charged: ${plain(row['cost_usd'])}" in text
+
+
+def test_usage_reported_in_full_is_billed_even_when_an_estimate_is_there() -> None:
+    state = outcome(usage=SEED_CASE["upstream_usage"], estimate=ESTIMATE)
+
+    row = bill(state, PRICES)
+
+    assert row["input_tokens"] == SEED_CASE["upstream_usage"]["input_tokens"]
+    assert "estimated" not in flags(row)
 
 
 def test_bill_logs_four_debug_stages_with_the_request_id(caplog: pytest.LogCaptureFixture) -> None:

@@ -14,8 +14,13 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Gateway, Sandbox
-from tests.http.test_responses import TRANSCRIPTS, assert_billed, expected_cost
+from tests.conftest import Gateway, Sandbox, estimated_counts
+from tests.http.test_responses import (
+    TRANSCRIPTS,
+    assert_billed,
+    expected_cost,
+    transcript_events,
+)
 
 Sdk = Callable[[str], openai.OpenAI]
 MESSAGES = [
@@ -139,6 +144,43 @@ def test_a_stream_cut_before_its_final_event_is_an_sdk_error_billed_as_estimated
 
     row = gateway.usage_row(request_id)
     assert "estimated" in row["flags"] and "no_terminal_event" in row["flags"]
+    assert Decimal(row["cost_usd"]) > 0
+    assert Decimal(gateway.balance(user)) == Decimal(2) - Decimal(row["cost_usd"])
+
+
+@pytest.mark.parametrize(
+    ("stream", "fault"),
+    [
+        # a stream translated chunk by chunk
+        (True, None),
+        # a stream gathered into one chat.completion
+        (False, None),
+        # an upstream that ignored `stream` and sent the response object
+        (False, "json"),
+    ],
+)
+def test_a_chat_answer_served_with_invalid_usage_is_billed_the_estimate(
+    gateway: Gateway, stream: bool, fault: str | None
+) -> None:
+    user, key = gateway.new_user("2")
+    headers = {"Authorization": f"Bearer {key}", "x-sandbox-transcript": "responses-usage-invalid"}
+    response = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": "gpt-5.1-codex", "messages": MESSAGES, "stream": stream},
+        headers=headers | ({"x-sandbox-fault": fault} if fault else {}),
+        timeout=30,
+    )
+
+    assert response.status_code == 200
+    if not stream:
+        assert response.json()["choices"][0]["message"]["content"].startswith("Here is an")
+    row = gateway.usage_row(response.headers["x-request-id"])
+    assert row["status"] == "completed"
+    assert "usage_invalid" in row["flags"] and "estimated" in row["flags"]
+    # the same answer text, whichever way it came: the same estimate of its output
+    _, _, output_tokens, _ = estimated_counts("", transcript_events("responses-usage-invalid"))
+    assert row["output_tokens"] == output_tokens
+    assert row["input_tokens"] > 0
     assert Decimal(row["cost_usd"]) > 0
     assert Decimal(gateway.balance(user)) == Decimal(2) - Decimal(row["cost_usd"])
 

@@ -166,6 +166,43 @@ def test_json_response_reaches_the_sdk_unchanged_and_is_billed(
     assert Decimal(gateway.balance(user)) == Decimal(3) - expected_cost(counts)
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+@pytest.mark.parametrize(
+    ("name", "flag"),
+    [
+        # an output count sent as a string
+        ("responses-usage-invalid", "usage_invalid"),
+        # usage null
+        ("responses-usage-missing", "usage_missing"),
+    ],
+)
+def test_an_answer_served_without_usable_usage_is_billed_the_estimate(
+    gateway: Gateway, name: str, flag: str, stream: bool
+) -> None:
+    """A completed answer whose usage is null, or whose counts are not counts, still cost
+    the upstream its work: the client gets it as it came, and the row bills the gateway's
+    count of the request and of the answer's text instead of nothing."""
+    user, key = gateway.new_user("10")
+    prompt = "Write a Python function that computes the Fibonacci sequence"
+    response = httpx.post(
+        gateway.url + "/v1/responses",
+        json={"model": "gpt-5.1-codex", "input": prompt, "stream": stream},
+        headers={"Authorization": f"Bearer {key}", "x-sandbox-transcript": name},
+        timeout=30,
+    )
+    assert response.status_code == 200
+    events = transcript_events(name)
+    if not stream:
+        assert response.json() == events[-1]["response"]
+    row = gateway.usage_row(response.headers["x-request-id"])
+    counts = estimated_counts(prompt, events)
+    assert counts[2] > 0
+    assert_billed(row, "completed", counts)
+    assert flag in row["flags"] and "estimated" in row["flags"]
+    assert row["raw_usage"] == events[-1]["response"]["usage"]
+    assert Decimal(gateway.balance(user)) == Decimal(10) - expected_cost(counts)
+
+
 @pytest.mark.parametrize(
     "name", ["responses-failed", "responses-error-event", "responses-no-terminal"]
 )

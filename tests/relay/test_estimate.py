@@ -1,4 +1,4 @@
-"""The gateway's own token count, for streams that end without reporting usage."""
+"""The gateway's own token count, for answers billed without the upstream's usage."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from codex_gateway.relay.estimate import TokenCounter, delta_texts, request_texts
+from codex_gateway.relay.estimate import TokenCounter, answer_texts, delta_texts, request_texts
 from codex_gateway.relay.sse import StreamScanner
 from tests.conftest import fixture_path
 
@@ -88,6 +88,69 @@ def test_estimate_counts_o200k_tokens_of_request_and_stream(counter: TokenCounte
     assert usage["output_tokens"] == counter.count(text) > 100
     assert usage["input_tokens_details"] == {"cached_tokens": 0}
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+
+
+def final_response(name: str) -> dict[str, Any]:
+    terminal = scanned(name).terminal
+    assert terminal is not None
+    response: dict[str, Any] = terminal["response"]
+    return response
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["responses-text", "responses-cached", "responses-reasoning-tool", "responses-incomplete"],
+)
+def test_a_json_answer_counts_what_its_stream_carried_as_deltas(name: str) -> None:
+    """The same answer costs the same whether it came whole or streamed."""
+    streamed = "".join(delta_texts(scanned(name).deltas))
+
+    assert "".join(answer_texts(final_response(name)["output"])) == streamed != ""
+
+
+def test_a_json_answer_counts_no_ids_logprobs_annotations_or_opaque_data() -> None:
+    output = [
+        {
+            "type": "reasoning",
+            "id": "rs_1",
+            "summary": [{"type": "summary_text", "text": "A"}],
+            "encrypted_content": "gAAAA",
+        },
+        {
+            "type": "message",
+            "id": "msg_1",
+            "role": "assistant",
+            "content": [
+                {
+                    "type": "output_text",
+                    "text": "B",
+                    "annotations": [{"type": "url_citation", "url": "https://x", "title": "T"}],
+                    "logprobs": [{"token": "B", "logprob": -0.1, "top_logprobs": []}],
+                },
+                {"type": "refusal", "refusal": "C"},
+            ],
+        },
+        {"type": "function_call", "call_id": "c", "name": "exec_command", "arguments": "D"},
+        {"type": "custom_tool_call", "call_id": "e", "name": "apply_patch", "input": "E"},
+        # what no stream sends as deltas: a shell call's action, an image's data
+        {"type": "local_shell_call", "action": {"command": ["ls"], "env": {}}},
+        {"type": "image_generation_call", "result": "iVBORw0KGgo="},
+        "not an item",
+    ]
+
+    assert list(answer_texts(output)) == ["A", "B", "C", "D", "E"]
+    assert list(answer_texts(None)) == []
+
+
+def test_estimate_of_a_json_answer_counts_the_request_and_its_output(
+    counter: TokenCounter,
+) -> None:
+    answer = final_response("responses-text")
+
+    usage = counter.estimate_answer({"input": "hello world"}, answer)
+
+    assert usage["input_tokens"] == 2
+    assert usage["output_tokens"] == counter.count("".join(answer_texts(answer["output"]))) > 100
 
 
 def test_known_token_counts(counter: TokenCounter) -> None:

@@ -25,6 +25,9 @@ TRANSCRIPTS = [
     # Responses streams that end with a terminal event: (file, terminal type, events)
     ("responses-text.sse", "response.completed", 17),
     ("responses-lone-surrogate.sse", "response.completed", 17),
+    # the same answer, its usage null or with a count that is not a count
+    ("responses-usage-missing.sse", "response.completed", 17),
+    ("responses-usage-invalid.sse", "response.completed", 17),
     ("responses-cached.sse", "response.completed", 12),
     ("responses-reasoning-tool.sse", "response.completed", 14),
     ("responses-incomplete.sse", "response.incomplete", 11),
