@@ -24,6 +24,7 @@ from codex_gateway.relay.usage import (
     NO_USAGE,
     MappedUsage,
     map_usage,
+    with_estimate,
 )
 
 log = logging.getLogger("codex_gateway.billing")
@@ -95,7 +96,8 @@ class Outcome:
     def served_without_usage(self) -> bool:
         """Whether the upstream served an answer (completed or incomplete) yet reported no
         usage that can be billed: none, or counts that are not counts. The work was done, so
-        such a request is billed the gateway's estimate rather than nothing."""
+        such a request is billed the gateway's estimate, for the counts it cannot read,
+        rather than nothing."""
         return self.status in SERVED_STATUSES and not self.reported_usage().billable
 
     def known(self) -> dict[str, Any]:
@@ -129,7 +131,9 @@ def bill(outcome: Outcome, prices: PriceTable, trace: bool = False) -> dict[str,
         if outcome.usage_reported or outcome.status in SERVED_STATUSES:
             # Why the upstream's own count was not billed: usage_invalid or usage_missing.
             flags.extend(flag for flag in mapped.flags if flag not in flags)
-        mapped = map_usage(outcome.estimate)
+        # What the upstream reported that can be read is billed as it came; the rest is
+        # the gateway's count.
+        mapped = map_usage(with_estimate(outcome.usage, outcome.estimate))
         flags.append(FLAG_ESTIMATED)
     another_model = _ran_another_model(outcome, prices)
     price = _price_for(outcome, prices, another_model)
@@ -280,8 +284,8 @@ def explain(row: dict[str, Any]) -> str:
         f"   {row['raw_usage'] or 'none reported'}",
         *(
             [
-                "   counts below are the gateway's estimate (o200k_base tokens of the request"
-                " and of the output it was sent)"
+                "   counts below that this usage does not give are the gateway's estimate"
+                " (o200k_base tokens of the request and of the output it was sent)"
             ]
             if FLAG_ESTIMATED in orjson.loads(row["flags"])
             else []

@@ -43,6 +43,7 @@ from codex_gateway.relay.chat import (
     ChatStreamTranslator,
     chat_completion,
     parse_chat_request,
+    response_events,
 )
 from codex_gateway.relay.shaping import ResponsesRequest
 from codex_gateway.relay.sse import EventSplitter, StreamScanner, event_data, upstream_json
@@ -107,8 +108,16 @@ async def _stream(
     scanner: StreamScanner,
 ) -> None:
     """Translate chunk by chunk; a client that leaves is handled as on /v1/responses."""
-    splitter = EventSplitter()
     translator = ChatStreamTranslator(chat.model, chat.include_usage, int(time.time()))
+    if answer.rest is None:
+        # An upstream that ignored `stream` and sent the response object itself: its events.
+        document = _json_response(answer.first, outcome)
+        await exchange.start(200, list(_STREAM_HEADERS))
+        lines = [line for event in response_events(document) for line in translator.feed(event)]
+        await _write_lines(exchange, lines, last=True)
+        await estimate_unbilled_answer(gateway, outcome, chat.responses, document)
+        return
+    splitter = EventSplitter()
     await exchange.start(200, list(_STREAM_HEADERS))
     stop_later: list[asyncio.TimerHandle] = []
     exchange.watch_disconnect(lambda: _on_disconnect(gateway, answer, stop_later))

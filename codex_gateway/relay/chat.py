@@ -519,6 +519,34 @@ _HANDLERS: dict[str, Callable[[ChatStreamTranslator, dict[str, Any]], list[bytes
 }
 
 
+_TERMINAL_OF_STATUS = {"incomplete": "response.incomplete", "failed": "response.failed"}
+
+
+def response_events(response: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Responses stream events that carry a whole response object, for a client that
+    asked for a stream from an upstream that answered with the object itself: its start, the
+    text and refusal of each message, each tool call whole, then its final event."""
+    started = {**response, "status": "in_progress", "output": [], "usage": None}
+    events: list[dict[str, Any]] = [{"type": "response.created", "response": started}]
+    output = response.get("output")
+    for item in output if isinstance(output, list) else ():
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") in ("function_call", "custom_tool_call"):
+            events.append({"type": "response.output_item.done", "item": item})
+            continue
+        content = item.get("content") if item.get("type") == "message" else None
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "output_text":
+                events.append({"type": "response.output_text.delta", "delta": part.get("text")})
+            elif kind == "refusal":
+                events.append({"type": "response.refusal.delta", "delta": part.get("refusal")})
+    terminal = _TERMINAL_OF_STATUS.get(str(response.get("status")), "response.completed")
+    events.append({"type": terminal, "response": response})
+    return events
+
+
 def chat_completion(response: dict[str, Any], model: str) -> dict[str, Any]:
     """One `chat.completion` from a final Responses object; a failed response raises."""
     if response.get("status") == "failed":

@@ -65,19 +65,32 @@ def _detail(details: Any, name: str) -> tuple[int, bool]:
     return (count, True) if count is not None else (0, False)
 
 
+_RESPONSES_NAMES = (
+    "input_tokens",
+    "input_tokens_details",
+    "output_tokens",
+    "output_tokens_details",
+)
+_CHAT_NAMES = (
+    "prompt_tokens",
+    "prompt_tokens_details",
+    "completion_tokens",
+    "completion_tokens_details",
+)
+
+
+def _names(usage: dict[str, Any]) -> tuple[str, str, str, str]:
+    """The field names a usage object uses: Responses', or Chat Completions'."""
+    if "input_tokens" in usage or "output_tokens" in usage:
+        return _RESPONSES_NAMES
+    return _CHAT_NAMES
+
+
 def map_usage(usage: Any) -> MappedUsage:
     """Map a Responses or Chat Completions `usage` object; never raises."""
     if not isinstance(usage, dict):
         return NO_USAGE
-    if "input_tokens" in usage or "output_tokens" in usage:
-        names = ("input_tokens", "input_tokens_details", "output_tokens", "output_tokens_details")
-    else:
-        names = (
-            "prompt_tokens",
-            "prompt_tokens_details",
-            "completion_tokens",
-            "completion_tokens_details",
-        )
+    names = _names(usage)
     input_tokens = _count(usage.get(names[0]))
     output_tokens = _count(usage.get(names[2]))
     cached, cached_ok = _detail(usage.get(names[1]), "cached_tokens")
@@ -99,6 +112,28 @@ def map_usage(usage: Any) -> MappedUsage:
         min(cached, input_tokens),
         tuple(flags),
     )
+
+
+def with_estimate(usage: Any, estimate: dict[str, Any]) -> dict[str, Any]:
+    """`usage` as reported, as a Responses usage object, with each side whose counts cannot
+    be read taken from `estimate` instead: input with its cached count, output with its
+    reasoning count, so that each side's nesting holds."""
+    merged = dict(estimate)
+    if not isinstance(usage, dict):
+        return merged
+    names = _names(usage)
+    input_tokens = _count(usage.get(names[0]))
+    cached, cached_ok = _detail(usage.get(names[1]), "cached_tokens")
+    if input_tokens is not None and cached_ok:
+        merged["input_tokens"] = input_tokens
+        merged["input_tokens_details"] = {"cached_tokens": cached}
+    output_tokens = _count(usage.get(names[2]))
+    reasoning, reasoning_ok = _detail(usage.get(names[3]), "reasoning_tokens")
+    if output_tokens is not None and reasoning_ok:
+        merged["output_tokens"] = output_tokens
+        merged["output_tokens_details"] = {"reasoning_tokens": reasoning}
+    merged["total_tokens"] = merged["input_tokens"] + merged["output_tokens"]
+    return merged
 
 
 def usage_from_terminal(event: dict[str, Any] | None) -> Any:

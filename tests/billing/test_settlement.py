@@ -372,32 +372,57 @@ def test_an_answer_served_without_usable_usage_is_told_apart(
 
 
 @pytest.mark.parametrize(
-    ("usage", "why"),
+    ("usage", "why", "counts"),
     [
-        # counts that are not counts: kept, and the row needs review
+        # one side's counts are not counts: that side is the estimate's, the other as reported,
+        # and the row needs review
         pytest.param(
-            INVALID_REASONING, [FLAG_INVALID, "estimated", FLAG_NEEDS_REVIEW], id="invalid"
+            INVALID_REASONING,
+            [FLAG_INVALID, "estimated", FLAG_NEEDS_REVIEW],
+            (100, 0, 300, 0),
+            id="invalid-output",
         ),
-        # no usage at all
-        pytest.param(None, [FLAG_MISSING, "estimated"], id="missing"),
+        pytest.param(
+            {
+                "input_tokens": "100",
+                "output_tokens": 50,
+                "output_tokens_details": {"reasoning_tokens": 20},
+            },
+            [FLAG_INVALID, "estimated", FLAG_NEEDS_REVIEW],
+            (40, 0, 50, 20),
+            id="invalid-input",
+        ),
+        # no count at all, or no usage
+        pytest.param(
+            {}, [FLAG_INVALID, "estimated", FLAG_NEEDS_REVIEW], (40, 0, 300, 0), id="empty"
+        ),
+        pytest.param(None, [FLAG_MISSING, "estimated"], (40, 0, 300, 0), id="missing"),
     ],
 )
 def test_an_answer_served_without_usable_usage_is_billed_the_estimate(
-    usage: dict[str, Any] | None, why: list[str]
+    usage: dict[str, Any] | None, why: list[str], counts: tuple[int, int, int, int]
 ) -> None:
-    """The upstream did the work: the row bills the gateway's count instead of nothing, and
-    keeps what the upstream sent with the flags that say why it was not billed."""
+    """The upstream did the work: the row bills the gateway's count where the upstream's
+    cannot be read, instead of nothing, and keeps what the upstream sent with the flags that
+    say why."""
     state = outcome(usage=usage, estimate=ESTIMATE)
 
     row = bill(state, PRICES)
 
     assert flags(row) == why
     assert row["raw_usage"] == (None if usage is None else orjson.dumps(usage).decode())
-    assert (row["input_tokens"], row["output_tokens"]) == (40, 300)
+    read = (
+        row["input_tokens"],
+        row["cached_tokens"],
+        row["output_tokens"],
+        row["reasoning_tokens"],
+    )
+    assert read == counts
     price = state.price
-    assert row["cost_usd"] == (40 * price.input + 300 * price.output) / Decimal(1_000_000)
+    expected = (counts[0] * price.input + counts[2] * price.output) / Decimal(1_000_000)
+    assert row["cost_usd"] == expected
     text = explain(row)
-    assert "counts below are the gateway's estimate" in text
+    assert "counts below that this usage does not give are the gateway's estimate" in text
     assert "not billed" not in text
     assert len(TERM.findall(text)) == 3
     assert f"total charged: ${plain(row['cost_usd'])}" in text

@@ -155,8 +155,9 @@ def test_a_stream_cut_before_its_final_event_is_an_sdk_error_billed_as_estimated
         (True, None),
         # a stream gathered into one chat.completion
         (False, None),
-        # an upstream that ignored `stream` and sent the response object
+        # an upstream that ignored `stream` and sent the response object, gathered or streamed
         (False, "json"),
+        (True, "json"),
     ],
 )
 def test_a_chat_answer_served_with_invalid_usage_is_billed_the_estimate(
@@ -172,7 +173,18 @@ def test_a_chat_answer_served_with_invalid_usage_is_billed_the_estimate(
     )
 
     assert response.status_code == 200
-    if not stream:
+    if stream:
+        chunks = [
+            json.loads(line[6:])
+            for line in response.text.split("\n\n")
+            if line.startswith("data: {")
+        ]
+        text = "".join(
+            c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]
+        )
+        assert text.startswith("Here is an") and response.text.endswith("data: [DONE]\n\n")
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    else:
         assert response.json()["choices"][0]["message"]["content"].startswith("Here is an")
     row = gateway.usage_row(response.headers["x-request-id"])
     assert row["status"] == "completed"
@@ -180,7 +192,8 @@ def test_a_chat_answer_served_with_invalid_usage_is_billed_the_estimate(
     # the same answer text, whichever way it came: the same estimate of its output
     _, _, output_tokens, _ = estimated_counts("", transcript_events("responses-usage-invalid"))
     assert row["output_tokens"] == output_tokens
-    assert row["input_tokens"] > 0
+    # the input counts read, and are billed as the upstream sent them
+    assert (row["input_tokens"], row["cached_tokens"]) == (1252, 0)
     assert Decimal(row["cost_usd"]) > 0
     assert Decimal(gateway.balance(user)) == Decimal(2) - Decimal(row["cost_usd"])
 

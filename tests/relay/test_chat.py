@@ -15,6 +15,7 @@ from codex_gateway.relay.chat import (
     chat_completion,
     chat_usage,
     parse_chat_request,
+    response_events,
 )
 from codex_gateway.relay.sse import iter_events, parse_events
 from tests.conftest import fixture_path
@@ -325,6 +326,23 @@ RESPONSES_FIXTURES = [
 ]
 
 
+def what_a_client_reads(lines: list[bytes]) -> tuple[Any, ...]:
+    """The text, tool calls, finish reason and usage a chat stream's chunks add up to."""
+    chunks = [ChatCompletionChunk.model_validate(p) for p in payloads(lines)]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls: dict[int, list[str]] = {}
+    for chunk in chunks:
+        for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            entry = calls.setdefault(call.index, [call.id or "", "", ""])
+            entry[1] += (call.function.name or "") if call.function else ""
+            entry[2] += (call.function.arguments or "") if call.function else ""
+    reasons = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    usage = [c.usage.model_dump() for c in chunks if c.usage is not None]
+    return chunks[0].id, text, calls, reasons, usage
+
+
 @pytest.mark.parametrize(("name", "text", "calls", "reason", "usage"), RESPONSES_FIXTURES)
 def test_every_finished_responses_fixture_streams_as_sdk_valid_chunks(
     name: str, text: str, calls: list[tuple[str, str, str]], reason: str, usage: tuple[int, ...]
@@ -332,13 +350,8 @@ def test_every_finished_responses_fixture_streams_as_sdk_valid_chunks(
     chunks = [ChatCompletionChunk.model_validate(p) for p in payloads(translate(events_of(name)))]
 
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).startswith(text)
-    streamed: dict[int, list[str]] = {}
-    for chunk in chunks:
-        for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
-            entry = streamed.setdefault(call.index, [call.id or "", "", ""])
-            entry[1] += (call.function.name or "") if call.function else ""
-            entry[2] += (call.function.arguments or "") if call.function else ""
+    _, read, streamed, _, _ = what_a_client_reads(translate(events_of(name)))
+    assert read.startswith(text)
     assert [tuple(entry) for entry in streamed.values()] == calls
     finish, last = chunks[-2], chunks[-1]
     assert finish.choices[0].finish_reason == reason and finish.choices[0].delta.content is None
@@ -355,6 +368,18 @@ def test_every_finished_responses_fixture_streams_as_sdk_valid_chunks(
     ) == usage
     assert last.usage.total_tokens == usage[0] + usage[2]
     assert all(c.usage is None for c in chunks[:-1])
+
+
+@pytest.mark.parametrize("name", [name for name, *_ in RESPONSES_FIXTURES])
+def test_a_whole_response_streams_to_a_chat_client_as_its_stream_would(name: str) -> None:
+    """An upstream that ignored `stream`: the events of its response object give the client
+    the text, tool calls, finish reason and usage the upstream's own stream gives."""
+    streamed = events_of(name)
+    final = streamed[-1]["response"]
+
+    assert what_a_client_reads(translate(response_events(final))) == what_a_client_reads(
+        translate(streamed)
+    )
 
 
 @pytest.mark.parametrize(

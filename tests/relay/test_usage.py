@@ -18,6 +18,7 @@ from codex_gateway.relay.usage import (
     response_id_of,
     upstream_model_of,
     usage_from_terminal,
+    with_estimate,
 )
 from tests.conftest import FIXTURES
 
@@ -184,6 +185,40 @@ def test_usage_that_is_not_an_object_is_missing(usage: Any) -> None:
     assert result is NO_USAGE
     assert result.flags == (FLAG_MISSING,)
     assert not result.billable
+
+
+ESTIMATE = responses_usage(40, 0, 300, 0) | {"total_tokens": 340}
+
+
+@pytest.mark.parametrize(
+    ("usage", "merged"),
+    [
+        # a side whose counts all read keeps them; the other side is the estimate's
+        (responses_usage(100, 60, "x", 5), responses_usage(100, 60, 300, 0)),
+        (responses_usage(-1, 0, 50, 20), responses_usage(40, 0, 50, 20)),
+        # a nested count that is not a count takes its side with it
+        (responses_usage(100, "60", 50, 20), responses_usage(40, 0, 50, 20)),
+        # Chat Completions names read the same, and come out with Responses names
+        (
+            {"prompt_tokens": 1200, "completion_tokens": None},
+            responses_usage(1200, 0, 300, 0),
+        ),
+        # nothing readable, or no usage object: the estimate
+        ({}, ESTIMATE),
+        (None, ESTIMATE),
+        ("usage", ESTIMATE),
+    ],
+)
+def test_with_estimate_keeps_each_side_that_reads_and_estimates_the_other(
+    usage: Any, merged: dict[str, Any]
+) -> None:
+    result = with_estimate(usage, ESTIMATE)
+
+    assert {name: value for name, value in result.items() if name != "total_tokens"} == {
+        name: value for name, value in merged.items() if name != "total_tokens"
+    }
+    assert result["total_tokens"] == result["input_tokens"] + result["output_tokens"]
+    assert map_usage(result).billable
 
 
 UPSTREAM_USAGE = [
