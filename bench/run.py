@@ -139,11 +139,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         args.proxy_cores = proxy_cores(args.proxy_cores)
     except ValueError as exc:
         parser.error(f"--proxy-cores: {exc}")
+    if args.workers < 1:
+        parser.error(f"--workers: at least 1, not {args.workers}")
     default = ROWS if not args.smoke else ("direct", "bare", "sqlite", "postgresql")
-    args.rows = tuple(args.rows.split(",")) if args.rows else default
+    args.rows = tuple(args.rows.split(",")) if args.rows is not None else default
     unknown = set(args.rows) - set(ROWS)
     if unknown:
-        parser.error(f"unknown rows: {', '.join(sorted(unknown))}")
+        names = ", ".join(repr(name) for name in sorted(unknown))
+        parser.error(f"unknown rows: {names} (the rows are {', '.join(ROWS)})")
     return args
 
 

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -89,8 +91,24 @@ def test_smoke_mode_runs_the_gateway_as_two_workers_on_the_cores_given(tmp_path:
     assert "The proxy shares core 1 with the load." in markdown
 
 
-def test_cores_the_machine_lacks_are_refused_before_anything_starts(tmp_path: Path) -> None:
-    done = bench_run("--smoke", "--proxy-cores", "0,4096", "--out", str(tmp_path / "out"))
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        # cores this machine lacks, or text that names no core
+        (["--proxy-cores", "0,4096"], "--proxy-cores: no such core here: 4096"),
+        (["--proxy-cores", "0-1"], "--proxy-cores: cores are numbers separated by commas"),
+        # no worker at all
+        (["--workers", "0"], "--workers: at least 1, not 0"),
+        # an empty or unknown row name
+        (["--rows", "direct,"], "unknown rows: '' (the rows are direct, bare,"),
+        (["--rows", "sqlite,mysql"], "unknown rows: 'mysql'"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_starts(
+    tmp_path: Path, arguments: list[str], message: str
+) -> None:
+    done = bench_run("--smoke", *arguments, "--out", str(tmp_path / "out"), timeout=60)
+
     assert done.returncode == 2
-    assert "--proxy-cores: no such core here: 4096" in done.stderr
+    assert message in done.stderr
     assert not (tmp_path / "out").exists()
