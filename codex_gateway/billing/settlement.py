@@ -74,7 +74,7 @@ class Outcome:
     # What the request holds against its key's cap (0 when the key has none).
     key_hold: Decimal = Decimal(0)
     attempts: list[dict[str, Any]] = field(default_factory=list)
-    # The gateway's own count, billed only when the upstream reported no usage it can bill.
+    # The gateway's own count, billed for what the upstream's usage does not give readably.
     estimate: dict[str, Any] | None = None
     # `usage` and its mapping, kept so that it is mapped once (`reported_usage`).
     _mapped: tuple[Any, MappedUsage] | None = field(

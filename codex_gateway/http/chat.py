@@ -3,7 +3,9 @@
 The upstream is always asked to stream: a streaming client gets each Responses event as
 `chat.completion.chunk`s as it arrives, a non-streaming one the final response as one
 `chat.completion`. Billing reads the upstream's own terminal event through the same scanner
-and settlement as /v1/responses, so a request costs the same on either route.
+and settlement as /v1/responses, so a request costs the same on either route. An upstream
+that ignores `stream` and answers with the response object is read as /v1/responses reads
+one, and a streaming client gets the chunks of its events.
 """
 
 from __future__ import annotations
@@ -15,15 +17,15 @@ from typing import TYPE_CHECKING
 import orjson
 
 from codex_gateway.billing.settlement import Outcome
-from codex_gateway.errors import UpstreamError, UpstreamProtocolError
+from codex_gateway.errors import UpstreamError
 from codex_gateway.http.exchange import Exchange
 from codex_gateway.http.responses import (
-    _JSON_STATUS,
     _STREAM_HEADERS,
     MISSING_TERMINAL_MESSAGE,
     SHUTDOWN_CODE,
     SHUTDOWN_MESSAGE,
     _client_left,
+    _last_words,
     _on_disconnect,
     _record_failure,
     _relay_client_error,
@@ -34,6 +36,7 @@ from codex_gateway.http.responses import (
     end_cut_stream,
     estimate_unbilled,
     estimate_unbilled_answer,
+    read_json_answer,
     send_upstream,
     settle_after,
     take_terminal,
@@ -46,7 +49,7 @@ from codex_gateway.relay.chat import (
     response_events,
 )
 from codex_gateway.relay.shaping import ResponsesRequest
-from codex_gateway.relay.sse import EventSplitter, StreamScanner, event_data, upstream_json
+from codex_gateway.relay.sse import EventSplitter, StreamScanner, event_data
 from codex_gateway.store.queries import KeyRecord
 from codex_gateway.upstream.router import Answer
 
@@ -110,12 +113,7 @@ async def _stream(
     """Translate chunk by chunk; a client that leaves is handled as on /v1/responses."""
     translator = ChatStreamTranslator(chat.model, chat.include_usage, int(time.time()))
     if answer.rest is None:
-        # An upstream that ignored `stream` and sent the response object itself: its events.
-        document = _json_response(answer.first, outcome)
-        await exchange.start(200, list(_STREAM_HEADERS))
-        lines = [line for event in response_events(document) for line in translator.feed(event)]
-        await _write_lines(exchange, lines, last=True)
-        await estimate_unbilled_answer(gateway, outcome, chat.responses, document)
+        await _stream_whole(gateway, exchange, answer, chat, outcome, translator)
         return
     splitter = EventSplitter()
     await exchange.start(200, list(_STREAM_HEADERS))
@@ -199,7 +197,7 @@ async def _whole(
     """Collect the stream, bill it, and answer with one chat.completion."""
     if answer.rest is None:
         # An upstream that ignored `stream` and sent the response object itself.
-        document = _json_response(answer.first, outcome)
+        document = read_json_answer(answer.first, outcome)
         await exchange.send_json(200, chat_completion(document, chat.model))
         await estimate_unbilled_answer(gateway, outcome, chat.responses, document)
         return
@@ -207,13 +205,28 @@ async def _whole(
     await exchange.send_json(200, chat_completion(final, chat.model))
 
 
-def _json_response(body: bytes, outcome: Outcome) -> dict[str, object]:
-    """An upstream that ignored `stream` and sent the response object itself."""
-    document = upstream_json(body)
-    if not isinstance(document, dict):
-        outcome.flag("upstream_body_not_json")
-        raise UpstreamProtocolError("The upstream answered with a body that is not JSON.")
-    outcome.usage = document.get("usage")
-    outcome.usage_reported = outcome.usage is not None
-    outcome.status = _JSON_STATUS.get(str(document.get("status")), "completed")
-    return document
+async def _stream_whole(
+    gateway: Gateway,
+    exchange: Exchange,
+    answer: Answer,
+    chat: ChatRequest,
+    outcome: Outcome,
+    translator: ChatStreamTranslator,
+) -> None:
+    """An upstream that ignored `stream` and sent the response object itself: the chunks of
+    its events, in one write. One without a final status (queued, in progress) ends in the
+    error chunk of a stream that never finished, and is billed as one."""
+    document = read_json_answer(answer.first, outcome)
+    await exchange.start(200, list(_STREAM_HEADERS))
+    lines = [line for event in response_events(document) for line in translator.feed(event)]
+    if not translator.finished:
+        outcome.status = "no_terminal_event"
+        outcome.error = MISSING_TERMINAL_MESSAGE
+        outcome.flag("no_terminal_event")
+        lines.extend(translator.finish())
+    try:
+        await _write_lines(exchange, lines, last=True)
+    except asyncio.CancelledError:  # by a shutdown: what was not sent yet, briefly
+        await _last_words(exchange.write(exchange.unsent, more=False))
+        return
+    await estimate_unbilled_answer(gateway, outcome, chat.responses, document)

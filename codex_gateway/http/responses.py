@@ -527,7 +527,14 @@ def _error_message(terminal: dict[str, object]) -> str:
 async def _relay_json(exchange: Exchange, answer: Answer, outcome: Outcome) -> dict[str, Any]:
     """Send a JSON answer as it came, with what it says read onto the outcome; the answer
     parsed."""
-    body = answer.first
+    document = read_json_answer(answer.first, outcome)
+    await _send_body(exchange, 200, answer, answer.first)
+    return document
+
+
+def read_json_answer(body: bytes, outcome: Outcome) -> dict[str, Any]:
+    """A response object the upstream sent whole, with its usage, model, id, status and, when
+    it failed, its error read onto the outcome."""
     document = upstream_json(body)
     if not isinstance(document, dict):
         outcome.flag("upstream_body_not_json")
@@ -541,7 +548,8 @@ async def _relay_json(exchange: Exchange, answer: Answer, outcome: Outcome) -> d
     outcome.upstream_model = upstream_model_of(document)
     outcome.response_id = response_id_of(document)
     outcome.status = _JSON_STATUS.get(str(document.get("status")), "completed")
-    await _send_body(exchange, 200, answer, body)
+    if outcome.status == "failed":
+        outcome.error = _error_message(document)
     return document
 
 

@@ -519,21 +519,28 @@ _HANDLERS: dict[str, Callable[[ChatStreamTranslator, dict[str, Any]], list[bytes
 }
 
 
-_TERMINAL_OF_STATUS = {"incomplete": "response.incomplete", "failed": "response.failed"}
+_TERMINAL_OF_STATUS = {
+    "completed": "response.completed",
+    "incomplete": "response.incomplete",
+    "failed": "response.failed",
+}
 
 
 def response_events(response: dict[str, Any]) -> list[dict[str, Any]]:
     """The Responses stream events that carry a whole response object, for a client that
     asked for a stream from an upstream that answered with the object itself: its start, the
-    text and refusal of each message, each tool call whole, then its final event."""
+    text and refusal of each message, each tool call whole, then its final event, which a
+    response without a final status (queued, in progress) has not reached."""
     started = {**response, "status": "in_progress", "output": [], "usage": None}
     events: list[dict[str, Any]] = [{"type": "response.created", "response": started}]
     output = response.get("output")
-    for item in output if isinstance(output, list) else ():
+    for index, item in enumerate(output if isinstance(output, list) else ()):
         if not isinstance(item, dict):
             continue
         if item.get("type") in ("function_call", "custom_tool_call"):
-            events.append({"type": "response.output_item.done", "item": item})
+            # The translator tells calls apart by their item id, which an answer may lack.
+            called = item if item.get("id") else {**item, "id": f"item_{index}"}
+            events.append({"type": "response.output_item.done", "item": called})
             continue
         content = item.get("content") if item.get("type") == "message" else None
         for part in content if isinstance(content, list) else ():
@@ -542,8 +549,9 @@ def response_events(response: dict[str, Any]) -> list[dict[str, Any]]:
                 events.append({"type": "response.output_text.delta", "delta": part.get("text")})
             elif kind == "refusal":
                 events.append({"type": "response.refusal.delta", "delta": part.get("refusal")})
-    terminal = _TERMINAL_OF_STATUS.get(str(response.get("status")), "response.completed")
-    events.append({"type": terminal, "response": response})
+    terminal = _TERMINAL_OF_STATUS.get(str(response.get("status")))
+    if terminal is not None:
+        events.append({"type": terminal, "response": response})
     return events
 
 

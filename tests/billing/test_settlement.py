@@ -383,6 +383,12 @@ def test_an_answer_served_without_usable_usage_is_told_apart(
             id="invalid-output",
         ),
         pytest.param(
+            INVALID_REASONING | {"input_tokens_details": {"cached_tokens": 60}},
+            [FLAG_INVALID, "estimated", FLAG_NEEDS_REVIEW],
+            (100, 60, 300, 0),
+            id="invalid-output-cached-input",
+        ),
+        pytest.param(
             {
                 "input_tokens": "100",
                 "output_tokens": 50,
@@ -419,7 +425,12 @@ def test_an_answer_served_without_usable_usage_is_billed_the_estimate(
     )
     assert read == counts
     price = state.price
-    expected = (counts[0] * price.input + counts[2] * price.output) / Decimal(1_000_000)
+    input_tokens, cached, output_tokens, _ = counts
+    expected = (
+        (input_tokens - cached) * price.input
+        + cached * price.cached_input
+        + output_tokens * price.output
+    ) / Decimal(1_000_000)
     assert row["cost_usd"] == expected
     text = explain(row)
     assert "counts below that this usage does not give are the gateway's estimate" in text

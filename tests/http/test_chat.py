@@ -198,6 +198,36 @@ def test_a_chat_answer_served_with_invalid_usage_is_billed_the_estimate(
     assert Decimal(gateway.balance(user)) == Decimal(2) - Decimal(row["cost_usd"])
 
 
+def test_a_chat_stream_answered_with_one_json_object_is_billed_as_its_stream_would_be(
+    gateway: Gateway,
+) -> None:
+    """An upstream that ignored `stream`: the client still gets chunks, with the upstream's
+    usage when asked for it, and the row reads the answer's usage, model and id."""
+    user, key = gateway.new_user("2")
+    response = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={
+            "model": "gpt-5.1-codex",
+            "messages": MESSAGES,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        headers={"Authorization": f"Bearer {key}", "x-sandbox-fault": "json"},
+        timeout=30,
+    )
+
+    assert response.status_code == 200
+    chunks = [json.loads(line[6:]) for line in response.text.split("\n\n") if line[6:7] == "{"]
+    assert chunks[-1]["usage"]["prompt_tokens"] == 1252
+    assert chunks[-1]["usage"]["completion_tokens"] == 11273
+    row = gateway.usage_row(response.headers["x-request-id"])
+    status, counts = TRANSCRIPTS["responses-text"]
+    assert_billed(row, status, counts)
+    assert row["upstream_model"] == "gpt-5.1-codex-2025-11-13"
+    assert row["response_id"] == "resp_fx_text"
+    assert Decimal(gateway.balance(user)) == Decimal(2) - expected_cost(counts)
+
+
 def test_a_bad_chat_request_is_refused_before_any_upstream_call(
     gateway: Gateway, sdk: Sdk, sandbox: Sandbox
 ) -> None:

@@ -382,6 +382,45 @@ def test_a_whole_response_streams_to_a_chat_client_as_its_stream_would(name: str
     )
 
 
+def test_tool_calls_of_a_whole_response_without_item_ids_stay_apart() -> None:
+    calls = [
+        {"type": "function_call", "call_id": f"call_{n}", "name": "f", "arguments": str(n)}
+        for n in (1, 2)
+    ]
+    final = {"id": "resp_1", "status": "completed", "output": calls, "usage": None}
+
+    _, _, streamed, reasons, _ = what_a_client_reads(translate(response_events(final)))
+
+    assert list(streamed.values()) == [["call_1", "f", "1"], ["call_2", "f", "2"]]
+    assert reasons == ["tool_calls"]
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        # the upstream said it failed: its own error
+        ("failed", "server_error"),
+        # no final status: a stream that never finished
+        ("queued", "stream_incomplete"),
+        (None, "stream_incomplete"),
+    ],
+)
+def test_a_whole_response_without_a_good_end_streams_an_error_chunk(
+    status: str | None, code: str
+) -> None:
+    final = {
+        "id": "resp_1",
+        "status": status,
+        "output": [{"type": "message", "content": [{"type": "output_text", "text": "Part"}]}],
+        "error": {"code": "server_error", "message": "boom"} if status == "failed" else None,
+    }
+
+    chunks = payloads(translate(response_events(final)))
+
+    assert chunks[1]["choices"][0]["delta"]["content"] == "Part"
+    assert chunks[-1]["error"]["code"] == code
+
+
 @pytest.mark.parametrize(
     ("name", "code"),
     [
