@@ -215,7 +215,8 @@ async def _stream_whole(
 ) -> None:
     """An upstream that ignored `stream` and sent the response object itself: the chunks of
     its events, in one write. One without a final status (queued, in progress) ends in the
-    error chunk of a stream that never finished, and is billed as one."""
+    error chunk of a stream that never finished, and costs what its usage says, nothing when
+    it has none: the answer's work had not been done."""
     document = read_json_answer(answer.first, outcome)
     await exchange.start(200, list(_STREAM_HEADERS))
     lines = [line for event in response_events(document) for line in translator.feed(event)]
