@@ -5,9 +5,9 @@ none or with counts that are not counts; yet the upstream did the work. Rather t
 as free, the gateway counts tokens itself with the o200k_base vocabulary (the GPT-5
 family's): input from the text of the request body, output from what was streamed (text,
 refusals, tool arguments and reasoning summaries) or from the same parts of a JSON answer's
-output items. Hidden reasoning is never sent, so the estimate is a lower bound; rows billed this way
-are flagged `estimated`. The vocabulary ships inside the `bpe-openai` wheel, so nothing is
-downloaded.
+output items. Hidden reasoning is never sent, so the estimate is a lower bound; rows billed
+this way are flagged `estimated`. The vocabulary ships inside the `bpe-openai` wheel, so
+nothing is downloaded.
 """
 
 from __future__ import annotations
