@@ -68,6 +68,7 @@ class Gateway:
             connect_timeout=settings.upstream_connect_timeout,
             read_timeout=settings.upstream_read_timeout,
             pool_size=settings.upstream_pool_size,
+            keepalive=settings.upstream_keepalive_seconds,
             coalescer=self.coalescer,
         )
         self.pool = AccountPool(

@@ -40,6 +40,7 @@ class Settings:
     upstream_read_timeout: float = 300.0
     upstream_total_timeout: float = 3600.0
     upstream_pool_size: int = 4096
+    upstream_keepalive_seconds: float = 90.0
     hold_output_tokens: int = 32_768
     hold_context_tokens: int = 400_000
     lease_ttl_seconds: float = 60.0
@@ -194,6 +195,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "upstream_read_timeout": _positive_float,
     "upstream_total_timeout": _positive_float,
     "upstream_pool_size": _positive_int,
+    "upstream_keepalive_seconds": _positive_float,
     "hold_output_tokens": _positive_int,
     "hold_context_tokens": _positive_int,
     "lease_ttl_seconds": _positive_float,

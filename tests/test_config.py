@@ -38,6 +38,7 @@ BAD = [
     ("catalog_refresh_seconds", "nan", "finite"),
     ("catalog_refresh_seconds", "inf", "finite"),
     ("upstream_connect_timeout", "0", "positive"),
+    ("upstream_keepalive_seconds", "0", "positive"),
     # words outside their set
     ("log_level", "LOUD", "must be one of"),
     ("log_format", "xml", "plain or json"),

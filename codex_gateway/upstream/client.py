@@ -31,9 +31,13 @@ from codex_gateway.errors import (
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # Body bytes held for a reader that has not taken them yet before the socket stops reading.
 _HIGH_WATER = 1024 * 1024
-# An idle keep-alive connection older than this is closed rather than reused: servers drop
-# idle connections after a while, and a request sent on one they are dropping is lost.
-_IDLE_SECONDS = 15.0
+# How long an idle keep-alive connection is kept for the next request, by default. A new
+# connection to a real upstream costs a TCP and TLS handshake, tens of milliseconds or more,
+# and a client such as Codex CLI often pauses longer than a few seconds between the requests
+# of one task (tools run, the user reads), so connections are kept as long as Codex CLI's own
+# HTTP client keeps them. A server that drops an idle connection sooner costs nothing but a
+# new connection: a request whose reused connection closes before any answer is sent again.
+KEEPALIVE_SECONDS = 90.0
 _Origin = tuple[str, str, int]
 
 
@@ -380,17 +384,22 @@ class UpstreamClient:
         connect_timeout: float,
         read_timeout: float,
         pool_size: int,
+        keepalive: float = KEEPALIVE_SECONDS,
         ssl_context: ssl.SSLContext | None = None,
         coalescer: WriteCoalescer | None = None,
     ):
-        """`coalescer`: the one the server's answers go through too, so that requests sent
-        while the loop is busy go out together with them; None sends each at once."""
+        """`keepalive`: seconds an idle connection is kept for reuse; `coalescer`: the one
+        the server's answers go through too, so that requests sent while the loop is busy go
+        out together with them; None sends each at once."""
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._pool_size = pool_size
+        self._keepalive = keepalive
         self._ssl = ssl_context
         self._coalescer = coalescer
-        self._idle: dict[_Origin, list[_Connection]] = {}
+        # Each origin's idle connections, the longest idle first: the newest is reused, and
+        # those idle past `keepalive` are closed from the other end.
+        self._idle: dict[_Origin, deque[_Connection]] = {}
         self._slots: asyncio.Semaphore | None = None
         self._targets: dict[str, tuple[_Origin, bytes]] = {}
 
@@ -438,7 +447,7 @@ class UpstreamClient:
         now = asyncio.get_running_loop().time()
         while idle:
             connection = idle.pop()
-            if connection.usable and now - connection.idle_since < _IDLE_SECONDS:
+            if connection.usable and now - connection.idle_since < self._keepalive:
                 return connection
             connection.close()
         return None
@@ -478,8 +487,16 @@ class UpstreamClient:
             self._slots.release()
         if not reuse:
             return
-        connection.idle_since = asyncio.get_running_loop().time()
-        self._idle.setdefault(connection.origin, []).append(connection)
+        now = asyncio.get_running_loop().time()
+        connection.idle_since = now
+        idle = self._idle.get(connection.origin)
+        if idle is None:
+            idle = self._idle[connection.origin] = deque()
+        # A burst leaves more connections than the load after it uses; they are let go
+        # here, rather than left open until the server drops them.
+        while idle and now - idle[0].idle_since >= self._keepalive:
+            idle.popleft().close()
+        idle.append(connection)
 
     def _target(self, url: str) -> tuple[_Origin, bytes]:
         """The origin and request line of a URL, worked out once per URL."""

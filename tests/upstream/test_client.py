@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -121,6 +121,8 @@ class KeepAliveServer:
         self.replies = replies
         self.seen: list[bytes] = []
         self.connections = 0
+        # Connections the client closed once it had its answers.
+        self.hung_up = 0
         self.port = 0
         self._server: asyncio.Server | None = None
         self._handlers: list[asyncio.Task[None]] = []
@@ -159,7 +161,10 @@ class KeepAliveServer:
                 writer.write(self.replies.pop(0))
                 await writer.drain()
             await reader.read()
-        except (asyncio.IncompleteReadError, ConnectionError):
+            self.hung_up += 1
+        except asyncio.IncompleteReadError:
+            self.hung_up += 1
+        except ConnectionError:
             pass
         finally:
             writer.close()
@@ -214,6 +219,53 @@ async def test_a_request_of_a_busy_turn_goes_out_when_the_next_turn_starts() -> 
         await client.close()
     assert server.connections == 1
     assert server.seen[1].endswith(b'\r\n\r\n{"n":2}')
+
+
+async def _ok(client: UpstreamClient, url: str) -> None:
+    response = await client.post(url, {}, b"{}")
+    assert await response.read() == b"{}"
+    response.release()
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    deadline = asyncio.get_running_loop().time() + 5
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+
+
+async def test_a_connection_idle_past_the_keepalive_is_closed_not_reused() -> None:
+    client = UpstreamClient(connect_timeout=2, read_timeout=2, pool_size=4, keepalive=0.2)
+    async with KeepAliveServer([OK_JSON] * 3) as server:
+        await _ok(client, server.url)
+        await _ok(client, server.url)  # at once: the same connection
+        assert (server.connections, server.hung_up) == (1, 0)
+
+        await asyncio.sleep(0.3)
+        await _ok(client, server.url)
+
+        assert server.connections == 2
+        await _until(lambda: server.hung_up == 1)
+        await client.close()
+
+
+async def test_connections_a_burst_left_over_are_closed_once_idle_past_the_keepalive() -> None:
+    client = UpstreamClient(connect_timeout=2, read_timeout=2, pool_size=8, keepalive=0.3)
+    async with KeepAliveServer([OK_JSON] * 20) as server:
+        burst = [await client.post(server.url, {}, b"{}") for _ in range(3)]
+        for response in burst:  # three at once: three connections, all kept
+            assert await response.read() == b"{}"
+            response.release()
+        assert server.connections == 3
+
+        for _ in range(8):  # then one at a time, for longer than the keepalive
+            await asyncio.sleep(0.06)
+            await _ok(client, server.url)
+
+        # Only the connection still in use is open.
+        await _until(lambda: server.hung_up == server.connections - 1)
+        assert server.connections >= 3
+        await client.close()
 
 
 async def test_a_stream_arrives_chunk_by_chunk(client: UpstreamClient) -> None:
