@@ -60,7 +60,9 @@ class BareHop:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self.client = UpstreamClient(connect_timeout=5, read_timeout=60, pool_size=4096)
+                self.client = UpstreamClient(
+                    connect_timeout=5, read_timeout=60, pool_size=4096, keepalive=90
+                )
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self.client is not None:

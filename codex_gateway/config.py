@@ -40,6 +40,9 @@ class Settings:
     upstream_read_timeout: float = 300.0
     upstream_total_timeout: float = 3600.0
     upstream_pool_size: int = 4096
+    # How long an idle upstream connection is kept for the next request: a new one costs a
+    # TCP and TLS handshake. The default is that of hyper's connection pool; an upstream that
+    # closes idle connections sooner costs one request sent again on a new connection.
     upstream_keepalive_seconds: float = 90.0
     hold_output_tokens: int = 32_768
     hold_context_tokens: int = 400_000

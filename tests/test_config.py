@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from codex_gateway.app import Gateway
 from codex_gateway.config import (
     DEFAULT_DATABASE_URL,
     describe,
@@ -19,6 +20,17 @@ def test_defaults_need_nothing() -> None:
     settings = load_settings({})
     assert settings.database_url == DEFAULT_DATABASE_URL
     assert settings.log_level == "INFO"
+
+
+def test_the_upstream_keepalive_reaches_the_upstream_client(tmp_path: Path) -> None:
+    settings = load_settings(
+        {
+            "CODEX_GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path}/gateway.db",
+            "CODEX_GATEWAY_SPOOL_PATH": str(tmp_path / "spool.jsonl"),
+            "CODEX_GATEWAY_UPSTREAM_KEEPALIVE_SECONDS": "2.5",
+        }
+    )
+    assert Gateway(settings).client.keepalive == 2.5
 
 
 def test_environment_overrides_the_file(tmp_path: Path) -> None:

@@ -31,13 +31,6 @@ from codex_gateway.errors import (
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # Body bytes held for a reader that has not taken them yet before the socket stops reading.
 _HIGH_WATER = 1024 * 1024
-# How long an idle keep-alive connection is kept for the next request, by default. A new
-# connection to a real upstream costs a TCP and TLS handshake, tens of milliseconds or more,
-# and a client such as Codex CLI often pauses longer than a few seconds between the requests
-# of one task (tools run, the user reads), so connections are kept as long as Codex CLI's own
-# HTTP client keeps them. A server that drops an idle connection sooner costs nothing but a
-# new connection: a request whose reused connection closes before any answer is sent again.
-KEEPALIVE_SECONDS = 90.0
 _Origin = tuple[str, str, int]
 
 
@@ -384,22 +377,25 @@ class UpstreamClient:
         connect_timeout: float,
         read_timeout: float,
         pool_size: int,
-        keepalive: float = KEEPALIVE_SECONDS,
+        keepalive: float,
         ssl_context: ssl.SSLContext | None = None,
         coalescer: WriteCoalescer | None = None,
     ):
-        """`keepalive`: seconds an idle connection is kept for reuse; `coalescer`: the one
-        the server's answers go through too, so that requests sent while the loop is busy go
-        out together with them; None sends each at once."""
+        """`keepalive`: seconds an idle connection is kept for the next request, then
+        closed; `coalescer`: the one the server's answers go through too, so that requests
+        sent while the loop is busy go out together with them; None sends each at once."""
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._pool_size = pool_size
-        self._keepalive = keepalive
+        self.keepalive = keepalive
         self._ssl = ssl_context
         self._coalescer = coalescer
-        # Each origin's idle connections, the longest idle first: the newest is reused, and
-        # those idle past `keepalive` are closed from the other end.
+        # Each origin's idle connections, the longest idle on the left: the newest is reused
+        # from the right, and a timer per origin closes those idle past `keepalive` from the
+        # left.
         self._idle: dict[_Origin, deque[_Connection]] = {}
+        self._sweeps: dict[_Origin, asyncio.TimerHandle] = {}
+        self._closed = False
         self._slots: asyncio.Semaphore | None = None
         self._targets: dict[str, tuple[_Origin, bytes]] = {}
 
@@ -447,7 +443,7 @@ class UpstreamClient:
         now = asyncio.get_running_loop().time()
         while idle:
             connection = idle.pop()
-            if connection.usable and now - connection.idle_since < self._keepalive:
+            if connection.usable and now - connection.idle_since < self.keepalive:
                 return connection
             connection.close()
         return None
@@ -487,16 +483,35 @@ class UpstreamClient:
             self._slots.release()
         if not reuse:
             return
-        now = asyncio.get_running_loop().time()
-        connection.idle_since = now
-        idle = self._idle.get(connection.origin)
+        if self._closed:  # an answer that outlived the client's `close`
+            connection.close()
+            return
+        loop = asyncio.get_running_loop()
+        connection.idle_since = loop.time()
+        origin = connection.origin
+        idle = self._idle.get(origin)
         if idle is None:
-            idle = self._idle[connection.origin] = deque()
-        # A burst leaves more connections than the load after it uses; they are let go
-        # here, rather than left open until the server drops them.
-        while idle and now - idle[0].idle_since >= self._keepalive:
-            idle.popleft().close()
+            idle = self._idle[origin] = deque()
         idle.append(connection)
+        if origin not in self._sweeps:
+            self._sweeps[origin] = loop.call_at(
+                idle[0].idle_since + self.keepalive, self._sweep, origin
+            )
+
+    def _sweep(self, origin: _Origin) -> None:
+        """Close the origin's connections idle for `keepalive` or longer (those a burst left
+        over, or all of them once requests stop), then wait for the next to be."""
+        del self._sweeps[origin]
+        idle = self._idle.get(origin)
+        if not idle:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while idle and now - idle[0].idle_since >= self.keepalive:
+            idle.popleft().close()
+        if idle:
+            due = idle[0].idle_since + self.keepalive
+            self._sweeps[origin] = loop.call_at(due, self._sweep, origin)
 
     def _target(self, url: str) -> tuple[_Origin, bytes]:
         """The origin and request line of a URL, worked out once per URL."""
@@ -522,6 +537,10 @@ class UpstreamClient:
         return known
 
     async def close(self) -> None:
+        self._closed = True
+        for sweep in self._sweeps.values():
+            sweep.cancel()
+        self._sweeps.clear()
         for idle in self._idle.values():
             for connection in idle:
                 connection.close()

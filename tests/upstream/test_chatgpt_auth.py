@@ -276,7 +276,7 @@ async def processes(
     for _ in range(2):
         engine = create_engine(database_url)
         await migrate(engine)
-        client = UpstreamClient(connect_timeout=5, read_timeout=10, pool_size=4)
+        client = UpstreamClient(connect_timeout=5, read_timeout=10, pool_size=4, keepalive=60)
         credentials = CredentialStore(engine)
         refresher = TokenRefresher(
             credentials, TokenCipher(SECRET), client, token_endpoint.url, timeout=5

@@ -37,7 +37,7 @@ async def raw_server(reply: bytes) -> tuple[asyncio.Server, int]:
 
 @pytest.fixture
 async def client() -> AsyncIterator[UpstreamClient]:
-    upstream = UpstreamClient(connect_timeout=2, read_timeout=2, pool_size=4)
+    upstream = UpstreamClient(connect_timeout=2, read_timeout=2, pool_size=4, keepalive=60)
     yield upstream
     await upstream.close()
 
@@ -202,7 +202,9 @@ class CountingCoalescer(WriteCoalescer):
 
 async def test_a_request_of_a_busy_turn_goes_out_when_the_next_turn_starts() -> None:
     coalescer = CountingCoalescer()
-    client = UpstreamClient(connect_timeout=2, read_timeout=2, pool_size=4, coalescer=coalescer)
+    client = UpstreamClient(
+        connect_timeout=2, read_timeout=2, pool_size=4, keepalive=60, coalescer=coalescer
+    )
     async with KeepAliveServer([OK_JSON] * 2) as server:
         first = await client.post(server.url, {}, b"{}")  # the first write of its turn
         await first.read()
@@ -235,37 +237,61 @@ async def _until(condition: Callable[[], bool]) -> None:
 
 
 async def test_a_connection_idle_past_the_keepalive_is_closed_not_reused() -> None:
-    client = UpstreamClient(connect_timeout=2, read_timeout=2, pool_size=4, keepalive=0.2)
+    client = UpstreamClient(connect_timeout=2, read_timeout=2, pool_size=4, keepalive=0.5)
     async with KeepAliveServer([OK_JSON] * 3) as server:
         await _ok(client, server.url)
         await _ok(client, server.url)  # at once: the same connection
         assert (server.connections, server.hung_up) == (1, 0)
 
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.5)
+        await _until(lambda: server.hung_up == 1)  # closed with no request to prompt it
         await _ok(client, server.url)
 
         assert server.connections == 2
-        await _until(lambda: server.hung_up == 1)
         await client.close()
 
 
-async def test_connections_a_burst_left_over_are_closed_once_idle_past_the_keepalive() -> None:
-    client = UpstreamClient(connect_timeout=2, read_timeout=2, pool_size=8, keepalive=0.3)
-    async with KeepAliveServer([OK_JSON] * 20) as server:
-        burst = [await client.post(server.url, {}, b"{}") for _ in range(3)]
-        for response in burst:  # three at once: three connections, all kept
-            assert await response.read() == b"{}"
-            response.release()
-        assert server.connections == 3
+async def _burst(client: UpstreamClient, server: KeepAliveServer, size: int) -> None:
+    """`size` requests at once, so on as many connections, all kept once answered."""
+    responses = [await client.post(server.url, {}, b"{}") for _ in range(size)]
+    for response in responses:
+        assert await response.read() == b"{}"
+        response.release()
+    assert server.connections == size
 
-        for _ in range(8):  # then one at a time, for longer than the keepalive
-            await asyncio.sleep(0.06)
+
+async def test_the_connections_of_a_burst_are_closed_once_idle_past_the_keepalive() -> None:
+    client = UpstreamClient(connect_timeout=2, read_timeout=2, pool_size=8, keepalive=0.3)
+    async with KeepAliveServer([OK_JSON] * 3) as server:
+        await _burst(client, server, 3)
+        assert server.hung_up == 0
+
+        await _until(lambda: server.hung_up == 3)
+        await client.close()
+
+
+async def test_connections_a_burst_left_over_are_closed_while_one_stays_in_use() -> None:
+    client = UpstreamClient(connect_timeout=2, read_timeout=2, pool_size=8, keepalive=1.0)
+    async with KeepAliveServer([OK_JSON] * 20) as server:
+        await _burst(client, server, 3)
+        for _ in range(6):  # then one at a time, for longer than the keepalive
+            await asyncio.sleep(0.25)
             await _ok(client, server.url)
 
-        # Only the connection still in use is open.
-        await _until(lambda: server.hung_up == server.connections - 1)
-        assert server.connections >= 3
+        assert server.connections == 3  # the newest kept serving
+        await _until(lambda: server.hung_up == 2)
         await client.close()
+
+
+async def test_a_connection_released_after_the_client_closed_is_not_kept() -> None:
+    client = UpstreamClient(connect_timeout=2, read_timeout=2, pool_size=4, keepalive=60)
+    async with KeepAliveServer([OK_JSON]) as server:
+        response = await client.post(server.url, {}, b"{}")
+        await client.close()
+        assert await response.read() == b"{}"
+        response.release()
+
+        await _until(lambda: server.hung_up == 1)
 
 
 async def test_a_stream_arrives_chunk_by_chunk(client: UpstreamClient) -> None:
@@ -316,7 +342,7 @@ async def test_a_connection_the_server_dropped_is_not_reused(client: UpstreamCli
 
 async def test_an_upstream_that_goes_silent_is_an_idle_timeout() -> None:
     reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n"
-    upstream = UpstreamClient(connect_timeout=2, read_timeout=0.3, pool_size=4)
+    upstream = UpstreamClient(connect_timeout=2, read_timeout=0.3, pool_size=4, keepalive=60)
     async with KeepAliveServer([reply]) as server:
         response = await upstream.post(server.url, {}, b"{}")
         with pytest.raises(UpstreamTimeout) as caught:
@@ -348,14 +374,16 @@ async def test_https_upstreams_are_reached_over_tls(tmp_path: Path) -> None:
     server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_tls)
     port = server.sockets[0].getsockname()[1]
     trusting = ssl.create_default_context(cafile=str(certificate))
-    upstream = UpstreamClient(connect_timeout=2, read_timeout=2, pool_size=4, ssl_context=trusting)
+    upstream = UpstreamClient(
+        connect_timeout=2, read_timeout=2, pool_size=4, keepalive=60, ssl_context=trusting
+    )
     try:
         response = await upstream.post(f"https://localhost:{port}/v1/responses", {}, b"{}")
         assert response.status == 200
         assert await response.read() == b"{}"
         response.release()
         # The system's trust store does not know this certificate: the handshake fails.
-        untrusting = UpstreamClient(connect_timeout=2, read_timeout=2, pool_size=4)
+        untrusting = UpstreamClient(connect_timeout=2, read_timeout=2, pool_size=4, keepalive=60)
         with pytest.raises(UpstreamConnectError) as caught:
             await untrusting.post(f"https://localhost:{port}/v1/responses", {}, b"{}")
         assert "TLS" in (caught.value.detail or "")
