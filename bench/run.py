@@ -45,7 +45,7 @@ from bench.procs import (
     rss_kb,
     tree,
 )
-from bench.targets import Target, Unavailable
+from bench.targets import Target, Unavailable, writer_waits
 
 HERE = Path(__file__).resolve().parent
 MOCK = HERE / "mock_upstream.py"
@@ -279,10 +279,15 @@ def measure(target: Target, plan: Plan) -> dict[str, Any]:
     def step(name: str, run: Callable[[], dict[str, Any]]) -> None:
         print(f"   {name}", flush=True)
         _quiet(target.pid, plan.quiet_s)
+        waits = writer_waits(target)
         try:
             result[name] = run()
         except (LoadError, subprocess.TimeoutExpired) as exc:
             result[name] = {"failed": str(exc)[:500]}
+            return
+        after = writer_waits(target)
+        if waits is not None and after is not None:
+            result[name]["writer_waits"] = after - waits
 
     url, key, pid = target.url, target.key, target.pid
     step("warmup", lambda: wrk(url, key, plain, 4, plan.warmup_s) | wrk(url, key, stream, 4, 1))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,28 @@ BALANCE = "1000000"
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+# Requests that waited for the usage writer to catch up before they were relayed.
+WRITER_WAITS = "codex_gateway_writer_waits_total"
+
+
+def writer_waits(target: Target) -> int | None:
+    """The gateway's count of requests so far that waited for its usage writer; None for a
+    row that has no such count or did not give it."""
+    if target.metrics is None:
+        return None
+    url, token = target.metrics
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with _LOCAL.open(request, timeout=5) as answer:
+            text = answer.read().decode()
+    except (urllib.error.URLError, OSError):
+        return None
+    for line in text.splitlines():
+        if line.startswith(WRITER_WAITS + " "):
+            return int(float(line.split()[1]))
+    return None
+
+
 class Unavailable(Exception):
     """This target cannot run here; the message says why."""
 
@@ -48,6 +71,9 @@ class Target:
     pid: int  # the process tree whose memory and CPU are measured
     notes: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    # The gateway's /metrics and its admin token, where one process serves every request and
+    # so counts them all.
+    metrics: tuple[str, str] | None = None
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -115,6 +141,7 @@ def gateway(
 ) -> Iterator[Target]:
     """codex-gateway with billing on (users, keys, prices, holds), SQLite or PostgreSQL."""
     work.mkdir(parents=True, exist_ok=True)
+    admin_token = secrets.token_urlsafe(24)
     database_name = None
     if backend == "sqlite":
         database_url = f"sqlite:///{work}/gateway.db"
@@ -125,6 +152,7 @@ def gateway(
             "CODEX_GATEWAY_DATABASE_URL": database_url,
             "CODEX_GATEWAY_LOG_LEVEL": "WARNING",
             "CODEX_GATEWAY_SPOOL_PATH": str(work / "unsettled-usage.jsonl"),
+            "CODEX_GATEWAY_ADMIN_TOKEN": admin_token,
         }
     )
     try:
@@ -149,6 +177,8 @@ def gateway(
                     "every request authenticated, admitted against the balance (hold), "
                     "relayed, priced and written as a usage row with a ledger debit"
                 ],
+                # Each worker counts its own requests.
+                metrics=(f"http://127.0.0.1:{port}/metrics", admin_token) if workers == 1 else None,
             )
         finally:
             procs.stop(proc)

@@ -46,6 +46,11 @@ def test_smoke_mode_measures_direct_and_gateway_rows_and_writes_the_report(
         assert row["paced_many"]["completed"] > 0
         assert row["stall"]["most_held"] > 0
         assert row["memory"]["idle_kb"] > 0
+    # only the gateway counts the requests that waited for its usage writer
+    for name in ("gateway-sqlite", "gateway-postgresql"):
+        assert rows[name]["latency_c1"]["writer_waits"] >= 0
+        assert rows[name]["rps_c64"]["writer_waits"] >= 0
+    assert "writer_waits" not in rows["direct"]["latency_c1"]
     # the proxies alone on core 0, each one process
     for name in ("bare", "gateway-sqlite", "gateway-postgresql"):
         assert [process["cores"] for process in rows[name]["processes"]] == [[0]]
@@ -62,6 +67,7 @@ def test_smoke_mode_measures_direct_and_gateway_rows_and_writes_the_report(
 
     markdown = report.with_suffix(".md").read_text()
     assert "| latency p50, c=1, ms (added) |" in markdown
+    assert "| requests that waited for the usage writer, c=1 / c=64 |" in markdown
     assert "codex-gateway, billing on, SQLite" in markdown
     assert "not run: smoke mode" in markdown
     assert "Host steadiness: a fixed Python loop took " in markdown
@@ -86,6 +92,7 @@ def test_smoke_mode_runs_the_gateway_as_two_workers_on_the_cores_given(tmp_path:
     assert [process["cores"] for process in row["processes"]] == [[0, 1]] * 3
     assert row["rps_c64"]["rps"] > 0 and row["rps_c64"]["cpu_seconds"] > 0
     assert row["paced_many"]["completed"] > 0
+    assert "writer_waits" not in row["rps_c64"]  # each worker counts only its own
     markdown = report.with_suffix(".md").read_text()
     assert "pinned to cores 0,1 (the gateway as 2 worker processes)" in markdown
     assert "The proxy shares core 1 with the load." in markdown
