@@ -8,7 +8,8 @@ gateway calls it before it stops. Rows the database still refuses after the retr
 `on_unwritten` (the gateway's spool), and `abandon` hands over every row not yet written when
 the process cannot wait.
 
-`keep_up` holds new requests back while the writer is far behind.
+`keep_up` paces new requests while the writer falls behind, and holds them back while it is
+far behind.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ RETRY_DELAYS = (0.2, 1.0, 3.0)
 # (`store/thread.py`) gets the CPU the request loop leaves idle, and the wait makes a loop that
 # never idles leave some.
 BACKLOG_WAIT_SECONDS = 1.0
+# Past a quarter of the backlog limit, one request in PACE_EVERY waits PACE_SECONDS. A
+# writer at low priority runs only while the request loop is idle, and a loop kept busy by
+# a few fast clients is seldom idle: the backlog then grew to the limit, and every request
+# waited tens of milliseconds while the writer caught up. Paced, the writer gets a
+# millisecond every few dozen requests, and the backlog seldom reaches the limit.
+PACE_EVERY = 48
+PACE_SECONDS = 0.001
 
 # Called once per row with the holds the request had and what settling did (None when the row
 # could not be written and went to `on_unwritten`).
@@ -74,6 +82,9 @@ class Settler:
         # Told True when requests begin to wait for the writer, False once it has caught up.
         self._on_behind = on_behind
         self._behind = False
+        self._pace_from = backlog_limit // 4
+        # Requests since the last one paced.
+        self._unpaced = 0
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run())
@@ -86,14 +97,23 @@ class Settler:
         return self._queue.qsize()
 
     async def keep_up(self) -> bool:
-        """Return at once unless more than `backlog_limit` rows wait for a writer that is
-        writing; then wait until half of that is left, or `BACKLOG_WAIT_SECONDS` have passed.
-        Whether it waited. After a wait that ran out, nobody waits until a batch is done: a
-        writer stuck on a database that does not answer is not helped by waiting."""
-        if self._queue.qsize() <= self._backlog_limit:
+        """Return at once while at most a quarter of `backlog_limit` rows wait for a writer
+        that is writing. Up to the limit, one request in PACE_EVERY waits PACE_SECONDS; past
+        it, requests wait until half of the limit is left, or `BACKLOG_WAIT_SECONDS` have
+        passed. Whether it waited. After a wait that ran out, nobody waits until a batch is
+        done: a writer stuck on a database that does not answer is not helped by waiting."""
+        backlog = self._queue.qsize()
+        if backlog <= self._pace_from:
             return False
         if self._retrying or self._stalled or not self._writer_alive():
             return False
+        if backlog <= self._backlog_limit:
+            self._unpaced += 1
+            if self._unpaced < PACE_EVERY:
+                return False
+            self._unpaced = 0
+            await asyncio.sleep(PACE_SECONDS)
+            return True
         self._caught_up.clear()
         self._say_behind(True)
         try:

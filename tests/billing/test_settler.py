@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from codex_gateway.billing import settler as settler_module
-from codex_gateway.billing.settler import Settler
+from codex_gateway.billing.settler import PACE_EVERY, PACE_SECONDS, Settler
 from codex_gateway.store.queries import Settled, Store
 from codex_gateway.store.thread import StoreThread
 from tests.store.test_queries import new_user, usage_row
@@ -187,6 +187,35 @@ async def test_keeping_up_costs_nothing_while_the_writer_is_near(store: Store) -
     assert await asyncio.wait_for(settler.keep_up(), timeout=0.01) is False
     assert told == []
 
+    gated.gate.set()
+    await settler.drain()
+
+
+async def test_a_writer_falling_behind_gets_a_pause_every_few_dozen_requests(
+    store: Store,
+) -> None:
+    _, user_id = await new_user(store, "5")
+    gated = GatedStore(store)
+    told: list[bool] = []
+    settler = Settler(gated, None, lambda *_settled: None, backlog_limit=40, on_behind=told.append)
+    settler.start()
+    settler.submit(usage_row(user_id))
+    await asyncio.wait_for(gated.entered.wait(), timeout=5)
+    for _ in range(10):  # a quarter of the limit behind: nobody is paced
+        settler.submit(usage_row(user_id))
+    assert [await settler.keep_up() for _ in range(2 * PACE_EVERY)] == [False] * 2 * PACE_EVERY
+
+    settler.submit(usage_row(user_id))  # one row more
+    loop = asyncio.get_running_loop()
+    waited = []
+    for _ in range(2 * PACE_EVERY):
+        started = loop.time()
+        if await settler.keep_up():
+            waited.append(loop.time() - started)
+
+    assert len(waited) == 2  # one request in PACE_EVERY
+    assert min(waited) >= PACE_SECONDS * 0.9
+    assert told == []  # a pause, not the wait for the writer to catch up
     gated.gate.set()
     await settler.drain()
 
