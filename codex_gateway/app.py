@@ -121,6 +121,7 @@ class Gateway:
             self._spool,
             backlog_limit=settings.writer_backlog_rows,
             on_behind=self.writer.behind if self.writer is not None else None,
+            on_pace=self.metrics.writer_paces.inc if lowered else None,
         )
         self.readiness = Readiness(self.engine, self.catalog, settings.redis_url)
         # Relay requests being served; a graceful stop waits for them. Each holds part of a

@@ -135,6 +135,11 @@ class Metrics:
             "Requests that waited for the usage writer to catch up before they were relayed.",
             registry=r,
         )
+        self.writer_paces = Counter(
+            "codex_gateway_writer_paces",
+            "Requests that waited a millisecond to give a usage writer at low priority time.",
+            registry=r,
+        )
         self.recovered_holds = Counter(
             "codex_gateway_recovered_holds",
             "Holds of dead gateway processes found in their journals: settled from the "

@@ -35,10 +35,10 @@ RETRY_DELAYS = (0.2, 1.0, 3.0)
 # (`store/thread.py`) gets the CPU the request loop leaves idle, and the wait makes a loop that
 # never idles leave some.
 BACKLOG_WAIT_SECONDS = 1.0
-# Past a quarter of the backlog limit, one request in PACE_EVERY waits PACE_SECONDS. A
-# writer at low priority runs only while the request loop is idle, and a loop kept busy by
-# a few fast clients is seldom idle: the backlog then grew to the limit, and every request
-# waited tens of milliseconds while the writer caught up. Paced, the writer gets a
+# For a writer at low priority, past a quarter of the backlog limit, one request in
+# PACE_EVERY waits PACE_SECONDS. Such a writer runs only while the request loop is idle, and
+# a loop kept busy by one fast client is seldom idle: the backlog then grew to the limit, and
+# requests waited tens of milliseconds while the writer caught up. Paced, the writer gets a
 # millisecond every few dozen requests, and the backlog seldom reaches the limit.
 PACE_EVERY = 48
 PACE_SECONDS = 0.001
@@ -65,7 +65,10 @@ class Settler:
         on_unwritten: Callable[[dict[str, Any]], None] | None = None,
         backlog_limit: int = 2 * MAX_BATCH,
         on_behind: Callable[[bool], None] | None = None,
+        on_pace: Callable[[], None] | None = None,
     ):
+        """`on_pace`: for a writer at low priority, called for each request paced to give it
+        time (see PACE_EVERY); None paces nobody."""
         self._store = store
         self._holder = holder
         self._on_settled = on_settled
@@ -82,9 +85,13 @@ class Settler:
         # Told True when requests begin to wait for the writer, False once it has caught up.
         self._on_behind = on_behind
         self._behind = False
-        self._pace_from = backlog_limit // 4
+        self._on_pace = on_pace
+        self._pace_from = max(1, backlog_limit // 4)
         # Requests since the last one paced.
         self._unpaced = 0
+        # The writer lets more rows arrive before a batch while fewer than this wait; not
+        # while requests are paced for it, which would give it time it spends waiting.
+        self._linger_below = min(MAX_BATCH, self._pace_from + 1 if on_pace else backlog_limit)
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run())
@@ -97,23 +104,21 @@ class Settler:
         return self._queue.qsize()
 
     async def keep_up(self) -> bool:
-        """Return at once while at most a quarter of `backlog_limit` rows wait for a writer
-        that is writing. Up to the limit, one request in PACE_EVERY waits PACE_SECONDS; past
-        it, requests wait until half of the limit is left, or `BACKLOG_WAIT_SECONDS` have
-        passed. Whether it waited. After a wait that ran out, nobody waits until a batch is
-        done: a writer stuck on a database that does not answer is not helped by waiting."""
+        """Return at once unless more than `backlog_limit` rows wait for a writer that is
+        writing; then wait until half of that is left, or `BACKLOG_WAIT_SECONDS` have passed.
+        Whether it waited. After a wait that ran out, nobody waits until a batch is done: a
+        writer stuck on a database that does not answer is not helped by waiting. Below the
+        limit, a writer at low priority past a quarter of it has requests paced (PACE_EVERY),
+        which is no wait for it to catch up."""
         backlog = self._queue.qsize()
         if backlog <= self._pace_from:
+            self._unpaced = 0
             return False
         if self._retrying or self._stalled or not self._writer_alive():
             return False
         if backlog <= self._backlog_limit:
-            self._unpaced += 1
-            if self._unpaced < PACE_EVERY:
-                return False
-            self._unpaced = 0
-            await asyncio.sleep(PACE_SECONDS)
-            return True
+            await self._pace()
+            return False
         self._caught_up.clear()
         self._say_behind(True)
         try:
@@ -122,6 +127,16 @@ class Settler:
         except TimeoutError:
             self._stalled = True
         return True
+
+    async def _pace(self) -> None:
+        if self._on_pace is None:
+            return
+        self._unpaced += 1
+        if self._unpaced < PACE_EVERY:
+            return
+        self._unpaced = 0
+        self._on_pace()
+        await asyncio.sleep(PACE_SECONDS)
 
     def _writer_alive(self) -> bool:
         return self._worker is not None and not self._worker.done()
@@ -156,7 +171,7 @@ class Settler:
             batch = [await self._queue.get()]
             # Set before the linger, so that a forced exit (`abandon`) hands this row over too.
             self._writing = batch
-            if self._queue.qsize() < min(MAX_BATCH, self._backlog_limit):
+            if self._queue.qsize() < self._linger_below:
                 # Let a few more rows arrive: at low concurrency one write per request would
                 # cost the event loop more than the requests themselves.
                 await asyncio.sleep(WRITE_LINGER_SECONDS)

@@ -191,33 +191,71 @@ async def test_keeping_up_costs_nothing_while_the_writer_is_near(store: Store) -
     await settler.drain()
 
 
-async def test_a_writer_falling_behind_gets_a_pause_every_few_dozen_requests(
+async def _paced(settler: Settler, calls: int) -> list[float]:
+    """How long each of `calls` requests that waited a while for the writer waited."""
+    loop = asyncio.get_running_loop()
+    waited = []
+    for _ in range(calls):
+        started = loop.time()
+        assert await settler.keep_up() is False  # a pause is no wait for the writer
+        if loop.time() - started >= PACE_SECONDS * 0.9:
+            waited.append(loop.time() - started)
+    return waited
+
+
+async def test_a_low_priority_writer_falling_behind_gets_a_pause_every_few_dozen_requests(
     store: Store,
 ) -> None:
     _, user_id = await new_user(store, "5")
     gated = GatedStore(store)
     told: list[bool] = []
-    settler = Settler(gated, None, lambda *_settled: None, backlog_limit=40, on_behind=told.append)
+    paces: list[int] = []
+    settler = Settler(
+        gated,
+        None,
+        lambda *_settled: None,
+        backlog_limit=40,
+        on_behind=told.append,
+        on_pace=lambda: paces.append(1),
+    )
     settler.start()
     settler.submit(usage_row(user_id))
     await asyncio.wait_for(gated.entered.wait(), timeout=5)
     for _ in range(10):  # a quarter of the limit behind: nobody is paced
         settler.submit(usage_row(user_id))
-    assert [await settler.keep_up() for _ in range(2 * PACE_EVERY)] == [False] * 2 * PACE_EVERY
+    assert await _paced(settler, 2 * PACE_EVERY) == []
 
     settler.submit(usage_row(user_id))  # one row more
-    loop = asyncio.get_running_loop()
-    waited = []
-    for _ in range(2 * PACE_EVERY):
-        started = loop.time()
-        if await settler.keep_up():
-            waited.append(loop.time() - started)
-
-    assert len(waited) == 2  # one request in PACE_EVERY
-    assert min(waited) >= PACE_SECONDS * 0.9
-    assert told == []  # a pause, not the wait for the writer to catch up
+    assert len(await _paced(settler, 2 * PACE_EVERY)) == 2  # one request in PACE_EVERY
+    assert (len(paces), told) == (2, [])
     gated.gate.set()
     await settler.drain()
+
+
+async def test_nobody_is_paced_for_a_writer_at_ordinary_priority_or_one_retrying(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settler, gated = await _behind(store, 3)  # three rows behind a limit of four
+    assert await _paced(settler, 2 * PACE_EVERY) == []
+    gated.gate.set()
+    await settler.drain()
+
+    monkeypatch.setattr(settler_module, "RETRY_DELAYS", (0.5,))
+    _, user_id = await new_user(store, "5")
+    refusing = GatedStore(store, refuse=True)
+    paces: list[int] = []
+    retrying = Settler(
+        refusing, None, lambda *_: None, backlog_limit=4, on_pace=lambda: paces.append(1)
+    )
+    retrying.start()
+    retrying.submit(usage_row(user_id))
+    await asyncio.wait_for(refusing.entered.wait(), timeout=5)
+    for _ in range(3):  # three rows behind a limit of four
+        retrying.submit(usage_row(user_id))
+    await asyncio.sleep(0.05)  # the first try failed: the writer waits to try again
+    assert await _paced(retrying, 2 * PACE_EVERY) == [] and paces == []
+    retrying.abandon()
+    await retrying.drain()
 
 
 async def _waiting(
