@@ -15,6 +15,7 @@ from typing import Any
 
 import uvicorn
 
+from codex_gateway.config import Settings
 from codex_gateway.upstream.client import UpstreamClient
 
 JSON = {"content-type": "application/json"}
@@ -61,7 +62,10 @@ class BareHop:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self.client = UpstreamClient(
-                    connect_timeout=5, read_timeout=60, pool_size=4096, keepalive=90
+                    connect_timeout=5,
+                    read_timeout=60,
+                    pool_size=4096,
+                    keepalive=Settings().upstream_keepalive_seconds,
                 )
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":

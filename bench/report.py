@@ -184,10 +184,11 @@ def _with_added(path: str) -> Callable[[dict[str, Any], dict[str, Any] | None], 
 
 
 def _writer_waits(row: dict[str, Any], _: dict[str, Any] | None) -> str:
-    values = [_get(row, f"{step}.writer_waits") for step in ("latency_c1", "rps_c64")]
-    if all(value is None for value in values):
-        return "—"
-    return " / ".join("—" if value is None else f"{value:,}" for value in values)
+    shown = []
+    for step in ("latency_c1", "rps_c64"):
+        held, paced = _get(row, f"{step}.writer_waits"), _get(row, f"{step}.writer_paces")
+        shown.append("—" if held is None else f"{held:,} ({paced:,})")
+    return "—" if shown == ["—", "—"] else " / ".join(shown)
 
 
 def _errors(row: dict[str, Any], _: dict[str, Any] | None) -> str:
@@ -208,7 +209,7 @@ MEASURES: list[tuple[str, str, Callable[[dict[str, Any], dict[str, Any] | None],
     ("latency p50, c=1, ms (added)", "added ≤ 0.5", _with_added("latency_c1.p50_ms")),
     ("latency p99, c=1, ms (added)", "added ≤ 1.5", _with_added("latency_c1.p99_ms")),
     ("latency max, c=1, ms", "", _number("latency_c1.max_ms", digits=1)),
-    ("requests that waited for the usage writer, c=1 / c=64", "", _writer_waits),
+    ("requests held for the usage writer (paced), c=1 / c=64", "", _writer_waits),
     ("requests/s, c=64, JSON", "≥ 5,000", _number("rps_c64.rps")),
     ("requests/s, c=64, unpaced streams", "", _number("stream_rps_c64.rps")),
     ("CPU ms per 1,000 JSON requests", "", _number("rps_c64.cpu_ms_per_1k")),

@@ -45,7 +45,7 @@ from bench.procs import (
     rss_kb,
     tree,
 )
-from bench.targets import Target, Unavailable, writer_waits
+from bench.targets import Target, Unavailable, writer_counts
 
 HERE = Path(__file__).resolve().parent
 MOCK = HERE / "mock_upstream.py"
@@ -54,6 +54,8 @@ PG_ADMIN_URL = os.environ.get(
     "CODEX_GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 STALL_MS = 200.0  # ten times the pacing
+# The steps around which a gateway's counts of requests that waited for its writer are read.
+COUNTED_STEPS = ("latency_c1", "rps_c64")
 
 
 @dataclass(frozen=True)
@@ -278,16 +280,17 @@ def measure(target: Target, plan: Plan) -> dict[str, Any]:
 
     def step(name: str, run: Callable[[], dict[str, Any]]) -> None:
         print(f"   {name}", flush=True)
+        counted = name in COUNTED_STEPS
+        before = writer_counts(target) if counted else None
         _quiet(target.pid, plan.quiet_s)
-        waits = writer_waits(target)
         try:
             result[name] = run()
         except (LoadError, subprocess.TimeoutExpired) as exc:
             result[name] = {"failed": str(exc)[:500]}
             return
-        after = writer_waits(target)
-        if waits is not None and after is not None:
-            result[name]["writer_waits"] = after - waits
+        after = writer_counts(target) if counted else None
+        if before is not None and after is not None:
+            result[name] |= {key: after[key] - before[key] for key in after}
 
     url, key, pid = target.url, target.key, target.pid
     step("warmup", lambda: wrk(url, key, plain, 4, plan.warmup_s) | wrk(url, key, stream, 4, 1))

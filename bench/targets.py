@@ -8,6 +8,7 @@ cannot be had on this machine raises `Unavailable`, and its row says why.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import secrets
 import shutil
@@ -36,13 +37,16 @@ BALANCE = "1000000"
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-# Requests that waited for the usage writer to catch up before they were relayed.
-WRITER_WAITS = "codex_gateway_writer_waits_total"
+# Requests held back until the usage writer caught up, and requests paced to give it time.
+WRITER_COUNTS = {
+    "writer_waits": "codex_gateway_writer_waits_total",
+    "writer_paces": "codex_gateway_writer_paces_total",
+}
 
 
-def writer_waits(target: Target) -> int | None:
-    """The gateway's count of requests so far that waited for its usage writer; None for a
-    row that has no such count or did not give it."""
+def writer_counts(target: Target) -> dict[str, int] | None:
+    """The gateway's counts so far of requests that waited for its usage writer; None for a
+    row that has no such counts, or when /metrics did not give them."""
     if target.metrics is None:
         return None
     url, token = target.metrics
@@ -50,12 +54,13 @@ def writer_waits(target: Target) -> int | None:
     try:
         with _LOCAL.open(request, timeout=5) as answer:
             text = answer.read().decode()
-    except (urllib.error.URLError, OSError):
+        found = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            found[name] = value
+        return {key: int(float(found[metric])) for key, metric in WRITER_COUNTS.items()}
+    except (OSError, http.client.HTTPException, ValueError, KeyError):
         return None
-    for line in text.splitlines():
-        if line.startswith(WRITER_WAITS + " "):
-            return int(float(line.split()[1]))
-    return None
 
 
 class Unavailable(Exception):
@@ -73,7 +78,7 @@ class Target:
     versions: dict[str, str] = field(default_factory=dict)
     # The gateway's /metrics and its admin token, where one process serves every request and
     # so counts them all.
-    metrics: tuple[str, str] | None = None
+    metrics: tuple[str, str] | None = field(default=None, repr=False)
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:

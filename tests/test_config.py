@@ -22,7 +22,7 @@ def test_defaults_need_nothing() -> None:
     assert settings.log_level == "INFO"
 
 
-def test_the_upstream_keepalive_reaches_the_upstream_client(tmp_path: Path) -> None:
+async def test_the_upstream_keepalive_reaches_the_upstream_client(tmp_path: Path) -> None:
     settings = load_settings(
         {
             "CODEX_GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path}/gateway.db",
@@ -30,7 +30,11 @@ def test_the_upstream_keepalive_reaches_the_upstream_client(tmp_path: Path) -> N
             "CODEX_GATEWAY_UPSTREAM_KEEPALIVE_SECONDS": "2.5",
         }
     )
-    assert Gateway(settings).client.keepalive == 2.5
+    gateway = Gateway(settings)
+    try:
+        assert gateway.client.keepalive == 2.5
+    finally:
+        await gateway.engine.dispose()
 
 
 def test_environment_overrides_the_file(tmp_path: Path) -> None:

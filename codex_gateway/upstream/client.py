@@ -506,7 +506,9 @@ class UpstreamClient:
         if not idle:
             return
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        # A millisecond early: the loop's timers round to one, and a sweep that came a hair
+        # early would otherwise be due again at once.
+        now = loop.time() + 0.001
         while idle and now - idle[0].idle_since >= self.keepalive:
             idle.popleft().close()
         if idle:

@@ -48,8 +48,10 @@ def test_smoke_mode_measures_direct_and_gateway_rows_and_writes_the_report(
         assert row["memory"]["idle_kb"] > 0
     # only the gateway counts the requests that waited for its usage writer
     for name in ("gateway-sqlite", "gateway-postgresql"):
-        assert rows[name]["latency_c1"]["writer_waits"] >= 0
-        assert rows[name]["rps_c64"]["writer_waits"] >= 0
+        for step in ("latency_c1", "rps_c64"):
+            assert rows[name][step]["writer_waits"] >= 0
+            assert rows[name][step]["writer_paces"] >= 0
+        assert "writer_waits" not in rows[name]["ttfe_c1"]  # read around two steps only
     assert "writer_waits" not in rows["direct"]["latency_c1"]
     # the proxies alone on core 0, each one process
     for name in ("bare", "gateway-sqlite", "gateway-postgresql"):
@@ -67,7 +69,7 @@ def test_smoke_mode_measures_direct_and_gateway_rows_and_writes_the_report(
 
     markdown = report.with_suffix(".md").read_text()
     assert "| latency p50, c=1, ms (added) |" in markdown
-    assert "| requests that waited for the usage writer, c=1 / c=64 |" in markdown
+    assert "| requests held for the usage writer (paced), c=1 / c=64 |" in markdown
     assert "codex-gateway, billing on, SQLite" in markdown
     assert "not run: smoke mode" in markdown
     assert "Host steadiness: a fixed Python loop took " in markdown

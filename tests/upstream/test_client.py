@@ -261,7 +261,7 @@ async def _burst(client: UpstreamClient, server: KeepAliveServer, size: int) -> 
 
 
 async def test_the_connections_of_a_burst_are_closed_once_idle_past_the_keepalive() -> None:
-    client = UpstreamClient(connect_timeout=2, read_timeout=2, pool_size=8, keepalive=0.3)
+    client = UpstreamClient(connect_timeout=2, read_timeout=2, pool_size=8, keepalive=1.0)
     async with KeepAliveServer([OK_JSON] * 3) as server:
         await _burst(client, server, 3)
         assert server.hung_up == 0
