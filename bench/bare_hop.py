@@ -15,10 +15,12 @@ from typing import Any
 
 import uvicorn
 
-from codex_gateway.config import Settings
 from codex_gateway.upstream.client import UpstreamClient
 
 JSON = {"content-type": "application/json"}
+# The gateway's default upstream_keepalive_seconds, written out: reading it from the settings
+# would load the gateway's database modules too, and this hop's memory is measured.
+KEEPALIVE_SECONDS = 90.0
 
 
 class BareHop:
@@ -65,7 +67,7 @@ class BareHop:
                     connect_timeout=5,
                     read_timeout=60,
                     pool_size=4096,
-                    keepalive=Settings().upstream_keepalive_seconds,
+                    keepalive=KEEPALIVE_SECONDS,
                 )
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
