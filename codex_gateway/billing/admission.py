@@ -249,12 +249,13 @@ class _Leases:
         lease.leased = lease.held
         return await self._store.release_lease(owner_id, self._holder, spare, self.scope)
 
-    def grow(self, owner_id: int, more: Decimal) -> bool:
-        """Hold `more` for a request already admitted; False when the owner has no lease."""
+    def hold_cost(self, owner_id: int, held: Decimal, cost: Decimal) -> bool:
+        """Hold `cost` instead of `held` for a billed request; False when the owner has no
+        lease (the request keeps what it held)."""
         lease = self.leases.get(owner_id)
         if lease is None:
             return False
-        lease.held = MONEY.add(lease.held, more)
+        lease.held = max(ZERO, MONEY.add(MONEY.subtract(lease.held, held), cost))
         return True
 
     def settled(self, owner_id: int, estimate: Decimal, consumed: Decimal) -> None:
@@ -398,19 +399,21 @@ class Admission:
         return False
 
     def billed(self, row: dict[str, Any], hold: Hold) -> Hold:
-        """The hold a billed request keeps until its row is written: its cost, where the cost
-        went past what it held.
+        """The hold a billed request keeps until its row is written: its cost.
 
-        Otherwise the lease would go on admitting requests against money the request has
+        Held less, the lease would go on admitting requests against money the request has
         already spent, until the writer took the cost out: a run of requests each costing
-        more than its hold could overdraw a balance or a key's cap many times over.
+        more than its hold could overdraw a balance or a key's cap many times over. Held
+        more, the rows waiting for the writer would keep their largest possible costs, and a
+        small balance would refuse requests it covers while one fast client keeps dozens of
+        rows waiting.
         """
         cost: Decimal = row["cost_usd"]
         user, key = hold.user, hold.key
         user_id, key_id = row.get("user_id"), row.get("key_id")
-        if user_id is not None and cost > user and self._users.grow(user_id, cost - user):
+        if user_id is not None and self._users.hold_cost(user_id, user, cost):
             user = cost
-        if key_id is not None and key > 0 and cost > key and self._keys.grow(key_id, cost - key):
+        if key_id is not None and key > 0 and self._keys.hold_cost(key_id, key, cost):
             key = cost
         return Hold(user, key)
 

@@ -22,7 +22,7 @@ from codex_gateway.billing.admission import (
     estimate_hold,
     reads_stored_input,
 )
-from codex_gateway.billing.pricing import Price
+from codex_gateway.billing.pricing import ZERO, Price
 from codex_gateway.billing.settler import Settler
 from codex_gateway.errors import InsufficientQuota, StorageUnavailable
 from codex_gateway.store.db import create_engine
@@ -457,8 +457,8 @@ def test_requests_that_read_input_they_do_not_carry(
 async def admitted_until_refused(
     gate: Admission, user_id: int, hold: Decimal, key: KeyRecord | None, settler: Settler
 ) -> int:
-    """Requests one after another, each billed at the seed cost (far above its hold), their
-    rows queued for a writer that has not written any yet; how many were admitted."""
+    """Requests one after another, each billed at the seed cost, their rows queued for a
+    writer that has not written any yet; how many were admitted."""
     admitted = 0
     for _ in range(40):
         try:
@@ -472,21 +472,32 @@ async def admitted_until_refused(
     return admitted
 
 
-async def test_requests_costing_more_than_their_hold_overdraw_by_one_excess_at_most(
-    store: Store,
+# balance, each request's hold, how many requests one after another are admitted
+BACK_TO_BACK = [
+    # Each costs more than its hold: 4 x 0.114295 = 0.45718 leaves room for a fifth hold,
+    # and after it nothing is left (a balance is overdrawn by one excess at most).
+    pytest.param("0.5", "0.0014", 5, id="costs-past-their-holds"),
+    # Each costs less than its hold: seven rows waiting for the writer hold 0.800065, and an
+    # eighth request's 0.2 no longer fits; with each row holding the whole 0.2, five fitted.
+    pytest.param("1", "0.2", 7, id="rows-waiting-hold-their-costs"),
+]
+
+
+@pytest.mark.parametrize(("balance", "hold", "expected"), BACK_TO_BACK)
+async def test_requests_one_after_another_are_admitted_against_what_billed_ones_cost(
+    store: Store, balance: str, hold: str, expected: int
 ) -> None:
-    _, user_id = await new_user(store, "0.5")
+    _, user_id = await new_user(store, balance)
     gate = admission(store)
     settler = Settler(store, gate.holder, gate.settled)
 
-    admitted = await admitted_until_refused(gate, user_id, Decimal("0.0014"), None, settler)
+    admitted = await admitted_until_refused(gate, user_id, Decimal(hold), None, settler)
     settler.start()
     await settler.drain()
 
     cost = Decimal("0.114295")
-    # 4 x 0.114295 = 0.45718 leaves room for a fifth hold; after it nothing is left.
-    assert admitted == 5
-    assert (await store.balances())[user_id] == Decimal("0.5") - 5 * cost
+    assert admitted == expected
+    assert (await store.balances())[user_id] == Decimal(balance) - expected * cost
     assert gate.held(user_id) == 0
     problems, _ = await store.verify_ledger()
     assert problems == []
@@ -514,14 +525,14 @@ async def test_a_key_cap_is_overdrawn_by_one_excess_at_most_when_costs_pass_thei
     await gate.close()
 
 
-async def test_a_billed_request_within_its_hold_keeps_its_hold(store: Store) -> None:
+async def test_a_billed_request_within_its_hold_keeps_only_its_cost_held(store: Store) -> None:
     _, user_id = await new_user(store, "1")
     gate = admission(store)
     held = await gate.admit(user_id, Decimal("0.2"))
     row = usage_row(user_id)
 
-    assert gate.billed(row, held) == held
-    assert gate.held(user_id) == Decimal("0.2")
+    assert gate.billed(row, held) == Hold(Decimal("0.114295"), ZERO)
+    assert gate.held(user_id) == Decimal("0.114295")
     await gate.close()
 
 
