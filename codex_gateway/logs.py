@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 
 import orjson
 
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+# An API key, the gateway's (sk-cg-...) or an upstream's, wherever a client or a message put
+# it: in a model name, a path, an error's text.
+_KEY = re.compile(r"(?<![A-Za-z0-9])sk-[A-Za-z0-9_-]{12,}")
+
+
+def hide_keys(text: str) -> str:
+    """`text` with every API key in it cut to its first six and last four characters."""
+    if "sk-" not in text:
+        return text
+    return _KEY.sub(lambda key: f"{key[0][:6]}…{key[0][-4:]}", text)
 
 
 class PlainFormatter(logging.Formatter):
@@ -21,7 +32,7 @@ class PlainFormatter(logging.Formatter):
         line = f"{prefix} {record.getMessage()}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return hide_keys(line)
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,7 +48,7 @@ class JsonFormatter(logging.Formatter):
         )
         if record.exc_info:
             payload["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(payload, default=str).decode()
+        return hide_keys(orjson.dumps(payload, default=str).decode())
 
 
 def configure(level: str, fmt: str = "plain", per_logger: tuple[tuple[str, str], ...] = ()) -> None:

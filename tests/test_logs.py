@@ -60,3 +60,32 @@ def test_levels_per_logger_override_the_gateway_level() -> None:
     assert not logging.getLogger("codex_gateway.access").isEnabledFor(logging.INFO)
     assert logging.getLogger("codex_gateway.billing").isEnabledFor(logging.DEBUG)
     assert isinstance(logging.getLogger().handlers[0].formatter, logs.JsonFormatter)
+
+
+KEY = "sk-cg-Dw0TvM6FRvCc8frFUeUno1Ki20jh03sTlrxOLIJYu-I"
+UPSTREAM_KEY = "sk-proj-abcdefghijklmnopqrstuvwxyz0123"
+
+
+@pytest.mark.parametrize("formatter", [logs.PlainFormatter(), logs.JsonFormatter()])
+def test_a_key_a_client_put_in_a_model_name_or_a_path_is_never_logged_whole(
+    formatter: logging.Formatter,
+) -> None:
+    line = formatter.format(
+        record(
+            "codex_gateway.access",
+            f"GET /v1/{KEY} 404 0.1ms model=x-{KEY} key=- upstream={UPSTREAM_KEY}",
+            detail=f"the upstream refused {UPSTREAM_KEY}",  # a field of JSON lines
+        )
+    )
+
+    assert KEY not in line and UPSTREAM_KEY not in line
+    assert line.count("sk-cg-…Yu-I") == 2
+    assert "sk-pro…0123" in line
+
+
+def test_words_that_merely_contain_sk_are_logged_as_they_are() -> None:
+    line = logs.PlainFormatter().format(
+        record("codex_gateway.pool", "account task-runner-0123456789abcdef is resting")
+    )
+
+    assert line.endswith("account task-runner-0123456789abcdef is resting")
