@@ -35,7 +35,7 @@ from codex_gateway.relay.shaping import (
     parse_compact_request,
     parse_responses_request,
 )
-from codex_gateway.relay.sse import StreamScanner, error_event, upstream_json
+from codex_gateway.relay.sse import TERMINAL_STATUS, StreamScanner, error_event, upstream_json
 from codex_gateway.relay.usage import response_id_of, upstream_model_of, usage_from_terminal
 from codex_gateway.store.queries import KeyRecord, hash_key
 from codex_gateway.upstream.kinds import COMPACT, RESPONSES, Call
@@ -47,12 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_TERMINAL_STATUS = {
-    "response.completed": "completed",
-    "response.incomplete": "incomplete",
-    "response.failed": "failed",
-    "error": "error",
-}
 _JSON_STATUS = {"completed": "completed", "incomplete": "incomplete", "failed": "failed"}
 _STREAM_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -506,7 +500,7 @@ def _read_terminal(scanner: StreamScanner, outcome: Outcome) -> None:
     if terminal is None:
         return
     if outcome.status != "upstream_error":
-        outcome.status = _TERMINAL_STATUS.get(scanner.terminal_type or "", "completed")
+        outcome.status = TERMINAL_STATUS.get(scanner.terminal_type or "", "completed")
     if scanner.terminal_type in ("response.failed", "error"):
         outcome.error = _error_message(terminal)
     usage = usage_from_terminal(terminal)

@@ -16,6 +16,7 @@ import orjson
 
 from codex_gateway.errors import InvalidRequest, UpstreamProtocolError
 from codex_gateway.relay.shaping import check_output_cap, messages_to_input, parse_json_object
+from codex_gateway.relay.sse import TERMINAL_STATUS
 
 DONE = b"data: [DONE]\n\n"
 
@@ -519,10 +520,10 @@ _HANDLERS: dict[str, Callable[[ChatStreamTranslator, dict[str, Any]], list[bytes
 }
 
 
+# The final event of a response in each final status (an `error` event ends a stream, and
+# is no response's status).
 _TERMINAL_OF_STATUS = {
-    "completed": "response.completed",
-    "incomplete": "response.incomplete",
-    "failed": "response.failed",
+    status: name for name, status in TERMINAL_STATUS.items() if name.startswith("response.")
 }
 
 

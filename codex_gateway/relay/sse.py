@@ -14,9 +14,14 @@ from typing import Any
 
 import orjson
 
-TERMINAL_TYPES = frozenset(
-    {"response.completed", "response.incomplete", "response.failed", "error"}
-)
+# The terminal event types, each with the status it leaves the response in.
+TERMINAL_STATUS = {
+    "response.completed": "completed",
+    "response.incomplete": "incomplete",
+    "response.failed": "failed",
+    "error": "error",
+}
+TERMINAL_TYPES = frozenset(TERMINAL_STATUS)
 # The ChatGPT backend's in-stream report of an account's quota windows.
 RATE_LIMITS_TYPE = "codex.rate_limits"
 # What Python's JSON parser leaves of a surrogate escape that is not half of a pair.
