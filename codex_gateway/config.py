@@ -7,11 +7,13 @@ operator sees all of them at once.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,16 @@ MIN_ADMIN_TOKEN_LENGTH = 16
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DISCONNECT_POLICIES = ("finish", "cancel")
 MIN_SECRET_LENGTH = 32
+# Upper bounds past which a value is certainly a mistake (a typo, a slip of unit): a wait,
+# timeout or rest of more than a day (a conversation's binding, a week), more tokens than a
+# context window holds, more bytes, connections, rows or attempts than one process can use.
+DAY_SECONDS = 86_400
+WEEK_SECONDS = 7 * DAY_SECONDS
+MAX_BODY_BYTES_LIMIT = 1024 * 1024 * 1024
+MAX_POOL_SIZE = 1_000_000
+MAX_HOLD_TOKENS = 100_000_000
+MAX_BACKLOG_ROWS = 1_000_000
+MAX_UPSTREAM_ATTEMPTS = 100
 
 
 @dataclass(frozen=True)
@@ -82,22 +94,74 @@ class Settings:
         return Path(self.spool_path).parent / "hold-journal"
 
 
-def _positive_int(value: Any) -> int:
-    if isinstance(value, bool | float):
-        raise ValueError("must be a positive whole number")
-    number = int(value)
-    if number <= 0:
-        raise ValueError("must be a positive whole number")
-    return number
+def _whole(high: int) -> Callable[[Any], int]:
+    """A parser of whole numbers from 1 to `high`. One written in exponent form (`1e9`, as a
+    TOML float or in the environment) is taken when it is whole: it means the same number."""
+    expected = f"must be a whole number from 1 to {high}"
+
+    def parse(value: Any) -> int:
+        number = _decimal(value, expected)
+        if not number.is_finite() or number != number.to_integral_value():
+            raise ValueError(f"{expected}, not {_kind_of_number(number)}")
+        if not 1 <= number <= high:
+            raise ValueError(expected)
+        return int(number)
+
+    return parse
 
 
-def _positive_float(value: Any) -> float:
+def _seconds(high: float, span: str) -> Callable[[Any], float]:
+    """A parser of durations above 0 and at most `high` seconds (`span` names it)."""
+    expected = f"must be a number of seconds above 0 and at most {high:g} ({span})"
+
+    def parse(value: Any) -> float:
+        number = float(_decimal(value, expected))
+        if not math.isfinite(number):
+            raise ValueError(f"{expected}, not {_kind_of_number(Decimal(number))}")
+        if not 0 < number <= high:
+            raise ValueError(expected)
+        return number
+
+    return parse
+
+
+def _decimal(value: Any, expected: str) -> Decimal:
+    """A number from a TOML number or an environment string, exactly as written."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return Decimal(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{expected}, not {_kind(value)}")
+    try:
+        return Decimal(value)
+    except ArithmeticError:
+        raise ValueError(expected) from None
+
+
+def _kind_of_number(number: Decimal) -> str:
+    if number.is_nan():
+        return "NaN"
+    return "infinite" if number.is_infinite() else "a fraction"
+
+
+def _kind(value: Any) -> str:
+    """What kind of TOML value a setting was given, in an operator's words."""
     if isinstance(value, bool):
-        raise ValueError("must be a positive number")
-    number = float(value)
-    if not math.isfinite(number) or number <= 0:
-        raise ValueError("must be a positive, finite number")
-    return number
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, datetime.date | datetime.time):
+        return "a date or time"
+    return type(value).__name__
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be text (a quoted string in TOML), not {_kind(value)}")
+    return value
 
 
 def _log_level(value: Any) -> str:
@@ -122,42 +186,42 @@ def _disconnect_policy(value: Any) -> str:
 
 
 def _prefix(value: Any) -> str:
-    text = str(value)
+    text = _text(value)
     if not text or any(char.isspace() for char in text):
         raise ValueError("must be a non-empty word without spaces")
     return text
 
 
 def _database_url(value: Any) -> str:
-    text = str(value)
+    text = _text(value)
     if not text.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ValueError("must start with sqlite:/// or postgresql://")
     return text
 
 
 def _secret_key(value: Any) -> str:
-    text = str(value)
+    text = _text(value)
     if len(text) < MIN_SECRET_LENGTH:
         raise ValueError(f"must be at least {MIN_SECRET_LENGTH} characters long")
     return text
 
 
 def _http_url(value: Any) -> str:
-    text = str(value).rstrip("/")
+    text = _text(value).rstrip("/")
     if not text.startswith(("http://", "https://")):
         raise ValueError("must start with http:// or https://")
     return text
 
 
 def _redis_url(value: Any) -> str:
-    text = str(value)
+    text = _text(value)
     if not text.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must start with redis://, rediss:// or unix://")
     return text
 
 
 def _admin_token(value: Any) -> str:
-    text = str(value)
+    text = _text(value)
     if len(text) < MIN_ADMIN_TOKEN_LENGTH or text != text.strip():
         # The value itself is never repeated: it is a secret.
         raise ValueError(
@@ -170,9 +234,11 @@ def _log_levels(value: Any) -> tuple[tuple[str, str], ...]:
     """`logger=LEVEL,logger=LEVEL` (or a TOML table) into (logger, LEVEL) pairs."""
     if isinstance(value, Mapping):
         pairs = [(str(name), str(level)) for name, level in value.items()]
+    elif not isinstance(value, str):
+        raise ValueError(f"must be logger=LEVEL,... or a TOML table, not {_kind(value)}")
     else:
         pairs = []
-        for item in str(value).split(","):
+        for item in value.split(","):
             name, sep, level = item.strip().partition("=")
             if not sep or not name.strip():
                 raise ValueError(f"{item.strip()!r} is not logger=LEVEL")
@@ -181,48 +247,50 @@ def _log_levels(value: Any) -> tuple[tuple[str, str], ...]:
 
 
 def _path(value: Any) -> str:
-    text = str(value).strip()
+    text = _text(value).strip()
     if not text:
         raise ValueError("must be a file path")
     return text
 
 
+_A_DAY = _seconds(DAY_SECONDS, "a day")
+
 PARSERS: dict[str, Callable[[Any], Any]] = {
     "database_url": _database_url,
     "log_level": _log_level,
     "log_format": _log_format,
-    "max_body_bytes": _positive_int,
-    "catalog_refresh_seconds": _positive_float,
-    "upstream_connect_timeout": _positive_float,
-    "upstream_first_byte_timeout": _positive_float,
-    "upstream_read_timeout": _positive_float,
-    "upstream_total_timeout": _positive_float,
-    "upstream_pool_size": _positive_int,
-    "upstream_keepalive_seconds": _positive_float,
-    "hold_output_tokens": _positive_int,
-    "hold_context_tokens": _positive_int,
-    "lease_ttl_seconds": _positive_float,
-    "lease_renew_seconds": _positive_float,
-    "lease_idle_seconds": _positive_float,
-    "writer_backlog_rows": _positive_int,
+    "max_body_bytes": _whole(MAX_BODY_BYTES_LIMIT),
+    "catalog_refresh_seconds": _A_DAY,
+    "upstream_connect_timeout": _A_DAY,
+    "upstream_first_byte_timeout": _A_DAY,
+    "upstream_read_timeout": _A_DAY,
+    "upstream_total_timeout": _A_DAY,
+    "upstream_pool_size": _whole(MAX_POOL_SIZE),
+    "upstream_keepalive_seconds": _A_DAY,
+    "hold_output_tokens": _whole(MAX_HOLD_TOKENS),
+    "hold_context_tokens": _whole(MAX_HOLD_TOKENS),
+    "lease_ttl_seconds": _A_DAY,
+    "lease_renew_seconds": _A_DAY,
+    "lease_idle_seconds": _A_DAY,
+    "writer_backlog_rows": _whole(MAX_BACKLOG_ROWS),
     "redis_url": _redis_url,
     "admin_token": _admin_token,
     "log_levels": _log_levels,
-    "shutdown_grace_seconds": _positive_float,
+    "shutdown_grace_seconds": _A_DAY,
     "spool_path": _path,
     "journal_dir": _path,
-    "upstream_max_attempts": _positive_int,
-    "upstream_cooldown_seconds": _positive_float,
-    "upstream_failure_cooldown_seconds": _positive_float,
-    "sticky_ttl_seconds": _positive_float,
+    "upstream_max_attempts": _whole(MAX_UPSTREAM_ATTEMPTS),
+    "upstream_cooldown_seconds": _A_DAY,
+    "upstream_failure_cooldown_seconds": _A_DAY,
+    "sticky_ttl_seconds": _seconds(WEEK_SECONDS, "a week"),
     "redis_prefix": _prefix,
     "disconnect_policy": _disconnect_policy,
-    "disconnect_finish_seconds": _positive_float,
+    "disconnect_finish_seconds": _A_DAY,
     "secret_key": _secret_key,
-    "secret_key_file": str,
+    "secret_key_file": _text,
     "chatgpt_base_url": _http_url,
     "chatgpt_token_url": _http_url,
-    "token_refresh_timeout_seconds": _positive_float,
+    "token_refresh_timeout_seconds": _A_DAY,
 }
 SECRET_SETTINGS = frozenset({"admin_token", "secret_key"})
 # URLs that may carry a password, shown with it masked.
@@ -254,7 +322,7 @@ def load_settings(
         try:
             values[name] = parser(value)
         except (TypeError, ValueError) as exc:
-            problems.append(f"setting {name} = {_shown(name, value)!r}: {exc}")
+            problems.append(f"setting {name} = {_as_written(name, value)}: {exc}")
     if problems:
         raise ConfigError(problems)
     return dataclasses.replace(Settings(), **values)
@@ -269,7 +337,13 @@ def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         problems.append(f"config file {path}: {exc}")
         return {}
-    return dict(data.get("gateway", data))
+    table = data.get("gateway", data)
+    if not isinstance(table, dict):
+        problems.append(
+            f"config file {path}: gateway must be a table, [gateway], not {_kind(table)}"
+        )
+        return {}
+    return dict(table)
 
 
 def environment_variables() -> list[str]:
@@ -280,6 +354,16 @@ def environment_variables() -> list[str]:
 def describe(settings: Settings) -> dict[str, Any]:
     """The settings as an operator may see them: secrets masked, the database password too."""
     return {name: _shown(name, getattr(settings, name)) for name in PARSERS}
+
+
+def _as_written(name: str, value: Any) -> str:
+    """A value given for a setting, in TOML's spelling (`true`, `inf`, a quoted string)."""
+    shown = _shown(name, value)
+    if isinstance(shown, bool):
+        return str(shown).lower()
+    if isinstance(shown, datetime.date | datetime.time):
+        return shown.isoformat()
+    return repr(shown)
 
 
 def _shown(name: str, value: Any) -> Any:

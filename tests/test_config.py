@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from codex_gateway.app import Gateway
 from codex_gateway.config import (
     DEFAULT_DATABASE_URL,
+    Settings,
     describe,
     environment_variables,
     load_settings,
@@ -46,15 +48,27 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
     assert (settings.log_level, settings.max_body_bytes) == ("WARNING", 2000)
 
 
-# setting, value, what the problem says
+A_DAY = "a number of seconds above 0 and at most 86400 (a day)"
+FLOAT_SETTINGS = [f.name for f in dataclasses.fields(Settings) if f.type == "float"]
+INT_SETTINGS = [f.name for f in dataclasses.fields(Settings) if f.type == "int"]
+
+# setting, value in the environment, what the problem says
 BAD = [
     # numbers that are not usable
-    ("max_body_bytes", "-1", "positive whole number"),
-    ("max_body_bytes", "ten", "invalid literal"),
-    ("catalog_refresh_seconds", "nan", "finite"),
-    ("catalog_refresh_seconds", "inf", "finite"),
-    ("upstream_connect_timeout", "0", "positive"),
-    ("upstream_keepalive_seconds", "0", "positive"),
+    ("max_body_bytes", "-1", "a whole number from 1 to 1073741824"),
+    ("max_body_bytes", "ten", "a whole number from 1 to 1073741824"),
+    ("max_body_bytes", "1.5", "a whole number from 1 to 1073741824, not a fraction"),
+    ("max_body_bytes", "nan", "not NaN"),
+    ("catalog_refresh_seconds", "nan", f"{A_DAY}, not NaN"),
+    ("catalog_refresh_seconds", "inf", f"{A_DAY}, not infinite"),
+    ("upstream_connect_timeout", "0", A_DAY),
+    ("upstream_keepalive_seconds", "0", A_DAY),
+    # beyond the bounds: certainly a mistake
+    ("upstream_keepalive_seconds", "1e300", A_DAY),
+    ("upstream_total_timeout", "86401", A_DAY),
+    ("sticky_ttl_seconds", "604801", "at most 604800 (a week)"),
+    ("max_body_bytes", "1e10", "from 1 to 1073741824"),
+    ("upstream_max_attempts", "101", "from 1 to 100"),
     # words outside their set
     ("log_level", "LOUD", "must be one of"),
     ("log_format", "xml", "plain or json"),
@@ -67,7 +81,81 @@ def test_a_bad_setting_names_itself_and_its_value(name: str, value: str, problem
     with pytest.raises(ConfigError) as caught:
         load_settings({f"CODEX_GATEWAY_{name.upper()}": value})
     (line,) = caught.value.problems
-    assert name in line and value in line and problem in line
+    assert line.startswith(f"setting {name} = '{value}': must ")
+    assert problem in line
+
+
+# a line of [gateway], what the problem says
+WRONG_TYPES = [
+    # a number setting given something that is no number
+    ("upstream_connect_timeout = [1]", f"= [1]: must be {A_DAY}, not a list"),
+    ("upstream_connect_timeout = true", f"= true: must be {A_DAY}, not a boolean"),
+    ("upstream_connect_timeout = 1979-05-27", "= 1979-05-27: must be a number of seconds"),
+    ("upstream_connect_timeout = {a = 1}", "not a table"),
+    ('upstream_connect_timeout = "soon"', f"= 'soon': must be {A_DAY}"),
+    ("max_body_bytes = false", "= false: must be a whole number from 1 to"),
+    ("upstream_keepalive_seconds = inf", f"= inf: must be {A_DAY}, not infinite"),
+    ("upstream_keepalive_seconds = nan", f"= nan: must be {A_DAY}, not NaN"),
+    ("upstream_keepalive_seconds = 1e300", f"= 1e+300: must be {A_DAY}"),
+    # a text setting given something else
+    ("spool_path = [1]", "= [1]: must be text (a quoted string in TOML), not a list"),
+    ("secret_key_file = 5", "= 5: must be text (a quoted string in TOML), not a number"),
+    ('redis_prefix = ["a"]', "not a list"),
+    ("log_levels = [1]", "= [1]: must be logger=LEVEL,... or a TOML table, not a list"),
+]
+
+
+@pytest.mark.parametrize(("line", "problem"), WRONG_TYPES)
+def test_a_wrong_typed_toml_value_is_one_clear_problem(
+    tmp_path: Path, line: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({}, write(tmp_path, f"[gateway]\n{line}\n"))
+
+    (text,) = caught.value.problems
+    assert text.startswith(f"setting {line.partition(' ')[0]} = ")
+    assert problem in text
+
+
+@pytest.mark.parametrize("name", FLOAT_SETTINGS)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity"])
+def test_no_number_of_seconds_is_infinite_or_nan(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"setting {name} = '{value}': must be a number"):
+        load_settings({f"CODEX_GATEWAY_{name.upper()}": value})
+
+
+@pytest.mark.parametrize("name", INT_SETTINGS)
+def test_a_whole_number_may_be_written_in_exponent_form(tmp_path: Path, name: str) -> None:
+    from_env = load_settings({f"CODEX_GATEWAY_{name.upper()}": "1e2"})
+    from_file = load_settings({}, write(tmp_path, f"[gateway]\n{name} = 1e2\n"))
+
+    assert getattr(from_env, name) == getattr(from_file, name) == 100
+    assert isinstance(getattr(from_file, name), int)
+
+
+def test_the_bounds_themselves_are_allowed() -> None:
+    settings = load_settings(
+        {
+            "CODEX_GATEWAY_UPSTREAM_TOTAL_TIMEOUT": "86400",
+            "CODEX_GATEWAY_STICKY_TTL_SECONDS": "604800",
+            "CODEX_GATEWAY_MAX_BODY_BYTES": "1073741824",
+            "CODEX_GATEWAY_UPSTREAM_MAX_ATTEMPTS": "100",
+        }
+    )
+
+    assert settings.upstream_total_timeout == 86400.0
+    assert settings.sticky_ttl_seconds == 604800.0
+    assert settings.max_body_bytes == 1024**3
+    assert settings.upstream_max_attempts == 100
+
+
+def test_a_gateway_that_is_not_a_table_is_one_problem(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({}, write(tmp_path, "gateway = 5\n"))
+
+    assert caught.value.problems == [
+        f"config file {tmp_path / 'gateway.toml'}: gateway must be a table, [gateway], not a number"
+    ]
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:

@@ -84,6 +84,37 @@ def test_serve_refuses_bad_settings_with_one_line_each_and_exit_1(
     assert all(line.startswith("error: ") for line in lines)
 
 
+WRONG_TYPED_TOML = """
+[gateway]
+upstream_connect_timeout = [1]
+max_body_bytes = true
+upstream_keepalive_seconds = 1e300
+spool_path = 5
+"""
+
+
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["users", "list"]])
+def test_wrong_typed_settings_stop_a_command_with_one_line_each_and_exit_1(
+    tmp_path: Path, command: list[str]
+) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(WRONG_TYPED_TOML, encoding="utf-8")
+
+    result = run(*command, env={"CODEX_GATEWAY_CONFIG": str(path)}, cwd=tmp_path)
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "error: setting upstream_connect_timeout = [1]: must be a number of seconds above 0 "
+        "and at most 86400 (a day), not a list",
+        "error: setting max_body_bytes = true: must be a whole number from 1 to 1073741824, "
+        "not a boolean",
+        "error: setting upstream_keepalive_seconds = 1e+300: must be a number of seconds "
+        "above 0 and at most 86400 (a day)",
+        "error: setting spool_path = 5: must be text (a quoted string in TOML), not a number",
+    ]
+    assert result.stdout == ""
+
+
 def test_serve_exits_1_without_a_traceback_when_the_database_is_unreachable(
     tmp_path: Path,
 ) -> None:
