@@ -135,7 +135,7 @@ def _serve_one(
         if exc.code:
             return 1  # the reason is already logged, one line
         raise
-    return 0 if server.started else 1
+    return server.exit_status()
 
 
 def _prepare_sandbox(host: str, port: int) -> None:

@@ -3,9 +3,11 @@
 On the first SIGTERM (or SIGINT) the server stops accepting and lets requests in flight
 finish within `shutdown_grace_seconds`; their bills settle as each one ends. Then it cancels
 what still runs, and a cut stream ends with an `error` event saying the gateway is shutting
-down (the relay handles the cancellation; see `end_cut_stream`). A second signal
-stops waiting: bills still to be written go to the spool file, which the next start replays.
-Either way the process exits 0, since stopping on request is not a failure.
+down (the relay handles the cancellation; see `end_cut_stream`), and the process exits 0:
+stopping on request is not a failure. A second signal stops waiting: bills still to be
+written go to the spool file, which the next start replays, and the process exits 128 plus
+the signal's number (143 for SIGTERM, 130 for SIGINT), as a shell reports a process that
+signal ended, so that a supervisor can tell a cut drain from a clean one.
 
 Once started, the server tunes the interpreter for one busy event loop beside the usage
 writer's threads. What start-up built, and lives as long as the process, is frozen out of the
@@ -42,12 +44,15 @@ SWITCH_INTERVAL_SECONDS = 0.0001
 # New objects between two collections of the youngest generation (the interpreter's default
 # is 700); the older generations keep their default rhythm relative to it.
 YOUNG_GENERATION_THRESHOLD = 20_000
+# A process that a signal cut short exits with this plus the signal's number.
+SIGNAL_EXIT_BASE = 128
 
 
 class GracefulServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, gateway: Gateway):
         super().__init__(config)
         self.gateway = gateway
+        self.forced_by: int | None = None  # the signal that cut the drain short
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -59,7 +64,7 @@ class GracefulServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not passed on to uvicorn, which would re-raise the signal after a clean shutdown
-        # and so turn exit status 0 into death by SIGTERM.
+        # and so turn exit status 0 into death by SIGTERM; `exit_status` says how it ended.
         if not self.should_exit:
             log.info("signal %d: draining %d request(s) in flight", sig, self.gateway.in_flight)
             self.should_exit = True
@@ -72,4 +77,11 @@ class GracefulServer(uvicorn.Server):
             spooled,
             self.gateway.in_flight,
         )
+        self.forced_by = sig
         self.force_exit = True
+
+    def exit_status(self) -> int:
+        """0 after a clean drain, 128 + N after signal N cut it short, 1 if it never started."""
+        if self.forced_by is not None:
+            return SIGNAL_EXIT_BASE + self.forced_by
+        return 0 if self.started else 1

@@ -60,7 +60,8 @@ def shared_socket_of_a_free_port(host: str, port: int) -> socket.socket:
 
 def serve_workers(count: int, guard: socket.socket, worker: Worker) -> int:
     """Run `count` workers on the port of `guard` until they have all stopped; 0 when each
-    one stopped cleanly.
+    one stopped cleanly, else the first non-zero status (143 when a second SIGTERM cut the
+    drains short), or 1 when a worker stopped on its own.
 
     `guard` is a `shared_socket_of_a_free_port` the caller bound, so that a port another
     program holds fails once, before anything starts; it is held (bound, never listening) for
@@ -90,8 +91,9 @@ def serve_workers(count: int, guard: socket.socket, worker: Worker) -> int:
             pid, code = os.wait()
             if children.pop(pid, None) is None:
                 continue
-            if os.waitstatus_to_exitcode(code) != 0:
-                status = 1
+            exit_code = os.waitstatus_to_exitcode(code)
+            if exit_code != 0 and not status:
+                status = exit_code if exit_code > 0 else 1
             if not stopping:
                 log.error("worker %d stopped on its own; stopping the others", pid)
                 status = 1

@@ -178,8 +178,10 @@ def test_a_quick_start_stream_cut_by_the_shutdown_logs_one_line_and_no_traceback
             assert response.status_code == 200
             proc.terminate()
             body = b"".join(response.iter_raw())
+        output, _ = proc.communicate(timeout=15)  # one SIGTERM: a second would cut the drain
     finally:
-        output = stop(proc)
+        if proc.poll() is None:
+            stop(proc)
 
     assert proc.returncode == 0, output
     assert b"gateway_shutting_down" in body

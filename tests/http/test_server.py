@@ -28,7 +28,7 @@ from codex_gateway.http.server import (
     GracefulServer,
 )
 from codex_gateway.relay.sse import parse_events
-from tests.conftest import Gateway, Sandbox, _drop_pg_database, make_gateway
+from tests.conftest import Gateway, Sandbox, make_gateway
 from tests.http.test_operations import add_sandbox_account
 from tests.http.test_responses import expected_cost
 
@@ -80,9 +80,12 @@ class Client:
 
 
 def running_gateway(
-    sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory, grace_seconds: int
+    sandbox: Sandbox,
+    tmp_path_factory: pytest.TempPathFactory,
+    grace_seconds: int,
+    backend: str = "postgresql",
 ) -> Iterator[Gateway]:
-    gw = make_gateway("postgresql", tmp_path_factory)
+    gw = make_gateway(backend, tmp_path_factory)
     gw.env["CODEX_GATEWAY_SHUTDOWN_GRACE_SECONDS"] = str(grace_seconds)
     try:
         add_sandbox_account(gw, sandbox)
@@ -90,12 +93,17 @@ def running_gateway(
         yield gw
     finally:
         gw.stop()
-        _drop_pg_database(gw.database_url.rsplit("/", 1)[1])
+        gw.drop_database()
 
 
 @pytest.fixture
 def pg_gateway(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     yield from running_gateway(sandbox, tmp_path_factory, grace_seconds=30)
+
+
+@pytest.fixture
+def sqlite_gateway(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    yield from running_gateway(sandbox, tmp_path_factory, grace_seconds=30, backend="sqlite")
 
 
 @pytest.fixture
@@ -169,7 +177,7 @@ def test_a_second_sigterm_exits_at_once_and_the_spool_keeps_every_usage_record(
     pg_gateway.start(log_level="INFO")  # the next start replays the spool before it serves
     rows = pg_gateway.usage_rows()
 
-    assert code == 0, pg_gateway.log_text()
+    assert code == 128 + signal.SIGTERM, pg_gateway.log_text()
     assert spooled == STREAMS
     # Their bills were not queued yet: each request spooled its own as it was cut.
     assert (
@@ -182,6 +190,50 @@ def test_a_second_sigterm_exits_at_once_and_the_spool_keeps_every_usage_record(
     assert {row["status"] for row in rows} == {"cancelled"}
     assert not spool.exists()
     assert "Traceback" not in log and "CancelledError" not in log
+
+
+def test_a_sigterm_with_nothing_in_flight_exits_0(sqlite_gateway: Gateway) -> None:
+    assert sqlite_gateway.proc is not None
+
+    sqlite_gateway.proc.popen.send_signal(signal.SIGTERM)
+
+    assert exit_code(sqlite_gateway, 20) == 0, sqlite_gateway.log_text()
+    assert "Traceback" not in sqlite_gateway.log_text()
+
+
+# the second signal, and the status of the drain it cuts: 128 plus its number, as a shell
+# reports a process that signal ended
+SECOND_SIGNALS = [(signal.SIGTERM, 143), (signal.SIGINT, 130)]
+
+
+def cut_the_drain(gw: Gateway, second: int) -> tuple[bool, int, Client]:
+    """One slow stream in flight, SIGTERM, then `second`: whether the drain was still waiting
+    for the stream when `second` came, the exit status, and the client once it is done."""
+    _, key = gw.new_user("10")
+    assert gw.proc is not None
+    slow = Client(gw.url, key, delay_ms=1500)
+    thread = threading.Thread(target=slow.run)
+    thread.start()
+    assert slow.started.wait(20) and slow.error is None, slow.error
+    gw.proc.popen.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    draining = gw.proc.popen.poll() is None
+    gw.proc.popen.send_signal(second)
+    code = exit_code(gw, 20)
+    thread.join(10)
+    return draining, code, slow
+
+
+@pytest.mark.parametrize(("second", "status"), SECOND_SIGNALS)
+def test_a_drain_cut_by_a_second_signal_exits_128_plus_its_number(
+    sqlite_gateway: Gateway, second: signal.Signals, status: int
+) -> None:
+    draining, code, slow = cut_the_drain(sqlite_gateway, second)
+
+    assert draining, "the drain did not wait for the stream in flight"
+    assert code == status, sqlite_gateway.log_text()
+    assert b"event: response.completed" not in slow.body
+    assert "Traceback" not in sqlite_gateway.log_text()
 
 
 def shut_down(

@@ -1,7 +1,8 @@
 """`serve --workers 2`: two processes on one port, each its own gateway, billing one balance.
 
 Connections spread across the workers (each binds the port with SO_REUSEPORT); every
-request is billed exactly once, and a SIGTERM to the supervisor drains both and exits 0.
+request is billed exactly once, and a SIGTERM to the supervisor drains both and exits 0 (143
+when a second SIGTERM cuts a drain short).
 """
 
 from __future__ import annotations
@@ -18,8 +19,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import PG_ADMIN_URL, Gateway, Sandbox, make_gateway, running_gateway
+from tests.conftest import (
+    PG_ADMIN_URL,
+    Gateway,
+    Sandbox,
+    add_sandbox_account,
+    make_gateway,
+    running_gateway,
+)
 from tests.http.test_responses import expected_cost
+from tests.http.test_server import cut_the_drain
 from tests.test_topology import CACHED_COUNTS, wait_for_rows
 
 REQUESTS = 16
@@ -116,6 +125,23 @@ def test_sigterm_drains_every_worker_and_exits_0(two_workers: Gateway) -> None:
     gw.proc.popen.send_signal(signal.SIGTERM)
     assert gw.proc.popen.wait(30) == 0
     assert all(gone(pid) for pid in workers)
+
+
+def test_a_second_sigterm_that_cuts_a_workers_drain_exits_143(
+    sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    gw = make_gateway("sqlite", tmp_path_factory)
+    try:
+        add_sandbox_account(gw, sandbox)
+        gw.start(workers=2)
+
+        draining, code, slow = cut_the_drain(gw, signal.SIGTERM)
+
+        assert draining, "the drains did not wait for the stream in flight"
+        assert code == 128 + signal.SIGTERM, gw.log_text()
+        assert b"event: response.completed" not in slow.body
+    finally:
+        gw.stop()
 
 
 def test_a_worker_that_dies_takes_the_service_down_with_exit_1(
