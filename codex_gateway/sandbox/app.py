@@ -11,7 +11,8 @@ output, the way a two-turn Codex exchange goes; an input that ends with Codex's
 whose final event's id holds a lone surrogate escape (`\\ud800`, valid JSON that orjson
 refuses), and `responses-usage-missing.sse` and `responses-usage-invalid.sse` are the same
 answer with its usage null, or with an output count sent as a string. Streams are sent one
-event per write; a non-streaming request gets the final response object. When recording is on
+event per write, `x-sandbox-delay-ms` apart; a non-streaming request gets the final response
+object, that long after the request. When recording is on
 (the standalone `codex-gateway sandbox`), the last requests it received can be read back at
 GET /sandbox/requests, which tests use to check what reached the upstream; a gateway serving the
 sandbox for its quick start keeps no such record of its users' requests.
@@ -163,13 +164,13 @@ class SandboxApp:
         delay = _delay_seconds(headers.get("x-sandbox-delay-ms", ""))
         fault = headers.get("x-sandbox-fault") or self.faults.get(_bearer(headers), "")
         if fault:
-            await _misbehave(fault, transcript, receive, send)
+            await _misbehave(fault, transcript, receive, send, delay)
         elif transcript.json is not None:
             await _replay_json(send, transcript.json)
         elif document.get("stream") is True:
             await _stream(send, transcript, delay)
         else:
-            await _final(send, transcript)
+            await _final(send, transcript, delay)
 
     async def _compact(self, scope: Scope, receive: Receive, send: Send) -> None:
         """`/v1/responses/compact`: the compacted history as one JSON object, with usage."""
@@ -200,7 +201,9 @@ def _bearer(headers: dict[str, str]) -> str:
     return headers.get("authorization", "").removeprefix("Bearer ").strip()
 
 
-async def _misbehave(fault: str, transcript: Transcript, receive: Receive, send: Send) -> None:
+async def _misbehave(
+    fault: str, transcript: Transcript, receive: Receive, send: Send, delay: float
+) -> None:
     mode, _, argument = fault.partition(":")
     events = transcript.events or iter_events(b"")
     if mode.isdigit():
@@ -219,7 +222,7 @@ async def _misbehave(fault: str, transcript: Transcript, receive: Receive, send:
     elif mode == "drip":
         await _stream(send, transcript, float(argument or 100) / 1000)
     elif mode == "json":
-        await _final(send, transcript)
+        await _final(send, transcript, delay)
     else:
         await _json(send, 400, _error(f"Unknown sandbox fault {fault!r}."))
 
@@ -321,8 +324,11 @@ async def _stream(send: Send, transcript: Transcript, delay: float) -> None:
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _final(send: Send, transcript: Transcript) -> None:
-    """A non-streaming answer: the final response, an error, or a body cut short."""
+async def _final(send: Send, transcript: Transcript, delay: float) -> None:
+    """A non-streaming answer, after `delay`: the final response, an error, or a body cut
+    short."""
+    if delay:
+        await asyncio.sleep(delay)
     terminal = transcript.terminal
     if transcript.terminal_type in ("response.completed", "response.incomplete") and terminal:
         await _json(send, 200, terminal["response"])
