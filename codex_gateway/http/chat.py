@@ -24,7 +24,6 @@ from codex_gateway.http.responses import (
     MISSING_TERMINAL_MESSAGE,
     SHUTDOWN_CODE,
     SHUTDOWN_MESSAGE,
-    _client_left,
     _last_words,
     _on_disconnect,
     _record_failure,
@@ -32,12 +31,14 @@ from codex_gateway.http.responses import (
     admit,
     authenticate,
     chunks_of,
+    client_left,
     collect_stream,
     end_cut_stream,
     estimate_unbilled,
     estimate_unbilled_answer,
     read_json_answer,
     send_upstream,
+    send_whole,
     settle_after,
     take_terminal,
 )
@@ -134,7 +135,7 @@ async def _stream(
     except UpstreamError as exc:
         take_terminal(gateway, answer, scanner, outcome)
         if exchange.disconnected:
-            _client_left(outcome, scanner)
+            client_left(outcome, whole=scanner.terminal is not None)
             return
         if scanner.terminal is None:
             _record_failure(outcome, exc)
@@ -147,7 +148,7 @@ async def _stream(
     scanner.finish()
     take_terminal(gateway, answer, scanner, outcome)
     if exchange.disconnected:
-        _client_left(outcome, scanner)
+        client_left(outcome, whole=scanner.terminal is not None)
         return
     await _write(exchange, translator, splitter.finish())
     if scanner.terminal is None:
@@ -198,11 +199,11 @@ async def _whole(
     if answer.rest is None:
         # An upstream that ignored `stream` and sent the response object itself.
         document = read_json_answer(answer.first, outcome)
-        await exchange.send_json(200, chat_completion(document, chat.model))
+        await send_whole(exchange, 200, orjson.dumps(chat_completion(document, chat.model)))
         await estimate_unbilled_answer(gateway, outcome, chat.responses, document)
         return
     final = await collect_stream(gateway, answer, outcome, scanner)
-    await exchange.send_json(200, chat_completion(final, chat.model))
+    await send_whole(exchange, 200, orjson.dumps(chat_completion(final, chat.model)))
 
 
 async def _stream_whole(
@@ -216,18 +217,23 @@ async def _stream_whole(
     """An upstream that ignored `stream` and sent the response object itself: the chunks of
     its events, in one write. One without a final status (queued, in progress) ends in the
     error chunk of a stream that never finished, and costs what its usage says, nothing when
-    it has none: the answer's work had not been done."""
+    it has none: the answer's work had not been done. A client that left while the upstream
+    worked is handled as on a stream relayed as it comes, and billed the answer's usage."""
     document = read_json_answer(answer.first, outcome)
     await exchange.start(200, list(_STREAM_HEADERS))
     lines = [line for event in response_events(document) for line in translator.feed(event)]
-    if not translator.finished:
+    whole = translator.finished
+    if not whole:
         outcome.status = "no_terminal_event"
         outcome.error = MISSING_TERMINAL_MESSAGE
         outcome.flag("no_terminal_event")
         lines.extend(translator.finish())
-    try:
-        await _write_lines(exchange, lines, last=True)
-    except asyncio.CancelledError:  # by a shutdown: what was not sent yet, briefly
-        await _last_words(exchange.write(exchange.unsent, more=False))
-        return
+    if exchange.disconnected:
+        client_left(outcome, whole)
+    else:
+        try:
+            await _write_lines(exchange, lines, last=True)
+        except asyncio.CancelledError:  # by a shutdown: what was not sent yet, briefly
+            await _last_words(exchange.write(exchange.unsent, more=False))
+            return
     await estimate_unbilled_answer(gateway, outcome, chat.responses, document)

@@ -53,6 +53,7 @@ class Exchange:
     """The request side as the handlers need it, and the response side with its bookkeeping."""
 
     __slots__ = (
+        "_on_disconnect",
         "_send",
         "_watcher",
         "bytes_sent",
@@ -89,6 +90,7 @@ class Exchange:
         self.key_display: str | None = None
         self.disconnected = False
         self._watcher: asyncio.Task[None] | None = None
+        self._on_disconnect: Callable[[], None] | None = None
 
     @property
     def method(self) -> str:
@@ -132,18 +134,30 @@ class Exchange:
             "header out."
         )
 
-    def watch_disconnect(self, on_disconnect: Callable[[], None]) -> None:
-        """Notice the client leaving while a response streams (the body must be read first).
+    def watch_disconnect(self, on_disconnect: Callable[[], None] | None = None) -> None:
+        """Notice the client leaving before its answer's last byte (the body must be read
+        first), and call `on_disconnect` when it does.
 
         The server's `send` returns quietly once the client is gone, so only `receive` tells.
+        A relay watches from the moment the body is read, since a client may leave while the
+        upstream is still working; a stream names what to do about it once its upstream has
+        answered (called at once if the client has already gone). One watcher serves both.
         """
+        self._on_disconnect = on_disconnect
+        if self.disconnected:
+            if on_disconnect is not None:
+                on_disconnect()
+            return
+        if self._watcher is not None:
+            return
 
         async def watch() -> None:
             while (await self.receive())["type"] != "http.disconnect":
                 pass
             if self.finished is None:
                 self.disconnected = True
-                on_disconnect()
+                if self._on_disconnect is not None:
+                    self._on_disconnect()
 
         self._watcher = asyncio.get_running_loop().create_task(watch())
 

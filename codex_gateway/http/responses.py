@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from codex_gateway.billing.admission import estimate_hold, reads_stored_input
 from codex_gateway.billing.pricing import Price
 from codex_gateway.billing.settlement import SERVED_STATUSES, Outcome, cut_by_shutdown
@@ -67,6 +69,8 @@ SHUTDOWN_REFUSAL = (
 )
 # The request waited for the usage writer, which was far behind, before it was relayed.
 FLAG_WAITED_FOR_WRITER = "waited_for_writer"
+# The client left before the last byte of its answer was handed to the server.
+FLAG_CLIENT_DISCONNECTED = "client_disconnected"
 # How long a stream cut by a shutdown may spend handing its closing event to a slow client.
 CUT_WRITE_SECONDS = 1.0
 
@@ -204,7 +208,13 @@ async def _admit_and_relay(
 async def settle_after(
     gateway: Gateway, exchange: Exchange, outcome: Outcome, relay: Awaitable[None]
 ) -> None:
-    """Run a relay and, whatever happens to it, hand its one usage row to settlement."""
+    """Run a relay and, whatever happens to it, hand its one usage row to settlement.
+
+    The client is watched from here on: one that leaves before its answer's last byte,
+    whether it waited for a stream or for one JSON answer, has its row flagged so, and is
+    billed what the upstream did all the same.
+    """
+    exchange.watch_disconnect()
     try:
         await relay
     except UpstreamError:
@@ -225,6 +235,8 @@ async def settle_after(
         raise
     finally:
         exchange.stop_watching()
+        if exchange.disconnected:
+            outcome.flag(FLAG_CLIENT_DISCONNECTED)
         outcome.client_bytes = exchange.bytes_sent
         outcome.http_status = exchange.status or outcome.http_status
         outcome.duration_ms = (time.perf_counter() - outcome.started) * 1000
@@ -248,7 +260,7 @@ async def _relay(
             # A backend that always streams (ChatGPT) answering a client that did not ask to.
             scanner = StreamScanner()
             final = await collect_stream(gateway, answer, outcome, scanner)
-            await exchange.send_json(200, final)
+            await send_whole(exchange, 200, orjson.dumps(final))
             await estimate_unbilled(gateway, outcome, request.document, scanner)
         elif answer.response.status == 200:
             document = await _relay_json(exchange, answer, outcome)
@@ -363,7 +375,7 @@ async def _relay_stream(
         shutdown = error_event(SHUTDOWN_CODE, SHUTDOWN_MESSAGE)
         await end_cut_stream(exchange, outcome, scanner, shutdown, tail)
     elif exchange.disconnected:
-        _client_left(outcome, scanner)
+        client_left(outcome, whole=scanner.terminal is not None)
     elif failure is not None:
         _record_failure(outcome, failure)
         outcome.flag("stream_interrupted")
@@ -434,7 +446,7 @@ async def end_cut_stream(
             extra={"request_id": outcome.request_id, "account_id": outcome.account_id},
         )
     if exchange.disconnected:
-        _client_left(outcome, scanner)
+        client_left(outcome, whole)
         return
     await _last_words(exchange.write(tail if whole else tail + last, more=False))
 
@@ -453,7 +465,8 @@ async def _pump(
 ) -> None:
     assert answer.rest is not None
     scanner.feed(answer.first)
-    await exchange.write(answer.first)
+    if not exchange.disconnected:
+        await exchange.write(answer.first)
     async for chunk in answer.rest:
         scanner.feed(chunk)
         if not exchange.disconnected:
@@ -473,9 +486,11 @@ def _on_disconnect(gateway: Gateway, answer: Answer, stop_later: list[asyncio.Ti
     stop_later.append(loop.call_later(settings.disconnect_finish_seconds, answer.response.close))
 
 
-def _client_left(outcome: Outcome, scanner: StreamScanner) -> None:
-    outcome.flag("client_disconnected")
-    if scanner.terminal is None:
+def client_left(outcome: Outcome, whole: bool) -> None:
+    """Mark a request whose client left mid-stream; `whole` says whether the upstream's
+    answer had reached its final event, which leaves the answer's own status standing."""
+    outcome.flag(FLAG_CLIENT_DISCONNECTED)
+    if not whole:
         outcome.status = "client_disconnected"
         outcome.error = "The client disconnected before the response ended."
 
@@ -558,11 +573,16 @@ async def _relay_client_error(exchange: Exchange, answer: Answer, outcome: Outco
 
 async def _send_body(exchange: Exchange, status: int, answer: Answer, body: bytes) -> None:
     content_type = answer.response.headers.get("content-type", "application/json")
-    await exchange.start(
-        status,
-        [
-            (b"content-type", content_type.encode("latin-1")),
-            (b"content-length", str(len(body)).encode()),
-        ],
-    )
-    await exchange.write(body, more=False)
+    await send_whole(exchange, status, body, content_type.encode("latin-1"))
+
+
+async def send_whole(
+    exchange: Exchange, status: int, body: bytes, content_type: bytes = b"application/json"
+) -> None:
+    """Send an answer the gateway holds whole. A client that has already gone gets its head
+    alone, as a stream's client does (the server drops both), so its row counts no bytes it
+    never had."""
+    length = (b"content-length", str(len(body)).encode())
+    await exchange.start(status, [(b"content-type", content_type), length])
+    if not exchange.disconnected:
+        await exchange.write(body, more=False)

@@ -3,7 +3,9 @@
 A raw socket client reads a paced `responses-text` stream up to each event position in turn
 and hangs up. With `finish` the gateway reads the upstream to its end and bills the real
 usage; with `cancel` it drops the upstream at once and bills its estimate. Either way every
-request has one row marked `client_disconnected`, and the balance is the sum of the rows.
+request has one row marked `client_disconnected`, and the balance is the sum of the rows. A
+client that hangs up while waiting for one JSON answer (or for a chat stream made from one)
+is marked the same, and billed the answer's usage under either policy.
 """
 
 from __future__ import annotations
@@ -193,4 +195,58 @@ def test_a_chat_client_leaving_mid_stream_leaves_one_marked_row(
     else:
         assert row["status"] == "client_disconnected"
         assert "estimated" in row["flags"]
+    assert Decimal(gateway.balance(user)) == Decimal(10) - Decimal(row["cost_usd"])
+
+
+def send_then_hang_up(
+    gateway: Gateway, sandbox: Sandbox, key: str, path: str, body: dict[str, Any], fault: str
+) -> None:
+    """Send a request whose answer the sandbox holds back a little, wait until it reached
+    the sandbox (a client closing at once takes its unread body with it), and close the
+    socket without reading a byte of the answer."""
+    raw = json.dumps(body).encode()
+    host, port = gateway.url.removeprefix("http://").split(":")
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n"
+        f"x-sandbox-delay-ms: 500\r\nx-sandbox-fault: {fault}\r\n\r\n"
+    ).encode()
+    sandbox.clear()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + raw)
+        deadline = time.monotonic() + 10
+        while not sandbox.requests() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+CHAT = {"model": "gpt-5.1-codex", "messages": [{"role": "user", "content": PROMPT}]}
+WHOLE_ANSWERS = [
+    # one JSON answer asked for
+    ("/v1/responses", {"model": "gpt-5.1-codex", "input": PROMPT}, ""),
+    ("/v1/chat/completions", CHAT, ""),
+    # a chat stream asked for, the upstream answering with the whole response object
+    ("/v1/chat/completions", {**CHAT, "stream": True}, "json"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "fault"), WHOLE_ANSWERS, ids=["responses", "chat", "chat-stream-of-json"]
+)
+def test_a_client_leaving_before_its_whole_answer_is_billed_and_marked_as_gone(
+    gateway: Gateway, sandbox: Sandbox, path: str, body: dict[str, Any], fault: str
+) -> None:
+    """Under either policy the upstream's answer is awaited and billed at its usage; the
+    row keeps the answer's status and says the client never got it."""
+    fresh_accounts(gateway, sandbox, [{}])
+    user, key = gateway.new_user("10")
+
+    send_then_hang_up(gateway, sandbox, key, path, body, fault)
+
+    (row,) = rows_for(gateway, user, 1)
+    time.sleep(1)  # a second row would have been written by now
+    assert len(rows_for(gateway, user, 1)) == 1
+    assert row["status"] == "completed"
+    assert "client_disconnected" in row["flags"] and "estimated" not in row["flags"]
+    assert row["client_bytes"] == 0
+    assert Decimal(row["cost_usd"]) == expected_cost((1252, 0, 11273, 10944))
     assert Decimal(gateway.balance(user)) == Decimal(10) - Decimal(row["cost_usd"])

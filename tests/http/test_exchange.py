@@ -1,5 +1,6 @@
 """Request ids: the shape clients and the usage rows see, unique across worker processes; a
-request body is read only when it is not compressed; a chunk whose send was cut is kept."""
+request body is read only when it is not compressed; a chunk whose send was cut is kept; a
+client leaving is noticed from the moment its body was read."""
 
 from __future__ import annotations
 
@@ -112,3 +113,33 @@ async def test_a_chunk_whose_send_was_cancelled_is_kept_as_unsent() -> None:
     client_reads.set()
     await exchange.write(b"data: 1\n\n")
     assert (exchange.unsent, exchange.bytes_sent, sent) == (b"", 9, [b"data: 1\n\n"])
+
+
+async def test_a_client_that_left_while_the_upstream_worked_is_acted_on_once_it_answered() -> None:
+    """The relay watches from the moment the body is read; a stream names what to do about
+    a client leaving only once its upstream answered, and it is done then if the client
+    had already gone, and only once."""
+    gone = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        pass
+
+    scope: dict[str, Any] = {"method": "POST", "path": "/v1/responses", "headers": []}
+    exchange = Exchange(scope, receive, send, "req_test")
+    exchange.watch_disconnect()
+    gone.set()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert exchange.disconnected
+
+    acted: list[str] = []
+    exchange.watch_disconnect(lambda: acted.append("close the upstream"))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    exchange.stop_watching()
+
+    assert acted == ["close the upstream"]
