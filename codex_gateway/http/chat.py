@@ -228,7 +228,7 @@ async def _stream_whole(
         outcome.error = MISSING_TERMINAL_MESSAGE
         outcome.flag("no_terminal_event")
         lines.extend(translator.finish())
-    if exchange.disconnected:
+    if exchange.client_gone():
         client_left(outcome, whole)
     else:
         try:

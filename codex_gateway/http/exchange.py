@@ -161,6 +161,17 @@ class Exchange:
 
         self._watcher = asyncio.get_running_loop().create_task(watch())
 
+    def client_gone(self) -> bool:
+        """Whether the client is known to have left before its answer's last byte, asked
+        without a watcher: the server marks its request as disconnected once it sees the
+        connection close (uvicorn's request cycle, whose `send` this is), so an answer sent
+        whole need not start a task per request to learn it."""
+        if not self.disconnected and self.finished is None:
+            self.disconnected = bool(
+                getattr(getattr(self._send, "__self__", None), "disconnected", False)
+            )
+        return self.disconnected
+
     def stop_watching(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()

@@ -210,11 +210,13 @@ async def settle_after(
 ) -> None:
     """Run a relay and, whatever happens to it, hand its one usage row to settlement.
 
-    The client is watched from here on: one that leaves before its answer's last byte,
-    whether it waited for a stream or for one JSON answer, has its row flagged so, and is
-    billed what the upstream did all the same.
+    A client that leaves before its answer's last byte, whether it waited for a stream or
+    for one JSON answer, has its row flagged so, and is billed what the upstream did all the
+    same. A stream's client is watched from here on; an answer sent whole asks the server
+    when it is sent (`send_whole`), which costs no task per request.
     """
-    exchange.watch_disconnect()
+    if outcome.stream:
+        exchange.watch_disconnect()
     try:
         await relay
     except UpstreamError:
@@ -584,5 +586,5 @@ async def send_whole(
     never had."""
     length = (b"content-length", str(len(body)).encode())
     await exchange.start(status, [(b"content-type", content_type), length])
-    if not exchange.disconnected:
+    if not exchange.client_gone():
         await exchange.write(body, more=False)
