@@ -323,9 +323,24 @@ def load_settings(
             values[name] = parser(value)
         except (TypeError, ValueError) as exc:
             problems.append(f"setting {name} = {_as_written(name, value)}: {exc}")
+    problems.extend(_conflicts(dataclasses.replace(Settings(), **values)))
     if problems:
         raise ConfigError(problems)
     return dataclasses.replace(Settings(), **values)
+
+
+def _conflicts(settings: Settings) -> list[str]:
+    """Settings that are each fine but do not fit together. A lease its holder renews no
+    more often than its TTL lapses while the holder lives: another process takes it back,
+    and the balance it set aside is admitted twice."""
+    renew, ttl = settings.lease_renew_seconds, settings.lease_ttl_seconds
+    if renew > ttl / 2:
+        return [
+            f"setting lease_renew_seconds = {renew:g}: must be at most half of "
+            f"lease_ttl_seconds ({ttl:g}), so that a live process renews its leases at least "
+            "twice before another process may take them back"
+        ]
+    return []
 
 
 def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:

@@ -149,6 +149,37 @@ def test_the_bounds_themselves_are_allowed() -> None:
     assert settings.upstream_max_attempts == 100
 
 
+@pytest.mark.parametrize(
+    ("renew", "ttl", "refused"),
+    [("5", "60", False), ("30", "60", False), ("31", "60", True), ("31", "", True)],
+)
+def test_leases_are_renewed_at_least_twice_within_their_ttl(
+    renew: str, ttl: str, refused: bool
+) -> None:
+    """A lease renewed less often than that lapses while its process lives, and another
+    process hands the balance it set aside back to be admitted again."""
+    environ = {
+        "CODEX_GATEWAY_LEASE_RENEW_SECONDS": renew,
+        "CODEX_GATEWAY_LEASE_TTL_SECONDS": ttl,
+        # Counted too when something else is wrong.
+        "CODEX_GATEWAY_LOG_LEVEL": "LOUD",
+    }
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ)
+
+    lease_problems = [p for p in caught.value.problems if "lease_renew_seconds" in p]
+    if refused:
+        assert lease_problems == [
+            f"setting lease_renew_seconds = {renew}: must be at most half of "
+            f"lease_ttl_seconds ({ttl or 60}), so that a live process renews its leases at "
+            "least twice before another process may take them back"
+        ]
+    else:
+        assert lease_problems == []
+        environ.pop("CODEX_GATEWAY_LOG_LEVEL")
+        assert load_settings(environ).lease_renew_seconds == float(renew)
+
+
 def test_a_gateway_that_is_not_a_table_is_one_problem(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings({}, write(tmp_path, "gateway = 5\n"))
