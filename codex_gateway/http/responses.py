@@ -101,7 +101,8 @@ def _bearer(exchange: Exchange) -> str:
     if api_key:
         return api_key.strip()
     raise AuthenticationError(
-        "You didn't provide an API key. Send it in the Authorization header as 'Bearer KEY'."
+        "You didn't provide an API key. Send it in the Authorization header as 'Bearer KEY', "
+        "or in an api-key or x-api-key header."
     )
 
 
