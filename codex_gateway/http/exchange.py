@@ -14,6 +14,7 @@ from urllib.parse import parse_qs
 import orjson
 
 from codex_gateway.errors import BodyTooLarge, UnsupportedEncoding
+from codex_gateway.http.protocol import read_on, request_cycle
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -120,6 +121,9 @@ class Exchange:
                 raise BodyTooLarge(f"The request body is larger than the limit of {limit} bytes.")
             if not message.get("more_body", False):
                 break
+        cycle = request_cycle(self._send)
+        if cycle is not None:
+            read_on(cycle)
         return bytes(chunks)
 
     def _refuse_compressed_body(self) -> None:
@@ -139,9 +143,10 @@ class Exchange:
         first), and call `on_disconnect` when it does.
 
         The server's `send` returns quietly once the client is gone, so only `receive` tells.
-        A relay watches from the moment the body is read, since a client may leave while the
-        upstream is still working; a stream names what to do about it once its upstream has
-        answered (called at once if the client has already gone). One watcher serves both.
+        A stream's relay watches from the moment the body is read, since a client may leave
+        while the upstream is still working, and names what to do about it once its upstream
+        has answered (called at once if the client has already gone). An answer sent whole
+        asks `client_gone` instead.
         """
         self._on_disconnect = on_disconnect
         if self.disconnected:
@@ -163,13 +168,13 @@ class Exchange:
 
     def client_gone(self) -> bool:
         """Whether the client is known to have left before its answer's last byte, asked
-        without a watcher: the server marks its request as disconnected once it sees the
-        connection close (uvicorn's request cycle, whose `send` this is), so an answer sent
-        whole need not start a task per request to learn it."""
+        without a watcher: uvicorn marks its request cycle disconnected once it sees the
+        connection close (`body` has it read on after the body for that), so an answer sent
+        whole needs no task per request to learn it. Under another server only a watcher
+        tells."""
         if not self.disconnected and self.finished is None:
-            self.disconnected = bool(
-                getattr(getattr(self._send, "__self__", None), "disconnected", False)
-            )
+            cycle = request_cycle(self._send)
+            self.disconnected = cycle is not None and cycle.disconnected
         return self.disconnected
 
     def stop_watching(self) -> None:

@@ -120,6 +120,22 @@ class HeadHoldingTransport:
         return getattr(self._transport, name)
 
 
+def request_cycle(send: Any) -> RequestResponseCycle | None:
+    """The uvicorn request whose ASGI `send` this is (the bound method of its cycle); None
+    under another server, or a `send` wrapped by middleware."""
+    cycle = getattr(send, "__self__", None)
+    return cycle if isinstance(cycle, RequestResponseCycle) else None
+
+
+def read_on(cycle: RequestResponseCycle) -> None:
+    """Let the server read the connection again after a request's whole body, so that it sees
+    the client close it. uvicorn stops reading while more than 64 KiB of body wait for the app,
+    and starts again only when the app asks for more; an app that has the whole body asks for
+    nothing, and the connection's end would go unseen until the answer was sent."""
+    if not cycle.disconnected and not cycle.response_complete:
+        cycle.flow.resume_reading()
+
+
 class CoalescingProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol on a `HeadHoldingTransport`: give uvicorn.Config
     `http=CoalescingProtocol.through(coalescer)`, with the coalescer the upstream client

@@ -213,7 +213,11 @@ def send_then_hang_up(
     ).encode()
     sandbox.clear()
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(head + raw)
+        # The head first, as a client writing a large body sends it: the gateway then waits
+        # for the body, which the server reads past its 64 KiB limit in one go.
+        sock.sendall(head)
+        time.sleep(0.1)
+        sock.sendall(raw)
         deadline = time.monotonic() + 10
         while not sandbox.requests() and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -223,6 +227,9 @@ CHAT = {"model": "gpt-5.1-codex", "messages": [{"role": "user", "content": PROMP
 WHOLE_ANSWERS = [
     # one JSON answer asked for
     ("/v1/responses", {"model": "gpt-5.1-codex", "input": PROMPT}, ""),
+    # a body the server reads in one go past the 64 KiB it buffers before it stops reading
+    # the connection (it reads at most about 128 KB at a time)
+    ("/v1/responses", {"model": "gpt-5.1-codex", "input": "word " * 20_000}, ""),
     ("/v1/chat/completions", CHAT, ""),
     # a chat stream asked for, the upstream answering with the whole response object
     ("/v1/chat/completions", {**CHAT, "stream": True}, "json"),
@@ -230,7 +237,9 @@ WHOLE_ANSWERS = [
 
 
 @pytest.mark.parametrize(
-    ("path", "body", "fault"), WHOLE_ANSWERS, ids=["responses", "chat", "chat-stream-of-json"]
+    ("path", "body", "fault"),
+    WHOLE_ANSWERS,
+    ids=["responses", "responses-100k-body", "chat", "chat-stream-of-json"],
 )
 def test_a_client_leaving_before_its_whole_answer_is_billed_and_marked_as_gone(
     gateway: Gateway, sandbox: Sandbox, path: str, body: dict[str, Any], fault: str
