@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -115,18 +114,19 @@ def _seconds(high: float, span: str) -> Callable[[Any], float]:
     expected = f"must be a number of seconds above 0 and at most {high:g} ({span})"
 
     def parse(value: Any) -> float:
-        number = float(_decimal(value, expected))
-        if not math.isfinite(number):
-            raise ValueError(f"{expected}, not {_kind_of_number(Decimal(number))}")
+        number = _decimal(value, expected)
+        if not number.is_finite():
+            raise ValueError(f"{expected}, not {_kind_of_number(number)}")
         if not 0 < number <= high:
             raise ValueError(expected)
-        return number
+        return float(number)
 
     return parse
 
 
 def _decimal(value: Any, expected: str) -> Decimal:
-    """A number from a TOML number or an environment string, exactly as written."""
+    """A number from a TOML number (a float as the binary value TOML gives) or from an
+    environment string (exactly as written)."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         return Decimal(value)
     if not isinstance(value, str):
@@ -253,46 +253,48 @@ def _path(value: Any) -> str:
     return text
 
 
-_A_DAY = _seconds(DAY_SECONDS, "a day")
+_SECONDS_UP_TO_A_DAY = _seconds(DAY_SECONDS, "a day")
 
 PARSERS: dict[str, Callable[[Any], Any]] = {
     "database_url": _database_url,
     "log_level": _log_level,
     "log_format": _log_format,
     "max_body_bytes": _whole(MAX_BODY_BYTES_LIMIT),
-    "catalog_refresh_seconds": _A_DAY,
-    "upstream_connect_timeout": _A_DAY,
-    "upstream_first_byte_timeout": _A_DAY,
-    "upstream_read_timeout": _A_DAY,
-    "upstream_total_timeout": _A_DAY,
+    "catalog_refresh_seconds": _SECONDS_UP_TO_A_DAY,
+    "upstream_connect_timeout": _SECONDS_UP_TO_A_DAY,
+    "upstream_first_byte_timeout": _SECONDS_UP_TO_A_DAY,
+    "upstream_read_timeout": _SECONDS_UP_TO_A_DAY,
+    "upstream_total_timeout": _SECONDS_UP_TO_A_DAY,
     "upstream_pool_size": _whole(MAX_POOL_SIZE),
-    "upstream_keepalive_seconds": _A_DAY,
+    "upstream_keepalive_seconds": _SECONDS_UP_TO_A_DAY,
     "hold_output_tokens": _whole(MAX_HOLD_TOKENS),
     "hold_context_tokens": _whole(MAX_HOLD_TOKENS),
-    "lease_ttl_seconds": _A_DAY,
-    "lease_renew_seconds": _A_DAY,
-    "lease_idle_seconds": _A_DAY,
+    "lease_ttl_seconds": _SECONDS_UP_TO_A_DAY,
+    "lease_renew_seconds": _SECONDS_UP_TO_A_DAY,
+    "lease_idle_seconds": _SECONDS_UP_TO_A_DAY,
     "writer_backlog_rows": _whole(MAX_BACKLOG_ROWS),
     "redis_url": _redis_url,
     "admin_token": _admin_token,
     "log_levels": _log_levels,
-    "shutdown_grace_seconds": _A_DAY,
+    "shutdown_grace_seconds": _SECONDS_UP_TO_A_DAY,
     "spool_path": _path,
     "journal_dir": _path,
     "upstream_max_attempts": _whole(MAX_UPSTREAM_ATTEMPTS),
-    "upstream_cooldown_seconds": _A_DAY,
-    "upstream_failure_cooldown_seconds": _A_DAY,
+    "upstream_cooldown_seconds": _SECONDS_UP_TO_A_DAY,
+    "upstream_failure_cooldown_seconds": _SECONDS_UP_TO_A_DAY,
     "sticky_ttl_seconds": _seconds(WEEK_SECONDS, "a week"),
     "redis_prefix": _prefix,
     "disconnect_policy": _disconnect_policy,
-    "disconnect_finish_seconds": _A_DAY,
+    "disconnect_finish_seconds": _SECONDS_UP_TO_A_DAY,
     "secret_key": _secret_key,
-    "secret_key_file": _text,
+    "secret_key_file": _path,
     "chatgpt_base_url": _http_url,
     "chatgpt_token_url": _http_url,
-    "token_refresh_timeout_seconds": _A_DAY,
+    "token_refresh_timeout_seconds": _SECONDS_UP_TO_A_DAY,
 }
 SECRET_SETTINGS = frozenset({"admin_token", "secret_key"})
+# Settings checked against each other once each is valid (`_conflicts`).
+LEASE_TIMES = ("lease_renew_seconds", "lease_ttl_seconds")
 # URLs that may carry a password, shown with it masked.
 URL_SETTINGS = frozenset({"database_url", "redis_url"})
 
@@ -323,22 +325,24 @@ def load_settings(
             values[name] = parser(value)
         except (TypeError, ValueError) as exc:
             problems.append(f"setting {name} = {_as_written(name, value)}: {exc}")
-    problems.extend(_conflicts(dataclasses.replace(Settings(), **values)))
+    settings = dataclasses.replace(Settings(), **values)
+    if not any(name in raw and name not in values for name in LEASE_TIMES):
+        problems.extend(_conflicts(settings))
     if problems:
         raise ConfigError(problems)
-    return dataclasses.replace(Settings(), **values)
+    return settings
 
 
 def _conflicts(settings: Settings) -> list[str]:
-    """Settings that are each fine but do not fit together. A lease its holder renews no
-    more often than its TTL lapses while the holder lives: another process takes it back,
-    and the balance it set aside is admitted twice."""
+    """Settings that are each fine but do not fit together (each checked alone first). A
+    lease its holder renews no more often than its TTL lapses while the holder lives: another
+    process takes it back, and the balance it set aside is admitted twice."""
     renew, ttl = settings.lease_renew_seconds, settings.lease_ttl_seconds
     if renew > ttl / 2:
         return [
-            f"setting lease_renew_seconds = {renew:g}: must be at most half of "
-            f"lease_ttl_seconds ({ttl:g}), so that a live process renews its leases at least "
-            "twice before another process may take them back"
+            f"lease_renew_seconds ({renew:g}) must be at most half of lease_ttl_seconds "
+            f"({ttl:g}), so that a live process renews its leases at least twice before "
+            "another process may take them back"
         ]
     return []
 

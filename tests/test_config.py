@@ -120,8 +120,20 @@ def test_a_wrong_typed_toml_value_is_one_clear_problem(
 @pytest.mark.parametrize("name", FLOAT_SETTINGS)
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity"])
 def test_no_number_of_seconds_is_infinite_or_nan(name: str, value: str) -> None:
-    with pytest.raises(ConfigError, match=f"setting {name} = '{value}': must be a number"):
+    with pytest.raises(ConfigError) as caught:
         load_settings({f"CODEX_GATEWAY_{name.upper()}": value})
+    (text,) = caught.value.problems
+    assert text.startswith(f"setting {name} = '{value}': must be a number of seconds")
+    assert text.endswith("not NaN" if value == "nan" else "not infinite")
+
+
+def test_a_lease_time_refused_alone_is_not_also_compared_with_the_other() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(
+            {"CODEX_GATEWAY_LEASE_TTL_SECONDS": "100000", "CODEX_GATEWAY_LEASE_RENEW_SECONDS": "40"}
+        )
+    (text,) = caught.value.problems
+    assert text.startswith("setting lease_ttl_seconds = '100000': must be")
 
 
 @pytest.mark.parametrize("name", INT_SETTINGS)
@@ -151,7 +163,14 @@ def test_the_bounds_themselves_are_allowed() -> None:
 
 @pytest.mark.parametrize(
     ("renew", "ttl", "refused"),
-    [("5", "60", False), ("30", "60", False), ("31", "60", True), ("31", "", True)],
+    [
+        # the defaults, and renewal at exactly half the TTL
+        ("5", "60", False),
+        ("30", "60", False),
+        # past half, against a TTL set or the default one
+        ("31", "60", True),
+        ("31", "", True),
+    ],
 )
 def test_leases_are_renewed_at_least_twice_within_their_ttl(
     renew: str, ttl: str, refused: bool
@@ -170,9 +189,9 @@ def test_leases_are_renewed_at_least_twice_within_their_ttl(
     lease_problems = [p for p in caught.value.problems if "lease_renew_seconds" in p]
     if refused:
         assert lease_problems == [
-            f"setting lease_renew_seconds = {renew}: must be at most half of "
-            f"lease_ttl_seconds ({ttl or 60}), so that a live process renews its leases at "
-            "least twice before another process may take them back"
+            f"lease_renew_seconds ({renew}) must be at most half of lease_ttl_seconds "
+            f"({ttl or 60}), so that a live process renews its leases at least twice before "
+            "another process may take them back"
         ]
     else:
         assert lease_problems == []
