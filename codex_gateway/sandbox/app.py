@@ -287,7 +287,8 @@ async def _until_caller_leaves(receive: Receive) -> None:
 
 
 def _delay_seconds(text: str) -> float:
-    """Pacing between events from `x-sandbox-delay-ms`; anything unusable means none."""
+    """`x-sandbox-delay-ms`: the pause between a stream's events, and before a final response
+    object or a `json` fault's answer; anything unusable means none."""
     return min(int(text), MAX_DELAY_MS) / 1000 if text.isdigit() else 0.0
 
 

@@ -461,6 +461,35 @@ def test_bad_key_gets_401_in_openai_shape(
     assert "not-a-real-key-000000000000" not in gateway.log_text()
 
 
+WRONG_KEY = "sk-cg-not-a-real-key-000000000000"
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        # the key alone in either header Azure-style and other clients send
+        ({"api-key": "{key}"}, 200),
+        ({"x-api-key": "{key}"}, 200),
+        # several: Authorization first, then api-key, then x-api-key; the rest unread
+        ({"Authorization": "Bearer {key}", "api-key": WRONG_KEY}, 200),
+        ({"Authorization": f"Bearer {WRONG_KEY}", "api-key": "{key}"}, 401),
+        ({"api-key": "{key}", "x-api-key": WRONG_KEY}, 200),
+        ({"api-key": WRONG_KEY, "x-api-key": "{key}"}, 401),
+    ],
+)
+def test_a_key_may_come_in_an_api_key_header(
+    gateway: Gateway, headers: dict[str, str], status: int
+) -> None:
+    user, key = gateway.new_user("2")
+    sent = {name: value.format(key=key) for name, value in headers.items()}
+    response = httpx.post(gateway.url + "/v1/responses", content=GOOD, headers=sent)
+    assert response.status_code == status
+    if status == 200:
+        assert gateway.usage_row(response.headers["x-request-id"])["status"] == "completed"
+    else:
+        assert gateway.cli_json("usage", "list", "--user", user) == []
+
+
 def test_revoked_key_gets_401(gateway: Gateway) -> None:
     user, key = gateway.new_user("2")
     assert post(gateway, key, GOOD).status_code == 200
