@@ -38,7 +38,6 @@ from codex_gateway.http.responses import (
     estimate_unbilled_answer,
     read_json_answer,
     send_upstream,
-    send_whole,
     settle_after,
     take_terminal,
 )
@@ -199,11 +198,11 @@ async def _whole(
     if answer.rest is None:
         # An upstream that ignored `stream` and sent the response object itself.
         document = read_json_answer(answer.first, outcome)
-        await send_whole(exchange, 200, orjson.dumps(chat_completion(document, chat.model)))
+        await exchange.send_body(200, orjson.dumps(chat_completion(document, chat.model)))
         await estimate_unbilled_answer(gateway, outcome, chat.responses, document)
         return
     final = await collect_stream(gateway, answer, outcome, scanner)
-    await send_whole(exchange, 200, orjson.dumps(chat_completion(final, chat.model)))
+    await exchange.send_body(200, orjson.dumps(chat_completion(final, chat.model)))
 
 
 async def _stream_whole(

@@ -205,6 +205,19 @@ class Exchange:
         self, status: int, payload: Any, headers: list[tuple[bytes, bytes]] | None = None
     ) -> None:
         body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+        await self.send_body(status, body, headers=headers)
+
+    async def send_body(
+        self,
+        status: int,
+        body: bytes,
+        content_type: bytes = JSON_TYPE[1],
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        """Send an answer held whole. A client known to have gone gets its head alone, as a
+        stream's client does (the server drops both), so `bytes_sent` counts no byte it
+        never had."""
         length = (b"content-length", str(len(body)).encode())
-        await self.start(status, [JSON_TYPE, length, *(headers or [])])
-        await self.write(body, more=False)
+        await self.start(status, [(b"content-type", content_type), length, *(headers or [])])
+        if not self.client_gone():
+            await self.write(body, more=False)

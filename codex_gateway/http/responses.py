@@ -214,7 +214,7 @@ async def settle_after(
     A client that leaves before its answer's last byte, whether it waited for a stream or
     for one JSON answer, has its row flagged so, and is billed what the upstream did all the
     same. A stream's client is watched from here on; an answer sent whole asks the server
-    when it is sent (`send_whole`), which costs no task per request.
+    when it is sent (`Exchange.send_body`), which costs no task per request.
     """
     if outcome.stream:
         exchange.watch_disconnect()
@@ -263,7 +263,7 @@ async def _relay(
             # A backend that always streams (ChatGPT) answering a client that did not ask to.
             scanner = StreamScanner()
             final = await collect_stream(gateway, answer, outcome, scanner)
-            await send_whole(exchange, 200, orjson.dumps(final))
+            await exchange.send_body(200, orjson.dumps(final))
             await estimate_unbilled(gateway, outcome, request.document, scanner)
         elif answer.response.status == 200:
             document = await _relay_json(exchange, answer, outcome)
@@ -576,16 +576,4 @@ async def _relay_client_error(exchange: Exchange, answer: Answer, outcome: Outco
 
 async def _send_body(exchange: Exchange, status: int, answer: Answer, body: bytes) -> None:
     content_type = answer.response.headers.get("content-type", "application/json")
-    await send_whole(exchange, status, body, content_type.encode("latin-1"))
-
-
-async def send_whole(
-    exchange: Exchange, status: int, body: bytes, content_type: bytes = b"application/json"
-) -> None:
-    """Send an answer the gateway holds whole. A client that has already gone gets its head
-    alone, as a stream's client does (the server drops both), so its row counts no bytes it
-    never had."""
-    length = (b"content-length", str(len(body)).encode())
-    await exchange.start(status, [(b"content-type", content_type), length])
-    if not exchange.client_gone():
-        await exchange.write(body, more=False)
+    await exchange.send_body(status, body, content_type.encode("latin-1"))
