@@ -198,11 +198,11 @@ async def _whole(
     if answer.rest is None:
         # An upstream that ignored `stream` and sent the response object itself.
         document = read_json_answer(answer.first, outcome)
-        await exchange.send_body(200, orjson.dumps(chat_completion(document, chat.model)))
+        await exchange.send_json(200, chat_completion(document, chat.model))
         await estimate_unbilled_answer(gateway, outcome, chat.responses, document)
         return
     final = await collect_stream(gateway, answer, outcome, scanner)
-    await exchange.send_body(200, orjson.dumps(chat_completion(final, chat.model)))
+    await exchange.send_json(200, chat_completion(final, chat.model))
 
 
 async def _stream_whole(

@@ -17,8 +17,6 @@ from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from codex_gateway.billing.admission import estimate_hold, reads_stored_input
 from codex_gateway.billing.pricing import Price
 from codex_gateway.billing.settlement import SERVED_STATUSES, Outcome, cut_by_shutdown
@@ -214,7 +212,7 @@ async def settle_after(
     A client that leaves before its answer's last byte, whether it waited for a stream or
     for one JSON answer, has its row flagged so, and is billed what the upstream did all the
     same. A stream's client is watched from here on; an answer sent whole asks the server
-    when it is sent (`Exchange.send_body`), which costs no task per request.
+    when it is sent (`Exchange.send_json`, `send_body`), which costs no task per request.
     """
     if outcome.stream:
         exchange.watch_disconnect()
@@ -263,7 +261,7 @@ async def _relay(
             # A backend that always streams (ChatGPT) answering a client that did not ask to.
             scanner = StreamScanner()
             final = await collect_stream(gateway, answer, outcome, scanner)
-            await exchange.send_body(200, orjson.dumps(final))
+            await exchange.send_json(200, final)
             await estimate_unbilled(gateway, outcome, request.document, scanner)
         elif answer.response.status == 200:
             document = await _relay_json(exchange, answer, outcome)
