@@ -117,9 +117,10 @@ def _seconds(high: float, span: str) -> Callable[[Any], float]:
         number = _decimal(value, expected)
         if not number.is_finite():
             raise ValueError(f"{expected}, not {_kind_of_number(number)}")
-        if not 0 < number <= high:
+        seconds = float(number)  # a positive number too small for a float becomes 0
+        if not 0 < seconds <= high:
             raise ValueError(expected)
-        return float(number)
+        return seconds
 
     return parse
 
@@ -131,6 +132,8 @@ def _decimal(value: Any, expected: str) -> Decimal:
         return Decimal(value)
     if not isinstance(value, str):
         raise ValueError(f"{expected}, not {_kind(value)}")
+    if not value.isascii():  # Decimal would read other scripts' digits too
+        raise ValueError(expected)
     try:
         return Decimal(value)
     except ArithmeticError:
@@ -249,7 +252,7 @@ def _log_levels(value: Any) -> tuple[tuple[str, str], ...]:
 def _path(value: Any) -> str:
     text = _text(value).strip()
     if not text:
-        raise ValueError("must be a file path")
+        raise ValueError("must be a path (leave the setting out for its default)")
     return text
 
 
@@ -352,6 +355,9 @@ def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         problems.append(f"config file {path}: {exc.strerror}")
+        return {}
+    except UnicodeDecodeError as exc:
+        problems.append(f"config file {path}: not UTF-8 text (byte {exc.start})")
         return {}
     except tomllib.TOMLDecodeError as exc:
         problems.append(f"config file {path}: {exc}")

@@ -127,6 +127,33 @@ def test_no_number_of_seconds_is_infinite_or_nan(name: str, value: str) -> None:
     assert text.endswith("not NaN" if value == "nan" else "not infinite")
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        # positive as written, but 0 once a float
+        ("catalog_refresh_seconds", "1e-400"),
+        ("lease_renew_seconds", "1e-400"),
+        # digits of another script, which Decimal reads as 12 and 30
+        ("max_body_bytes", "\u0661\u0662"),
+        ("shutdown_grace_seconds", "\u0663\u0660"),
+    ],
+)
+def test_a_number_that_only_looks_usable_is_refused(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({f"CODEX_GATEWAY_{name.upper()}": value})
+    (text,) = caught.value.problems
+    assert text.startswith(f"setting {name} = {value!r}: must be")
+
+
+def test_a_config_file_that_is_not_utf8_is_one_problem(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    before = b'[gateway]\nlog_format = "pl'
+    config.write_bytes(before + b'\xe9in"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings({}, config)
+    assert caught.value.problems == [f"config file {config}: not UTF-8 text (byte {len(before)})"]
+
+
 def test_a_lease_time_refused_alone_is_not_also_compared_with_the_other() -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(
