@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench.procs import PROXY_CORE, Processes, child_env
 
 HERE = Path(__file__).resolve().parent
@@ -54,11 +56,12 @@ def writer_counts(target: Target) -> dict[str, int] | None:
     try:
         with _LOCAL.open(request, timeout=5) as answer:
             text = answer.read().decode()
-        found = {}
-        for line in text.splitlines():
-            name, _, value = line.partition(" ")
-            found[name] = value
-        return {key: int(float(found[metric])) for key, metric in WRITER_COUNTS.items()}
+        found = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+        return {key: int(found[metric]) for key, metric in WRITER_COUNTS.items()}
     except (OSError, http.client.HTTPException, ValueError, KeyError):
         return None
 
