@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 from codex_gateway.errors import ConfigError
 from codex_gateway.relay.chatgpt import DEFAULT_BASE_URL as DEFAULT_CHATGPT_BASE_URL
-from codex_gateway.store.db import redact_url
+from codex_gateway.store.db import redact_url, sqlite_file
 
 ENV_PREFIX = "CODEX_GATEWAY_"
 DEFAULT_DATABASE_URL = "sqlite:///./data/codex-gateway.db"
@@ -303,9 +304,15 @@ URL_SETTINGS = frozenset({"database_url", "redis_url"})
 
 
 def load_settings(
-    environ: Mapping[str, str] | None = None, config_file: Path | None = None
+    environ: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+    *,
+    local: bool = False,
 ) -> Settings:
-    """Build settings from the file named by CODEX_GATEWAY_CONFIG (if any) and the environment."""
+    """Build settings from the file named by CODEX_GATEWAY_CONFIG (if any) and the environment.
+
+    `local`: also check what a serving gateway needs of this machine (`local_problems`).
+    """
     env = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
     problems: list[str] = []
@@ -314,6 +321,9 @@ def load_settings(
     )
     if path is not None:
         raw.update(_read_toml(path, problems))
+    # A file that could not be read leaves the settings unknown: the machine is not checked
+    # for defaults the operator may not have meant.
+    check_machine = local and not problems
     for name in PARSERS:
         value = env.get(ENV_PREFIX + name.upper())
         if value is not None and value != "":
@@ -327,10 +337,12 @@ def load_settings(
         try:
             values[name] = parser(value)
         except (TypeError, ValueError) as exc:
-            problems.append(f"setting {name} = {_as_written(name, value)}: {exc}")
+            problems.append(_problem(name, value, str(exc)))
     settings = dataclasses.replace(Settings(), **values)
     if not any(name in raw and name not in values for name in LEASE_TIMES):
         problems.extend(_conflicts(settings))
+    if check_machine:
+        problems.extend(local_problems(settings, refused=raw.keys() - values.keys()))
     if problems:
         raise ConfigError(problems)
     return settings
@@ -371,6 +383,110 @@ def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:
     return dict(table)
 
 
+# -- what a serving gateway needs of this machine ------------------------------------------
+
+
+def local_problems(settings: Settings, refused: Collection[str] = ()) -> list[str]:
+    """What `serve` would fail on at start for want of a file or folder, one line each: the
+    secret key file, and the folders of a SQLite database, the spool and the hold journals.
+
+    Settings in `refused` (already reported as invalid) are passed over. Nothing is created
+    or changed, and neither the database nor the network is asked.
+    """
+    found: dict[str, str | None] = {}
+    # The file is read only when no key is given inline, as `load_cipher` does.
+    if settings.secret_key_file and not settings.secret_key and "secret_key" not in refused:
+        found["secret_key_file"] = _secret_key_file_problem(settings.secret_key_file)
+    database = sqlite_file(settings.database_url)
+    if database is not None and "database_url" not in refused:
+        found["database_url"] = _folder_problem(database.parent)
+    if "spool_path" not in refused:
+        spool = Path(settings.spool_path)
+        found["spool_path"] = _folder_problem(spool.parent) or _file_problem(spool)
+    # Journals beside the spool are checked once the spool is fine: else they would repeat
+    # its problem.
+    spool_fine = "spool_path" not in refused and found["spool_path"] is None
+    if settings.journal_dir or ("journal_dir" not in refused and spool_fine):
+        found["journal_dir"] = _folder_problem(settings.journal_path)
+    return [_local_line(settings, name, reason) for name, reason in found.items() if reason]
+
+
+def _local_line(settings: Settings, name: str, reason: str) -> str:
+    if name == "journal_dir" and not settings.journal_dir:
+        return f"setting journal_dir (not set, so beside the spool): {reason}"
+    return _problem(name, getattr(settings, name), reason)
+
+
+def read_secret_key_file(path: str) -> str:
+    """The secret key held in the file `secret_key_file` names, without surrounding
+    whitespace. A file that gives none is a ConfigError naming the setting, never the file's
+    contents."""
+    try:
+        return _secret_in(Path(path))
+    except ValueError as exc:
+        raise ConfigError([_problem("secret_key_file", path, str(exc))]) from None
+
+
+def _secret_key_file_problem(path: str) -> str | None:
+    try:
+        _secret_in(Path(path))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _secret_in(path: Path) -> str:
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text (byte {exc.start})") from None
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise ValueError(f"the key in it must be at least {MIN_SECRET_LENGTH} characters long")
+    return secret
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """Why this process could not keep files in `folder`, or None. A missing folder is fine
+    when it can be created: its nearest existing ancestor is a folder this process may write."""
+    existing = next((path for path in (folder, *folder.parents) if os.path.lexists(path)), folder)
+    if existing == folder:
+        if not folder.is_dir():
+            return f"{folder} is not a folder"
+        return _unwritable(folder)
+    if not existing.is_dir():
+        return f"{folder} cannot be created: {existing} is not a folder"
+    refusal = _unwritable(existing)
+    return f"{folder} cannot be created: {refusal}" if refusal else None
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why this process could not read and append to the file at `path`, or None."""
+    if not path.exists():
+        return None
+    if path.is_dir():
+        return f"{path} is a folder, not a file"
+    if not os.access(path, os.R_OK | os.W_OK):
+        return f"cannot read and write {path}: {_refusal(path)}"
+    return None
+
+
+def _unwritable(folder: Path) -> str | None:
+    if os.access(folder, os.W_OK | os.X_OK):
+        return None
+    return f"cannot write in {folder}: {_refusal(folder)}"
+
+
+def _refusal(path: Path) -> str:
+    """The system's words for a write refused at `path`."""
+    try:
+        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return os.strerror(errno.EROFS if read_only else errno.EACCES)
+
+
 def environment_variables() -> list[str]:
     """Every environment variable the settings read, for `.env.example` and the docs."""
     return [ENV_PREFIX + "CONFIG"] + [ENV_PREFIX + name.upper() for name in PARSERS]
@@ -379,6 +495,11 @@ def environment_variables() -> list[str]:
 def describe(settings: Settings) -> dict[str, Any]:
     """The settings as an operator may see them: secrets masked, the database password too."""
     return {name: _shown(name, getattr(settings, name)) for name in PARSERS}
+
+
+def _problem(name: str, value: Any, reason: str) -> str:
+    """One problem with a setting, in the words every such problem uses."""
+    return f"setting {name} = {_as_written(name, value)}: {reason}"
 
 
 def _as_written(name: str, value: Any) -> str:

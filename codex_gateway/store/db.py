@@ -74,10 +74,18 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
-def _sqlite_engine(url: str, same_thread: bool) -> AsyncEngine:
+def sqlite_file(url: str) -> Path | None:
+    """The file a SQLite database URL names; None for one in memory or a server database."""
+    if not url.startswith("sqlite:///"):
+        return None
     path = url[len("sqlite:///") :]
-    if path and path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _sqlite_engine(url: str, same_thread: bool) -> AsyncEngine:
+    path = sqlite_file(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
     if same_thread:
         engine = create_async_engine(driver_url(url), async_creator=_same_thread(url))
     else:

@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from codex_gateway.config import MIN_SECRET_LENGTH, Settings
-from codex_gateway.errors import CredentialError, TokenRefreshError, UpstreamError
+from codex_gateway.config import MIN_SECRET_LENGTH, Settings, read_secret_key_file
+from codex_gateway.errors import ConfigError, CredentialError, TokenRefreshError, UpstreamError
 from codex_gateway.store.credentials import (
     STATE_NEEDS_RELOGIN,
     ChatGPTAccount,
@@ -186,14 +186,10 @@ def load_cipher(settings: Settings) -> TokenCipher:
     if settings.secret_key:
         return TokenCipher(settings.secret_key)
     if settings.secret_key_file:
-        path = Path(settings.secret_key_file)
         try:
-            secret = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise CredentialError(
-                f"cannot read the secret key file {path}: {exc.strerror}"
-            ) from None
-        return TokenCipher(secret)
+            return TokenCipher(read_secret_key_file(settings.secret_key_file))
+        except ConfigError as exc:  # the file changed since `config.local_problems` read it
+            raise CredentialError(str(exc)) from None
     raise CredentialError(
         "refusing to store ChatGPT tokens without a secret key: set CODEX_GATEWAY_SECRET_KEY "
         f"(at least {MIN_SECRET_LENGTH} characters) or CODEX_GATEWAY_SECRET_KEY_FILE"

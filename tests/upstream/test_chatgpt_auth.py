@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from codex_gateway.config import Settings
+from codex_gateway.config import Settings, local_problems
 from codex_gateway.errors import CredentialError, TokenRefreshError
 from codex_gateway.store.credentials import STATE_NEEDS_RELOGIN, CredentialStore
 from codex_gateway.store.db import create_engine, migrate
@@ -189,8 +189,29 @@ def test_the_secret_key_can_come_from_a_file(tmp_path: Path) -> None:
     sealed = TokenCipher(SECRET).seal("t")
 
     assert load_cipher(Settings(secret_key_file=str(key_file))).open(sealed) == "t"
-    with pytest.raises(CredentialError, match="cannot read the secret key file"):
-        load_cipher(Settings(secret_key_file=str(tmp_path / "missing")))
+
+
+@pytest.mark.parametrize("content", [None, "short\n", "\u00e9".encode("latin-1")])
+def test_a_key_file_that_gives_no_key_is_refused_as_config_check_words_it(
+    tmp_path: Path, content: str | bytes | None
+) -> None:
+    """The file is read again at start (it may have changed since `config check`): missing,
+    too short, not UTF-8."""
+    key_file = tmp_path / "key"
+    if isinstance(content, str):
+        key_file.write_text(content)
+    elif content is not None:
+        key_file.write_bytes(content)
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path}/gateway.db",
+        spool_path=str(tmp_path / "spool.jsonl"),
+        secret_key_file=str(key_file),
+    )
+
+    with pytest.raises(CredentialError) as caught:
+        load_cipher(settings)
+
+    assert [str(caught.value)] == local_problems(settings)
 
 
 @pytest.mark.parametrize(
