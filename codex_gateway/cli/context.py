@@ -21,9 +21,11 @@ from codex_gateway.store.queries import Store, StoreError
 T = TypeVar("T")
 
 
-def settings_or_exit() -> Settings:
+def settings_or_exit(*, local: bool = False) -> Settings:
+    """The settings, or an `error:` line for each problem and exit 1. `local`: also what a serving
+    gateway needs of this machine (`config.local_problems`)."""
     try:
-        return load_settings()
+        return load_settings(local=local)
     except ConfigError as exc:
         for problem in exc.problems:
             click.echo(f"error: {problem}", err=True)

@@ -48,7 +48,9 @@ def cli() -> None:
 )
 def serve(host: str, port: int, sandbox: bool, log_level: str | None, workers: int) -> None:
     """Run the gateway."""
-    settings = settings_or_exit()
+    # Files and folders first: a gateway that would fail at start must not have listened,
+    # pointed the sandbox account at itself or created the quick start's demo user.
+    settings = settings_or_exit(local=True)
     logs.configure(
         (log_level or settings.log_level).upper(), settings.log_format, settings.log_levels
     )

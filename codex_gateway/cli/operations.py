@@ -89,9 +89,10 @@ def config() -> None:
     help="The TOML file to check (default: the one CODEX_GATEWAY_CONFIG names, if any).",
 )
 def config_check(config_file: Path | None) -> None:
-    """Report every problem in the settings at once; exit 1 if there is any."""
+    """Report every problem in the settings at once, with the files and folders `serve`
+    needs of this machine; exit 1 if there is any."""
     try:
-        settings = load_settings(config_file=config_file)
+        settings = load_settings(config_file=config_file, local=True)
     except ConfigError as exc:
         for problem in exc.problems:
             click.echo(f"error: {problem}", err=True)

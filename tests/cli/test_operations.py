@@ -66,6 +66,39 @@ def test_config_check_accepts_good_settings_and_shows_them_masked(tmp_path: Path
     assert result.stdout.strip().endswith("configuration OK")
 
 
+def test_config_check_reports_files_and_folders_serve_would_fail_on(tmp_path: Path) -> None:
+    """With the settings' own problems, at once: a key file that gives no key, a journal
+    folder that is a file, a spool whose folder is under a file."""
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "short-key").write_text("too-short\n")
+    path = tmp_path / "gateway.toml"
+    path.write_text('[gateway]\nlog_level = "LOUD"\nspool_path = "afile/sub/spool.jsonl"\n')
+
+    result = run(
+        "config",
+        "check",
+        "--file",
+        str(path),
+        env={
+            "CODEX_GATEWAY_SECRET_KEY_FILE": "short-key",
+            "CODEX_GATEWAY_JOURNAL_DIR": "afile",
+        },
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "error: setting log_level = 'LOUD': must be one of DEBUG, INFO, WARNING, ERROR",
+        "error: setting secret_key_file = 'short-key': the key in it must be at least 32 "
+        "characters long",
+        "error: setting spool_path = 'afile/sub/spool.jsonl': afile/sub cannot be created: "
+        "afile is not a folder",
+        "error: setting journal_dir = 'afile': afile is not a folder",
+        "4 problem(s) found",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "gateway.toml", "short-key"]
+
+
 def test_serve_refuses_bad_settings_with_one_line_each_and_exit_1(
     broken_file: Path, tmp_path: Path
 ) -> None:

@@ -120,6 +120,52 @@ def test_a_gateway_that_cannot_listen_leaves_the_running_ones_upstream_alone(
         stop(proc)
 
 
+# settings serve would fail on once started, the line it refuses them with instead
+UNUSABLE = [
+    # a secret key file that gives no key (serve reads it to open ChatGPT tokens)
+    (
+        {"CODEX_GATEWAY_SECRET_KEY_FILE": "missing-key"},
+        "error: setting secret_key_file = 'missing-key': cannot be read: No such file or directory",
+    ),
+    (
+        {"CODEX_GATEWAY_SECRET_KEY_FILE": "data"},
+        "error: setting secret_key_file = 'data': cannot be read: Is a directory",
+    ),
+    (
+        {"CODEX_GATEWAY_SECRET_KEY_FILE": "short-key"},
+        "error: setting secret_key_file = 'short-key': the key in it must be at least 32 "
+        "characters long",
+    ),
+    # a folder for hold journals or the spool that cannot be one
+    (
+        {"CODEX_GATEWAY_JOURNAL_DIR": "short-key"},
+        "error: setting journal_dir = 'short-key': short-key is not a folder",
+    ),
+    (
+        {"CODEX_GATEWAY_SPOOL_PATH": "short-key/spool.jsonl"},
+        "error: setting spool_path = 'short-key/spool.jsonl': short-key is not a folder",
+    ),
+]
+
+
+@pytest.mark.parametrize(("settings", "refusal"), UNUSABLE)
+def test_the_quick_start_refuses_unusable_files_before_it_creates_the_demo_user(
+    tmp_path: Path, settings: dict[str, str], refusal: str
+) -> None:
+    """It refuses before it listens, points the sandbox account at itself or creates the demo
+    user and prints its key, so that a second try with the file fixed is a fresh quick start."""
+    (tmp_path / "short-key").write_text("too-short\n")
+    assert run_cli(tmp_path, "users", "list", "--json").strip() == "[]"  # the database exists
+
+    proc = start(tmp_path, free_port(), **settings)
+    output, _ = proc.communicate(timeout=60)
+
+    assert proc.returncode == 1
+    assert output.splitlines() == [refusal]
+    assert run_cli(tmp_path, "users", "list", "--json").strip() == "[]"
+    assert run_cli(tmp_path, "accounts", "list", "--json").strip() == "[]"
+
+
 def _lines_until_key(proc: subprocess.Popen[str]) -> list[str]:
     """The quick start's output up to the demo key, which it prints once at start."""
     assert proc.stdout is not None
