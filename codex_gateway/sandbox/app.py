@@ -10,11 +10,13 @@ output, the way a two-turn Codex exchange goes; an input that ends with Codex's
 `error` event after `response.created`), `responses-lone-surrogate.sse` is `responses-text.sse`
 whose final event's id holds a lone surrogate escape (`\\ud800`, valid JSON that orjson
 refuses), and `responses-usage-missing.sse` and `responses-usage-invalid.sse` are the same
-answer with its usage null, or with an output count sent as a string. Streams are sent one
-event per write, `x-sandbox-delay-ms` apart; a non-streaming request gets the final response
-object, that long after the request. When recording is on
-(the standalone `codex-gateway sandbox`), the last requests it received can be read back at
-GET /sandbox/requests, which tests use to check what reached the upstream; a gateway serving the
+answer with its usage null, or with an output count sent as a string; the header
+`x-sandbox-usage` (any JSON) puts its value in place of the usage of a finished transcript's
+final response, streamed or whole, for tests of how usage of any shape is billed. Streams are
+sent one event per write, `x-sandbox-delay-ms` apart; a non-streaming request gets the final
+response object, that long after the request. When recording is on (the standalone
+`codex-gateway sandbox`), the last requests it received can be read back at GET
+/sandbox/requests, which tests use to check what reached the upstream; a gateway serving the
 sandbox for its quick start keeps no such record of its users' requests.
 
 Faults, for failover tests: the header `x-sandbox-fault`, or a fault set for one upstream key
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 from collections import deque
@@ -47,6 +50,8 @@ from codex_gateway.http.exchange import Receive, Scope, Send
 from codex_gateway.relay.sse import StreamScanner, iter_events
 
 TRANSCRIPTS = Path(__file__).parent / "transcripts"
+# The final events of an answer the upstream served, whose usage is billed.
+FINISHED = ("response.completed", "response.incomplete")
 DEFAULT_TRANSCRIPT = "responses-text"
 TOOL_CONVERSATION = "tool-conversation"
 COMPACTION_TRANSCRIPT = "responses-compaction"
@@ -73,6 +78,8 @@ class Transcript:
         raw = path.read_bytes()
         self.json: dict[str, Any] | None = None
         self.events: list[bytes] = []
+        self.terminal_type: str | None = None
+        self.terminal: dict[str, Any] | None = None
         if path.suffix == ".json":
             self.json = orjson.loads(raw)
             return
@@ -82,6 +89,19 @@ class Transcript:
         scanner.finish()
         self.terminal_type = scanner.terminal_type
         self.terminal = scanner.terminal
+
+    def with_usage(self, usage: Any) -> Transcript | None:
+        """The same answer with `usage` in its final response; None for a transcript that
+        does not end in one (a failure, a stream cut short, a JSON answer)."""
+        terminal = self.terminal or {}
+        final = terminal.get("response")
+        if self.terminal_type not in FINISHED or not isinstance(final, dict):
+            return None
+        changed = copy.copy(self)
+        changed.terminal = {**terminal, "response": {**final, "usage": usage}}
+        event = f"event: {self.terminal_type}\ndata: ".encode() + orjson.dumps(changed.terminal)
+        changed.events = [*self.events[:-1], event + b"\n\n"]
+        return changed
 
 
 def load_transcripts() -> dict[str, Transcript]:
@@ -161,6 +181,12 @@ class SandboxApp:
             known = ", ".join([*self.transcripts, TOOL_CONVERSATION])
             await _json(send, 400, _error(f"Unknown sandbox transcript {name!r}; known: {known}."))
             return
+        if "x-sandbox-usage" in headers:
+            transcript = _with_usage(transcript, headers["x-sandbox-usage"])
+            if transcript is None:
+                message = f"x-sandbox-usage must be JSON, for a transcript that finishes ({name})."
+                await _json(send, 400, _error(message))
+                return
         delay = _delay_seconds(headers.get("x-sandbox-delay-ms", ""))
         fault = headers.get("x-sandbox-fault") or self.faults.get(_bearer(headers), "")
         if fault:
@@ -195,6 +221,13 @@ class SandboxApp:
         else:
             self.faults.pop(key, None)
         await _json(send, 200, {"key": key, "fault": fault})
+
+
+def _with_usage(transcript: Transcript, usage: str) -> Transcript | None:
+    try:
+        return transcript.with_usage(orjson.loads(usage))
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _bearer(headers: dict[str, str]) -> str:
@@ -331,7 +364,7 @@ async def _final(send: Send, transcript: Transcript, delay: float) -> None:
     if delay:
         await asyncio.sleep(delay)
     terminal = transcript.terminal
-    if transcript.terminal_type in ("response.completed", "response.incomplete") and terminal:
+    if transcript.terminal_type in FINISHED and terminal:
         await _json(send, 200, terminal["response"])
         return
     if transcript.terminal_type in ("response.failed", "error") and terminal:

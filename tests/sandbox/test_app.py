@@ -3,11 +3,14 @@ error of the server it runs in."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
 import httpx
+import pytest
 
+from codex_gateway.relay.sse import parse_events
 from codex_gateway.sandbox.app import DroppedConnection, SandboxApp
 from tests.conftest import Sandbox
 
@@ -42,3 +45,41 @@ def test_compaction_names_a_fault_that_does_not_apply_to_it(sandbox: Sandbox) ->
 
     assert response.status_code == 400
     assert "'cut-after:2' does not apply" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+def test_a_usage_header_replaces_the_usage_of_the_final_response(
+    sandbox: Sandbox, stream: bool
+) -> None:
+    usage = {"input_tokens": -1, "output_tokens": "2", "total_tokens": 99}
+    response = httpx.post(
+        sandbox.base_url + "/responses",
+        json={"model": "gpt-5.1-codex", "input": "hi", "stream": stream},
+        headers={"x-sandbox-usage": json.dumps(usage)},
+    )
+
+    final = parse_events(response.content)[-1]["response"] if stream else response.json()
+    assert final["usage"] == usage and final["id"] == "resp_fx_text"
+
+
+@pytest.mark.parametrize(
+    ("transcript", "usage"),
+    [
+        # not JSON
+        ("responses-text", "{input_tokens: 1}"),
+        # a transcript without a final response to put it in
+        ("responses-no-terminal", "null"),
+        ("responses-failed", "null"),
+    ],
+)
+def test_a_usage_header_that_cannot_apply_is_refused(
+    sandbox: Sandbox, transcript: str, usage: str
+) -> None:
+    response = httpx.post(
+        sandbox.base_url + "/responses",
+        json={"model": "gpt-5.1-codex", "input": "hi", "stream": True},
+        headers={"x-sandbox-transcript": transcript, "x-sandbox-usage": usage},
+    )
+
+    assert response.status_code == 400
+    assert "x-sandbox-usage must be JSON" in response.json()["error"]["message"]
