@@ -93,6 +93,14 @@ class Outcome:
             self._mapped = (self.usage, map_usage(self.usage))
         return self._mapped[1]
 
+    def billed_usage(self) -> MappedUsage:
+        """The counts the request is billed by: the upstream's usage, mapped, with each side
+        it does not give readably taken from the gateway's estimate once one is made."""
+        reported = self.reported_usage()
+        if reported.billable or self.estimate is None:
+            return reported
+        return map_usage(with_estimate(self.usage, self.estimate))
+
     def served_without_usage(self) -> bool:
         """Whether the upstream served an answer (completed or incomplete) yet reported no
         usage that can be billed: none, or counts that are not counts. The work was done, so
@@ -126,14 +134,12 @@ def bill(outcome: Outcome, prices: PriceTable, trace: bool = False) -> dict[str,
     The four stages are logged at DEBUG, or at INFO when `trace` is on for this request.
     """
     flags = list(outcome.flags)
-    mapped = outcome.reported_usage()
-    if not mapped.billable and outcome.estimate is not None:
+    reported = outcome.reported_usage()
+    mapped = outcome.billed_usage()
+    if mapped is not reported:  # the estimate stands in for what the upstream's does not give
         if outcome.usage_reported or outcome.status in SERVED_STATUSES:
             # Why the upstream's own count was not billed: usage_invalid or usage_missing.
-            flags.extend(flag for flag in mapped.flags if flag not in flags)
-        # What the upstream reported that can be read is billed as it came; the rest is
-        # the gateway's count.
-        mapped = map_usage(with_estimate(outcome.usage, outcome.estimate))
+            flags.extend(flag for flag in reported.flags if flag not in flags)
         flags.append(FLAG_ESTIMATED)
     another_model = _ran_another_model(outcome, prices)
     price = _price_for(outcome, prices, another_model)

@@ -5,7 +5,10 @@ The upstream is always asked to stream: a streaming client gets each Responses e
 `chat.completion`. Billing reads the upstream's own terminal event through the same scanner
 and settlement as /v1/responses, so a request costs the same on either route. An upstream
 that ignores `stream` and answers with the response object is read as /v1/responses reads
-one, and a streaming client gets the chunks of its events.
+one, and a streaming client gets the chunks of its events. The usage a client gets is the
+billed counts (`Outcome.billed_usage`); when the upstream's own usage cannot be billed, they
+are known once the gateway's estimate is made, which the usage chunk of a stream, or the
+completion of a client that did not stream, then waits for.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from codex_gateway.relay.chat import (
 )
 from codex_gateway.relay.shaping import ResponsesRequest
 from codex_gateway.relay.sse import EventSplitter, StreamScanner, event_data
+from codex_gateway.relay.usage import MappedUsage
 from codex_gateway.store.queries import KeyRecord
 from codex_gateway.upstream.router import Answer
 
@@ -129,6 +133,8 @@ async def _stream(
         lines = [exchange.unsent, *(line for b in blocks for line in translator.feed(_event(b)))]
         error = {"type": "server_error", "code": SHUTDOWN_CODE, "message": SHUTDOWN_MESSAGE}
         last = translator.feed({"type": "error", "error": error})
+        # A cut stream is billed what the upstream reported: no estimate, so no usage chunk.
+        lines.extend(translator.finish())
         await end_cut_stream(exchange, outcome, scanner, b"".join(last), b"".join(lines))
         return
     except UpstreamError as exc:
@@ -139,7 +145,7 @@ async def _stream(
         if scanner.terminal is None:
             _record_failure(outcome, exc)
             outcome.flag("stream_interrupted")
-        await _write_lines(exchange, translator.finish(), last=True)
+        await _end(gateway, exchange, outcome, chat, scanner, translator)
         return
     finally:
         for handle in stop_later:
@@ -154,7 +160,36 @@ async def _stream(
         outcome.status = "no_terminal_event"
         outcome.error = MISSING_TERMINAL_MESSAGE
         outcome.flag("no_terminal_event")
-    await _write_lines(exchange, translator.finish(), last=True)
+    await _end(gateway, exchange, outcome, chat, scanner, translator)
+
+
+async def _end(
+    gateway: Gateway,
+    exchange: Exchange,
+    outcome: Outcome,
+    chat: ChatRequest,
+    scanner: StreamScanner,
+    translator: ChatStreamTranslator,
+) -> None:
+    """Write the stream's last lines. One whose final usage cannot be billed as it came gets
+    its usage chunk once the estimate is made; a shutdown that cuts the estimate short ends
+    the stream without one, as the request is then billed what the upstream reported."""
+    if not translator.awaits_usage:
+        await _write_lines(exchange, translator.finish(), last=True)
+        return
+    try:
+        await estimate_unbilled(gateway, outcome, chat.responses, scanner)
+    except asyncio.CancelledError:
+        await _last_words(exchange.write(b"".join(translator.finish()), more=False))
+        return
+    await _write_lines(exchange, translator.finish(_billed(outcome)), last=True)
+
+
+def _billed(outcome: Outcome) -> MappedUsage | None:
+    """The counts a client is told: those its request is billed by; none when its row bills
+    nothing (an answer without a final status, a stream a shutdown cut before its estimate)."""
+    usage = outcome.billed_usage()
+    return usage if usage.billable else None
 
 
 async def _translate(
@@ -198,11 +233,12 @@ async def _whole(
     if answer.rest is None:
         # An upstream that ignored `stream` and sent the response object itself.
         document = read_json_answer(answer.first, outcome)
-        await exchange.send_json(200, chat_completion(document, chat.model))
         await estimate_unbilled_answer(gateway, outcome, chat.responses, document)
+        await exchange.send_json(200, chat_completion(document, chat.model, _billed(outcome)))
         return
     final = await collect_stream(gateway, answer, outcome, scanner)
-    await exchange.send_json(200, chat_completion(final, chat.model))
+    await estimate_unbilled(gateway, outcome, chat.responses, scanner)
+    await exchange.send_json(200, chat_completion(final, chat.model, _billed(outcome)))
 
 
 async def _stream_whole(
@@ -219,8 +255,11 @@ async def _stream_whole(
     it has none: the answer's work had not been done. A client that left while the upstream
     worked is handled as on a stream relayed as it comes, and billed the answer's usage."""
     document = read_json_answer(answer.first, outcome)
-    await exchange.start(200, list(_STREAM_HEADERS))
     lines = [line for event in response_events(document) for line in translator.feed(event)]
+    if translator.awaits_usage:
+        await estimate_unbilled_answer(gateway, outcome, chat.responses, document)
+        lines.extend(translator.finish(_billed(outcome)))
+    await exchange.start(200, list(_STREAM_HEADERS))
     whole = translator.finished
     if not whole:
         outcome.status = "no_terminal_event"

@@ -396,8 +396,11 @@ async def estimate_unbilled(
 ) -> None:
     """The gateway's own count of a stream that ended without its final event, or whose
     final event served the answer without usage it can bill; none for a request a shutdown
-    cut, which costs what the upstream reported."""
-    if (scanner.terminal is None or outcome.served_without_usage()) and not cut_by_shutdown():
+    cut, which costs what the upstream reported. Made once: a chat answer that tells its
+    client the billed counts has it made before its last lines are sent."""
+    if outcome.estimate is not None or cut_by_shutdown():
+        return
+    if scanner.terminal is None or outcome.served_without_usage():
         outcome.estimate = await asyncio.to_thread(gateway.tokens.estimate, request, scanner.deltas)
 
 
@@ -405,7 +408,9 @@ async def estimate_unbilled_answer(
     gateway: Gateway, outcome: Outcome, request: dict[str, Any], answer: dict[str, Any]
 ) -> None:
     """The gateway's own count of a JSON answer that says it was served (its own `status`
-    completed or incomplete) without usage it can bill."""
+    completed or incomplete) without usage it can bill; made once, as above."""
+    if outcome.estimate is not None:
+        return
     if answer.get("status") in SERVED_STATUSES and outcome.served_without_usage():
         outcome.estimate = await asyncio.to_thread(gateway.tokens.estimate_answer, request, answer)
 

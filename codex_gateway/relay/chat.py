@@ -4,6 +4,9 @@ Codex models are served only through Responses, so a Chat Completions request is
 into a Responses request, and what comes back (a stream of Responses events, or one response
 object) is translated into `chat.completion.chunk`s or one `chat.completion`. Billing never
 reads the translated output: it reads the upstream's own events, exactly as on /v1/responses.
+The usage a client is told is the counts its request is billed by, mapped as the bill maps
+them; where the upstream's own usage cannot be billed, those are known only once the gateway
+has made its estimate, so a stream's usage chunk waits for it (`ChatStreamTranslator.finish`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import orjson
 from codex_gateway.errors import InvalidRequest, UpstreamProtocolError
 from codex_gateway.relay.shaping import check_output_cap, messages_to_input, parse_json_object
 from codex_gateway.relay.sse import TERMINAL_STATUS
+from codex_gateway.relay.usage import MappedUsage, map_usage
 
 DONE = b"data: [DONE]\n\n"
 
@@ -249,36 +253,25 @@ def _include_usage(document: dict[str, Any]) -> bool:
 # -- what comes back ----------------------------------------------------------------------
 
 
-def chat_usage(usage: Any) -> dict[str, Any] | None:
-    """A Responses `usage` object in Chat Completions names, the nesting kept as it is."""
-    if not isinstance(usage, dict):
-        return None
-    prompt = usage.get("input_tokens", 0)
-    completion = usage.get("output_tokens", 0)
-    total = usage.get("total_tokens")
-    if not isinstance(total, int) and isinstance(prompt, int) and isinstance(completion, int):
-        total = prompt + completion
+def chat_usage(usage: MappedUsage) -> dict[str, Any]:
+    """Billed counts in Chat Completions names, the nesting kept: the cached tokens billed
+    (never more than the prompt) are part of the prompt, reasoning tokens part of the
+    completion, and the total is prompt plus completion, whatever total the upstream sent."""
     return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": total,
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.input_tokens + usage.output_tokens,
         "prompt_tokens_details": {
-            "cached_tokens": _nested(usage, "input_tokens_details", "cached_tokens"),
+            "cached_tokens": usage.billable_cached_tokens,
             "audio_tokens": 0,
         },
         "completion_tokens_details": {
-            "reasoning_tokens": _nested(usage, "output_tokens_details", "reasoning_tokens"),
+            "reasoning_tokens": usage.reasoning_tokens,
             "audio_tokens": 0,
             "accepted_prediction_tokens": 0,
             "rejected_prediction_tokens": 0,
         },
     }
-
-
-def _nested(usage: dict[str, Any], details: str, name: str) -> Any:
-    inner = usage.get(details)
-    value = inner.get(name) if isinstance(inner, dict) else None
-    return 0 if value is None else value
 
 
 def completion_id(response_id: Any) -> str:
@@ -317,10 +310,13 @@ class ChatStreamTranslator:
 
     Each chunk is written from a prefix built once per stream, so a text delta costs one JSON
     string encoding. The stream always ends with `data: [DONE]`, after a finish chunk, an
-    optional usage chunk, or an error chunk when the upstream failed or went quiet.
+    optional usage chunk, or an error chunk when the upstream failed or went quiet. A final
+    event whose usage cannot be billed as it came leaves the usage chunk and `[DONE]` to
+    `finish`, given the counts billed instead (`awaits_usage`).
     """
 
     __slots__ = (
+        "_awaits_usage",
         "_created",
         "_finished",
         "_include_usage",
@@ -341,6 +337,7 @@ class ChatStreamTranslator:
         self._prefix: bytes | None = None
         self._role_sent = False
         self._finished = False
+        self._awaits_usage = False
         # item id -> [tool_calls index, arguments streamed so far]
         self._tools: dict[str, list[Any]] = {}
 
@@ -348,14 +345,24 @@ class ChatStreamTranslator:
     def finished(self) -> bool:
         return self._finished
 
+    @property
+    def awaits_usage(self) -> bool:
+        """Whether the answer is finished but its usage chunk waits for the counts billed."""
+        return self._awaits_usage
+
     def feed(self, event: dict[str, Any]) -> list[bytes]:
         if self._finished:
             return []
         handler = _HANDLERS.get(str(event.get("type")))
         return handler(self, event) if handler is not None else []
 
-    def finish(self) -> list[bytes]:
-        """The upstream closed; a stream that never reached its final event ends in an error."""
+    def finish(self, usage: MappedUsage | None = None) -> list[bytes]:
+        """The upstream closed. A stream that awaits its usage ends with the usage chunk of
+        `usage`, the counts billed (none when nothing is), and `[DONE]`; one that never
+        reached its final event ends in an error."""
+        if self._awaits_usage:
+            self._awaits_usage = False
+            return [self._usage_chunk(usage), DONE] if usage is not None else [DONE]
         if self._finished:
             return []
         return self._error(
@@ -434,11 +441,15 @@ class ChatStreamTranslator:
             return self._error(response.get("error") or {"message": "The response failed."})
         reason = finish_reason(response, bool(self._tools))
         lines = [*self._role(), self._chunk(b"{}", finish=reason)]
-        usage = chat_usage(response.get("usage"))
-        if self._include_usage and usage is not None:
-            lines.append(self._usage_chunk(usage))
         self._finished = True
-        return [*lines, DONE]
+        if not self._include_usage:
+            return [*lines, DONE]
+        usage = map_usage(response.get("usage"))
+        if not usage.billable:
+            # Billed partly from the gateway's estimate, which is made once the stream ends.
+            self._awaits_usage = True
+            return lines
+        return [*lines, self._usage_chunk(usage), DONE]
 
     def _on_error(self, event: dict[str, Any]) -> list[bytes]:
         # The event's own `type` is "error"; the error's type is in `error` when nested.
@@ -487,8 +498,8 @@ class ChatStreamTranslator:
             + b'}],"usage":null}\n\n'
         )
 
-    def _usage_chunk(self, usage: dict[str, Any]) -> bytes:
-        return self._head() + b'[],"usage":' + orjson.dumps(usage) + b"}\n\n"
+    def _usage_chunk(self, usage: MappedUsage) -> bytes:
+        return self._head() + b'[],"usage":' + orjson.dumps(chat_usage(usage)) + b"}\n\n"
 
     def _error(self, error: Any) -> list[bytes]:
         self._finished = True
@@ -556,8 +567,11 @@ def response_events(response: dict[str, Any]) -> list[dict[str, Any]]:
     return events
 
 
-def chat_completion(response: dict[str, Any], model: str) -> dict[str, Any]:
-    """One `chat.completion` from a final Responses object; a failed response raises."""
+def chat_completion(
+    response: dict[str, Any], model: str, usage: MappedUsage | None
+) -> dict[str, Any]:
+    """One `chat.completion` from a final Responses object, with `usage`, the counts billed
+    (none when nothing is); a failed response raises."""
     if response.get("status") == "failed":
         payload = error_payload(response.get("error"))["error"]
         raise UpstreamProtocolError(
@@ -589,9 +603,8 @@ def chat_completion(response: dict[str, Any], model: str) -> dict[str, Any]:
             }
         ],
     }
-    usage = chat_usage(response.get("usage"))
     if usage is not None:
-        completion["usage"] = usage
+        completion["usage"] = chat_usage(usage)
     return completion
 
 

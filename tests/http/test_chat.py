@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import openai
@@ -196,6 +197,94 @@ def test_a_chat_answer_served_with_invalid_usage_is_billed_the_estimate(
     assert (row["input_tokens"], row["cached_tokens"]) == (1252, 0)
     assert Decimal(row["cost_usd"]) > 0
     assert Decimal(gateway.balance(user)) == Decimal(2) - Decimal(row["cost_usd"])
+
+
+def usage_of(row: dict[str, Any]) -> dict[str, Any]:
+    """The Chat Completions usage of a usage row's billed counts."""
+    cached = row["input_tokens"] - row["uncached_input_tokens"]
+    return {
+        "prompt_tokens": row["input_tokens"],
+        "completion_tokens": row["output_tokens"],
+        "total_tokens": row["input_tokens"] + row["output_tokens"],
+        "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": row["reasoning_tokens"],
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+def streamed_usage(text: str) -> Any:
+    """The usage of a chat stream: its one usage chunk, the last before [DONE]."""
+    assert text.endswith("\n\ndata: [DONE]\n\n")
+    chunks = [json.loads(block[6:]) for block in text.split("\n\n") if block[6:7] == "{"]
+    assert chunks[-1]["choices"] == []
+    assert all(chunk["usage"] is None for chunk in chunks[:-1])
+    return chunks[-1]["usage"]
+
+
+READ = {"input_tokens": 1252, "input_tokens_details": {"cached_tokens": 0}}
+WRITTEN = {"output_tokens": 11273, "output_tokens_details": {"reasoning_tokens": 10944}}
+
+
+@pytest.mark.parametrize(
+    ("stream", "fault"),
+    [
+        # a stream translated chunk by chunk, and one gathered into one chat.completion
+        (True, None),
+        (False, None),
+        # an upstream that ignored `stream` and sent the response object, streamed or not
+        (True, "json"),
+        (False, "json"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("usage", "estimated"),
+    [
+        # no usage, or usage that is not an object: the gateway's estimate is billed
+        pytest.param(None, True, id="usage-null"),
+        pytest.param("12525 tokens", True, id="usage-a-string"),
+        # a count below zero: that side is the estimate, the other billed as reported
+        pytest.param(
+            {**READ, "output_tokens": -11273, "total_tokens": -10021}, True, id="negative-output"
+        ),
+        pytest.param(
+            {"input_tokens": -1252, **WRITTEN, "total_tokens": 10021}, True, id="negative-input"
+        ),
+        # counts that read: billed as reported, with a total that is not their sum, or with
+        # more cached than input (billed as all of the input cached)
+        pytest.param({**READ, **WRITTEN, "total_tokens": 99}, False, id="total-not-the-sum"),
+        pytest.param(
+            {**READ, "input_tokens_details": {"cached_tokens": 2000}, **WRITTEN},
+            False,
+            id="cached-over-input",
+        ),
+    ],
+)
+def test_the_usage_a_chat_client_is_told_is_the_usage_its_row_bills(
+    gateway: Gateway, stream: bool, fault: str | None, usage: Any, estimated: bool
+) -> None:
+    _, key = gateway.new_user("2")
+    headers = {"Authorization": f"Bearer {key}", "x-sandbox-usage": json.dumps(usage)}
+    body: dict[str, Any] = {"model": "gpt-5.1-codex", "messages": MESSAGES, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    response = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json=body,
+        headers=headers | ({"x-sandbox-fault": fault} if fault else {}),
+        timeout=30,
+    )
+
+    assert response.status_code == 200
+    told = streamed_usage(response.text) if stream else response.json()["usage"]
+    row = gateway.usage_row(response.headers["x-request-id"])
+    assert row["status"] == "completed"
+    assert ("estimated" in row["flags"]) is estimated
+    assert told == usage_of(row)
+    assert row["output_tokens"] > 0 and row["input_tokens"] > 0
 
 
 def test_a_chat_stream_answered_with_one_json_object_is_billed_as_its_stream_would_be(

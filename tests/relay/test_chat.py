@@ -18,6 +18,7 @@ from codex_gateway.relay.chat import (
     response_events,
 )
 from codex_gateway.relay.sse import iter_events, parse_events
+from codex_gateway.relay.usage import MappedUsage, map_usage
 from tests.conftest import fixture_path
 
 UPSTREAM = fixture_path("upstream", "responses-text.sse").parent
@@ -485,6 +486,100 @@ def test_a_call_announced_only_when_done_is_sent_whole() -> None:
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+BILLED = MappedUsage(1252, 0, 300, 0, 0)
+# The chunk a client reads for BILLED, whatever the upstream's usage said.
+BILLED_CHUNK = {
+    "prompt_tokens": 1252,
+    "completion_tokens": 300,
+    "total_tokens": 1552,
+    "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+    "completion_tokens_details": {
+        "reasoning_tokens": 0,
+        "audio_tokens": 0,
+        "accepted_prediction_tokens": 0,
+        "rejected_prediction_tokens": 0,
+    },
+}
+
+
+def completed_with(usage: Any) -> list[dict[str, Any]]:
+    """A short answer whose final event carries `usage`."""
+    response = {"id": "resp_1", "created_at": 1764806400, "model": "gpt-5.1-codex"}
+    return [
+        {"type": "response.created", "response": {**response, "status": "in_progress"}},
+        {"type": "response.output_text.delta", "delta": "Hi"},
+        {
+            "type": "response.completed",
+            "response": {**response, "status": "completed", "usage": usage},
+        },
+    ]
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        # none reported
+        None,
+        # not an object
+        "1252 in, 300 out",
+        # counts that are not counts: negative, fractional, a string
+        {"input_tokens": 1252, "output_tokens": -300, "total_tokens": 952},
+        {"input_tokens": 1252.5, "output_tokens": 300, "total_tokens": 1552},
+        {"input_tokens": 1252, "output_tokens": "300", "total_tokens": 1552},
+    ],
+)
+def test_usage_that_cannot_be_billed_waits_for_the_billed_counts(usage: Any) -> None:
+    translator = ChatStreamTranslator("gpt-5.1-codex", include_usage=True)
+    streamed = [line for event in completed_with(usage) for line in translator.feed(event)]
+
+    # the answer is finished and its finish chunk is out; no usage chunk, no [DONE] yet
+    assert translator.finished and translator.awaits_usage
+    assert payloads([*streamed, DONE])[-1]["choices"][0]["finish_reason"] == "stop"
+    end = translator.finish(BILLED)
+    assert end[-1] == DONE and payloads(end)[0]["usage"] == BILLED_CHUNK
+    assert not translator.awaits_usage and translator.finish(BILLED) == []
+
+
+def test_a_stream_billed_nothing_it_could_read_ends_without_a_usage_chunk() -> None:
+    translator = ChatStreamTranslator("gpt-5.1-codex", include_usage=True)
+    for event in completed_with(None):
+        translator.feed(event)
+
+    assert translator.finish(None) == [DONE]
+
+
+def test_without_include_usage_a_stream_with_unbillable_usage_ends_at_its_final_event() -> None:
+    lines = translate(completed_with(None), include_usage=False)
+
+    assert lines[-1] == DONE and all(p["usage"] is None for p in payloads(lines))
+
+
+@pytest.mark.parametrize(
+    "total",
+    [
+        # more than the parts, less, and not a count at all
+        99999,
+        7,
+        "1552",
+    ],
+)
+def test_the_total_a_client_reads_is_prompt_plus_completion(total: Any) -> None:
+    usage = {"input_tokens": 1252, "output_tokens": 300, "total_tokens": total}
+
+    streamed = payloads(translate(completed_with(usage)))
+    completion = chat_completion(completed_with(usage)[-1]["response"], "m", map_usage(usage))
+
+    assert streamed[-1]["usage"] == BILLED_CHUNK == completion["usage"]
+
+
+def test_a_client_is_told_the_cached_tokens_billed_never_more_than_the_prompt() -> None:
+    usage = {"input_tokens": 1252, "input_tokens_details": {"cached_tokens": 2000}}
+
+    told = chat_usage(map_usage({**usage, "output_tokens": 300}))
+
+    assert told["prompt_tokens_details"]["cached_tokens"] == told["prompt_tokens"] == 1252
+
+
 def test_events_after_the_end_and_a_second_finish_add_nothing() -> None:
     translator = ChatStreamTranslator("m", False)
     translator.feed({"type": "response.completed", "response": {}})
@@ -503,7 +598,9 @@ def test_every_final_response_becomes_one_sdk_valid_chat_completion(
 ) -> None:
     final = events_of(name)[-1]["response"]
 
-    completion = ChatCompletion.model_validate(chat_completion(final, "gpt-5.1-codex"))
+    completion = ChatCompletion.model_validate(
+        chat_completion(final, "gpt-5.1-codex", map_usage(final["usage"]))
+    )
 
     choice = completion.choices[0]
     assert completion.object == "chat.completion" and completion.model == final["model"]
@@ -527,20 +624,20 @@ def test_a_failed_final_response_is_an_upstream_error_with_its_code() -> None:
     final = events_of("responses-failed.sse")[-1]["response"]
 
     with pytest.raises(UpstreamProtocolError) as caught:
-        chat_completion(final, "gpt-5.1-codex")
+        chat_completion(final, "gpt-5.1-codex", None)
 
     assert caught.value.code == "server_error"
     assert "invalid content" in caught.value.message
 
 
 def test_usage_keeps_the_nesting_of_cached_and_reasoning_counts() -> None:
-    usage = chat_usage({"input_tokens": 10, "output_tokens": 4, "input_tokens_details": None})
+    usage = chat_usage(
+        map_usage({"input_tokens": 10, "output_tokens": 4, "input_tokens_details": None})
+    )
 
-    assert usage is not None
     assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (
         10,
         4,
         14,
     )
     assert usage["prompt_tokens_details"]["cached_tokens"] == 0
-    assert chat_usage(None) is None
