@@ -282,6 +282,7 @@ def explain(row: dict[str, Any]) -> str:
         f"model     {row['model']} (upstream reported {row.get('upstream_model') or '-'})   "
         f"endpoint {row['endpoint']}   stream {'yes' if row['stream'] else 'no'}",
         f"status    {row['status']} (HTTP {row['http_status']})"
+        f"   client bytes {row['client_bytes']}"
         + (f"   error: {row['error']}" if row.get("error") else ""),
         f"flags     {', '.join(orjson.loads(row['flags'])) or 'none'}",
         *_attempt_lines(row.get("attempts")),

@@ -639,6 +639,7 @@ USAGE_COLUMNS = [
     "output_tokens",
     "reasoning_tokens",
     "cost_usd",
+    "client_bytes",
     "flags",
 ]
 

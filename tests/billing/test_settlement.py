@@ -259,6 +259,7 @@ def test_explain_shows_each_term_with_the_real_numbers() -> None:
             upstream_model="gpt-5.1-codex-2025-11-13",
             duration_ms=1234.5,
             ttfb_ms=80.5,
+            client_bytes=6839,
         ),
         PRICES,
     )
@@ -271,7 +272,7 @@ def test_explain_shows_each_term_with_the_real_numbers() -> None:
         "user      -   key -   account -",
         "model     gpt-5.1-codex (upstream reported gpt-5.1-codex-2025-11-13)"
         "   endpoint responses   stream yes",
-        "status    completed (HTTP 200)",
+        "status    completed (HTTP 200)   client bytes 6839",
         "flags     none",
     ]
     assert "   " + row["raw_usage"] in text
@@ -289,6 +290,15 @@ def test_explain_shows_each_term_with_the_real_numbers() -> None:
         "   formula: ((input - cached) x P_in + cached x P_cached + output x P_out)"
         " / 1e6 x markup"
     )
+
+
+def test_explain_shows_what_a_client_that_left_was_sent_before_the_error() -> None:
+    left = "The client disconnected before the response ended."
+    state = outcome(status="client_disconnected", error=left, client_bytes=2048)
+
+    status = explain(bill(state, PRICES)).splitlines()[4]
+
+    assert status == f"status    client_disconnected (HTTP 200)   client bytes 2048   error: {left}"
 
 
 def test_explain_shows_markup_and_the_names_of_user_key_and_account() -> None:

@@ -13,6 +13,7 @@ import shlex
 import subprocess
 from collections.abc import Iterator
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from sqlalchemy import update
@@ -265,19 +266,25 @@ def test_the_readme_user_commands_run_as_written(db: Gateway) -> None:
     assert db.balance("alice") == "24.6"
 
 
-def test_a_refund_of_a_request_is_bounded_by_what_it_cost(db: Gateway) -> None:
-    db.cli("users", "create", "refunded", "--balance", "1")
+def settle_request(db: Gateway, user: str, **columns: Any) -> str:
+    """Bill one request of `user` at the list price, its row's `columns` as given; its id."""
 
-    async def charge() -> str:
+    async def settle() -> str:
         engine = create_engine(db.database_url)
         store = Store(engine)
-        user_id = next(u["id"] for u in await store.list_users() if u["name"] == "refunded")
-        row = usage_row(user_id)
+        user_id = next(u["id"] for u in await store.list_users() if u["name"] == user)
+        row = usage_row(user_id) | columns
         await store.settle(row)
         await engine.dispose()
         return str(row["request_id"])
 
-    request_id = asyncio.run(charge())
+    return asyncio.run(settle())
+
+
+def test_a_refund_of_a_request_is_bounded_by_what_it_cost(db: Gateway) -> None:
+    db.cli("users", "create", "refunded", "--balance", "1")
+
+    request_id = settle_request(db, "refunded")
     refund = ["--reason", "bad answer", "--operator", "ops", "--request", request_id]
     db.cli("users", "refund", "refunded", "0.1", *refund)
     too_much = db.cli("users", "refund", "refunded", "0.02", *refund, check=False)
@@ -292,6 +299,20 @@ def test_a_refund_of_a_request_is_bounded_by_what_it_cost(db: Gateway) -> None:
     )  # fmt: skip
     assert "not one of this user's requests" in someone_else.stderr
     assert "ok:" in db.cli("ledger", "verify").stdout
+
+
+def test_usage_list_and_explain_show_the_bytes_the_client_was_sent(db: Gateway) -> None:
+    db.cli("users", "create", "left-early", "--balance", "1")
+    flags = '["client_disconnected"]'
+    request_id = settle_request(db, "left-early", client_bytes=2048, flags=flags)
+
+    header, line = db.cli("usage", "list", "--user", "left-early").stdout.splitlines()
+    explained = db.cli("explain", request_id).stdout
+
+    assert header.split()[-3:] == ["COST_USD", "CLIENT_BYTES", "FLAGS"]
+    assert line.split()[-3:] == ["0.114295", "2048", "client_disconnected"]
+    assert "status    completed (HTTP 200)   client bytes 2048\n" in explained
+    assert "flags     client_disconnected\n" in explained
 
 
 # a command line an operator might mistype, and what the error says
