@@ -71,6 +71,12 @@ FLAG_WAITED_FOR_WRITER = "waited_for_writer"
 FLAG_CLIENT_DISCONNECTED = "client_disconnected"
 # How long a stream cut by a shutdown may spend handing its closing event to a slow client.
 CUT_WRITE_SECONDS = 1.0
+# The headers a key may come in, as read off the wire and as an error names them.
+CREDENTIAL_HEADERS = (
+    (b"authorization", "Authorization"),
+    (b"api-key", "api-key"),
+    (b"x-api-key", "x-api-key"),
+)
 
 
 async def authenticate(gateway: Gateway, exchange: Exchange) -> KeyRecord:
@@ -91,6 +97,9 @@ async def authenticate(gateway: Gateway, exchange: Exchange) -> KeyRecord:
 
 
 def _bearer(exchange: Exchange) -> str:
+    if len(exchange.headers) < len(exchange.scope["headers"]):
+        # Some header came more than once, and the map kept its last copy.
+        _refuse_repeated_credentials(exchange.scope["headers"])
     header = exchange.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
@@ -102,6 +111,19 @@ def _bearer(exchange: Exchange) -> str:
         "You didn't provide an API key. Send it in the Authorization header as 'Bearer KEY', "
         "or in an api-key or x-api-key header."
     )
+
+
+def _refuse_repeated_credentials(raw: list[tuple[bytes, bytes]]) -> None:
+    """A credential header sent twice is refused, whichever copy holds a good key: a proxy
+    in front that reads the first copy would admit one key while the gateway bills another."""
+    names = [name.lower() for name, _ in raw]
+    for name, shown in CREDENTIAL_HEADERS:
+        copies = names.count(name)
+        if copies > 1:
+            raise AuthenticationError(
+                f"The request carries the {shown} header {copies} times; send the API key "
+                "in one header, once."
+            )
 
 
 def price_of(gateway: Gateway, key: KeyRecord, request: ResponsesRequest) -> Price:

@@ -490,6 +490,43 @@ def test_a_key_may_come_in_an_api_key_header(
         assert gateway.cli_json("usage", "list", "--user", user) == []
 
 
+@pytest.mark.parametrize(
+    ("headers", "shown"),
+    [
+        # a credential header sent twice is refused, whichever copy holds the good key
+        (
+            [("Authorization", f"Bearer {WRONG_KEY}"), ("Authorization", "Bearer {key}")],
+            "Authorization",
+        ),
+        (
+            [("Authorization", "Bearer {key}"), ("Authorization", f"Bearer {WRONG_KEY}")],
+            "Authorization",
+        ),
+        ([("api-key", WRONG_KEY), ("api-key", "{key}")], "api-key"),
+        ([("api-key", "{key}"), ("api-key", WRONG_KEY)], "api-key"),
+        ([("x-api-key", WRONG_KEY), ("x-api-key", "{key}")], "x-api-key"),
+        # even when the copies agree, and when another header holds the key
+        ([("api-key", "{key}"), ("api-key", "{key}")], "api-key"),
+        (
+            [("Authorization", "Bearer {key}"), ("x-api-key", "{key}"), ("x-api-key", "{key}")],
+            "x-api-key",
+        ),
+    ],
+)
+def test_a_credential_header_sent_twice_gets_401_naming_it(
+    gateway: Gateway, headers: list[tuple[str, str]], shown: str
+) -> None:
+    user, key = gateway.new_user("2")
+    sent = [(name, value.format(key=key)) for name, value in headers]
+    response = httpx.post(gateway.url + "/v1/responses", content=GOOD, headers=sent)
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert error["code"] == "invalid_api_key"
+    assert f"carries the {shown} header 2 times" in error["message"]
+    assert key not in response.text and WRONG_KEY not in response.text
+    assert gateway.cli_json("usage", "list", "--user", user) == []
+
+
 def test_revoked_key_gets_401(gateway: Gateway) -> None:
     user, key = gateway.new_user("2")
     assert post(gateway, key, GOOD).status_code == 200
