@@ -14,6 +14,7 @@ from codex_gateway.http.exchange import Exchange, Receive, RequestIds, Scope, Se
 from codex_gateway.http.models import MODEL_PATH, list_models, retrieve_model
 from codex_gateway.http.operations import healthz, metrics, readyz
 from codex_gateway.http.responses import refuse_unanswered, relay_compact, relay_responses
+from codex_gateway.http.sandbox import FAULTS_PATH, set_sandbox_fault
 from codex_gateway.metrics import UNKNOWN_MODEL, UNMATCHED_ROUTE
 
 if TYPE_CHECKING:
@@ -44,6 +45,10 @@ class GatewayApp:
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
         self.request_ids = RequestIds()
+        self.routes = ROUTES
+        if gateway.sandbox is not None:
+            # The one sandbox path that takes a gateway key (`http/sandbox.py`).
+            self.routes = {**ROUTES, FAULTS_PATH: {"PUT": set_sandbox_fault}}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -78,7 +83,7 @@ class GatewayApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         sandbox = self.gateway.sandbox
-        if sandbox is not None and path.startswith("/sandbox/"):
+        if sandbox is not None and path.startswith("/sandbox/") and path != FAULTS_PATH:
             await sandbox(scope, receive, send)
             return
         exchange = Exchange(scope, receive, send, self.request_ids())
@@ -101,7 +106,7 @@ class GatewayApp:
 
     async def _route(self, exchange: Exchange) -> None:
         route = exchange.path.rstrip("/") or "/"
-        methods = ROUTES.get(route)
+        methods = self.routes.get(route)
         if methods is None and route.startswith(MODEL_PATH):
             methods = MODEL_ROUTE
         if methods is None:
@@ -140,7 +145,7 @@ class GatewayApp:
         route = exchange.path.rstrip("/") or "/"
         if route.startswith(MODEL_PATH):
             route = MODEL_PATH + "{model}"
-        elif route not in ROUTES:
+        elif route not in self.routes:
             route = UNMATCHED_ROUTE
         price = self.gateway.catalog.prices.resolve(exchange.model) if exchange.model else None
         model = UNKNOWN_MODEL if price is None else price.model

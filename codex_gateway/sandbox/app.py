@@ -21,7 +21,8 @@ sandbox for its quick start keeps no such record of its users' requests.
 
 Faults, for failover tests: the header `x-sandbox-fault`, or a fault set for one upstream key
 with `PUT /sandbox/faults {"key": KEY, "fault": MODE}` (`"fault": null` clears it), makes the
-answer misbehave. Modes: `500` (or any 4xx/5xx status), `429` (with reset headers),
+answer misbehave; a gateway serving the sandbox lets only callers with a gateway key reach
+that switch (`http/sandbox.py`). Modes: `500` (or any 4xx/5xx status), `429` (with reset headers),
 `hang-before` (no answer until the caller leaves, at most 30 s), `hang-middle:N` (N events,
 then silence), `cut-after:N` (N events, then the connection drops), `garbage` (bytes that are
 not SSE), `drip:MS` (each event MS milliseconds apart), `json` (the final response object even

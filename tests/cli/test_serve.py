@@ -120,6 +120,30 @@ def test_a_gateway_that_cannot_listen_leaves_the_running_ones_upstream_alone(
         stop(proc)
 
 
+def test_the_quick_starts_fault_switch_takes_a_gateway_key(tmp_path: Path) -> None:
+    """The sandbox account's upstream key is the word `sandbox`, so a fault set for it fails
+    every user's requests: only a caller with a gateway key may set one."""
+    port = free_port()
+    proc = start(tmp_path, port)
+    faults = f"http://127.0.0.1:{port}/sandbox/faults"
+    fault = {"key": "sandbox", "fault": "500"}
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        key = next(line for line in _lines_until_key(proc) if line.startswith("sk-cg-"))
+        for headers in ({}, {"Authorization": "Bearer sk-cg-not-a-real-key-000000000000"}):
+            refused = httpx.put(faults, json=fault, headers=headers)
+            assert refused.status_code == 401
+            assert refused.json()["error"]["code"] == "invalid_api_key"
+        assert guide_request(port, key).status_code == 200
+
+        applied = httpx.put(faults, json=fault, headers={"Authorization": f"Bearer {key}"})
+        assert applied.status_code == 200
+        assert applied.json() == fault
+        assert guide_request(port, key).status_code == 502
+    finally:
+        stop(proc)
+
+
 # settings serve would fail on once started, the line it refuses them with instead
 UNUSABLE = [
     # a secret key file that gives no key (serve reads it to open ChatGPT tokens)
