@@ -235,19 +235,38 @@ def _admin_token(value: Any) -> str:
 
 
 def _log_levels(value: Any) -> tuple[tuple[str, str], ...]:
-    """`logger=LEVEL,logger=LEVEL` (or a TOML table) into (logger, LEVEL) pairs."""
+    """`logger=LEVEL,logger=LEVEL` (or a TOML table) into (logger, LEVEL) pairs; a value with
+    bad entries is one problem that names each of them."""
     if isinstance(value, Mapping):
-        pairs = [(str(name), str(level)) for name, level in value.items()]
+        entries: list[tuple[str, str] | str] = [
+            (str(name), str(level)) for name, level in value.items()
+        ]
     elif not isinstance(value, str):
         raise ValueError(f"must be logger=LEVEL,... or a TOML table, not {_kind(value)}")
     else:
-        pairs = []
-        for item in value.split(","):
-            name, sep, level = item.strip().partition("=")
-            if not sep or not name.strip():
-                raise ValueError(f"{item.strip()!r} is not logger=LEVEL")
-            pairs.append((name.strip(), level.strip()))
-    return tuple((name, _log_level(level)) for name, level in pairs)
+        entries = [_log_level_entry(item.strip()) for item in value.split(",")]
+    pairs: list[tuple[str, str]] = []
+    faults: list[str] = []
+    for entry in entries:
+        if isinstance(entry, str):
+            faults.append(f"{entry!r} is not logger=LEVEL")
+        elif entry[1].upper() in LOG_LEVELS:
+            pairs.append((entry[0], entry[1].upper()))
+        else:
+            faults.append(
+                f"{entry[0]!r} has level {entry[1]!r}, which must be one of {', '.join(LOG_LEVELS)}"
+            )
+    if faults:
+        raise ValueError("; ".join(faults))
+    return tuple(pairs)
+
+
+def _log_level_entry(item: str) -> tuple[str, str] | str:
+    """One `logger=LEVEL` of the environment's list as its pair, or as written if it is none."""
+    name, sep, level = item.partition("=")
+    if not sep or not name.strip():
+        return item
+    return name.strip(), level.strip()
 
 
 def _path(value: Any) -> str:

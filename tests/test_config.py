@@ -325,6 +325,44 @@ def test_log_levels_name_one_level_per_logger(raw: str, pairs: tuple[tuple[str, 
     assert load_settings({"CODEX_GATEWAY_LOG_LEVELS": raw}).log_levels == pairs
 
 
+LEVELS_ONE_OF = "which must be one of DEBUG, INFO, WARNING, ERROR"
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        # every bad entry is named, in the order given, whatever is wrong with each
+        (
+            "codex_gateway.access=LOUD,foo",
+            f"'codex_gateway.access' has level 'LOUD', {LEVELS_ONE_OF}; 'foo' is not logger=LEVEL",
+        ),
+        (
+            "foo,codex_gateway.access=LOUD",
+            f"'foo' is not logger=LEVEL; 'codex_gateway.access' has level 'LOUD', {LEVELS_ONE_OF}",
+        ),
+        ("a=LOUD,b=INFO,c=QUIET", f"'a' has level 'LOUD', {LEVELS_ONE_OF}; 'c' has level 'QUIET'"),
+        ("a,=INFO,b=DEBUG", "'a' is not logger=LEVEL; '=INFO' is not logger=LEVEL"),
+    ],
+)
+def test_log_levels_name_every_bad_entry_in_one_problem(raw: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"CODEX_GATEWAY_LOG_LEVELS": raw})
+
+    (line,) = caught.value.problems
+    assert line.startswith(f"setting log_levels = '{raw}': {problem}")
+
+
+def test_log_levels_in_a_toml_table_name_every_bad_level(tmp_path: Path) -> None:
+    path = write(tmp_path, '[gateway.log_levels]\na = "LOUD"\nb = "info"\nc = 5\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings({}, path)
+
+    (line,) = caught.value.problems
+    assert line.endswith(
+        f"'a' has level 'LOUD', {LEVELS_ONE_OF}; 'c' has level '5', {LEVELS_ONE_OF}"
+    )
+
+
 def test_log_levels_may_be_a_toml_table(tmp_path: Path) -> None:
     path = write(tmp_path, '[gateway.log_levels]\n"codex_gateway.access" = "error"\n')
 
