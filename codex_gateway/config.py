@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import difflib
 import errno
 import os
 import tomllib
@@ -22,6 +23,14 @@ from codex_gateway.relay.chatgpt import DEFAULT_BASE_URL as DEFAULT_CHATGPT_BASE
 from codex_gateway.store.db import redact_url, sqlite_file
 
 ENV_PREFIX = "CODEX_GATEWAY_"
+# Variables under the prefix that are no settings, so never reported as unknown ones.
+NOT_SETTINGS = frozenset(
+    {
+        ENV_PREFIX + "BUILD_COMMIT",  # the commit an image was built from (`version.py`)
+        ENV_PREFIX + "IMAGE_TAG",  # the image docker-compose.yml runs, set by deploy/deploy.sh
+        ENV_PREFIX + "TEST_PG",  # the PostgreSQL server of the test suite and the benchmark
+    }
+)
 DEFAULT_DATABASE_URL = "sqlite:///./data/codex-gateway.db"
 DEFAULT_SPOOL_PATH = "./data/unsettled-usage.jsonl"
 MIN_ADMIN_TOKEN_LENGTH = 16
@@ -347,11 +356,12 @@ def load_settings(
         value = env.get(ENV_PREFIX + name.upper())
         if value is not None and value != "":
             raw[name] = value
+    problems.extend(_unknown_variables(env))
     values: dict[str, Any] = {}
     for name, value in raw.items():
         parser = PARSERS.get(name)
         if parser is None:
-            problems.append(f"unknown setting {name!r}")
+            problems.append(_unknown(repr(name), _closest(name, PARSERS, repr)))
             continue
         try:
             values[name] = parser(value)
@@ -365,6 +375,39 @@ def load_settings(
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+def _unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """Variables under the prefix that no setting reads, as a misspelt one would be (set to
+    the empty string, a variable counts as not set, and is not reported)."""
+    known = {*environment_variables(), *NOT_SETTINGS}
+    unknown = sorted(
+        name
+        for name, value in env.items()
+        if name.startswith(ENV_PREFIX) and name not in known and value != ""
+    )
+    settings = ["config", *PARSERS]
+    return [
+        _unknown(
+            f"{name!r} in the environment",
+            _closest(
+                name.removeprefix(ENV_PREFIX).lower(),
+                settings,
+                lambda known: repr(ENV_PREFIX + known.upper()),
+            ),
+        )
+        for name in unknown
+    ]
+
+
+def _unknown(name: str, suggestion: str | None) -> str:
+    """The problem of a setting no one reads, with the known one it may have meant."""
+    return f"unknown setting {name}" + (f"; did you mean {suggestion}?" if suggestion else "")
+
+
+def _closest(name: str, known: Collection[str], shown: Callable[[str], str]) -> str | None:
+    close = difflib.get_close_matches(name, known, n=1)
+    return shown(close[0]) if close else None
 
 
 def _conflicts(settings: Settings) -> list[str]:

@@ -244,6 +244,72 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert any("not_a_setting" in problem for problem in caught.value.problems)
 
 
+@pytest.mark.parametrize(
+    ("environ", "problems"),
+    [
+        # a misspelt variable, with the known one it may have meant
+        (
+            {"CODEX_GATEWAY_DATABSE_URL": "sqlite:///x.db"},
+            [
+                "unknown setting 'CODEX_GATEWAY_DATABSE_URL' in the environment; "
+                "did you mean 'CODEX_GATEWAY_DATABASE_URL'?"
+            ],
+        ),
+        (
+            {"CODEX_GATEWAY_CONFG": "gateway.toml"},
+            [
+                "unknown setting 'CODEX_GATEWAY_CONFG' in the environment; "
+                "did you mean 'CODEX_GATEWAY_CONFIG'?"
+            ],
+        ),
+        # one like no setting, named alone; every one is reported, in name order
+        (
+            {"CODEX_GATEWAY_WIDGETS": "3", "CODEX_GATEWAY_LOGLEVEL": "DEBUG"},
+            [
+                "unknown setting 'CODEX_GATEWAY_LOGLEVEL' in the environment; "
+                "did you mean 'CODEX_GATEWAY_LOG_LEVEL'?",
+                "unknown setting 'CODEX_GATEWAY_WIDGETS' in the environment",
+            ],
+        ),
+    ],
+)
+def test_an_unknown_variable_under_the_prefix_is_a_problem(
+    environ: dict[str, str], problems: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"CODEX_GATEWAY_LOG_LEVEL": "DEBUG", **environ})
+    assert caught.value.problems == problems
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        # variables under the prefix that are no settings: the image's commit, the image
+        # deploy.sh runs, the tests' PostgreSQL server
+        {"CODEX_GATEWAY_BUILD_COMMIT": "0123abcd4567"},
+        {"CODEX_GATEWAY_IMAGE_TAG": "0123abcd4567"},
+        {"CODEX_GATEWAY_TEST_PG": "postgresql://postgres@127.0.0.1:5432/postgres"},
+        # an empty variable counts as not set, a misspelt one too
+        {"CODEX_GATEWAY_DATABSE_URL": ""},
+        # other prefixes are not ours
+        {"CODEX_GATEWAYS": "1", "OTHER_CODEX_GATEWAY_X": "1"},
+    ],
+)
+def test_variables_that_are_no_settings_are_left_alone(environ: dict[str, str]) -> None:
+    assert load_settings(environ) == load_settings({})
+
+
+def test_an_unknown_key_in_the_file_names_the_setting_it_may_mean(tmp_path: Path) -> None:
+    path = write(tmp_path, '[gateway]\ndatabse_url = "sqlite:///x.db"\ncolour = "blue"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings({}, path)
+
+    assert caught.value.problems == [
+        "unknown setting 'databse_url'; did you mean 'database_url'?",
+        "unknown setting 'colour'",
+    ]
+
+
 def test_a_broken_file_is_one_problem(tmp_path: Path) -> None:
     config = tmp_path / "gateway.toml"
     config.write_text("[gateway\n")

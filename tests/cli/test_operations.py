@@ -117,6 +117,20 @@ def test_serve_refuses_bad_settings_with_one_line_each_and_exit_1(
     assert all(line.startswith("error: ") for line in lines)
 
 
+@pytest.mark.parametrize("command", [["config", "check"], ["serve", "--port", "0"]])
+def test_a_misspelt_variable_stops_a_command_naming_the_one_meant(
+    tmp_path: Path, command: list[str]
+) -> None:
+    result = run(*command, env={"CODEX_GATEWAY_DATABSE_URL": "sqlite:///x.db"}, cwd=tmp_path)
+
+    assert result.returncode == 1
+    assert (
+        "error: unknown setting 'CODEX_GATEWAY_DATABSE_URL' in the environment; "
+        "did you mean 'CODEX_GATEWAY_DATABASE_URL'?"
+    ) in result.stderr.splitlines()
+    assert not (tmp_path / "data").exists()  # nothing was created at the default
+
+
 WRONG_TYPED_TOML = """
 [gateway]
 upstream_connect_timeout = [1]
