@@ -236,7 +236,7 @@ async def _whole(
         await estimate_unbilled_answer(gateway, outcome, chat.responses, document)
         await exchange.send_json(200, chat_completion(document, chat.model, _billed(outcome)))
         return
-    final = await collect_stream(gateway, answer, outcome, scanner)
+    final = await collect_stream(gateway, answer, outcome, scanner, chat.responses)
     await estimate_unbilled(gateway, outcome, chat.responses, scanner)
     await exchange.send_json(200, chat_completion(final, chat.model, _billed(outcome)))
 

@@ -282,7 +282,7 @@ async def _relay(
         elif answer.rest is not None:
             # A backend that always streams (ChatGPT) answering a client that did not ask to.
             scanner = StreamScanner()
-            final = await collect_stream(gateway, answer, outcome, scanner)
+            final = await collect_stream(gateway, answer, outcome, scanner, request.document)
             await exchange.send_json(200, final)
             await estimate_unbilled(gateway, outcome, request.document, scanner)
         elif answer.response.status == 200:
@@ -337,13 +337,37 @@ async def chunks_of(answer: Answer) -> AsyncIterator[bytes]:
 
 
 async def collect_stream(
-    gateway: Gateway, answer: Answer, outcome: Outcome, scanner: StreamScanner
+    gateway: Gateway,
+    answer: Answer,
+    outcome: Outcome,
+    scanner: StreamScanner,
+    request: dict[str, Any],
 ) -> dict[str, Any]:
-    """Read a whole upstream stream, bill it, and give the final response object it built."""
-    body = b"".join([chunk async for chunk in chunks_of(answer)])
+    """Read a whole upstream stream, bill it, and give the final response object it built.
+
+    A stream that breaks, or ends, before its final event leaves no response to give, and
+    the client gets an error; the upstream did the work all the same, so the row is billed
+    the gateway's estimate of what it sent, flagged as that stream relayed as it came would
+    be. One that breaks after its final event is whole.
+    """
+    chunks: list[bytes] = []
+    failure: UpstreamError | None = None
+    try:
+        async for chunk in chunks_of(answer):
+            chunks.append(chunk)
+    except UpstreamError as exc:
+        failure = exc
+    body = b"".join(chunks)
     scanner.feed(body)
     scanner.finish()
     take_terminal(gateway, answer, scanner, outcome)
+    if scanner.terminal is None:
+        outcome.flag("no_terminal_event" if failure is None else "stream_interrupted")
+        await estimate_unbilled(gateway, outcome, request, scanner)
+    if failure is not None:
+        if scanner.terminal is None:
+            raise failure
+        outcome.flag(failure.kind)
     return assemble_response(body)
 
 

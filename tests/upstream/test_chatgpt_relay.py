@@ -364,3 +364,31 @@ def test_codex_asking_for_its_model_catalog_gets_one_it_can_read(gateway: Gatewa
 
     assert (catalog.status_code, catalog.json()) == (200, {"models": []})
     assert MODEL in [model["id"] for model in listing.json()["data"]]
+
+
+def test_a_client_that_does_not_stream_is_billed_the_estimate_of_a_stream_without_its_end(
+    gateway: Gateway, sandbox: Sandbox
+) -> None:
+    """The backend always streams: one that stops before its final event leaves no response
+    to assemble, so the client gets an error, and its row the estimate a streaming client's
+    row gets for the same stream."""
+    only_chatgpt_accounts(gateway, sandbox, [{"transcript": "responses-no-terminal"}])
+    user, key = gateway.new_user("10")
+    auth = {"Authorization": f"Bearer {key}"}
+    url = gateway.url + "/v1/responses"
+
+    whole = httpx.post(url, json=HI, headers=auth, timeout=30)
+    streamed = httpx.post(url, json={**HI, "stream": True}, headers=auth, timeout=30)
+
+    assert whole.status_code == 502
+    assert whole.json()["error"]["code"] == "upstream_protocol_error"
+    row = gateway.usage_row(whole.headers["x-request-id"])
+    like = gateway.usage_row(streamed.headers["x-request-id"])
+    assert row["stream"] is False and row["status"] == "upstream_error"
+    assert {"no_terminal_event", "protocol", "estimated"} <= set(row["flags"])
+    assert {"no_terminal_event", "estimated"} <= set(like["flags"])
+    counts = ("input_tokens", "output_tokens", "cost_usd")
+    assert [row[name] for name in counts] == [like[name] for name in counts]
+    assert Decimal(row["cost_usd"]) > 0
+    spent = Decimal(row["cost_usd"]) + Decimal(like["cost_usd"])
+    assert Decimal(gateway.balance(user)) == 10 - spent

@@ -14,6 +14,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.conftest import Gateway, Sandbox, estimated_counts
@@ -216,3 +217,51 @@ def test_a_mark_made_by_one_process_is_honoured_by_another(
     finally:
         gateway.url = first_url
     assert served_by(sandbox, [limited, healthy]) == [limited.name, healthy.name, healthy.name]
+
+
+CHAT = {"model": "gpt-5.1-codex", "messages": [{"role": "user", "content": PROMPT}]}
+# how the upstream's stream breaks -> (row flags, status and code the chat client gets)
+CHAT_STREAM_BROKEN = [
+    # it goes silent, or drops the connection, after some events
+    pytest.param(
+        {"x-sandbox-fault": "hang-middle:8"}, {"timeout_idle", "stream_interrupted"}, 504,
+        id="idle",
+    ),
+    pytest.param(
+        {"x-sandbox-fault": "cut-after:8"}, {"cut", "stream_interrupted"}, 502, id="cut"
+    ),
+    # it ends without its final event
+    pytest.param(
+        {"x-sandbox-transcript": "responses-no-terminal"}, {"no_terminal_event", "protocol"},
+        502, id="no-terminal",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("headers", "flags", "status"), CHAT_STREAM_BROKEN)
+def test_a_chat_completion_whose_upstream_stream_breaks_is_an_error_billed_as_the_stream(
+    gateway: Gateway, sandbox: Sandbox, headers: dict[str, str], flags: set[str], status: int
+) -> None:
+    """A client that did not stream gets an error, yet its row bills the same estimate of
+    what the upstream sent as the same request streamed: the upstream did that work."""
+    fresh_accounts(gateway, sandbox, [{}])
+    user, key = gateway.new_user("10")
+    auth = {"Authorization": f"Bearer {key}", **headers}
+    url = gateway.url + "/v1/chat/completions"
+
+    whole = httpx.post(url, json=CHAT, headers=auth, timeout=30)
+    streamed = httpx.post(url, json={**CHAT, "stream": True}, headers=auth, timeout=30)
+
+    assert whole.status_code == status
+    assert whole.json()["error"]["type"] == "upstream_error"
+    row = gateway.usage_row(whole.headers["x-request-id"])
+    like = gateway.usage_row(streamed.headers["x-request-id"])
+    assert row["status"] == "upstream_error" and row["http_status"] == status
+    assert flags | {"estimated"} <= set(row["flags"])
+    assert "usage_missing" not in row["flags"]
+    assert row["output_tokens"] > 0
+    assert "estimated" in like["flags"]
+    counts = ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens", "cost_usd")
+    assert [row[name] for name in counts] == [like[name] for name in counts]
+    spent = Decimal(row["cost_usd"]) + Decimal(like["cost_usd"])
+    assert Decimal(gateway.balance(user)) == Decimal(10) - spent
