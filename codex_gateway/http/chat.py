@@ -122,7 +122,9 @@ async def _stream(
     splitter = EventSplitter()
     await exchange.start(200, list(_STREAM_HEADERS))
     stop_later: list[asyncio.TimerHandle] = []
-    exchange.watch_disconnect(lambda: _on_disconnect(gateway, answer, stop_later))
+    exchange.watch_disconnect(
+        lambda: _on_disconnect(gateway, answer, stop_later), lambda: translator.ended
+    )
     try:
         await _translate(exchange, answer, scanner, splitter, translator)
     except asyncio.CancelledError:  # by a shutdown: end the stream as for a broken upstream

@@ -54,6 +54,7 @@ class Exchange:
     """The request side as the handlers need it, and the response side with its bookkeeping."""
 
     __slots__ = (
+        "_answered",
         "_on_disconnect",
         "_send",
         "_watcher",
@@ -92,6 +93,7 @@ class Exchange:
         self.disconnected = False
         self._watcher: asyncio.Task[None] | None = None
         self._on_disconnect: Callable[[], None] | None = None
+        self._answered: Callable[[], bool] | None = None
 
     @property
     def method(self) -> str:
@@ -138,7 +140,11 @@ class Exchange:
             "header out."
         )
 
-    def watch_disconnect(self, on_disconnect: Callable[[], None] | None = None) -> None:
+    def watch_disconnect(
+        self,
+        on_disconnect: Callable[[], None] | None = None,
+        answered: Callable[[], bool] | None = None,
+    ) -> None:
         """Notice the client leaving before its answer's last byte (the body must be read
         first), and call `on_disconnect` when it does.
 
@@ -146,9 +152,13 @@ class Exchange:
         A stream's relay watches from the moment the body is read, since a client may leave
         while the upstream is still working, and names what to do about it once its upstream
         has answered (called at once if the client has already gone). An answer sent whole
-        asks `client_gone` instead.
+        asks `client_gone` instead. A relay whose client may have the whole answer before the
+        stream is closed (a chat stream's `[DONE]` comes with the upstream's final event, and
+        the upstream may take a while to close) says so with `answered`: a client that
+        leaves once that holds and the write has returned did not leave early.
         """
         self._on_disconnect = on_disconnect
+        self._answered = answered
         if self.disconnected:
             if on_disconnect is not None:
                 on_disconnect()
@@ -159,12 +169,17 @@ class Exchange:
         async def watch() -> None:
             while (await self.receive())["type"] != "http.disconnect":
                 pass
-            if self.finished is None:
+            if self.finished is None and not self._has_whole_answer():
                 self.disconnected = True
                 if self._on_disconnect is not None:
                     self._on_disconnect()
 
         self._watcher = asyncio.get_running_loop().create_task(watch())
+
+    def _has_whole_answer(self) -> bool:
+        """Whether the relay's last lines were handed to the server, though the stream is
+        not closed yet (`watch_disconnect`'s `answered`)."""
+        return self._answered is not None and not self.unsent and self._answered()
 
     def client_gone(self) -> bool:
         """Whether the client is known to have left before its answer's last byte, asked

@@ -350,6 +350,12 @@ class ChatStreamTranslator:
         """Whether the answer is finished but its usage chunk waits for the counts billed."""
         return self._awaits_usage
 
+    @property
+    def ended(self) -> bool:
+        """Whether the lines given so far end with `[DONE]`: once they are written, the
+        client has its whole answer."""
+        return self._finished and not self._awaits_usage
+
     def feed(self, event: dict[str, Any]) -> list[bytes]:
         if self._finished:
             return []

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import socket
+import socketserver
+import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -259,3 +261,100 @@ def test_a_client_leaving_before_its_whole_answer_is_billed_and_marked_as_gone(
     assert row["client_bytes"] == 0
     assert Decimal(row["cost_usd"]) == expected_cost((1252, 0, 11273, 10944))
     assert Decimal(gateway.balance(user)) == Decimal(10) - Decimal(row["cost_usd"])
+
+
+class LingeringUpstream(socketserver.ThreadingTCPServer):
+    """A Responses upstream on loopback that streams `responses-text` an event every
+    `pace` seconds, then waits `linger` seconds after its final event before it ends the
+    stream, as upstreams do when they close a connection a little after their last event."""
+
+    daemon_threads = True
+
+    def __init__(self, pace: float, linger: float):
+        super().__init__(("127.0.0.1", 0), _LingeringHandler)
+        self.pace, self.linger = pace, linger
+        self.events = [block + b"\n\n" for block in RAW_EVENTS if block.strip()]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class _LingeringHandler(socketserver.StreamRequestHandler):
+    server: LingeringUpstream
+
+    def handle(self) -> None:
+        length = 0
+        while (line := self.rfile.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        self.rfile.read(length)
+        self.wfile.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        )
+        for event in self.server.events:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            self.wfile.flush()
+            time.sleep(self.server.pace)
+        time.sleep(self.server.linger)
+        self.wfile.write(b"0\r\n\r\n")
+
+
+@pytest.fixture
+def lingering_upstream() -> Iterator[LingeringUpstream]:
+    server = LingeringUpstream(pace=0.005, linger=0.3)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def read_chat_to_done_and_hang_up(gateway: Gateway, key: str) -> tuple[str, bytes]:
+    """A chat stream read up to its `data: [DONE]`, then the socket closed at once, as the
+    openai SDK does; (request id, what was read)."""
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    host, port = gateway.url.removeprefix("http://").split(":")
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}"
+        f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + body)
+        received = b""
+        while b"data: [DONE]" not in received:
+            chunk = sock.recv(65536)
+            assert chunk, "the stream ended before [DONE]"
+            received += chunk
+    headers, streamed = received.split(b"\r\n\r\n", 1)
+    request_id = next(
+        line.split(b":", 1)[1].strip().decode()
+        for line in headers.split(b"\r\n")
+        if line.lower().startswith(b"x-request-id:")
+    )
+    return request_id, streamed
+
+
+def test_a_chat_client_that_leaves_after_done_is_not_marked_as_gone(
+    gateway: Gateway, sandbox: Sandbox, lingering_upstream: LingeringUpstream
+) -> None:
+    """The chat stream's `[DONE]` goes out with the upstream's final event; a client that
+    closes once it has it got its whole answer, however long the upstream takes to close."""
+    fresh_accounts(gateway, sandbox, [{"base_url": lingering_upstream.base_url}])
+    user, key = gateway.new_user("10")
+
+    served = [read_chat_to_done_and_hang_up(gateway, key) for _ in range(3)]
+
+    rows = {row["request_id"]: row for row in rows_for(gateway, user, len(served))}
+    for request_id, streamed in served:
+        row = rows[request_id]
+        assert row["status"] == "completed"
+        assert "client_disconnected" not in row["flags"]
+        # everything up to [DONE], less the chunked framing around it
+        assert len(streamed) > row["client_bytes"] > len(streamed) * 0.9
+        assert Decimal(row["cost_usd"]) == expected_cost((1252, 0, 11273, 10944))

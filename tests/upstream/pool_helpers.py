@@ -59,8 +59,8 @@ def fresh_accounts(
 ) -> list[Account]:
     """Disable every account the gateway has, then add these; each gets its own upstream key.
 
-    A spec may name `priority`, `weight`, `max_concurrency`, and `refused` for an account
-    whose base URL is a closed port.
+    A spec may name `priority`, `weight`, `max_concurrency`, `refused` for an account
+    whose base URL is a closed port, and `base_url` for one served by another upstream.
     """
     for existing in gateway.cli_json("accounts", "list"):
         if existing["enabled"]:
@@ -69,7 +69,9 @@ def fresh_accounts(
     for spec in specs:
         tag = uuid.uuid4().hex[:8]
         account = Account(f"{spec.get('name', 'acct')}-{tag}", f"sk-up-{tag}")
-        base_url = f"http://127.0.0.1:{free_port()}/v1" if spec.get("refused") else sandbox.base_url
+        base_url = spec.get("base_url", sandbox.base_url)
+        if spec.get("refused"):
+            base_url = f"http://127.0.0.1:{free_port()}/v1"
         args = ["accounts", "add", "--name", account.name, "--base-url", base_url]
         args += ["--api-key", account.key, "--priority", str(spec.get("priority", 100))]
         if "weight" in spec:
