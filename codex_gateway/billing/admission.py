@@ -50,8 +50,16 @@ log = logging.getLogger(__name__)
 INPUT_ALLOWANCE_TOKENS = 1_000
 # Top-level fields that make the upstream read input the body does not carry.
 STORED_INPUT_FIELDS = ("previous_response_id", "conversation", "prompt")
-# Byte hints of input items that point elsewhere (files, images by URL); checked before any walk.
-_POINTER_HINTS = (b'"file_id"', b'"file_url"', b'"image_url"')
+# Tools the upstream runs itself, whose results become input the body does not carry: chunks
+# of stored files, an MCP server's answers, the output of code or of a shell it runs in a
+# container. Tools the client runs (function, custom, local_shell, computer use) come back
+# in the next request's body, and a web search is left out: Codex CLI offers one with every
+# request, and its results are far smaller than a context window.
+STORED_INPUT_TOOLS = frozenset({"file_search", "mcp", "code_interpreter"})
+HOSTED_SHELLS = frozenset({"container_auto", "container_reference"})
+# Byte hints of input items that point elsewhere (files or images by URL, stored items);
+# checked before any walk of the input.
+_POINTER_HINTS = (b'"file_id"', b'"file_url"', b'"image_url"', b'"item_reference"')
 # A new lease covers up to this many requests like the one asking (and at most half of what
 # is unreserved), so most requests find room without asking the database again.
 LEASE_REQUESTS = 16
@@ -103,10 +111,32 @@ def estimate_hold(
     return MONEY.multiply(total, price.markup)
 
 
+def largest_cost(
+    price: Price,
+    document: dict[str, Any],
+    body: bytes,
+    default_output_tokens: int,
+    context_tokens: int,
+) -> Decimal:
+    """What a request holds: `estimate_hold` of its body, with the context window of
+    `context_tokens` as its input when it makes the upstream read input it does not carry."""
+    stored = reads_stored_input(document, body)
+    return estimate_hold(
+        price,
+        len(body),
+        document.get("max_output_tokens"),
+        default_output_tokens,
+        context_tokens if stored else 0,
+    )
+
+
 def reads_stored_input(document: dict[str, Any], body: bytes) -> bool:
     """Whether the upstream may bill input the body does not carry: an earlier response or
-    conversation, a stored prompt, a file by id or URL, or an image by URL."""
+    conversation, a stored prompt, a file by id or URL, an image by URL, a stored item, or
+    the results of a tool it runs itself (STORED_INPUT_TOOLS)."""
     if any(document.get(name) for name in STORED_INPUT_FIELDS):
+        return True
+    if _runs_input_tools(document.get("tools")):  # a few entries, read without a byte scan
         return True
     # A key spelled with JSON escapes (`"image\u005furl"`) hides from the byte hints, so a
     # body with any escape is walked in full.
@@ -115,12 +145,33 @@ def reads_stored_input(document: dict[str, Any], body: bytes) -> bool:
     return _points_elsewhere(document.get("input"))
 
 
+def _runs_input_tools(tools: object) -> bool:
+    if not isinstance(tools, list):
+        return False
+    for tool in tools:
+        if not isinstance(tool, dict):
+            continue
+        kind = tool.get("type")
+        if kind in STORED_INPUT_TOOLS:
+            return True
+        if kind == "shell" and _hosted(tool.get("environment")):
+            return True
+        if kind == "namespace" and _runs_input_tools(tool.get("tools")):
+            return True
+    return False
+
+
+def _hosted(environment: object) -> bool:
+    """Whether a shell tool's commands run in the upstream's container, not the client's."""
+    return isinstance(environment, dict) and environment.get("type") in HOSTED_SHELLS
+
+
 def _points_elsewhere(value: object) -> bool:
     if isinstance(value, list):
         return any(_points_elsewhere(item) for item in value)
     if not isinstance(value, dict):
         return False
-    if value.get("file_id") or value.get("file_url"):
+    if value.get("file_id") or value.get("file_url") or value.get("type") == "item_reference":
         return True
     image = value.get("image_url")
     if isinstance(image, dict):

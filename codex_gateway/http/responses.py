@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from codex_gateway.billing.admission import estimate_hold, reads_stored_input
+from codex_gateway.billing.admission import largest_cost
 from codex_gateway.billing.pricing import Price
 from codex_gateway.billing.settlement import SERVED_STATUSES, Outcome, cut_by_shutdown
 from codex_gateway.errors import (
@@ -184,13 +184,12 @@ async def _hold(
     window, since its body's size says nothing of that input.
     """
     settings = gateway.settings
-    stored = reads_stored_input(request.document, request.body)
-    estimate = estimate_hold(
+    estimate = largest_cost(
         outcome.price,
-        len(request.body),
-        request.document.get("max_output_tokens"),
+        request.document,
+        request.body,
         settings.hold_output_tokens,
-        settings.hold_context_tokens if stored else 0,
+        settings.hold_context_tokens,
     )
     held = await gateway.admission.admit(key.user_id, estimate, key)
     outcome.hold, outcome.key_hold = held.user, held.key

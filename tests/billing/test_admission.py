@@ -20,6 +20,7 @@ from codex_gateway.billing.admission import (
     Admission,
     Hold,
     estimate_hold,
+    largest_cost,
     reads_stored_input,
 )
 from codex_gateway.billing.pricing import ZERO, Price
@@ -27,6 +28,7 @@ from codex_gateway.billing.settler import Settler
 from codex_gateway.errors import InsufficientQuota, StorageUnavailable
 from codex_gateway.store.db import create_engine
 from codex_gateway.store.queries import KEY_LEASES, KeyLimits, KeyRecord, Store, hash_key
+from tests.conftest import fixture_path
 from tests.store.test_queries import new_user, usage_row
 
 CODEX = Price("gpt-5.1-codex", Decimal("1.25"), Decimal("0.125"), Decimal("10"))
@@ -551,3 +553,93 @@ def test_a_pointer_spelled_with_escapes_still_reads_stored_input(body: bytes) ->
 def test_an_escaped_body_that_points_nowhere_reads_nothing_stored() -> None:
     body = rb'{"input":"caf\u00e9"}'
     assert reads_stored_input(orjson.loads(body), body) is False
+
+
+CONTEXT_TOKENS = 400_000
+# The hold of a request whose input is read from the context window: 400,000 input tokens
+# and the default output cap.
+CONTEXT_HOLD = (Decimal(CONTEXT_TOKENS) * Decimal("1.25") + 32768 * 10) / 10**6
+FILE_SEARCH = {"type": "file_search", "vector_store_ids": ["vs_1"]}
+MCP = {"type": "mcp", "server_label": "docs", "server_url": "https://mcp.example/sse"}
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        # an input item that points at an item stored upstream
+        {"input": [{"type": "item_reference", "id": "msg_1"}]},
+        {"input": [{"role": "user", "content": "hi"}, {"type": "item_reference", "id": "fc_1"}]},
+        # tools the upstream runs itself, whose results it reads as input
+        {"input": "hi", "tools": [FILE_SEARCH]},
+        {"input": "hi", "tools": [MCP]},
+        {"input": "hi", "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]},
+        {"input": "hi", "tools": [{"type": "shell", "environment": {"type": "container_auto"}}]},
+        {"input": "hi", "tools": [{"type": "namespace", "name": "n", "tools": [FILE_SEARCH]}]},
+        # beside the function tools a client runs
+        {"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {}}, MCP]},
+    ],
+    ids=[
+        "item-reference",
+        "item-reference-after-a-message",
+        "file-search",
+        "mcp",
+        "code-interpreter",
+        "hosted-shell",
+        "file-search-in-a-namespace",
+        "mcp-beside-a-function",
+    ],
+)
+def test_a_request_reading_stored_items_or_hosted_tool_results_holds_the_context_window(
+    document: dict[str, object],
+) -> None:
+    body = orjson.dumps(document)
+    assert largest_cost(CODEX, document, body, 32768, CONTEXT_TOKENS) == CONTEXT_HOLD
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        # tools the client runs, whose results come back in the next request's body
+        {"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {}}]},
+        {"input": "hi", "tools": [{"type": "custom", "name": "apply_patch"}]},
+        {"input": "hi", "tools": [{"type": "local_shell"}]},
+        {"input": "hi", "tools": [{"type": "shell", "environment": {"type": "local"}}]},
+        {"input": "hi", "tools": [{"type": "shell"}]},
+        {"input": "hi", "tools": [{"type": "computer_use_preview", "environment": "linux"}]},
+        # a web search, as Codex CLI offers one with every request
+        {"input": "hi", "tools": [{"type": "web_search", "external_web_access": False}]},
+        # the words alone, in text the body carries
+        {"input": "use mcp and file_search on the item_reference", "tools": []},
+    ],
+    ids=[
+        "function",
+        "custom",
+        "local-shell",
+        "shell-local",
+        "shell",
+        "computer-use",
+        "web-search",
+        "words-in-text",
+    ],
+)
+def test_a_request_whose_tools_the_client_runs_holds_its_body(document: dict[str, object]) -> None:
+    body = orjson.dumps(document)
+    expected = estimate_hold(CODEX, len(body), None, 32768)
+    assert largest_cost(CODEX, document, body, 32768, CONTEXT_TOKENS) == expected < CONTEXT_HOLD
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "codex-exec-0.169.0-turn1",
+        "codex-exec-0.169.0-tool-turn1",
+        "codex-exec-0.169.0-tool-turn2",
+    ],
+)
+def test_a_codex_cli_request_holds_its_body_not_the_context_window(name: str) -> None:
+    """Codex CLI's requests carry function tools, a namespace of them, and a web search."""
+    body = fixture_path("requests", f"{name}.body.json").read_bytes()
+    document = orjson.loads(body)
+    assert {tool["type"] for tool in document["tools"]} == {"function", "namespace", "web_search"}
+    held = largest_cost(CODEX, document, body, 32768, CONTEXT_TOKENS)
+    assert held == estimate_hold(CODEX, len(body), None, 32768) < CONTEXT_HOLD
