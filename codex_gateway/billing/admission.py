@@ -277,6 +277,17 @@ class _Leases:
         lease = self.leases.get(owner_id)
         return lease.held if lease else ZERO
 
+    async def set_aside_elsewhere(self, owner_id: int, estimate: Decimal) -> bool:
+        """Whether a request `take` refused would fit the owner's limit, less what this
+        process holds for its requests in flight, but for what other processes' leases set
+        aside: one more read, made only for a refusal, so that it can say why. A database
+        that does not answer leaves the plain reason."""
+        try:
+            limit, others = await self._store.leased_to_others(owner_id, self._holder, self.scope)
+        except (OSError, SQLAlchemyError):
+            return False
+        return others > 0 and MONEY.subtract(limit, self.held(owner_id)) >= estimate
+
     async def return_spare(self, owner_id: int) -> Decimal:
         """Hand back what the owner's lease holds beyond its requests in flight.
 
@@ -412,6 +423,14 @@ class Admission:
         A key with a cap holds the same estimate against the cap as well.
         """
         if not await self._users.take(user_id, estimate):
+            if await self._users.set_aside_elsewhere(user_id, estimate):
+                raise InsufficientQuota(
+                    "You exceeded your current quota for the moment: the balance is held for "
+                    "requests in flight (set aside by other gateway processes), so what is "
+                    f"left does not cover this request's largest possible cost, "
+                    f"${plain(estimate)}. Retry shortly: what those requests do not spend "
+                    "returns to the balance as they finish."
+                )
             raise InsufficientQuota(
                 "You exceeded your current quota: the balance does not cover this request's "
                 f"largest possible cost, ${plain(estimate)} (its input, and its output up to "

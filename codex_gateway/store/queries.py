@@ -915,6 +915,24 @@ class Store:
         )
         return current[0]
 
+    async def leased_to_others(
+        self, owner_id: int, holder: str, scope: LeaseScope | None = None
+    ) -> tuple[Decimal, Decimal]:
+        """What the owner may spend in all, and how much of it the leases of holders other
+        than `holder` set aside; read, not locked."""
+        scope = scope or USER_LEASES
+        async with self._read() as conn:
+            row = (
+                await conn.execute(select(*scope.limit_columns).where(scope.owner_id == owner_id))
+            ).one_or_none()
+            others = await conn.scalar(
+                select(func.coalesce(func.sum(scope.lease.amount), 0)).where(
+                    scope.lease_owner == owner_id, scope.lease.holder != holder
+                )
+            )
+        limit = scope.limit(row) if row is not None else ZERO
+        return limit, Decimal(str(others))
+
     async def release_lease(
         self, owner_id: int, holder: str, amount: Decimal, scope: LeaseScope | None = None
     ) -> Decimal:

@@ -643,3 +643,36 @@ def test_a_codex_cli_request_holds_its_body_not_the_context_window(name: str) ->
     assert {tool["type"] for tool in document["tools"]} == {"function", "namespace", "web_search"}
     held = largest_cost(CODEX, document, body, 32768, CONTEXT_TOKENS)
     assert held == estimate_hold(CODEX, len(body), None, 32768) < CONTEXT_HOLD
+
+
+# the other process's request, this one's, and whether the message says the balance is held
+SET_ASIDE = [
+    # the other process leased what this request needs for its own request in flight
+    pytest.param("0.15", "0.1", True, id="held-elsewhere"),
+    # the balance itself does not cover the request, whatever the other process holds
+    pytest.param("0.15", "0.25", False, id="short-anyway"),
+    pytest.param(None, "0.25", False, id="short-alone"),
+]
+
+
+@pytest.mark.parametrize(("other", "this", "held_elsewhere"), SET_ASIDE)
+async def test_a_refusal_says_when_the_balance_is_held_by_another_process(
+    store: Store, other: str | None, this: str, held_elsewhere: bool
+) -> None:
+    _, user_id = await new_user(store, "0.2")
+    first, second = admission(store), admission(store)
+    if other is not None:
+        await first.admit(user_id, Decimal(other))
+
+    with pytest.raises(InsufficientQuota) as caught:
+        await second.admit(user_id, Decimal(this))
+
+    message = caught.value.message
+    assert caught.value.status == 429 and caught.value.code == "insufficient_quota"
+    assert f"${this}" in message
+    assert ("held for requests in flight" in message) is held_elsewhere
+    assert ("Retry shortly" in message) is held_elsewhere
+    assert ("top the balance up" in message) is not held_elsewhere
+    assert (await store.balances())[user_id] == Decimal("0.2")
+    await first.close()
+    await second.close()
