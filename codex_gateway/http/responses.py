@@ -30,6 +30,7 @@ from codex_gateway.errors import (
 )
 from codex_gateway.http.exchange import Exchange
 from codex_gateway.relay.chatgpt import assemble_response, quota_from_event
+from codex_gateway.relay.redaction import redact_body, redact_text
 from codex_gateway.relay.shaping import (
     ResponsesRequest,
     parse_compact_request,
@@ -580,8 +581,8 @@ def _error_message(terminal: dict[str, object]) -> str:
     response = terminal.get("response")
     error = response.get("error") if isinstance(response, dict) else terminal.get("error")
     if isinstance(error, dict):
-        return f"{error.get('code') or error.get('type')}: {error.get('message')}"
-    return f"{terminal.get('code')}: {terminal.get('message')}"
+        return redact_text(f"{error.get('code') or error.get('type')}: {error.get('message')}")
+    return redact_text(f"{terminal.get('code')}: {terminal.get('message')}")
 
 
 async def _relay_json(exchange: Exchange, answer: Answer, outcome: Outcome) -> dict[str, Any]:
@@ -600,7 +601,7 @@ def read_json_answer(body: bytes, outcome: Outcome) -> dict[str, Any]:
         outcome.flag("upstream_body_not_json")
         raise UpstreamProtocolError(
             "The upstream answered with a body that is not a JSON response.",
-            detail=f"HTTP 200 body: {body[:200].decode('utf-8', 'replace')}",
+            detail=f"HTTP 200 body: {redact_text(body[:200].decode('utf-8', 'replace'))}",
         )
     usage = document.get("usage")
     outcome.usage = usage
@@ -614,12 +615,14 @@ def read_json_answer(body: bytes, outcome: Outcome) -> dict[str, Any]:
 
 
 async def _relay_client_error(exchange: Exchange, answer: Answer, outcome: Outcome) -> None:
-    """An upstream 4xx about the request itself: the client sees it as it came."""
+    """An upstream 4xx about the request itself: the client sees it as it came, less any
+    credential it quotes (`redact_body`), and so does the usage row."""
     status = answer.response.status
+    body = redact_body(answer.first, (answer.account.api_key,))
     outcome.status = "upstream_error"
-    outcome.error = f"HTTP {status}: {answer.first[:500].decode('utf-8', 'replace')}"
+    outcome.error = f"HTTP {status}: {body[:500].decode('utf-8', 'replace')}"
     outcome.flag(f"upstream_http_{status}")
-    await _send_body(exchange, status, answer, answer.first)
+    await _send_body(exchange, status, answer, body)
 
 
 async def _send_body(exchange: Exchange, status: int, answer: Answer, body: bytes) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from codex_gateway.errors import InvalidRequest, UpstreamProtocolError
+from codex_gateway.relay.redaction import redact_text
 from codex_gateway.relay.shaping import check_output_cap, messages_to_input, parse_json_object
 from codex_gateway.relay.sse import TERMINAL_STATUS
 from codex_gateway.relay.usage import MappedUsage, map_usage
@@ -289,7 +290,9 @@ def error_payload(error: Any, fallback_code: str = "upstream_error") -> dict[str
     code = source.get("code") or source.get("type") or fallback_code
     return {
         "error": {
-            "message": message if isinstance(message, str) and message else "The upstream failed.",
+            "message": redact_text(message)
+            if isinstance(message, str) and message
+            else "The upstream failed.",
             "type": source.get("type") if isinstance(source.get("type"), str) else "upstream_error",
             "param": source.get("param"),
             "code": code,

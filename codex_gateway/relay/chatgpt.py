@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from codex_gateway.errors import UpstreamProtocolError, UpstreamStatusError
+from codex_gateway.relay.redaction import redact_text
 from codex_gateway.relay.sse import parse_events
 
 DEFAULT_BASE_URL = "https://chatgpt.com/backend-api"
@@ -406,8 +407,9 @@ class ResponseAssembler:
             nested = self._error.get("error")
             source = nested if isinstance(nested, dict) else self._error
             code = source.get("code") or source.get("type")
+            reason = redact_text(str(source.get("message") or "no reason given"))
             raise UpstreamStatusError(
-                f"The upstream failed: {source.get('message') or 'no reason given'}",
+                f"The upstream failed: {reason}",
                 code=str(code) if code else None,
             )
         if self._response is None:

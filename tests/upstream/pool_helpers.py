@@ -60,7 +60,8 @@ def fresh_accounts(
     """Disable every account the gateway has, then add these; each gets its own upstream key.
 
     A spec may name `priority`, `weight`, `max_concurrency`, `refused` for an account
-    whose base URL is a closed port, and `base_url` for one served by another upstream.
+    whose base URL is a closed port, `base_url` for one served by another upstream, and
+    `api_key` for a key of its own choosing.
     """
     for existing in gateway.cli_json("accounts", "list"):
         if existing["enabled"]:
@@ -68,7 +69,7 @@ def fresh_accounts(
     accounts = []
     for spec in specs:
         tag = uuid.uuid4().hex[:8]
-        account = Account(f"{spec.get('name', 'acct')}-{tag}", f"sk-up-{tag}")
+        account = Account(f"{spec.get('name', 'acct')}-{tag}", spec.get("api_key", f"sk-up-{tag}"))
         base_url = spec.get("base_url", sandbox.base_url)
         if spec.get("refused"):
             base_url = f"http://127.0.0.1:{free_port()}/v1"

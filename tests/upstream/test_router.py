@@ -8,6 +8,9 @@ the row bills what the upstream reported or, failing that, the gateway's estimat
 
 from __future__ import annotations
 
+import json
+import socketserver
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -265,3 +268,87 @@ def test_a_chat_completion_whose_upstream_stream_breaks_is_an_error_billed_as_th
     assert [row[name] for name in counts] == [like[name] for name in counts]
     spent = Decimal(row["cost_usd"]) + Decimal(like["cost_usd"])
     assert Decimal(gateway.balance(user)) == Decimal(10) - spent
+
+
+class RefusingUpstream(socketserver.ThreadingTCPServer):
+    """An upstream on loopback that answers every request with one 4xx JSON body."""
+
+    daemon_threads = True
+
+    def __init__(self, status: int, body: dict[str, Any]):
+        super().__init__(("127.0.0.1", 0), _RefusingHandler)
+        self.status, self.body = status, json.dumps(body).encode()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class _RefusingHandler(socketserver.StreamRequestHandler):
+    server: RefusingUpstream
+
+    def handle(self) -> None:
+        length = 0
+        while (line := self.rfile.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        self.rfile.read(length)
+        body = self.server.body
+        self.wfile.write(
+            b"HTTP/1.1 %d Unprocessable Entity\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (self.server.status, len(body), body)
+        )
+
+
+ACCOUNT_KEY = "upstream-account-key-0123456789"
+QUOTING = {
+    "error": {
+        "message": (
+            "bad thing with key sk-UPSTREAMSECRET-0123456789abcdef, sent as "
+            f"'Bearer tok_0123456789abcdef' for account key {ACCOUNT_KEY}"
+        ),
+        "type": "invalid_request_error",
+        "param": "input",
+        "code": "bad_thing",
+    }
+}
+
+
+@pytest.fixture
+def quoting_upstream() -> Iterator[RefusingUpstream]:
+    server = RefusingUpstream(422, QUOTING)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/chat/completions"])
+def test_credentials_an_upstream_4xx_quotes_reach_neither_the_client_nor_the_row(
+    gateway: Gateway, sandbox: Sandbox, quoting_upstream: RefusingUpstream, path: str
+) -> None:
+    spec = {"base_url": quoting_upstream.base_url, "api_key": ACCOUNT_KEY}
+    fresh_accounts(gateway, sandbox, [spec])
+    _, key = gateway.new_user("10")
+    body = CHAT if path.endswith("completions") else BODY
+
+    response = httpx.post(
+        gateway.url + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30
+    )
+
+    assert response.status_code == 422
+    expected = (
+        "bad thing with key [redacted], sent as 'Bearer [redacted]' for account key [redacted]"
+    )
+    assert response.json() == {"error": {**QUOTING["error"], "message": expected}}
+    row = gateway.usage_row(response.headers["x-request-id"])
+    assert row["status"] == "upstream_error" and "upstream_http_422" in row["flags"]
+    assert expected in row["error"]
+    for secret in ("sk-UPSTREAMSECRET", "tok_0123456789abcdef", ACCOUNT_KEY):
+        assert secret not in response.text and secret not in json.dumps(row)

@@ -1,0 +1,64 @@
+"""Secrets taken out of an upstream's error text before a client or a usage row sees it.
+
+An upstream's answer about a request (a 4xx body, a failed response's message) is relayed
+to the client and kept in the usage row, and it may quote a credential: the account's own
+key, or a token it was sent. Anything shaped like an API key or a bearer token is replaced,
+and so is the account's configured key verbatim, whatever its shape; the rest of the text,
+and a JSON body's shape, are kept.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from codex_gateway.relay.sse import upstream_json
+
+REDACTED = "[redacted]"
+# An `sk-` key (sk-proj-..., a gateway's sk-cg-...), a bearer token, a JWT (a ChatGPT
+# account's access token is one).
+_SECRET = re.compile(
+    r"(?P<scheme>\b[Bb][Ee][Aa][Rr][Ee][Rr]\s+)[A-Za-z0-9._~+/=-]{8,}"
+    r"|\bsk-[A-Za-z0-9_-]{8,}"
+    r"|\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"
+)
+# A configured key shorter than this is not looked for verbatim: it would match plain words.
+MIN_KNOWN_LENGTH = 8
+
+
+def redact_text(text: str, known: Sequence[str] = ()) -> str:
+    """`text` with every secret in it, and every `known` one, replaced by REDACTED."""
+    for secret in known:
+        if len(secret) >= MIN_KNOWN_LENGTH and secret in text:
+            text = text.replace(secret, REDACTED)
+    return _SECRET.sub(_replacement, text)
+
+
+def redact_body(body: bytes, known: Sequence[str] = ()) -> bytes:
+    """An upstream body with its secrets replaced: JSON stays JSON of the same shape (encoded
+    anew only when something was replaced), anything else is redacted as text; a body with
+    nothing to replace comes back as it was."""
+    document = upstream_json(body)
+    if document is not None:
+        cleaned = _redact_json(document, known)
+        return body if cleaned == document else orjson.dumps(cleaned)
+    text = body.decode("utf-8", "replace")
+    cleaned_text = redact_text(text, known)
+    return body if cleaned_text == text else cleaned_text.encode()
+
+
+def _redact_json(value: Any, known: Sequence[str]) -> Any:
+    if isinstance(value, str):
+        return redact_text(value, known)
+    if isinstance(value, list):
+        return [_redact_json(item, known) for item in value]
+    if isinstance(value, dict):
+        return {redact_text(k, known): _redact_json(v, known) for k, v in value.items()}
+    return value
+
+
+def _replacement(match: re.Match[str]) -> str:
+    return (match.group("scheme") or "") + REDACTED

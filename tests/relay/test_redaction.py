@@ -1,0 +1,75 @@
+"""Credentials taken out of upstream error text: this goes in, that comes out."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from codex_gateway.relay.redaction import redact_body, redact_text
+
+ACCOUNT_KEY = "acct-key-0123456789"
+
+# text from the upstream -> what the client and the usage row get
+TEXTS = [
+    # API keys of OpenAI's shapes, and the gateway's own
+    ("bad thing with key sk-UPSTREAMSECRET-abc123", "bad thing with key [redacted]"),
+    ("key sk-proj-AbCdEf0123456789_xyz was revoked", "key [redacted] was revoked"),
+    ("sk-cg-0123456789abcdef", "[redacted]"),
+    # bearer tokens, whatever the scheme's case, and JWTs (ChatGPT access tokens)
+    ("got 'Authorization: Bearer abc.def-ghi_jkl'", "got 'Authorization: Bearer [redacted]'"),
+    ("bearer 0123456789abcdef", "bearer [redacted]"),
+    ("token eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig-nature ok", "token [redacted] ok"),
+    # the account's own key, verbatim, whatever its shape
+    (f"invalid key {ACCOUNT_KEY}.", "invalid key [redacted]."),
+    # text that only looks close stays as it is
+    ("sk-short, a task-list, Bearer of bad news", "sk-short, a task-list, Bearer of bad news"),
+    ("max_output_tokens must be at least 16", "max_output_tokens must be at least 16"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), TEXTS)
+def test_secrets_in_upstream_text_are_redacted(text: str, expected: str) -> None:
+    assert redact_text(text, (ACCOUNT_KEY,)) == expected
+
+
+def test_a_json_body_keeps_its_shape_and_the_rest_of_its_message() -> None:
+    body = orjson.dumps(
+        {
+            "error": {
+                "message": "bad thing with key sk-UPSTREAMSECRET-0123456789 in the request",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "bad_thing",
+                "details": [f"sent {ACCOUNT_KEY}", 3],
+            }
+        }
+    )
+
+    redacted = orjson.loads(redact_body(body, (ACCOUNT_KEY,)))
+
+    assert redacted == {
+        "error": {
+            "message": "bad thing with key [redacted] in the request",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "bad_thing",
+            "details": ["sent [redacted]", 3],
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # nothing to replace: the bytes as they came, spacing and all
+        b'{"error": {"message": "max_output_tokens must be at least 16"}}',
+        b"plain text, no key",
+    ],
+)
+def test_a_body_without_secrets_is_left_as_it_came(body: bytes) -> None:
+    assert redact_body(body, (ACCOUNT_KEY,)) is body
+
+
+def test_a_body_that_is_not_json_is_redacted_as_text() -> None:
+    body = b"<html>upstream says: key sk-UPSTREAMSECRET-0123456789 is bad</html>"
+    assert redact_body(body) == b"<html>upstream says: key [redacted] is bad</html>"
