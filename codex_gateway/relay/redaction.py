@@ -2,9 +2,15 @@
 
 An upstream's answer about a request (a 4xx body, a failed response's message) is relayed
 to the client and kept in the usage row, and it may quote a credential: the account's own
-key, or a token it was sent. Anything shaped like an API key or a bearer token is replaced,
-and so is the account's configured key verbatim, whatever its shape; the rest of the text,
-and a JSON body's shape, are kept.
+key, or the token it was sent. Anything shaped like an API key, a bearer token or a JWT is
+replaced, and so are the account's key and the token sent verbatim, whatever their shape;
+the rest of the text, and a JSON body's shape, are kept.
+
+What the gateway reads or writes itself is redacted: a 4xx body, a failed response sent
+whole, the error a chat client or a non-streaming client is shown, the usage row. A
+Responses stream is relayed untouched, chunk by chunk, so its `response.failed` and `error`
+events reach a streaming /v1/responses client as the upstream wrote them; only their row is
+redacted.
 """
 
 from __future__ import annotations
@@ -40,23 +46,28 @@ def redact_text(text: str, known: Sequence[str] = ()) -> str:
 def redact_body(body: bytes, known: Sequence[str] = ()) -> bytes:
     """An upstream body with its secrets replaced: JSON stays JSON of the same shape (encoded
     anew only when something was replaced), anything else is redacted as text; a body with
-    nothing to replace comes back as it was."""
+    nothing to replace comes back as it was. JSON nested too deep to encode again is redacted
+    as text too."""
     document = upstream_json(body)
     if document is not None:
-        cleaned = _redact_json(document, known)
-        return body if cleaned == document else orjson.dumps(cleaned)
+        try:
+            cleaned = redact_json(document, known)
+            return body if cleaned == document else orjson.dumps(cleaned)
+        except (orjson.JSONEncodeError, RecursionError):
+            pass  # nested deeper than can be walked or written again: redacted as text
     text = body.decode("utf-8", "replace")
     cleaned_text = redact_text(text, known)
     return body if cleaned_text == text else cleaned_text.encode()
 
 
-def _redact_json(value: Any, known: Sequence[str]) -> Any:
+def redact_json(value: Any, known: Sequence[str] = ()) -> Any:
+    """A parsed JSON value with every string in it, keys included, redacted."""
     if isinstance(value, str):
         return redact_text(value, known)
     if isinstance(value, list):
-        return [_redact_json(item, known) for item in value]
+        return [redact_json(item, known) for item in value]
     if isinstance(value, dict):
-        return {redact_text(k, known): _redact_json(v, known) for k, v in value.items()}
+        return {redact_text(k, known): redact_json(v, known) for k, v in value.items()}
     return value
 
 

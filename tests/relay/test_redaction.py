@@ -73,3 +73,17 @@ def test_a_body_without_secrets_is_left_as_it_came(body: bytes) -> None:
 def test_a_body_that_is_not_json_is_redacted_as_text() -> None:
     body = b"<html>upstream says: key sk-UPSTREAMSECRET-0123456789 is bad</html>"
     assert redact_body(body) == b"<html>upstream says: key [redacted] is bad</html>"
+
+
+@pytest.mark.parametrize(
+    "depth",
+    [
+        # deeper than orjson writes, though it reads it
+        300,
+        # deeper than Python's recursion limit walks
+        1020,
+    ],
+)
+def test_json_too_deep_to_encode_again_is_redacted_as_text(depth: int) -> None:
+    body = b"[" * depth + b'"key sk-UPSTREAMSECRET-0123456789"' + b"]" * depth
+    assert redact_body(body) == b"[" * depth + b'"key [redacted]"' + b"]" * depth
