@@ -115,7 +115,9 @@ async def _stream(
     scanner: StreamScanner,
 ) -> None:
     """Translate chunk by chunk; a client that leaves is handled as on /v1/responses."""
-    translator = ChatStreamTranslator(chat.model, chat.include_usage, int(time.time()))
+    translator = ChatStreamTranslator(
+        chat.model, chat.include_usage, int(time.time()), answer.secrets
+    )
     if answer.rest is None:
         await _stream_whole(gateway, exchange, answer, chat, outcome, translator)
         return
@@ -234,13 +236,13 @@ async def _whole(
     """Collect the stream, bill it, and answer with one chat.completion."""
     if answer.rest is None:
         # An upstream that ignored `stream` and sent the response object itself.
-        document = read_json_answer(answer.first, outcome)
+        document = read_json_answer(answer.first, outcome, answer.secrets)
         await estimate_unbilled_answer(gateway, outcome, chat.responses, document)
-        await exchange.send_json(200, chat_completion(document, chat.model, _billed(outcome)))
-        return
-    final = await collect_stream(gateway, answer, outcome, scanner, chat.responses)
-    await estimate_unbilled(gateway, outcome, chat.responses, scanner)
-    await exchange.send_json(200, chat_completion(final, chat.model, _billed(outcome)))
+    else:
+        document = await collect_stream(gateway, answer, outcome, scanner, chat.responses)
+        await estimate_unbilled(gateway, outcome, chat.responses, scanner)
+    completion = chat_completion(document, chat.model, _billed(outcome), answer.secrets)
+    await exchange.send_json(200, completion)
 
 
 async def _stream_whole(
@@ -256,7 +258,7 @@ async def _stream_whole(
     error chunk of a stream that never finished, and costs what its usage says, nothing when
     it has none: the answer's work had not been done. A client that left while the upstream
     worked is handled as on a stream relayed as it comes, and billed the answer's usage."""
-    document = read_json_answer(answer.first, outcome)
+    document = read_json_answer(answer.first, outcome, answer.secrets)
     lines = [line for event in response_events(document) for line in translator.feed(event)]
     if translator.awaits_usage:
         await estimate_unbilled_answer(gateway, outcome, chat.responses, document)

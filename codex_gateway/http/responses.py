@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -368,7 +368,7 @@ async def collect_stream(
         if scanner.terminal is None:
             raise failure
         outcome.flag(failure.kind)
-    return assemble_response(body)
+    return assemble_response(body, answer.secrets)
 
 
 def _record_failure(outcome: Outcome, error: UpstreamError) -> None:
@@ -557,10 +557,10 @@ def take_terminal(
     gateway.quotas.reported(answer.account, windows, served=scanner.terminal_type != "error")
     if scanner.terminal_type == "error":
         gateway.quotas.limit_reached(answer.account, scanner.terminal)
-    _read_terminal(scanner, outcome)
+    _read_terminal(scanner, outcome, answer.secrets)
 
 
-def _read_terminal(scanner: StreamScanner, outcome: Outcome) -> None:
+def _read_terminal(scanner: StreamScanner, outcome: Outcome, known: Sequence[str]) -> None:
     outcome.upstream_model = upstream_model_of(scanner.created)
     outcome.response_id = response_id_of(scanner.created)
     terminal = scanner.terminal
@@ -569,7 +569,7 @@ def _read_terminal(scanner: StreamScanner, outcome: Outcome) -> None:
     if outcome.status != "upstream_error":
         outcome.status = TERMINAL_STATUS.get(scanner.terminal_type or "", "completed")
     if scanner.terminal_type in ("response.failed", "error"):
-        outcome.error = _error_message(terminal)
+        outcome.error = _error_message(terminal, known)
     usage = usage_from_terminal(terminal)
     outcome.usage = usage
     outcome.usage_reported = usage is not None
@@ -577,31 +577,36 @@ def _read_terminal(scanner: StreamScanner, outcome: Outcome) -> None:
     outcome.response_id = response_id_of(terminal) or outcome.response_id
 
 
-def _error_message(terminal: dict[str, object]) -> str:
+def _error_message(terminal: dict[str, object], known: Sequence[str]) -> str:
     response = terminal.get("response")
     error = response.get("error") if isinstance(response, dict) else terminal.get("error")
     if isinstance(error, dict):
-        return redact_text(f"{error.get('code') or error.get('type')}: {error.get('message')}")
-    return redact_text(f"{terminal.get('code')}: {terminal.get('message')}")
+        code = error.get("code") or error.get("type")
+        return redact_text(f"{code}: {error.get('message')}", known)
+    return redact_text(f"{terminal.get('code')}: {terminal.get('message')}", known)
 
 
 async def _relay_json(exchange: Exchange, answer: Answer, outcome: Outcome) -> dict[str, Any]:
-    """Send a JSON answer as it came, with what it says read onto the outcome; the answer
-    parsed."""
-    document = read_json_answer(answer.first, outcome)
-    await _send_body(exchange, 200, answer, answer.first)
+    """Send a JSON answer as it came, less any credential a failed one quotes, with what it
+    says read onto the outcome; the answer parsed."""
+    document = read_json_answer(answer.first, outcome, answer.secrets)
+    body = answer.first
+    if outcome.status == "failed":
+        body = redact_body(body, answer.secrets)
+    await _send_body(exchange, 200, answer, body)
     return document
 
 
-def read_json_answer(body: bytes, outcome: Outcome) -> dict[str, Any]:
+def read_json_answer(body: bytes, outcome: Outcome, known: Sequence[str]) -> dict[str, Any]:
     """A response object the upstream sent whole, with its usage, model, id, status and, when
-    it failed, its error read onto the outcome."""
+    it failed, its error read onto the outcome (less the `known` secrets and any other)."""
     document = upstream_json(body)
     if not isinstance(document, dict):
         outcome.flag("upstream_body_not_json")
+        text = body[:200].decode("utf-8", "replace")
         raise UpstreamProtocolError(
             "The upstream answered with a body that is not a JSON response.",
-            detail=f"HTTP 200 body: {redact_text(body[:200].decode('utf-8', 'replace'))}",
+            detail=f"HTTP 200 body: {redact_text(text, known)}",
         )
     usage = document.get("usage")
     outcome.usage = usage
@@ -610,7 +615,7 @@ def read_json_answer(body: bytes, outcome: Outcome) -> dict[str, Any]:
     outcome.response_id = response_id_of(document)
     outcome.status = _JSON_STATUS.get(str(document.get("status")), "completed")
     if outcome.status == "failed":
-        outcome.error = _error_message(document)
+        outcome.error = _error_message(document, known)
     return document
 
 
@@ -618,7 +623,7 @@ async def _relay_client_error(exchange: Exchange, answer: Answer, outcome: Outco
     """An upstream 4xx about the request itself: the client sees it as it came, less any
     credential it quotes (`redact_body`), and so does the usage row."""
     status = answer.response.status
-    body = redact_body(answer.first, (answer.account.api_key,))
+    body = redact_body(answer.first, answer.secrets)
     outcome.status = "upstream_error"
     outcome.error = f"HTTP {status}: {body[:500].decode('utf-8', 'replace')}"
     outcome.flag(f"upstream_http_{status}")

@@ -11,7 +11,7 @@ has made its estimate, so a stream's usage chunk waits for it (`ChatStreamTransl
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -282,15 +282,18 @@ def completion_id(response_id: Any) -> str:
     return "chatcmpl-" + response_id.removeprefix("resp_")
 
 
-def error_payload(error: Any, fallback_code: str = "upstream_error") -> dict[str, Any]:
-    """OpenAI's error shape from an `error` event, a failed response's `error`, or a 429 body."""
+def error_payload(
+    error: Any, fallback_code: str = "upstream_error", known: Sequence[str] = ()
+) -> dict[str, Any]:
+    """OpenAI's error shape from an `error` event, a failed response's `error`, or a 429 body,
+    its message without the `known` secrets or any other."""
     nested = error.get("error") if isinstance(error, dict) else None
     source = nested if isinstance(nested, dict) else error if isinstance(error, dict) else {}
     message = source.get("message")
     code = source.get("code") or source.get("type") or fallback_code
     return {
         "error": {
-            "message": redact_text(message)
+            "message": redact_text(message, known)
             if isinstance(message, str) and message
             else "The upstream failed.",
             "type": source.get("type") if isinstance(source.get("type"), str) else "upstream_error",
@@ -323,6 +326,7 @@ class ChatStreamTranslator:
         "_created",
         "_finished",
         "_include_usage",
+        "_known",
         "_model",
         "_prefix",
         "_response_id",
@@ -331,8 +335,12 @@ class ChatStreamTranslator:
         "_tools",
     )
 
-    def __init__(self, model: str, include_usage: bool, created: int = 0):
+    def __init__(
+        self, model: str, include_usage: bool, created: int = 0, known: Sequence[str] = ()
+    ):
         self._model = model
+        # Secrets an upstream's error may quote, taken out of the error chunk.
+        self._known = known
         self._include_usage = include_usage
         self._created = created
         self._response_id: str | None = None
@@ -512,7 +520,8 @@ class ChatStreamTranslator:
 
     def _error(self, error: Any) -> list[bytes]:
         self._finished = True
-        return [b"data: " + orjson.dumps(error_payload(error)) + b"\n\n", DONE]
+        payload = error_payload(error, known=self._known)
+        return [b"data: " + orjson.dumps(payload) + b"\n\n", DONE]
 
 
 def _tool_delta(index: int, fields: dict[str, Any]) -> bytes:
@@ -577,12 +586,12 @@ def response_events(response: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def chat_completion(
-    response: dict[str, Any], model: str, usage: MappedUsage | None
+    response: dict[str, Any], model: str, usage: MappedUsage | None, known: Sequence[str] = ()
 ) -> dict[str, Any]:
     """One `chat.completion` from a final Responses object, with `usage`, the counts billed
     (none when nothing is); a failed response raises."""
     if response.get("status") == "failed":
-        payload = error_payload(response.get("error"))["error"]
+        payload = error_payload(response.get("error"), known=known)["error"]
         raise UpstreamProtocolError(
             f"The upstream could not complete the response: {payload['message']}",
             code=str(payload["code"]),

@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from codex_gateway.errors import UpstreamProtocolError, UpstreamStatusError
-from codex_gateway.relay.redaction import redact_text
+from codex_gateway.relay.redaction import redact_json, redact_text
 from codex_gateway.relay.sse import parse_events
 
 DEFAULT_BASE_URL = "https://chatgpt.com/backend-api"
@@ -379,12 +379,15 @@ class ResponseAssembler:
     """Collects a backend stream into the final response object a non-streaming client gets.
 
     The terminal event carries the response; when its `output` is empty (the backend may leave
-    it so), the items from `response.output_item.done` events are filled in, in order.
+    it so), the items from `response.output_item.done` events are filled in, in order. A
+    failed response, and an `error` event's reason, are given with their secrets (the `known`
+    ones and any of a key's or token's shape) replaced.
     """
 
-    __slots__ = ("_error", "_items", "_response")
+    __slots__ = ("_error", "_items", "_known", "_response")
 
-    def __init__(self) -> None:
+    def __init__(self, known: Sequence[str] = ()) -> None:
+        self._known = known
         self._items: dict[int, dict[str, Any]] = {}
         self._response: dict[str, Any] | None = None
         self._error: dict[str, Any] | None = None
@@ -407,7 +410,7 @@ class ResponseAssembler:
             nested = self._error.get("error")
             source = nested if isinstance(nested, dict) else self._error
             code = source.get("code") or source.get("type")
-            reason = redact_text(str(source.get("message") or "no reason given"))
+            reason = redact_text(str(source.get("message") or "no reason given"), self._known)
             raise UpstreamStatusError(
                 f"The upstream failed: {reason}",
                 code=str(code) if code else None,
@@ -418,12 +421,15 @@ class ResponseAssembler:
             )
         if not self._response.get("output") and self._items:
             self._response["output"] = [self._items[index] for index in sorted(self._items)]
+        if self._response.get("status") == "failed":
+            return dict(redact_json(self._response, self._known))
         return self._response
 
 
-def assemble_response(raw: bytes) -> dict[str, Any]:
-    """The final response object from a whole backend stream."""
-    assembler = ResponseAssembler()
+def assemble_response(raw: bytes, known: Sequence[str] = ()) -> dict[str, Any]:
+    """The final response object from a whole backend stream; the `known` secrets, and any
+    other, are taken out of its error."""
+    assembler = ResponseAssembler(known)
     for event in parse_events(raw):
         assembler.feed(event)
     return assembler.result()

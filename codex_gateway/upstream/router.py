@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -75,10 +75,18 @@ class Answer:
     response: UpstreamResponse
     first: bytes
     rest: AsyncIterator[bytes] | None
+    # What authenticated the request (`Outgoing.credential`).
+    credential: str = field(default="", repr=False)
 
     @property
     def account(self) -> AccountRecord:
         return self.lease.account
+
+    @property
+    def secrets(self) -> tuple[str, str]:
+        """What the upstream's error text may quote and no one is shown: the account's key
+        and the credential the request was sent with."""
+        return self.lease.account.api_key, self.credential
 
     def close(self) -> None:
         self.lease.release()
@@ -197,12 +205,12 @@ class Router:
                 response = await self._client.post(outgoing.url, outgoing.headers, outgoing.body)
                 try:
                     if response.status == 200 and response.content_type == "text/event-stream":
-                        return await _first_of_stream(lease, response)
+                        return await _first_of_stream(lease, response, outgoing.credential)
                     waiting_for_first_byte = False
                     if not response.complete:  # a body that came with its head needs no time
                         loop = asyncio.get_running_loop()
                         limit.reschedule(loop.time() + deadline - time.monotonic())
-                    return await _whole(lease, response)
+                    return await _whole(lease, response, outgoing.credential)
                 except BaseException:
                     response.close()
                     raise
@@ -267,20 +275,20 @@ class Router:
         return type(last)(message, code=last.code, kind=last.kind, detail=last.detail)
 
 
-async def _first_of_stream(lease: Lease, response: UpstreamResponse) -> Answer:
+async def _first_of_stream(lease: Lease, response: UpstreamResponse, credential: str) -> Answer:
     rest = response.chunks()
     first = await _first_chunk(rest)
-    return Answer(lease, response, first, rest)
+    return Answer(lease, response, first, rest, credential)
 
 
-async def _whole(lease: Lease, response: UpstreamResponse) -> Answer:
+async def _whole(lease: Lease, response: UpstreamResponse, credential: str) -> Answer:
     """A whole body; statuses that are about the account raise so the next one is tried."""
     status = response.status
     body = await response.read()
     if status in (401, 403, 429) or status >= 500:
         response.release()
         raise RefusedByUpstream(_status_message(status), status, response.headers, body)
-    return Answer(lease, response, body, None)
+    return Answer(lease, response, body, None, credential)
 
 
 async def _first_chunk(chunks: AsyncIterator[bytes]) -> bytes:

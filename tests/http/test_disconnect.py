@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import socket
-import socketserver
-import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -23,9 +21,15 @@ import pytest
 
 from tests.conftest import Gateway, Sandbox, estimated_counts, fixture_path
 from tests.http.test_responses import expected_cost, transcript_events
-from tests.upstream.pool_helpers import fresh_accounts, pool_gateway
+from tests.upstream.pool_helpers import (
+    CHAT,
+    PROMPT,
+    LoopbackUpstream,
+    fresh_accounts,
+    pool_gateway,
+    serving,
+)
 
-PROMPT = "Write a Python function that computes the Fibonacci sequence"
 EVENTS = transcript_events("responses-text")
 RAW_EVENTS = fixture_path("upstream", "responses-text.sse").read_bytes().split(b"\n\n")
 
@@ -225,7 +229,6 @@ def send_then_hang_up(
             time.sleep(0.02)
 
 
-CHAT = {"model": "gpt-5.1-codex", "messages": [{"role": "user", "content": PROMPT}]}
 WHOLE_ANSWERS = [
     # one JSON answer asked for
     ("/v1/responses", {"model": "gpt-5.1-codex", "input": PROMPT}, ""),
@@ -263,56 +266,12 @@ def test_a_client_leaving_before_its_whole_answer_is_billed_and_marked_as_gone(
     assert Decimal(gateway.balance(user)) == Decimal(10) - Decimal(row["cost_usd"])
 
 
-class LingeringUpstream(socketserver.ThreadingTCPServer):
-    """A Responses upstream on loopback that streams `responses-text` an event every
-    `pace` seconds, then waits `linger` seconds after its final event before it ends the
-    stream, as upstreams do when they close a connection a little after their last event."""
-
-    daemon_threads = True
-
-    def __init__(self, pace: float, linger: float):
-        super().__init__(("127.0.0.1", 0), _LingeringHandler)
-        self.pace, self.linger = pace, linger
-        self.events = [block + b"\n\n" for block in RAW_EVENTS if block.strip()]
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-
-class _LingeringHandler(socketserver.StreamRequestHandler):
-    server: LingeringUpstream
-
-    def handle(self) -> None:
-        length = 0
-        while (line := self.rfile.readline()) not in (b"\r\n", b""):
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        self.rfile.read(length)
-        self.wfile.write(
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-            b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
-        )
-        for event in self.server.events:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
-            self.wfile.flush()
-            time.sleep(self.server.pace)
-        time.sleep(self.server.linger)
-        self.wfile.write(b"0\r\n\r\n")
-
-
 @pytest.fixture
-def lingering_upstream() -> Iterator[LingeringUpstream]:
-    server = LingeringUpstream(pace=0.005, linger=0.3)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+def lingering_upstream() -> Iterator[LoopbackUpstream]:
+    """`responses-text` streamed an event every 5 ms, held open 0.3 s after its last."""
+    events = [block + b"\n\n" for block in RAW_EVENTS if block.strip()]
+    with serving(LoopbackUpstream(events=events, pace=0.005, linger=0.3)) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def read_chat_to_done_and_hang_up(gateway: Gateway, key: str) -> tuple[str, bytes]:
@@ -341,7 +300,7 @@ def read_chat_to_done_and_hang_up(gateway: Gateway, key: str) -> tuple[str, byte
 
 
 def test_a_chat_client_that_leaves_after_done_is_not_marked_as_gone(
-    gateway: Gateway, sandbox: Sandbox, lingering_upstream: LingeringUpstream
+    gateway: Gateway, sandbox: Sandbox, lingering_upstream: LoopbackUpstream
 ) -> None:
     """The chat stream's `[DONE]` goes out with the upstream's final event; a client that
     closes once it has it got its whole answer, however long the upstream takes to close."""

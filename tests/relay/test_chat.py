@@ -641,3 +641,21 @@ def test_usage_keeps_the_nesting_of_cached_and_reasoning_counts() -> None:
         14,
     )
     assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+# A credential not shaped like one: only the secrets a translator is given name it.
+PLAIN_KEY = "plain-account-key-0123456789"
+QUOTING = {"code": "bad_thing", "message": f"refused key {PLAIN_KEY}, sk-UPSTREAMSECRET-0123456789"}
+
+
+def test_a_failed_response_loses_the_credential_it_quotes_in_the_chunk_and_the_completion() -> None:
+    failed = {"status": "failed", "error": QUOTING}
+    translator = ChatStreamTranslator("gpt-5.1-codex", True, known=(PLAIN_KEY,))
+
+    lines = translator.feed({"type": "response.failed", "response": failed})
+    with pytest.raises(UpstreamProtocolError) as caught:
+        chat_completion(failed, "gpt-5.1-codex", None, (PLAIN_KEY,))
+
+    redacted = "refused key [redacted], [redacted]"
+    assert payloads(lines)[0]["error"]["message"] == redacted
+    assert caught.value.message.endswith(redacted)

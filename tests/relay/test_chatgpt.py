@@ -347,3 +347,24 @@ def test_a_stream_without_a_response_is_an_upstream_error(
 ) -> None:
     with pytest.raises(error):
         assemble_response(fixture_path("upstream", name).read_bytes())
+
+
+# A token not shaped like one: only the credential the request was sent with names it.
+PLAIN_TOKEN = "plain-token-0123456789"
+
+
+def test_a_failed_response_and_an_error_event_lose_the_credential_they_quote() -> None:
+    message = f"refused token {PLAIN_TOKEN} and key sk-UPSTREAMSECRET-0123456789"
+    failed = {
+        "type": "response.failed",
+        "response": {"status": "failed", "error": {"message": message}},
+    }
+    error = {"type": "error", "error": {"code": "bad_thing", "message": message}}
+
+    response = assemble_response(b"data: " + orjson.dumps(failed) + b"\n\n", (PLAIN_TOKEN,))
+    with pytest.raises(UpstreamStatusError) as caught:
+        assemble_response(b"data: " + orjson.dumps(error) + b"\n\n", (PLAIN_TOKEN,))
+
+    redacted = "refused token [redacted] and key [redacted]"
+    assert response["error"] == {"message": redacted}
+    assert caught.value.message == f"The upstream failed: {redacted}"

@@ -60,11 +60,13 @@ def import_chatgpt(
     name: str = "plus",
     *,
     transcript: str | None = None,
+    base_url: str | None = None,
     priority: int = 100,
     lifetime: float = 3600,
     refresh_token: str | None = None,
 ) -> ChatGPTAccount:
-    """Import a ChatGPT account from a fresh auth.json; the mock accepts its access token."""
+    """Import a ChatGPT account from a fresh auth.json; the mock accepts its access token.
+    `base_url` points it at another backend than the mock."""
     tag = uuid.uuid4().hex[:8]
     account_id = f"acct-{tag}"
     account = ChatGPTAccount(
@@ -78,7 +80,8 @@ def import_chatgpt(
     path.write_bytes(orjson.dumps({"OPENAI_API_KEY": None, "tokens": tokens}))
     gateway.cli(
         "accounts", "import-codex", str(path), "--name", account.name,
-        "--base-url", backend_url(sandbox, transcript), "--priority", str(priority),
+        "--base-url", base_url or backend_url(sandbox, transcript),
+        "--priority", str(priority),
     )  # fmt: skip
     return account
 

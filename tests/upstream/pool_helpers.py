@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import socketserver
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from http import HTTPStatus
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -31,6 +35,8 @@ FAULT_TIMEOUTS = {
 }
 # Catalog refresh is 0.2 s in tests; this leaves room for a slow poll.
 CATALOG_SETTLE_SECONDS = 0.8
+PROMPT = "Write a Python function that computes the Fibonacci sequence"
+CHAT = {"model": "gpt-5.1-codex", "messages": [{"role": "user", "content": PROMPT}]}
 
 
 @dataclass
@@ -125,3 +131,80 @@ def start_second_process(gateway: Gateway) -> str:
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/healthz")
     return url
+
+
+class LoopbackUpstream(socketserver.ThreadingTCPServer):
+    """An upstream on loopback that answers every request alike: `body` as JSON with
+    `status` when there is one, else the server-sent `events`, one every `pace` seconds, the
+    stream ended `linger` seconds after the last, as upstreams close a connection a little
+    after their final event. `{token}` in what it sends becomes the bearer token it was sent,
+    as an upstream quoting the credential it refused would."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        *,
+        status: int = 200,
+        body: dict[str, Any] | None = None,
+        events: Sequence[bytes] = (),
+        pace: float = 0.0,
+        linger: float = 0.0,
+    ):
+        super().__init__(("127.0.0.1", 0), _LoopbackHandler)
+        self.status = status
+        self.body = None if body is None else json.dumps(body).encode()
+        self.events = list(events)
+        self.pace, self.linger = pace, linger
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class _LoopbackHandler(socketserver.StreamRequestHandler):
+    server: LoopbackUpstream
+
+    def handle(self) -> None:
+        headers: dict[bytes, bytes] = {}
+        while (line := self.rfile.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        self.rfile.read(int(headers.get(b"content-length", b"0")))
+        token = headers.get(b"authorization", b"").removeprefix(b"Bearer ")
+        server = self.server
+        if server.body is not None:
+            body = server.body.replace(b"{token}", token)
+            self.wfile.write(
+                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                % (server.status, HTTPStatus(server.status).phrase.encode(), len(body), body)
+            )
+            return
+        self.wfile.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        )
+        for event in server.events:
+            event = event.replace(b"{token}", token)
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            self.wfile.flush()
+            time.sleep(server.pace)
+        time.sleep(server.linger)
+        self.wfile.write(b"0\r\n\r\n")
+
+
+Upstream = TypeVar("Upstream", bound=socketserver.BaseServer)
+
+
+@contextmanager
+def serving(server: Upstream) -> Iterator[Upstream]:
+    """`server` answering on its own thread until the block ends, then closed."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

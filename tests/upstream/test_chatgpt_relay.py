@@ -34,7 +34,12 @@ from tests.upstream.chatgpt_helpers import (
     stored_tokens,
     wait_for,
 )
-from tests.upstream.pool_helpers import CATALOG_SETTLE_SECONDS, stream_events
+from tests.upstream.pool_helpers import (
+    CATALOG_SETTLE_SECONDS,
+    LoopbackUpstream,
+    serving,
+    stream_events,
+)
 
 CODEX_TURN = "codex-exec-0.169.0-tool-turn1"
 # The usage wall fixture: its windows, and the wall's relative reset (its absolute one is past).
@@ -392,3 +397,36 @@ def test_a_client_that_does_not_stream_is_billed_the_estimate_of_a_stream_withou
     assert Decimal(row["cost_usd"]) > 0
     spent = Decimal(row["cost_usd"]) + Decimal(like["cost_usd"])
     assert Decimal(gateway.balance(user)) == 10 - spent
+
+
+def test_a_backend_error_quoting_its_token_reaches_neither_the_client_nor_the_row(
+    gateway: Gateway, sandbox: Sandbox
+) -> None:
+    """The 502 a client that did not stream gets for the backend's `error` event names the
+    reason, less the access token and any key it quotes."""
+    error = {
+        "type": "error",
+        "error": {
+            "type": "invalid_request_error",
+            "code": "bad_thing",
+            "message": "bad thing with key sk-UPSTREAMSECRET-0123456789abcdef, token {token}",
+        },
+    }
+    event = b"event: error\ndata: %s\n\n" % json.dumps(error).encode()
+    with serving(LoopbackUpstream(events=[event])) as backend:
+        (account,) = only_chatgpt_accounts(gateway, sandbox, [{"base_url": backend.base_url}])
+        _, key = gateway.new_user("10")
+        response = httpx.post(
+            gateway.url + "/v1/responses",
+            json=HI,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+
+    assert response.status_code == 502
+    redacted = "bad thing with key [redacted], token [redacted]"
+    assert redacted in response.json()["error"]["message"]
+    row = gateway.usage_row(response.headers["x-request-id"])
+    assert redacted in row["error"]
+    for secret in ("UPSTREAMSECRET", account.access_token):
+        assert secret not in response.text and secret not in json.dumps(row)

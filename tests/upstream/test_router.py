@@ -9,8 +9,6 @@ the row bills what the upstream reported or, failing that, the gateway's estimat
 from __future__ import annotations
 
 import json
-import socketserver
-import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -23,17 +21,20 @@ import pytest
 from tests.conftest import Gateway, Sandbox, estimated_counts
 from tests.http.test_responses import expected_cost, transcript_events
 from tests.upstream.pool_helpers import (
+    CHAT,
     FAULT_TIMEOUTS,
+    PROMPT,
+    LoopbackUpstream,
     account_state,
     fresh_accounts,
     pool_gateway,
     served_by,
+    serving,
     set_fault,
     start_second_process,
     stream_events,
 )
 
-PROMPT = "Write a Python function that computes the Fibonacci sequence"
 BODY = {"model": "gpt-5.1-codex", "input": PROMPT}
 TEXT_USAGE = (1252, 0, 11273, 10944)
 
@@ -222,7 +223,6 @@ def test_a_mark_made_by_one_process_is_honoured_by_another(
     assert served_by(sandbox, [limited, healthy]) == [limited.name, healthy.name, healthy.name]
 
 
-CHAT = {"model": "gpt-5.1-codex", "messages": [{"role": "user", "content": PROMPT}]}
 # how the upstream's stream breaks -> (row flags, status and code the chat client gets)
 CHAT_STREAM_BROKEN = [
     # it goes silent, or drops the connection, after some events
@@ -270,38 +270,6 @@ def test_a_chat_completion_whose_upstream_stream_breaks_is_an_error_billed_as_th
     assert Decimal(gateway.balance(user)) == Decimal(10) - spent
 
 
-class RefusingUpstream(socketserver.ThreadingTCPServer):
-    """An upstream on loopback that answers every request with one 4xx JSON body."""
-
-    daemon_threads = True
-
-    def __init__(self, status: int, body: dict[str, Any]):
-        super().__init__(("127.0.0.1", 0), _RefusingHandler)
-        self.status, self.body = status, json.dumps(body).encode()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-
-class _RefusingHandler(socketserver.StreamRequestHandler):
-    server: RefusingUpstream
-
-    def handle(self) -> None:
-        length = 0
-        while (line := self.rfile.readline()) not in (b"\r\n", b""):
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        self.rfile.read(length)
-        body = self.server.body
-        self.wfile.write(
-            b"HTTP/1.1 %d Unprocessable Entity\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-            % (self.server.status, len(body), body)
-        )
-
-
 ACCOUNT_KEY = "upstream-account-key-0123456789"
 QUOTING = {
     "error": {
@@ -317,21 +285,14 @@ QUOTING = {
 
 
 @pytest.fixture
-def quoting_upstream() -> Iterator[RefusingUpstream]:
-    server = RefusingUpstream(422, QUOTING)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+def quoting_upstream() -> Iterator[LoopbackUpstream]:
+    with serving(LoopbackUpstream(status=422, body=QUOTING)) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 @pytest.mark.parametrize("path", ["/v1/responses", "/v1/chat/completions"])
 def test_credentials_an_upstream_4xx_quotes_reach_neither_the_client_nor_the_row(
-    gateway: Gateway, sandbox: Sandbox, quoting_upstream: RefusingUpstream, path: str
+    gateway: Gateway, sandbox: Sandbox, quoting_upstream: LoopbackUpstream, path: str
 ) -> None:
     spec = {"base_url": quoting_upstream.base_url, "api_key": ACCOUNT_KEY}
     fresh_accounts(gateway, sandbox, [spec])
@@ -352,3 +313,73 @@ def test_credentials_an_upstream_4xx_quotes_reach_neither_the_client_nor_the_row
     assert expected in row["error"]
     for secret in ("sk-UPSTREAMSECRET", "tok_0123456789abcdef", ACCOUNT_KEY):
         assert secret not in response.text and secret not in json.dumps(row)
+
+
+# What a failed response says, quoting a key and the account's key (the token it was sent).
+QUOTED = "bad thing with key sk-UPSTREAMSECRET-0123456789abcdef, for account key {token}"
+QUOTED_REDACTED = "bad thing with key [redacted], for account key [redacted]"
+FAILED = {
+    "id": "resp_quoting",
+    "object": "response",
+    "status": "failed",
+    "model": "gpt-5.1-codex",
+    "output": [],
+    "usage": None,
+    "error": {"code": "server_error", "message": QUOTED},
+}
+
+
+def sse(*events: dict[str, Any]) -> list[bytes]:
+    return [
+        b"event: %s\ndata: %s\n\n" % (e["type"].encode(), json.dumps(e).encode()) for e in events
+    ]
+
+
+# the route, whether the client streams, and whether the upstream streams its failure
+FAILED_ANSWERS = [
+    # a /v1/responses stream is relayed untouched (only its row is redacted)
+    pytest.param("/v1/responses", True, True, id="responses-stream"),
+    # a failed response sent whole, gathered from a stream or as the upstream sent it
+    pytest.param("/v1/responses", False, True, id="responses-gathered"),
+    pytest.param("/v1/responses", False, False, id="responses-json"),
+    # a chat client's error chunk, or its 502
+    pytest.param("/v1/chat/completions", True, True, id="chat-stream"),
+    pytest.param("/v1/chat/completions", True, False, id="chat-stream-of-json"),
+    pytest.param("/v1/chat/completions", False, True, id="chat-whole"),
+]
+
+
+@pytest.mark.parametrize(("path", "stream", "streamed"), FAILED_ANSWERS)
+def test_credentials_a_failed_response_quotes_reach_neither_the_client_nor_the_row(
+    gateway: Gateway, sandbox: Sandbox, path: str, stream: bool, streamed: bool
+) -> None:
+    if streamed:
+        created = {**FAILED, "status": "in_progress", "error": None}
+        answer = LoopbackUpstream(
+            events=sse(
+                {"type": "response.created", "response": created},
+                {"type": "response.failed", "response": FAILED},
+            )
+        )
+    else:
+        answer = LoopbackUpstream(body=FAILED)
+    with serving(answer) as upstream:
+        fresh_accounts(gateway, sandbox, [{"base_url": upstream.base_url, "api_key": ACCOUNT_KEY}])
+        _, key = gateway.new_user("10")
+        body = CHAT if path.endswith("completions") else BODY
+        response = httpx.post(
+            gateway.url + path,
+            json={**body, "stream": stream},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+
+    row = gateway.usage_row(response.headers["x-request-id"])
+    assert f"server_error: {QUOTED_REDACTED}" in row["error"]
+    assert "UPSTREAMSECRET" not in json.dumps(row) and ACCOUNT_KEY not in json.dumps(row)
+    if path == "/v1/responses" and stream:
+        assert QUOTED.format(token=ACCOUNT_KEY) in response.text
+        return
+    assert response.status_code == (502 if path.endswith("completions") and not stream else 200)
+    assert QUOTED_REDACTED in response.text
+    assert "UPSTREAMSECRET" not in response.text and ACCOUNT_KEY not in response.text
