@@ -425,11 +425,12 @@ class Admission:
         if not await self._users.take(user_id, estimate):
             if await self._users.set_aside_elsewhere(user_id, estimate):
                 raise InsufficientQuota(
-                    "You exceeded your current quota for the moment: the balance is held for "
-                    "requests in flight (set aside by other gateway processes), so what is "
-                    f"left does not cover this request's largest possible cost, "
-                    f"${plain(estimate)}. Retry shortly: what those requests do not spend "
-                    "returns to the balance as they finish."
+                    "You exceeded your current quota for the moment: part of the balance is "
+                    "set aside in other gateway processes' leases, so what is left does not "
+                    f"cover this request's largest possible cost, ${plain(estimate)}. Retry "
+                    "shortly: a lease comes back to the balance about "
+                    f"{self._idle_seconds:g} s after its process last had a request of yours "
+                    f"in flight, or {self._lease_ttl:g} s after that process stopped."
                 )
             raise InsufficientQuota(
                 "You exceeded your current quota: the balance does not cover this request's "

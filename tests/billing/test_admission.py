@@ -670,9 +670,33 @@ async def test_a_refusal_says_when_the_balance_is_held_by_another_process(
     message = caught.value.message
     assert caught.value.status == 429 and caught.value.code == "insufficient_quota"
     assert f"${this}" in message
-    assert ("held for requests in flight" in message) is held_elsewhere
-    assert ("Retry shortly" in message) is held_elsewhere
+    assert ("set aside in other gateway processes' leases" in message) is held_elsewhere
+    assert ("0 s after its process last had a request" in message) is held_elsewhere
+    assert ("or 60 s after that process stopped" in message) is held_elsewhere
     assert ("top the balance up" in message) is not held_elsewhere
     assert (await store.balances())[user_id] == Decimal("0.2")
+    await first.close()
+    await second.close()
+
+
+async def test_a_refusal_gives_the_plain_reason_when_the_database_cannot_say_why(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one more read a refusal makes to say why fails: the request still gets its 429,
+    with the plain reason."""
+    _, user_id = await new_user(store, "0.2")
+    first, second = admission(store), admission(store)
+    await first.admit(user_id, Decimal("0.15"))
+
+    async def unreachable(*args: object) -> tuple[Decimal, Decimal]:
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(store, "leased_to_others", unreachable)
+    with pytest.raises(InsufficientQuota) as caught:
+        await second.admit(user_id, Decimal("0.1"))
+
+    message = caught.value.message
+    assert caught.value.status == 429 and caught.value.code == "insufficient_quota"
+    assert "top the balance up" in message and "leases" not in message
     await first.close()
     await second.close()
