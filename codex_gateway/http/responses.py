@@ -98,19 +98,33 @@ async def authenticate(gateway: Gateway, exchange: Exchange) -> KeyRecord:
 
 
 def _bearer(exchange: Exchange) -> str:
-    if len(exchange.headers) < len(exchange.scope["headers"]):
+    headers = exchange.headers
+    if len(headers) < len(exchange.scope["headers"]):
         # Some header came more than once, and the map kept its last copy.
         _refuse_repeated_credentials(exchange.scope["headers"])
-    header = exchange.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    api_key = exchange.headers.get("api-key") or exchange.headers.get("x-api-key")
-    if api_key:
-        return api_key.strip()
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    bearer = token.strip() if scheme.lower() == "bearer" else ""
+    api_key = headers.get("api-key", "").strip()
+    x_api_key = headers.get("x-api-key", "").strip()
+    key = bearer or api_key or x_api_key
+    if not key:
+        raise AuthenticationError(
+            "You didn't provide an API key. Send it in the Authorization header as "
+            "'Bearer KEY', or in an api-key or x-api-key header."
+        )
+    if (api_key and api_key != key) or (x_api_key and x_api_key != key):
+        _refuse_different_keys((bearer, api_key, x_api_key))
+    return key
+
+
+def _refuse_different_keys(keys: tuple[str, str, str]) -> None:
+    """Credential headers that carry different keys are refused, whichever holds a good one:
+    a proxy in front that reads another header than the gateway does would admit one key
+    while the gateway bills another. The same key in two headers is no conflict."""
+    names = [shown for (_, shown), key in zip(CREDENTIAL_HEADERS, keys, strict=True) if key]
     raise AuthenticationError(
-        "You didn't provide an API key. Send it in the Authorization header as 'Bearer KEY', "
-        "or in an api-key or x-api-key header."
+        f"The request carries different API keys in its {', '.join(names[:-1])} and "
+        f"{names[-1]} headers; send one key, in one header."
     )
 
 
