@@ -35,12 +35,16 @@ FLAG_NEEDS_REVIEW = "needs_review"
 # The request cost more than the largest cost held for it when it was admitted.
 FLAG_EXCEEDED_HOLD = "exceeded_hold"
 FLAG_TRUNCATED = "upstream_field_truncated"
+# The gateway's own count raised: the row bills what the upstream reported, and is reviewed.
+FLAG_ESTIMATE_FAILED = "estimate_failed"
 MAX_TEXT = 200
 UNBILLABLE_FLAGS = frozenset({FLAG_INVALID, FLAG_MISSING})
 # Statuses of an answer the upstream served in full or in part: the work was done.
 SERVED_STATUSES = frozenset({"completed", "incomplete"})
 PRICE_COLUMNS = ("price_model", "price_input", "price_cached_input", "price_output", "markup")
-REVIEW_FLAGS = frozenset({FLAG_INVALID, FLAG_CACHED_OVER_INPUT, FLAG_REASONING_OVER_OUTPUT})
+REVIEW_FLAGS = frozenset(
+    {FLAG_INVALID, FLAG_CACHED_OVER_INPUT, FLAG_REASONING_OVER_OUTPUT, FLAG_ESTIMATE_FAILED}
+)
 
 
 @dataclass

@@ -176,8 +176,9 @@ async def _end(
     translator: ChatStreamTranslator,
 ) -> None:
     """Write the stream's last lines. One whose final usage cannot be billed as it came gets
-    its usage chunk once the estimate is made; a shutdown that cuts the estimate short ends
-    the stream without one, as the request is then billed what the upstream reported."""
+    its usage chunk once the estimate is made; a shutdown that cuts the estimate short, or an
+    estimate that fails (`estimate_unbilled` logs it), ends the stream with `[DONE]` and
+    without one, as the request is then billed what the upstream reported."""
     if not translator.awaits_usage:
         await _write_lines(exchange, translator.finish(), last=True)
         return

@@ -13,13 +13,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from codex_gateway.billing.admission import largest_cost
 from codex_gateway.billing.pricing import Price
-from codex_gateway.billing.settlement import SERVED_STATUSES, Outcome, cut_by_shutdown
+from codex_gateway.billing.settlement import (
+    FLAG_ESTIMATE_FAILED,
+    SERVED_STATUSES,
+    Outcome,
+    cut_by_shutdown,
+)
 from codex_gateway.errors import (
     AuthenticationError,
     ModelNotAllowed,
@@ -461,7 +466,7 @@ async def estimate_unbilled(
     if outcome.estimate is not None or cut_by_shutdown():
         return
     if scanner.terminal is None or outcome.served_without_usage():
-        outcome.estimate = await asyncio.to_thread(gateway.tokens.estimate, request, scanner.deltas)
+        await _estimate(outcome, lambda: gateway.tokens.estimate(request, scanner.deltas))
 
 
 async def estimate_unbilled_answer(
@@ -472,7 +477,23 @@ async def estimate_unbilled_answer(
     if outcome.estimate is not None:
         return
     if answer.get("status") in SERVED_STATUSES and outcome.served_without_usage():
-        outcome.estimate = await asyncio.to_thread(gateway.tokens.estimate_answer, request, answer)
+        await _estimate(outcome, lambda: gateway.tokens.estimate_answer(request, answer))
+
+
+async def _estimate(outcome: Outcome, count: Callable[[], dict[str, Any]]) -> None:
+    """Make the gateway's own count off the event loop. One that raises is a gateway bug the
+    client does not pay for with its answer: logged, the row flagged `estimate_failed` and
+    billed what the upstream reported, and not tried again for the same request."""
+    if FLAG_ESTIMATE_FAILED in outcome.flags:
+        return
+    try:
+        outcome.estimate = await asyncio.to_thread(count)
+    except Exception:
+        outcome.flag(FLAG_ESTIMATE_FAILED)
+        log.exception(
+            "the gateway's estimate of the request's usage failed",
+            extra={"request_id": outcome.request_id, "account_id": outcome.account_id},
+        )
 
 
 async def refuse_cut(exchange: Exchange, outcome: Outcome) -> None:

@@ -6,22 +6,33 @@ own final event exactly as the same request on /v1/responses.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import threading
 from collections.abc import Callable
 from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 
+from codex_gateway.http.chat import _end
+from codex_gateway.relay.chat import DONE, ChatStreamTranslator
+from codex_gateway.relay.sse import StreamScanner
 from tests.conftest import Gateway, Sandbox, estimated_counts
 from tests.http.test_responses import (
     TRANSCRIPTS,
     assert_billed,
+    cut_outcome,
+    exchange_and_sent,
     expected_cost,
     transcript_events,
 )
+from tests.relay.test_chat import completed_with, request
 
 Sdk = Callable[[str], openai.OpenAI]
 MESSAGES = [
@@ -382,3 +393,73 @@ def test_the_key_never_reaches_the_gateway_log_or_the_usage_row(gateway: Gateway
     assert response.headers["x-request-id"] in gateway.log_text()
     assert key not in gateway.log_text()
     assert key not in json.dumps(row)
+
+
+# -- the end of a stream whose usage waits for the gateway's estimate ----------------------
+
+
+class BrokenTokens:
+    """An estimator with a bug."""
+
+    def estimate(self, request: object, deltas: object) -> dict[str, Any]:
+        raise ValueError("the tokenizer broke")
+
+
+class StuckTokens:
+    """An estimator that runs until `release` is set, having set `started`."""
+
+    def __init__(self) -> None:
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def estimate(self, request: object, deltas: object) -> dict[str, Any]:
+        self.started.set()
+        self.release.wait(5)
+        return {"input_tokens": 1, "output_tokens": 1}
+
+
+async def end_awaiting_usage(tokens: object) -> tuple[list[bytes], Any]:
+    """`_end` of a chat stream whose final event served the answer without usage, with
+    `tokens` as the gateway's estimator; (the bodies written, the outcome)."""
+    events = completed_with(None)
+    scanner = StreamScanner()
+    scanner.feed(b"".join(b"data: " + orjson.dumps(event) + b"\n\n" for event in events))
+    translator = ChatStreamTranslator("gpt-5.1-codex", include_usage=True)
+    for event in events:
+        translator.feed(event)
+    assert translator.awaits_usage
+    exchange, sent = exchange_and_sent()
+    await exchange.start(200, [])
+    outcome = cut_outcome()
+    chat = SimpleNamespace(responses=request())
+    gateway: Any = SimpleNamespace(tokens=tokens)
+    await _end(gateway, exchange, outcome, chat, scanner, translator)  # type: ignore[arg-type]
+    return [message.get("body", b"") for message in sent[1:]], outcome
+
+
+async def test_a_stream_whose_estimate_fails_still_ends_with_done_and_no_usage_chunk(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.ERROR):
+        bodies, outcome = await end_awaiting_usage(BrokenTokens())
+
+    assert bodies == [DONE]
+    assert outcome.status == "completed" and outcome.estimate is None
+    assert "estimate_failed" in outcome.flags
+    (record,) = [r for r in caplog.records if "estimate" in r.getMessage()]
+    assert record.request_id == outcome.request_id  # type: ignore[attr-defined]
+
+
+async def test_a_shutdown_during_the_estimate_ends_the_stream_with_done_and_no_usage_chunk() -> (
+    None
+):
+    tokens = StuckTokens()
+    ending = asyncio.create_task(end_awaiting_usage(tokens))
+    await asyncio.to_thread(tokens.started.wait, 5)
+    ending.cancel()
+    try:
+        bodies, outcome = await ending
+    finally:
+        tokens.release.set()
+
+    assert bodies == [DONE]
+    assert outcome.estimate is None and "estimate_failed" not in outcome.flags
