@@ -20,6 +20,7 @@ FAULTS_PATH = "/sandbox/faults"
 
 
 async def set_sandbox_fault(gateway: Gateway, exchange: Exchange) -> None:
+    """Pass PUT /sandbox/faults to the sandbox once the caller shows a gateway key."""
     sandbox = gateway.sandbox
     assert sandbox is not None  # the route exists only on a gateway serving the sandbox
     await authenticate(gateway, exchange)

@@ -215,13 +215,32 @@ class SandboxApp:
         await _replay_json(send, transcript.json)
 
     async def _set_fault(self, receive: Receive, send: Send) -> None:
-        document = orjson.loads(await _read(receive))
-        key, fault = document["key"], document.get("fault")
+        try:
+            document = orjson.loads(await _read(receive))
+        except orjson.JSONDecodeError:
+            document = None
+        problem = _fault_problem(document)
+        if problem is not None:
+            await _json(send, 400, _error(problem))
+            return
+        key, fault = document["key"], document["fault"]
         if fault:
             self.faults[key] = fault
         else:
             self.faults.pop(key, None)
         await _json(send, 200, {"key": key, "fault": fault})
+
+
+def _fault_problem(document: Any) -> str | None:
+    """What is wrong with a body for PUT /sandbox/faults, or None when nothing is."""
+    shape = 'a JSON object {"key": UPSTREAM_KEY, "fault": MODE or null}'
+    if not isinstance(document, dict):
+        return f"The sandbox expects {shape}."
+    if not isinstance(document.get("key"), str) or not document["key"]:
+        return f'"key" must be the upstream key the fault is for; send {shape}.'
+    if "fault" not in document or not isinstance(document["fault"], str | None):
+        return f'"fault" must be a fault mode, or null to clear it; send {shape}.'
+    return None
 
 
 def _with_usage(transcript: Transcript, usage: str) -> Transcript | None:

@@ -135,6 +135,9 @@ def test_the_quick_starts_fault_switch_takes_a_gateway_key(tmp_path: Path) -> No
             assert refused.status_code == 401
             assert refused.json()["error"]["code"] == "invalid_api_key"
         assert guide_request(port, key).status_code == 200
+        badly_formed = httpx.put(faults, content=b"{", headers={"Authorization": f"Bearer {key}"})
+        assert badly_formed.status_code == 400
+        assert badly_formed.json()["error"]["message"].startswith("The sandbox expects a JSON")
 
         applied = httpx.put(faults, json=fault, headers={"Authorization": f"Bearer {key}"})
         assert applied.status_code == 200

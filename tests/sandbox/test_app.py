@@ -83,3 +83,27 @@ def test_a_usage_header_that_cannot_apply_is_refused(
 
     assert response.status_code == 400
     assert "x-sandbox-usage must be JSON" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        # not JSON, or JSON that is no object
+        (b"key=sandbox", "The sandbox expects a JSON object"),
+        (b'["sandbox", "500"]', "The sandbox expects a JSON object"),
+        # no key, or one that is not a string
+        (b'{"fault": "500"}', '"key" must be the upstream key'),
+        (b'{"key": 7, "fault": "500"}', '"key" must be the upstream key'),
+        # no fault (null clears one), or one that is not a string
+        (b'{"key": "sandbox"}', '"fault" must be a fault mode, or null'),
+        (b'{"key": "sandbox", "fault": 500}', '"fault" must be a fault mode, or null'),
+    ],
+)
+def test_a_badly_formed_fault_is_a_400_naming_the_problem(
+    sandbox: Sandbox, body: bytes, named: str
+) -> None:
+    response = httpx.put(sandbox.url + "/sandbox/faults", content=body)
+
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"].startswith(named)
