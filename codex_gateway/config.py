@@ -259,12 +259,12 @@ def _log_levels(value: Any) -> tuple[tuple[str, str], ...]:
     for entry in entries:
         if isinstance(entry, str):
             faults.append(f"{entry!r} is not logger=LEVEL")
-        elif entry[1].upper() in LOG_LEVELS:
-            pairs.append((entry[0], entry[1].upper()))
-        else:
-            faults.append(
-                f"{entry[0]!r} has level {entry[1]!r}, which must be one of {', '.join(LOG_LEVELS)}"
-            )
+            continue
+        name, level = entry
+        try:
+            pairs.append((name, _log_level(level)))
+        except ValueError as exc:
+            faults.append(f"{name!r} has level {level!r}, which {exc}")
     if faults:
         raise ValueError("; ".join(faults))
     return tuple(pairs)
@@ -382,21 +382,21 @@ def _unknown_variables(env: Mapping[str, str]) -> list[str]:
     the empty string, a variable counts as not set, and is not reported)."""
     known = {*environment_variables(), *NOT_SETTINGS}
     unknown = sorted(
-        name
-        for name, value in env.items()
-        if name.startswith(ENV_PREFIX) and name not in known and value != ""
+        variable
+        for variable, value in env.items()
+        if variable.startswith(ENV_PREFIX) and variable not in known and value != ""
     )
-    settings = ["config", *PARSERS]
+    names = ["config", *PARSERS]
     return [
         _unknown(
-            f"{name!r} in the environment",
+            f"{variable!r} in the environment",
             _closest(
-                name.removeprefix(ENV_PREFIX).lower(),
-                settings,
-                lambda known: repr(ENV_PREFIX + known.upper()),
+                variable.removeprefix(ENV_PREFIX).lower(),
+                names,
+                lambda name: repr(ENV_PREFIX + name.upper()),
             ),
         )
-        for name in unknown
+        for variable in unknown
     ]
 
 

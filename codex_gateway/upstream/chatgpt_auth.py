@@ -188,7 +188,7 @@ def load_cipher(settings: Settings) -> TokenCipher:
     if settings.secret_key_file:
         try:
             return TokenCipher(read_secret_key_file(settings.secret_key_file))
-        except ConfigError as exc:  # the file changed since `config.local_problems` read it
+        except ConfigError as exc:  # the key file gives no key
             raise CredentialError(str(exc)) from None
     raise CredentialError(
         "refusing to store ChatGPT tokens without a secret key: set CODEX_GATEWAY_SECRET_KEY "
