@@ -94,9 +94,9 @@ async def _relay(
         if answer.rest is None and answer.response.status != 200:
             await _relay_client_error(exchange, answer, outcome)
         elif chat.stream:
-            await _stream(gateway, exchange, answer, chat, outcome, scanner)
+            await _stream(gateway, exchange, answer, chat, outcome, scanner, deadline)
         else:
-            await _whole(gateway, exchange, answer, chat, outcome, scanner)
+            await _whole(gateway, exchange, answer, chat, outcome, scanner, deadline)
     except UpstreamError as exc:
         _record_failure(outcome, exc)
         raise
@@ -113,8 +113,10 @@ async def _stream(
     chat: ChatRequest,
     outcome: Outcome,
     scanner: StreamScanner,
+    deadline: float,
 ) -> None:
-    """Translate chunk by chunk; a client that leaves is handled as on /v1/responses."""
+    """Translate chunk by chunk, within the total time limit (`deadline`); a client that
+    leaves is handled as on /v1/responses."""
     translator = ChatStreamTranslator(
         chat.model, chat.include_usage, int(time.time()), answer.secrets
     )
@@ -128,7 +130,7 @@ async def _stream(
         lambda: _on_disconnect(gateway, answer, stop_later), lambda: translator.ended
     )
     try:
-        await _translate(exchange, answer, scanner, splitter, translator)
+        await _translate(exchange, answer, scanner, splitter, translator, deadline)
     except asyncio.CancelledError:  # by a shutdown: end the stream as for a broken upstream
         buffered = answer.response.buffered()
         scanner.feed(buffered)
@@ -203,8 +205,9 @@ async def _translate(
     scanner: StreamScanner,
     splitter: EventSplitter,
     translator: ChatStreamTranslator,
+    deadline: float,
 ) -> None:
-    async for chunk in chunks_of(answer):
+    async for chunk in chunks_of(answer, deadline):
         scanner.feed(chunk)
         blocks = splitter.feed(chunk)
         if not exchange.disconnected:
@@ -233,14 +236,16 @@ async def _whole(
     chat: ChatRequest,
     outcome: Outcome,
     scanner: StreamScanner,
+    deadline: float,
 ) -> None:
-    """Collect the stream, bill it, and answer with one chat.completion."""
+    """Collect the stream within the total time limit (`deadline`), bill it, and answer with
+    one chat.completion."""
     if answer.rest is None:
         # An upstream that ignored `stream` and sent the response object itself.
         document = read_json_answer(answer.first, outcome, answer.secrets)
         await estimate_unbilled_answer(gateway, outcome, chat.responses, document)
     else:
-        document = await collect_stream(gateway, answer, outcome, scanner, chat.responses)
+        document = await collect_stream(gateway, answer, outcome, scanner, chat.responses, deadline)
         await estimate_unbilled(gateway, outcome, chat.responses, scanner)
     completion = chat_completion(document, chat.model, _billed(outcome), answer.secrets)
     await exchange.send_json(200, completion)

@@ -301,7 +301,9 @@ async def _relay(
         elif answer.rest is not None:
             # A backend that always streams (ChatGPT) answering a client that did not ask to.
             scanner = StreamScanner()
-            final = await collect_stream(gateway, answer, outcome, scanner, request.document)
+            final = await collect_stream(
+                gateway, answer, outcome, scanner, request.document, deadline
+            )
             await exchange.send_json(200, final)
             await estimate_unbilled(gateway, outcome, request.document, scanner)
         elif answer.response.status == 200:
@@ -348,11 +350,15 @@ async def send_upstream(
     return answer
 
 
-async def chunks_of(answer: Answer) -> AsyncIterator[bytes]:
+async def chunks_of(answer: Answer, deadline: float) -> AsyncIterator[bytes]:
+    """The answer's body as it comes; a read after `deadline` (the request's total time
+    limit) raises `total_timeout`, as a stream relayed as it comes does (`_pump`)."""
     yield answer.first
     if answer.rest is not None:
         async for chunk in answer.rest:
             yield chunk
+            if time.monotonic() > deadline:
+                raise total_timeout()
 
 
 async def collect_stream(
@@ -361,8 +367,10 @@ async def collect_stream(
     outcome: Outcome,
     scanner: StreamScanner,
     request: dict[str, Any],
+    deadline: float,
 ) -> dict[str, Any]:
-    """Read a whole upstream stream, bill it, and give the final response object it built.
+    """Read a whole upstream stream, within the request's total time limit (`deadline`), bill
+    it, and give the final response object it built.
 
     A stream that breaks, or ends, before its final event leaves no response to give, and
     the client gets an error; the upstream did the work all the same, so the row is billed
@@ -372,7 +380,7 @@ async def collect_stream(
     chunks: list[bytes] = []
     failure: UpstreamError | None = None
     try:
-        async for chunk in chunks_of(answer):
+        async for chunk in chunks_of(answer, deadline):
             chunks.append(chunk)
     except UpstreamError as exc:
         failure = exc

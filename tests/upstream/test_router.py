@@ -270,6 +270,40 @@ def test_a_chat_completion_whose_upstream_stream_breaks_is_an_error_billed_as_th
     assert Decimal(gateway.balance(user)) == Decimal(10) - spent
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_chat_completion_slower_than_the_total_time_limit_is_cut_and_billed_its_estimate(
+    gateway: Gateway, sandbox: Sandbox, stream: bool
+) -> None:
+    """An upstream whose events come within the idle limit but whose whole answer takes
+    longer than the total limit (17 events 300 ms apart, against 4 s) is cut on the chat
+    route as on /v1/responses, and billed the estimate of what it sent."""
+    fresh_accounts(gateway, sandbox, [{}])
+    user, key = gateway.new_user("10")
+    auth = {"Authorization": f"Bearer {key}", "x-sandbox-fault": "drip:300"}
+    response = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={**CHAT, "stream": stream},
+        headers=auth,
+        timeout=30,
+    )
+
+    row = gateway.usage_row(response.headers["x-request-id"])
+    if stream:
+        assert response.status_code == 200
+        data = [line for line in response.text.split("\n\n") if line.startswith("data: ")]
+        assert data[-1] == "data: [DONE]"
+        assert "error" in json.loads(data[-2].removeprefix("data: "))
+    else:
+        assert response.status_code == 504
+        assert response.json()["error"]["code"] == "upstream_timeout"
+        assert row["http_status"] == 504
+    assert row["status"] == "upstream_error"
+    assert {"timeout_total", "stream_interrupted", "estimated"} <= set(row["flags"])
+    assert row["output_tokens"] > 0
+    assert Decimal(gateway.balance(user)) == Decimal(10) - Decimal(row["cost_usd"])
+    assert Decimal(row["cost_usd"]) > 0
+
+
 ACCOUNT_KEY = "upstream-account-key-0123456789"
 QUOTING = {
     "error": {
