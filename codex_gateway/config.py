@@ -11,6 +11,7 @@ import datetime
 import difflib
 import errno
 import os
+import stat
 import tomllib
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ MIN_ADMIN_TOKEN_LENGTH = 16
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DISCONNECT_POLICIES = ("finish", "cancel")
 MIN_SECRET_LENGTH = 32
+# A secret key file holds one key of a few dozen characters; more than this is no key file.
+MAX_SECRET_FILE_BYTES = 4096
 # Upper bounds past which a value is certainly a mistake (a typo, a slip of unit): a wait,
 # timeout or rest of more than a day (a conversation's binding, a week), more tokens than a
 # context window holds, more bytes, connections, rows or attempts than one process can use.
@@ -499,7 +502,7 @@ def _secret_key_file_problem(path: str) -> str | None:
 
 def _secret_in(path: Path) -> str:
     try:
-        secret = path.read_text(encoding="utf-8").strip()
+        secret = _key_file_bytes(path).decode("utf-8").strip()
     except OSError as exc:
         raise ValueError(f"cannot be read: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
@@ -507,6 +510,49 @@ def _secret_in(path: Path) -> str:
     if len(secret) < MIN_SECRET_LENGTH:
         raise ValueError(f"the key in it must be at least {MIN_SECRET_LENGTH} characters long")
     return secret
+
+
+def _key_file_bytes(path: Path) -> bytes:
+    """What a key file holds, read only if it is a regular file of at most
+    MAX_SECRET_FILE_BYTES: a FIFO, a device such as /dev/zero or a huge file would hang the
+    reader or fill its memory. Nothing else is opened (opening a device can act on it), and
+    the file is opened without blocking, so a FIFO put in its place meanwhile is refused at
+    once rather than waited on."""
+    _regular(os.stat(path).st_mode)
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        _regular(os.fstat(descriptor).st_mode)
+        held = b""
+        while len(held) <= MAX_SECRET_FILE_BYTES:
+            chunk = os.read(descriptor, MAX_SECRET_FILE_BYTES + 1 - len(held))
+            if not chunk:
+                break
+            held += chunk
+    finally:
+        os.close(descriptor)
+    if len(held) > MAX_SECRET_FILE_BYTES:
+        raise ValueError(
+            f"is longer than {MAX_SECRET_FILE_BYTES} bytes; the file must hold only the key"
+        )
+    return held
+
+
+def _regular(mode: int) -> None:
+    if stat.S_ISDIR(mode):
+        raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"must be a regular file, not {_file_kind(mode)}")
+
+
+def _file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, in an operator's words."""
+    kinds = [
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 def _folder_problem(folder: Path) -> str | None:

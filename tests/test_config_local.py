@@ -183,3 +183,24 @@ def test_a_key_file_that_gives_no_key_is_one_config_error(here: Path) -> None:
         "setting secret_key_file = 'afile': the key in it must be at least 32 characters long"
     ]
     assert "hunter2" not in str(caught.value)  # what the file holds is never shown
+
+
+def test_a_key_file_longer_than_a_key_file_can_be_is_refused_unread(here: Path) -> None:
+    """A long run of key characters would pass for a key: the bound refuses it, and names
+    the setting and the limit, never what the file holds."""
+    (here / "long").write_text("k" * 4097)
+
+    with pytest.raises(ConfigError) as caught:
+        read_secret_key_file("long")
+
+    assert caught.value.problems == [
+        "setting secret_key_file = 'long': is longer than 4096 bytes; the file must hold only "
+        "the key"
+    ]
+    assert "kkkk" not in str(caught.value)
+
+
+def test_a_key_file_of_exactly_the_bound_is_read(here: Path) -> None:
+    (here / "full").write_text(SECRET + " " * (4096 - len(SECRET)))
+
+    assert read_secret_key_file("full") == SECRET

@@ -4,6 +4,7 @@ migrate and the health probe."""
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 from pathlib import Path
 
@@ -97,6 +98,47 @@ def test_config_check_reports_files_and_folders_serve_would_fail_on(tmp_path: Pa
         "4 problem(s) found",
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "gateway.toml", "short-key"]
+
+
+# key files that would hang a reader or fill its memory, and why each is refused
+UNREADABLE_KEY_FILES = [
+    ("fifo", "must be a regular file, not a FIFO"),  # no one ever writes to it
+    ("/dev/zero", "must be a regular file, not a character device"),  # endless
+    ("huge", "is longer than 4096 bytes; the file must hold only the key"),  # 64 GiB, sparse
+]
+
+
+@pytest.mark.parametrize(("key_file", "reason"), UNREADABLE_KEY_FILES)
+@pytest.mark.parametrize("command", ["config", "serve"])
+def test_a_key_file_that_is_no_key_file_is_refused_at_once(
+    tmp_path: Path, key_file: str, reason: str, command: str
+) -> None:
+    """Refused within the timeout, in bounded memory (the command may not take more than
+    1 GiB of address space), naming the setting; serve never listens."""
+    os.mkfifo(tmp_path / "fifo")
+    with (tmp_path / "huge").open("wb") as handle:
+        handle.truncate(64 * 1024**3)
+    args = ["config", "check"] if command == "config" else ["serve", "--port", str(free_port())]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CODEX_GATEWAY_")}
+
+    result = subprocess.run(
+        [*CLI, *args],
+        env={**base, "CODEX_GATEWAY_SECRET_KEY_FILE": key_file},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_at_most_a_gibibyte,
+    )
+
+    assert result.returncode == 1
+    assert f"error: setting secret_key_file = '{key_file}': {reason}" in result.stderr.splitlines()
+    assert "serving on" not in result.stdout
+
+
+def _at_most_a_gibibyte() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (1024**3, 1024**3))
 
 
 def test_serve_refuses_bad_settings_with_one_line_each_and_exit_1(
