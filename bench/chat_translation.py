@@ -10,7 +10,7 @@ from pathlib import Path
 
 from codex_gateway.relay.chat import ChatStreamTranslator
 from codex_gateway.relay.sse import parse_events
-from codex_gateway.upstream.chatgpt_auth import TokenCipher
+from codex_gateway.upstream.sealing import TokenCipher
 
 TRANSCRIPT = Path(__file__).resolve().parent.parent / "codex_gateway/sandbox/transcripts"
 STREAMS = 200

@@ -24,16 +24,19 @@ from codex_gateway.metrics import Metrics
 from codex_gateway.readiness import Readiness
 from codex_gateway.relay.chatgpt import SessionIds
 from codex_gateway.relay.estimate import TokenCounter
+from codex_gateway.sandbox import ACCOUNT_KEY as SANDBOX_KEY
+from codex_gateway.sandbox import ACCOUNT_NAME as SANDBOX_ACCOUNT
 from codex_gateway.store.credentials import KIND_CHATGPT, CredentialStore
 from codex_gateway.store.db import create_engine, in_memory, is_sqlite, migrate, schema_state
 from codex_gateway.store.queries import Settled, Store
 from codex_gateway.store.thread import StoreThread
-from codex_gateway.upstream.chatgpt_auth import TokenCipher, TokenRefresher, load_cipher
+from codex_gateway.upstream.chatgpt_auth import TokenRefresher
 from codex_gateway.upstream.client import UpstreamClient
-from codex_gateway.upstream.kinds import ChatGPTKind, account_kinds
+from codex_gateway.upstream.kinds import KIND_OPENAI, ChatGPTKind, account_kinds
 from codex_gateway.upstream.pool import AccountPool
 from codex_gateway.upstream.quota import QuotaBook
 from codex_gateway.upstream.router import Router
+from codex_gateway.upstream.sealing import SET_A_SECRET_KEY, ApiKeyOpener, configured_cipher
 from codex_gateway.upstream.stickiness import build_stickiness
 from codex_gateway.version import build_info
 
@@ -52,9 +55,13 @@ class Gateway:
         self.version = self.build.version
         self.engine = create_engine(settings.database_url)
         self.store = Store(self.engine)
-        self.cipher = _cipher(settings)
+        # Seals ChatGPT tokens and upstream API keys; None without a secret key. A key that
+        # is set but unusable (an unreadable key file) is refused at start.
+        self.cipher = configured_cipher(settings)
         self.catalog = Catalog(
-            self.store, RELAYED_KINDS if self.cipher else RELAYED_KINDS - {KIND_CHATGPT}
+            self.store,
+            RELAYED_KINDS if self.cipher else RELAYED_KINDS - {KIND_CHATGPT},
+            ApiKeyOpener(self.cipher),
         )
         self.admission = Admission(
             self.store,
@@ -158,6 +165,7 @@ class Gateway:
                 "ChatGPT accounts stay out of rotation: no secret key to open their tokens "
                 "(set CODEX_GATEWAY_SECRET_KEY or CODEX_GATEWAY_SECRET_KEY_FILE)"
             )
+        self._warn_of_keys_in_clear()
         if self.writer is not None:
             self.writer.start()
         self.settler.start()
@@ -184,6 +192,27 @@ class Gateway:
                 f"{', '.join(closed)}; start with the key they were imported with, or import "
                 "them again with --replace"
             )
+
+    def _warn_of_keys_in_clear(self) -> None:
+        """Say once, at start, which upstream API keys the database holds in clear, and how
+        to seal them. The sandbox account's placeholder key is no secret."""
+        names = [
+            account.name
+            for account in self.catalog.accounts
+            if account.kind == KIND_OPENAI
+            and account.api_key_sealed is None
+            and (account.name, account.api_key) != (SANDBOX_ACCOUNT, SANDBOX_KEY)
+        ]
+        if not names:
+            return
+        fix = "run `codex-gateway accounts seal` to seal them with the secret key"
+        if self.cipher is None:
+            fix = f"{SET_A_SECRET_KEY}, then run `codex-gateway accounts seal`"
+        log.warning(
+            "the API keys of upstream accounts %s are stored unsealed in the database; %s",
+            ", ".join(names),
+            fix,
+        )
 
     async def recover_journals(self) -> None:
         """Settle or release the holds of gateway processes that died with holds open."""
@@ -270,13 +299,3 @@ class Gateway:
     def _spool(self, row: dict[str, Any]) -> None:
         self.spool.append(row)
         self.metrics.spooled.inc()
-
-
-def _cipher(settings: Settings) -> TokenCipher | None:
-    """The cipher for ChatGPT tokens, or None without a secret key (such accounts then rest).
-
-    A key that is set but unusable (an unreadable key file) is refused at start.
-    """
-    if not settings.secret_key and not settings.secret_key_file:
-        return None
-    return load_cipher(settings)

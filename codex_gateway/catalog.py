@@ -5,7 +5,9 @@ reloads when it moves, so a revoked key or a new price reaches every process wit
 interval without a database round trip per request. Balances are not cached here: admission
 holds requests against balance leases (billing/admission.py). When a reload shows a key's cap,
 expiry or revocation changed, or a correction lowered a user's balance, `on_limits` hears of
-those keys and users, so admission hands their unused leases back at once.
+those keys and users, so admission hands their unused leases back at once. Sealed upstream
+API keys are opened as the accounts are loaded; an account whose key does not open is left
+out (`upstream/sealing.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from codex_gateway.billing.pricing import PriceTable
 from codex_gateway.errors import StorageUnavailable
 from codex_gateway.store.queries import AccountRecord, KeyRecord, Store
+from codex_gateway.upstream.sealing import ApiKeyOpener
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +36,21 @@ OnLimits = Callable[[set[int], set[int]], Awaitable[None]]
 
 
 class Catalog:
-    def __init__(self, store: Store, kinds: frozenset[str] = RELAYED_KINDS):
+    def __init__(
+        self,
+        store: Store,
+        kinds: frozenset[str] = RELAYED_KINDS,
+        api_keys: ApiKeyOpener | None = None,
+    ):
         self._store = store
         self._kinds = kinds
+        self._api_keys = api_keys or ApiKeyOpener(None)
         self.revision = -1
         self.keys: dict[str, KeyRecord] = {}
         self.prices = PriceTable()
         self.accounts: list[AccountRecord] = []
+        # Enabled accounts left out because their sealed API keys do not open here.
+        self.shut_accounts: list[str] = []
         self._unknown_keys: set[str] = set()
         self.traced_keys: frozenset[int] = frozenset()
         self._lock = asyncio.Lock()
@@ -53,12 +64,13 @@ class Catalog:
                 return
             keys = await self._store.active_keys()
             prices = PriceTable(await self._store.prices())
-            accounts = await self._store.accounts()
+            accounts, shut = self._api_keys.open(await self._store.accounts())
             traced_keys = await self._store.traced_keys()
             first, previous = self.revision < 0, self.revision
             lowered = set() if first else await self._store.lowered_since(previous)
             changed = _changed_keys(self.keys, keys)
             self.keys, self.prices, self.accounts = keys, prices, accounts
+            self.shut_accounts = shut
             self.traced_keys = traced_keys
             self._unknown_keys.clear()
             self.revision = revision

@@ -55,6 +55,12 @@ class Readiness:
 
     def _servable(self) -> str | None:
         if not self._catalog.usable_accounts():
+            shut = self._catalog.shut_accounts
+            if shut:
+                return (
+                    f"the sealed API keys of upstream accounts {', '.join(shut)} do not open "
+                    "here (the log says why), and no other account can serve"
+                )
             return "no enabled upstream account"
         if len(self._catalog.prices) == 0:
             return "no model has a price"

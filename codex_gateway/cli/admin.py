@@ -20,10 +20,12 @@ from codex_gateway.errors import CredentialError
 from codex_gateway.relay.chatgpt import RESPONSES_PATH, Quota
 from codex_gateway.store.credentials import AccountState, CredentialStore
 from codex_gateway.store.queries import AccountRecord, KeyLimits, Store
-from codex_gateway.upstream.chatgpt_auth import load_cipher, read_codex_auth
+from codex_gateway.upstream.chatgpt_auth import load_cipher, read_codex_auth, seal_tokens
+from codex_gateway.upstream.kinds import KIND_OPENAI
 from codex_gateway.upstream.pool import READY, TIMED_STATES
+from codex_gateway.upstream.sealing import SET_A_SECRET_KEY, TokenCipher, configured_cipher
 
-ACCOUNT_KINDS = ("openai",)
+ACCOUNT_KINDS = (KIND_OPENAI,)
 
 
 class Unset(Enum):
@@ -332,6 +334,12 @@ def accounts() -> None:
     show_default=True,
     help="Share of traffic among accounts of the same priority.",
 )
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Give an existing account of this name this base URL and key (its priority, weight "
+    "and cap stay).",
+)
 def accounts_add(
     name: str,
     kind: str,
@@ -340,22 +348,69 @@ def accounts_add(
     priority: int,
     max_concurrency: int | None,
     weight: int,
+    replace: bool,
 ) -> None:
-    """Add an upstream account."""
+    """Add an upstream account.
+
+    With CODEX_GATEWAY_SECRET_KEY (or the key file) set, the API key is sealed with it before
+    it is stored; without one it is stored unsealed, and a warning says so.
+    """
     if not base_url.startswith(("http://", "https://")):
         raise click.BadParameter("must start with http:// or https://", param_hint="--base-url")
-    with_store(
-        lambda store: store.add_account(
-            name,
-            kind,
-            base_url,
-            api_key,
-            priority,
-            max_concurrency=max_concurrency,
-            weight=weight,
+    cipher = _cipher_or_none()
+    stored = cipher.seal(api_key) if cipher else api_key
+    sealed = cipher is not None
+    if replace:
+        with_store(lambda store: store.replace_api_key(name, kind, base_url, stored, sealed=sealed))
+    else:
+        with_store(
+            lambda store: store.add_account(
+                name,
+                kind,
+                base_url,
+                stored,
+                priority,
+                sealed=sealed,
+                max_concurrency=max_concurrency,
+                weight=weight,
+            )
         )
-    )
-    click.echo(f"added {kind} account {name} -> {base_url.rstrip('/')}/responses")
+    done = "gave a new key to" if replace else "added"
+    click.echo(f"{done} {kind} account {name} -> {base_url.rstrip('/')}/responses")
+    if cipher is None:
+        click.echo(
+            f"warning: no secret key is set, so the API key of account {name} is stored "
+            f"unsealed in the database; {SET_A_SECRET_KEY}, then run "
+            "`codex-gateway accounts seal`",
+            err=True,
+        )
+
+
+@accounts.command("seal")
+def accounts_seal() -> None:
+    """Seal every upstream API key still stored unsealed with the secret key.
+
+    Keys added while the gateway had a secret key are sealed already; this seals those added
+    before, or without one. A running gateway picks the sealed keys up within a poll. Keep the
+    secret key: a sealed key opens only with it, and versions before sealing cannot open it.
+    """
+    cipher = _cipher_or_none()
+    if cipher is None:
+        raise click.ClickException(f"no secret key to seal API keys with: {SET_A_SECRET_KEY}")
+    names = with_store(lambda store: store.seal_api_keys(KIND_OPENAI, cipher.seal))
+    if names:
+        click.echo(f"sealed the API keys of {len(names)} account(s): {', '.join(names)}")
+    else:
+        click.echo("every API key is sealed already")
+
+
+def _cipher_or_none() -> TokenCipher | None:
+    """The secret key's cipher, None when none is set; a key file that gives no key ends the
+    command with the problem."""
+    try:
+        return configured_cipher(settings_or_exit())
+    except CredentialError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @accounts.command("import-codex")
@@ -399,7 +454,7 @@ def accounts_import_codex(
         raise click.BadParameter("must start with http:// or https://", param_hint="--base-url")
     try:
         tokens = read_codex_auth(path)
-        sealed = load_cipher(settings).seal_tokens(tokens)
+        sealed = seal_tokens(load_cipher(settings), tokens)
     except CredentialError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -437,7 +492,8 @@ def _warn_if_imported(chatgpt_account_id: str, names: list[str]) -> None:
 @accounts.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def accounts_list(as_json: bool) -> None:
-    """List upstream accounts with their state and why (keys and tokens are never shown)."""
+    """List upstream accounts with their state and why, and whether each key is sealed
+    (keys and tokens are never shown)."""
 
     async def load(store: Store) -> tuple[list[AccountRecord], dict[int, AccountState]]:
         return await store.accounts(), await CredentialStore(store.engine).states()
@@ -450,7 +506,7 @@ def accounts_list(as_json: bool) -> None:
         return
     for row in rows:
         row["quota"] = _quota_text(row["quota"])
-    columns = ["id", "name", "kind", "base_url", "priority", "weight", "max_concurrency"]
+    columns = ["id", "name", "kind", "base_url", "priority", "weight", "max_concurrency", "key"]
     click.echo(table(rows, [*columns, "state", "why", "quota"]))
 
 
@@ -471,6 +527,10 @@ def _account_row(
         "priority": account.priority,
         "weight": account.weight,
         "max_concurrency": account.max_concurrency,
+        # how the credential is stored; a ChatGPT account's tokens are always sealed
+        "key": "unsealed"
+        if account.kind == KIND_OPENAI and not account.api_key_sealed
+        else "sealed",
         "enabled": account.enabled,
         "state": state,
         "why": why,

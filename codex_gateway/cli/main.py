@@ -16,9 +16,10 @@ from codex_gateway.cli import admin, operations, reconcile
 from codex_gateway.cli.context import settings_or_exit, with_store
 from codex_gateway.config import Settings
 from codex_gateway.errors import CredentialError
+from codex_gateway.sandbox import ACCOUNT_KEY as SANDBOX_KEY
+from codex_gateway.sandbox import ACCOUNT_NAME as SANDBOX_ACCOUNT
 from codex_gateway.store.queries import Store, StoreError
 
-SANDBOX_ACCOUNT = "sandbox"
 DEMO_USER = "demo"
 DEMO_BALANCE = Decimal("5")
 
@@ -149,7 +150,7 @@ def _prepare_sandbox(host: str, port: int) -> None:
         existing = {account.name: account for account in await store.accounts()}
         account = existing.get(SANDBOX_ACCOUNT)
         if account is None:
-            await store.add_account(SANDBOX_ACCOUNT, "openai", base_url, "sandbox", priority=1000)
+            await store.add_account(SANDBOX_ACCOUNT, "openai", base_url, SANDBOX_KEY, priority=1000)
         elif account.base_url != base_url:
             await store.set_account_base_url(SANDBOX_ACCOUNT, base_url)
         if await store.list_users():

@@ -221,10 +221,20 @@ class AccountRecord:
     state_reason: str | None = None
     state_until: datetime | None = None
     chatgpt_account_id: str | None = None  # the ChatGPT-Account-ID of a `chatgpt` account
+    # The API key sealed with the operator's secret key; `api_key` is then "" until the
+    # catalog opens it (upstream/sealing.py).
+    api_key_sealed: str | None = field(default=None, repr=False)
 
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+def _key_columns(api_key: str, sealed: bool) -> dict[str, str | None]:
+    """The columns that hold an upstream API key: in clear, or sealed with "" in clear."""
+    if sealed:
+        return {"api_key": "", "api_key_sealed": api_key}
+    return {"api_key": api_key, "api_key_sealed": None}
 
 
 def hash_key(raw_key: str) -> str:
@@ -516,11 +526,13 @@ class Store:
         api_key: str,
         priority: int = 100,
         *,
+        sealed: bool = False,
         max_concurrency: int | None = None,
         weight: int = 1,
         extra: Mapping[str, Any] | None = None,
     ) -> int:
-        """Add an account; `extra` holds the columns of its kind (a ChatGPT account's)."""
+        """Add an account; `sealed`: `api_key` is sealed with the secret key; `extra` holds
+        the columns of its kind (a ChatGPT account's)."""
         async with self.engine.begin() as conn:
             try:
                 result = await conn.execute(
@@ -529,7 +541,7 @@ class Store:
                         name=name,
                         kind=kind,
                         base_url=base_url.rstrip("/"),
-                        api_key=api_key,
+                        **_key_columns(api_key, sealed),
                         priority=priority,
                         enabled=True,
                         created_at=now(),
@@ -576,6 +588,53 @@ class Store:
             if result.rowcount == 0:
                 raise StoreError(f"no account named {name!r}")
             await self._bump(conn)
+
+    async def replace_api_key(
+        self, name: str, kind: str, base_url: str, api_key: str, *, sealed: bool
+    ) -> None:
+        """A new key (and base URL) for an existing account of `kind`, which is then ready
+        again: the operator has fixed what its old key lacked."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(UpstreamAccount)
+                .where(UpstreamAccount.name == name, UpstreamAccount.kind == kind)
+                .values(
+                    base_url=base_url.rstrip("/"),
+                    **_key_columns(api_key, sealed),
+                    state="ready",
+                    state_reason=None,
+                    state_until=None,
+                )
+            )
+            if result.rowcount == 0:
+                raise StoreError(f"no {kind} account named {name!r} to replace")
+            await self._bump(conn)
+
+    async def seal_api_keys(self, kind: str, seal: Callable[[str], str]) -> list[str]:
+        """Seal in place every API key of `kind` still stored in clear; the names of the
+        accounts sealed. A row another process sealed meanwhile is left as it is."""
+        in_clear = (
+            select(UpstreamAccount.id, UpstreamAccount.name, UpstreamAccount.api_key)
+            .where(UpstreamAccount.kind == kind, UpstreamAccount.api_key_sealed.is_(None))
+            .order_by(UpstreamAccount.id)
+        )
+        sealed: list[str] = []
+        async with self.engine.begin() as conn:
+            for account_id, name, api_key in (await conn.execute(in_clear)).all():
+                result = await conn.execute(
+                    update(UpstreamAccount)
+                    .where(
+                        UpstreamAccount.id == account_id,
+                        UpstreamAccount.api_key_sealed.is_(None),
+                        UpstreamAccount.api_key == api_key,
+                    )
+                    .values(**_key_columns(seal(api_key), sealed=True))
+                )
+                if result.rowcount:
+                    sealed.append(name)
+            if sealed:
+                await self._bump(conn)
+        return sealed
 
     async def set_account_base_url(self, name: str, base_url: str) -> None:
         async with self.engine.begin() as conn:
@@ -624,6 +683,7 @@ class Store:
                         UpstreamAccount.state_reason,
                         UpstreamAccount.state_until,
                         UpstreamAccount.chatgpt_account_id,
+                        UpstreamAccount.api_key_sealed,
                     ).order_by(UpstreamAccount.priority, UpstreamAccount.id)
                 )
             ).all()

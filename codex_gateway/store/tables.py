@@ -122,6 +122,8 @@ class UpstreamAccount(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True, nullable=False)
     kind: Mapped[str] = mapped_column(String(20), nullable=False)
     base_url: Mapped[str] = mapped_column(Text, nullable=False)
+    # An API key in clear, or "" when it is sealed with the operator's secret key in
+    # api_key_sealed (always so for a key added while the gateway had a secret key)
     api_key: Mapped[str] = mapped_column(Text, nullable=False)
     priority: Mapped[int] = mapped_column(Integer, nullable=False, default=100)
     enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
@@ -141,6 +143,7 @@ class UpstreamAccount(Base):
     token_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_refresh_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     quota: Mapped[str | None] = mapped_column(Text)  # the last quota windows seen, as JSON
+    api_key_sealed: Mapped[str | None] = mapped_column(Text)
 
 
 class ModelPricing(Base):

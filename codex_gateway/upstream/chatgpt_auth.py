@@ -10,7 +10,6 @@ held meanwhile, the exchange has a time limit of its own, far below the relay's.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,13 +19,9 @@ from typing import Any, Protocol
 
 import jwt
 import orjson
-from cryptography.fernet import Fernet, InvalidToken
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from codex_gateway.config import MIN_SECRET_LENGTH, Settings, read_secret_key_file
-from codex_gateway.errors import ConfigError, CredentialError, TokenRefreshError, UpstreamError
+from codex_gateway.config import Settings
+from codex_gateway.errors import CredentialError, TokenRefreshError, UpstreamError
 from codex_gateway.store.credentials import (
     STATE_NEEDS_RELOGIN,
     ChatGPTAccount,
@@ -34,6 +29,7 @@ from codex_gateway.store.credentials import (
     SealedTokens,
 )
 from codex_gateway.upstream.client import UpstreamResponse
+from codex_gateway.upstream.sealing import SET_A_SECRET_KEY, TokenCipher, configured_cipher
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +42,6 @@ PERMANENT_REFRESH_CODES = frozenset(
 )
 # A token endpoint's answer is a few KB; anything far larger is not one.
 MAX_TOKEN_RESPONSE = 1024 * 1024
-# Fixed salt: the key must come out the same in every process from the same secret.
-_KDF_SALT = b"codex-gateway/secret-key/v1"
 
 
 # -- auth.json and JWT claims ---------------------------------------------------------------
@@ -142,58 +136,23 @@ def expiring(expires_at: datetime | None, now: datetime) -> bool:
 # -- sealing tokens at rest -----------------------------------------------------------------
 
 
-class TokenCipher:
-    """Seals tokens with a key derived from the operator's secret (scrypt, then HKDF).
-
-    The same secret also yields the key for upstream session ids, kept separate by HKDF.
-    """
-
-    def __init__(self, secret: str):
-        if len(secret) < MIN_SECRET_LENGTH:
-            raise CredentialError(
-                f"the secret key must be at least {MIN_SECRET_LENGTH} characters long"
-            )
-        master = Scrypt(salt=_KDF_SALT, length=32, n=2**14, r=8, p=1).derive(secret.encode())
-        self._fernet = Fernet(base64.urlsafe_b64encode(_subkey(master, b"token-sealing")))
-        self.session_key = _subkey(master, b"session-ids")
-
-    def seal(self, token: str) -> str:
-        return self._fernet.encrypt(token.encode()).decode("ascii")
-
-    def open(self, sealed: str) -> str:
-        try:
-            return self._fernet.decrypt(sealed.encode("ascii")).decode()
-        except (InvalidToken, UnicodeError):
-            raise CredentialError(
-                "a stored token does not open with this secret key; was the key changed?"
-            ) from None
-
-    def seal_tokens(self, tokens: CodexTokens) -> SealedTokens:
-        return SealedTokens(
-            self.seal(tokens.access_token),
-            self.seal(tokens.refresh_token),
-            self.seal(tokens.id_token) if tokens.id_token else None,
-            tokens.expires_at,
-        )
-
-
-def _subkey(master: bytes, purpose: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose).derive(master)
+def seal_tokens(cipher: TokenCipher, tokens: CodexTokens) -> SealedTokens:
+    return SealedTokens(
+        cipher.seal(tokens.access_token),
+        cipher.seal(tokens.refresh_token),
+        cipher.seal(tokens.id_token) if tokens.id_token else None,
+        tokens.expires_at,
+    )
 
 
 def load_cipher(settings: Settings) -> TokenCipher:
     """The cipher for this gateway's secret key; without a key, tokens are never stored."""
-    if settings.secret_key:
-        return TokenCipher(settings.secret_key)
-    if settings.secret_key_file:
-        try:
-            return TokenCipher(read_secret_key_file(settings.secret_key_file))
-        except ConfigError as exc:  # the key file gives no key
-            raise CredentialError(str(exc)) from None
-    raise CredentialError(
-        "refusing to store ChatGPT tokens without a secret key: set CODEX_GATEWAY_SECRET_KEY "
-        f"(at least {MIN_SECRET_LENGTH} characters) or CODEX_GATEWAY_SECRET_KEY_FILE"
-    )
+    cipher = configured_cipher(settings)
+    if cipher is None:
+        raise CredentialError(
+            f"refusing to store ChatGPT tokens without a secret key: {SET_A_SECRET_KEY}"
+        )
+    return cipher
 
 
 # -- refreshing -----------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import os
 import re
 import shlex
 import subprocess
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -23,16 +22,6 @@ from codex_gateway.store.queries import Store
 from codex_gateway.store.tables import User
 from tests.conftest import CLI, ROOT, Gateway, make_gateway
 from tests.store.test_queries import usage_row
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def db(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gateway]:
-    """A database with no gateway process: the CLI alone."""
-    gateway = make_gateway(request.param, tmp_path_factory)
-    yield gateway
-    gateway.drop_database()
 
 
 def test_stable_interface_as_separate_processes(db: Gateway) -> None:

@@ -17,9 +17,9 @@ from codex_gateway.relay.chatgpt import Quota, QuotaWindow
 from codex_gateway.store.credentials import CredentialStore
 from codex_gateway.store.db import create_engine
 from codex_gateway.store.queries import Store
-from codex_gateway.upstream.chatgpt_auth import TokenCipher
 from codex_gateway.upstream.pool import AccountPool
 from codex_gateway.upstream.quota import QuotaBook
+from codex_gateway.upstream.sealing import TokenCipher
 from tests.conftest import CLI, Gateway, free_port, make_gateway
 from tests.upstream.test_chatgpt_auth import ACCOUNT, SECRET, make_jwt
 

@@ -1,14 +1,17 @@
 """Migrations on both backends: 0004 adds the ChatGPT account columns and takes them away
 again; 0007 opens the books of reservations so an older database still verifies; 0009's
-identity survives a downgrade."""
+identity survives a downgrade; 0010 keeps keys in clear as they were and is undone only
+while no key is sealed."""
 
 from __future__ import annotations
 
 from decimal import Decimal
 
+import pytest
 from alembic import command
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from codex_gateway.store.db import alembic_config, create_engine, migrate
 from codex_gateway.store.queries import Store
@@ -30,10 +33,10 @@ def _columns(connection: Connection) -> set[str]:
     return {column["name"] for column in inspect(connection).get_columns("upstream_accounts")}
 
 
-def _downgrade(connection: Connection) -> None:
+def _downgrade(connection: Connection, revision: str = "0003") -> None:
     config = alembic_config()
     config.attributes["connection"] = connection
-    command.downgrade(config, "0003")
+    command.downgrade(config, revision)
 
 
 async def test_0004_upgrades_and_downgrades_cleanly(database_url: str) -> None:
@@ -79,22 +82,27 @@ BEFORE_0007 = [
 ]
 
 
-def _fill_at_0006(connection: Connection) -> None:
+def _fill_at(connection: Connection, revision: str, statements: list[str]) -> None:
     config = alembic_config()
     config.attributes["connection"] = connection
-    command.upgrade(config, "0006")
-    for statement in BEFORE_0007:
+    command.upgrade(config, revision)
+    for statement in statements:
         connection.exec_driver_sql(statement)
+
+
+async def _migrated_after(engine: AsyncEngine, revision: str, statements: list[str]) -> Store:
+    """A database that held what `statements` write at `revision`, migrated to the newest."""
+    async with engine.connect() as conn:
+        await conn.run_sync(_fill_at, revision, statements)
+        await conn.commit()
+    await migrate(engine)
+    return Store(engine)
 
 
 async def test_0007_keeps_existing_books_verifiable(empty_database_url: str) -> None:
     engine = create_engine(empty_database_url)
     try:
-        async with engine.connect() as conn:
-            await conn.run_sync(_fill_at_0006)
-            await conn.commit()
-        await migrate(engine)
-        store = Store(engine)
+        store = await _migrated_after(engine, "0006", BEFORE_0007)
 
         problems, _ = await store.verify_ledger()
         ledger = await store.ledger("alice")
@@ -110,3 +118,34 @@ async def test_0007_keeps_existing_books_verifiable(empty_database_url: str) -> 
     ]
     assert ledger[2]["reserved_change"] == Decimal("0.4")
     assert (keys[0]["spent"], keys[0]["held"], keys[0]["cap"]) == (Decimal("0.1"), 0, None)
+
+
+# An account whose key a version before 0010 stored, in clear.
+BEFORE_0010 = [
+    "INSERT INTO upstream_accounts (name, kind, base_url, api_key, priority, enabled,"
+    " created_at, weight, state) VALUES ('before', 'openai', 'http://127.0.0.1:9/v1',"
+    " 'sk-in-clear-0001', 100, true, '2026-12-01 00:00:00', 1, 'ready')"
+]
+
+
+async def test_0010_keeps_keys_in_clear_and_downgrades_only_without_sealed_ones(
+    empty_database_url: str,
+) -> None:
+    engine = create_engine(empty_database_url)
+    try:
+        store = await _migrated_after(engine, "0009", BEFORE_0010)
+        [before] = await store.accounts()
+        assert (before.api_key, before.api_key_sealed) == ("sk-in-clear-0001", None)
+
+        await store.add_account("after", "openai", "http://127.0.0.1:9/v1", "SEALED", sealed=True)
+        async with engine.connect() as conn:
+            with pytest.raises(RuntimeError, match="upstream accounts after are sealed"):
+                await conn.run_sync(_downgrade, "0009")
+            await conn.rollback()
+        await store.remove_account("after")
+        async with engine.connect() as conn:
+            await conn.run_sync(_downgrade, "0009")
+            await conn.commit()
+            assert "api_key_sealed" not in await conn.run_sync(_columns)
+    finally:
+        await engine.dispose()

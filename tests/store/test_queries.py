@@ -337,3 +337,59 @@ async def test_a_database_keeps_one_identity_however_it_is_reached_and_another_h
     finally:
         await same.dispose()
         await other.dispose()
+
+
+# -- upstream API keys sealed at rest ----------------------------------------------------------
+
+
+async def stored_key(store: Store, name: str) -> tuple[str, str | None]:
+    """An account's key columns as the row holds them: (api_key, api_key_sealed)."""
+    found = next(account for account in await store.accounts() if account.name == name)
+    return found.api_key, found.api_key_sealed
+
+
+async def test_a_sealed_key_is_stored_only_sealed(store: Store) -> None:
+    name = unique("sealed")
+
+    await store.add_account(name, "openai", "http://127.0.0.1:9/v1", "SEALED(k)", sealed=True)
+
+    assert await stored_key(store, name) == ("", "SEALED(k)")
+
+
+async def test_sealing_in_place_seals_only_keys_in_clear_and_says_which(store: Store) -> None:
+    clear, sealed = unique("clear"), unique("sealed")
+    await store.add_account(clear, "openai", "http://127.0.0.1:9/v1", "sk-clear-1")
+    await store.add_account(sealed, "openai", "http://127.0.0.1:9/v1", "SEALED(x)", sealed=True)
+    before = await store.revision()
+
+    first = await store.seal_api_keys("openai", lambda key: f"SEALED({key})")
+    again = await store.seal_api_keys("openai", lambda key: f"SEALED({key})")
+
+    assert clear in first and sealed not in first
+    assert again == []
+    assert await stored_key(store, clear) == ("", "SEALED(sk-clear-1)")
+    assert await stored_key(store, sealed) == ("", "SEALED(x)")
+    assert await store.revision() > before  # running gateways reload and open it
+
+
+async def test_a_new_key_replaces_the_old_and_makes_the_account_ready(store: Store) -> None:
+    name = unique("replaced")
+    account_id = await store.add_account(name, "openai", "http://127.0.0.1:9/v1", "sk-old")
+    await store.mark_account(account_id, "needs_relogin", "HTTP 401", None)
+
+    await store.replace_api_key(
+        name, "openai", "http://127.0.0.1:8/v1/", "SEALED(new)", sealed=True
+    )
+
+    found = next(account for account in await store.accounts() if account.name == name)
+    assert (found.base_url, found.api_key, found.api_key_sealed) == (
+        "http://127.0.0.1:8/v1",
+        "",
+        "SEALED(new)",
+    )
+    assert (found.state, found.state_reason) == ("ready", None)
+
+
+async def test_replacing_the_key_of_an_account_that_is_not_there_is_refused(store: Store) -> None:
+    with pytest.raises(StoreError, match="no openai account named 'nobody' to replace"):
+        await store.replace_api_key("nobody", "openai", "http://127.0.0.1:9/v1", "k", sealed=False)

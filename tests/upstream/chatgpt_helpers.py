@@ -23,7 +23,7 @@ import pytest
 from codex_gateway.sandbox.chatgpt import access_token
 from codex_gateway.store.credentials import CredentialStore
 from codex_gateway.store.db import create_engine
-from codex_gateway.upstream.chatgpt_auth import TokenCipher
+from codex_gateway.upstream.sealing import TokenCipher
 from tests.conftest import Gateway, Sandbox
 from tests.upstream.pool_helpers import CATALOG_SETTLE_SECONDS
 

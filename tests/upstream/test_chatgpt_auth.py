@@ -25,15 +25,16 @@ from codex_gateway.upstream.chatgpt_auth import (
     AUTH_CLAIM,
     CLIENT_ID,
     CodexTokens,
-    TokenCipher,
     TokenRefresher,
     expiring,
     jwt_expiry,
     load_cipher,
     permanent_failure,
     read_codex_auth,
+    seal_tokens,
 )
 from codex_gateway.upstream.client import UpstreamClient
+from codex_gateway.upstream.sealing import TokenCipher
 
 SIGNING_KEY = "a-test-signing-key-of-at-least-32-bytes"
 SECRET = "operator-secret-key-0123456789abcdef"
@@ -317,7 +318,7 @@ async def add_account(
     access = make_jwt(time.time() + expires_in, jti="access-0")
     tokens = CodexTokens(ACCOUNT, access, "rt_first", make_jwt(), jwt_expiry(access), "plus")
     endpoint.valid.add("rt_first")
-    sealed = TokenCipher(SECRET).seal_tokens(tokens)
+    sealed = seal_tokens(TokenCipher(SECRET), tokens)
     account_id = await process.credentials.add_chatgpt_account(
         "main", "http://127.0.0.1:9/backend-api", ACCOUNT, sealed
     )

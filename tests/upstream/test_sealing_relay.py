@@ -1,0 +1,127 @@
+"""A serving gateway with upstream API keys sealed at rest, on both backends: sealed keys
+and keys still in clear both reach the upstream as they were given; an account whose key
+does not open is named in the log and left out while the others serve; the start says which
+keys are stored unsealed and how to seal them. No key appears in the log or a usage row."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import Gateway, Sandbox, make_gateway
+from tests.upstream.pool_helpers import CATALOG_SETTLE_SECONDS
+
+SECRET = "operator-secret-key-0123456789abcdef"
+KEYS = {
+    "changed": "sk-upstream-changed-0001",  # sealed with a secret key since changed
+    "sealed": "sk-upstream-sealed-0002",
+    "clear": "sk-upstream-clear-0003",  # added before the gateway had a secret key
+}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def gateway(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    gw = make_gateway(request.param, tmp_path_factory)
+    for name in ("CODEX_GATEWAY_SECRET_KEY", "CODEX_GATEWAY_SECRET_KEY_FILE"):
+        gw.env.pop(name, None)
+    try:
+        yield gw
+    finally:
+        gw.stop()
+        gw.drop_database()
+
+
+def add(gateway: Gateway, sandbox: Sandbox, name: str, priority: int, secret: str | None) -> None:
+    """Add an account under the secret key `secret` (None: none at all)."""
+    gateway.env.pop("CODEX_GATEWAY_SECRET_KEY", None)
+    if secret is not None:
+        gateway.env["CODEX_GATEWAY_SECRET_KEY"] = secret
+    gateway.cli(
+        "accounts", "add", "--name", name, "--base-url", sandbox.base_url,
+        "--api-key", KEYS[name], "--priority", str(priority),
+    )  # fmt: skip
+
+
+def served_with(gateway: Gateway, sandbox: Sandbox, key: str) -> str:
+    """Send one request; the credential it reached the upstream with."""
+    sandbox.clear()
+    response = httpx.post(
+        gateway.url + "/v1/responses",
+        json={"model": "gpt-5.1-codex", "input": "hi"},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    [seen] = sandbox.requests()
+    return str(seen["headers"]["authorization"])
+
+
+def assert_no_key_in(text: str) -> None:
+    for key in KEYS.values():
+        assert key not in text
+
+
+def test_sealed_and_clear_keys_serve_and_a_key_that_does_not_open_is_left_out(
+    gateway: Gateway, sandbox: Sandbox
+) -> None:
+    add(gateway, sandbox, "changed", 1, SECRET + "-before-the-change")
+    add(gateway, sandbox, "sealed", 2, SECRET)
+    add(gateway, sandbox, "clear", 3, None)
+    gateway.env["CODEX_GATEWAY_SECRET_KEY"] = SECRET
+    gateway.start()
+    _, key = gateway.new_user()
+
+    first = served_with(gateway, sandbox, key)
+    gateway.cli("accounts", "disable", "sealed")
+    time.sleep(CATALOG_SETTLE_SECONDS)
+    second = served_with(gateway, sandbox, key)
+
+    assert (first, second) == (f"Bearer {KEYS['sealed']}", f"Bearer {KEYS['clear']}")
+    log = gateway.log_text()
+    assert (
+        "the API key of upstream account changed does not open with this gateway's secret key"
+        in log
+    )
+    assert log.count("account changed does not open") == 1  # not again at each reload
+    assert (
+        "the API keys of upstream accounts clear are stored unsealed in the database; run "
+        "`codex-gateway accounts seal` to seal them with the secret key" in log
+    )
+    assert "Traceback" not in log
+    assert_no_key_in(log + gateway.cli("usage", "list", "--json").stdout)
+
+
+def test_without_a_secret_key_keys_in_clear_serve_and_the_start_says_how_to_seal_them(
+    gateway: Gateway, sandbox: Sandbox
+) -> None:
+    add(gateway, sandbox, "sealed", 1, SECRET)
+    add(gateway, sandbox, "clear", 2, None)
+    gateway.start()
+    _, key = gateway.new_user()
+
+    served = served_with(gateway, sandbox, key)
+    gateway.cli("accounts", "disable", "clear")
+    time.sleep(CATALOG_SETTLE_SECONDS)
+    ready = httpx.get(gateway.url + "/readyz", timeout=10)
+
+    assert served == f"Bearer {KEYS['clear']}"
+    log = gateway.log_text()
+    assert (
+        "the API key of upstream account sealed is sealed and this gateway has no secret key" in log
+    )
+    assert (
+        "the API keys of upstream accounts clear are stored unsealed in the database; set "
+        "CODEX_GATEWAY_SECRET_KEY (at least 32 characters) or CODEX_GATEWAY_SECRET_KEY_FILE, "
+        "then run `codex-gateway accounts seal`" in log
+    )
+    assert ready.status_code == 503
+    assert ready.json()["problems"]["upstream"] == (
+        "the sealed API keys of upstream accounts sealed do not open here (the log says why), "
+        "and no other account can serve"
+    )
+    assert_no_key_in(log + gateway.cli("usage", "list", "--json").stdout)
