@@ -1,11 +1,13 @@
 """POST /v1/responses and /v1/responses/compact: admit, relay to an account, settle the bill.
 
 The router picks the account and fails over until the first byte; from then on the
-upstream's stream is forwarded chunk by chunk as it arrives, and the scanner only watches it
-for the terminal event. A stream that fails or ends early gets an `error` event, never a
-silent end. A client that did not ask for a stream, served by a backend that always streams
-(ChatGPT), gets the final response assembled from it. Exactly one usage row is written per
-request, after the client has the last byte (or has gone).
+upstream's stream is forwarded chunk by chunk as it arrives, and the scanner watches it for
+the terminal event. Only an event that reports a failure, which may quote a credential, is
+held back until whole and redacted (`StreamScanner.release`). A stream that fails or ends
+early gets an `error` event, never a silent end. A client that did not ask for a stream,
+served by a backend that always streams (ChatGPT), gets the final response assembled from
+it. Exactly one usage row is written per request, after the client has the last byte (or
+has gone).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from codex_gateway.billing.admission import largest_cost
@@ -35,7 +38,7 @@ from codex_gateway.errors import (
 )
 from codex_gateway.http.exchange import Exchange
 from codex_gateway.relay.chatgpt import assemble_response, quota_from_event
-from codex_gateway.relay.redaction import redact_body, redact_text
+from codex_gateway.relay.redaction import redact_body, redact_event, redact_text
 from codex_gateway.relay.shaping import (
     ResponsesRequest,
     parse_compact_request,
@@ -421,13 +424,14 @@ async def _relay_stream(
 ) -> None:
     """Relay chunk by chunk; never retry once bytes left, and never end a stream silently."""
     scanner = StreamScanner()
+    rewrite = partial(redact_event, known=answer.secrets)
     await exchange.start(200, list(_STREAM_HEADERS))
     stop_later: list[asyncio.TimerHandle] = []
     exchange.watch_disconnect(lambda: _on_disconnect(gateway, answer, stop_later))
     failure: UpstreamError | None = None
     cut = False
     try:
-        await _pump(exchange, answer, scanner, deadline)
+        await _pump(exchange, answer, scanner, rewrite, deadline)
     except UpstreamError as exc:
         failure = exc
     except asyncio.CancelledError:
@@ -437,9 +441,15 @@ async def _relay_stream(
             handle.cancel()
     # What came but was not relayed yet still counts: its final event may carry the usage.
     # The chunk whose send was cut was scanned already; what is still buffered was not.
-    buffered = answer.response.buffered() if cut else b""
-    scanner.feed(buffered)
-    tail = exchange.unsent + buffered if cut else b""
+    tail = b""
+    if cut:
+        buffered = answer.response.buffered()
+        scanner.feed(buffered)
+        if scanner.rewriting:
+            buffered = scanner.release(buffered, rewrite)
+        tail = exchange.unsent + buffered
+    # An event that may report a failure, held back and never finished: redacted all the same.
+    tail += scanner.release_rest(rewrite)
     take_terminal(gateway, answer, scanner, outcome)
     if failure is not None and scanner.terminal is not None:
         # The final event arrived before the connection broke: the response is whole.
@@ -453,14 +463,16 @@ async def _relay_stream(
     elif failure is not None:
         _record_failure(outcome, failure)
         outcome.flag("stream_interrupted")
-        await exchange.write(error_event(failure.code or "upstream_error", failure.message), False)
+        last = error_event(failure.code or "upstream_error", failure.message)
+        await exchange.write(tail + last, False)
     elif scanner.terminal is None:
         outcome.status = "no_terminal_event"
         outcome.error = MISSING_TERMINAL_MESSAGE
         outcome.flag("no_terminal_event")
-        await exchange.write(error_event("stream_incomplete", MISSING_TERMINAL_MESSAGE), False)
+        last = error_event("stream_incomplete", MISSING_TERMINAL_MESSAGE)
+        await exchange.write(tail + last, False)
     else:
-        await exchange.write(b"", more=False)
+        await exchange.write(tail, more=False)
     await estimate_unbilled(gateway, outcome, request.document, scanner)
 
 
@@ -556,14 +568,26 @@ async def _last_words(sending: Awaitable[None]) -> None:
 
 
 async def _pump(
-    exchange: Exchange, answer: Answer, scanner: StreamScanner, deadline: float
+    exchange: Exchange,
+    answer: Answer,
+    scanner: StreamScanner,
+    rewrite: Callable[[bytes], bytes],
+    deadline: float,
 ) -> None:
+    """Relay each chunk as it came, unless the scanner says it holds (or has begun) an event
+    that reports a failure: then what it releases, that event passed through `rewrite` once
+    it is whole. What it still holds when the stream ends is the caller's (`release_rest`)."""
     assert answer.rest is not None
-    scanner.feed(answer.first)
+    first = answer.first
+    scanner.feed(first)
+    if scanner.rewriting:
+        first = scanner.release(first, rewrite)
     if not exchange.disconnected:
-        await exchange.write(answer.first)
+        await exchange.write(first)
     async for chunk in answer.rest:
         scanner.feed(chunk)
+        if scanner.rewriting:
+            chunk = scanner.release(chunk, rewrite)
         if not exchange.disconnected:
             await exchange.write(chunk)
         if time.monotonic() > deadline:

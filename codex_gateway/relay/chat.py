@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from codex_gateway.errors import InvalidRequest, UpstreamProtocolError
-from codex_gateway.relay.redaction import redact_text
+from codex_gateway.relay.redaction import redact_json
 from codex_gateway.relay.shaping import check_output_cap, messages_to_input, parse_json_object
 from codex_gateway.relay.sse import TERMINAL_STATUS
 from codex_gateway.relay.usage import MappedUsage, map_usage
@@ -286,21 +286,18 @@ def error_payload(
     error: Any, fallback_code: str = "upstream_error", known: Sequence[str] = ()
 ) -> dict[str, Any]:
     """OpenAI's error shape from an `error` event, a failed response's `error`, or a 429 body,
-    its message without the `known` secrets or any other."""
+    without the `known` secrets or any other in any of its fields."""
     nested = error.get("error") if isinstance(error, dict) else None
     source = nested if isinstance(nested, dict) else error if isinstance(error, dict) else {}
     message = source.get("message")
     code = source.get("code") or source.get("type") or fallback_code
-    return {
-        "error": {
-            "message": redact_text(message, known)
-            if isinstance(message, str) and message
-            else "The upstream failed.",
-            "type": source.get("type") if isinstance(source.get("type"), str) else "upstream_error",
-            "param": source.get("param"),
-            "code": code,
-        }
+    payload = {
+        "message": message if isinstance(message, str) and message else "The upstream failed.",
+        "type": source.get("type") if isinstance(source.get("type"), str) else "upstream_error",
+        "param": source.get("param"),
+        "code": code,
     }
+    return {"error": redact_json(payload, known)}
 
 
 def finish_reason(response: dict[str, Any], made_tool_calls: bool) -> str:

@@ -6,11 +6,10 @@ key, or the token it was sent. Anything shaped like an API key, a bearer token o
 replaced, and so are the account's key and the token sent verbatim, whatever their shape;
 the rest of the text, and a JSON body's shape, are kept.
 
-What the gateway reads or writes itself is redacted: a 4xx body, a failed response sent
-whole, the error a chat client or a non-streaming client is shown, the usage row. A
-Responses stream is relayed untouched, chunk by chunk, so its `response.failed` and `error`
-events reach a streaming /v1/responses client as the upstream wrote them; only their row is
-redacted.
+Everything that reports a failure is redacted: a 4xx body, a failed response sent whole,
+the error a chat client or a non-streaming client is shown, the `response.failed` and `error`
+events of a stream relayed as it comes (`redact_event`; the scanner holds such an event back
+until it is whole), and the usage row. The other events of a stream pass as they came.
 """
 
 from __future__ import annotations
@@ -58,6 +57,27 @@ def redact_body(body: bytes, known: Sequence[str] = ()) -> bytes:
     text = body.decode("utf-8", "replace")
     cleaned_text = redact_text(text, known)
     return body if cleaned_text == text else cleaned_text.encode()
+
+
+def redact_event(block: bytes, known: Sequence[str] = ()) -> bytes:
+    """One SSE event (its lines, without the blank line after them) with the secrets in its
+    data replaced, read as the scanner reads it: its `data:` lines joined. Its other lines
+    and its line ending are kept, and an event with nothing to replace comes back as it was;
+    one that had something is written with its data where its first `data:` line was."""
+    lines = block.split(b"\n")
+    data_at = [index for index, line in enumerate(lines) if line.startswith(b"data:")]
+    if not data_at:
+        return block
+    payload = b"\n".join(lines[index][5:].lstrip(b" ").removesuffix(b"\r") for index in data_at)
+    cleaned = redact_body(payload, known)
+    if cleaned == payload:
+        return block
+    ending = b"\r" if lines[data_at[0]].endswith(b"\r") else b""
+    data = [b"data: " + line + ending for line in cleaned.split(b"\n")]
+    later = set(data_at[1:])
+    kept = [line for index, line in enumerate(lines) if index not in later]
+    first = data_at[0]
+    return b"\n".join([*kept[:first], *data, *kept[first + 1 :]])
 
 
 def redact_json(value: Any, known: Sequence[str] = ()) -> Any:

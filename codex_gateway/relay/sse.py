@@ -1,15 +1,20 @@
 """Find event boundaries in a Responses SSE stream and pick out its terminal event.
 
-The relay forwards upstream bytes untouched; this scanner only watches them. It splits events
+The relay forwards upstream bytes as they come; this scanner watches them. It splits events
 at blank lines and looks at each event's name (the `event:` line, else the leading `"type"` of
 its data) without decoding JSON. Only a terminal event's data is parsed, and the others it
 keeps (`response.created`, `codex.rate_limits`) only when asked for.
+
+The one exception is an `error` or `response.failed` event, whose text may quote a
+credential: the scanner sets `rewriting` when a chunk holds one, or ends inside an event that
+may turn out to be one, and `release` then gives what of the chunk may go to the client.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -22,6 +27,9 @@ TERMINAL_STATUS = {
     "error": "error",
 }
 TERMINAL_TYPES = frozenset(TERMINAL_STATUS)
+# The terminal events that report a failure in the upstream's own words.
+ERROR_TYPES = frozenset({"response.failed", "error"})
+_ERROR_NAMES = tuple(name.encode() for name in ERROR_TYPES)
 # The ChatGPT backend's in-stream report of an account's quota windows.
 RATE_LIMITS_TYPE = "codex.rate_limits"
 # What Python's JSON parser leaves of a surrogate escape that is not half of a pair.
@@ -42,20 +50,38 @@ DELTA_TYPES = frozenset(
 )
 _DELTA_NAMES = frozenset(name.encode() for name in DELTA_TYPES)
 _TERMINAL_HINT = re.compile(rb"response\.(?:completed|incomplete|failed)|\"error\"")
+# A blank line in the bytes as they came, CRLF or LF, as the scanner finds it once CRLF is LF.
+_RAW_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+# Where an event that began in an earlier chunk ends: its blank line, or a line end at the
+# start of the chunk that completes one begun at the end of the last.
+_CONTINUATION_END = re.compile(rb"\r?\n\r?\n|\A\r?\n")
 
 
 class StreamScanner:
-    """Watches a byte stream of SSE events; `terminal` is set once a terminal event is seen."""
+    """Watches a byte stream of SSE events; `terminal` is set once a terminal event is seen.
+
+    After `feed`, `rewriting` says whether the chunk may go to the client as it came. It is
+    set when an `error` or `response.failed` event ended in the chunk, or when the chunk ends
+    inside an event whose first line does not name another event; then `release` gives what
+    may go: every whole event, those two rewritten, and the bytes of the event still arriving
+    held back until it is whole, so a credential it quotes never leaves in pieces. A client
+    dispatches no event before its blank line, so holding its first bytes back delays
+    nothing it can read. Any other chunk, the whole of a `response.completed` stream cut at
+    event boundaries included, is relayed as it came at the cost of one attribute check.
+    """
 
     __slots__ = (
         "_buffer",
+        "_continued_at",
         "_created",
         "_created_block",
         "_pending_cr",
         "_rate_limits_block",
+        "_withheld",
         "bytes_seen",
         "deltas",
         "events",
+        "rewriting",
         "terminal",
         "terminal_type",
     )
@@ -72,6 +98,11 @@ class StreamScanner:
         self.bytes_seen = 0
         # Raw blocks of the events whose text an estimate counts (see DELTA_TYPES).
         self.deltas: list[bytes] = []
+        self.rewriting = False
+        # The bytes, as they came, of an event that may report a failure, until it is whole.
+        self._withheld = b""
+        # The `bytes_seen` of the last chunk that went on with an event begun before it.
+        self._continued_at = -1
 
     @property
     def created(self) -> dict[str, Any] | None:
@@ -108,7 +139,8 @@ class StreamScanner:
             buffer += chunk
             end = buffer.rfind(b"\n\n", search_from)
             if end < 0:
-                return
+                return  # the same event goes on: it was looked at when it began
+            self._continued_at = self.bytes_seen
             blocks = bytes(buffer[:end]).split(b"\n\n")
             del buffer[: end + 2]
         else:
@@ -116,11 +148,57 @@ class StreamScanner:
             end = chunk.rfind(b"\n\n")
             if end < 0:
                 buffer += chunk
+                self._look_at_start(buffer)
                 return
             blocks = chunk[:end].split(b"\n\n")
             buffer += chunk[end + 2 :]
+        if buffer:
+            self._look_at_start(buffer)
         for block in blocks:
             self._event(block)
+
+    def _look_at_start(self, partial: bytearray) -> None:
+        """An event began and is not whole yet: its bytes must wait if it may report a failure."""
+        if not self.rewriting and may_open_error(partial):
+            self.rewriting = True
+
+    def release(self, chunk: bytes, rewrite: Callable[[bytes], bytes]) -> bytes:
+        """What may go to the client of the bytes held back and `chunk` (fed already): every
+        whole event, each that may report a failure passed through `rewrite` (its lines
+        without the blank line after them), and the event still arriving unless it may turn
+        out to be such an event; that is held back, and `rewriting` stays set, until it is
+        whole. Bytes of events that report nothing pass as they came."""
+        data = self._withheld + chunk
+        start = 0
+        if not self._withheld and self._continued_at == self.bytes_seen:
+            # The chunk goes on with an event whose start went out as it came: so does the
+            # rest of it, up to the line end that completes its blank line.
+            end = _CONTINUATION_END.search(data)
+            start = len(data) if end is None else end.end()
+        parts = [data[:start]]
+        for blank in _RAW_BLANK_LINE.finditer(data, start):
+            block = data[start : blank.start()]
+            parts.append(rewrite(block) if _event_type(block) in ERROR_TYPES else block)
+            parts.append(blank.group())
+            start = blank.end()
+        rest = data[start:]
+        if may_open_error(rest):
+            self._withheld = rest
+        else:
+            self._withheld = b""
+            parts.append(rest)
+        self.rewriting = bool(self._withheld)
+        return b"".join(parts)
+
+    def release_rest(self, rewrite: Callable[[bytes], bytes]) -> bytes:
+        """What is still held back once the stream has ended, taken for its last event (as
+        `finish` takes it), rewritten unless it names an event that reports nothing."""
+        rest, self._withheld = self._withheld, b""
+        self.rewriting = False
+        if not rest:
+            return rest
+        name = _event_type(rest)
+        return rewrite(rest) if name is None or name in ERROR_TYPES else rest
 
     def finish(self) -> None:
         """Treat what is left after the stream closed as a last event, as browsers do."""
@@ -163,10 +241,40 @@ class StreamScanner:
             self._rate_limits_block = block
 
     def _set_terminal(self, name: str, data: Any) -> None:
+        if name in ERROR_TYPES:
+            self.rewriting = True  # a second one, after the first terminal event, too
         if self.terminal is not None:
             return
         self.terminal_type = name
         self.terminal = data if isinstance(data, dict) else {}
+
+
+def may_open_error(partial: bytes | bytearray) -> bool:
+    """Whether an event of which `partial` has come so far may turn out to be an `error` or
+    `response.failed` event: any but one whose first line is an `event:` line that names,
+    or has begun to name, another event. Once false it stays false as more bytes come."""
+    if not partial.startswith(b"event: "):
+        return bool(partial)  # any other start, once an event has begun at all
+    newline = partial.find(b"\n", 7)
+    if newline < 0:
+        begun = bytes(partial[7:]).rstrip(b"\r")
+        return any(name.startswith(begun) for name in _ERROR_NAMES)
+    return bytes(partial[7:newline]).rstrip(b"\r") in _ERROR_NAMES
+
+
+def _event_type(block: bytes) -> str | None:
+    """An event's name as the scanner reads it, from the bytes as they came; None when it
+    has none (a comment, data that is not JSON or names no type)."""
+    block = block.replace(b"\r\n", b"\n")
+    if block.startswith(b"event: "):
+        newline = block.find(b"\n")
+        return (block[7:newline] if newline > 0 else block[7:]).decode("utf-8", "replace")
+    name = _event_name(block)
+    if name is not None:
+        return name
+    data = _parse_data(block)
+    kind = data.get("type") if isinstance(data, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def _event_name(block: bytes) -> str | None:

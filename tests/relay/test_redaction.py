@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from codex_gateway.relay.redaction import redact_body, redact_text
+from codex_gateway.relay.redaction import redact_body, redact_event, redact_text
 
 ACCOUNT_KEY = "acct-key-0123456789"
 
@@ -87,3 +87,54 @@ def test_a_body_that_is_not_json_is_redacted_as_text() -> None:
 def test_json_too_deep_to_encode_again_is_redacted_as_text(depth: int) -> None:
     body = b"[" * depth + b'"key sk-UPSTREAMSECRET-0123456789"' + b"]" * depth
     assert redact_body(body) == b"[" * depth + b'"key [redacted]"' + b"]" * depth
+
+
+# an event's lines as they came -> as the client gets them
+EVENTS = [
+    # the data redacted, the event line kept
+    (
+        b'event: error\ndata: {"type":"error","message":"key sk-UPSTREAMSECRET-0123456789"}',
+        b'event: error\ndata: {"type":"error","message":"key [redacted]"}',
+    ),
+    # CRLF line endings, and an id line, stay where they were
+    (
+        b'event: error\r\nid: 7\r\ndata: {"type":"error","message":"'
+        + ACCOUNT_KEY.encode()
+        + b'"}\r\nretry: 10',
+        b'event: error\r\nid: 7\r\ndata: {"type":"error","message":"[redacted]"}\r\nretry: 10',
+    ),
+    # JSON over several data lines is read as one, and written back on one line
+    (
+        b'event: error\ndata: {"type":"error",\ndata: "message":"Bearer tok_0123456789"}',
+        b'event: error\ndata: {"type":"error","message":"Bearer [redacted]"}',
+    ),
+    # a key spelled with JSON escapes is found once the JSON is read
+    (
+        b'data: {"type":"error","message":"sk-UPSTREAM\\u0053ECRET-0123"}',
+        b'data: {"type":"error","message":"[redacted]"}',
+    ),
+    # data that is not JSON (an event the upstream never finished) is redacted as text
+    (
+        b'event: error\ndata: {"type":"error","message":"key sk-UPSTREAMSECRET-01',
+        b'event: error\ndata: {"type":"error","message":"key [redacted]',
+    ),
+]
+
+
+@pytest.mark.parametrize(("event", "expected"), EVENTS)
+def test_an_event_reporting_a_failure_keeps_its_shape_less_its_secrets(
+    event: bytes, expected: bytes
+) -> None:
+    assert redact_event(event, (ACCOUNT_KEY,)) == expected
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        b'event: error\ndata: {"type":"error", "message": "no key here"}',
+        b": a comment, sk-UPSTREAMSECRET-0123456789",
+        b"event: error",
+    ],
+)
+def test_an_event_with_no_secret_in_its_data_is_left_as_it_came(event: bytes) -> None:
+    assert redact_event(event, (ACCOUNT_KEY,)) is event

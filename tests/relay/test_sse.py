@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable, Iterator
 
@@ -13,6 +14,7 @@ from codex_gateway.relay.sse import (
     StreamScanner,
     error_event,
     iter_events,
+    may_open_error,
     parse_events,
 )
 from tests.conftest import FIXTURES
@@ -420,3 +422,170 @@ def test_only_the_first_response_created_is_kept() -> None:
 @pytest.mark.parametrize("name", ["chat-stream-usage.sse", "chat-stream-no-usage.sse"])
 def test_chat_stream_has_no_response_created(name: str) -> None:
     assert scan((UPSTREAM / name).read_bytes()).created is None
+
+
+def mark(block: bytes) -> bytes:
+    """A rewrite that shows which events went through it."""
+    return b"<" + block + b">"
+
+
+def relayed(raw: bytes, feeder: Feeder, rewrite: Callable[[bytes], bytes] = mark) -> list[bytes]:
+    """What the relay sends for `raw` arriving in the feeder's chunks: each chunk as it came,
+    or what the scanner releases of it, then what it still held when the stream closed."""
+    scanner = StreamScanner()
+    sent = []
+    for chunk in feeder(raw):
+        scanner.feed(chunk)
+        sent.append(scanner.release(chunk, rewrite) if scanner.rewriting else chunk)
+    scanner.finish()
+    sent.append(scanner.release_rest(rewrite))
+    return sent
+
+
+def each_event(raw: bytes) -> Iterator[bytes]:
+    yield from iter_events(raw)
+
+
+def split_at(*points: int) -> Feeder:
+    def feeder(raw: bytes) -> Iterator[bytes]:
+        bounds = [0, *points, len(raw)]
+        for start, end in itertools.pairwise(bounds):
+            yield raw[start:end]
+
+    return feeder
+
+
+def marked(raw: bytes) -> bytes:
+    """`raw` with its `error` and `response.failed` events marked, as the relay should send it
+    however its bytes arrive."""
+    names = (b"event: error\n", b"event: response.failed\n")
+    blocks = [block[:-2] for block in iter_events(raw)]
+    return b"".join(
+        (mark(block) if block.startswith(names) else block) + b"\n\n" for block in blocks
+    )
+
+
+FINISHED = [name for name, terminal, _ in TRANSCRIPTS if terminal == "response.completed"]
+FAILING = ["responses-failed.sse", "responses-error-event.sse", "chatgpt-usage-limit-event.sse"]
+
+
+@pytest.mark.parametrize("feeder", [whole, each_event])
+@pytest.mark.parametrize("name", [*FINISHED, "responses-incomplete.sse"])
+def test_a_stream_that_reports_no_failure_goes_out_chunk_for_chunk_as_it_came(
+    name: str, feeder: Feeder
+) -> None:
+    raw = (UPSTREAM / name).read_bytes()
+
+    assert relayed(raw, feeder) == [*feeder(raw), b""]
+
+
+@pytest.mark.parametrize("line_ending", [lf, crlf])
+@pytest.mark.parametrize("feeder", [byte_by_byte, random_chunks])
+@pytest.mark.parametrize("name", [*FINISHED, "responses-no-terminal.sse", "chat-stream-usage.sse"])
+def test_a_stream_that_reports_no_failure_goes_out_byte_for_byte_however_it_arrives(
+    name: str, feeder: Feeder, line_ending: Callable[[bytes], bytes]
+) -> None:
+    raw = line_ending((UPSTREAM / name).read_bytes())
+
+    assert b"".join(relayed(raw, feeder)) == raw
+
+
+@pytest.mark.parametrize("feeder", [whole, each_event, byte_by_byte, random_chunks])
+@pytest.mark.parametrize("name", FAILING)
+def test_an_event_reporting_a_failure_is_rewritten_whole_however_it_arrives(
+    name: str, feeder: Feeder
+) -> None:
+    raw = (UPSTREAM / name).read_bytes()
+
+    assert b"".join(relayed(raw, feeder)) == marked(raw)
+
+
+@pytest.mark.parametrize("line_ending", [lf, crlf])
+@pytest.mark.parametrize("name", FAILING)
+def test_an_event_reporting_a_failure_is_rewritten_whole_wherever_one_split_falls(
+    name: str, line_ending: Callable[[bytes], bytes]
+) -> None:
+    raw = line_ending((UPSTREAM / name).read_bytes())
+    blank = line_ending(b"\n\n")
+    # the marks sit around the event's lines, inside their line endings
+    expected = line_ending(marked((UPSTREAM / name).read_bytes()))
+
+    for point in range(len(raw)):
+        sent = relayed(raw, split_at(point))
+
+        assert b"".join(sent) == expected, point
+        # every event whole in the first chunk goes out with it
+        whole_events = raw.rfind(blank, 0, point)
+        if 0 <= whole_events < raw.rindex(line_ending(b"\nevent: ")):
+            assert sent[0].startswith(raw[: whole_events + len(blank)]), point
+
+
+def test_a_second_failure_after_the_first_terminal_event_is_rewritten_too() -> None:
+    failed = b'event: response.failed\ndata: {"type":"response.failed","response":{}}'
+    error = b'event: error\ndata: {"type":"error","message":"m"}'
+    raw = failed + b"\n\n" + error + b"\n\n"
+
+    for feeder in (whole, byte_by_byte, split_at(len(failed) + 2)):
+        assert b"".join(relayed(raw, feeder)) == mark(failed) + b"\n\n" + mark(error) + b"\n\n"
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        # no event line: named by the leading type, or by a type further on
+        b'data: {"type":"error","message":"m"}',
+        b'data: {"sequence_number":3,"type":"response.failed","response":{}}',
+        # no space after the colon
+        b'event:error\ndata: {"type":"error","message":"m"}',
+    ],
+)
+def test_a_failure_named_otherwise_is_rewritten_whole(event: bytes) -> None:
+    delta = b'event: response.output_text.delta\ndata: {"delta":"x"}\n\n'
+    raw = delta + event + b"\n\n"
+
+    for feeder in (whole, byte_by_byte, random_chunks):
+        assert b"".join(relayed(raw, feeder)) == delta + mark(event) + b"\n\n"
+
+
+@pytest.mark.parametrize(
+    ("last", "sent"),
+    [
+        # a failure the upstream never finished: rewritten all the same
+        (b'event: error\ndata: {"type":"error","message":"m', b'<event: error\ndata: {"type'),
+        # a completed event without its blank line: as it came
+        (b'event: response.completed\ndata: {"type":"response.completed"}', b"event: response"),
+    ],
+)
+def test_what_is_still_held_when_the_stream_closes_is_sent_as_its_last_event(
+    last: bytes, sent: bytes
+) -> None:
+    assert b"".join(relayed(last, byte_by_byte)).startswith(sent)
+
+
+# what of an event has come -> whether it may yet turn out to report a failure
+STARTS = [
+    # nothing yet, or too little to tell
+    (b"", False),
+    (b"e", True),
+    (b"event: ", True),
+    (b"event: er", True),
+    (b"event: response.", True),
+    (b"event: response.f", True),
+    # named: a failure, or something else
+    (b"event: error\n", True),
+    (b"event: error\r", True),
+    (b"event: response.failed\r\ndata: {", True),
+    (b"event: response.fu", False),
+    (b"event: response.output_text.delta\ndata: {", False),
+    (b"event: errors", False),
+    # no event line first: it may be anything until it is whole
+    (b'data: {"type":"response.output_text.delta"', True),
+    (b": keep-alive", True),
+]
+
+
+@pytest.mark.parametrize(("start", "expected"), STARTS)
+def test_an_event_may_report_a_failure_until_its_first_line_names_another(
+    start: bytes, expected: bool
+) -> None:
+    assert may_open_error(start) is expected

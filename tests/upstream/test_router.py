@@ -8,17 +8,21 @@ the row bills what the upstream reported or, failing that, the gateway's estimat
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 import httpx
+import openai
+import orjson
 import pytest
 
-from tests.conftest import Gateway, Sandbox, estimated_counts
+from tests.conftest import Gateway, Sandbox, estimated_counts, fixture_path
 from tests.http.test_responses import expected_cost, transcript_events
 from tests.upstream.pool_helpers import (
     CHAT,
@@ -371,7 +375,7 @@ def sse(*events: dict[str, Any]) -> list[bytes]:
 
 # the route, whether the client streams, and whether the upstream streams its failure
 FAILED_ANSWERS = [
-    # a /v1/responses stream is relayed untouched (only its row is redacted)
+    # a /v1/responses stream, its failure event rewritten
     pytest.param("/v1/responses", True, True, id="responses-stream"),
     # a failed response sent whole, gathered from a stream or as the upstream sent it
     pytest.param("/v1/responses", False, True, id="responses-gathered"),
@@ -381,6 +385,123 @@ FAILED_ANSWERS = [
     pytest.param("/v1/chat/completions", True, False, id="chat-stream-of-json"),
     pytest.param("/v1/chat/completions", False, True, id="chat-whole"),
 ]
+
+
+# A failure that quotes a key and the account's key, in each of the two events that report
+# one, after the event that opens the stream.
+QUOTED_KEYS = (
+    f"bad thing with key sk-UPSTREAMSECRET-0123456789abcdef, for account key {ACCOUNT_KEY}"
+)
+QUOTED_KEYS_REDACTED = "bad thing with key [redacted], for account key [redacted]"
+CREATED = {
+    "type": "response.created",
+    "response": {**FAILED, "status": "in_progress", "error": None},
+}
+FAILURES = {
+    "response.failed": {"type": "response.failed", "response": {**FAILED, "error": {
+        "code": "server_error", "message": QUOTED_KEYS}}},
+    "error": {"type": "error", "code": "server_error", "message": QUOTED_KEYS, "param": None},
+}  # fmt: skip
+
+
+def cut_at(raw: bytes, points: list[int]) -> list[bytes]:
+    bounds = [0, *points, len(raw)]
+    return [raw[start:end] for start, end in itertools.pairwise(bounds)]
+
+
+@contextmanager
+def writing(gateway: Gateway, sandbox: Sandbox, chunks: list[bytes]) -> Iterator[str]:
+    """The gateway's only account an upstream that writes a stream as `chunks`, one every
+    50 ms; a new user's key."""
+    with serving(LoopbackUpstream(events=chunks, pace=0.05)) as upstream:
+        fresh_accounts(gateway, sandbox, [{"base_url": upstream.base_url, "api_key": ACCOUNT_KEY}])
+        _, key = gateway.new_user("10")
+        yield key
+
+
+def stream_raw(gateway: Gateway, key: str) -> list[bytes]:
+    """The pieces a streaming /v1/responses client reads, as they reach it."""
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/responses",
+        json={**BODY, "stream": True},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
+    ) as response:
+        return [bytes(piece) for piece in response.iter_raw()]
+
+
+def failure_cuts(raw: bytes, failure: int, names: tuple[str, ...]) -> list[int]:
+    """Where the upstream's writes cut a stream whose failure event starts at `failure`."""
+    points = {
+        "start": failure,
+        "name": failure + len("event: ") + 3,
+        "line": raw.index(b"\ndata: ", failure) + 1,
+        "key": raw.index(b"EAMSECRET", failure),
+        "account-key": raw.index(ACCOUNT_KEY.encode(), failure) + 9,
+        "blank-line": len(raw) - 1,
+    }
+    return [points[name] for name in names]
+
+
+# where the upstream's writes cut the stream: before and inside the failure event
+FAILURE_CUTS = [
+    # inside the event's name, then inside the key it quotes
+    pytest.param(("start", "name", "key"), id="name-and-key"),
+    # with the event before it, just after its event line; then inside the account's key
+    pytest.param(("line", "account-key"), id="line-and-account-key"),
+    # between the two line ends of its blank line
+    pytest.param(("start", "blank-line"), id="blank-line"),
+    # in one write with the event before it
+    pytest.param((), id="whole"),
+]
+
+
+@pytest.mark.parametrize("cuts", FAILURE_CUTS)
+@pytest.mark.parametrize("kind", list(FAILURES))
+def test_a_streamed_failure_reaches_the_client_without_the_keys_it_quotes(
+    gateway: Gateway,
+    sandbox: Sandbox,
+    sdk: Callable[[str], openai.OpenAI],
+    kind: str,
+    cuts: tuple[str, ...],
+) -> None:
+    opening, failure = sse(CREATED, FAILURES[kind])
+    raw = opening + failure
+    chunks = cut_at(raw, failure_cuts(raw, len(opening), cuts))
+    redacted = json.loads(failure.split(b"data: ", 1)[1])
+    if kind == "error":
+        redacted["message"] = QUOTED_KEYS_REDACTED
+    else:
+        redacted["response"]["error"]["message"] = QUOTED_KEYS_REDACTED
+    # the event as the client gets it: its data written anew, every other byte as it came
+    expected = opening + b"event: %s\ndata: %s\n\n" % (kind.encode(), orjson.dumps(redacted))
+    with writing(gateway, sandbox, chunks) as key:
+        received = stream_raw(gateway, key)
+        events = list(sdk(key).responses.create(model="gpt-5.1-codex", input="hi", stream=True))
+
+    assert b"".join(received) == expected
+    for secret in (b"UPSTREAMSECRET", ACCOUNT_KEY.encode()):
+        assert not any(secret in piece for piece in received)
+    assert [event.type for event in events] == ["response.created", kind]
+    last = events[-1].to_dict()
+    error = last if kind == "error" else last["response"]["error"]
+    assert (error["code"], error["message"]) == ("server_error", QUOTED_KEYS_REDACTED)
+
+
+def test_a_completed_stream_cut_anywhere_reaches_the_client_byte_for_byte(
+    gateway: Gateway, sandbox: Sandbox
+) -> None:
+    raw = fixture_path("upstream", "responses-text.sse").read_bytes()
+    delta = raw.index(b"event: response.output_text.delta")
+    final = raw.rindex(b"event: ")
+    # inside a delta's name and then its data; inside the final event's name, while it may
+    # still turn out to be a failure
+    chunks = cut_at(raw, [delta + 20, delta + 60, final + 16])
+    with writing(gateway, sandbox, chunks) as key:
+        received = stream_raw(gateway, key)
+
+    assert b"".join(received) == raw
 
 
 @pytest.mark.parametrize(("path", "stream", "streamed"), FAILED_ANSWERS)
@@ -411,9 +532,6 @@ def test_credentials_a_failed_response_quotes_reach_neither_the_client_nor_the_r
     row = gateway.usage_row(response.headers["x-request-id"])
     assert f"server_error: {QUOTED_REDACTED}" in row["error"]
     assert "UPSTREAMSECRET" not in json.dumps(row) and ACCOUNT_KEY not in json.dumps(row)
-    if path == "/v1/responses" and stream:
-        assert QUOTED.format(token=ACCOUNT_KEY) in response.text
-        return
     assert response.status_code == (502 if path.endswith("completions") and not stream else 200)
     assert QUOTED_REDACTED in response.text
     assert "UPSTREAMSECRET" not in response.text and ACCOUNT_KEY not in response.text
