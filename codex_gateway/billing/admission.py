@@ -392,6 +392,15 @@ def _take(lease: _Lease, estimate: Decimal) -> bool:
     return True
 
 
+def _cap_reached(cap: Decimal, estimate: Decimal) -> InsufficientQuota:
+    return InsufficientQuota(
+        f"This API key reached its spending cap of ${plain(cap)}: what it spent and holds "
+        f"for requests in flight leaves no room for this request's largest possible cost, "
+        f"${plain(estimate)}. Ask the gateway operator to raise the cap.",
+        code="key_cap_reached",
+    )
+
+
 class Admission:
     def __init__(self, store: Store, *, lease_ttl: float, idle_seconds: float):
         self._store = store
@@ -427,10 +436,8 @@ class Admission:
                 raise InsufficientQuota(
                     "You exceeded your current quota for the moment: part of the balance is "
                     "set aside in other gateway processes' leases, so what is left does not "
-                    f"cover this request's largest possible cost, ${plain(estimate)}. Retry "
-                    "shortly: a lease comes back to the balance about "
-                    f"{self._idle_seconds:g} s after its process last had a request of yours "
-                    f"in flight, or {self._lease_ttl:g} s after that process stopped."
+                    f"cover this request's largest possible cost, ${plain(estimate)}. "
+                    f"{self._lease_return('the balance')}"
                 )
             raise InsufficientQuota(
                 "You exceeded your current quota: the balance does not cover this request's "
@@ -440,14 +447,27 @@ class Admission:
             )
         if key is None or key.cap is None:
             return Hold(estimate, ZERO)
-        if not self._within_cap(key, estimate) or not await self._key_take(user_id, key, estimate):
-            raise InsufficientQuota(
-                f"This API key reached its spending cap of ${plain(key.cap)}: what it spent "
-                "and holds for requests in flight leaves no room for this request's largest "
-                f"possible cost, ${plain(estimate)}. Ask the gateway operator to raise the cap.",
-                code="key_cap_reached",
-            )
+        if not self._within_cap(key, estimate):
+            raise _cap_reached(key.cap, estimate)
+        if not await self._key_take(user_id, key, estimate):
+            if await self._keys.set_aside_elsewhere(key.id, estimate):
+                raise InsufficientQuota(
+                    f"This API key's spending cap of ${plain(key.cap)} is used up for the "
+                    "moment: part of it is set aside in other gateway processes' leases, so "
+                    "what is left does not cover this request's largest possible cost, "
+                    f"${plain(estimate)}. {self._lease_return('the cap')}",
+                    code="key_cap_reached",
+                )
+            raise _cap_reached(key.cap, estimate)
         return Hold(estimate, estimate)
+
+    def _lease_return(self, limit: str) -> str:
+        """When a lease another process holds comes back to `limit`, for a refusal to say."""
+        return (
+            f"Retry shortly: a lease comes back to {limit} about {self._idle_seconds:g} s "
+            "after its process last had a request of yours in flight, or "
+            f"{self._lease_ttl:g} s after that process stopped."
+        )
 
     def _within_cap(self, key: KeyRecord, estimate: Decimal) -> bool:
         """Whether what the key spent (as last loaded), holds here, and this request fit its

@@ -313,6 +313,15 @@ async def test_after_a_lowered_balance_a_request_it_still_covers_is_admitted(
     assert problems == []
 
 
+async def capped_key(store: Store, balance: str, cap: str) -> tuple[int, KeyRecord]:
+    """A new user with `balance`, and a key of theirs capped at `cap`."""
+    name, user_id = await new_user(store, balance)
+    raw, _ = await store.create_key(name, limits=KeyLimits(cap=Decimal(cap)))
+    key = await store.find_key(hash_key(raw))
+    assert key is not None
+    return user_id, key
+
+
 async def request_billed_past_a_lowered_cap(
     store: Store, gate: Admission
 ) -> tuple[int, KeyRecord, KeyRecord]:
@@ -509,10 +518,7 @@ async def test_requests_one_after_another_are_admitted_against_what_billed_ones_
 async def test_a_key_cap_is_overdrawn_by_one_excess_at_most_when_costs_pass_their_holds(
     store: Store,
 ) -> None:
-    name, user_id = await new_user(store, "10")
-    raw, _ = await store.create_key(name, limits=KeyLimits(cap=Decimal("0.3")))
-    key = await store.find_key(hash_key(raw))
-    assert key is not None
+    user_id, key = await capped_key(store, "10", "0.3")
     gate = admission(store)
     settler = Settler(store, gate.holder, gate.settled)
 
@@ -675,6 +681,78 @@ async def test_a_refusal_says_when_the_balance_is_held_by_another_process(
     assert ("or 60 s after that process stopped" in message) is held_elsewhere
     assert ("top the balance up" in message) is not held_elsewhere
     assert (await store.balances())[user_id] == Decimal("0.2")
+    await first.close()
+    await second.close()
+
+
+# the other process's request, this one's, and whether the message says the cap is held
+KEY_SET_ASIDE = [
+    # the other process leased what this request needs: for its request in flight, or as
+    # spare room for more like it
+    pytest.param("0.15", "0.1", True, id="held-elsewhere"),
+    pytest.param("0.05", "0.18", True, id="spare-room-elsewhere"),
+    # the cap itself does not cover the request, whatever the other process holds
+    pytest.param("0.15", "0.25", False, id="short-anyway"),
+    pytest.param(None, "0.25", False, id="short-alone"),
+]
+
+
+@pytest.mark.parametrize(("other", "this", "held_elsewhere"), KEY_SET_ASIDE)
+async def test_a_cap_refusal_says_when_the_cap_is_held_by_another_process(
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+    other: str | None,
+    this: str,
+    held_elsewhere: bool,
+) -> None:
+    user_id, key = await capped_key(store, "10", "0.2")
+    first, second = admission(store), admission(store)
+    asked = []
+    real = store.leased_to_others
+
+    async def counted(*args: Any) -> tuple[Decimal, Decimal]:
+        asked.append(args)
+        return await real(*args)
+
+    monkeypatch.setattr(store, "leased_to_others", counted)
+    if other is not None:
+        await first.admit(user_id, Decimal(other), key)
+    assert asked == []  # an admitted request reads nothing more
+
+    with pytest.raises(InsufficientQuota) as caught:
+        await second.admit(user_id, Decimal(this), key)
+
+    message = caught.value.message
+    assert caught.value.status == 429 and caught.value.code == "key_cap_reached"
+    assert f"${this}" in message and "spending cap of $0.2" in message
+    assert ("set aside in other gateway processes' leases" in message) is held_elsewhere
+    assert ("comes back to the cap about 0 s after" in message) is held_elsewhere
+    assert ("or 60 s after that process stopped" in message) is held_elsewhere
+    assert ("raise the cap" in message) is not held_elsewhere
+    # the refusal gave back what it held against the balance
+    assert second.held(user_id) == 0
+    await first.close()
+    await second.close()
+    assert (await store.balances())[user_id] == Decimal("10")
+
+
+async def test_a_cap_refusal_gives_the_plain_reason_when_the_database_cannot_say_why(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user_id, key = await capped_key(store, "10", "0.2")
+    first, second = admission(store), admission(store)
+    await first.admit(user_id, Decimal("0.15"), key)
+
+    async def unreachable(*args: object) -> tuple[Decimal, Decimal]:
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(store, "leased_to_others", unreachable)
+    with pytest.raises(InsufficientQuota) as caught:
+        await second.admit(user_id, Decimal("0.1"), key)
+
+    message = caught.value.message
+    assert caught.value.code == "key_cap_reached"
+    assert "raise the cap" in message and "leases" not in message
     await first.close()
     await second.close()
 
