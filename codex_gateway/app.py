@@ -63,10 +63,15 @@ class Gateway:
             RELAYED_KINDS if self.cipher else RELAYED_KINDS - {KIND_CHATGPT},
             ApiKeyOpener(self.cipher),
         )
+        # Leases grow on a thread and engine of their own (`store/thread.py`), but for an
+        # in-memory database, which a second engine would not see.
+        url = settings.database_url
+        self.grants = None if in_memory(url) else StoreThread(url, name="lease-grants")
         self.admission = Admission(
             self.store,
             lease_ttl=settings.lease_ttl_seconds,
             idle_seconds=settings.lease_idle_seconds,
+            grants=self.grants,
         )
         self.catalog.on_limits = self.admission.limits_changed
         # The server's answers and the upstream requests go out through one coalescer.
@@ -118,7 +123,6 @@ class Gateway:
         # The usage writer's statements run on a thread and engine of their own, so that the
         # request loop waits once per batch (not for an in-memory database, which a second
         # engine would not see).
-        url = settings.database_url
         lowered = alone and is_sqlite(url)
         self.writer = None if in_memory(url) else StoreThread(url, lowered=lowered)
         self.settler = Settler(
@@ -168,6 +172,8 @@ class Gateway:
         self._warn_of_keys_in_clear()
         if self.writer is not None:
             self.writer.start()
+        if self.grants is not None:
+            self.grants.start()
         self.settler.start()
         self._tasks = [
             asyncio.create_task(self.catalog.poll(self.settings.catalog_refresh_seconds)),
@@ -246,6 +252,8 @@ class Gateway:
             await self.writer.close()
         self.journal.close()
         await self.admission.close()
+        if self.grants is not None:
+            await self.grants.close()
         await self.pool.drain()
         await self.quotas.drain()
         await self.router.stickiness.close()

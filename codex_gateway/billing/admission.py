@@ -28,7 +28,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -195,13 +195,31 @@ class _Lease:
     # nothing from its own room until the database grants it more, and what its requests in
     # flight leave over when they settle (a hold less the cost) goes back before it asks.
     needs_grant: bool = False
+    # Requests waiting for the lock, to be admitted by the grant the holder of the lock asks
+    # for (see `_wanted`).
+    waiting: int = 0
+
+
+class LeaseGrants(Protocol):
+    """Where grants are asked for: the store itself, or the store on a thread of its own
+    (`StoreThread`), whose statements do not each wait for a turn of a busy request loop."""
+
+    async def acquire_lease(
+        self,
+        owner_id: int,
+        holder: str,
+        needed: Decimal,
+        wanted: Decimal,
+        scope: LeaseScope | None = None,
+    ) -> Decimal: ...
 
 
 class _Leases:
     """This process's leases of one scope: users' balances, or capped keys' caps."""
 
-    def __init__(self, store: Store, scope: LeaseScope, holder: str):
+    def __init__(self, store: Store, scope: LeaseScope, holder: str, grants: LeaseGrants):
         self._store = store
+        self._grants = grants
         self.scope = scope
         self._holder = holder
         self.leases: dict[int, _Lease] = {}
@@ -217,16 +235,29 @@ class _Leases:
             ):
                 lease.refill = asyncio.create_task(self._refill(owner_id, lease, estimate))
             return True
-        async with lease.lock:
-            if _take(lease, estimate):
-                return True
-            if lease.needs_grant:
-                await self._storage(self._hand_back_spare(owner_id, lease))
-            shortfall = MONEY.subtract(estimate, MONEY.subtract(lease.leased, lease.held))
-            granted = await self._acquire(owner_id, shortfall, _wanted(lease, estimate, shortfall))
-            if granted > 0:
-                _grow(lease, granted)
-                return _take(lease, estimate)
+        lease.waiting += 1
+        try:
+            await lease.lock.acquire()
+        finally:
+            lease.waiting -= 1
+        try:
+            return await self._take_granted(owner_id, lease, estimate)
+        finally:
+            lease.lock.release()
+
+    async def _take_granted(self, owner_id: int, lease: _Lease, estimate: Decimal) -> bool:
+        """`take` for a request the lease had no room for, with the lease's lock held: grown
+        by a grant that also makes room for the requests waiting behind it, so that a burst
+        which finds the lease empty waits for one grant, not for one after another."""
+        if _take(lease, estimate):
+            return True
+        if lease.needs_grant:
+            await self._storage(self._hand_back_spare(owner_id, lease))
+        shortfall = MONEY.subtract(estimate, MONEY.subtract(lease.leased, lease.held))
+        granted = await self._acquire(owner_id, shortfall, _wanted(lease, estimate, shortfall))
+        if granted > 0:
+            _grow(lease, granted)
+            return _take(lease, estimate)
         return False
 
     async def _refill(self, owner_id: int, lease: _Lease, estimate: Decimal) -> None:
@@ -258,7 +289,7 @@ class _Leases:
 
     async def _acquire(self, owner_id: int, needed: Decimal, wanted: Decimal) -> Decimal:
         return await self._storage(
-            self._store.acquire_lease(owner_id, self._holder, needed, wanted, self.scope)
+            self._grants.acquire_lease(owner_id, self._holder, needed, wanted, self.scope)
         )
 
     @staticmethod
@@ -360,11 +391,13 @@ class _Leases:
 
 def _wanted(lease: _Lease, estimate: Decimal, shortfall: Decimal) -> Decimal:
     """How much to ask for: room for LEASE_REQUESTS more like this one, or for twice the load
-    in flight, and at least the shortfall."""
+    in flight and waiting for the lease (each waiting request counted like this one), and at
+    least the shortfall."""
+    waiting = MONEY.multiply(estimate, Decimal(lease.waiting))
     return max(
         shortfall,
         MONEY.multiply(estimate, Decimal(LEASE_REQUESTS)),
-        MONEY.multiply(lease.held, Decimal(2)),
+        MONEY.multiply(MONEY.add(lease.held, waiting), Decimal(2)),
     )
 
 
@@ -402,13 +435,22 @@ def _cap_reached(cap: Decimal, estimate: Decimal) -> InsufficientQuota:
 
 
 class Admission:
-    def __init__(self, store: Store, *, lease_ttl: float, idle_seconds: float):
+    def __init__(
+        self,
+        store: Store,
+        *,
+        lease_ttl: float,
+        idle_seconds: float,
+        grants: LeaseGrants | None = None,
+    ):
+        """`grants`: where leases are grown (the store itself by default); every other lease
+        statement goes to `store`."""
         self._store = store
         self.holder = f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._lease_ttl = lease_ttl
         self._idle_seconds = idle_seconds
-        self._users = _Leases(store, USER_LEASES, self.holder)
-        self._keys = _Leases(store, KEY_LEASES, self.holder)
+        self._users = _Leases(store, USER_LEASES, self.holder, grants or store)
+        self._keys = _Leases(store, KEY_LEASES, self.holder, grants or store)
 
     def held(self, user_id: int) -> Decimal:
         return self._users.held(user_id)

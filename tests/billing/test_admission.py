@@ -188,6 +188,38 @@ async def test_a_lease_granted_more_while_maintenance_reads_the_database_keeps_t
     assert problems == []
 
 
+async def test_a_burst_that_finds_the_lease_empty_waits_for_one_grant_after_the_first(
+    store: Store,
+) -> None:
+    """Requests queued behind a grant are counted into the next one: without them, each
+    grant only doubled what was held, and a burst of 200 waited for four in a row."""
+    _, user_id = await new_user(store, "100")
+    gate = admission(store)
+    go_on = asyncio.Event()
+    real = store.acquire_lease
+    wanted: list[Decimal] = []
+
+    async def stalled(owner_id: int, holder: str, needed: Decimal, want: Decimal, *rest: Any):
+        wanted.append(want)
+        await go_on.wait()
+        return await real(owner_id, holder, needed, want, *rest)
+
+    store.acquire_lease = stalled  # type: ignore[method-assign]
+    burst = [asyncio.create_task(gate.admit(user_id, EST)) for _ in range(200)]
+    await asyncio.sleep(0.01)  # every request is waiting for the first grant
+    go_on.set()
+    holds = await asyncio.wait_for(asyncio.gather(*burst), 30)
+    assert holds == [Hold(EST)] * 200
+    # The first grant was asked for before the others came. The second, asked for by the
+    # first request it did not cover, makes room for twice what the first covered and what
+    # still waited: 199 requests in all, each like this one.
+    assert wanted == [LEASE_REQUESTS * EST, 2 * 199 * EST]
+    assert gate.held(user_id) == 200 * EST
+    await gate.close()
+    problems, _ = await store.verify_ledger()
+    assert problems == []
+
+
 async def test_close_waits_for_a_lease_being_grown(store: Store) -> None:
     _, user_id = await new_user(store, "10")
     gate = admission(store)

@@ -11,10 +11,12 @@ import sys
 import threading
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from codex_gateway.app import Gateway
+from codex_gateway.billing.admission import LEASE_REQUESTS, Admission, Hold
 from codex_gateway.config import Settings
 from codex_gateway.http.server import SWITCH_INTERVAL_SECONDS
 from codex_gateway.store import thread as thread_module
@@ -242,3 +244,45 @@ async def test_only_the_single_worker_of_a_serve_lowers_its_sqlite_writer(
     finally:
         await gateway.writer.close()
         await gateway.engine.dispose()
+
+
+async def test_leases_grow_on_a_thread_of_their_own(
+    store: Store, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grant's statements run on the grants thread's loop, not on the request loop, where
+    each would wait for a turn among the requests in flight; the lease is exact all the same."""
+    _, user_id = await new_user(store, "10")
+    ran_on: list[str] = []
+    real = Store.acquire_lease
+
+    async def recorded(self: Store, *args: Any, **kwargs: Any) -> Decimal:
+        ran_on.append(threading.current_thread().name)
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "acquire_lease", recorded)
+    grants = StoreThread(database_url, name="lease-grants-test")
+    grants.start()
+    gate = Admission(store, lease_ttl=60, idle_seconds=0, grants=grants)
+    try:
+        hold = await gate.admit(user_id, Decimal("0.01"))
+        assert [lease["amount"] for lease in await store.leases()] == [
+            LEASE_REQUESTS * Decimal("0.01")
+        ]
+        await gate.close()
+    finally:
+        await grants.close()
+    assert hold == Hold(Decimal("0.01"))
+    assert ran_on == ["lease-grants-test"]
+    assert await store.leases() == []
+    problems, _ = await store.verify_ledger()
+    assert problems == []
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_a_gateway_grows_leases_on_their_thread_but_for_an_in_memory_database(
+    database_url: str, tmp_path: Path, in_memory: bool
+) -> None:
+    url = "sqlite:///:memory:" if in_memory else database_url
+    gateway = Gateway(Settings(database_url=url, spool_path=str(tmp_path / "spool.jsonl")))
+    assert (gateway.grants is None) == in_memory
+    assert gateway.admission._users._grants is (gateway.store if in_memory else gateway.grants)
