@@ -29,7 +29,7 @@ from codex_gateway.sandbox import ACCOUNT_NAME as SANDBOX_ACCOUNT
 from codex_gateway.store.credentials import KIND_CHATGPT, CredentialStore
 from codex_gateway.store.db import create_engine, in_memory, is_sqlite, migrate, schema_state
 from codex_gateway.store.queries import Settled, Store
-from codex_gateway.store.thread import StoreThread
+from codex_gateway.store.thread import GRANTS_POOL_SIZE, StoreThread
 from codex_gateway.upstream.chatgpt_auth import TokenRefresher
 from codex_gateway.upstream.client import UpstreamClient
 from codex_gateway.upstream.kinds import KIND_OPENAI, ChatGPTKind, account_kinds
@@ -66,7 +66,11 @@ class Gateway:
         # Leases grow on a thread and engine of their own (`store/thread.py`), but for an
         # in-memory database, which a second engine would not see.
         url = settings.database_url
-        self.grants = None if in_memory(url) else StoreThread(url, name="lease-grants")
+        self.grants = (
+            None
+            if in_memory(url)
+            else StoreThread(url, name="lease-grants", pool_size=GRANTS_POOL_SIZE)
+        )
         self.admission = Admission(
             self.store,
             lease_ttl=settings.lease_ttl_seconds,

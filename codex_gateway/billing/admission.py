@@ -28,6 +28,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from typing import Any, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -220,6 +221,8 @@ class _Leases:
     def __init__(self, store: Store, scope: LeaseScope, holder: str, grants: LeaseGrants):
         self._store = store
         self._grants = grants
+        # Grants still running whose askers were cancelled (`_acquire`).
+        self._late: set[asyncio.Future[Decimal]] = set()
         self.scope = scope
         self._holder = holder
         self.leases: dict[int, _Lease] = {}
@@ -279,18 +282,37 @@ class _Leases:
             lease.refill = None
 
     async def settle_refills(self) -> None:
-        """Wait for the leases being grown in the background."""
+        """Wait for the leases being grown in the background, and for the grants whose
+        askers were cancelled."""
         refills = [lease.refill for lease in self.leases.values() if lease.refill is not None]
         await asyncio.gather(*refills)
+        await asyncio.gather(*self._late, return_exceptions=True)
 
     def grants(self) -> dict[int, int]:
         """How many grants each lease has had, for `maintain`."""
         return {owner_id: lease.grants for owner_id, lease in self.leases.items()}
 
     async def _acquire(self, owner_id: int, needed: Decimal, wanted: Decimal) -> Decimal:
-        return await self._storage(
+        """A grant. One whose asker is cancelled meanwhile (by a shutdown) may still be
+        committed where it runs, on the grants thread; what it grants then joins the lease
+        all the same, so that this process's lease never holds less than the database's."""
+        granting = asyncio.ensure_future(
             self._grants.acquire_lease(owner_id, self._holder, needed, wanted, self.scope)
         )
+        try:
+            return await self._storage(asyncio.shield(granting))
+        except asyncio.CancelledError:
+            self._late.add(granting)
+            granting.add_done_callback(partial(self._granted_late, owner_id))
+            raise
+
+    def _granted_late(self, owner_id: int, granting: asyncio.Future[Decimal]) -> None:
+        self._late.discard(granting)
+        if granting.cancelled() or granting.exception() is not None:
+            return
+        lease = self.leases.get(owner_id)
+        if lease is not None and granting.result() > 0:
+            _grow(lease, granting.result())
 
     @staticmethod
     async def _storage(call: Awaitable[Decimal]) -> Decimal:

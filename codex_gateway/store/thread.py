@@ -6,10 +6,9 @@ can be queued faster than they are written. Here the statements run on a second 
 with an engine of its own, and the request loop waits once per batch. On SQLite that engine's
 connections make their calls on this thread (`same_thread.py`).
 
-A lease grant is half a dozen statements too, and requests that found their lease empty wait
-for it: on the request loop at c=64 each statement waited 15 to 30 ms for its turn, and a
-grant took up to 215 ms. A gateway grows its leases on a thread of its own (`Gateway`), at
-ordinary priority, so that the loop waits once per grant.
+A lease grant is half a dozen statements too, and the requests that found their lease empty
+wait for it; a gateway grows its leases on a thread of its own (`Gateway`), at ordinary
+priority, so that the request loop waits once per grant, not once per statement.
 
 A writer made with `lowered` runs at the lowest priority: where it may, only when its core has
 nothing else to do, and at the lowest ordinary priority while it is behind (`_run`).
@@ -39,6 +38,8 @@ T = TypeVar("T")
 # settling its rows one by one.
 POOL_SIZE = 1
 MAX_OVERFLOW = 1
+# Grants for different users and keys run side by side on a server database.
+GRANTS_POOL_SIZE = 4
 START_TIMEOUT_SECONDS = 30.0
 # The writer's nice value: the lowest priority of the ordinary policy, which a lowered
 # writer has while it is behind.
@@ -46,7 +47,8 @@ WRITER_NICENESS = 19
 
 
 class StoreThread:
-    """`settle_many` of a `Store` on its own engine and event loop, on a daemon thread."""
+    """`settle_many` and `acquire_lease` of a `Store` on its own engine and event loop, on a
+    daemon thread; `pool_size` connections on a server database, and one more at a pinch."""
 
     def __init__(
         self,
@@ -54,8 +56,10 @@ class StoreThread:
         name: str = "usage-writer",
         new_loop: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop,
         lowered: bool = False,
+        pool_size: int = POOL_SIZE,
     ):
         self._url = database_url
+        self._pool_size = pool_size
         self._lowered = lowered
         # Whether the writer has the idle policy while it keeps up (set by `start`).
         self._idle = False
@@ -83,7 +87,7 @@ class StoreThread:
 
     async def _open(self) -> Store:
         engine = create_engine(
-            self._url, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW, same_thread=True
+            self._url, pool_size=self._pool_size, max_overflow=MAX_OVERFLOW, same_thread=True
         )
         return Store(engine)
 

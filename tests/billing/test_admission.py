@@ -191,8 +191,8 @@ async def test_a_lease_granted_more_while_maintenance_reads_the_database_keeps_t
 async def test_a_burst_that_finds_the_lease_empty_waits_for_one_grant_after_the_first(
     store: Store,
 ) -> None:
-    """Requests queued behind a grant are counted into the next one: without them, each
-    grant only doubled what was held, and a burst of 200 waited for four in a row."""
+    """Requests queued behind a grant are counted into the next one, so a burst of 200 that
+    finds the lease empty waits for two grants, not for one doubling after another."""
     _, user_id = await new_user(store, "100")
     gate = admission(store)
     go_on = asyncio.Event()
@@ -216,6 +216,50 @@ async def test_a_burst_that_finds_the_lease_empty_waits_for_one_grant_after_the_
     assert wanted == [LEASE_REQUESTS * EST, 2 * 199 * EST]
     assert gate.held(user_id) == 200 * EST
     await gate.close()
+    problems, _ = await store.verify_ledger()
+    assert problems == []
+
+
+class CommittedElsewhere:
+    """Grants whose statements run where the asker cannot stop them (as on the grants
+    thread): once begun, each is committed whatever becomes of the request that asked."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.go_on = asyncio.Event()
+        self.begun = asyncio.Event()
+        self.running: list[asyncio.Task[Decimal]] = []
+
+    async def acquire_lease(self, *args: Any) -> Decimal:
+        self.running.append(asyncio.ensure_future(self._grant(*args)))
+        return await asyncio.shield(self.running[-1])
+
+    async def _grant(self, *args: Any) -> Decimal:
+        self.begun.set()
+        await self.go_on.wait()
+        return await self.store.acquire_lease(*args)
+
+
+async def test_a_grant_committed_after_its_request_was_cancelled_joins_the_lease(
+    store: Store,
+) -> None:
+    _, user_id = await new_user(store, "10")
+    grants = CommittedElsewhere(store)
+    gate = Admission(store, lease_ttl=60, idle_seconds=0, grants=grants)
+    asking = asyncio.create_task(gate.admit(user_id, EST))
+    await grants.begun.wait()
+    asking.cancel()  # a shutdown cancels the request while its grant runs
+    with pytest.raises(asyncio.CancelledError):
+        await asking
+    grants.go_on.set()
+    await asyncio.gather(*grants.running)
+    await asyncio.sleep(0)
+    # The grant is in the database, and in the lease, which admits against it at once.
+    assert [lease["amount"] for lease in await store.leases()] == [LEASE_REQUESTS * EST]
+    await gate.admit(user_id, EST)
+    assert len(grants.running) == 1
+    await gate.close()
+    assert await store.leases() == []
     problems, _ = await store.verify_ledger()
     assert problems == []
 

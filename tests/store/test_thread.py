@@ -21,7 +21,7 @@ from codex_gateway.config import Settings
 from codex_gateway.http.server import SWITCH_INTERVAL_SECONDS
 from codex_gateway.store import thread as thread_module
 from codex_gateway.store.queries import Store
-from codex_gateway.store.thread import WRITER_NICENESS, StoreThread
+from codex_gateway.store.thread import GRANTS_POOL_SIZE, WRITER_NICENESS, StoreThread
 from tests.store.test_queries import new_user, usage_row
 
 SEED_COST = Decimal("0.114295")
@@ -279,10 +279,21 @@ async def test_leases_grow_on_a_thread_of_their_own(
 
 
 @pytest.mark.parametrize("in_memory", [False, True])
-def test_a_gateway_grows_leases_on_their_thread_but_for_an_in_memory_database(
+async def test_a_gateway_grows_leases_on_their_thread_but_for_an_in_memory_database(
     database_url: str, tmp_path: Path, in_memory: bool
 ) -> None:
     url = "sqlite:///:memory:" if in_memory else database_url
     gateway = Gateway(Settings(database_url=url, spool_path=str(tmp_path / "spool.jsonl")))
-    assert (gateway.grants is None) == in_memory
-    assert gateway.admission._users._grants is (gateway.store if in_memory else gateway.grants)
+    try:
+        assert (gateway.grants is None) == in_memory
+        assert gateway.admission._users._grants is (gateway.grants or gateway.store)
+        if gateway.grants is not None and not url.startswith("sqlite"):
+            # Grants for different users run side by side on a server database.
+            gateway.grants.start()
+            try:
+                engine = gateway.grants._store.engine  # type: ignore[union-attr]
+                assert engine.pool.size() == GRANTS_POOL_SIZE  # type: ignore[attr-defined]
+            finally:
+                await gateway.grants.close()
+    finally:
+        await gateway.engine.dispose()
