@@ -36,7 +36,12 @@ from codex_gateway.upstream.kinds import KIND_OPENAI, ChatGPTKind, account_kinds
 from codex_gateway.upstream.pool import AccountPool
 from codex_gateway.upstream.quota import QuotaBook
 from codex_gateway.upstream.router import Router
-from codex_gateway.upstream.sealing import SET_A_SECRET_KEY, ApiKeyOpener, configured_cipher
+from codex_gateway.upstream.sealing import (
+    SEAL_ONCE_THE_GATEWAY_HAS_THE_KEY,
+    SET_A_SECRET_KEY,
+    ApiKeyOpener,
+    configured_cipher,
+)
 from codex_gateway.upstream.stickiness import build_stickiness
 from codex_gateway.version import build_info
 
@@ -170,8 +175,8 @@ class Gateway:
         await self._check_secret_key()
         if self.cipher is None and any(a.kind == KIND_CHATGPT for a in self.catalog.accounts):
             log.warning(
-                "ChatGPT accounts stay out of rotation: no secret key to open their tokens "
-                "(set CODEX_GATEWAY_SECRET_KEY or CODEX_GATEWAY_SECRET_KEY_FILE)"
+                "ChatGPT accounts stay out of rotation: no secret key to open their tokens; %s",
+                SET_A_SECRET_KEY,
             )
         self._warn_of_keys_in_clear()
         if self.writer is not None:
@@ -215,9 +220,9 @@ class Gateway:
         ]
         if not names:
             return
-        fix = "run `codex-gateway accounts seal` to seal them with the secret key"
+        fix = "run `codex-gateway accounts seal` with this gateway's secret key to seal them"
         if self.cipher is None:
-            fix = f"{SET_A_SECRET_KEY}, then run `codex-gateway accounts seal`"
+            fix = SEAL_ONCE_THE_GATEWAY_HAS_THE_KEY
         log.warning(
             "the API keys of upstream accounts %s are stored unsealed in the database; %s",
             ", ".join(names),

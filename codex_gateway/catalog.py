@@ -6,8 +6,8 @@ interval without a database round trip per request. Balances are not cached here
 holds requests against balance leases (billing/admission.py). When a reload shows a key's cap,
 expiry or revocation changed, or a correction lowered a user's balance, `on_limits` hears of
 those keys and users, so admission hands their unused leases back at once. Sealed upstream
-API keys are opened as the accounts are loaded; an account whose key does not open is left
-out (`upstream/sealing.py`).
+API keys are opened as the accounts are loaded; an account whose key does not open keeps the
+key this process last held for it, or is left out if it held none (`upstream/sealing.py`).
 """
 
 from __future__ import annotations

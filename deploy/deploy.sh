@@ -2,6 +2,8 @@
 # Deploy the checked-out codex-gateway with docker compose: pull, build, migrate, start the new
 # version, wait for /readyz, and go back to the previous image if it never becomes ready.
 # Safe to run again: a version that is already running and ready is left alone.
+# A rollback to a version from before sealing (schema revision 0010) sends every upstream API
+# key stored sealed empty: such accounts get 401 and leave rotation as needs_relogin.
 #
 # Settings (environment):
 #   DEPLOY_DIR            the checkout with docker-compose.yml and .env (default: this repo)

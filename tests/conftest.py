@@ -313,6 +313,22 @@ def make_gateway(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Gate
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
+def keyless_gateway(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    """A gateway, not started, of a database of its own with nothing in it and no secret key
+    set; stopped and dropped after."""
+    gateway = make_gateway(request.param, tmp_path_factory)
+    for name in ("CODEX_GATEWAY_SECRET_KEY", "CODEX_GATEWAY_SECRET_KEY_FILE"):
+        gateway.env.pop(name, None)
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+        gateway.drop_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database of each backend, for tests that open engines themselves."""
     if request.param == "sqlite":

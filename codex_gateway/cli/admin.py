@@ -12,18 +12,27 @@ from typing import Any, Final
 
 import click
 import orjson
+from click.core import ParameterSource
 
 from codex_gateway.billing.pricing import Price, PriceTable, parse_amount, per_million, plain
 from codex_gateway.billing.settlement import explain as explain_row
 from codex_gateway.cli.context import dump_json, settings_or_exit, table, with_store
 from codex_gateway.errors import CredentialError
 from codex_gateway.relay.chatgpt import RESPONSES_PATH, Quota
+from codex_gateway.sandbox import ACCOUNT_KEY as SANDBOX_KEY
+from codex_gateway.sandbox import ACCOUNT_NAME as SANDBOX_ACCOUNT
 from codex_gateway.store.credentials import AccountState, CredentialStore
 from codex_gateway.store.queries import AccountRecord, KeyLimits, Store
 from codex_gateway.upstream.chatgpt_auth import load_cipher, read_codex_auth, seal_tokens
 from codex_gateway.upstream.kinds import KIND_OPENAI
 from codex_gateway.upstream.pool import READY, TIMED_STATES
-from codex_gateway.upstream.sealing import SET_A_SECRET_KEY, TokenCipher, configured_cipher
+from codex_gateway.upstream.sealing import (
+    SEAL_ONCE_THE_GATEWAY_HAS_THE_KEY,
+    SET_A_SECRET_KEY,
+    TokenCipher,
+    configured_cipher,
+    refuse_another_secret_key,
+)
 
 ACCOUNT_KINDS = (KIND_OPENAI,)
 
@@ -308,6 +317,14 @@ def keys_revoke(key_id: int) -> None:
     click.echo(f"revoked key {key_id}")
 
 
+_SECRET_KEY_CHANGED = click.option(
+    "--secret-key-changed",
+    is_flag=True,
+    help="Seal with this secret key even though it opens none of the values already sealed: "
+    "the gateways now run with it, and the accounts sealed before are given their keys again.",
+)
+
+
 @click.group()
 def accounts() -> None:
     """Upstream accounts the gateway relays to."""
@@ -340,7 +357,10 @@ def accounts() -> None:
     help="Give an existing account of this name this base URL and key (its priority, weight "
     "and cap stay).",
 )
+@_SECRET_KEY_CHANGED
+@click.pass_context
 def accounts_add(
+    ctx: click.Context,
     name: str,
     kind: str,
     base_url: str,
@@ -349,15 +369,21 @@ def accounts_add(
     max_concurrency: int | None,
     weight: int,
     replace: bool,
+    secret_key_changed: bool,
 ) -> None:
     """Add an upstream account.
 
     With CODEX_GATEWAY_SECRET_KEY (or the key file) set, the API key is sealed with it before
-    it is stored; without one it is stored unsealed, and a warning says so.
+    it is stored; without one it is stored unsealed, and a warning says so. A secret key that
+    opens none of the values already sealed is refused (see --secret-key-changed).
     """
     if not base_url.startswith(("http://", "https://")):
         raise click.BadParameter("must start with http:// or https://", param_hint="--base-url")
+    if replace:
+        _refuse_with_replace(ctx, ("priority", "weight", "max_concurrency"))
     cipher = _cipher_or_none()
+    if cipher is not None and not secret_key_changed:
+        _refuse_another_secret_key(cipher, besides=name if replace else None)
     stored = cipher.seal(api_key) if cipher else api_key
     sealed = cipher is not None
     if replace:
@@ -380,28 +406,58 @@ def accounts_add(
     if cipher is None:
         click.echo(
             f"warning: no secret key is set, so the API key of account {name} is stored "
-            f"unsealed in the database; {SET_A_SECRET_KEY}, then run "
-            "`codex-gateway accounts seal`",
+            f"unsealed in the database; {SEAL_ONCE_THE_GATEWAY_HAS_THE_KEY}",
             err=True,
         )
 
 
+def _refuse_with_replace(ctx: click.Context, names: tuple[str, ...]) -> None:
+    """--replace keeps what the account has; an option that would change it is refused
+    rather than ignored."""
+    for name in names:
+        if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT:
+            option = "--" + name.replace("_", "-")
+            raise click.UsageError(
+                f"{option} cannot be given with --replace: --replace gives the account a new "
+                "base URL and key, and keeps its priority, weight and cap as they are"
+            )
+
+
 @accounts.command("seal")
-def accounts_seal() -> None:
+@_SECRET_KEY_CHANGED
+def accounts_seal(secret_key_changed: bool) -> None:
     """Seal every upstream API key still stored unsealed with the secret key.
 
     Keys added while the gateway had a secret key are sealed already; this seals those added
-    before, or without one. A running gateway picks the sealed keys up within a poll. Keep the
-    secret key: a sealed key opens only with it, and versions before sealing cannot open it.
+    before, or without one. Give the serving gateways the secret key and restart them first:
+    they pick the sealed keys up within a poll, and open them only with that key (versions
+    before sealing cannot open them at all). A key that opens none of the values already
+    sealed is refused. The quick start's sandbox placeholder key is no secret and stays as it is.
     """
     cipher = _cipher_or_none()
     if cipher is None:
         raise click.ClickException(f"no secret key to seal API keys with: {SET_A_SECRET_KEY}")
-    names = with_store(lambda store: store.seal_api_keys(KIND_OPENAI, cipher.seal))
+    if not secret_key_changed:
+        _refuse_another_secret_key(cipher)
+    names = with_store(
+        lambda store: store.seal_api_keys(
+            KIND_OPENAI, cipher.seal, keep=(SANDBOX_ACCOUNT, SANDBOX_KEY)
+        )
+    )
     if names:
         click.echo(f"sealed the API keys of {len(names)} account(s): {', '.join(names)}")
     else:
         click.echo("every API key is sealed already")
+
+
+def _refuse_another_secret_key(cipher: TokenCipher, besides: str | None = None) -> None:
+    """End the command if its secret key opens none of the values already sealed, but for
+    those of account `besides`, which are about to be replaced."""
+    sealed = with_store(lambda store: store.sealed_values(besides=besides))
+    try:
+        refuse_another_secret_key(cipher, sealed)
+    except CredentialError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _cipher_or_none() -> TokenCipher | None:

@@ -151,6 +151,10 @@ def _prepare_sandbox(host: str, port: int) -> None:
         account = existing.get(SANDBOX_ACCOUNT)
         if account is None:
             await store.add_account(SANDBOX_ACCOUNT, "openai", base_url, SANDBOX_KEY, priority=1000)
+        elif account.api_key_sealed is not None:  # sealed by an earlier `accounts seal`
+            await store.replace_api_key(
+                SANDBOX_ACCOUNT, "openai", base_url, SANDBOX_KEY, sealed=False
+            )
         elif account.base_url != base_url:
             await store.set_account_base_url(SANDBOX_ACCOUNT, base_url)
         if await store.list_users():

@@ -610,9 +610,12 @@ class Store:
                 raise StoreError(f"no {kind} account named {name!r} to replace")
             await self._bump(conn)
 
-    async def seal_api_keys(self, kind: str, seal: Callable[[str], str]) -> list[str]:
-        """Seal in place every API key of `kind` still stored in clear; the names of the
-        accounts sealed. A row another process sealed meanwhile is left as it is."""
+    async def seal_api_keys(
+        self, kind: str, seal: Callable[[str], str], *, keep: tuple[str, str] | None = None
+    ) -> list[str]:
+        """Seal in place every API key of `kind` still stored in clear, but for the account
+        and key `keep` (a placeholder that is no secret); the names of the accounts sealed.
+        A row another process sealed meanwhile is left as it is."""
         in_clear = (
             select(UpstreamAccount.id, UpstreamAccount.name, UpstreamAccount.api_key)
             .where(UpstreamAccount.kind == kind, UpstreamAccount.api_key_sealed.is_(None))
@@ -621,6 +624,8 @@ class Store:
         sealed: list[str] = []
         async with self.engine.begin() as conn:
             for account_id, name, api_key in (await conn.execute(in_clear)).all():
+                if (name, api_key) == keep:
+                    continue
                 result = await conn.execute(
                     update(UpstreamAccount)
                     .where(
@@ -635,6 +640,21 @@ class Store:
             if sealed:
                 await self._bump(conn)
         return sealed
+
+    async def sealed_values(self, *, besides: str | None = None) -> dict[str, str]:
+        """One value each account holds sealed with the secret key (its API key, or a
+        ChatGPT token), by account name; `besides` names an account to leave out."""
+        value = func.coalesce(
+            UpstreamAccount.api_key_sealed,
+            UpstreamAccount.refresh_token_sealed,
+            UpstreamAccount.access_token_sealed,
+        )
+        query = select(UpstreamAccount.name, value).where(value.is_not(None))
+        if besides is not None:
+            query = query.where(UpstreamAccount.name != besides)
+        async with self._read() as conn:
+            rows = (await conn.execute(query.order_by(UpstreamAccount.id))).all()
+        return {name: sealed for name, sealed in rows}
 
     async def set_account_base_url(self, name: str, base_url: str) -> None:
         async with self.engine.begin() as conn:

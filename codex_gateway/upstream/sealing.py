@@ -2,16 +2,17 @@
 
 ChatGPT tokens are always sealed; an upstream API key is sealed whenever the gateway has a
 secret key. A sealed API key is opened when the catalog loads the accounts, not per request,
-so the relay sends each request with a key it already holds. An account whose key does not
-open (a changed secret key, or none) is left out of rotation and named in the log once; the
-other accounts keep serving.
+so the relay sends each request with a key it already holds. A key that stops opening (sealed
+since with another secret key, or while this gateway has none) never takes a serving account
+out of rotation: the process goes on with the key it last held for that account, and says so
+once. Only an account whose key this process never held is left out, and named in the log.
 """
 
 from __future__ import annotations
 
 import base64
-import dataclasses
 import logging
+from dataclasses import replace
 
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
@@ -29,6 +30,11 @@ _KDF_SALT = b"codex-gateway/secret-key/v1"
 SET_A_SECRET_KEY = (
     f"set CODEX_GATEWAY_SECRET_KEY (at least {MIN_SECRET_LENGTH} characters) or "
     "CODEX_GATEWAY_SECRET_KEY_FILE"
+)
+# Sealing under a key the serving gateways lack would leave them keys they cannot open.
+SEAL_ONCE_THE_GATEWAY_HAS_THE_KEY = (
+    f"first give the gateway a secret key ({SET_A_SECRET_KEY}) and restart it, then run "
+    "`codex-gateway accounts seal` with that same key"
 )
 
 
@@ -59,6 +65,29 @@ class TokenCipher:
             ) from None
 
 
+def refuse_another_secret_key(cipher: TokenCipher, sealed: dict[str, str]) -> None:
+    """Refuse to seal with a secret key that opens none of the values already sealed (by
+    account name): they were sealed with another key, which the serving gateways most likely
+    hold, and those gateways could not open what this key seals. With nothing sealed yet,
+    any key will do."""
+    if not sealed or any(_opens(cipher, value) for value in sealed.values()):
+        return
+    raise CredentialError(
+        "this secret key opens none of the values already sealed in the database (accounts "
+        f"{', '.join(sealed)}): they were sealed with another key, and a gateway that holds "
+        "that key could not open what this one seals. Run the command with the gateway's "
+        "secret key; if the gateways now run with this key, give --secret-key-changed"
+    )
+
+
+def _opens(cipher: TokenCipher, sealed: str) -> bool:
+    try:
+        cipher.open(sealed)
+    except CredentialError:
+        return False
+    return True
+
+
 def _subkey(master: bytes, purpose: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose).derive(master)
 
@@ -81,13 +110,17 @@ def configured_cipher(settings: Settings) -> TokenCipher | None:
 class ApiKeyOpener:
     """Opens the sealed API keys of the accounts the catalog loads.
 
-    Keys opened at the last load are kept, so a reload opens only what changed.
+    Keys opened at the last load are kept, so a reload opens only what changed. The last key
+    held for each account, opened or in clear, is kept too: should its stored key stop
+    opening (sealed by `accounts seal` under a secret key this gateway lacks), the account
+    keeps serving with it rather than leaving every account out at once.
     """
 
     def __init__(self, cipher: TokenCipher | None):
         self._cipher = cipher
         self._opened: dict[str, str] = {}  # sealed -> in clear
-        self._reported: set[str] = set()  # sealed keys already logged as shut
+        self._held: dict[int, str] = {}  # account id -> the last key it served with
+        self._reported: set[str] = set()  # sealed keys already logged as not opening
 
     def open(self, accounts: list[AccountRecord]) -> tuple[list[AccountRecord], list[str]]:
         """The accounts with their keys in clear, and the names of the enabled accounts
@@ -95,41 +128,65 @@ class ApiKeyOpener:
         ready: list[AccountRecord] = []
         shut: list[str] = []
         opened: dict[str, str] = {}
+        held: dict[int, str] = {}
         for account in accounts:
-            sealed = account.api_key_sealed
-            if sealed is None:
-                ready.append(account)
-                continue
-            key = self._opened.get(sealed)
-            if key is None:
-                key = self._open(account, sealed)
+            key = self._key(account, opened)
             if key is None:
                 if account.enabled:
                     shut.append(account.name)
                 continue
-            opened[sealed] = key
-            ready.append(dataclasses.replace(account, api_key=key))
-        self._opened = opened
+            held[account.id] = key
+            ready.append(account if key == account.api_key else replace(account, api_key=key))
+        self._opened, self._held = opened, held
         return ready, shut
 
-    def _open(self, account: AccountRecord, sealed: str) -> str | None:
+    def _key(self, account: AccountRecord, opened: dict[str, str]) -> str | None:
+        """The account's key in clear: as stored, opened, or else the one last held for it."""
+        sealed = account.api_key_sealed
+        if sealed is None:
+            return account.api_key
+        key = self._opened.get(sealed) or self._open(sealed)
+        if key is not None:
+            opened[sealed] = key
+            return key
+        key = self._held.get(account.id)
+        self._report(account, sealed, kept=key is not None)
+        return key
+
+    def _open(self, sealed: str) -> str | None:
+        if self._cipher is None:
+            return None
+        try:
+            return self._cipher.open(sealed)
+        except CredentialError:
+            return None
+
+    def _report(self, account: AccountRecord, sealed: str, *, kept: bool) -> None:
+        """Log once, for an enabled account, why its stored key does not open and what the
+        account does meanwhile."""
+        if not account.enabled or sealed in self._reported:
+            return
+        self._reported.add(sealed)
         if self._cipher is not None:
-            try:
-                return self._cipher.open(sealed)
-            except CredentialError:
-                why = (
-                    "does not open with this gateway's secret key (was the key changed?); start "
-                    "with the key it was sealed with, or give the account its key again with "
-                    f"`accounts add --name {account.name} --base-url URL --api-key KEY --replace`"
-                )
-        else:
-            why = f"is sealed and this gateway has no secret key to open it; {SET_A_SECRET_KEY}"
-        if account.enabled and sealed not in self._reported:
-            self._reported.add(sealed)
-            log.error(
-                "the API key of upstream account %s %s; the account is left out of rotation",
-                account.name,
-                why,
-                extra={"account": account.name},
+            why = (
+                "does not open with this gateway's secret key (was the key changed?); start "
+                "with the key it was sealed with, or give the account its key again with "
+                f"`accounts add --name {account.name} --base-url URL --api-key KEY --replace`"
             )
-        return None
+        else:
+            why = (
+                f"is sealed and this gateway has no secret key to open it; {SET_A_SECRET_KEY} "
+                "to the key it was sealed with, and restart"
+            )
+        then = (
+            "the account keeps serving with the key this process held before, until it restarts"
+            if kept
+            else "the account is left out of rotation"
+        )
+        log.error(
+            "the API key of upstream account %s %s; %s",
+            account.name,
+            why,
+            then,
+            extra={"account": account.name},
+        )

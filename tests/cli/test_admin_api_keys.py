@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from codex_gateway.sandbox import ACCOUNT_KEY as SANDBOX_KEY
+from codex_gateway.sandbox import ACCOUNT_NAME as SANDBOX_ACCOUNT
 from codex_gateway.store.db import create_engine
 from codex_gateway.store.queries import AccountRecord, Store
 from codex_gateway.upstream.sealing import TokenCipher
@@ -27,6 +29,12 @@ def keyless(db: Gateway) -> Iterator[Gateway]:
     yield db
     db.env.clear()
     db.env.update(saved)
+
+
+@pytest.fixture
+def empty(keyless_gateway: Gateway) -> Gateway:
+    """A database of its own, with nothing sealed in it yet, and no secret key."""
+    return keyless_gateway
 
 
 def with_secret(db: Gateway, secret: str = SECRET) -> None:
@@ -88,8 +96,9 @@ def test_a_key_added_without_a_secret_key_is_stored_unsealed_and_the_operator_to
     assert (stored(keyless, name).api_key, stored(keyless, name).api_key_sealed) == (key, None)
     assert err.splitlines() == [
         f"warning: no secret key is set, so the API key of account {name} is stored unsealed "
-        "in the database; set CODEX_GATEWAY_SECRET_KEY (at least 32 characters) or "
-        "CODEX_GATEWAY_SECRET_KEY_FILE, then run `codex-gateway accounts seal`"
+        "in the database; first give the gateway a secret key (set CODEX_GATEWAY_SECRET_KEY "
+        "(at least 32 characters) or CODEX_GATEWAY_SECRET_KEY_FILE) and restart it, then run "
+        "`codex-gateway accounts seal` with that same key"
     ]
     assert listed(keyless, name) == "unsealed"
     assert key not in out + err
@@ -123,15 +132,114 @@ def test_accounts_seal_without_a_secret_key_seals_nothing_and_says_why(keyless: 
 
 
 def test_a_key_sealed_with_a_lost_secret_key_is_replaced_under_the_current_one(
-    keyless: Gateway,
+    empty: Gateway,
 ) -> None:
     name, old = fresh()
-    with_secret(keyless, SECRET + "-lost")
-    add(keyless, name, old)
-    with_secret(keyless)
+    with_secret(empty, SECRET + "-lost")
+    add(empty, name, old)
+    with_secret(empty)
 
-    out, _ = add(keyless, name, "sk-upstream-new-key", "--replace")
+    out, _ = add(empty, name, "sk-upstream-new-key", "--replace")
 
     assert out == f"gave a new key to openai account {name} -> {BASE_URL}/responses\n"
-    sealed = stored(keyless, name).api_key_sealed
+    sealed = stored(empty, name).api_key_sealed
     assert sealed is not None and TokenCipher(SECRET).open(sealed) == "sk-upstream-new-key"
+
+
+def test_a_secret_key_that_opens_nothing_sealed_seals_nothing_and_says_why(
+    empty: Gateway,
+) -> None:
+    """The shell's secret key is not the one the database's keys were sealed with, which the
+    gateways hold: sealing under it would leave them keys they cannot open."""
+    gateway_key, clear, shell_key = fresh(), fresh(), fresh()
+    with_secret(empty)
+    add(empty, *gateway_key)
+    empty.env.pop("CODEX_GATEWAY_SECRET_KEY")
+    add(empty, *clear)
+    with_secret(empty, SECRET + "-in-the-shell")
+
+    refused = [
+        empty.cli("accounts", "seal", check=False),
+        empty.cli(
+            "accounts", "add", "--name", shell_key[0], "--base-url", BASE_URL,
+            "--api-key", shell_key[1], check=False,
+        ),
+        empty.cli(
+            "accounts", "add", "--name", clear[0], "--base-url", BASE_URL,
+            "--api-key", clear[1], "--replace", check=False,
+        ),
+    ]  # fmt: skip
+
+    for result in refused:
+        assert result.returncode == 1
+        assert result.stderr.startswith(
+            "Error: this secret key opens none of the values already sealed in the database "
+            f"(accounts {gateway_key[0]}): they were sealed with another key"
+        )
+    assert stored(empty, clear[0]).api_key == clear[1]
+    assert shell_key[0] not in empty.cli("accounts", "list").stdout
+
+
+def test_after_a_change_of_secret_key_the_first_account_given_again_says_so(
+    empty: Gateway,
+) -> None:
+    (first, _), (second, _) = fresh(), fresh()
+    with_secret(empty, SECRET + "-lost")
+    add(empty, first, "sk-lost-1")
+    add(empty, second, "sk-lost-2")
+    with_secret(empty)
+
+    refused = empty.cli(
+        "accounts", "add", "--name", first, "--base-url", BASE_URL,
+        "--api-key", "sk-new-1", "--replace", check=False,
+    )  # fmt: skip
+    add(empty, first, "sk-new-1", "--replace", "--secret-key-changed")
+    add(empty, second, "sk-new-2", "--replace")  # one value opens with this key now
+
+    assert refused.returncode == 1 and f"(accounts {second})" in refused.stderr
+    for name, key in ((first, "sk-new-1"), (second, "sk-new-2")):
+        sealed = stored(empty, name).api_key_sealed
+        assert sealed is not None and TokenCipher(SECRET).open(sealed) == key
+
+
+# An option --replace would not apply: the account keeps what it has.
+KEPT_BY_REPLACE = [
+    ("--priority", "5"),
+    ("--weight", "3"),
+    ("--max-concurrency", "2"),
+    ("--priority", "100"),  # even its default, given on purpose
+]
+
+
+@pytest.mark.parametrize(("option", "value"), KEPT_BY_REPLACE)
+def test_replace_refuses_an_option_it_would_not_apply(
+    keyless: Gateway, option: str, value: str
+) -> None:
+    name, key = fresh()
+    add(keyless, name, key)
+
+    result = keyless.cli(
+        "accounts", "add", "--name", name, "--base-url", BASE_URL,
+        "--api-key", "sk-upstream-new-key", "--replace", option, value, check=False,
+    )  # fmt: skip
+
+    assert result.returncode == 2
+    assert (
+        f"Error: {option} cannot be given with --replace: --replace gives the account a new "
+        "base URL and key, and keeps its priority, weight and cap as they are"
+    ) in result.stderr
+    assert stored(keyless, name).api_key == key
+
+
+def test_accounts_seal_leaves_the_quick_starts_placeholder_key_in_clear(empty: Gateway) -> None:
+    """A quick start without a secret key still sends its sandbox account's key."""
+    name, key = fresh()
+    add(empty, SANDBOX_ACCOUNT, SANDBOX_KEY)
+    add(empty, name, key)
+    with_secret(empty)
+
+    out = empty.cli("accounts", "seal").stdout
+
+    assert out == f"sealed the API keys of 1 account(s): {name}\n"
+    sandbox = stored(empty, SANDBOX_ACCOUNT)
+    assert (sandbox.api_key, sandbox.api_key_sealed) == (SANDBOX_KEY, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -12,6 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from codex_gateway.store.db import create_engine
+from codex_gateway.store.queries import Store
+from codex_gateway.upstream.sealing import TokenCipher
 from tests.conftest import CLI, fixture_path, free_port, wait_http
 
 
@@ -35,8 +39,9 @@ def stop(proc: subprocess.Popen[str]) -> str:
     return output
 
 
-def run_cli(workdir: Path, *args: str) -> str:
+def run_cli(workdir: Path, *args: str, **settings: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CODEX_GATEWAY_")}
+    env.update(settings)
     result = subprocess.run(
         [*CLI, *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=60
     )
@@ -89,6 +94,32 @@ def test_quick_start_answers_bills_and_survives_a_restart_on_another_port(
     users = run_cli(tmp_path, "users", "list", "--json")
     assert '"balance": "4.885705"' in users
     assert Decimal("5") - Decimal("0.114295") == Decimal("4.885705")
+
+
+def test_a_keyless_quick_start_still_answers_after_the_api_keys_are_sealed(
+    tmp_path: Path,
+) -> None:
+    """`accounts seal` leaves the sandbox's placeholder key in clear, and a quick start gives
+    it back in clear should an earlier `accounts seal` have sealed it."""
+    port = free_port()
+    proc = start(tmp_path, port)
+    try:
+        key = next(line for line in _lines_until_key(proc) if line.startswith("sk-cg-"))
+    finally:
+        stop(proc)
+    secret = "operator-secret-key-0123456789abcdef"
+    sealed_now = run_cli(tmp_path, "accounts", "seal", CODEX_GATEWAY_SECRET_KEY=secret)
+    asyncio.run(_seal_every_key(tmp_path / "data" / "codex-gateway.db", TokenCipher(secret)))
+
+    proc = start(tmp_path, port)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        response = guide_request(port, key)
+    finally:
+        stop(proc)
+
+    assert sealed_now == "every API key is sealed already\n"
+    assert response.status_code == 200
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -191,6 +222,15 @@ def test_the_quick_start_refuses_unusable_files_before_it_creates_the_demo_user(
     assert output.splitlines() == [refusal]
     assert run_cli(tmp_path, "users", "list", "--json").strip() == "[]"
     assert run_cli(tmp_path, "accounts", "list", "--json").strip() == "[]"
+
+
+async def _seal_every_key(database: Path, cipher: TokenCipher) -> None:
+    """Seal every API key in clear, the sandbox's too, as `accounts seal` once did."""
+    engine = create_engine(f"sqlite:///{database}")
+    try:
+        assert await Store(engine).seal_api_keys("openai", cipher.seal) == ["sandbox"]
+    finally:
+        await engine.dispose()
 
 
 def _lines_until_key(proc: subprocess.Popen[str]) -> list[str]:

@@ -372,6 +372,35 @@ async def test_sealing_in_place_seals_only_keys_in_clear_and_says_which(store: S
     assert await store.revision() > before  # running gateways reload and open it
 
 
+async def test_sealing_in_place_keeps_the_placeholder_it_is_told_to(store: Store) -> None:
+    placeholder, real = unique("sandbox"), unique("real")
+    await store.add_account(placeholder, "openai", "http://127.0.0.1:9/v1", "no-secret")
+    await store.add_account(real, "openai", "http://127.0.0.1:9/v1", "no-secret")
+
+    sealed = await store.seal_api_keys(
+        "openai", lambda key: f"SEALED({key})", keep=(placeholder, "no-secret")
+    )
+
+    assert real in sealed and placeholder not in sealed
+    assert await stored_key(store, placeholder) == ("no-secret", None)
+    assert await stored_key(store, real) == ("", "SEALED(no-secret)")
+
+
+async def test_sealed_values_are_one_per_account_of_either_kind(store: Store) -> None:
+    clear, api, chatgpt = unique("clear"), unique("api"), unique("chatgpt")
+    await store.add_account(clear, "openai", "http://127.0.0.1:9/v1", "sk-clear")
+    await store.add_account(api, "openai", "http://127.0.0.1:9/v1", "SEALED(k)", sealed=True)
+    tokens = {"access_token_sealed": "SEALED(at)", "refresh_token_sealed": "SEALED(rt)"}
+    await store.add_account(chatgpt, "chatgpt", "http://127.0.0.1:9/b", "", extra=tokens)
+
+    every = await store.sealed_values()
+    besides = await store.sealed_values(besides=api)
+
+    assert (every[api], every[chatgpt]) == ("SEALED(k)", "SEALED(rt)")
+    assert clear not in every
+    assert api not in besides and besides[chatgpt] == "SEALED(rt)"
+
+
 async def test_a_new_key_replaces_the_old_and_makes_the_account_ready(store: Store) -> None:
     name = unique("replaced")
     account_id = await store.add_account(name, "openai", "http://127.0.0.1:9/v1", "sk-old")

@@ -12,7 +12,12 @@ import pytest
 from codex_gateway.config import Settings
 from codex_gateway.errors import CredentialError
 from codex_gateway.store.queries import AccountRecord
-from codex_gateway.upstream.sealing import ApiKeyOpener, TokenCipher, configured_cipher
+from codex_gateway.upstream.sealing import (
+    ApiKeyOpener,
+    TokenCipher,
+    configured_cipher,
+    refuse_another_secret_key,
+)
 
 SECRET = "operator-secret-key-0123456789abcdef"
 CIPHER = TokenCipher(SECRET)
@@ -94,6 +99,45 @@ def test_a_disabled_account_whose_key_does_not_open_is_left_out_quietly(
     assert "account off does not open" in caplog.text
 
 
+# A serving account as it was stored, the key it served with, what its stored key became,
+# and the secret key of the gateway.
+STOPPED_OPENING = [
+    # a key in clear, sealed in place under a secret key the gateway lacks
+    pytest.param(("sk-a", None), "sk-a", OTHER.seal("sk-a"), CIPHER, id="sealed-elsewhere"),
+    pytest.param(("sk-a", None), "sk-a", CIPHER.seal("sk-a"), None, id="sealed-keyless"),
+    # a sealed key, replaced by a new one sealed under another secret key
+    pytest.param(("", CIPHER.seal("sk-a")), "sk-a", OTHER.seal("sk-b"), CIPHER, id="replaced"),
+]
+
+
+@pytest.mark.parametrize(("stored", "held", "after", "cipher"), STOPPED_OPENING)
+def test_a_serving_account_whose_key_stops_opening_keeps_serving_with_the_key_it_held(
+    caplog: pytest.LogCaptureFixture,
+    stored: tuple[str, str | None],
+    held: str,
+    after: str,
+    cipher: TokenCipher | None,
+) -> None:
+    was, now = account(1, "a", *stored), account(1, "a", sealed=after)
+    opener = ApiKeyOpener(cipher)
+    opener.open([was])
+
+    with caplog.at_level(logging.ERROR):
+        ready, shut = opener.open([now])
+        again, _ = opener.open([now])  # the next reload
+
+    assert [(a.name, a.api_key) for a in ready] == [("a", held)]
+    assert shut == [] and [a.api_key for a in again] == [held]
+    [record] = caplog.records
+    assert record.getMessage().startswith("the API key of upstream account a ")
+    assert record.getMessage().endswith(
+        "; the account keeps serving with the key this process held before, until it restarts"
+    )
+    assert held not in caplog.text
+    # A restarted gateway never held it, and leaves it out.
+    assert ApiKeyOpener(cipher).open([now]) == ([], ["a"])
+
+
 class CountingCipher(TokenCipher):
     opened = 0
 
@@ -120,3 +164,31 @@ def test_a_secret_key_file_that_gives_no_key_is_a_credential_error(tmp_path: Pat
     assert configured_cipher(Settings()) is None
     with pytest.raises(CredentialError, match=r"setting secret_key_file = .*32 characters"):
         configured_cipher(Settings(secret_key_file=str(tmp_path / "short")))
+
+
+# Values already sealed, by account name, under which CIPHER may seal more.
+MAY_SEAL = [
+    pytest.param({}, id="nothing-sealed-yet"),
+    pytest.param({"a": CIPHER.seal("k")}, id="sealed-with-it"),
+    # some accounts given their keys again after the secret key changed
+    pytest.param({"a": OTHER.seal("k"), "b": CIPHER.seal("k")}, id="some-with-it"),
+]
+
+
+@pytest.mark.parametrize("sealed", MAY_SEAL)
+def test_a_secret_key_that_opens_a_sealed_value_or_finds_none_may_seal(
+    sealed: dict[str, str],
+) -> None:
+    refuse_another_secret_key(CIPHER, sealed)
+
+
+def test_a_secret_key_that_opens_none_of_the_sealed_values_is_refused() -> None:
+    sealed = {"a": OTHER.seal("k"), "b": OTHER.seal("k")}
+
+    with pytest.raises(CredentialError) as refused:
+        refuse_another_secret_key(CIPHER, sealed)
+
+    assert str(refused.value).startswith(
+        "this secret key opens none of the values already sealed in the database (accounts a, b)"
+    )
+    assert str(refused.value).endswith("give --secret-key-changed")

@@ -6,12 +6,11 @@ keys are stored unsealed and how to seal them. No key appears in the log or a us
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.conftest import Gateway, Sandbox, make_gateway
+from tests.conftest import Gateway, Sandbox
 from tests.upstream.pool_helpers import CATALOG_SETTLE_SECONDS
 
 SECRET = "operator-secret-key-0123456789abcdef"
@@ -22,28 +21,26 @@ KEYS = {
 }
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def gateway(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gateway]:
-    gw = make_gateway(request.param, tmp_path_factory)
-    for name in ("CODEX_GATEWAY_SECRET_KEY", "CODEX_GATEWAY_SECRET_KEY_FILE"):
-        gw.env.pop(name, None)
-    try:
-        yield gw
-    finally:
-        gw.stop()
-        gw.drop_database()
+@pytest.fixture
+def gateway(keyless_gateway: Gateway) -> Gateway:
+    return keyless_gateway
 
 
-def add(gateway: Gateway, sandbox: Sandbox, name: str, priority: int, secret: str | None) -> None:
+def add(
+    gateway: Gateway,
+    sandbox: Sandbox,
+    name: str,
+    priority: int,
+    secret: str | None,
+    *extra: str,
+) -> None:
     """Add an account under the secret key `secret` (None: none at all)."""
     gateway.env.pop("CODEX_GATEWAY_SECRET_KEY", None)
     if secret is not None:
         gateway.env["CODEX_GATEWAY_SECRET_KEY"] = secret
     gateway.cli(
         "accounts", "add", "--name", name, "--base-url", sandbox.base_url,
-        "--api-key", KEYS[name], "--priority", str(priority),
+        "--api-key", KEYS[name], "--priority", str(priority), *extra,
     )  # fmt: skip
 
 
@@ -70,7 +67,7 @@ def test_sealed_and_clear_keys_serve_and_a_key_that_does_not_open_is_left_out(
     gateway: Gateway, sandbox: Sandbox
 ) -> None:
     add(gateway, sandbox, "changed", 1, SECRET + "-before-the-change")
-    add(gateway, sandbox, "sealed", 2, SECRET)
+    add(gateway, sandbox, "sealed", 2, SECRET, "--secret-key-changed")
     add(gateway, sandbox, "clear", 3, None)
     gateway.env["CODEX_GATEWAY_SECRET_KEY"] = SECRET
     gateway.start()
@@ -90,7 +87,7 @@ def test_sealed_and_clear_keys_serve_and_a_key_that_does_not_open_is_left_out(
     assert log.count("account changed does not open") == 1  # not again at each reload
     assert (
         "the API keys of upstream accounts clear are stored unsealed in the database; run "
-        "`codex-gateway accounts seal` to seal them with the secret key" in log
+        "`codex-gateway accounts seal` with this gateway's secret key to seal them" in log
     )
     assert "Traceback" not in log
     assert_no_key_in(log + gateway.cli("usage", "list", "--json").stdout)
@@ -115,9 +112,10 @@ def test_without_a_secret_key_keys_in_clear_serve_and_the_start_says_how_to_seal
         "the API key of upstream account sealed is sealed and this gateway has no secret key" in log
     )
     assert (
-        "the API keys of upstream accounts clear are stored unsealed in the database; set "
-        "CODEX_GATEWAY_SECRET_KEY (at least 32 characters) or CODEX_GATEWAY_SECRET_KEY_FILE, "
-        "then run `codex-gateway accounts seal`" in log
+        "the API keys of upstream accounts clear are stored unsealed in the database; first "
+        "give the gateway a secret key (set CODEX_GATEWAY_SECRET_KEY (at least 32 characters) "
+        "or CODEX_GATEWAY_SECRET_KEY_FILE) and restart it, then run `codex-gateway accounts "
+        "seal` with that same key" in log
     )
     assert ready.status_code == 503
     assert ready.json()["problems"]["upstream"] == (
@@ -125,3 +123,30 @@ def test_without_a_secret_key_keys_in_clear_serve_and_the_start_says_how_to_seal
         "and no other account can serve"
     )
     assert_no_key_in(log + gateway.cli("usage", "list", "--json").stdout)
+
+
+def test_keys_sealed_under_a_secret_key_the_gateway_lacks_leave_no_account_out(
+    gateway: Gateway, sandbox: Sandbox
+) -> None:
+    """The operator seals from a shell with a secret key while the serving gateway has none:
+    it reloads, cannot open the keys, and goes on with the keys it held."""
+    add(gateway, sandbox, "clear", 1, None)
+    gateway.start()
+    _, key = gateway.new_user()
+    before = served_with(gateway, sandbox, key)
+
+    gateway.env["CODEX_GATEWAY_SECRET_KEY"] = SECRET
+    sealed = gateway.cli("accounts", "seal").stdout
+    time.sleep(CATALOG_SETTLE_SECONDS)
+    after = served_with(gateway, sandbox, key)
+    ready = httpx.get(gateway.url + "/readyz", timeout=10)
+
+    assert sealed == "sealed the API keys of 1 account(s): clear\n"
+    assert before == after == f"Bearer {KEYS['clear']}"
+    assert ready.status_code == 200
+    log = gateway.log_text()
+    assert log.count("the API key of upstream account clear is sealed and this gateway") == 1
+    assert (
+        "the account keeps serving with the key this process held before, until it restarts" in log
+    )
+    assert_no_key_in(log)
