@@ -292,18 +292,22 @@ async def _whole(lease: Lease, response: UpstreamResponse, credential: str) -> A
 
 
 async def _first_chunk(chunks: AsyncIterator[bytes]) -> bytes:
-    try:
-        first = await anext(chunks)
-    except StopAsyncIteration:
-        raise UpstreamProtocolError(
-            "The upstream ended its stream before sending any event.", kind="empty_stream"
-        ) from None
-    if not first.lstrip(b"\xef\xbb\xbf\r\n ").startswith(_SSE_STARTS):
-        raise UpstreamProtocolError(
-            "The upstream answered with bytes that are not a server-sent event stream.",
-            kind="garbage",
-        )
-    return first
+    """The stream's first bytes, once they show it is one: a read too short to tell (`ev`, a
+    byte-order mark, a blank line) is joined by the next ones until they do."""
+    first = b""
+    async for chunk in chunks:
+        first += chunk
+        start = first.lstrip(b"\xef\xbb\xbf\r\n ")
+        if start.startswith(_SSE_STARTS):
+            return first
+        if not any(field.startswith(start) for field in _SSE_STARTS):
+            raise UpstreamProtocolError(
+                "The upstream answered with bytes that are not a server-sent event stream.",
+                kind="garbage",
+            )
+    raise UpstreamProtocolError(
+        "The upstream ended its stream before sending any event.", kind="empty_stream"
+    )
 
 
 def _unauthorized(error: UpstreamError) -> bool:

@@ -421,6 +421,11 @@ def writing(gateway: Gateway, sandbox: Sandbox, chunks: list[bytes]) -> Iterator
 
 def stream_raw(gateway: Gateway, key: str) -> list[bytes]:
     """The pieces a streaming /v1/responses client reads, as they reach it."""
+    return read_stream(gateway, key)[0]
+
+
+def read_stream(gateway: Gateway, key: str) -> tuple[list[bytes], str]:
+    """`stream_raw`, and the request's id."""
     with httpx.stream(
         "POST",
         gateway.url + "/v1/responses",
@@ -428,7 +433,7 @@ def stream_raw(gateway: Gateway, key: str) -> list[bytes]:
         headers={"Authorization": f"Bearer {key}"},
         timeout=30,
     ) as response:
-        return [bytes(piece) for piece in response.iter_raw()]
+        return [bytes(piece) for piece in response.iter_raw()], response.headers["x-request-id"]
 
 
 def failure_cuts(raw: bytes, failure: int, names: tuple[str, ...]) -> list[int]:
@@ -502,6 +507,30 @@ def test_a_completed_stream_cut_anywhere_reaches_the_client_byte_for_byte(
         received = stream_raw(gateway, key)
 
     assert b"".join(received) == raw
+
+
+@pytest.mark.parametrize(
+    ("opening", "cuts"),
+    [
+        pytest.param(b"", [2], id="ev"),
+        pytest.param(b"", [1, 3], id="e-ve"),
+        pytest.param(b"\xef\xbb\xbf", [2, 5], id="byte-order-mark"),
+        pytest.param(b"\n", [1], id="blank-line"),
+    ],
+)
+def test_a_stream_whose_first_writes_are_too_short_to_tell_is_relayed_and_billed(
+    gateway: Gateway, sandbox: Sandbox, opening: bytes, cuts: list[int]
+) -> None:
+    """The first bytes are judged once they show what the stream is, not by its first read."""
+    raw = opening + fixture_path("upstream", "responses-text.sse").read_bytes()
+    with writing(gateway, sandbox, cut_at(raw, cuts)) as key:
+        received, request_id = read_stream(gateway, key)
+        row = gateway.usage_row(request_id)
+
+    assert b"".join(received) == raw
+    assert row["status"] == "completed"
+    assert [(a["outcome"], a["error"]) for a in row["attempts"]] == [("ok", None)]
+    assert (row["input_tokens"], row["output_tokens"]) == (TEXT_USAGE[0], TEXT_USAGE[2])
 
 
 @pytest.mark.parametrize(("path", "stream", "streamed"), FAILED_ANSWERS)
