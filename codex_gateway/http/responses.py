@@ -2,12 +2,16 @@
 
 The router picks the account and fails over until the first byte; from then on the
 upstream's stream is forwarded chunk by chunk as it arrives, and the scanner watches it for
-the terminal event. Only an event that reports a failure, which may quote a credential, is
-held back until whole and redacted (`StreamScanner.release`). A stream that fails or ends
-early gets an `error` event, never a silent end. A client that did not ask for a stream,
-served by a backend that always streams (ChatGPT), gets the final response assembled from
-it. Exactly one usage row is written per request, after the client has the last byte (or
-has gone).
+the terminal event. An event that may report a failure, which may quote a credential, is
+held back until whole (`StreamScanner.release`): any event whose first line is not a whole
+`event:` line naming another event, so every event of a stream without `event:` lines, one
+whose name line the upstream's writes cut, and one with a line ended by a CR alone. Once
+whole, those named `error` or `response.failed`, those with no name and those with such a
+line are redacted; the others go as they came. A stream that fails or ends early gets an
+`error` event of its own (after a blank line when it stopped inside an event), never a
+silent end. A client that did not ask for a stream, served by a backend that always streams
+(ChatGPT), gets the final response assembled from it. Exactly one usage row is written per
+request, after the client has the last byte (or has gone).
 """
 
 from __future__ import annotations
@@ -455,8 +459,10 @@ async def _relay_stream(
         # The final event arrived before the connection broke: the response is whole.
         outcome.flag(failure.kind)
         failure = None
+    # The event the stream stopped inside, if it did, ends before the gateway's own.
+    closing = scanner.closing()
     if cut:
-        shutdown = error_event(SHUTDOWN_CODE, SHUTDOWN_MESSAGE)
+        shutdown = closing + error_event(SHUTDOWN_CODE, SHUTDOWN_MESSAGE)
         await end_cut_stream(exchange, outcome, scanner, shutdown, tail)
     elif exchange.disconnected:
         client_left(outcome, whole=scanner.terminal is not None)
@@ -464,13 +470,13 @@ async def _relay_stream(
         _record_failure(outcome, failure)
         outcome.flag("stream_interrupted")
         last = error_event(failure.code or "upstream_error", failure.message)
-        await exchange.write(tail + last, False)
+        await exchange.write(tail + closing + last, False)
     elif scanner.terminal is None:
         outcome.status = "no_terminal_event"
         outcome.error = MISSING_TERMINAL_MESSAGE
         outcome.flag("no_terminal_event")
         last = error_event("stream_incomplete", MISSING_TERMINAL_MESSAGE)
-        await exchange.write(tail + last, False)
+        await exchange.write(tail + closing + last, False)
     else:
         await exchange.write(tail, more=False)
     await estimate_unbilled(gateway, outcome, request.document, scanner)

@@ -8,8 +8,9 @@ the rest of the text, and a JSON body's shape, are kept.
 
 Everything that reports a failure is redacted: a 4xx body, a failed response sent whole,
 the error a chat client or a non-streaming client is shown, the `response.failed` and `error`
-events of a stream relayed as it comes (`redact_event`; the scanner holds such an event back
-until it is whole), and the usage row. The other events of a stream pass as they came.
+events of a stream relayed as it comes, and any event with no name (`redact_event`; the
+scanner holds such an event back until it is whole), and the usage row. The other events of
+a stream pass as they came.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ _SECRET = re.compile(
 )
 # A configured key shorter than this is not looked for verbatim: it would match plain words.
 MIN_KNOWN_LENGTH = 8
+# The end of a line of an event, as a client reads it.
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 def redact_text(text: str, known: Sequence[str] = ()) -> str:
@@ -61,23 +64,25 @@ def redact_body(body: bytes, known: Sequence[str] = ()) -> bytes:
 
 def redact_event(block: bytes, known: Sequence[str] = ()) -> bytes:
     """One SSE event (its lines, without the blank line after them) with the secrets in its
-    data replaced, read as the scanner reads it: its `data:` lines joined. Its other lines
-    and its line ending are kept, and an event with nothing to replace comes back as it was;
-    one that had something is written with its data where its first `data:` line was."""
-    lines = block.split(b"\n")
+    data replaced, read as a client reads it: its lines end in LF, CRLF or a CR alone, and
+    its `data:` lines are joined. An event with nothing to replace comes back as it was; one
+    that had something keeps its other lines, and is written with the line ending it used
+    first and with its data where its first `data:` line was."""
+    lines = _LINE_END.split(block)
     data_at = [index for index, line in enumerate(lines) if line.startswith(b"data:")]
     if not data_at:
         return block
-    payload = b"\n".join(lines[index][5:].lstrip(b" ").removesuffix(b"\r") for index in data_at)
+    payload = b"\n".join(lines[index][5:].lstrip(b" ") for index in data_at)
     cleaned = redact_body(payload, known)
     if cleaned == payload:
         return block
-    ending = b"\r" if lines[data_at[0]].endswith(b"\r") else b""
-    data = [b"data: " + line + ending for line in cleaned.split(b"\n")]
+    first_end = _LINE_END.search(block)
+    ending = b"\n" if first_end is None else first_end.group()
+    data = [b"data: " + line for line in cleaned.split(b"\n")]
     later = set(data_at[1:])
     kept = [line for index, line in enumerate(lines) if index not in later]
     first = data_at[0]
-    return b"\n".join([*kept[:first], *data, *kept[first + 1 :]])
+    return ending.join([*kept[:first], *data, *kept[first + 1 :]])
 
 
 def redact_json(value: Any, known: Sequence[str] = ()) -> Any:

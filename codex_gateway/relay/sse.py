@@ -5,9 +5,10 @@ at blank lines and looks at each event's name (the `event:` line, else the leadi
 its data) without decoding JSON. Only a terminal event's data is parsed, and the others it
 keeps (`response.created`, `codex.rate_limits`) only when asked for.
 
-The one exception is an `error` or `response.failed` event, whose text may quote a
-credential: the scanner sets `rewriting` when a chunk holds one, or ends inside an event that
-may turn out to be one, and `release` then gives what of the chunk may go to the client.
+The one exception is an event that may report a failure (`error`, `response.failed`, or one
+with no name a client can read as an error), whose text may quote a credential: the scanner
+sets `rewriting` when a chunk holds one, or ends inside an event that may turn out to be one,
+and `release` then gives what of the chunk may go to the client.
 """
 
 from __future__ import annotations
@@ -52,31 +53,38 @@ _DELTA_NAMES = frozenset(name.encode() for name in DELTA_TYPES)
 _TERMINAL_HINT = re.compile(rb"response\.(?:completed|incomplete|failed)|\"error\"")
 # A blank line in the bytes as they came, CRLF or LF, as the scanner finds it once CRLF is LF.
 _RAW_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
-# Where an event that began in an earlier chunk ends: its blank line, or a line end at the
-# start of the chunk that completes one begun at the end of the last.
+# Where an event that began in an earlier chunk ends when the bytes before the chunk ended
+# with a line end: its blank line, or a line end at the start of the chunk.
 _CONTINUATION_END = re.compile(rb"\r?\n\r?\n|\A\r?\n")
+# The end of an event's first line: LF, CRLF, or a CR alone (or one whose LF has not come).
+_LINE_END = re.compile(rb"\r?\n|\r")
+# A line end a client reads and the scanner does not: a CR alone (or one whose LF has not come).
+_LONE_CR = re.compile(rb"\r(?!\n)")
 
 
 class StreamScanner:
     """Watches a byte stream of SSE events; `terminal` is set once a terminal event is seen.
 
     After `feed`, `rewriting` says whether the chunk may go to the client as it came. It is
-    set when an `error` or `response.failed` event ended in the chunk, or when the chunk ends
-    inside an event whose first line does not name another event; then `release` gives what
-    may go: every whole event, those two rewritten, and the bytes of the event still arriving
-    held back until it is whole, so a credential it quotes never leaves in pieces. A client
-    dispatches no event before its blank line, so holding its first bytes back delays
-    nothing it can read. Any other chunk, the whole of a `response.completed` stream cut at
-    event boundaries included, is relayed as it came at the cost of one attribute check.
+    set when an `error` or `response.failed` event, or one with no name, ended in the chunk,
+    or when the chunk ends inside an event whose first line is not a whole `event:` line
+    naming another event; then `release` gives what may go: every whole event, those
+    rewritten, and the bytes of the event still arriving held back until it is whole, so a
+    credential it quotes never leaves in pieces. A client dispatches no event before its
+    blank line, so holding its first bytes back delays nothing it can read. Any other chunk,
+    the whole of a `response.completed` stream cut at event boundaries included, is relayed
+    as it came at the cost of one attribute check.
     """
 
     __slots__ = (
         "_buffer",
+        "_continued_after_line_end",
         "_continued_at",
         "_created",
         "_created_block",
         "_pending_cr",
         "_rate_limits_block",
+        "_unfinished",
         "_withheld",
         "bytes_seen",
         "deltas",
@@ -100,9 +108,14 @@ class StreamScanner:
         self.deltas: list[bytes] = []
         self.rewriting = False
         # The bytes, as they came, of an event that may report a failure, until it is whole.
-        self._withheld = b""
-        # The `bytes_seen` of the last chunk that went on with an event begun before it.
+        self._withheld = bytearray()
+        # The `bytes_seen` of the last chunk that went on with an event begun before it, and
+        # whether the bytes before that chunk ended with a line end (so that a line end at
+        # its start completes a blank line).
         self._continued_at = -1
+        self._continued_after_line_end = False
+        # Whether the stream stopped inside an event, once `finish` has taken it.
+        self._unfinished = False
 
     @property
     def created(self) -> dict[str, Any] | None:
@@ -131,16 +144,21 @@ class StreamScanner:
                 chunk = chunk[:-1]
                 self._pending_cr = True
             chunk = chunk.replace(b"\r\n", b"\n")
+            if b"\r" in chunk:
+                # A CR alone ends a line for a client, not for this scanner: the events it
+                # splits may hold others, any of which may report a failure.
+                self.rewriting = True
         # The last blank line ends every whole event there is: they are split out in one call.
         buffer = self._buffer
         if buffer:
             # Only the new bytes (and the one before them) can complete a blank line.
             search_from = len(buffer) - 1
+            self._continued_at = self.bytes_seen
+            self._continued_after_line_end = buffer[search_from] == 0x0A
             buffer += chunk
             end = buffer.rfind(b"\n\n", search_from)
             if end < 0:
                 return  # the same event goes on: it was looked at when it began
-            self._continued_at = self.bytes_seen
             blocks = bytes(buffer[:end]).split(b"\n\n")
             del buffer[: end + 2]
         else:
@@ -167,44 +185,74 @@ class StreamScanner:
         whole event, each that may report a failure passed through `rewrite` (its lines
         without the blank line after them), and the event still arriving unless it may turn
         out to be such an event; that is held back, and `rewriting` stays set, until it is
-        whole. Bytes of events that report nothing pass as they came."""
-        data = self._withheld + chunk
-        start = 0
-        if not self._withheld and self._continued_at == self.bytes_seen:
-            # The chunk goes on with an event whose start went out as it came: so does the
-            # rest of it, up to the line end that completes its blank line.
-            end = _CONTINUATION_END.search(data)
-            start = len(data) if end is None else end.end()
+        whole. Bytes of events that report nothing pass as they came. Each byte is searched
+        for a blank line once, however many chunks an event held back takes."""
+        held = self._withheld
+        if held:
+            # Only the new bytes, and the three before them, can complete the blank line
+            # that ends the event held back.
+            search_from = max(len(held) - 3, 0)
+            held += chunk
+            first = _RAW_BLANK_LINE.search(held, search_from)
+            if first is None:
+                return b""  # the event held back goes on
+            data = bytes(held)
+            held.clear()
+            start = 0
+            search_from = first.start()
+        else:
+            data = chunk
+            start = search_from = 0
+            if self._continued_at == self.bytes_seen:
+                # The chunk goes on with an event whose start went out as it came: so does
+                # the rest of it, up to its blank line (which a line end at the start of the
+                # chunk completes only when the bytes before it ended with a line end), or
+                # the whole chunk when the event goes on after it.
+                pattern = _CONTINUATION_END if self._continued_after_line_end else _RAW_BLANK_LINE
+                end = pattern.search(data)
+                start = search_from = len(data) if end is None else end.end()
+                lone_cr = _LONE_CR.search(data, 0, start) if b"\r" in data else None
+                if lone_cr is not None:
+                    # A client reads events in it from there on: held back and rewritten
+                    # with the rest of the event, as if one began there.
+                    start = lone_cr.start()
         parts = [data[:start]]
-        for blank in _RAW_BLANK_LINE.finditer(data, start):
+        for blank in _RAW_BLANK_LINE.finditer(data, search_from):
             block = data[start : blank.start()]
-            parts.append(rewrite(block) if _event_type(block) in ERROR_TYPES else block)
+            parts.append(rewrite(block) if _may_report_failure(block) else block)
             parts.append(blank.group())
             start = blank.end()
         rest = data[start:]
-        if may_open_error(rest):
-            self._withheld = rest
+        if may_open_error(rest) or _has_lone_cr(rest):
+            held += rest
         else:
-            self._withheld = b""
             parts.append(rest)
-        self.rewriting = bool(self._withheld)
+        self.rewriting = bool(held)
         return b"".join(parts)
 
     def release_rest(self, rewrite: Callable[[bytes], bytes]) -> bytes:
         """What is still held back once the stream has ended, taken for its last event (as
         `finish` takes it), rewritten unless it names an event that reports nothing."""
-        rest, self._withheld = self._withheld, b""
+        rest = bytes(self._withheld)
+        self._withheld.clear()
         self.rewriting = False
         if not rest:
             return rest
-        name = _event_type(rest)
-        return rewrite(rest) if name is None or name in ERROR_TYPES else rest
+        return rewrite(rest) if _may_report_failure(rest) else rest
 
     def finish(self) -> None:
         """Treat what is left after the stream closed as a last event, as browsers do."""
         if self._buffer.strip():
             self._event(bytes(self._buffer))
+            self._unfinished = True
         self._buffer.clear()
+
+    def closing(self) -> bytes:
+        """What ends the event the stream stopped inside, if it did (a blank line), so that
+        an event the gateway sends after it is read as one of its own."""
+        if self._unfinished or self._buffer.strip():
+            return b"\n\n"
+        return b""
 
     def _event(self, block: bytes) -> None:
         if block.startswith(b"event: "):
@@ -223,6 +271,8 @@ class StreamScanner:
             name = _event_name(block)
         self.events += 1
         if name is None:
+            # A client reads an `error` in the data of an event with no name as a failure.
+            self.rewriting = True
             if not _TERMINAL_HINT.search(block):
                 return
             data = _parse_data(block)
@@ -251,15 +301,33 @@ class StreamScanner:
 
 def may_open_error(partial: bytes | bytearray) -> bool:
     """Whether an event of which `partial` has come so far may turn out to be an `error` or
-    `response.failed` event: any but one whose first line is an `event:` line that names,
-    or has begun to name, another event. Once false it stays false as more bytes come."""
+    `response.failed` event, or one with no name: any but one whose first line is an
+    `event:` line that names, or has begun to name, another event. A first line ended by a
+    CR alone, or by a CR that is the last byte so far, may be followed by events the scanner
+    does not split out (it reads only LF and CRLF as line ends): such an event may be
+    anything. Once false it stays false as more bytes come, but for a CR alone further on,
+    which `StreamScanner.release` looks for itself."""
     if not partial.startswith(b"event: "):
         return bool(partial)  # any other start, once an event has begun at all
-    newline = partial.find(b"\n", 7)
-    if newline < 0:
-        begun = bytes(partial[7:]).rstrip(b"\r")
+    end = _LINE_END.search(partial, 7)
+    if end is None:
+        begun = bytes(partial[7:])
         return any(name.startswith(begun) for name in _ERROR_NAMES)
-    return bytes(partial[7:newline]).rstrip(b"\r") in _ERROR_NAMES
+    return end.group() == b"\r" or bytes(partial[7 : end.start()]) in _ERROR_NAMES
+
+
+def _has_lone_cr(raw: bytes) -> bool:
+    return b"\r" in raw and _LONE_CR.search(raw) is not None
+
+
+def _may_report_failure(block: bytes) -> bool:
+    """Whether a whole event, as it came, may report a failure: it is named `error` or
+    `response.failed`, or has no name, or has a line that ends in a CR alone and so may hold
+    events the scanner did not split out."""
+    if _has_lone_cr(block):
+        return True
+    name = _event_type(block)
+    return name is None or name in ERROR_TYPES
 
 
 def _event_type(block: bytes) -> str | None:

@@ -108,6 +108,15 @@ EVENTS = [
         b'event: error\ndata: {"type":"error",\ndata: "message":"Bearer tok_0123456789"}',
         b'event: error\ndata: {"type":"error","message":"Bearer [redacted]"}',
     ),
+    (
+        b'event: error\r\ndata: {"type":"error",\r\ndata: "message":"Bearer tok_0123456789"}',
+        b'event: error\r\ndata: {"type":"error","message":"Bearer [redacted]"}',
+    ),
+    # lines that end in a CR alone, as a client reads them
+    (
+        b'event: error\rdata: {"type":"error","message":"key sk-UPSTREAMSECRET-0123456789"}',
+        b'event: error\rdata: {"type":"error","message":"key [redacted]"}',
+    ),
     # a key spelled with JSON escapes is found once the JSON is read
     (
         b'data: {"type":"error","message":"sk-UPSTREAM\\u0053ECRET-0123"}',

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 from collections.abc import Callable, Iterator
 
 import orjson
 import pytest
 
+from codex_gateway.relay import sse
+from codex_gateway.relay.redaction import redact_event
 from codex_gateway.relay.sse import (
     EventSplitter,
     StreamScanner,
@@ -481,13 +484,25 @@ def test_a_stream_that_reports_no_failure_goes_out_chunk_for_chunk_as_it_came(
 
 @pytest.mark.parametrize("line_ending", [lf, crlf])
 @pytest.mark.parametrize("feeder", [byte_by_byte, random_chunks])
-@pytest.mark.parametrize("name", [*FINISHED, "responses-no-terminal.sse", "chat-stream-usage.sse"])
+@pytest.mark.parametrize("name", [*FINISHED, "responses-no-terminal.sse"])
 def test_a_stream_that_reports_no_failure_goes_out_byte_for_byte_however_it_arrives(
     name: str, feeder: Feeder, line_ending: Callable[[bytes], bytes]
 ) -> None:
     raw = line_ending((UPSTREAM / name).read_bytes())
 
     assert b"".join(relayed(raw, feeder)) == raw
+
+
+@pytest.mark.parametrize("line_ending", [lf, crlf])
+@pytest.mark.parametrize("feeder", [whole, byte_by_byte, random_chunks])
+@pytest.mark.parametrize("name", ["chat-stream-usage.sse", "chat-stream-no-usage.sse"])
+def test_events_with_no_name_that_quote_no_secret_go_out_byte_for_byte(
+    name: str, feeder: Feeder, line_ending: Callable[[bytes], bytes]
+) -> None:
+    """They pass through the redaction, which leaves every byte of them as it came."""
+    raw = line_ending((UPSTREAM / name).read_bytes())
+
+    assert b"".join(relayed(raw, feeder, redact_event)) == raw
 
 
 @pytest.mark.parametrize("feeder", [whole, each_event, byte_by_byte, random_chunks])
@@ -537,6 +552,9 @@ def test_a_second_failure_after_the_first_terminal_event_is_rewritten_too() -> N
         b'data: {"sequence_number":3,"type":"response.failed","response":{}}',
         # no space after the colon
         b'event:error\ndata: {"type":"error","message":"m"}',
+        # no name at all: a client reads an `error` in its data as a failure
+        b'data: {"error":{"message":"m"}}',
+        b"data: not JSON",
     ],
 )
 def test_a_failure_named_otherwise_is_rewritten_whole(event: bytes) -> None:
@@ -547,19 +565,162 @@ def test_a_failure_named_otherwise_is_rewritten_whole(event: bytes) -> None:
         assert b"".join(relayed(raw, feeder)) == delta + mark(event) + b"\n\n"
 
 
+UNFINISHED_ERROR = b'event: error\ndata: {"type":"error","message":"m'
+UNFINISHED_COMPLETED = b'event: response.completed\ndata: {"type":"response.completed"}'
+
+
 @pytest.mark.parametrize(
     ("last", "sent"),
     [
         # a failure the upstream never finished: rewritten all the same
-        (b'event: error\ndata: {"type":"error","message":"m', b'<event: error\ndata: {"type'),
+        (UNFINISHED_ERROR, mark(UNFINISHED_ERROR)),
         # a completed event without its blank line: as it came
-        (b'event: response.completed\ndata: {"type":"response.completed"}', b"event: response"),
+        (UNFINISHED_COMPLETED, UNFINISHED_COMPLETED),
     ],
 )
 def test_what_is_still_held_when_the_stream_closes_is_sent_as_its_last_event(
     last: bytes, sent: bytes
 ) -> None:
-    assert b"".join(relayed(last, byte_by_byte)).startswith(sent)
+    assert b"".join(relayed(last, byte_by_byte)) == sent
+
+
+DELTA = b'event: response.output_text.delta\ndata: {"delta":"x"}\n\n'
+SECRET = b"sk-proj-UPSTREAMSECRET0123456789"
+QUOTING_NO_NAME = b'data: {"error":{"message":"bad key ' + SECRET + b'"}}'
+
+
+@pytest.mark.parametrize("feeder", [whole, each_event, byte_by_byte, random_chunks])
+def test_an_event_with_no_name_that_quotes_a_key_goes_out_redacted(feeder: Feeder) -> None:
+    raw = DELTA + QUOTING_NO_NAME + b"\n\n"
+
+    sent = b"".join(relayed(raw, feeder, redact_event))
+
+    assert sent == DELTA + b'data: {"error":{"message":"bad key [redacted]"}}\n\n'
+
+
+# a failure whose lines end in a CR alone, which the scanner does not split into events
+CR_ONLY = [
+    b'event: error\rdata: {"type":"error","message":"' + SECRET + b'"}\r\r',
+    # after an event that names something else, framed the same way
+    b'event: response.created\rdata: {"type":"response.created"}\r\r'
+    b'event: error\rdata: {"type":"error","message":"' + SECRET + b'"}\r\r',
+    # with events framed by LF after it
+    b'event: error\rdata: {"type":"error","message":"' + SECRET + b'"}\r\r' + DELTA,
+    # after an event framed by LF
+    DELTA + b'data: {"type":"error","message":"' + SECRET + b'"}\r\r',
+    # inside an event whose name line ends in LF, with events framed by LF after it
+    b'event: response.created\ndata: {"type":"response.created"}\r\r'
+    b'event: error\rdata: {"type":"error","message":"' + SECRET + b'"}\r\r' + DELTA,
+]
+
+
+def after_first_line_and_in_the_key(raw: bytes) -> Iterator[bytes]:
+    """The first line whole, so that the event's start goes out; then the key cut in two."""
+    first_line = re.search(rb"\r|\n", raw)
+    assert first_line is not None
+    yield from split_at(first_line.end(), raw.index(SECRET) + 8)(raw)
+
+
+@pytest.mark.parametrize(
+    "feeder", [whole, each_event, byte_by_byte, random_chunks, after_first_line_and_in_the_key]
+)
+@pytest.mark.parametrize("raw", CR_ONLY)
+def test_a_failure_framed_by_cr_alone_goes_out_redacted(raw: bytes, feeder: Feeder) -> None:
+    sent = b"".join(relayed(raw, feeder, redact_event))
+
+    assert SECRET[:12] not in sent and SECRET[8:] not in sent
+    assert b"[redacted]" in sent
+
+
+def test_the_rest_of_an_event_begun_in_the_last_chunk_goes_as_it_came() -> None:
+    """The chunk before ended inside a line, so a line end at the start of this one ends
+    that line, not the event: what follows up to the blank line is still that event."""
+    start = b'event: response.output_text.delta\ndata: {"delta":"x"}'
+    rest = b'\ndata: {"type":"error"}\n\n'
+    error = b'event: error\ndata: {"type":"error","message":"m"}'
+    raw = start + rest + error + b"\n\n"
+
+    sent = relayed(raw, split_at(len(start)))
+
+    assert b"".join(sent) == start + rest + mark(error) + b"\n\n"
+
+
+# what of a stream has come -> what must end it before an event the gateway adds
+CLOSINGS = [
+    # nothing, or whole events
+    pytest.param(b"", b"", id="nothing"),
+    pytest.param(DELTA, b"", id="whole"),
+    # an event begun: one held back, one that went out as it came, one cut in its blank line
+    pytest.param(
+        DELTA + b'data: {"type":"response.output_text.delta","delta":"par', b"\n\n", id="held"
+    ),
+    pytest.param(
+        DELTA + b'event: response.output_text.delta\ndata: {"delta":"par', b"\n\n", id="relayed"
+    ),
+    pytest.param(DELTA[:-1], b"\n\n", id="blank-line"),
+]
+
+
+@pytest.mark.parametrize("finished", [False, True], ids=["broken", "ended"])
+@pytest.mark.parametrize(("raw", "closing"), CLOSINGS)
+def test_an_event_the_stream_stopped_inside_is_ended_before_the_gateways_own(
+    raw: bytes, closing: bytes, finished: bool
+) -> None:
+    """A stream that breaks is not finished; one that ends without its final event is."""
+    scanner = StreamScanner()
+    sent = []
+    for chunk in random_chunks(raw):
+        scanner.feed(chunk)
+        sent.append(scanner.release(chunk, mark) if scanner.rewriting else chunk)
+    if finished:
+        scanner.finish()
+    sent.append(scanner.release_rest(mark))
+    gateways = error_event("stream_incomplete", "The stream ended early.")
+
+    assert scanner.closing() == closing
+    events = parse_events(b"".join(sent) + scanner.closing() + gateways)
+    assert events[-1] == {
+        "type": "error",
+        "code": "stream_incomplete",
+        "message": "The stream ended early.",
+        "param": None,
+    }
+
+
+class CountingPattern:
+    """A compiled pattern that counts the bytes it is asked to search."""
+
+    def __init__(self, pattern: re.Pattern[bytes]) -> None:
+        self.pattern = pattern
+        self.searched = 0
+
+    def search(self, string: bytes, pos: int = 0) -> re.Match[bytes] | None:
+        self.searched += len(string) - pos
+        return self.pattern.search(string, pos)
+
+    def finditer(self, string: bytes, pos: int = 0) -> Iterator[re.Match[bytes]]:
+        self.searched += len(string) - pos
+        return self.pattern.finditer(string, pos)
+
+
+@pytest.mark.parametrize("line_ending", [lf, crlf])
+def test_an_event_held_back_is_searched_once_however_many_chunks_it_takes(
+    monkeypatch: pytest.MonkeyPatch, line_ending: Callable[[bytes], bytes]
+) -> None:
+    """A 1 MB event with no `event:` line, held back in 4 KB chunks: each byte is searched
+    for a blank line about once, not once for every chunk that comes after it."""
+    blank_lines = CountingPattern(sse._RAW_BLANK_LINE)
+    continuations = CountingPattern(sse._CONTINUATION_END)
+    monkeypatch.setattr(sse, "_RAW_BLANK_LINE", blank_lines)
+    monkeypatch.setattr(sse, "_CONTINUATION_END", continuations)
+    event = b'data: {"type":"error","message":"' + b"x" * 1_000_000 + b'"}'
+    raw = line_ending(DELTA + event + b"\n\n" + DELTA)
+    chunks = range(0, len(raw), 4096)
+
+    sent = relayed(raw, split_at(*chunks[1:]))
+
+    assert b"".join(sent) == line_ending(DELTA + mark(event) + b"\n\n" + DELTA)
+    assert blank_lines.searched + continuations.searched < 2 * len(raw)
 
 
 # what of an event has come -> whether it may yet turn out to report a failure
@@ -575,8 +736,14 @@ STARTS = [
     (b"event: error\n", True),
     (b"event: error\r", True),
     (b"event: response.failed\r\ndata: {", True),
+    (b"event: error\rdata: {", True),
     (b"event: response.fu", False),
     (b"event: response.output_text.delta\ndata: {", False),
+    (b"event: response.output_text.delta\r\ndata: {", False),
+    # its name line ends in a CR alone, or in a CR whose LF has not come: events the scanner
+    # does not split may follow
+    (b"event: response.created\rdata: {", True),
+    (b"event: response.created\r", True),
     (b"event: errors", False),
     # no event line first: it may be anything until it is whole
     (b'data: {"type":"response.output_text.delta"', True),

@@ -22,6 +22,8 @@ import openai
 import orjson
 import pytest
 
+from codex_gateway.http.responses import MISSING_TERMINAL_MESSAGE
+from codex_gateway.relay.sse import error_event, parse_events
 from tests.conftest import Gateway, Sandbox, estimated_counts, fixture_path
 from tests.http.test_responses import expected_cost, transcript_events
 from tests.upstream.pool_helpers import (
@@ -531,6 +533,26 @@ def test_a_stream_whose_first_writes_are_too_short_to_tell_is_relayed_and_billed
     assert row["status"] == "completed"
     assert [(a["outcome"], a["error"]) for a in row["attempts"]] == [("ok", None)]
     assert (row["input_tokens"], row["output_tokens"]) == (TEXT_USAGE[0], TEXT_USAGE[2])
+
+
+# the event a stream ends inside: one held back until whole, and one that went out as it came
+UNFINISHED = [
+    pytest.param(b'data: {"type":"response.output_text.delta","delta":"par', id="held"),
+    pytest.param(b'event: response.output_text.delta\ndata: {"delta":"par', id="relayed"),
+]
+
+
+@pytest.mark.parametrize("unfinished", UNFINISHED)
+def test_the_error_after_a_stream_that_ends_inside_an_event_is_an_event_of_its_own(
+    gateway: Gateway, sandbox: Sandbox, unfinished: bytes
+) -> None:
+    opening = b"".join(sse(CREATED))
+    with writing(gateway, sandbox, [opening, unfinished]) as key:
+        received = b"".join(stream_raw(gateway, key))
+
+    missing = error_event("stream_incomplete", MISSING_TERMINAL_MESSAGE)
+    assert received == opening + unfinished + b"\n\n" + missing
+    assert parse_events(received)[-1]["code"] == "stream_incomplete"
 
 
 @pytest.mark.parametrize(("path", "stream", "streamed"), FAILED_ANSWERS)
