@@ -76,6 +76,26 @@ def _name(_ctx: click.Context, _param: click.Parameter, value: str | None) -> st
     return value
 
 
+def _api_key(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """An upstream API key goes into an HTTP header as typed: one that a header cannot carry
+    whole is refused, naming what is wrong with it and never repeating it (it is a secret)."""
+    if not value:
+        raise click.BadParameter("must not be empty")
+    if value != value.strip():
+        raise click.BadParameter(
+            "must not start or end with spaces or line breaks (the key is stored as typed)"
+        )
+    if not value.isascii():
+        raise click.BadParameter("must be ASCII text; the key has a character outside ASCII")
+    if not value.isprintable():
+        raise click.BadParameter(
+            "must not hold control characters; the key has one (such as a line break or tab)"
+        )
+    if " " in value:
+        raise click.BadParameter("must not hold spaces; the key has one inside it")
+    return value
+
+
 @click.group()
 def users() -> None:
     """Users and their USD balances."""
@@ -336,7 +356,7 @@ def accounts() -> None:
 @click.option(
     "--base-url", required=True, help="As OpenAI writes it, e.g. https://api.openai.com/v1"
 )
-@click.option("--api-key", required=True, help="The upstream API key.")
+@click.option("--api-key", required=True, callback=_api_key, help="The upstream API key.")
 @click.option("--priority", type=int, default=100, show_default=True, help="Lower goes first.")
 @click.option(
     "--max-concurrency",

@@ -243,3 +243,47 @@ def test_accounts_seal_leaves_the_quick_starts_placeholder_key_in_clear(empty: G
     assert out == f"sealed the API keys of 1 account(s): {name}\n"
     sandbox = stored(empty, SANDBOX_ACCOUNT)
     assert (sandbox.api_key, sandbox.api_key_sealed) == (SANDBOX_KEY, None)
+
+
+# Keys an HTTP header cannot carry as typed, and the problem named for each.
+UNUSABLE_KEYS = [
+    # nothing to send
+    ("", "must not be empty"),
+    # whitespace around the key is refused, not trimmed: the key stays as typed
+    ("   ", "must not start or end with spaces"),
+    (" sk-upstream-padded", "must not start or end with spaces"),
+    ("sk-upstream-padded\n", "must not start or end with spaces"),
+    # a line break inside would split the upstream request's head
+    ("sk-x\r\nX-Injected: yes", "must not hold control characters"),
+    ("sk-x\tsecret", "must not hold control characters"),
+    ("sk-x\x7fsecret", "must not hold control characters"),
+    # no header carries these
+    ("sk-x secret", "must not hold spaces"),
+    ("sk-x-sécret", "must be ASCII text"),
+]
+
+
+@pytest.mark.parametrize(("key", "problem"), UNUSABLE_KEYS)
+@pytest.mark.parametrize("replace", [False, True])
+def test_an_api_key_a_header_cannot_carry_is_refused_without_repeating_it(
+    keyless: Gateway, key: str, problem: str, replace: bool
+) -> None:
+    name, good = fresh()
+    if replace:
+        add(keyless, name, good)
+
+    result = keyless.cli(
+        "accounts", "add", "--name", name, "--base-url", BASE_URL, "--api-key", key,
+        *(["--replace"] if replace else []), check=False,
+    )  # fmt: skip
+
+    assert result.returncode == 2
+    assert f"Invalid value for '--api-key': {problem}" in result.stderr
+    assert result.stdout == ""
+    if key.strip():
+        assert key.strip() not in result.stderr
+    listed_names = [a["name"] for a in keyless.cli_json("accounts", "list")]
+    if replace:
+        assert stored(keyless, name).api_key == good
+    else:
+        assert name not in listed_names
