@@ -22,6 +22,7 @@ from codex_gateway.relay.chatgpt import RESPONSES_PATH, Quota
 from codex_gateway.sandbox import ACCOUNT_KEY as SANDBOX_KEY
 from codex_gateway.sandbox import ACCOUNT_NAME as SANDBOX_ACCOUNT
 from codex_gateway.store.credentials import AccountState, CredentialStore
+from codex_gateway.store.db import redact_url
 from codex_gateway.store.queries import AccountRecord, KeyLimits, Store
 from codex_gateway.upstream.chatgpt_auth import load_cipher, read_codex_auth, seal_tokens
 from codex_gateway.upstream.kinds import KIND_OPENAI
@@ -422,7 +423,8 @@ def accounts_add(
             )
         )
     done = "gave a new key to" if replace else "added"
-    click.echo(f"{done} {kind} account {name} -> {base_url.rstrip('/')}/responses")
+    shown = redact_url(base_url.rstrip("/"))
+    click.echo(f"{done} {kind} account {name} -> {shown}/responses")
     if cipher is None:
         click.echo(
             f"warning: no secret key is set, so the API key of account {name} is stored "
@@ -549,7 +551,7 @@ def accounts_import_codex(
     plan = f", plan {tokens.plan_type}" if tokens.plan_type else ""
     click.echo(
         f"{'replaced the tokens of' if replace else 'imported'} chatgpt account {name} "
-        f"(ChatGPT account {tokens.account_id}{plan}) -> {base}{RESPONSES_PATH}"
+        f"(ChatGPT account {tokens.account_id}{plan}) -> {redact_url(base)}{RESPONSES_PATH}"
     )
 
 
@@ -599,7 +601,8 @@ def _account_row(
         "id": account.id,
         "name": account.name,
         "kind": account.kind,
-        "base_url": account.base_url,
+        # a password in the URL is masked; the gateway uses it as stored
+        "base_url": redact_url(account.base_url),
         "priority": account.priority,
         "weight": account.weight,
         "max_concurrency": account.max_concurrency,

@@ -287,3 +287,28 @@ def test_an_api_key_a_header_cannot_carry_is_refused_without_repeating_it(
         assert stored(keyless, name).api_key == good
     else:
         assert name not in listed_names
+
+
+def test_a_password_in_the_base_url_is_masked_wherever_the_url_is_shown(
+    keyless: Gateway,
+) -> None:
+    name, key = fresh()
+    with_url = "http://alice:S3CRETPASSWORD@127.0.0.1:28998/v1"
+
+    added = keyless.cli(
+        "accounts", "add", "--name", name, "--base-url", with_url, "--api-key", key
+    )  # fmt: skip
+    replaced = keyless.cli(
+        "accounts", "add", "--name", name, "--base-url", with_url + "/", "--api-key", key,
+        "--replace",
+    )  # fmt: skip
+    table = keyless.cli("accounts", "list").stdout
+    [row] = [a for a in keyless.cli_json("accounts", "list") if a["name"] == name]
+
+    masked = "http://alice:***@127.0.0.1:28998/v1"
+    assert added.stdout == f"added openai account {name} -> {masked}/responses\n"
+    assert replaced.stdout == f"gave a new key to openai account {name} -> {masked}/responses\n"
+    assert row["base_url"] == masked and masked in table
+    for shown in (added.stdout, added.stderr, replaced.stdout, table, str(row)):
+        assert "S3CRETPASSWORD" not in shown
+    assert stored(keyless, name).base_url == with_url  # used as given

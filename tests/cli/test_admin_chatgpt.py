@@ -92,6 +92,24 @@ def test_imported_tokens_are_sealed_and_never_printed(
     )
 
 
+def test_a_password_in_the_backend_url_is_masked_where_the_import_shows_it(
+    gateway: Gateway, auth_file: tuple[Path, str, str]
+) -> None:
+    gateway.env["CODEX_GATEWAY_SECRET_KEY"] = SECRET
+    with_url = "http://alice:S3CRETPASSWORD@127.0.0.1:9/backend-api"
+
+    result = gateway.cli(
+        "accounts", "import-codex", str(auth_file[0]), "--name", "c1", "--base-url", with_url
+    )  # fmt: skip
+
+    assert "-> http://alice:***@127.0.0.1:9/backend-api/codex/responses" in result.stdout
+    shown = result.stdout + result.stderr + gateway.cli("accounts", "list", "--json").stdout
+    assert "S3CRETPASSWORD" not in shown
+    with database(gateway) as conn:
+        [(stored,)] = conn.execute("SELECT base_url FROM upstream_accounts WHERE name = 'c1'")
+    assert stored == with_url
+
+
 def test_a_second_import_under_the_same_name_is_refused(
     gateway: Gateway, auth_file: tuple[Path, str, str]
 ) -> None:
