@@ -216,7 +216,13 @@ def _database_url(value: Any) -> str:
 
 
 def _secret_key(value: Any) -> str:
+    """The key as given: spaces around it would be part of the key, so they are refused
+    rather than trimmed (only a key file, whose last line break editors add, is trimmed)."""
     text = _text(value)
+    if text != text.strip():
+        raise ValueError(
+            "must not start or end with spaces or line breaks (they would be part of the key)"
+        )
     if len(text) < MIN_SECRET_LENGTH:
         raise ValueError(f"must be at least {MIN_SECRET_LENGTH} characters long")
     return text
@@ -328,6 +334,8 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "token_refresh_timeout_seconds": _SECONDS_UP_TO_A_DAY,
 }
 SECRET_SETTINGS = frozenset({"admin_token", "secret_key"})
+# The two ways of giving the secret key, of which one at most may be set.
+SECRET_KEY_SETTINGS = ("secret_key", "secret_key_file")
 # Settings checked against each other once each is valid (`_conflicts`).
 LEASE_TIMES = ("lease_renew_seconds", "lease_ttl_seconds")
 # URLs that may carry a password, shown with it masked.
@@ -373,6 +381,7 @@ def load_settings(
     settings = dataclasses.replace(Settings(), **values)
     if not any(name in raw and name not in values for name in LEASE_TIMES):
         problems.extend(_conflicts(settings))
+    problems.extend(_secret_key_twice(raw))
     if check_machine:
         problems.extend(local_problems(settings, refused=raw.keys() - values.keys()))
     if problems:
@@ -425,6 +434,18 @@ def _conflicts(settings: Settings) -> list[str]:
             "another process may take them back"
         ]
     return []
+
+
+def _secret_key_twice(raw: Mapping[str, Any]) -> list[str]:
+    """The secret key given both inline and as a file: neither is taken over the other, since
+    the one not taken may be the key the stored values were sealed with. Neither value is
+    repeated."""
+    if not all(raw.get(name) for name in SECRET_KEY_SETTINGS):
+        return []
+    return [
+        "settings secret_key (CODEX_GATEWAY_SECRET_KEY) and secret_key_file "
+        "(CODEX_GATEWAY_SECRET_KEY_FILE) are both set: give the secret key in one of them only"
+    ]
 
 
 def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:

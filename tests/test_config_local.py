@@ -125,10 +125,13 @@ def test_a_refused_value_is_not_checked_again_as_its_default(here: Path) -> None
     operator's: nothing is said about it, nor about journals beside that spool."""
     found = problems(spool_path=" ", journal_dir=" ", secret_key="short", secret_key_file="missing")
 
-    assert [problem.split(" = ")[0] for problem in found] == [
+    assert [problem.split(" = ")[0].split(":")[0] for problem in found] == [
         "setting spool_path",
         "setting journal_dir",
         "setting secret_key",
+        # given both ways, a key is refused whatever each is worth
+        "settings secret_key (CODEX_GATEWAY_SECRET_KEY) and secret_key_file "
+        "(CODEX_GATEWAY_SECRET_KEY_FILE) are both set",
     ]
 
 
@@ -139,8 +142,14 @@ def test_without_its_config_file_the_machine_is_not_checked(here: Path) -> None:
     ]
 
 
-def test_an_inline_key_wins_and_its_file_is_not_read(here: Path) -> None:
-    assert problems(secret_key=SECRET, secret_key_file="missing") == []
+def test_an_inline_key_beside_a_key_file_is_refused_and_the_file_is_not_read(
+    here: Path,
+) -> None:
+    """Neither wins: the one not taken may be the key the stored values were sealed with."""
+    assert problems(secret_key=SECRET, secret_key_file="missing") == [
+        "settings secret_key (CODEX_GATEWAY_SECRET_KEY) and secret_key_file "
+        "(CODEX_GATEWAY_SECRET_KEY_FILE) are both set: give the secret key in one of them only"
+    ]
 
 
 def test_a_key_file_and_folders_that_can_be_used_pass(here: Path) -> None:

@@ -250,3 +250,32 @@ def test_health_probe_fails_when_nothing_answers() -> None:
 
     assert result.returncode == 1
     assert "/healthz" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["config", "serve", "accounts"])
+def test_a_secret_key_given_twice_is_refused_by_every_command_naming_no_key(
+    tmp_path: Path, command: str
+) -> None:
+    args = {
+        "config": ["config", "check"],
+        "serve": ["serve", "--port", str(free_port())],
+        "accounts": ["accounts", "list"],
+    }[command]
+    inline = "operator-secret-key-0123456789abcdef"
+    in_file = "operator-secret-key-in-the-file-0123456789"
+    (tmp_path / "secret-key").write_text(in_file + "\n")
+
+    result = run(
+        *args,
+        env={"CODEX_GATEWAY_SECRET_KEY": inline, "CODEX_GATEWAY_SECRET_KEY_FILE": "secret-key"},
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0] == (
+        "error: settings secret_key (CODEX_GATEWAY_SECRET_KEY) and secret_key_file "
+        "(CODEX_GATEWAY_SECRET_KEY_FILE) are both set: give the secret key in one of them only"
+    )
+    assert inline not in result.stdout + result.stderr
+    assert in_file not in result.stdout + result.stderr
+    assert "serving on" not in result.stdout
