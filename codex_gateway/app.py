@@ -93,7 +93,10 @@ class Gateway:
             coalescer=self.coalescer,
         )
         self.pool = AccountPool(
-            self.store, self.catalog.usable_accounts, lambda: self.catalog.revision
+            self.store,
+            self.catalog.usable_accounts,
+            lambda: self.catalog.revision,
+            lambda: self.catalog.left_out,
         )
         self.metrics = Metrics()
         credentials = CredentialStore(self.engine)

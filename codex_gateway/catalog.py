@@ -49,8 +49,10 @@ class Catalog:
         self.keys: dict[str, KeyRecord] = {}
         self.prices = PriceTable()
         self.accounts: list[AccountRecord] = []
-        # Enabled accounts left out because their sealed API keys do not open here.
+        # Enabled accounts left out because their sealed API keys do not open here, and
+        # why, as a client may be told it.
         self.shut_accounts: list[str] = []
+        self.left_out: str | None = None
         self._unknown_keys: set[str] = set()
         self.traced_keys: frozenset[int] = frozenset()
         self._lock = asyncio.Lock()
@@ -71,6 +73,7 @@ class Catalog:
             changed = _changed_keys(self.keys, keys)
             self.keys, self.prices, self.accounts = keys, prices, accounts
             self.shut_accounts = shut
+            self.left_out = self._api_keys.left_out(shut)
             self.traced_keys = traced_keys
             self._unknown_keys.clear()
             self.revision = revision

@@ -32,6 +32,7 @@ from codex_gateway.upstream.sealing import (
     SET_A_SECRET_KEY,
     TokenCipher,
     configured_cipher,
+    opens,
     refuse_another_secret_key,
 )
 
@@ -48,6 +49,8 @@ UNSET: Final = Unset.TOKEN
 
 
 MAX_NAME_LENGTH = 200
+# What `accounts list` says of a sealed API key that does not open with the command's key.
+KEY_DOES_NOT_OPEN = "sealed key does not open with this secret key"
 
 
 def _amount(_ctx: click.Context, param: click.Parameter, value: str | None) -> Decimal | None:
@@ -571,14 +574,19 @@ def _warn_if_imported(chatgpt_account_id: str, names: list[str]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def accounts_list(as_json: bool) -> None:
     """List upstream accounts with their state and why, and whether each key is sealed
-    (keys and tokens are never shown)."""
+    (keys and tokens are never shown).
+
+    The serving gateways' secret key is not known here: with a secret key set, a sealed API
+    key that does not open with it is named in WHY; without one, it shows only as sealed.
+    """
 
     async def load(store: Store) -> tuple[list[AccountRecord], dict[int, AccountState]]:
         return await store.accounts(), await CredentialStore(store.engine).states()
 
+    cipher = _checking_cipher()
     records, states = with_store(load)
     now = datetime.now(UTC)
-    rows = [_account_row(a, states.get(a.id), now) for a in records]
+    rows = [_account_row(a, states.get(a.id), now, cipher) for a in records]
     if as_json:
         click.echo(dump_json(rows))
         return
@@ -588,8 +596,21 @@ def accounts_list(as_json: bool) -> None:
     click.echo(table(rows, [*columns, "state", "why", "quota"]))
 
 
+def _checking_cipher() -> TokenCipher | None:
+    """The secret key to check sealed keys against; a key file that gives none is said, and
+    the list is shown without the check, as it is without a key."""
+    try:
+        return configured_cipher(settings_or_exit())
+    except CredentialError as exc:
+        click.echo(f"warning: {exc}; sealed keys are listed without checking them", err=True)
+        return None
+
+
 def _account_row(
-    account: AccountRecord, credentials: AccountState | None, now: datetime
+    account: AccountRecord,
+    credentials: AccountState | None,
+    now: datetime,
+    cipher: TokenCipher | None = None,
 ) -> dict[str, Any]:
     quota = (
         Quota.from_json(orjson.loads(credentials.quota))
@@ -597,11 +618,14 @@ def _account_row(
         else None
     )
     state, why, until = _state(account, quota, now)
+    sealed = account.api_key_sealed
+    if cipher is not None and sealed is not None and not opens(cipher, sealed):
+        why = f"{why}; {KEY_DOES_NOT_OPEN}" if why else KEY_DOES_NOT_OPEN
     return {
         "id": account.id,
         "name": account.name,
         "kind": account.kind,
-        # a password in the URL is masked; the gateway uses it as stored
+        # a password in the URL is masked; the row keeps it as given
         "base_url": redact_url(account.base_url),
         "priority": account.priority,
         "weight": account.weight,

@@ -80,10 +80,13 @@ class AccountPool:
         store: Store,
         accounts: Callable[[], list[AccountRecord]],
         revision: Callable[[], int],
+        left_out: Callable[[], str | None] = lambda: None,
     ):
         self._store = store
         self._accounts = accounts
         self._revision = revision
+        # Why accounts not among `accounts` were left out (their sealed keys do not open).
+        self._left_out = left_out
         self._health: dict[int, Health] = {}
         self._floor = 0.0
         self._writes: set[asyncio.Task[None]] = set()
@@ -150,7 +153,8 @@ class AccountPool:
         return Lease(account, health)
 
     def why_none(self, exclude: set[int]) -> str:
-        """Why `choose` found nothing, as a sentence for the client."""
+        """Why `choose` found nothing, as a sentence for the client, with the accounts left
+        out before the pool saw them."""
         now = time.time()
         states: list[str] = []
         for account in self._accounts():
@@ -164,10 +168,13 @@ class AccountPool:
                 states.append("at its concurrency limit")
             else:
                 states.append(health.current(now).replace("_", " "))
+        left_out = self._left_out()
         if not states:
-            return "No upstream account is available to serve this request."
+            opening = "No upstream account is available to serve this request"
+            return f"{opening}: {left_out}." if left_out else f"{opening}."
         summary = ", ".join(sorted(set(states)))
-        return f"No upstream account can serve this request now (accounts are {summary})."
+        opening = f"No upstream account can serve this request now (accounts are {summary})"
+        return f"{opening}; {left_out}." if left_out else f"{opening}."
 
     def usage_limit_reset(self) -> float | None:
         """When every account able to serve is behind a usage wall, the earliest reset.

@@ -70,7 +70,7 @@ def refuse_another_secret_key(cipher: TokenCipher, sealed: dict[str, str]) -> No
     account name): they were sealed with another key, which the serving gateways most likely
     hold, and those gateways could not open what this key seals. With nothing sealed yet,
     any key will do."""
-    if not sealed or any(_opens(cipher, value) for value in sealed.values()):
+    if not sealed or any(opens(cipher, value) for value in sealed.values()):
         return
     raise CredentialError(
         "this secret key opens none of the values already sealed in the database (accounts "
@@ -80,7 +80,8 @@ def refuse_another_secret_key(cipher: TokenCipher, sealed: dict[str, str]) -> No
     )
 
 
-def _opens(cipher: TokenCipher, sealed: str) -> bool:
+def opens(cipher: TokenCipher, sealed: str) -> bool:
+    """Whether a sealed value opens with `cipher`."""
     try:
         cipher.open(sealed)
     except CredentialError:
@@ -139,6 +140,18 @@ class ApiKeyOpener:
             ready.append(account if key == account.api_key else replace(account, api_key=key))
         self._opened, self._held = opened, held
         return ready, shut
+
+    def left_out(self, names: list[str]) -> str | None:
+        """Why the accounts `names` (as `open` gives them) are left out, in words a client of
+        the gateway may read: they are counted, not named, and no key is shown."""
+        if not names:
+            return None
+        why = (
+            "do not open with this gateway's secret key"
+            if self._cipher is not None
+            else "are sealed and this gateway has no secret key to open them"
+        )
+        return f"{len(names)} account(s) are left out because their API keys {why}"
 
     def _key(self, account: AccountRecord, opened: dict[str, str]) -> str | None:
         """The account's key in clear: as stored, opened, or else the one last held for it."""

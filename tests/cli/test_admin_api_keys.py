@@ -4,8 +4,10 @@ by the operator's secret key, on both backends."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -312,3 +314,54 @@ def test_a_password_in_the_base_url_is_masked_wherever_the_url_is_shown(
     for shown in (added.stdout, added.stderr, replaced.stdout, table, str(row)):
         assert "S3CRETPASSWORD" not in shown
     assert stored(keyless, name).base_url == with_url  # used as given
+
+
+def test_accounts_list_says_which_sealed_keys_do_not_open_with_its_secret_key(
+    empty: Gateway, tmp_path: Path
+) -> None:
+    """The command cannot know the serving gateways' key: it checks with its own, if any."""
+    (lost, lost_key), (kept, kept_key), (clear, clear_key) = fresh(), fresh(), fresh()
+    with_secret(empty, SECRET + "-lost")
+    add(empty, lost, lost_key)
+    with_secret(empty)
+    add(empty, kept, kept_key, "--secret-key-changed")
+    empty.env.pop("CODEX_GATEWAY_SECRET_KEY")
+    add(empty, clear, clear_key)
+
+    def why() -> dict[str, tuple[str, str, str | None]]:
+        rows = empty.cli_json("accounts", "list")
+        return {a["name"]: (a["key"], a["state"], a["why"]) for a in rows}
+
+    without_a_key = why()
+    with_secret(empty)
+    checked = why()
+    table = empty.cli("accounts", "list")
+    empty.cli("accounts", "disable", lost)
+    disabled = why()[lost]
+    empty.env.pop("CODEX_GATEWAY_SECRET_KEY")
+    empty.env["CODEX_GATEWAY_SECRET_KEY_FILE"] = str(tmp_path / "missing")
+    unreadable = empty.cli("accounts", "list", "--json")
+
+    assert without_a_key == {
+        lost: ("sealed", "ready", None),
+        kept: ("sealed", "ready", None),
+        clear: ("unsealed", "ready", None),
+    }
+    assert checked == {
+        lost: ("sealed", "ready", "sealed key does not open with this secret key"),
+        kept: ("sealed", "ready", None),
+        clear: ("unsealed", "ready", None),
+    }
+    assert "sealed key does not open with this secret key" in table.stdout
+    assert disabled == (
+        "sealed",
+        "disabled",
+        "disabled by the operator; sealed key does not open with this secret key",
+    )
+    assert unreadable.stderr.startswith("warning: setting secret_key_file = ")
+    assert unreadable.stderr.rstrip().endswith("sealed keys are listed without checking them")
+    assert [a["why"] for a in json.loads(unreadable.stdout) if a["name"] == lost] == [
+        "disabled by the operator"
+    ]
+    for key in (lost_key, kept_key, clear_key):
+        assert key not in table.stdout + unreadable.stdout + unreadable.stderr

@@ -46,10 +46,14 @@ def account(account_id: int, **fields: Any) -> AccountRecord:
     return AccountRecord(**values)
 
 
-def make_pool(*accounts: AccountRecord) -> tuple[AccountPool, FakeStore, list[AccountRecord]]:
+def make_pool(
+    *accounts: AccountRecord, left_out: str | None = None
+) -> tuple[AccountPool, FakeStore, list[AccountRecord]]:
+    """A pool of `accounts`; `left_out` says why others never reached it."""
     store = FakeStore()
     records = list(accounts)
-    return AccountPool(store, lambda: records, lambda: 0), store, records  # type: ignore[arg-type]
+    pool = AccountPool(store, lambda: records, lambda: 0, lambda: left_out)  # type: ignore[arg-type]
+    return pool, store, records
 
 
 def picks(pool: AccountPool, count: int) -> list[int]:
@@ -107,6 +111,29 @@ def test_no_account_when_every_one_is_excluded_or_full() -> None:
     assert pool.choose(set()) is None
     assert "at its concurrency limit" in pool.why_none(set())
     assert "disabled" in pool.why_none(set())
+
+
+LEFT_OUT = (
+    "1 account(s) are left out because their API keys do not open with this gateway's secret key"
+)
+
+
+def test_the_answer_when_none_can_serve_says_why_accounts_were_left_out() -> None:
+    """Accounts whose sealed keys do not open never reach the pool; the answer still counts
+    them, beside the pool's own accounts or alone."""
+    pool, _, _ = make_pool(account(1, enabled=False), left_out=LEFT_OUT)
+    alone, _, _ = make_pool(left_out=LEFT_OUT)
+
+    assert pool.choose(set()) is None and alone.choose(set()) is None
+    assert pool.why_none(set()) == (
+        f"No upstream account can serve this request now (accounts are disabled); {LEFT_OUT}."
+    )
+    assert alone.why_none(set()) == (
+        f"No upstream account is available to serve this request: {LEFT_OUT}."
+    )
+    assert make_pool()[0].why_none(set()) == (
+        "No upstream account is available to serve this request."
+    )
 
 
 async def test_quota_and_relogin_marks_skip_the_account_until_cleared() -> None:

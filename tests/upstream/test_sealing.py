@@ -84,6 +84,28 @@ def test_without_a_secret_key_a_sealed_key_is_left_out_with_how_to_open_it(
     assert "CODEX_GATEWAY_SECRET_KEY" in caplog.text
 
 
+# What a client is told of the accounts left out, with a secret key that opens none of
+# their keys and with none at all: counted, never named, and no key shown.
+LEFT_OUT = [
+    (CIPHER, "do not open with this gateway's secret key"),
+    (None, "are sealed and this gateway has no secret key to open them"),
+]
+
+
+@pytest.mark.parametrize(("cipher", "why"), LEFT_OUT)
+def test_why_accounts_are_left_out_is_said_without_names_or_keys(
+    cipher: TokenCipher | None, why: str
+) -> None:
+    sealed = OTHER.seal(KEY)
+    accounts = [account(1, "first", sealed=sealed), account(2, "second", sealed=sealed)]
+    opener = ApiKeyOpener(cipher)
+
+    _, shut = opener.open(accounts)
+
+    assert opener.left_out(shut) == f"2 account(s) are left out because their API keys {why}"
+    assert opener.left_out([]) is None
+
+
 def test_a_disabled_account_whose_key_does_not_open_is_left_out_quietly(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -44,15 +44,20 @@ def add(
     )  # fmt: skip
 
 
-def served_with(gateway: Gateway, sandbox: Sandbox, key: str) -> str:
-    """Send one request; the credential it reached the upstream with."""
+def send(gateway: Gateway, sandbox: Sandbox, key: str) -> httpx.Response:
+    """Send one request, with the sandbox's record of requests cleared first."""
     sandbox.clear()
-    response = httpx.post(
+    return httpx.post(
         gateway.url + "/v1/responses",
         json={"model": "gpt-5.1-codex", "input": "hi"},
         headers={"Authorization": f"Bearer {key}"},
         timeout=30,
     )
+
+
+def served_with(gateway: Gateway, sandbox: Sandbox, key: str) -> str:
+    """Send one request; the credential it reached the upstream with."""
+    response = send(gateway, sandbox, key)
     assert response.status_code == 200, response.text
     [seen] = sandbox.requests()
     return str(seen["headers"]["authorization"])
@@ -150,3 +155,22 @@ def test_keys_sealed_under_a_secret_key_the_gateway_lacks_leave_no_account_out(
         "the account keeps serving with the key this process held before, until it restarts" in log
     )
     assert_no_key_in(log)
+
+
+def test_a_request_no_account_can_serve_is_told_the_keys_do_not_open(
+    gateway: Gateway, sandbox: Sandbox
+) -> None:
+    add(gateway, sandbox, "changed", 1, SECRET + "-before-the-change")
+    gateway.env["CODEX_GATEWAY_SECRET_KEY"] = SECRET
+    gateway.start()
+    _, key = gateway.new_user()
+
+    response = send(gateway, sandbox, key)
+
+    assert response.status_code == 503
+    assert response.json()["error"]["message"] == (
+        "No upstream account is available to serve this request: 1 account(s) are left out "
+        "because their API keys do not open with this gateway's secret key."
+    )
+    assert sandbox.requests() == []
+    assert_no_key_in(response.text)
