@@ -3,15 +3,15 @@
 The router picks the account and fails over until the first byte; from then on the
 upstream's stream is forwarded chunk by chunk as it arrives, and the scanner watches it for
 the terminal event. An event that may report a failure, which may quote a credential, is
-held back until whole (`StreamScanner.release`): any event whose first line is not a whole
-`event:` line naming another event, so every event of a stream without `event:` lines, one
-whose name line the upstream's writes cut, and one with a line ended by a CR alone. Once
-whole, those named `error` or `response.failed`, those with no name and those with such a
-line are redacted; the others go as they came. A stream that fails or ends early gets an
-`error` event of its own (after a blank line when it stopped inside an event), never a
-silent end. A client that did not ask for a stream, served by a backend that always streams
-(ChatGPT), gets the final response assembled from it. Exactly one usage row is written per
-request, after the client has the last byte (or has gone).
+held back until whole (`StreamScanner.release`): any event a chunk ends inside, since a
+client names an event after its last `event:` line. Once whole, those named `error` or
+`response.failed`, those with no name and those with a line ended by a CR alone are redacted
+(every line of them, a secret cut across data lines too); the others go as they came. A
+stream that fails or ends early gets an `error` event of its own (after a blank line when it
+stopped inside an event), never a silent end. A client that did not ask for a stream, served
+by a backend that always streams (ChatGPT), gets the final response assembled from it.
+Exactly one usage row is written per request, after the client has the last byte (or has
+gone).
 """
 
 from __future__ import annotations
@@ -655,8 +655,14 @@ def _error_message(terminal: dict[str, object], known: Sequence[str]) -> str:
     error = response.get("error") if isinstance(response, dict) else terminal.get("error")
     if isinstance(error, dict):
         code = error.get("code") or error.get("type")
-        return redact_text(f"{code}: {error.get('message')}", known)
-    return redact_text(f"{terminal.get('code')}: {terminal.get('message')}", known)
+        return _reason(code, error.get("message"), known)
+    return _reason(terminal.get("code"), terminal.get("message"), known)
+
+
+def _reason(code: object, message: object, known: Sequence[str]) -> str:
+    """`code: message`, less what the upstream left out, less its secrets."""
+    said = ": ".join(str(part) for part in (code, message) if part is not None)
+    return redact_text(said or "The upstream gave no reason for the failure.", known)
 
 
 async def _relay_json(exchange: Exchange, answer: Answer, outcome: Outcome) -> dict[str, Any]:

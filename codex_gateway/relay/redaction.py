@@ -8,9 +8,9 @@ the rest of the text, and a JSON body's shape, are kept.
 
 Everything that reports a failure is redacted: a 4xx body, a failed response sent whole,
 the error a chat client or a non-streaming client is shown, the `response.failed` and `error`
-events of a stream relayed as it comes, and any event with no name (`redact_event`; the
-scanner holds such an event back until it is whole), and the usage row. The other events of
-a stream pass as they came.
+events of a stream relayed as it comes, and any event with no name (`redact_event`: every
+line of it, a secret cut across its data lines too; the scanner holds an event back until it
+is whole), and the usage row. The other events of a stream pass as they came.
 """
 
 from __future__ import annotations
@@ -63,26 +63,62 @@ def redact_body(body: bytes, known: Sequence[str] = ()) -> bytes:
 
 
 def redact_event(block: bytes, known: Sequence[str] = ()) -> bytes:
-    """One SSE event (its lines, without the blank line after them) with the secrets in its
-    data replaced, read as a client reads it: its lines end in LF, CRLF or a CR alone, and
-    its `data:` lines are joined. An event with nothing to replace comes back as it was; one
-    that had something keeps its other lines, and is written with the line ending it used
-    first and with its data where its first `data:` line was."""
+    """One SSE event (its lines, without the blank line after them) with the secrets in it
+    replaced, read as a client reads it: its lines end in LF, CRLF or a CR alone, and its
+    `data` lines are joined. Every other line (`id:`, `event:`, a comment, a field no client
+    knows) is redacted as text, its field name and colon kept. An event with nothing to
+    replace comes back as it was; one that had something keeps its lines in their order, and
+    is written with the line ending it used first and with its data where its first `data`
+    line was."""
     lines = _LINE_END.split(block)
-    data_at = [index for index, line in enumerate(lines) if line.startswith(b"data:")]
-    if not data_at:
-        return block
-    payload = b"\n".join(lines[index][5:].lstrip(b" ") for index in data_at)
-    cleaned = redact_body(payload, known)
-    if cleaned == payload:
+    data_at = [index for index, line in enumerate(lines) if _is_data(line)]
+    data = _redact_data([_data_value(lines[index]) for index in data_at], known)
+    written: list[bytes] = []
+    for index, line in enumerate(lines):
+        if not _is_data(line):
+            written.append(_redact_line(line, known))
+        elif data is None:
+            written.append(line)
+        elif index == data_at[0]:
+            written.extend(b"data: " + value for value in data)
+    if written == lines:
         return block
     first_end = _LINE_END.search(block)
     ending = b"\n" if first_end is None else first_end.group()
-    data = [b"data: " + line for line in cleaned.split(b"\n")]
-    later = set(data_at[1:])
-    kept = [line for index, line in enumerate(lines) if index not in later]
-    first = data_at[0]
-    return ending.join([*kept[:first], *data, *kept[first + 1 :]])
+    return ending.join(written)
+
+
+def _redact_data(values: list[bytes], known: Sequence[str]) -> list[bytes] | None:
+    """An event's data values redacted, as the lines to write them on; None when there was
+    nothing to replace. A client joins them with line breaks, so a secret may be cut across
+    two of them: one found once they are joined without the breaks is redacted there, and
+    the data written anew on one line."""
+    if not values:
+        return None
+    payload = b"\n".join(values)
+    cleaned = redact_body(payload, known)
+    if len(values) > 1:
+        flat = cleaned.replace(b"\n", b"")
+        one_line = redact_body(flat, known)
+        if one_line != flat:
+            return [one_line]
+    return None if cleaned == payload else cleaned.split(b"\n")
+
+
+def _is_data(line: bytes) -> bool:
+    return line.startswith(b"data:") or line == b"data"
+
+
+def _data_value(line: bytes) -> bytes:
+    return line[5:].lstrip(b" ")
+
+
+def _redact_line(line: bytes, known: Sequence[str]) -> bytes:
+    """A line of an event other than its data, its secrets replaced; its other bytes, even
+    those that are not UTF-8, as they came."""
+    text = line.decode("utf-8", "surrogateescape")
+    cleaned = redact_text(text, known)
+    return line if cleaned == text else cleaned.encode("utf-8", "surrogateescape")
 
 
 def redact_json(value: Any, known: Sequence[str] = ()) -> Any:

@@ -1,14 +1,14 @@
 """Find event boundaries in a Responses SSE stream and pick out its terminal event.
 
 The relay forwards upstream bytes as they come; this scanner watches them. It splits events
-at blank lines and looks at each event's name (the `event:` line, else the leading `"type"` of
-its data) without decoding JSON. Only a terminal event's data is parsed, and the others it
-keeps (`response.created`, `codex.rate_limits`) only when asked for.
+at blank lines and looks at each event's name (its last `event:` line, as a client reads it,
+else the leading `"type"` of its data) without decoding JSON. Only a terminal event's data is
+parsed, and the others it keeps (`response.created`, `codex.rate_limits`) only when asked for.
 
 The one exception is an event that may report a failure (`error`, `response.failed`, or one
 with no name a client can read as an error), whose text may quote a credential: the scanner
-sets `rewriting` when a chunk holds one, or ends inside an event that may turn out to be one,
-and `release` then gives what of the chunk may go to the client.
+sets `rewriting` when a chunk holds one, or ends inside an event (whose name a later `event:`
+line may still change), and `release` then gives what of the chunk may go to the client.
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ TERMINAL_STATUS = {
 TERMINAL_TYPES = frozenset(TERMINAL_STATUS)
 # The terminal events that report a failure in the upstream's own words.
 ERROR_TYPES = frozenset({"response.failed", "error"})
-_ERROR_NAMES = tuple(name.encode() for name in ERROR_TYPES)
 # The ChatGPT backend's in-stream report of an account's quota windows.
 RATE_LIMITS_TYPE = "codex.rate_limits"
 # What Python's JSON parser leaves of a surrogate escape that is not half of a pair.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-_EVENT_LINE = re.compile(rb"^event:[ ]?([^\n]*)$", re.MULTILINE)
+# An `event` field line; a client names the event after the last one (a bare `event` names
+# it nothing).
+_EVENT_LINE = re.compile(rb"^event(?::[ ]?([^\n]*))?$", re.MULTILINE)
 _LEADING_TYPE = re.compile(rb'^data:[ ]?\{\s*"type"\s*:\s*"([^"]+)"', re.MULTILINE)
 # Events whose `delta` is output the client saw; kept (as the bytes already in hand) so an
 # estimate can be made if the stream never reports usage.
@@ -53,11 +54,6 @@ _DELTA_NAMES = frozenset(name.encode() for name in DELTA_TYPES)
 _TERMINAL_HINT = re.compile(rb"response\.(?:completed|incomplete|failed)|\"error\"")
 # A blank line in the bytes as they came, CRLF or LF, as the scanner finds it once CRLF is LF.
 _RAW_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
-# Where an event that began in an earlier chunk ends when the bytes before the chunk ended
-# with a line end: its blank line, or a line end at the start of the chunk.
-_CONTINUATION_END = re.compile(rb"\r?\n\r?\n|\A\r?\n")
-# The end of an event's first line: LF, CRLF, or a CR alone (or one whose LF has not come).
-_LINE_END = re.compile(rb"\r?\n|\r")
 # A line end a client reads and the scanner does not: a CR alone (or one whose LF has not come).
 _LONE_CR = re.compile(rb"\r(?!\n)")
 
@@ -67,19 +63,18 @@ class StreamScanner:
 
     After `feed`, `rewriting` says whether the chunk may go to the client as it came. It is
     set when an `error` or `response.failed` event, or one with no name, ended in the chunk,
-    or when the chunk ends inside an event whose first line is not a whole `event:` line
-    naming another event; then `release` gives what may go: every whole event, those
-    rewritten, and the bytes of the event still arriving held back until it is whole, so a
-    credential it quotes never leaves in pieces. A client dispatches no event before its
-    blank line, so holding its first bytes back delays nothing it can read. Any other chunk,
-    the whole of a `response.completed` stream cut at event boundaries included, is relayed
-    as it came at the cost of one attribute check.
+    or when the chunk ends inside an event, whatever its first line names: a client names an
+    event after its last `event:` line, so only a whole event shows what it is. Then
+    `release` gives what may go: every whole event, those rewritten, and the bytes of the
+    event still arriving held back until it is whole, so a credential it quotes never leaves
+    in pieces. A client dispatches no event before its blank line, so holding its first bytes
+    back delays nothing it can read. Any other chunk, the whole of a `response.completed`
+    stream cut at event boundaries included, is relayed as it came at the cost of one
+    attribute check.
     """
 
     __slots__ = (
         "_buffer",
-        "_continued_after_line_end",
-        "_continued_at",
         "_created",
         "_created_block",
         "_pending_cr",
@@ -109,11 +104,6 @@ class StreamScanner:
         self.rewriting = False
         # The bytes, as they came, of an event that may report a failure, until it is whole.
         self._withheld = bytearray()
-        # The `bytes_seen` of the last chunk that went on with an event begun before it, and
-        # whether the bytes before that chunk ended with a line end (so that a line end at
-        # its start completes a blank line).
-        self._continued_at = -1
-        self._continued_after_line_end = False
         # Whether the stream stopped inside an event, once `finish` has taken it.
         self._unfinished = False
 
@@ -153,12 +143,10 @@ class StreamScanner:
         if buffer:
             # Only the new bytes (and the one before them) can complete a blank line.
             search_from = len(buffer) - 1
-            self._continued_at = self.bytes_seen
-            self._continued_after_line_end = buffer[search_from] == 0x0A
             buffer += chunk
             end = buffer.rfind(b"\n\n", search_from)
             if end < 0:
-                return  # the same event goes on: it was looked at when it began
+                return  # the same event goes on, held back since it began
             blocks = bytes(buffer[:end]).split(b"\n\n")
             del buffer[: end + 2]
         else:
@@ -166,67 +154,48 @@ class StreamScanner:
             end = chunk.rfind(b"\n\n")
             if end < 0:
                 buffer += chunk
-                self._look_at_start(buffer)
+                if buffer:
+                    self.rewriting = True  # an event began: see below
                 return
             blocks = chunk[:end].split(b"\n\n")
             buffer += chunk[end + 2 :]
         if buffer:
-            self._look_at_start(buffer)
+            # An event began and is not whole yet: a later line may yet name it a failure.
+            self.rewriting = True
         for block in blocks:
             self._event(block)
-
-    def _look_at_start(self, partial: bytearray) -> None:
-        """An event began and is not whole yet: its bytes must wait if it may report a failure."""
-        if not self.rewriting and may_open_error(partial):
-            self.rewriting = True
 
     def release(self, chunk: bytes, rewrite: Callable[[bytes], bytes]) -> bytes:
         """What may go to the client of the bytes held back and `chunk` (fed already): every
         whole event, each that may report a failure passed through `rewrite` (its lines
-        without the blank line after them), and the event still arriving unless it may turn
-        out to be such an event; that is held back, and `rewriting` stays set, until it is
-        whole. Bytes of events that report nothing pass as they came. Each byte is searched
-        for a blank line once, however many chunks an event held back takes."""
+        without the blank line after them). The event still arriving is held back, and
+        `rewriting` stays set, until it is whole. Bytes of events that report nothing pass as
+        they came. Each byte is searched for a blank line once, however many chunks an event
+        held back takes."""
         held = self._withheld
         if held:
             # Only the new bytes, and the three before them, can complete the blank line
             # that ends the event held back.
             search_from = max(len(held) - 3, 0)
             held += chunk
-            first = _RAW_BLANK_LINE.search(held, search_from)
+            # A blank line ends in LF: a chunk with none (most of a long line) ends nothing.
+            first = _RAW_BLANK_LINE.search(held, search_from) if b"\n" in chunk else None
             if first is None:
                 return b""  # the event held back goes on
             data = bytes(held)
             held.clear()
-            start = 0
             search_from = first.start()
         else:
             data = chunk
-            start = search_from = 0
-            if self._continued_at == self.bytes_seen:
-                # The chunk goes on with an event whose start went out as it came: so does
-                # the rest of it, up to its blank line (which a line end at the start of the
-                # chunk completes only when the bytes before it ended with a line end), or
-                # the whole chunk when the event goes on after it.
-                pattern = _CONTINUATION_END if self._continued_after_line_end else _RAW_BLANK_LINE
-                end = pattern.search(data)
-                start = search_from = len(data) if end is None else end.end()
-                lone_cr = _LONE_CR.search(data, 0, start) if b"\r" in data else None
-                if lone_cr is not None:
-                    # A client reads events in it from there on: held back and rewritten
-                    # with the rest of the event, as if one began there.
-                    start = lone_cr.start()
-        parts = [data[:start]]
+            search_from = 0
+        parts = []
+        start = 0
         for blank in _RAW_BLANK_LINE.finditer(data, search_from):
             block = data[start : blank.start()]
             parts.append(rewrite(block) if _may_report_failure(block) else block)
             parts.append(blank.group())
             start = blank.end()
-        rest = data[start:]
-        if may_open_error(rest) or _has_lone_cr(rest):
-            held += rest
-        else:
-            parts.append(rest)
+        held += data[start:]
         self.rewriting = bool(held)
         return b"".join(parts)
 
@@ -255,11 +224,15 @@ class StreamScanner:
         return b""
 
     def _event(self, block: bytes) -> None:
+        raw = b""
         if block.startswith(b"event: "):
-            # The shape every upstream sends: the name on the first line, no regex needed,
-            # and the bulk of a stream (its deltas) kept as they are.
+            # The shape every upstream sends: the name on the first line and on no other (as
+            # `_first_line_name` reads it, inline: this runs for every event), no regex.
             newline = block.find(b"\n")
-            raw = block[7:newline] if newline > 0 else block[7:]
+            if block.rfind(b"\n") == newline or block.find(b"\nevent", newline) < 0:
+                raw = block[7:newline] if newline > 0 else block[7:]
+        if raw:
+            # The bulk of a stream (its deltas) kept as they are.
             if raw in _DELTA_NAMES:
                 self.events += 1
                 self.deltas.append(block)
@@ -299,23 +272,6 @@ class StreamScanner:
         self.terminal = data if isinstance(data, dict) else {}
 
 
-def may_open_error(partial: bytes | bytearray) -> bool:
-    """Whether an event of which `partial` has come so far may turn out to be an `error` or
-    `response.failed` event, or one with no name: any but one whose first line is an
-    `event:` line that names, or has begun to name, another event. A first line ended by a
-    CR alone, or by a CR that is the last byte so far, may be followed by events the scanner
-    does not split out (it reads only LF and CRLF as line ends): such an event may be
-    anything. Once false it stays false as more bytes come, but for a CR alone further on,
-    which `StreamScanner.release` looks for itself."""
-    if not partial.startswith(b"event: "):
-        return bool(partial)  # any other start, once an event has begun at all
-    end = _LINE_END.search(partial, 7)
-    if end is None:
-        begun = bytes(partial[7:])
-        return any(name.startswith(begun) for name in _ERROR_NAMES)
-    return end.group() == b"\r" or bytes(partial[7 : end.start()]) in _ERROR_NAMES
-
-
 def _has_lone_cr(raw: bytes) -> bool:
     return b"\r" in raw and _LONE_CR.search(raw) is not None
 
@@ -333,10 +289,11 @@ def _may_report_failure(block: bytes) -> bool:
 def _event_type(block: bytes) -> str | None:
     """An event's name as the scanner reads it, from the bytes as they came; None when it
     has none (a comment, data that is not JSON or names no type)."""
-    block = block.replace(b"\r\n", b"\n")
-    if block.startswith(b"event: "):
-        newline = block.find(b"\n")
-        return (block[7:newline] if newline > 0 else block[7:]).decode("utf-8", "replace")
+    if b"\r" in block:
+        block = block.replace(b"\r\n", b"\n")
+    raw = _first_line_name(block)
+    if raw:
+        return raw.decode("utf-8", "replace")
     name = _event_name(block)
     if name is not None:
         return name
@@ -345,18 +302,39 @@ def _event_type(block: bytes) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
+def _first_line_name(block: bytes) -> bytes:
+    """The name on an event's first line when it is an `event: ` line and no other line is
+    an `event` field; empty otherwise, for `_event_name`. An event of two lines, as upstreams
+    send them, costs one search for its last line end more than its first line's name."""
+    if not block.startswith(b"event: "):
+        return b""
+    newline = block.find(b"\n")
+    if newline < 0:
+        return block[7:]
+    if block.rfind(b"\n") != newline and block.find(b"\nevent", newline) >= 0:
+        return b""
+    return block[7:newline]
+
+
 def _event_name(block: bytes) -> str | None:
-    match = _EVENT_LINE.search(block) or _LEADING_TYPE.search(block)
-    if match is None:
-        return None
-    return match.group(1).strip().decode("utf-8", "replace")
+    """An event's name as a client reads it, from its last `event` line; when that names
+    nothing (or there is none), the leading `"type"` of its data."""
+    names = _EVENT_LINE.findall(block)
+    name = names[-1].strip() if names else b""
+    if not name:
+        match = _LEADING_TYPE.search(block)
+        name = match.group(1).strip() if match else b""
+    return name.decode("utf-8", "replace") if name else None
 
 
 def _parse_data(block: bytes) -> Any:
-    lines = [
-        line[5:].lstrip(b" ") if line.startswith(b"data:") else None for line in block.split(b"\n")
-    ]
-    return upstream_json(b"\n".join(line for line in lines if line is not None))
+    values = [line[5:].lstrip(b" ") for line in block.split(b"\n") if line.startswith(b"data:")]
+    data = upstream_json(b"\n".join(values))
+    if data is None and len(values) > 1:
+        # A string cut across data lines (a client reads a line break inside it): read as
+        # the upstream wrote it, so that what it says can be told and kept.
+        data = upstream_json(b"".join(values))
+    return data
 
 
 def upstream_json(payload: bytes) -> Any:

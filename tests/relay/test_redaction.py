@@ -127,6 +127,39 @@ EVENTS = [
         b'event: error\ndata: {"type":"error","message":"key sk-UPSTREAMSECRET-01',
         b'event: error\ndata: {"type":"error","message":"key [redacted]',
     ),
+    # a secret cut across two data lines (a client reads it with a line break inside): the
+    # data written anew on one line
+    (
+        b'event: error\ndata: {"type":"error","message":"Incorrect API key provided: acct-key'
+        b'\ndata: -0123456789"}',
+        b'event: error\ndata: {"type":"error","message":"Incorrect API key provided: [redacted]"}',
+    ),
+    (
+        b'event: error\r\ndata: {"type":"error","message":"key sk-UPSTR\r\ndata\r\n'
+        b'data: EAMSECRET-0123"}\r\nid: 7',
+        b'event: error\r\ndata: {"type":"error","message":"key [redacted]"}\r\nid: 7',
+    ),
+    (
+        b"event: error\ndata: token eyJhbGciOiJIUzI1NiJ9.eyJzdWIi\ndata: OiIxIn0.sig-nature",
+        b"event: error\ndata: token [redacted]",
+    ),
+    # a secret in any other line: an id, the event line, a comment, a field no client knows
+    (
+        b"event: error\nid: " + ACCOUNT_KEY.encode() + b'\ndata: {"type":"error"}',
+        b'event: error\nid: [redacted]\ndata: {"type":"error"}',
+    ),
+    (
+        b"event: sk-UPSTREAMSECRET-0123456789\r: Bearer tok_0123456789\rx-key:"
+        + ACCOUNT_KEY.encode()
+        + b"\rsk-UPSTREAMSECRET-0123456789",
+        b"event: [redacted]\r: Bearer [redacted]\rx-key:[redacted]\r[redacted]",
+    ),
+    # both, the bytes that are not UTF-8 in the other lines kept
+    (
+        b"id: \xff " + ACCOUNT_KEY.encode() + b'\ndata: {"type":"error","message":"key sk-UP'
+        b'\ndata: STREAMSECRET-0123"}',
+        b'id: \xff [redacted]\ndata: {"type":"error","message":"key [redacted]"}',
+    ),
 ]
 
 
@@ -141,7 +174,9 @@ def test_an_event_reporting_a_failure_keeps_its_shape_less_its_secrets(
     "event",
     [
         b'event: error\ndata: {"type":"error", "message": "no key here"}',
-        b": a comment, sk-UPSTREAMSECRET-0123456789",
+        b'event: error\nid: 7\n: a comment\nretry: 10\ndata: {"type":"error"}',
+        # data over several lines with no secret, even once the lines are joined without breaks
+        b'event: error\ndata: {"type":"error",\ndata: "message":"a line\ndata:  and the next"}',
         b"event: error",
     ],
 )

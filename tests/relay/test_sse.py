@@ -17,7 +17,6 @@ from codex_gateway.relay.sse import (
     StreamScanner,
     error_event,
     iter_events,
-    may_open_error,
     parse_events,
 )
 from tests.conftest import FIXTURES
@@ -229,6 +228,61 @@ def test_data_split_over_several_lines_is_joined(event: bytes) -> None:
             "type": "response.completed",
             "response": {"id": "resp_split", "usage": {"input_tokens": 3, "output_tokens": 2}},
         }
+
+
+# an event with more than one `event` line -> its type as a client reads it (the last one)
+RENAMED = [
+    (
+        b'event: response.output_text.delta\nevent: error\ndata: {"type":"error","message":"m"}',
+        "error",
+    ),
+    (b'event: response.created\nevent:response.failed\ndata: {"type":"x"}', "response.failed"),
+    # a bare `event` line names it nothing: then it is named by its data
+    (b'event: response.completed\nevent\ndata: {"type":"error","message":"m"}', "error"),
+    (b'event: response.completed\nevent: \ndata: {"type":"error","message":"m"}', "error"),
+    # the last one names something else
+    (
+        b'event: error\nevent: response.output_text.delta\ndata: {"type":"error"}',
+        "response.output_text.delta",
+    ),
+    # a field that only begins like one names nothing
+    (b'event: response.failed\nevents: x\ndata: {"type":"x"}', "response.failed"),
+]
+
+
+@pytest.mark.parametrize(("event", "name"), RENAMED)
+def test_an_event_is_named_by_its_last_event_line(event: bytes, name: str) -> None:
+    for line_ending in (lf, crlf):
+        scanner = scan(line_ending(event + b"\n\n"))
+
+        assert scanner.terminal_type == (name if name in sse.TERMINAL_TYPES else None)
+        assert len(scanner.deltas) == (name == "response.output_text.delta")
+
+
+@pytest.mark.parametrize(("event", "name"), RENAMED)
+def test_an_event_renamed_a_failure_by_a_later_line_is_rewritten_however_it_arrives(
+    event: bytes, name: str
+) -> None:
+    opening = b'event: response.created\ndata: {"type":"response.created"}\n\n'
+    raw = opening + event + b"\n\n"
+    first_line = len(opening) + event.index(b"\n") + 1
+    failed = name in sse.ERROR_TYPES
+    expected = opening + (mark(event) if failed else event) + b"\n\n"
+
+    for feeder in (whole, byte_by_byte, random_chunks, split_at(first_line)):
+        assert b"".join(relayed(raw, feeder)) == expected
+
+
+def test_a_failure_split_over_data_lines_is_read_as_its_upstream_wrote_it() -> None:
+    scanner = scan(
+        b'event: error\ndata: {"type":"error","message":"Incorrect API key provided: up\n'
+        b'data: -LEAKED-KEY"}\n\n'
+    )
+
+    assert scanner.terminal == {
+        "type": "error",
+        "message": "Incorrect API key provided: up-LEAKED-KEY",
+    }
 
 
 def test_first_terminal_event_wins() -> None:
@@ -632,9 +686,7 @@ def test_a_failure_framed_by_cr_alone_goes_out_redacted(raw: bytes, feeder: Feed
     assert b"[redacted]" in sent
 
 
-def test_the_rest_of_an_event_begun_in_the_last_chunk_goes_as_it_came() -> None:
-    """The chunk before ended inside a line, so a line end at the start of this one ends
-    that line, not the event: what follows up to the blank line is still that event."""
+def test_an_event_named_a_delta_is_held_until_no_later_line_can_rename_it() -> None:
     start = b'event: response.output_text.delta\ndata: {"delta":"x"}'
     rest = b'\ndata: {"type":"error"}\n\n'
     error = b'event: error\ndata: {"type":"error","message":"m"}'
@@ -642,7 +694,7 @@ def test_the_rest_of_an_event_begun_in_the_last_chunk_goes_as_it_came() -> None:
 
     sent = relayed(raw, split_at(len(start)))
 
-    assert b"".join(sent) == start + rest + mark(error) + b"\n\n"
+    assert sent == [b"", start + rest + mark(error) + b"\n\n", b""]
 
 
 # what of a stream has come -> what must end it before an event the gateway adds
@@ -650,12 +702,13 @@ CLOSINGS = [
     # nothing, or whole events
     pytest.param(b"", b"", id="nothing"),
     pytest.param(DELTA, b"", id="whole"),
-    # an event begun: one held back, one that went out as it came, one cut in its blank line
+    # an event begun: one with no name, one named by its first line, one cut in its blank
+    # line
     pytest.param(
         DELTA + b'data: {"type":"response.output_text.delta","delta":"par', b"\n\n", id="held"
     ),
     pytest.param(
-        DELTA + b'event: response.output_text.delta\ndata: {"delta":"par', b"\n\n", id="relayed"
+        DELTA + b'event: response.output_text.delta\ndata: {"delta":"par', b"\n\n", id="named"
     ),
     pytest.param(DELTA[:-1], b"\n\n", id="blank-line"),
 ]
@@ -710,9 +763,7 @@ def test_an_event_held_back_is_searched_once_however_many_chunks_it_takes(
     """A 1 MB event with no `event:` line, held back in 4 KB chunks: each byte is searched
     for a blank line about once, not once for every chunk that comes after it."""
     blank_lines = CountingPattern(sse._RAW_BLANK_LINE)
-    continuations = CountingPattern(sse._CONTINUATION_END)
     monkeypatch.setattr(sse, "_RAW_BLANK_LINE", blank_lines)
-    monkeypatch.setattr(sse, "_CONTINUATION_END", continuations)
     event = b'data: {"type":"error","message":"' + b"x" * 1_000_000 + b'"}'
     raw = line_ending(DELTA + event + b"\n\n" + DELTA)
     chunks = range(0, len(raw), 4096)
@@ -720,39 +771,4 @@ def test_an_event_held_back_is_searched_once_however_many_chunks_it_takes(
     sent = relayed(raw, split_at(*chunks[1:]))
 
     assert b"".join(sent) == line_ending(DELTA + mark(event) + b"\n\n" + DELTA)
-    assert blank_lines.searched + continuations.searched < 2 * len(raw)
-
-
-# what of an event has come -> whether it may yet turn out to report a failure
-STARTS = [
-    # nothing yet, or too little to tell
-    (b"", False),
-    (b"e", True),
-    (b"event: ", True),
-    (b"event: er", True),
-    (b"event: response.", True),
-    (b"event: response.f", True),
-    # named: a failure, or something else
-    (b"event: error\n", True),
-    (b"event: error\r", True),
-    (b"event: response.failed\r\ndata: {", True),
-    (b"event: error\rdata: {", True),
-    (b"event: response.fu", False),
-    (b"event: response.output_text.delta\ndata: {", False),
-    (b"event: response.output_text.delta\r\ndata: {", False),
-    # its name line ends in a CR alone, or in a CR whose LF has not come: events the scanner
-    # does not split may follow
-    (b"event: response.created\rdata: {", True),
-    (b"event: response.created\r", True),
-    (b"event: errors", False),
-    # no event line first: it may be anything until it is whole
-    (b'data: {"type":"response.output_text.delta"', True),
-    (b": keep-alive", True),
-]
-
-
-@pytest.mark.parametrize(("start", "expected"), STARTS)
-def test_an_event_may_report_a_failure_until_its_first_line_names_another(
-    start: bytes, expected: bool
-) -> None:
-    assert may_open_error(start) is expected
+    assert blank_lines.searched < 2 * len(raw)

@@ -496,6 +496,55 @@ def test_a_streamed_failure_reaches_the_client_without_the_keys_it_quotes(
     assert (error["code"], error["message"]) == ("server_error", QUOTED_KEYS_REDACTED)
 
 
+# An `error` event framed so that a key it quotes, or the one the upstream was sent
+# (`{token}`), escaped redaction -> the event as the client gets it
+KEY_PROVIDED = b'data: {"type":"error","code":"invalid_api_key","message":"Incorrect API key'
+KEY_REDACTED = KEY_PROVIDED + b' provided: [redacted]"}'
+REFRAMED_FAILURES = [
+    # named by a delta's event line, then by `error` (the last one wins)
+    pytest.param(
+        b"event: response.output_text.delta\nevent: error\n"
+        + KEY_PROVIDED
+        + b' provided: {token}"}',
+        b"event: response.output_text.delta\nevent: error\n" + KEY_REDACTED,
+        id="second-event-line",
+    ),
+    # the account's key cut across two data lines
+    pytest.param(
+        b"event: error\n" + KEY_PROVIDED + b' provided: upstream\ndata: -account-key-0123456789"}',
+        b"event: error\n" + KEY_REDACTED,
+        id="key-across-data-lines",
+    ),
+    # the key sent in its id line
+    pytest.param(
+        b"event: error\nid: {token}\n" + KEY_PROVIDED + b'"}',
+        b"event: error\nid: [redacted]\n" + KEY_PROVIDED + b'"}',
+        id="id-line",
+    ),
+]
+
+
+@pytest.mark.parametrize("cut", ["whole", "after-first-line"])
+@pytest.mark.parametrize(("failure", "expected"), REFRAMED_FAILURES)
+def test_a_streamed_failure_framed_otherwise_reaches_neither_client_nor_row_with_a_key(
+    gateway: Gateway, sandbox: Sandbox, failure: bytes, expected: bytes, cut: str
+) -> None:
+    opening = b"".join(sse(CREATED))
+    raw = opening + failure + b"\n\n"
+    cuts = [len(opening) + failure.index(b"\n") + 1] if cut == "after-first-line" else []
+    with writing(gateway, sandbox, cut_at(raw, cuts)) as key:
+        received, request_id = read_stream(gateway, key)
+        row = gateway.usage_row(request_id)
+
+    sent = b"".join(received)
+    assert sent == opening + expected + b"\n\n"
+    assert ACCOUNT_KEY.encode() not in sent.replace(b"\n", b"").replace(b"data: ", b"")
+    assert parse_events(sent)[-1]["type"] == "error"
+    told = parse_events(expected + b"\n\n")[0]["message"]
+    assert (row["status"], row["error"]) == ("error", f"invalid_api_key: {told}")
+    assert ACCOUNT_KEY not in json.dumps(row)
+
+
 def test_a_completed_stream_cut_anywhere_reaches_the_client_byte_for_byte(
     gateway: Gateway, sandbox: Sandbox
 ) -> None:
@@ -535,10 +584,10 @@ def test_a_stream_whose_first_writes_are_too_short_to_tell_is_relayed_and_billed
     assert (row["input_tokens"], row["output_tokens"]) == (TEXT_USAGE[0], TEXT_USAGE[2])
 
 
-# the event a stream ends inside: one held back until whole, and one that went out as it came
+# the event a stream ends inside: one with no name, and one named by its first line
 UNFINISHED = [
     pytest.param(b'data: {"type":"response.output_text.delta","delta":"par', id="held"),
-    pytest.param(b'event: response.output_text.delta\ndata: {"delta":"par', id="relayed"),
+    pytest.param(b'event: response.output_text.delta\ndata: {"delta":"par', id="named"),
 ]
 
 
