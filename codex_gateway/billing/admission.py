@@ -182,12 +182,49 @@ def _points_elsewhere(value: object) -> bool:
     return _points_elsewhere(value.get("content"))
 
 
+class _Gate:
+    """A lease's lock, and a wait for its holder to be done that every waiting request shares.
+
+    Requests that find their lease without room wait for the grant under way together, and
+    all try the grown lease in the same turn of the loop, instead of queueing for the lock and
+    taking it one per turn (at c=128 after a start, a turn took about a millisecond and the
+    last of them waited 200 ms for a grant that had come in 12).
+    """
+
+    __slots__ = ("_done", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._done: asyncio.Future[None] | None = None
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    async def __aenter__(self) -> None:
+        await self._lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
+        done, self._done = self._done, None
+        if done is not None:
+            done.set_result(None)
+
+    async def released(self) -> None:
+        """Wait until the holder of the lock lets it go (at once when nobody holds it)."""
+        if not self._lock.locked():
+            return
+        if self._done is None:
+            self._done = asyncio.get_running_loop().create_future()
+        # Shielded: one waiter cancelled (by a shutdown) does not cancel the others' wait.
+        await asyncio.shield(self._done)
+
+
 @dataclass
 class _Lease:
     leased: Decimal = ZERO
     held: Decimal = ZERO
     idle_since: float = field(default_factory=time.monotonic)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    lock: _Gate = field(default_factory=_Gate)
     refill: asyncio.Task[None] | None = None
     refill_paused_until: float = 0.0
     # Grants so far: maintenance leaves alone a lease granted more after its reading.
@@ -196,8 +233,8 @@ class _Lease:
     # nothing from its own room until the database grants it more, and what its requests in
     # flight leave over when they settle (a hold less the cost) goes back before it asks.
     needs_grant: bool = False
-    # Requests waiting for the lock, to be admitted by the grant the holder of the lock asks
-    # for (see `_wanted`).
+    # Requests waiting for the lock's holder, to be admitted by the grant it asks for (see
+    # `_wanted`).
     waiting: int = 0
 
 
@@ -240,13 +277,14 @@ class _Leases:
             return True
         lease.waiting += 1
         try:
-            await lease.lock.acquire()
+            while lease.lock.locked():
+                await lease.lock.released()
+                if _take(lease, estimate):
+                    return True
         finally:
             lease.waiting -= 1
-        try:
+        async with lease.lock:
             return await self._take_granted(owner_id, lease, estimate)
-        finally:
-            lease.lock.release()
 
     async def _take_granted(self, owner_id: int, lease: _Lease, estimate: Decimal) -> bool:
         """`take` for a request the lease had no room for, with the lease's lock held: grown

@@ -220,6 +220,50 @@ async def test_a_burst_that_finds_the_lease_empty_waits_for_one_grant_after_the_
     assert problems == []
 
 
+class HeldUp:
+    """Grants of what is wanted, each given once the test lets it go, with no database."""
+
+    def __init__(self) -> None:
+        self.go_on = asyncio.Event()
+        self.wanted: list[Decimal] = []
+
+    async def acquire_lease(self, *args: Any) -> Decimal:
+        _, _, _, wanted, *_ = args
+        self.wanted.append(wanted)
+        await self.go_on.wait()
+        return Decimal(wanted)
+
+
+async def test_requests_waiting_for_a_grant_all_try_the_grown_lease_in_one_turn(
+    store: Store,
+) -> None:
+    """The requests that found the lease without room wait for the grant under way together,
+    and try the grown lease in the same turn of the loop, not one per turn."""
+    _, user_id = await new_user(store, "100")
+    grants = HeldUp()
+    gate = Admission(store, lease_ttl=60, idle_seconds=0, grants=grants)
+    burst = [asyncio.create_task(gate.admit(user_id, EST)) for _ in range(200)]
+    await asyncio.sleep(0.01)  # the first asked for a grant; the others wait for it
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    counting = asyncio.create_task(count_turns())
+    grants.go_on.set()
+    holds = await asyncio.wait_for(asyncio.gather(*burst), 10)
+    counting.cancel()
+    assert holds == [Hold(EST)] * 200
+    assert grants.wanted == [LEASE_REQUESTS * EST, 2 * 199 * EST]
+    # Two grants, each taken by all the requests it covers at once: a few turns, where a
+    # queue for the lock took one turn for each of the 200.
+    assert turns < 20
+    await gate.settle_refills()
+
+
 class CommittedElsewhere:
     """Grants whose statements run where the asker cannot stop them (as on the grants
     thread): once begun, each is committed whatever becomes of the request that asked."""
