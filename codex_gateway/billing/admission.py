@@ -644,7 +644,8 @@ class Admission:
             log.info("returned %d leases whose holders stopped renewing them", reaped)
 
     async def settle_refills(self) -> None:
-        """Wait for the leases being grown in the background."""
+        """Wait for the leases being grown in the background, and for the grants whose
+        askers were cancelled."""
         for leases in (self._users, self._keys):
             await leases.settle_refills()
 

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 # What an SSE stream may start with: a field name or a comment.
 _SSE_STARTS = (b"event:", b"data:", b":", b"id:", b"retry:")
+# How many bytes of blank lines and byte-order marks a stream may open with before its first
+# field: beyond, it is no stream.
+FIRST_BYTES_TO_TELL = 4096
 
 
 @dataclass
@@ -293,14 +296,17 @@ async def _whole(lease: Lease, response: UpstreamResponse, credential: str) -> A
 
 async def _first_chunk(chunks: AsyncIterator[bytes]) -> bytes:
     """The stream's first bytes, once they show it is one: a read too short to tell (`ev`, a
-    byte-order mark, a blank line) is joined by the next ones until they do."""
+    byte-order mark, a blank line) is joined by the next ones until they do, up to
+    FIRST_BYTES_TO_TELL."""
     first = b""
     async for chunk in chunks:
         first += chunk
         start = first.lstrip(b"\xef\xbb\xbf\r\n ")
         if start.startswith(_SSE_STARTS):
             return first
-        if not any(field.startswith(start) for field in _SSE_STARTS):
+        if len(first) > FIRST_BYTES_TO_TELL or not any(
+            field.startswith(start) for field in _SSE_STARTS
+        ):
             raise UpstreamProtocolError(
                 "The upstream answered with bytes that are not a server-sent event stream.",
                 kind="garbage",

@@ -114,13 +114,16 @@ class ApiKeyOpener:
     Keys opened at the last load are kept, so a reload opens only what changed. The last key
     held for each account, opened or in clear, is kept too: should its stored key stop
     opening (sealed by `accounts seal` under a secret key this gateway lacks), the account
-    keeps serving with it rather than leaving every account out at once.
+    keeps serving with it rather than leaving every account out at once. Only while the
+    account is the same one, under the same name, kind and base URL: a key given for one
+    upstream never goes to another.
     """
 
     def __init__(self, cipher: TokenCipher | None):
         self._cipher = cipher
         self._opened: dict[str, str] = {}  # sealed -> in clear
-        self._held: dict[int, str] = {}  # account id -> the last key it served with
+        # account id -> where the account sent its last key (name, kind, base URL), and the key
+        self._held: dict[int, tuple[tuple[str, str, str], str]] = {}
         self._reported: set[str] = set()  # sealed keys already logged as not opening
 
     def open(self, accounts: list[AccountRecord]) -> tuple[list[AccountRecord], list[str]]:
@@ -129,14 +132,14 @@ class ApiKeyOpener:
         ready: list[AccountRecord] = []
         shut: list[str] = []
         opened: dict[str, str] = {}
-        held: dict[int, str] = {}
+        held: dict[int, tuple[tuple[str, str, str], str]] = {}
         for account in accounts:
             key = self._key(account, opened)
             if key is None:
                 if account.enabled:
                     shut.append(account.name)
                 continue
-            held[account.id] = key
+            held[account.id] = (_where(account), key)
             ready.append(account if key == account.api_key else replace(account, api_key=key))
         self._opened, self._held = opened, held
         return ready, shut
@@ -162,7 +165,9 @@ class ApiKeyOpener:
         if key is not None:
             opened[sealed] = key
             return key
-        key = self._held.get(account.id)
+        where, key = self._held.get(account.id, (None, None))
+        if where != _where(account):
+            key = None  # another account now, or the same one sent elsewhere
         self._report(account, sealed, kept=key is not None)
         return key
 
@@ -203,3 +208,8 @@ class ApiKeyOpener:
             then,
             extra={"account": account.name},
         )
+
+
+def _where(account: AccountRecord) -> tuple[str, str, str]:
+    """What an account's key is given for: the account, its kind and its upstream."""
+    return account.name, account.kind, account.base_url

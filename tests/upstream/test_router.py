@@ -8,10 +8,11 @@ the row bills what the upstream reported or, failing that, the gateway's estimat
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
@@ -22,8 +23,10 @@ import openai
 import orjson
 import pytest
 
+from codex_gateway.errors import UpstreamProtocolError
 from codex_gateway.http.responses import MISSING_TERMINAL_MESSAGE
 from codex_gateway.relay.sse import error_event, parse_events
+from codex_gateway.upstream.router import _first_chunk
 from tests.conftest import Gateway, Sandbox, estimated_counts, fixture_path
 from tests.http.test_responses import expected_cost, transcript_events
 from tests.upstream.pool_helpers import (
@@ -602,6 +605,24 @@ def test_the_error_after_a_stream_that_ends_inside_an_event_is_an_event_of_its_o
     missing = error_event("stream_incomplete", MISSING_TERMINAL_MESSAGE)
     assert received == opening + unfinished + b"\n\n" + missing
     assert parse_events(received)[-1]["code"] == "stream_incomplete"
+
+
+async def test_a_stream_that_opens_with_blank_lines_past_the_limit_is_no_stream() -> None:
+    async def blank_lines() -> AsyncIterator[bytes]:
+        while True:
+            yield b"\r\n" * 512
+
+    with pytest.raises(UpstreamProtocolError) as refused:
+        await asyncio.wait_for(_first_chunk(blank_lines()), 10)
+    assert refused.value.kind == "garbage"
+
+
+async def test_blank_lines_within_the_limit_before_the_first_field_are_a_stream() -> None:
+    async def pieces() -> AsyncIterator[bytes]:
+        for piece in (b"\n" * 4000, b"ev", b"ent: x\ndata: {}\n\n"):
+            yield piece
+
+    assert await _first_chunk(pieces()) == b"\n" * 4000 + b"event: x\ndata: {}\n\n"
 
 
 @pytest.mark.parametrize(("path", "stream", "streamed"), FAILED_ANSWERS)

@@ -160,6 +160,27 @@ def test_a_serving_account_whose_key_stops_opening_keeps_serving_with_the_key_it
     assert ApiKeyOpener(cipher).open([now]) == ([], ["a"])
 
 
+@pytest.mark.parametrize(
+    "moved",
+    [
+        pytest.param({"base_url": "http://127.0.0.1:9/other/v1"}, id="another-upstream"),
+        pytest.param({"name": "b"}, id="another-account-under-the-same-id"),
+    ],
+)
+def test_a_key_held_for_one_upstream_never_goes_to_another(moved: dict[str, str]) -> None:
+    """An account given a new base URL and a key this gateway cannot open (`--replace`), or
+    a new account that took a removed one's id, is left out: the key last held was given for
+    another upstream."""
+    opener = ApiKeyOpener(CIPHER)
+    opener.open([account(1, "a", KEY, None)])
+    elsewhere = replace(account(1, "a", sealed=OTHER.seal("sk-new-key-0002")), **moved)
+
+    ready, shut = opener.open([elsewhere])
+
+    assert ready == []
+    assert shut == [elsewhere.name]
+
+
 class CountingCipher(TokenCipher):
     opened = 0
 
