@@ -145,7 +145,8 @@ class _Connection(asyncio.Protocol):
         response = self.response
         if response is None or not response.started:
             return
-        self._cancel_timer()
+        # The read timer stays: the next request on this connection finds it set and moves
+        # it on when it fires (`_check_idle`), instead of a timer set and cancelled each time.
         response.finish(self._parser.should_keep_alive())
 
     # -- used by the client ------------------------------------------------------------------
@@ -156,8 +157,10 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._last_read = self._loop.time()
         # The read timeout counts from here, up to one turn of the loop before a held request
-        # is written (`coalescer.py`): a turn is far shorter than any timeout.
-        self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._check_idle)
+        # is written (`coalescer.py`): a turn is far shorter than any timeout. A timer still
+        # set for an earlier request fires sooner than this one's time and sets itself again.
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._check_idle)
         coalescer = self._coalescer
         if coalescer is None or coalescer.may_write_now():
             self.transport.write(request)

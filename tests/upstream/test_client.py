@@ -351,6 +351,31 @@ async def test_an_upstream_that_goes_silent_is_an_idle_timeout() -> None:
         response.close()
 
 
+async def test_a_reused_connection_that_goes_silent_times_out_counted_from_its_own_request() -> (
+    None
+):
+    """The read timer set for a connection's first request is still set when the second is
+    sent: it must fire for the second, and not before that request's own time is up."""
+    reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n"
+    upstream = UpstreamClient(connect_timeout=2, read_timeout=0.4, pool_size=4, keepalive=60)
+    loop = asyncio.get_running_loop()
+    async with KeepAliveServer([OK_JSON, reply]) as server:
+        first = await upstream.post(server.url, {}, b"{}")
+        assert await first.read() == b"{}"
+        first.release()
+        await asyncio.sleep(0.25)  # the first request's timer is now due in 0.15 s
+        sent = loop.time()
+        second = await upstream.post(server.url, {}, b"{}")
+        with pytest.raises(UpstreamTimeout) as caught:
+            await asyncio.wait_for(second.read(), 3)  # a timer that never fires fails here
+        waited = loop.time() - sent
+        second.close()
+        await upstream.close()
+    assert server.connections == 1
+    assert caught.value.kind == "timeout_idle"
+    assert 0.35 <= waited < 2
+
+
 async def test_a_header_with_a_line_break_is_never_sent(client: UpstreamClient) -> None:
     with pytest.raises(UpstreamProtocolError) as caught:
         await client.post(
