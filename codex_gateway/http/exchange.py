@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import itertools
 import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -24,30 +22,48 @@ Send = Callable[[Message], Awaitable[None]]
 JSON_TYPE = (b"content-type", b"application/json")
 
 
+# Random bytes fetched from the operating system at a time: request ids for 400 requests.
+RANDOM_BATCH = 4000
+
+
+class _RandomBytes:
+    """Random bytes from the operating system, fetched RANDOM_BATCH at a time: a system call
+    per request lets the usage writer's thread take the interpreter, and the request then
+    waits for it to let go. A forked child drops what its parent fetched (`forget`), so the
+    two never hand out the same bytes."""
+
+    def __init__(self) -> None:
+        self._batch = b""
+        self._at = 0
+
+    def take(self, count: int) -> bytes:
+        at = self._at
+        if at + count > len(self._batch):
+            self._batch, at = os.urandom(RANDOM_BATCH), 0
+        self._at = at + count
+        return self._batch[at : at + count]
+
+    def forget(self) -> None:
+        self._batch, self._at = b"", 0
+
+
+_RANDOM = _RandomBytes()
+os.register_at_fork(after_in_child=_RANDOM.forget)
+
+
 class RequestIds:
     """`req_` and 128 bits in hex, as a uuid4's hex would be: the time in milliseconds (48
-    bits), then 80 bits of a keyed BLAKE2b of a counter.
+    bits), then 80 random bits.
 
     The time first makes ids sort by the millisecond their requests came in (across machines,
     as far as their clocks agree), so the usage rows' and ledger entries' indexes on the id
-    grow at one end instead of at random pages; the keyed hash keeps ids unique and not
-    guessable from the ones a client has seen. The key comes from
-    the operating system once per process (a forked worker makes its own on its first id),
-    not a system call per request: such a call lets the usage writer's thread take the
-    interpreter, and the request then waits for it to let go.
+    grow at one end instead of at random pages; the random bits keep ids unique (two ids of
+    one millisecond share 80 random bits one time in 2**80) and not guessable from the ones
+    a client has seen.
     """
 
-    def __init__(self) -> None:
-        self._pid = 0
-        self._key = b""
-        self._count = itertools.count()
-
     def __call__(self) -> str:
-        if self._pid != os.getpid():
-            self._pid, self._key, self._count = os.getpid(), os.urandom(32), itertools.count()
-        number = next(self._count).to_bytes(8, "little")
-        tag = hashlib.blake2b(number, key=self._key, digest_size=10).hexdigest()
-        return f"req_{time.time_ns() // 1_000_000:012x}{tag}"
+        return f"req_{time.time_ns() // 1_000_000:012x}{_RANDOM.take(10).hex()}"
 
 
 class Exchange:
