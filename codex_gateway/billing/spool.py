@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from codex_gateway.store.tables import UsageRecord
-from codex_gateway.store.types import Money
+from codex_gateway.store.types import Money, decimal_text
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def _append_durably(path: Path, data: bytes) -> None:
 def encode_value(value: Any) -> Any:
     """orjson's fallback for a usage row: Decimals as exact strings."""
     if isinstance(value, Decimal):
-        return format(value, "f")
+        return decimal_text(value)
     raise TypeError(f"cannot spool a {type(value).__name__}")
 
 

@@ -45,7 +45,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from codex_gateway.store.direct import open_driver, sqlalchemy_errors
-from codex_gateway.store.types import Money, UTCDateTime, bind_money, bind_utc
+from codex_gateway.store.types import Money, UTCDateTime, bind_money, bind_utc, decimal_text
 
 Converter = Callable[[Any], Any]
 # Rows per SQLite statement at most. A batch's rows go in statements of this many, and the
@@ -68,9 +68,9 @@ def _unchanged(value: Any) -> Any:
 
 def _money_text(value: Any) -> str | None:
     if value.__class__ is Decimal:  # nearly every value: one check instead of bind_money's
-        return format(value, "f")
+        return decimal_text(value)
     money = bind_money(value)
-    return None if money is None else format(money, "f")
+    return None if money is None else decimal_text(money)
 
 
 def _utc_text(value: Any) -> str | None:
@@ -90,7 +90,7 @@ def _decimal_text(value: Any) -> str:
     """orjson's fallback for a value it does not write itself: a Decimal, as its exact
     decimal text."""
     if isinstance(value, Decimal):
-        return format(value, "f")
+        return decimal_text(value)
     raise TypeError(f"no JSON form for {type(value).__name__}")
 
 

@@ -19,6 +19,14 @@ def bind_money(value: Any) -> Decimal | None:
     raise TypeError(f"money must be a Decimal, got {type(value).__name__}")
 
 
+def decimal_text(value: Decimal) -> str:
+    """A decimal's exact text with no exponent (`0.0000001`, never `1E-7`): `str`, which
+    writes an exponent only for very small or very large values and is about three times
+    faster, else the fixed-point form."""
+    text = str(value)
+    return format(value, "f") if "E" in text else text
+
+
 def bind_utc(value: Any) -> datetime | None:
     """A timestamp on its way into the database, in UTC; one without a zone is refused."""
     if value is None:
@@ -42,7 +50,7 @@ class Money(TypeDecorator[Decimal]):
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         money = bind_money(value)
         if money is not None and dialect.name == "sqlite":
-            return format(money, "f")
+            return decimal_text(money)
         return money
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:

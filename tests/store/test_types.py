@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 
-from codex_gateway.store.types import Money
+from codex_gateway.store.types import Money, decimal_text
 
 SQLITE = sqlite.dialect()
 POSTGRESQL = postgresql.dialect()
@@ -60,3 +60,17 @@ def test_money_is_read_back_as_a_decimal(value: Any, loaded: Decimal | None) -> 
 
     assert result == loaded
     assert result is None or isinstance(result, Decimal)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["0", "-0", "0E-7", "1E-7", "-1.5E-12", "1E+3", "2.50", "123456789012345678901234.000001"],
+)
+def test_decimal_text_is_the_exact_fixed_point_text(text: str) -> None:
+    value = Decimal(text)
+
+    written = decimal_text(value)
+
+    assert written == format(value, "f")
+    assert "E" not in written
+    assert Decimal(written) == value
