@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -72,8 +72,7 @@ REFILL_REQUESTS = LEASE_REQUESTS // 4
 REFILL_PAUSE_SECONDS = 1.0
 
 
-@dataclass(frozen=True)
-class Hold:
+class Hold(NamedTuple):
     """What one request holds: against its user's balance, and against its key's cap (0 for
     a key without one)."""
 

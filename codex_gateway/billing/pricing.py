@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date
 from decimal import Context, Decimal, DivisionByZero, Inexact, InvalidOperation, Overflow
+from typing import NamedTuple
 
 from codex_gateway.relay.usage import MappedUsage
 
@@ -52,8 +53,7 @@ class Price:
     markup: Decimal = Decimal(1)
 
 
-@dataclass(frozen=True)
-class Cost:
+class Cost(NamedTuple):
     uncached_input: Decimal
     cached_input: Decimal
     output: Decimal

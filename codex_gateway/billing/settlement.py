@@ -47,7 +47,7 @@ REVIEW_FLAGS = frozenset(
 )
 
 
-@dataclass
+@dataclass(slots=True)
 class Outcome:
     """Everything the relay learned about one request, filled in as it goes."""
 

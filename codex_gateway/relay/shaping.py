@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -63,8 +62,7 @@ _DROPPED_HEADERS = frozenset(
 )
 
 
-@dataclass(frozen=True)
-class ResponsesRequest:
+class ResponsesRequest(NamedTuple):
     model: str
     stream: bool
     body: bytes

@@ -7,8 +7,7 @@ break those rules are kept as received and flagged; the bill never trusts them b
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 FLAG_INVALID = "usage_invalid"
 FLAG_CACHED_OVER_INPUT = "cached_exceeds_input"
@@ -18,16 +17,17 @@ FLAG_MISSING = "usage_missing"
 MAX_TOKENS = 10**12
 
 
-@dataclass(frozen=True)
-class MappedUsage:
-    """Token counts as received, plus the counts the bill is computed from."""
+class MappedUsage(NamedTuple):
+    """Token counts as received, plus the counts the bill is computed from. (A named tuple,
+    as the other values made for every request are: immutable, and made several times
+    faster than a frozen dataclass.)"""
 
     input_tokens: int
     cached_tokens: int
     output_tokens: int
     reasoning_tokens: int
     billable_cached_tokens: int
-    flags: tuple[str, ...] = field(default=())
+    flags: tuple[str, ...] = ()
 
     @property
     def uncached_input_tokens(self) -> int:

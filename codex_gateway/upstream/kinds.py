@@ -10,8 +10,7 @@ its ChatGPT account id and a session id derived per gateway key; when that backe
 from __future__ import annotations
 
 from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -39,8 +38,7 @@ _CHATGPT_PATHS = {RESPONSES: RESPONSES_PATH, COMPACT: COMPACT_PATH}
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class Call:
+class Call(NamedTuple):
     """What the client asked of the upstream, before any account is chosen."""
 
     endpoint: str  # RESPONSES or COMPACT
@@ -51,14 +49,16 @@ class Call:
     request_id: str
 
 
-@dataclass(frozen=True)
-class Outgoing:
+class Outgoing(NamedTuple):
     """One request as it leaves for one account; `credential` is what authenticated it."""
 
     url: str
-    headers: dict[str, str] = field(repr=False)
-    body: bytes = field(repr=False)
-    credential: str = field(repr=False)
+    headers: dict[str, str]
+    body: bytes
+    credential: str
+
+    def __repr__(self) -> str:  # the headers and the credential carry the account's secret
+        return f"Outgoing(url={self.url!r})"
 
 
 class AccountKind(Protocol):
