@@ -514,6 +514,7 @@ def _cipher_or_none() -> TokenCipher | None:
 @click.option(
     "--replace", is_flag=True, help="Give an existing ChatGPT account of this name new tokens."
 )
+@_SECRET_KEY_CHANGED
 def accounts_import_codex(
     path: Path,
     name: str,
@@ -522,12 +523,14 @@ def accounts_import_codex(
     max_concurrency: int | None,
     weight: int,
     replace: bool,
+    secret_key_changed: bool,
 ) -> None:
     """Add a ChatGPT account from a Codex auth.json (after "Sign in with ChatGPT").
 
     Its tokens are sealed with CODEX_GATEWAY_SECRET_KEY (or the key file) before they are
-    stored; without a key nothing is stored. After a new sign-in, --replace gives an
-    account (say one that needs_relogin) its new tokens.
+    stored; without a key nothing is stored. A secret key that opens none of the values
+    already sealed is refused (see --secret-key-changed). After a new sign-in, --replace
+    gives an account (say one that needs_relogin) its new tokens.
     """
     settings = settings_or_exit()
     base = (base_url or settings.chatgpt_base_url).rstrip("/")
@@ -535,9 +538,12 @@ def accounts_import_codex(
         raise click.BadParameter("must start with http:// or https://", param_hint="--base-url")
     try:
         tokens = read_codex_auth(path)
-        sealed = seal_tokens(load_cipher(settings), tokens)
+        cipher = load_cipher(settings)
     except CredentialError as exc:
         raise click.ClickException(str(exc)) from None
+    if not secret_key_changed:
+        _refuse_another_secret_key(cipher, besides=name if replace else None)
+    sealed = seal_tokens(cipher, tokens)
 
     async def store_tokens(store: Store) -> None:
         credentials = CredentialStore(store.engine)

@@ -1,10 +1,12 @@
-"""`accounts add`, `accounts seal` and `accounts list` with upstream API keys sealed at rest
-by the operator's secret key, on both backends."""
+"""`accounts add`, `accounts import-codex`, `accounts seal` and `accounts list` with upstream
+API keys and ChatGPT tokens sealed at rest by the operator's secret key, on both backends."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,10 +15,12 @@ import pytest
 
 from codex_gateway.sandbox import ACCOUNT_KEY as SANDBOX_KEY
 from codex_gateway.sandbox import ACCOUNT_NAME as SANDBOX_ACCOUNT
+from codex_gateway.store.credentials import CredentialStore, SealedTokens
 from codex_gateway.store.db import create_engine
 from codex_gateway.store.queries import AccountRecord, Store
 from codex_gateway.upstream.sealing import TokenCipher
 from tests.conftest import Gateway
+from tests.upstream.test_chatgpt_auth import make_jwt
 
 SECRET = "operator-secret-key-0123456789abcdef"
 BASE_URL = "http://127.0.0.1:9/v1"
@@ -54,6 +58,35 @@ def stored(db: Gateway, name: str) -> AccountRecord:
             await engine.dispose()
 
     return next(account for account in asyncio.run(read()) if account.name == name)
+
+
+def stored_tokens(db: Gateway, name: str) -> SealedTokens:
+    """The ChatGPT account's tokens as its row holds them."""
+
+    async def read() -> SealedTokens:
+        engine = create_engine(db.database_url)
+        try:
+            credentials = CredentialStore(engine)
+            return (await credentials.account(await credentials.account_id(name))).tokens
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
+
+
+def import_codex(
+    db: Gateway, tmp_path: Path, name: str, *extra: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Import a sign-in of its own as ChatGPT account `name`; its refresh token is
+    `rt-NAME`."""
+    access = make_jwt(time.time() + 3600, account=f"chatgpt-{name}")
+    tokens = {"access_token": access, "refresh_token": f"rt-{name}"}
+    path = tmp_path / f"{name}-{uuid.uuid4().hex[:8]}.json"
+    path.write_bytes(json.dumps({"tokens": tokens}).encode())
+    return db.cli(
+        "accounts", "import-codex", str(path), "--name", name,
+        "--base-url", "http://127.0.0.1:9/backend-api", *extra, check=check,
+    )  # fmt: skip
 
 
 def add(db: Gateway, name: str, key: str, *extra: str) -> tuple[str, str]:
@@ -202,6 +235,55 @@ def test_after_a_change_of_secret_key_the_first_account_given_again_says_so(
     for name, key in ((first, "sk-new-1"), (second, "sk-new-2")):
         sealed = stored(empty, name).api_key_sealed
         assert sealed is not None and TokenCipher(SECRET).open(sealed) == key
+
+
+def test_an_import_under_a_secret_key_that_opens_nothing_sealed_stores_nothing(
+    empty: Gateway, tmp_path: Path
+) -> None:
+    """Tokens sealed under the shell's key would not open in the gateways, which hold the key
+    the database's values were sealed with."""
+    api = fresh()
+    with_secret(empty)
+    add(empty, *api)
+    import_codex(empty, tmp_path, "plus-1")
+    with_secret(empty, SECRET + "-in-the-shell")
+
+    refused = {
+        f"{api[0]}, plus-1": import_codex(empty, tmp_path, "plus-2", check=False),
+        # the account being replaced aside
+        api[0]: import_codex(empty, tmp_path, "plus-1", "--replace", check=False),
+    }
+
+    for named, result in refused.items():
+        assert result.returncode == 1
+        assert result.stderr.startswith(
+            "Error: this secret key opens none of the values already sealed in the database "
+            f"(accounts {named}): they were sealed with another key"
+        )
+    assert "plus-2" not in empty.cli("accounts", "list").stdout
+    assert TokenCipher(SECRET).open(stored_tokens(empty, "plus-1").refresh_token) == "rt-plus-1"
+
+
+def test_after_a_change_of_secret_key_the_first_import_says_so(
+    empty: Gateway, tmp_path: Path
+) -> None:
+    name, _ = fresh()
+    with_secret(empty, SECRET + "-lost")
+    add(empty, name, "sk-lost-1")
+    import_codex(empty, tmp_path, "plus-1")
+    with_secret(empty)
+
+    refused = import_codex(empty, tmp_path, "plus-1", "--replace", check=False)
+    import_codex(empty, tmp_path, "plus-1", "--replace", "--secret-key-changed")
+    import_codex(empty, tmp_path, "plus-2")  # one value opens with this key now
+    add(empty, name, "sk-new-1", "--replace")
+
+    assert refused.returncode == 1 and f"(accounts {name}): they were" in refused.stderr
+    cipher = TokenCipher(SECRET)
+    for account in ("plus-1", "plus-2"):
+        assert cipher.open(stored_tokens(empty, account).refresh_token) == f"rt-{account}"
+    sealed = stored(empty, name).api_key_sealed
+    assert sealed is not None and cipher.open(sealed) == "sk-new-1"
 
 
 # An option --replace would not apply: the account keeps what it has.
