@@ -508,20 +508,22 @@ def read_secret_key_file(path: str) -> str:
     whitespace. A file that gives none is a ConfigError naming the setting, never the file's
     contents."""
     try:
-        return _secret_in(Path(path))
+        return secret_in_file(Path(path))
     except ValueError as exc:
         raise ConfigError([_problem("secret_key_file", path, str(exc))]) from None
 
 
 def _secret_key_file_problem(path: str) -> str | None:
     try:
-        _secret_in(Path(path))
+        secret_in_file(Path(path))
     except ValueError as exc:
         return str(exc)
     return None
 
 
-def _secret_in(path: Path) -> str:
+def secret_in_file(path: Path) -> str:
+    """The secret key a key file holds, without surrounding whitespace, read as the secret
+    key file is. A file that gives none is a ValueError saying why, never what it holds."""
     try:
         secret = _key_file_bytes(path).decode("utf-8").strip()
     except OSError as exc:

@@ -17,6 +17,7 @@ from click.core import ParameterSource
 from codex_gateway.billing.pricing import Price, PriceTable, parse_amount, per_million, plain
 from codex_gateway.billing.settlement import explain as explain_row
 from codex_gateway.cli.context import dump_json, settings_or_exit, table, with_store
+from codex_gateway.config import secret_in_file
 from codex_gateway.errors import CredentialError
 from codex_gateway.relay.chatgpt import RESPONSES_PATH, Quota
 from codex_gateway.sandbox import ACCOUNT_KEY as SANDBOX_KEY
@@ -34,6 +35,8 @@ from codex_gateway.upstream.sealing import (
     configured_cipher,
     opens,
     refuse_another_secret_key,
+    resealed,
+    same_secret_key,
 )
 
 ACCOUNT_KINDS = (KIND_OPENAI,)
@@ -492,6 +495,55 @@ def _cipher_or_none() -> TokenCipher | None:
         return configured_cipher(settings_or_exit())
     except CredentialError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _old_secret_key(_ctx: click.Context, _param: click.Parameter, path: Path) -> TokenCipher:
+    """The cipher of the secret key in `path`, read as the secret key file is."""
+    try:
+        return TokenCipher(secret_in_file(path))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@accounts.command("reseal")
+@click.option(
+    "--old-secret-key-file",
+    "old_key",
+    required=True,
+    type=click.Path(path_type=Path),
+    callback=_old_secret_key,
+    help="A file holding the secret key the values are sealed with now (read as "
+    "CODEX_GATEWAY_SECRET_KEY_FILE is).",
+)
+def accounts_reseal(old_key: TokenCipher) -> None:
+    """Re-seal every sealed API key and ChatGPT token under a new secret key.
+
+    Each value is opened with the old key, read from --old-secret-key-file, and sealed with
+    the new one, CODEX_GATEWAY_SECRET_KEY (or the key file), all in one transaction: if any
+    value does not open with the old key, nothing changes, and the accounts holding such
+    values are named. Then restart every gateway with the new key: one still on the old key
+    cannot open what is re-sealed. API keys stored unsealed stay so (see `accounts seal`).
+    """
+    new_key = _cipher_or_none()
+    if new_key is None:
+        raise click.ClickException(f"no new secret key to re-seal with: {SET_A_SECRET_KEY}")
+    if same_secret_key(old_key, new_key):
+        raise click.ClickException(
+            "the old secret key is the secret key set now, so nothing was re-sealed: set the "
+            "new key in CODEX_GATEWAY_SECRET_KEY or CODEX_GATEWAY_SECRET_KEY_FILE"
+        )
+    try:
+        done = with_store(lambda store: store.reseal(lambda held: resealed(held, old_key, new_key)))
+    except CredentialError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not done:
+        click.echo("nothing is sealed in the database; nothing to re-seal")
+        return
+    values = sum(len(sealed) for sealed in done.values())
+    click.echo(
+        f"re-sealed {values} value(s) of {len(done)} account(s) under the new secret key; "
+        "restart every gateway with it"
+    )
 
 
 @accounts.command("import-codex")

@@ -656,6 +656,38 @@ class Store:
             rows = (await conn.execute(query.order_by(UpstreamAccount.id))).all()
         return {name: sealed for name, sealed in rows}
 
+    async def reseal(
+        self, change: Callable[[dict[str, dict[str, str]]], dict[str, dict[str, str]]]
+    ) -> dict[str, dict[str, str]]:
+        """Give every value sealed with the secret key (by account name, then column) to
+        `change` and store what it gives back, in one transaction holding the rows, so a
+        token refresh meanwhile waits for it. What `change` raises leaves every value as it
+        was. What was stored is returned."""
+        columns = (
+            UpstreamAccount.api_key_sealed,
+            UpstreamAccount.access_token_sealed,
+            UpstreamAccount.refresh_token_sealed,
+            UpstreamAccount.id_token_sealed,
+        )
+        query = select(UpstreamAccount.name, *columns).order_by(UpstreamAccount.id)
+        async with self.engine.begin() as conn:
+            held: dict[str, dict[str, str]] = {}
+            for name, *values in (await conn.execute(query.with_for_update())).all():
+                pairs = zip(columns, values, strict=True)
+                sealed = {column.key: value for column, value in pairs if value is not None}
+                if sealed:
+                    held[name] = sealed
+            changed = change(held)
+            for name, sealed_anew in changed.items():
+                await conn.execute(
+                    update(UpstreamAccount)
+                    .where(UpstreamAccount.name == name)
+                    .values(**sealed_anew)
+                )
+            if changed:
+                await self._bump(conn)
+        return changed
+
     async def set_account_base_url(self, name: str, base_url: str) -> None:
         async with self.engine.begin() as conn:
             result = await conn.execute(

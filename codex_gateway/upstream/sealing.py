@@ -80,6 +80,35 @@ def refuse_another_secret_key(cipher: TokenCipher, sealed: dict[str, str]) -> No
     )
 
 
+def resealed(
+    held: dict[str, dict[str, str]], old: TokenCipher, new: TokenCipher
+) -> dict[str, dict[str, str]]:
+    """Each account's sealed values (by account name, then column) opened with `old` and
+    sealed again with `new`. If any value does not open with `old`, none is given: the
+    CredentialError names the accounts holding such values, and never a value."""
+    done: dict[str, dict[str, str]] = {}
+    shut: list[str] = []
+    for name, values in held.items():
+        try:
+            done[name] = {column: new.seal(old.open(value)) for column, value in values.items()}
+        except CredentialError:
+            shut.append(name)
+    if shut:
+        raise CredentialError(
+            f"the old secret key does not open the sealed values of accounts {', '.join(shut)}, "
+            "so nothing was re-sealed. Give --old-secret-key-file the key they were sealed "
+            "with; or, with the old key as the secret key, give those accounts their keys "
+            "again (`accounts add --replace`, `accounts import-codex --replace`) or remove "
+            "them, and re-seal"
+        )
+    return done
+
+
+def same_secret_key(one: TokenCipher, other: TokenCipher) -> bool:
+    """Whether two ciphers come from the same secret key: what one seals, the other opens."""
+    return opens(other, one.seal("same key?"))
+
+
 def opens(cipher: TokenCipher, sealed: str) -> bool:
     """Whether a sealed value opens with `cipher`."""
     try:

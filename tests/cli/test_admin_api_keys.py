@@ -1,10 +1,12 @@
-"""`accounts add`, `accounts import-codex`, `accounts seal` and `accounts list` with upstream
-API keys and ChatGPT tokens sealed at rest by the operator's secret key, on both backends."""
+"""`accounts add`, `accounts import-codex`, `accounts seal`, `accounts reseal` and `accounts
+list` with upstream API keys and ChatGPT tokens sealed at rest by the operator's secret key, on
+both backends."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import time
 import uuid
@@ -12,12 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
+from codex_gateway.errors import CredentialError
 from codex_gateway.sandbox import ACCOUNT_KEY as SANDBOX_KEY
 from codex_gateway.sandbox import ACCOUNT_NAME as SANDBOX_ACCOUNT
 from codex_gateway.store.credentials import CredentialStore, SealedTokens
 from codex_gateway.store.db import create_engine
 from codex_gateway.store.queries import AccountRecord, Store
+from codex_gateway.store.tables import UpstreamAccount
 from codex_gateway.upstream.sealing import TokenCipher
 from tests.conftest import Gateway
 from tests.upstream.test_chatgpt_auth import make_jwt
@@ -78,15 +83,25 @@ def import_codex(
     db: Gateway, tmp_path: Path, name: str, *extra: str, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
     """Import a sign-in of its own as ChatGPT account `name`; its refresh token is
-    `rt-NAME`."""
+    `rt-NAME` and its id token `it-NAME`."""
     access = make_jwt(time.time() + 3600, account=f"chatgpt-{name}")
-    tokens = {"access_token": access, "refresh_token": f"rt-{name}"}
+    tokens = {"id_token": f"it-{name}", "access_token": access, "refresh_token": f"rt-{name}"}
     path = tmp_path / f"{name}-{uuid.uuid4().hex[:8]}.json"
     path.write_bytes(json.dumps({"tokens": tokens}).encode())
     return db.cli(
         "accounts", "import-codex", str(path), "--name", name,
         "--base-url", "http://127.0.0.1:9/backend-api", *extra, check=check,
     )  # fmt: skip
+
+
+def sealed_accounts(db: Gateway, tmp_path: Path) -> tuple[str, str]:
+    """An API account and ChatGPT account plus-1, both sealed under SECRET, which the CLI
+    then holds; the API account's name and key."""
+    name, key = fresh()
+    with_secret(db)
+    add(db, name, key)
+    import_codex(db, tmp_path, "plus-1")
+    return name, key
 
 
 def add(db: Gateway, name: str, key: str, *extra: str) -> tuple[str, str]:
@@ -242,10 +257,7 @@ def test_an_import_under_a_secret_key_that_opens_nothing_sealed_stores_nothing(
 ) -> None:
     """Tokens sealed under the shell's key would not open in the gateways, which hold the key
     the database's values were sealed with."""
-    api = fresh()
-    with_secret(empty)
-    add(empty, *api)
-    import_codex(empty, tmp_path, "plus-1")
+    api = sealed_accounts(empty, tmp_path)
     with_secret(empty, SECRET + "-in-the-shell")
 
     refused = {
@@ -284,6 +296,167 @@ def test_after_a_change_of_secret_key_the_first_import_says_so(
         assert cipher.open(stored_tokens(empty, account).refresh_token) == f"rt-{account}"
     sealed = stored(empty, name).api_key_sealed
     assert sealed is not None and cipher.open(sealed) == "sk-new-1"
+
+
+def sealed_values(db: Gateway) -> dict[str, tuple[str | None, ...]]:
+    """Every account's sealed values as its row holds them."""
+    columns = (
+        UpstreamAccount.api_key_sealed,
+        UpstreamAccount.access_token_sealed,
+        UpstreamAccount.refresh_token_sealed,
+        UpstreamAccount.id_token_sealed,
+    )
+
+    async def read() -> dict[str, tuple[str | None, ...]]:
+        engine = create_engine(db.database_url)
+        try:
+            async with engine.connect() as conn:
+                rows = (await conn.execute(select(UpstreamAccount.name, *columns))).all()
+        finally:
+            await engine.dispose()
+        return {name: tuple(values) for name, *values in rows}
+
+    return asyncio.run(read())
+
+
+def revision(db: Gateway) -> int:
+    """The revision the gateways reload on."""
+
+    async def read() -> int:
+        engine = create_engine(db.database_url)
+        try:
+            return await Store(engine).revision()
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
+
+
+def key_file(tmp_path: Path, secret: str) -> str:
+    path = tmp_path / f"key-{uuid.uuid4().hex[:8]}"
+    path.write_text(f"{secret}\n")
+    return str(path)
+
+
+NEW_SECRET = SECRET + "-new"
+
+
+def test_accounts_reseal_seals_every_sealed_value_again_under_the_new_secret_key(
+    empty: Gateway, tmp_path: Path
+) -> None:
+    (api, api_key), (clear, clear_key) = sealed_accounts(empty, tmp_path), fresh()
+    empty.env.pop("CODEX_GATEWAY_SECRET_KEY")
+    add(empty, clear, clear_key)
+    empty.env["CODEX_GATEWAY_SECRET_KEY_FILE"] = key_file(tmp_path, NEW_SECRET)
+
+    before = revision(empty)
+    result = empty.cli("accounts", "reseal", "--old-secret-key-file", key_file(tmp_path, SECRET))
+    after = revision(empty)
+
+    assert result.stdout == (
+        "re-sealed 4 value(s) of 2 account(s) under the new secret key; restart every gateway "
+        "with it\n"
+    )
+    new, old = TokenCipher(NEW_SECRET), TokenCipher(SECRET)
+    sealed = stored(empty, api).api_key_sealed
+    assert sealed is not None and new.open(sealed) == api_key
+    tokens = stored_tokens(empty, "plus-1")
+    assert tokens.id_token is not None and new.open(tokens.id_token) == "it-plus-1"
+    assert new.open(tokens.refresh_token) == "rt-plus-1"
+    assert new.open(tokens.access_token).count(".") == 2  # the JWT, as imported
+    for value in (sealed, tokens.access_token, tokens.refresh_token):
+        with pytest.raises(CredentialError):
+            old.open(value)
+    assert (stored(empty, clear).api_key, stored(empty, clear).api_key_sealed) == (clear_key, None)
+    assert after > before  # the gateways reload
+    listed = {a["name"]: a["why"] for a in empty.cli_json("accounts", "list")}
+    assert listed == {api: None, "plus-1": None, clear: None}
+    for secret in (api_key, clear_key, "rt-plus-1", SECRET, NEW_SECRET):
+        assert secret not in result.stdout + result.stderr
+
+
+def test_accounts_reseal_changes_nothing_if_a_value_does_not_open_with_the_old_key(
+    empty: Gateway, tmp_path: Path
+) -> None:
+    (_, api_key), (lost, lost_key) = sealed_accounts(empty, tmp_path), fresh()
+    with_secret(empty, SECRET + "-lost")
+    add(empty, lost, lost_key, "--secret-key-changed")
+    import_codex(empty, tmp_path, "plus-lost")
+    with_secret(empty, NEW_SECRET)
+    held = sealed_values(empty)
+
+    result = empty.cli(
+        "accounts", "reseal", "--old-secret-key-file", key_file(tmp_path, SECRET), check=False
+    )
+
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith(
+        f"Error: the old secret key does not open the sealed values of accounts {lost}, "
+        "plus-lost, so nothing was re-sealed. Give --old-secret-key-file the key they were "
+        "sealed with"
+    )
+    assert sealed_values(empty) == held
+    for secret in (api_key, lost_key, "rt-plus-1", "rt-plus-lost", SECRET, NEW_SECRET):
+        assert secret not in result.stderr
+
+
+# What `accounts reseal` refuses before it opens anything: the old key's file, then the new
+# key of the settings.
+BAD_OLD_KEY = "Invalid value for '--old-secret-key-file': "
+RESEAL_REFUSED = [
+    # a file that gives no key, named by the option and never shown
+    ("missing", NEW_SECRET, 2, BAD_OLD_KEY + "cannot be read: No such file or directory"),
+    ("short", NEW_SECRET, 2, BAD_OLD_KEY + "the key in it must be at least 32 characters"),
+    ("fifo", NEW_SECRET, 2, BAD_OLD_KEY + "must be a regular file, not a FIFO"),
+    # no new key, or the old one again
+    ("old", None, 1, "Error: no new secret key to re-seal with: set CODEX_GATEWAY_SECRET_KEY"),
+    ("old", SECRET, 1, "Error: the old secret key is the secret key set now, so nothing was"),
+]
+
+
+def old_key_file(tmp_path: Path, kind: str) -> str:
+    """A file for --old-secret-key-file: of the old key, or one that gives no key."""
+    if kind == "old":
+        return key_file(tmp_path, SECRET)
+    if kind == "short":
+        return key_file(tmp_path, "short")
+    path = tmp_path / kind
+    if kind == "fifo":
+        os.mkfifo(path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "code", "problem"),
+    RESEAL_REFUSED,
+    ids=["missing", "short", "fifo", "no-new-key", "same-key"],
+)
+def test_accounts_reseal_refuses_an_old_key_it_cannot_read_or_no_new_one_and_changes_nothing(
+    empty: Gateway, tmp_path: Path, old: str, new: str | None, code: int, problem: str
+) -> None:
+    sealed_accounts(empty, tmp_path)
+    held = sealed_values(empty)
+    empty.env.pop("CODEX_GATEWAY_SECRET_KEY")
+    if new is not None:
+        with_secret(empty, new)
+
+    result = empty.cli(
+        "accounts", "reseal", "--old-secret-key-file", old_key_file(tmp_path, old), check=False
+    )
+
+    assert (result.returncode, result.stdout) == (code, "")
+    assert problem in result.stderr
+    assert SECRET not in result.stderr
+    assert sealed_values(empty) == held
+
+
+def test_accounts_reseal_with_nothing_sealed_says_so(empty: Gateway, tmp_path: Path) -> None:
+    add(empty, *fresh())  # unsealed: no secret key yet
+    with_secret(empty, NEW_SECRET)
+
+    result = empty.cli("accounts", "reseal", "--old-secret-key-file", key_file(tmp_path, SECRET))
+
+    assert result.stdout == "nothing is sealed in the database; nothing to re-seal\n"
 
 
 # An option --replace would not apply: the account keeps what it has.

@@ -17,6 +17,8 @@ from codex_gateway.upstream.sealing import (
     TokenCipher,
     configured_cipher,
     refuse_another_secret_key,
+    resealed,
+    same_secret_key,
 )
 
 SECRET = "operator-secret-key-0123456789abcdef"
@@ -235,3 +237,46 @@ def test_a_secret_key_that_opens_none_of_the_sealed_values_is_refused() -> None:
         "this secret key opens none of the values already sealed in the database (accounts a, b)"
     )
     assert str(refused.value).endswith("give --secret-key-changed")
+
+
+def test_resealing_opens_each_value_with_the_old_key_and_seals_it_with_the_new() -> None:
+    held = {
+        "api": {"api_key_sealed": OTHER.seal("sk-1")},
+        "plus": {"access_token_sealed": OTHER.seal("at"), "refresh_token_sealed": OTHER.seal("rt")},
+    }
+
+    done = resealed(held, OTHER, CIPHER)
+
+    opened = {name: {c: CIPHER.open(v) for c, v in values.items()} for name, values in done.items()}
+    assert opened == {
+        "api": {"api_key_sealed": "sk-1"},
+        "plus": {"access_token_sealed": "at", "refresh_token_sealed": "rt"},
+    }
+
+
+def test_resealing_gives_nothing_if_a_value_does_not_open_and_names_its_accounts() -> None:
+    lost = TokenCipher(SECRET + "-lost")
+    held = {
+        "fine": {"api_key_sealed": OTHER.seal("sk-fine")},
+        "lost": {"api_key_sealed": lost.seal("sk-lost")},
+        # one of its tokens opens, the other does not
+        "half": {
+            "access_token_sealed": OTHER.seal("at-half"),
+            "refresh_token_sealed": lost.seal("rt-half"),
+        },
+    }
+
+    with pytest.raises(CredentialError) as refused:
+        resealed(held, OTHER, CIPHER)
+
+    assert str(refused.value).startswith(
+        "the old secret key does not open the sealed values of accounts lost, half, so nothing "
+        "was re-sealed"
+    )
+    for value in ("sk-fine", "sk-lost", "at-half", "rt-half", SECRET):
+        assert value not in str(refused.value)
+
+
+def test_two_ciphers_are_of_the_same_secret_key_only_if_one_opens_what_the_other_seals() -> None:
+    assert same_secret_key(CIPHER, TokenCipher(SECRET))
+    assert not same_secret_key(CIPHER, OTHER)
