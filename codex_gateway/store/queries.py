@@ -24,6 +24,7 @@ from codex_gateway.store.direct import DriverStatement
 from codex_gateway.store.tables import (
     HOLD,
     RELEASE,
+    SEALED_COLUMNS,
     SETTLE,
     STATUS_INTERRUPTED,
     ApiKey,
@@ -644,11 +645,7 @@ class Store:
     async def sealed_values(self, *, besides: str | None = None) -> dict[str, str]:
         """One value each account holds sealed with the secret key (its API key, or a
         ChatGPT token), by account name; `besides` names an account to leave out."""
-        value = func.coalesce(
-            UpstreamAccount.api_key_sealed,
-            UpstreamAccount.refresh_token_sealed,
-            UpstreamAccount.access_token_sealed,
-        )
+        value = func.coalesce(*SEALED_COLUMNS)
         query = select(UpstreamAccount.name, value).where(value.is_not(None))
         if besides is not None:
             query = query.where(UpstreamAccount.name != besides)
@@ -663,17 +660,11 @@ class Store:
         `change` and store what it gives back, in one transaction holding the rows, so a
         token refresh meanwhile waits for it. What `change` raises leaves every value as it
         was. What was stored is returned."""
-        columns = (
-            UpstreamAccount.api_key_sealed,
-            UpstreamAccount.access_token_sealed,
-            UpstreamAccount.refresh_token_sealed,
-            UpstreamAccount.id_token_sealed,
-        )
-        query = select(UpstreamAccount.name, *columns).order_by(UpstreamAccount.id)
+        query = select(UpstreamAccount.name, *SEALED_COLUMNS).order_by(UpstreamAccount.id)
         async with self.engine.begin() as conn:
             held: dict[str, dict[str, str]] = {}
             for name, *values in (await conn.execute(query.with_for_update())).all():
-                pairs = zip(columns, values, strict=True)
+                pairs = zip(SEALED_COLUMNS, values, strict=True)
                 sealed = {column.key: value for column, value in pairs if value is not None}
                 if sealed:
                     held[name] = sealed

@@ -146,6 +146,16 @@ class UpstreamAccount(Base):
     api_key_sealed: Mapped[str | None] = mapped_column(Text)
 
 
+# Every column that holds a value sealed with the operator's secret key. An account's API key,
+# or else its refresh token, comes first: `Store.sealed_values` takes the first one held.
+SEALED_COLUMNS = (
+    UpstreamAccount.api_key_sealed,
+    UpstreamAccount.refresh_token_sealed,
+    UpstreamAccount.access_token_sealed,
+    UpstreamAccount.id_token_sealed,
+)
+
+
 class ModelPricing(Base):
     """USD per 1M tokens for input, cached input and output, and a markup on the sum."""
 

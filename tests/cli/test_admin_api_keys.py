@@ -22,7 +22,7 @@ from codex_gateway.sandbox import ACCOUNT_NAME as SANDBOX_ACCOUNT
 from codex_gateway.store.credentials import CredentialStore, SealedTokens
 from codex_gateway.store.db import create_engine
 from codex_gateway.store.queries import AccountRecord, Store
-from codex_gateway.store.tables import UpstreamAccount
+from codex_gateway.store.tables import SEALED_COLUMNS, UpstreamAccount
 from codex_gateway.upstream.sealing import TokenCipher
 from tests.conftest import Gateway
 from tests.upstream.test_chatgpt_auth import make_jwt
@@ -298,20 +298,15 @@ def test_after_a_change_of_secret_key_the_first_import_says_so(
     assert sealed is not None and cipher.open(sealed) == "sk-new-1"
 
 
-def sealed_values(db: Gateway) -> dict[str, tuple[str | None, ...]]:
-    """Every account's sealed values as its row holds them."""
-    columns = (
-        UpstreamAccount.api_key_sealed,
-        UpstreamAccount.access_token_sealed,
-        UpstreamAccount.refresh_token_sealed,
-        UpstreamAccount.id_token_sealed,
-    )
+def stored_sealed_columns(db: Gateway) -> dict[str, tuple[str | None, ...]]:
+    """Every account's sealed columns as its row holds them."""
 
     async def read() -> dict[str, tuple[str | None, ...]]:
         engine = create_engine(db.database_url)
         try:
             async with engine.connect() as conn:
-                rows = (await conn.execute(select(UpstreamAccount.name, *columns))).all()
+                query = select(UpstreamAccount.name, *SEALED_COLUMNS)
+                rows = (await conn.execute(query)).all()
         finally:
             await engine.dispose()
         return {name: tuple(values) for name, *values in rows}
@@ -383,7 +378,7 @@ def test_accounts_reseal_changes_nothing_if_a_value_does_not_open_with_the_old_k
     add(empty, lost, lost_key, "--secret-key-changed")
     import_codex(empty, tmp_path, "plus-lost")
     with_secret(empty, NEW_SECRET)
-    held = sealed_values(empty)
+    held = stored_sealed_columns(empty)
 
     result = empty.cli(
         "accounts", "reseal", "--old-secret-key-file", key_file(tmp_path, SECRET), check=False
@@ -395,7 +390,7 @@ def test_accounts_reseal_changes_nothing_if_a_value_does_not_open_with_the_old_k
         "plus-lost, so nothing was re-sealed. Give --old-secret-key-file the key they were "
         "sealed with"
     )
-    assert sealed_values(empty) == held
+    assert stored_sealed_columns(empty) == held
     for secret in (api_key, lost_key, "rt-plus-1", "rt-plus-lost", SECRET, NEW_SECRET):
         assert secret not in result.stderr
 
@@ -435,7 +430,7 @@ def test_accounts_reseal_refuses_an_old_key_it_cannot_read_or_no_new_one_and_cha
     empty: Gateway, tmp_path: Path, old: str, new: str | None, code: int, problem: str
 ) -> None:
     sealed_accounts(empty, tmp_path)
-    held = sealed_values(empty)
+    held = stored_sealed_columns(empty)
     empty.env.pop("CODEX_GATEWAY_SECRET_KEY")
     if new is not None:
         with_secret(empty, new)
@@ -447,7 +442,7 @@ def test_accounts_reseal_refuses_an_old_key_it_cannot_read_or_no_new_one_and_cha
     assert (result.returncode, result.stdout) == (code, "")
     assert problem in result.stderr
     assert SECRET not in result.stderr
-    assert sealed_values(empty) == held
+    assert stored_sealed_columns(empty) == held
 
 
 def test_accounts_reseal_with_nothing_sealed_says_so(empty: Gateway, tmp_path: Path) -> None:
