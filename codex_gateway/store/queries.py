@@ -660,19 +660,21 @@ class Store:
         `change` and store what it gives back, in one transaction holding the rows, so a
         token refresh meanwhile waits for it. What `change` raises leaves every value as it
         was. What was stored is returned."""
-        query = select(UpstreamAccount.name, *SEALED_COLUMNS).order_by(UpstreamAccount.id)
+        query = select(UpstreamAccount.id, UpstreamAccount.name, *SEALED_COLUMNS)
         async with self.engine.begin() as conn:
             held: dict[str, dict[str, str]] = {}
-            for name, *values in (await conn.execute(query.with_for_update())).all():
+            ids: dict[str, int] = {}
+            rows = await conn.execute(query.order_by(UpstreamAccount.id).with_for_update())
+            for account_id, name, *values in rows.all():
                 pairs = zip(SEALED_COLUMNS, values, strict=True)
                 sealed = {column.key: value for column, value in pairs if value is not None}
                 if sealed:
-                    held[name] = sealed
+                    held[name], ids[name] = sealed, account_id
             changed = change(held)
             for name, sealed_anew in changed.items():
                 await conn.execute(
                     update(UpstreamAccount)
-                    .where(UpstreamAccount.name == name)
+                    .where(UpstreamAccount.id == ids[name])
                     .values(**sealed_anew)
                 )
             if changed:
