@@ -25,7 +25,7 @@ from codex_gateway.store.queries import AccountRecord, Store
 from codex_gateway.store.tables import SEALED_COLUMNS, UpstreamAccount
 from codex_gateway.upstream.sealing import TokenCipher
 from tests.conftest import Gateway
-from tests.upstream.test_chatgpt_auth import make_jwt
+from tests.upstream.chatgpt_helpers import make_jwt
 
 SECRET = "operator-secret-key-0123456789abcdef"
 BASE_URL = "http://127.0.0.1:9/v1"

@@ -21,7 +21,7 @@ from codex_gateway.upstream.pool import AccountPool
 from codex_gateway.upstream.quota import QuotaBook
 from codex_gateway.upstream.sealing import TokenCipher
 from tests.conftest import CLI, Gateway, free_port, make_gateway
-from tests.upstream.test_chatgpt_auth import ACCOUNT, SECRET, make_jwt
+from tests.upstream.chatgpt_helpers import ACCOUNT, SECRET, make_jwt
 
 
 @pytest.fixture

@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import jwt
 import orjson
 import pytest
 
 from codex_gateway.sandbox.chatgpt import access_token
 from codex_gateway.store.credentials import CredentialStore
 from codex_gateway.store.db import create_engine
+from codex_gateway.upstream.chatgpt_auth import AUTH_CLAIM
 from codex_gateway.upstream.sealing import TokenCipher
 from tests.conftest import Gateway, Sandbox
 from tests.upstream.pool_helpers import CATALOG_SETTLE_SECONDS
@@ -30,6 +32,8 @@ from tests.upstream.pool_helpers import CATALOG_SETTLE_SECONDS
 SECRET = "test-operator-secret-for-chatgpt-0123456789"
 MODEL = "gpt-5.1-codex"
 TOKEN_REFRESH_TIMEOUT = 1
+SIGNING_KEY = "a-test-signing-key-of-at-least-32-bytes"
+ACCOUNT = "5c3f0a4e-1b2c-4d5e-8f90-123456789abc"  # the ChatGPT account make_jwt names
 
 
 @dataclass
@@ -38,6 +42,17 @@ class ChatGPTAccount:
     account_id: str  # the ChatGPT account id its requests carry
     access_token: str
     refresh_token: str
+
+
+def make_jwt(exp: float | None = None, account: str | None = ACCOUNT, **extra: Any) -> str:
+    """A token as Codex's sign-in issues them: expiring at `exp`, naming ChatGPT account
+    `account` on the plus plan, with `extra` claims."""
+    claims: dict[str, Any] = dict(extra)
+    if exp is not None:
+        claims["exp"] = int(exp)
+    if account is not None:
+        claims[AUTH_CLAIM] = {"chatgpt_account_id": account, "chatgpt_plan_type": "plus"}
+    return jwt.encode(claims, SIGNING_KEY, algorithm="HS256")
 
 
 def chatgpt_env(sandbox: Sandbox) -> dict[str, str]:

@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import jwt
 import orjson
 import pytest
 from aiohttp import web
@@ -22,7 +21,6 @@ from codex_gateway.errors import CredentialError, TokenRefreshError
 from codex_gateway.store.credentials import STATE_NEEDS_RELOGIN, CredentialStore
 from codex_gateway.store.db import create_engine, migrate
 from codex_gateway.upstream.chatgpt_auth import (
-    AUTH_CLAIM,
     CLIENT_ID,
     CodexTokens,
     TokenRefresher,
@@ -35,19 +33,9 @@ from codex_gateway.upstream.chatgpt_auth import (
 )
 from codex_gateway.upstream.client import UpstreamClient
 from codex_gateway.upstream.sealing import TokenCipher
+from tests.upstream.chatgpt_helpers import ACCOUNT, make_jwt
 
-SIGNING_KEY = "a-test-signing-key-of-at-least-32-bytes"
 SECRET = "operator-secret-key-0123456789abcdef"
-ACCOUNT = "5c3f0a4e-1b2c-4d5e-8f90-123456789abc"
-
-
-def make_jwt(exp: float | None = None, account: str | None = ACCOUNT, **extra: Any) -> str:
-    claims: dict[str, Any] = dict(extra)
-    if exp is not None:
-        claims["exp"] = int(exp)
-    if account is not None:
-        claims[AUTH_CLAIM] = {"chatgpt_account_id": account, "chatgpt_plan_type": "plus"}
-    return jwt.encode(claims, SIGNING_KEY, algorithm="HS256")
 
 
 def write_auth(tmp_path: Path, tokens: dict[str, Any]) -> Path:
