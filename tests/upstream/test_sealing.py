@@ -16,6 +16,7 @@ from codex_gateway.upstream.sealing import (
     ApiKeyOpener,
     TokenCipher,
     configured_cipher,
+    opens,
     refuse_another_secret_key,
     resealed,
     same_secret_key,
@@ -280,3 +281,4 @@ def test_resealing_gives_nothing_if_a_value_does_not_open_and_names_its_accounts
 def test_two_ciphers_are_of_the_same_secret_key_only_if_one_opens_what_the_other_seals() -> None:
     assert same_secret_key(CIPHER, TokenCipher(SECRET))
     assert not same_secret_key(CIPHER, OTHER)
+    assert opens(TokenCipher(SECRET), CIPHER.seal("sealed")) and not opens(OTHER, CIPHER.seal("x"))
