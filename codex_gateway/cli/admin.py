@@ -497,10 +497,13 @@ def _cipher_or_none() -> TokenCipher | None:
         raise click.ClickException(str(exc)) from None
 
 
-def _old_secret_key(_ctx: click.Context, _param: click.Parameter, path: Path) -> TokenCipher:
-    """The cipher of the secret key in `path`, read as the secret key file is."""
+def _old_secret_key(_ctx: click.Context, _param: click.Parameter, path: str) -> TokenCipher:
+    """The cipher of the secret key in `path`, read as the secret key file is. An empty path
+    is refused as such: as a Path it would be the current directory."""
+    if not path:
+        raise click.BadParameter("is empty; give the path of the file holding the old key")
     try:
-        return TokenCipher(secret_in_file(path))
+        return TokenCipher(secret_in_file(Path(path)))
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 
@@ -510,7 +513,7 @@ def _old_secret_key(_ctx: click.Context, _param: click.Parameter, path: Path) ->
     "--old-secret-key-file",
     "old_key",
     required=True,
-    type=click.Path(path_type=Path),
+    type=click.Path(dir_okay=False),
     callback=_old_secret_key,
     help="A file holding the secret key the values are sealed with now (read as "
     "CODEX_GATEWAY_SECRET_KEY_FILE is).",

@@ -396,9 +396,12 @@ def test_accounts_reseal_changes_nothing_if_a_value_does_not_open_with_the_old_k
 
 
 # What `accounts reseal` refuses before it opens anything: the old key's file, then the new
-# key of the settings.
+# key of the settings. {path} is the path given.
 BAD_OLD_KEY = "Invalid value for '--old-secret-key-file': "
 RESEAL_REFUSED = [
+    # no file: an empty path (which as a path is the current directory), or a directory
+    ("empty", NEW_SECRET, 2, BAD_OLD_KEY + "is empty; give the path of the file holding the"),
+    ("directory", NEW_SECRET, 2, BAD_OLD_KEY + "File '{path}' is a directory."),
     # a file that gives no key, named by the option and never shown
     ("missing", NEW_SECRET, 2, BAD_OLD_KEY + "cannot be read: No such file or directory"),
     ("short", NEW_SECRET, 2, BAD_OLD_KEY + "the key in it must be at least 32 characters"),
@@ -410,21 +413,25 @@ RESEAL_REFUSED = [
 
 
 def old_key_file(tmp_path: Path, kind: str) -> str:
-    """A file for --old-secret-key-file: of the old key, or one that gives no key."""
+    """A path for --old-secret-key-file: a file of the old key, or one that gives no key."""
     if kind == "old":
         return key_file(tmp_path, SECRET)
     if kind == "short":
         return key_file(tmp_path, "short")
+    if kind == "empty":
+        return ""
     path = tmp_path / kind
     if kind == "fifo":
         os.mkfifo(path)
+    if kind == "directory":
+        path.mkdir()
     return str(path)
 
 
 @pytest.mark.parametrize(
     ("old", "new", "code", "problem"),
     RESEAL_REFUSED,
-    ids=["missing", "short", "fifo", "no-new-key", "same-key"],
+    ids=["empty", "directory", "missing", "short", "fifo", "no-new-key", "same-key"],
 )
 def test_accounts_reseal_refuses_an_old_key_it_cannot_read_or_no_new_one_and_changes_nothing(
     empty: Gateway, tmp_path: Path, old: str, new: str | None, code: int, problem: str
@@ -434,13 +441,12 @@ def test_accounts_reseal_refuses_an_old_key_it_cannot_read_or_no_new_one_and_cha
     empty.env.pop("CODEX_GATEWAY_SECRET_KEY")
     if new is not None:
         with_secret(empty, new)
+    path = old_key_file(tmp_path, old)
 
-    result = empty.cli(
-        "accounts", "reseal", "--old-secret-key-file", old_key_file(tmp_path, old), check=False
-    )
+    result = empty.cli("accounts", "reseal", "--old-secret-key-file", path, check=False)
 
     assert (result.returncode, result.stdout) == (code, "")
-    assert problem in result.stderr
+    assert problem.format(path=path) in result.stderr
     assert SECRET not in result.stderr
     assert stored_sealed_columns(empty) == held
 
