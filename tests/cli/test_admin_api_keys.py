@@ -378,13 +378,14 @@ def test_accounts_reseal_changes_nothing_if_a_value_does_not_open_with_the_old_k
     add(empty, lost, lost_key, "--secret-key-changed")
     import_codex(empty, tmp_path, "plus-lost")
     with_secret(empty, NEW_SECRET)
-    held = stored_sealed_columns(empty)
+    held, before = stored_sealed_columns(empty), revision(empty)
 
     result = empty.cli(
         "accounts", "reseal", "--old-secret-key-file", key_file(tmp_path, SECRET), check=False
     )
 
     assert result.returncode == 1 and result.stdout == ""
+    assert revision(empty) == before  # the gateways have nothing to reload
     assert result.stderr.startswith(
         f"Error: the old secret key does not open the sealed values of accounts {lost}, "
         "plus-lost, so nothing was re-sealed. Give --old-secret-key-file the key they were "
@@ -437,7 +438,7 @@ def test_accounts_reseal_refuses_an_old_key_it_cannot_read_or_no_new_one_and_cha
     empty: Gateway, tmp_path: Path, old: str, new: str | None, code: int, problem: str
 ) -> None:
     sealed_accounts(empty, tmp_path)
-    held = stored_sealed_columns(empty)
+    held, before = stored_sealed_columns(empty), revision(empty)
     empty.env.pop("CODEX_GATEWAY_SECRET_KEY")
     if new is not None:
         with_secret(empty, new)
@@ -449,15 +450,18 @@ def test_accounts_reseal_refuses_an_old_key_it_cannot_read_or_no_new_one_and_cha
     assert problem.format(path=path) in result.stderr
     assert SECRET not in result.stderr
     assert stored_sealed_columns(empty) == held
+    assert revision(empty) == before
 
 
 def test_accounts_reseal_with_nothing_sealed_says_so(empty: Gateway, tmp_path: Path) -> None:
     add(empty, *fresh())  # unsealed: no secret key yet
     with_secret(empty, NEW_SECRET)
+    before = revision(empty)
 
     result = empty.cli("accounts", "reseal", "--old-secret-key-file", key_file(tmp_path, SECRET))
 
     assert result.stdout == "nothing is sealed in the database; nothing to re-seal\n"
+    assert revision(empty) == before
 
 
 # An option --replace would not apply: the account keeps what it has.
