@@ -24,7 +24,7 @@ from codex_gateway.sandbox import ACCOUNT_KEY as SANDBOX_KEY
 from codex_gateway.sandbox import ACCOUNT_NAME as SANDBOX_ACCOUNT
 from codex_gateway.store.credentials import AccountState, CredentialStore
 from codex_gateway.store.db import redact_url
-from codex_gateway.store.queries import AccountRecord, KeyLimits, Store
+from codex_gateway.store.queries import AccountRecord, KeyLimits, Resealing, Store
 from codex_gateway.upstream.chatgpt_auth import load_cipher, read_codex_auth, seal_tokens
 from codex_gateway.upstream.kinds import KIND_OPENAI
 from codex_gateway.upstream.pool import READY, TIMED_STATES
@@ -522,8 +522,9 @@ def accounts_reseal(old_key: TokenCipher) -> None:
     """Re-seal every sealed API key and ChatGPT token under a new secret key.
 
     Each value is opened with the old key, read from --old-secret-key-file, and sealed with
-    the new one, CODEX_GATEWAY_SECRET_KEY (or the key file), all in one transaction: if any
-    value does not open with the old key, nothing changes, and the accounts holding such
+    the new one, CODEX_GATEWAY_SECRET_KEY (or the key file), all in one transaction. A value
+    the new key opens already is left as it is, so running it again seals only what is left.
+    If any value opens with neither key, nothing changes, and the accounts holding such
     values are named. Then restart every gateway with the new key: one still on the old key
     cannot open what is re-sealed. API keys stored unsealed stay so (see `accounts seal`).
     """
@@ -539,14 +540,23 @@ def accounts_reseal(old_key: TokenCipher) -> None:
         done = with_store(lambda store: store.reseal(lambda held: resealed(held, old_key, new_key)))
     except CredentialError as exc:
         raise click.ClickException(str(exc)) from None
-    if not done:
-        click.echo("nothing is sealed in the database; nothing to re-seal")
-        return
-    values = sum(len(sealed) for sealed in done.values())
-    click.echo(
-        f"re-sealed {values} value(s) of {len(done)} account(s) under the new secret key; "
-        "restart every gateway with it"
-    )
+    click.echo(_resealing_report(done))
+
+
+def _resealing_report(done: Resealing) -> str:
+    """What `accounts reseal` did, counted in values and accounts."""
+    if not done.held:
+        return "nothing is sealed in the database; nothing to re-seal"
+    values = sum(len(sealed) for sealed in done.stored.values())
+    already = sum(len(sealed) for sealed in done.held.values()) - values
+    already_done = f"{already} value(s) already sealed under the new key"
+    if not values:
+        return f"nothing left to re-seal: all {already_done}"
+    accounts = len(done.stored)
+    report = f"re-sealed {values} value(s) of {accounts} account(s) under the new secret key"
+    if already:
+        report += f" and left the {already_done} as they were"
+    return report + "; restart every gateway with it"
 
 
 @accounts.command("import-codex")

@@ -227,6 +227,18 @@ class AccountRecord:
     api_key_sealed: str | None = field(default=None, repr=False)
 
 
+# Sealed values by account name, then column.
+SealedByAccount = dict[str, dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Resealing:
+    """What `Store.reseal` found sealed, and what it stored in its place."""
+
+    held: SealedByAccount
+    stored: SealedByAccount
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 
@@ -653,16 +665,14 @@ class Store:
             rows = (await conn.execute(query.order_by(UpstreamAccount.id))).all()
         return {name: sealed for name, sealed in rows}
 
-    async def reseal(
-        self, change: Callable[[dict[str, dict[str, str]]], dict[str, dict[str, str]]]
-    ) -> dict[str, dict[str, str]]:
-        """Give every value sealed with the secret key (by account name, then column) to
-        `change` and store what it gives back, in one transaction holding the rows, so a
-        token refresh meanwhile waits for it. What `change` raises leaves every value as it
-        was. What was stored is returned."""
+    async def reseal(self, change: Callable[[SealedByAccount], SealedByAccount]) -> Resealing:
+        """Give every value sealed with the secret key to `change` and store what it gives
+        back in place of those values, in one transaction holding the rows, so a token
+        refresh meanwhile waits for it. What `change` raises leaves every value as it was;
+        the revision goes up only if something was stored."""
         query = select(UpstreamAccount.id, UpstreamAccount.name, *SEALED_COLUMNS)
         async with self.engine.begin() as conn:
-            held: dict[str, dict[str, str]] = {}
+            held: SealedByAccount = {}
             ids: dict[str, int] = {}
             rows = await conn.execute(query.order_by(UpstreamAccount.id).with_for_update())
             for account_id, name, *values in rows.all():
@@ -679,7 +689,7 @@ class Store:
                 )
             if changed:
                 await self._bump(conn)
-        return changed
+        return Resealing(held, changed)
 
     async def set_account_base_url(self, name: str, base_url: str) -> None:
         async with self.engine.begin() as conn:

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from codex_gateway.config import MIN_SECRET_LENGTH, Settings, read_secret_key_file
 from codex_gateway.errors import ConfigError, CredentialError
-from codex_gateway.store.queries import AccountRecord
+from codex_gateway.store.queries import AccountRecord, SealedByAccount
 
 log = logging.getLogger(__name__)
 
@@ -81,28 +81,41 @@ def refuse_another_secret_key(cipher: TokenCipher, sealed: dict[str, str]) -> No
     )
 
 
-def resealed(
-    held: dict[str, dict[str, str]], old: TokenCipher, new: TokenCipher
-) -> dict[str, dict[str, str]]:
-    """Each account's sealed values (by account name, then column) opened with `old` and
-    sealed again with `new`. If any value does not open with `old`, none is given: the
-    CredentialError names the accounts holding such values, and never a value."""
-    done: dict[str, dict[str, str]] = {}
+def resealed(held: SealedByAccount, old: TokenCipher, new: TokenCipher) -> SealedByAccount:
+    """The sealed values (by account name, then column) that open with `old`, sealed again
+    with `new`; those that open with `new` already are left out, as done. If any value opens
+    with neither, none is given: the CredentialError names the accounts holding such
+    values, and never a value."""
+    done: SealedByAccount = {}
     shut: list[str] = []
     for name, values in held.items():
         try:
-            done[name] = {column: new.seal(old.open(value)) for column, value in values.items()}
+            anew = {column: _sealed_anew(value, old, new) for column, value in values.items()}
         except CredentialError:
             shut.append(name)
+            continue
+        sealed = {column: value for column, value in anew.items() if value is not None}
+        if sealed:
+            done[name] = sealed
     if shut:
         raise CredentialError(
-            f"the old secret key does not open the sealed values of accounts {', '.join(shut)}, "
-            "so nothing was re-sealed. Give --old-secret-key-file the key they were sealed "
-            "with; or, with the old key as the secret key, give those accounts their keys "
-            "again (`accounts add --replace`, `accounts import-codex --replace`) or remove "
-            "them, and re-seal"
+            "neither the old nor the new secret key opens the sealed values of accounts "
+            f"{', '.join(shut)}, so nothing was re-sealed. Give --old-secret-key-file the key "
+            "they were sealed with; or, with the old key as the secret key, give those "
+            "accounts their keys again (`accounts add --replace`, `accounts import-codex "
+            "--replace`) or remove them, and re-seal"
         )
     return done
+
+
+def _sealed_anew(value: str, old: TokenCipher, new: TokenCipher) -> str | None:
+    """`value` opened with `old` and sealed with `new`, or None if `new` opens it already."""
+    try:
+        return new.seal(old.open(value))
+    except CredentialError:
+        if opens(new, value):
+            return None
+        raise
 
 
 def same_secret_key(one: TokenCipher, other: TokenCipher) -> bool:

@@ -370,7 +370,50 @@ def test_accounts_reseal_seals_every_sealed_value_again_under_the_new_secret_key
         assert secret not in result.stdout + result.stderr
 
 
-def test_accounts_reseal_changes_nothing_if_a_value_does_not_open_with_the_old_key(
+def test_accounts_reseal_run_again_changes_nothing_and_says_every_value_was_done(
+    empty: Gateway, tmp_path: Path
+) -> None:
+    sealed_accounts(empty, tmp_path)
+    with_secret(empty, NEW_SECRET)
+    old = key_file(tmp_path, SECRET)
+    empty.cli("accounts", "reseal", "--old-secret-key-file", old)
+    held, before = stored_sealed_columns(empty), revision(empty)
+
+    again = empty.cli("accounts", "reseal", "--old-secret-key-file", old)
+
+    assert again.stdout == (
+        "nothing left to re-seal: all 4 value(s) already sealed under the new key\n"
+    )
+    assert stored_sealed_columns(empty) == held
+    assert revision(empty) == before  # the gateways have nothing to reload
+
+
+def test_accounts_reseal_seals_what_the_old_key_opens_and_leaves_what_the_new_one_does(
+    empty: Gateway, tmp_path: Path
+) -> None:
+    (api, api_key), (added, added_key) = sealed_accounts(empty, tmp_path), fresh()
+    with_secret(empty, NEW_SECRET)
+    # sealed under the new key meanwhile, by commands run with it
+    add(empty, added, added_key, "--secret-key-changed")
+    import_codex(empty, tmp_path, "plus-2")
+    held, before = stored_sealed_columns(empty), revision(empty)
+
+    result = empty.cli("accounts", "reseal", "--old-secret-key-file", key_file(tmp_path, SECRET))
+
+    assert result.stdout == (
+        "re-sealed 4 value(s) of 2 account(s) under the new secret key and left the 4 value(s) "
+        "already sealed under the new key as they were; restart every gateway with it\n"
+    )
+    after = stored_sealed_columns(empty)
+    assert (after[added], after["plus-2"]) == (held[added], held["plus-2"])
+    new = TokenCipher(NEW_SECRET)
+    sealed = stored(empty, api).api_key_sealed
+    assert sealed is not None and new.open(sealed) == api_key
+    assert new.open(stored_tokens(empty, "plus-1").refresh_token) == "rt-plus-1"
+    assert revision(empty) > before
+
+
+def test_accounts_reseal_changes_nothing_if_a_value_opens_with_neither_key(
     empty: Gateway, tmp_path: Path
 ) -> None:
     (_, api_key), (lost, lost_key) = sealed_accounts(empty, tmp_path), fresh()
@@ -378,6 +421,7 @@ def test_accounts_reseal_changes_nothing_if_a_value_does_not_open_with_the_old_k
     add(empty, lost, lost_key, "--secret-key-changed")
     import_codex(empty, tmp_path, "plus-lost")
     with_secret(empty, NEW_SECRET)
+    import_codex(empty, tmp_path, "plus-new", "--secret-key-changed")  # opens, is not named
     held, before = stored_sealed_columns(empty), revision(empty)
 
     result = empty.cli(
@@ -387,9 +431,9 @@ def test_accounts_reseal_changes_nothing_if_a_value_does_not_open_with_the_old_k
     assert result.returncode == 1 and result.stdout == ""
     assert revision(empty) == before  # the gateways have nothing to reload
     assert result.stderr.startswith(
-        f"Error: the old secret key does not open the sealed values of accounts {lost}, "
-        "plus-lost, so nothing was re-sealed. Give --old-secret-key-file the key they were "
-        "sealed with"
+        "Error: neither the old nor the new secret key opens the sealed values of accounts "
+        f"{lost}, plus-lost, so nothing was re-sealed. Give --old-secret-key-file the key they "
+        "were sealed with"
     )
     assert stored_sealed_columns(empty) == held
     for secret in (api_key, lost_key, "rt-plus-1", "rt-plus-lost", SECRET, NEW_SECRET):

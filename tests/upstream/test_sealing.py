@@ -255,10 +255,30 @@ def test_resealing_opens_each_value_with_the_old_key_and_seals_it_with_the_new()
     }
 
 
+def test_resealing_leaves_out_the_values_the_new_key_opens_already() -> None:
+    held = {
+        "old": {"api_key_sealed": OTHER.seal("sk-old")},
+        "new": {"api_key_sealed": CIPHER.seal("sk-new")},
+        # its access token was saved under the new key meanwhile, its refresh token not yet
+        "half": {
+            "access_token_sealed": CIPHER.seal("at"),
+            "refresh_token_sealed": OTHER.seal("rt"),
+        },
+    }
+
+    done = resealed(held, OTHER, CIPHER)
+    again = resealed({name: {**held[name], **done.get(name, {})} for name in held}, OTHER, CIPHER)
+
+    opened = {name: {c: CIPHER.open(v) for c, v in values.items()} for name, values in done.items()}
+    assert opened == {"old": {"api_key_sealed": "sk-old"}, "half": {"refresh_token_sealed": "rt"}}
+    assert again == {}
+
+
 def test_resealing_gives_nothing_if_a_value_does_not_open_and_names_its_accounts() -> None:
     lost = TokenCipher(SECRET + "-lost")
     held = {
         "fine": {"api_key_sealed": OTHER.seal("sk-fine")},
+        "done": {"api_key_sealed": CIPHER.seal("sk-done")},
         "lost": {"api_key_sealed": lost.seal("sk-lost")},
         # one of its tokens opens, the other does not
         "half": {
@@ -271,10 +291,10 @@ def test_resealing_gives_nothing_if_a_value_does_not_open_and_names_its_accounts
         resealed(held, OTHER, CIPHER)
 
     assert str(refused.value).startswith(
-        "the old secret key does not open the sealed values of accounts lost, half, so nothing "
-        "was re-sealed"
+        "neither the old nor the new secret key opens the sealed values of accounts lost, half, "
+        "so nothing was re-sealed"
     )
-    for value in ("sk-fine", "sk-lost", "at-half", "rt-half", SECRET):
+    for value in ("sk-fine", "sk-done", "sk-lost", "at-half", "rt-half", SECRET):
         assert value not in str(refused.value)
 
 
