@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -12,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from codex_gateway.billing.pricing import LIST_PRICES, Price, PriceTable, plain
 from codex_gateway.billing.settlement import Outcome, bill
+from codex_gateway.store.credentials import CredentialStore, SealedTokens
 from codex_gateway.store.db import create_engine, migrate
 from codex_gateway.store.queries import KEY_PREFIX, KeyRecord, Store, StoreError, hash_key
 from tests.store.dump import dump
@@ -399,6 +401,35 @@ async def test_sealed_values_are_one_per_account_of_either_kind(store: Store) ->
     assert (every[api], every[chatgpt]) == ("SEALED(k)", "SEALED(rt)")
     assert clear not in every
     assert api not in besides and besides[chatgpt] == "SEALED(rt)"
+
+
+async def test_resealing_waits_for_a_token_refresh_and_seals_the_tokens_it_saved(
+    store: Store, engine: AsyncEngine
+) -> None:
+    """A refresh holding the account's row (on SQLite, the database) saves tokens sealed under
+    the old key: the re-seal waits for it, then seals those, not the ones they replaced."""
+    credentials = CredentialStore(engine)
+    name = unique("plus")
+    tokens = SealedTokens("OLD(at-1)", "OLD(rt-1)", None, None)
+    account_id = await credentials.add_chatgpt_account(name, "http://127.0.0.1:9/b", "a", tokens)
+
+    def reseal_this_account(held: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        return {name: {column: f"NEW{value[3:]}" for column, value in held[name].items()}}
+
+    async with credentials.locked(account_id) as refresh:
+        resealing = asyncio.create_task(store.reseal(reseal_this_account))
+        await asyncio.sleep(0.5)
+        assert not resealing.done()
+        await refresh.save_tokens(SealedTokens("OLD(at-2)", "OLD(rt-2)", "OLD(it-2)", None))
+    done = await asyncio.wait_for(resealing, timeout=10)
+
+    saved = (await credentials.account(account_id)).tokens
+    assert (saved.access_token, saved.refresh_token, saved.id_token) == (
+        "NEW(at-2)",
+        "NEW(rt-2)",
+        "NEW(it-2)",
+    )
+    assert done.held[name]["refresh_token_sealed"] == "OLD(rt-2)"
 
 
 async def test_a_new_key_replaces_the_old_and_makes_the_account_ready(store: Store) -> None:
