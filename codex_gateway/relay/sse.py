@@ -162,7 +162,21 @@ class StreamScanner:
         if buffer:
             # An event began and is not whole yet: a later line may yet name it a failure.
             self.rewriting = True
+        deltas = self.deltas
         for block in blocks:
+            # The bulk of a stream: a delta named on its first line and on no other (as
+            # `_first_line_name` reads it, inline, without a call per event), kept as it
+            # came; `_event` reads every other event.
+            if block.startswith(b"event: "):
+                newline = block.find(b"\n")
+                if (
+                    newline > 0
+                    and block[7:newline] in _DELTA_NAMES
+                    and (block.rfind(b"\n") == newline or block.find(b"\nevent", newline) < 0)
+                ):
+                    self.events += 1
+                    deltas.append(block)
+                    continue
             self._event(block)
 
     def release(self, chunk: bytes, rewrite: Callable[[bytes], bytes]) -> bytes:
@@ -224,19 +238,8 @@ class StreamScanner:
         return b""
 
     def _event(self, block: bytes) -> None:
-        raw = b""
-        if block.startswith(b"event: "):
-            # The shape every upstream sends: the name on the first line and on no other (as
-            # `_first_line_name` reads it, inline: this runs for every event), no regex.
-            newline = block.find(b"\n")
-            if block.rfind(b"\n") == newline or block.find(b"\nevent", newline) < 0:
-                raw = block[7:newline] if newline > 0 else block[7:]
+        raw = _first_line_name(block)  # the shape every upstream sends, read without a regex
         if raw:
-            # The bulk of a stream (its deltas) kept as they are.
-            if raw in _DELTA_NAMES:
-                self.events += 1
-                self.deltas.append(block)
-                return
             name: str | None = raw.decode("utf-8", "replace")
         elif not block.strip():
             return
