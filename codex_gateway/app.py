@@ -52,10 +52,18 @@ FLAG_CANCELLED = "cancelled"
 
 
 class Gateway:
-    def __init__(self, settings: Settings, sandbox: ASGIApp | None = None, alone: bool = False):
+    def __init__(
+        self,
+        settings: Settings,
+        sandbox: ASGIApp | None = None,
+        alone: bool = False,
+        advises: bool = True,
+    ):
         """`alone`: the only worker of its `serve`, whose SQLite writer then runs at the
-        lowest priority (`store/thread.py`)."""
+        lowest priority (`store/thread.py`). `advises`: this process warns about what every
+        worker of its `serve` shares (`_advise`); of several workers, only the first does."""
         self.settings = settings
+        self.advises = advises
         self.build = build_info()
         self.version = self.build.version
         self.engine = create_engine(settings.database_url)
@@ -66,7 +74,7 @@ class Gateway:
         self.catalog = Catalog(
             self.store,
             RELAYED_KINDS if self.cipher else RELAYED_KINDS - {KIND_CHATGPT},
-            ApiKeyOpener(self.cipher),
+            ApiKeyOpener(self.cipher, advises=advises),
         )
         # Leases grow on a thread and engine of their own (`store/thread.py`), but for an
         # in-memory database, which a second engine would not see.
@@ -113,7 +121,7 @@ class Gateway:
             if self.cipher
             else None
         )
-        self.quotas = QuotaBook(self.pool, credentials)
+        self.quotas = QuotaBook(self.pool, credentials, advises=advises)
         self.pool.on_ready = self.quotas.lift
         self.router = Router(
             self.client,
@@ -164,7 +172,7 @@ class Gateway:
 
     async def start(self) -> None:
         if await schema_state(self.engine) == "ahead":
-            log.warning("the database was migrated by a newer version; serving it as it is")
+            self._advise("the database was migrated by a newer version; serving it as it is")
         else:
             await migrate(self.engine)
         database = await self.store.database_id()
@@ -177,7 +185,7 @@ class Gateway:
         await self.quotas.load(self.catalog.usable_accounts())
         await self._check_secret_key()
         if self.cipher is None and any(a.kind == KIND_CHATGPT for a in self.catalog.accounts):
-            log.warning(
+            self._advise(
                 "ChatGPT accounts stay out of rotation: no secret key to open their tokens; %s",
                 SET_A_SECRET_KEY,
             )
@@ -226,17 +234,24 @@ class Gateway:
         fix = "run `codex-gateway accounts seal` with this gateway's secret key to seal them"
         if self.cipher is None:
             fix = SEAL_ONCE_THE_GATEWAY_HAS_THE_KEY
-        log.warning(
+        self._advise(
             "the API keys of upstream accounts %s are stored unsealed in the database; %s",
             ", ".join(names),
             fix,
         )
 
+    def _advise(self, message: str, *args: object) -> None:
+        """Warn about what every worker of a `serve --workers N` shares (the database, its
+        accounts, the journal folder): the first worker says it, the others leave it out.
+        What concerns a worker's own state is logged by each worker."""
+        if self.advises:
+            log.warning(message, *args)
+
     async def recover_journals(self) -> None:
         """Settle or release the holds of gateway processes that died with holds open."""
         recovered = await recover(self.settings.journal_path, self.store, self.journal.database)
         for lock in set(recovered.foreign) - self._foreign_journals:
-            log.warning("left the hold journal %s alone: it is of another database", lock)
+            self._advise("left the hold journal %s alone: it is of another database", lock)
         self._foreign_journals.update(recovered.foreign)
         if recovered.journals:
             self.metrics.recovered(len(recovered.settled), len(recovered.released))

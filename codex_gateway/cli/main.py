@@ -82,7 +82,11 @@ def serve(host: str, port: int, sandbox: bool, log_level: str | None, workers: i
         sys.exit(_serve_one(settings, host, port, sandbox, held, alone=True))
     sys.exit(
         serve_workers(
-            workers, held, lambda sock: _serve_one(settings, host, port, sandbox, sock, alone=False)
+            workers,
+            held,
+            lambda sock, index: _serve_one(
+                settings, host, port, sandbox, sock, alone=False, advises=index == 0
+            ),
         )
     )
 
@@ -98,10 +102,16 @@ def _raise_open_file_limit() -> None:
 
 
 def _serve_one(
-    settings: Settings, host: str, port: int, sandbox: bool, sock: socket.socket, alone: bool
+    settings: Settings,
+    host: str,
+    port: int,
+    sandbox: bool,
+    sock: socket.socket,
+    alone: bool,
+    advises: bool = True,
 ) -> int:
     """One gateway process on `sock` (bound to HOST:PORT), `alone` when it is the only
-    worker; its exit status."""
+    worker, `advises` unless another worker warns about what they share; its exit status."""
     import uvicorn  # the server stack is imported only by the commands that serve
 
     from codex_gateway.app import Gateway
@@ -111,7 +121,9 @@ def _serve_one(
     from codex_gateway.sandbox.app import SandboxApp
 
     try:
-        gateway = Gateway(settings, sandbox=SandboxApp() if sandbox else None, alone=alone)
+        gateway = Gateway(
+            settings, sandbox=SandboxApp() if sandbox else None, alone=alone, advises=advises
+        )
     except CredentialError as exc:
         click.echo(f"error: {exc}", err=True)
         return 1

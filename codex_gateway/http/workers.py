@@ -3,7 +3,8 @@
 Every worker binds HOST:PORT with SO_REUSEPORT, so the kernel spreads new connections across
 them, and builds its own Gateway: its own database pool, catalog, balance leases and
 upstream client. Billing stays exact across them because admission holds against database
-leases, as it does across separate machines. The supervisor only forwards SIGTERM and
+leases, as it does across separate machines. Each worker is given its index, so that only
+the first (index 0) warns about what they all share. The supervisor only forwards SIGTERM and
 SIGINT (each worker drains, then a second signal forces it) and waits. A worker that dies on
 its own takes the others down and the supervisor exits 1, so that systemd or Docker restarts
 the service whole rather than leaving it running short of a worker.
@@ -23,8 +24,9 @@ from types import FrameType
 
 log = logging.getLogger(__name__)
 
-# Runs one worker on the socket it is given; returns the worker's exit status.
-Worker = Callable[[socket.socket], int]
+# Runs one worker on the socket it is given, with its index (0 for the first); returns the
+# worker's exit status.
+Worker = Callable[[socket.socket, int], int]
 _PR_SET_PDEATHSIG = 1
 
 
@@ -83,7 +85,7 @@ def serve_workers(count: int, guard: socket.socket, worker: Worker) -> int:
         for index in range(count):
             pid = os.fork()
             if pid == 0:
-                _run_child(guard, host, port, worker)
+                _run_child(guard, host, port, worker, index)
             children[pid] = index
         log.info("serving on %s:%d with %d workers: pids %s", host, port, count, list(children))
         status = 0
@@ -105,7 +107,7 @@ def serve_workers(count: int, guard: socket.socket, worker: Worker) -> int:
         guard.close()
 
 
-def _run_child(guard: socket.socket, host: str, port: int, worker: Worker) -> None:
+def _run_child(guard: socket.socket, host: str, port: int, worker: Worker, index: int) -> None:
     """In a forked worker: its own process group (the supervisor forwards signals, so a
     Ctrl-C in a terminal arrives once, not twice), its own socket, and never a return."""
     status = 1
@@ -115,7 +117,7 @@ def _run_child(guard: socket.socket, host: str, port: int, worker: Worker) -> No
         os.setpgid(0, 0)
         _die_with_parent()
         guard.close()
-        status = worker(listening_socket(host, port, shared=True))
+        status = worker(listening_socket(host, port, shared=True), index)
     except SystemExit as exc:
         status = 1 if exc.code else 0
     except BaseException:

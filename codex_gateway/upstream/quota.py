@@ -28,9 +28,16 @@ log = logging.getLogger(__name__)
 
 class QuotaBook:
     def __init__(
-        self, pool: AccountPool, credentials: CredentialStore, write_interval: float = 1.0
+        self,
+        pool: AccountPool,
+        credentials: CredentialStore,
+        write_interval: float = 1.0,
+        advises: bool = True,
     ):
+        """`advises`: say which stored windows are not JSON; false in every worker of a
+        `serve` but the first, which says it for them all."""
         self._pool = pool
+        self._advises = advises
         self._credentials = credentials
         self._interval = write_interval
         self._quotas: dict[int, Quota] = {}
@@ -52,7 +59,8 @@ class QuotaBook:
             try:
                 quota = Quota.from_json(orjson.loads(document))
             except orjson.JSONDecodeError:
-                log.warning("account %s has stored quota that is not JSON", account.name)
+                if self._advises:
+                    log.warning("account %s has stored quota that is not JSON", account.name)
                 continue
             self._quotas[account.id] = quota
             self._block(account, quota)

@@ -160,11 +160,13 @@ class ApiKeyOpener:
     opening (sealed by `accounts seal` under a secret key this gateway lacks), the account
     keeps serving with it rather than leaving every account out at once. Only while the
     account is the same one, under the same name, kind and base URL: a key given for one
-    upstream never goes to another.
+    upstream never goes to another. A key that does not open is logged unless `advises` is
+    false: then another worker of the same `serve`, opening the same keys, logs it.
     """
 
-    def __init__(self, cipher: TokenCipher | None):
+    def __init__(self, cipher: TokenCipher | None, advises: bool = True):
         self._cipher = cipher
+        self._advises = advises
         self._opened: dict[str, str] = {}  # sealed -> in clear
         # account id -> where the account sent its last key (name, kind, base URL), and the key
         self._held: dict[int, tuple[tuple[str, str, str], str]] = {}
@@ -226,7 +228,7 @@ class ApiKeyOpener:
     def _report(self, account: AccountRecord, sealed: str, *, kept: bool) -> None:
         """Log once, for an enabled account, why its stored key does not open and what the
         account does meanwhile."""
-        if not account.enabled or sealed in self._reported:
+        if not self._advises or not account.enabled or sealed in self._reported:
             return
         self._reported.add(sealed)
         if self._cipher is not None:

@@ -2,7 +2,8 @@
 
 Connections spread across the workers (each binds the port with SO_REUSEPORT); every
 request is billed exactly once, and a SIGTERM to the supervisor drains both and exits 0 (143
-when a second SIGTERM cuts a drain short).
+when a second SIGTERM cuts a drain short). What the workers share (the database, its
+accounts, the journal folder) is warned about once, by the first worker.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from tests.conftest import (
@@ -24,12 +26,15 @@ from tests.conftest import (
     Gateway,
     Sandbox,
     add_sandbox_account,
+    free_port,
     make_gateway,
     running_gateway,
 )
 from tests.http.test_responses import expected_cost
 from tests.http.test_server import cut_the_drain
 from tests.test_topology import CACHED_COUNTS, wait_for_rows
+from tests.upstream.pool_helpers import CATALOG_SETTLE_SECONDS
+from tests.upstream.test_chatgpt_auth import make_jwt
 
 REQUESTS = 16
 
@@ -158,3 +163,96 @@ def test_a_worker_that_dies_takes_the_service_down_with_exit_1(
         assert f"worker {first} stopped on its own" in gw.log_text()
     finally:
         gw.stop()
+
+
+SECRET = "operator-secret-key-0123456789abcdef"
+# Each advisory about shared state, as the start (or, the last, a reload) says it.
+ADVISORIES = [
+    "the database was migrated by a newer version; serving it as it is",
+    "left the hold journal gone-worker.lock alone: it is of another database",
+    "account clear has stored quota that is not JSON",
+    "the API key of upstream account sealed is sealed and this gateway has no secret key",
+    "ChatGPT accounts stay out of rotation: no secret key to open their tokens",
+    "the API keys of upstream accounts clear are stored unsealed in the database",
+    "the API key of upstream account clear is sealed and this gateway has no secret key",
+]
+
+
+def shared_state_to_warn_about(gw: Gateway, sandbox: Sandbox) -> str:
+    """Accounts, a journal folder and a database schema that the start warns about, for a
+    gateway without a secret key; the schema's version, before it was made newer."""
+    gw.cli(
+        "accounts", "add", "--name", "clear", "--base-url", sandbox.base_url,
+        "--api-key", "sk-upstream-clear-0003",
+    )  # fmt: skip
+    gw.env["CODEX_GATEWAY_SECRET_KEY"] = SECRET
+    gw.cli(
+        "accounts", "add", "--name", "sealed", "--base-url", sandbox.base_url,
+        "--api-key", "sk-upstream-sealed-0002",
+    )  # fmt: skip
+    auth = gw.workdir / "auth.json"
+    tokens = {"id_token": make_jwt(), "access_token": make_jwt(), "refresh_token": "rt_x"}
+    auth.write_bytes(orjson.dumps({"OPENAI_API_KEY": None, "tokens": tokens}))
+    backend = f"http://127.0.0.1:{free_port()}/backend-api"  # never called: out of rotation
+    gw.cli("accounts", "import-codex", str(auth), "--name", "c1", "--base-url", backend)
+    del gw.env["CODEX_GATEWAY_SECRET_KEY"]
+
+    journals = gw.workdir / "hold-journal"
+    journals.mkdir(exist_ok=True)
+    (journals / "gone-worker.lock").write_text("gone-worker\nanother-database")
+    with sqlite3.connect(gw.database_url.removeprefix("sqlite:///")) as connection:
+        connection.execute("UPDATE upstream_accounts SET quota = 'x' WHERE name = 'clear'")
+        [(version,)] = connection.execute("SELECT version_num FROM alembic_version")
+        connection.execute("UPDATE alembic_version SET version_num = '9999'")
+    return str(version)
+
+
+def set_schema_version(gw: Gateway, version: str) -> None:
+    with sqlite3.connect(gw.database_url.removeprefix("sqlite:///")) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = ?", (version,))
+
+
+def send_one(gw: Gateway, key: str) -> None:
+    """One request on a connection of its own, which the kernel gives to either worker."""
+    with httpx.Client(timeout=30) as client:
+        response = client.post(
+            gw.url + "/v1/responses",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": "gpt-5.1-codex", "input": "hi"},
+        )
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_warnings_about_shared_state_are_said_once_however_many_workers_serve(
+    workers: int, sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    gw = make_gateway("sqlite", tmp_path_factory)
+    for name in ("CODEX_GATEWAY_SECRET_KEY", "CODEX_GATEWAY_SECRET_KEY_FILE"):
+        gw.env.pop(name, None)
+    gw.env["CODEX_GATEWAY_LEASE_RENEW_SECONDS"] = "0.5"  # journal sweeps
+    user, key = gw.new_user("10")
+    version = shared_state_to_warn_about(gw, sandbox)
+    try:
+        gw.start(workers=workers)
+        set_schema_version(gw, version)  # for the commands below, which migrate first
+        for _ in range(REQUESTS):
+            send_one(gw, key)
+            serving = lease_holders(gw, user)  # a worker holds a lease once it served
+            if len(serving) == workers:
+                break
+        # An operator seals the keys under a secret key the serving gateway lacks: each
+        # worker reloads, keeps the key it held, and the first says so.
+        gw.env["CODEX_GATEWAY_SECRET_KEY"] = SECRET
+        gw.cli("accounts", "seal")
+        time.sleep(CATALOG_SETTLE_SECONDS + 1.0)  # and a sweep of the journal folder
+        send_one(gw, key)  # still served, with the key held
+        log = gw.log_text()
+    finally:
+        gw.stop()
+
+    assert len(serving) == workers, "not every worker served"
+    assert log.count("Application startup complete") == workers  # each logs its own
+    assert {advisory: log.count(advisory) for advisory in ADVISORIES} == dict.fromkeys(
+        ADVISORIES, 1
+    ), log
