@@ -26,31 +26,6 @@ JSON_TYPE = (b"content-type", b"application/json")
 RANDOM_BATCH = 4000
 
 
-class _RandomBytes:
-    """Random bytes from the operating system, fetched RANDOM_BATCH at a time: a system call
-    per request lets the usage writer's thread take the interpreter, and the request then
-    waits for it to let go. A forked child drops what its parent fetched (`forget`), so the
-    two never hand out the same bytes."""
-
-    def __init__(self) -> None:
-        self._batch = b""
-        self._at = 0
-
-    def take(self, count: int) -> bytes:
-        at = self._at
-        if at + count > len(self._batch):
-            self._batch, at = os.urandom(RANDOM_BATCH), 0
-        self._at = at + count
-        return self._batch[at : at + count]
-
-    def forget(self) -> None:
-        self._batch, self._at = b"", 0
-
-
-_RANDOM = _RandomBytes()
-os.register_at_fork(after_in_child=_RANDOM.forget)
-
-
 class RequestIds:
     """`req_` and 128 bits in hex, as a uuid4's hex would be: the time in milliseconds (48
     bits), then 80 random bits.
@@ -59,11 +34,24 @@ class RequestIds:
     as far as their clocks agree), so the usage rows' and ledger entries' indexes on the id
     grow at one end instead of at random pages; the random bits keep ids unique (two ids of
     one millisecond share 80 random bits one time in 2**80) and not guessable from the ones
-    a client has seen.
+    a client has seen. They come from a batch of RANDOM_BATCH bytes fetched from the system
+    at a time rather than for each request: each fetch lets the usage writer's thread take the
+    interpreter, and the request then waits for it to let go. A forked worker drops the
+    batch it inherited, so parent and child never hand out the same bytes. Made and used on
+    the event loop's thread only.
     """
 
+    def __init__(self) -> None:
+        self._pid = 0
+        self._batch = b""
+        self._at = 0
+
     def __call__(self) -> str:
-        return f"req_{time.time_ns() // 1_000_000:012x}{_RANDOM.take(10).hex()}"
+        at = self._at
+        if at + 10 > len(self._batch) or self._pid != os.getpid():
+            self._pid, self._batch, at = os.getpid(), os.urandom(RANDOM_BATCH), 0
+        self._at = at + 10
+        return f"req_{time.time_ns() // 1_000_000:012x}{self._batch[at : at + 10].hex()}"
 
 
 class Exchange:
