@@ -161,7 +161,8 @@ class ApiKeyOpener:
     keeps serving with it rather than leaving every account out at once. Only while the
     account is the same one, under the same name, kind and base URL: a key given for one
     upstream never goes to another. A key that does not open is logged unless `advises` is
-    false: then another worker of the same `serve`, opening the same keys, logs it.
+    false: then another worker of the same `serve`, opening the same keys, logs it, but for an
+    account this worker served with until now and leaves out (another may have kept it).
     """
 
     def __init__(self, cipher: TokenCipher | None, advises: bool = True):
@@ -214,7 +215,9 @@ class ApiKeyOpener:
         where, key = self._held.get(account.id, (None, None))
         if where != _where(account):
             key = None  # another account now, or the same one sent elsewhere
-        self._report(account, sealed, kept=key is not None)
+        # An account this process served with and now drops is its own news, whichever
+        # worker it is: another worker may have kept it.
+        self._report(account, sealed, kept=key is not None, dropped=where is not None and not key)
         return key
 
     def _open(self, sealed: str) -> str | None:
@@ -225,10 +228,14 @@ class ApiKeyOpener:
         except CredentialError:
             return None
 
-    def _report(self, account: AccountRecord, sealed: str, *, kept: bool) -> None:
+    def _report(
+        self, account: AccountRecord, sealed: str, *, kept: bool, dropped: bool = False
+    ) -> None:
         """Log once, for an enabled account, why its stored key does not open and what the
-        account does meanwhile."""
-        if not self._advises or not account.enabled or sealed in self._reported:
+        account does meanwhile; `dropped`: this process served with the account until now."""
+        if not account.enabled or sealed in self._reported:
+            return
+        if not self._advises and not dropped:
             return
         self._reported.add(sealed)
         if self._cipher is not None:

@@ -184,6 +184,30 @@ def test_a_key_held_for_one_upstream_never_goes_to_another(moved: dict[str, str]
     assert shut == [elsewhere.name]
 
 
+def test_a_worker_that_does_not_advise_still_says_when_it_drops_an_account_it_served_with(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With `serve --workers N` the first worker says which stored keys do not open; the
+    others stay quiet about it, but for an account one of them served with until now and
+    leaves out, which the first worker may have kept."""
+    quiet = ApiKeyOpener(CIPHER, advises=False)
+    never_opened = account(2, "b", sealed=OTHER.seal("sk-other-key-0003"))
+    served = account(1, "a", KEY, None)
+    moved = replace(
+        account(1, "a", sealed=OTHER.seal("sk-new-key-0002")), base_url="http://127.0.0.1:9/o/v1"
+    )
+
+    with caplog.at_level(logging.ERROR):
+        quiet.open([served, never_opened])
+        assert caplog.records == []
+        ready, shut = quiet.open([moved, never_opened])
+
+    assert (ready, shut) == ([], ["a", "b"])
+    [record] = caplog.records
+    assert record.getMessage().startswith("the API key of upstream account a does not open")
+    assert record.getMessage().endswith("; the account is left out of rotation")
+
+
 class CountingCipher(TokenCipher):
     opened = 0
 
