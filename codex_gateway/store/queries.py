@@ -235,8 +235,8 @@ SealedByAccount = dict[str, dict[str, str]]
 class Resealing:
     """What `Store.reseal` found sealed, and what it stored in its place."""
 
-    held: SealedByAccount
-    stored: SealedByAccount
+    held: SealedByAccount = field(repr=False)
+    stored: SealedByAccount = field(repr=False)
 
 
 def now() -> datetime:

@@ -48,6 +48,10 @@ class Call(NamedTuple):
     key_id: int
     request_id: str
 
+    def __repr__(self) -> str:  # the client's headers carry its gateway key
+        shown = f"endpoint={self.endpoint!r}, key_id={self.key_id}, request_id={self.request_id!r}"
+        return f"Call({shown})"
+
 
 class Outgoing(NamedTuple):
     """One request as it leaves for one account; `credential` is what authenticated it."""

@@ -30,3 +30,5 @@ async def test_an_openai_account_gets_its_own_key_and_the_repr_shows_neither_key
     assert GATEWAY_KEY not in str(outgoing.headers.values())
     assert ACCOUNT_KEY not in repr(outgoing)
     assert GATEWAY_KEY not in repr(outgoing)
+    assert GATEWAY_KEY not in repr(call)
+    assert repr(call) == "Call(endpoint='responses', key_id=7, request_id='req_1')"
