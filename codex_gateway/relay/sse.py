@@ -308,7 +308,8 @@ def _event_type(block: bytes) -> str | None:
 def _first_line_name(block: bytes) -> bytes:
     """The name on an event's first line when it is an `event: ` line and no other line is
     an `event` field; empty otherwise, for `_event_name`. An event of two lines, as upstreams
-    send them, costs one search for its last line end more than its first line's name."""
+    send them, costs one search for its last line end more than its first line's name.
+    `StreamScanner.feed` makes the same check inline for delta events: change both."""
     if not block.startswith(b"event: "):
         return b""
     newline = block.find(b"\n")

@@ -86,7 +86,7 @@ def _float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _decimal_text(value: Any) -> str:
+def _json_decimal(value: Any) -> str:
     """orjson's fallback for a value it does not write itself: a Decimal, as its exact
     decimal text."""
     if isinstance(value, Decimal):
@@ -220,10 +220,10 @@ class BulkInsert:
         for record in records:
             for name, check in self._checks:
                 check(record.get(name))
-        document = orjson.dumps(records, default=_decimal_text).decode()
+        document = orjson.dumps(records, default=_json_decimal).decode()
         if "\\u0000" in document:
             cleaned = [_without_nul(record) for record in records]
-            document = orjson.dumps(cleaned, default=_decimal_text).decode()
+            document = orjson.dumps(cleaned, default=_json_decimal).decode()
         return document
 
     async def run(self, conn: AsyncConnection, records: Sequence[Mapping[str, Any]]) -> None:

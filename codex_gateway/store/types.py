@@ -20,9 +20,9 @@ def bind_money(value: Any) -> Decimal | None:
 
 
 def decimal_text(value: Decimal) -> str:
-    """A decimal's exact text with no exponent (`0.0000001`, never `1E-7`): `str`, which
-    writes an exponent only for very small or very large values and is about three times
-    faster, else the fixed-point form."""
+    """A decimal's exact text with no exponent (`0.0000001`, never `1E-7`): `str`, which is
+    about three times faster and writes an exponent only for a positive one (`1E+1`) or more
+    than six zeros after the point, else the fixed-point form."""
     text = str(value)
     return format(value, "f") if "E" in text else text
 

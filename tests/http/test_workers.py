@@ -33,8 +33,8 @@ from tests.conftest import (
 from tests.http.test_responses import expected_cost
 from tests.http.test_server import cut_the_drain
 from tests.test_topology import CACHED_COUNTS, wait_for_rows
+from tests.upstream.chatgpt_helpers import make_jwt
 from tests.upstream.pool_helpers import CATALOG_SETTLE_SECONDS
-from tests.upstream.test_chatgpt_auth import make_jwt
 
 REQUESTS = 16
 
