@@ -104,11 +104,27 @@ def estimate_hold(
         and max_output_tokens > 0
         else default_output_tokens
     )
-    input_tokens = max(body_bytes + INPUT_ALLOWANCE_TOKENS, context_tokens)
+    return cost_at_most(price, held_input_tokens(body_bytes, context_tokens), output)
+
+
+def held_input_tokens(body_bytes: int, context_tokens: int = 0) -> int:
+    """The input tokens a hold is made for (see `estimate_hold`)."""
+    return max(body_bytes + INPUT_ALLOWANCE_TOKENS, context_tokens)
+
+
+def cost_at_most(price: Price, input_tokens: int, output_tokens: int) -> Decimal:
+    """What `input_tokens` and `output_tokens` cost at `price`, none of them cached."""
     input_cost = MONEY.multiply(Decimal(input_tokens), price.input)
-    output_cost = MONEY.multiply(Decimal(output), price.output)
+    output_cost = MONEY.multiply(Decimal(output_tokens), price.output)
     total = MONEY.divide(MONEY.add(input_cost, output_cost), MILLION)
     return MONEY.multiply(total, price.markup)
+
+
+class LargestCost(NamedTuple):
+    """What a request holds, and the input tokens that hold is made for."""
+
+    cost: Decimal
+    input_tokens: int
 
 
 def largest_cost(
@@ -117,17 +133,14 @@ def largest_cost(
     body: bytes,
     default_output_tokens: int,
     context_tokens: int,
-) -> Decimal:
+) -> LargestCost:
     """What a request holds: `estimate_hold` of its body, with the context window of
     `context_tokens` as its input when it makes the upstream read input it does not carry."""
-    stored = reads_stored_input(document, body)
-    return estimate_hold(
-        price,
-        len(body),
-        document.get("max_output_tokens"),
-        default_output_tokens,
-        context_tokens if stored else 0,
+    context = context_tokens if reads_stored_input(document, body) else 0
+    cost = estimate_hold(
+        price, len(body), document.get("max_output_tokens"), default_output_tokens, context
     )
+    return LargestCost(cost, held_input_tokens(len(body), context))
 
 
 def reads_stored_input(document: dict[str, Any], body: bytes) -> bool:
@@ -607,6 +620,19 @@ class Admission:
             user = cost
         if key_id is not None and key > 0 and self._keys.hold_cost(key_id, key, cost):
             key = cost
+        return Hold(user, key)
+
+    def hold_at_most(
+        self, user_id: int | None, key_id: int | None, hold: Hold, most: Decimal
+    ) -> Hold:
+        """The hold of a request whose cost can no longer exceed `most`, lowered to it (a
+        hold already lower stays): what it held beyond that is free for other requests while
+        the gateway counts the request's tokens itself."""
+        user, key = hold.user, hold.key
+        if user_id is not None and most < user and self._users.hold_cost(user_id, user, most):
+            user = most
+        if key_id is not None and most < key and self._keys.hold_cost(key_id, key, most):
+            key = most
         return Hold(user, key)
 
     def settled(self, row: dict[str, Any], hold: Hold, result: Settled | None) -> None:

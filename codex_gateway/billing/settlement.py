@@ -77,6 +77,8 @@ class Outcome:
     hold: Decimal = Decimal(0)
     # What the request holds against its key's cap (0 when the key has none).
     key_hold: Decimal = Decimal(0)
+    # The input tokens the holds were made for (`held_input_tokens`).
+    held_input_tokens: int = 0
     attempts: list[dict[str, Any]] = field(default_factory=list)
     # The gateway's own count, billed for what the upstream's usage does not give readably.
     estimate: dict[str, Any] | None = None
@@ -196,6 +198,11 @@ def bill(outcome: Outcome, prices: PriceTable, trace: bool = False) -> dict[str,
         "client_bytes": outcome.client_bytes,
         "attempts": orjson.dumps(outcome.attempts).decode() if outcome.attempts else None,
     }
+
+
+def billed_price(outcome: Outcome, prices: PriceTable) -> Price:
+    """The price `bill` prices `outcome` at."""
+    return _price_for(outcome, prices, _ran_another_model(outcome, prices))
 
 
 def _price_for(outcome: Outcome, prices: PriceTable, another_model: bool) -> Price:

@@ -24,12 +24,13 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from codex_gateway.billing.admission import largest_cost
+from codex_gateway.billing.admission import Hold, cost_at_most, largest_cost
 from codex_gateway.billing.pricing import Price
 from codex_gateway.billing.settlement import (
     FLAG_ESTIMATE_FAILED,
     SERVED_STATUSES,
     Outcome,
+    billed_price,
     cut_by_shutdown,
 )
 from codex_gateway.errors import (
@@ -211,7 +212,7 @@ async def _hold(
     window, since its body's size says nothing of that input.
     """
     settings = gateway.settings
-    estimate = largest_cost(
+    estimate, outcome.held_input_tokens = largest_cost(
         outcome.price,
         request.document,
         request.body,
@@ -491,8 +492,26 @@ async def estimate_unbilled(
     client the billed counts has it made before its last lines are sent."""
     if outcome.estimate is not None or cut_by_shutdown():
         return
+    if scanner.terminal is None:
+        _hold_what_it_sent(gateway, outcome, scanner)
     if scanner.terminal is None or outcome.served_without_usage():
         await _estimate(outcome, lambda: gateway.tokens.estimate(request, scanner.deltas))
+
+
+def _hold_what_it_sent(gateway: Gateway, outcome: Outcome, scanner: StreamScanner) -> None:
+    """Lower the holds of a stream that ended without its final event, billed wholly on the
+    gateway's own count, to what that count can come to: the input the hold was made for, and
+    a token for each byte of the delta events the stream sent (a token is at least a byte).
+    Counting may first wait for the vocabulary to load, seconds in a process's first such
+    stream; meanwhile the request does not keep its largest output set aside, which a run of
+    such streams would pile up until requests the balance covers were refused."""
+    sent = sum(len(delta) for delta in scanner.deltas)
+    price = billed_price(outcome, gateway.catalog.prices)
+    most = cost_at_most(price, outcome.held_input_tokens, sent)
+    held = gateway.admission.hold_at_most(
+        outcome.user_id, outcome.key_id, Hold(outcome.hold, outcome.key_hold), most
+    )
+    outcome.hold, outcome.key_hold = held.user, held.key
 
 
 async def estimate_unbilled_answer(

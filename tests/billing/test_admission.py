@@ -719,7 +719,8 @@ def test_a_request_reading_stored_items_or_hosted_tool_results_holds_the_context
     document: dict[str, object],
 ) -> None:
     body = orjson.dumps(document)
-    assert largest_cost(CODEX, document, body, 32768, CONTEXT_TOKENS) == CONTEXT_HOLD
+    held = largest_cost(CODEX, document, body, 32768, CONTEXT_TOKENS)
+    assert held == (CONTEXT_HOLD, CONTEXT_TOKENS)  # the context window is its input
 
 
 @pytest.mark.parametrize(
@@ -751,7 +752,9 @@ def test_a_request_reading_stored_items_or_hosted_tool_results_holds_the_context
 def test_a_request_whose_tools_the_client_runs_holds_its_body(document: dict[str, object]) -> None:
     body = orjson.dumps(document)
     expected = estimate_hold(CODEX, len(body), None, 32768)
-    assert largest_cost(CODEX, document, body, 32768, CONTEXT_TOKENS) == expected < CONTEXT_HOLD
+    held = largest_cost(CODEX, document, body, 32768, CONTEXT_TOKENS)
+    assert held.cost == expected < CONTEXT_HOLD
+    assert held.input_tokens == len(body) + INPUT_ALLOWANCE_TOKENS
 
 
 @pytest.mark.parametrize(
@@ -767,7 +770,7 @@ def test_a_codex_cli_request_holds_its_body_not_the_context_window(name: str) ->
     body = fixture_path("requests", f"{name}.body.json").read_bytes()
     document = orjson.loads(body)
     assert {tool["type"] for tool in document["tools"]} == {"function", "namespace", "web_search"}
-    held = largest_cost(CODEX, document, body, 32768, CONTEXT_TOKENS)
+    held = largest_cost(CODEX, document, body, 32768, CONTEXT_TOKENS).cost
     assert held == estimate_hold(CODEX, len(body), None, 32768) < CONTEXT_HOLD
 
 
