@@ -524,15 +524,22 @@ def _secret_key_file_problem(path: str) -> str | None:
 def secret_in_file(path: Path) -> str:
     """The secret key a key file holds, without surrounding whitespace, read as the secret
     key file is. A file that gives none is a ValueError saying why, never what it holds."""
+    secret = text_in_key_file(path).strip()
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise ValueError(f"the key in it must be at least {MIN_SECRET_LENGTH} characters long")
+    return secret
+
+
+def text_in_key_file(path: Path) -> str:
+    """All the text a file holding a key holds, read as the secret key file is (see
+    `_key_file_bytes`). A file that cannot be read is a ValueError saying why, never what
+    it holds."""
     try:
-        secret = _key_file_bytes(path).decode("utf-8").strip()
+        return _key_file_bytes(path).decode("utf-8")
     except OSError as exc:
         raise ValueError(f"cannot be read: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise ValueError(f"not UTF-8 text (byte {exc.start})") from None
-    if len(secret) < MIN_SECRET_LENGTH:
-        raise ValueError(f"the key in it must be at least {MIN_SECRET_LENGTH} characters long")
-    return secret
 
 
 def _key_file_bytes(path: Path) -> bytes:

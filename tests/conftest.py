@@ -134,9 +134,13 @@ class Gateway:
     proc: Proc | None = None
     extra_procs: list[Proc] = field(default_factory=list)
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, check: bool = True, stdin: str | bytes | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run a command in this process: the same code as the installed CLI, started faster."""
-        result = CliRunner().invoke(cli, list(args), env=self.env, catch_exceptions=False)
+        result = CliRunner().invoke(
+            cli, list(args), input=stdin, env=self.env, catch_exceptions=False
+        )
         completed = subprocess.CompletedProcess(
             list(args), result.exit_code, result.stdout, result.stderr
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -17,7 +18,7 @@ from click.core import ParameterSource
 from codex_gateway.billing.pricing import Price, PriceTable, parse_amount, per_million, plain
 from codex_gateway.billing.settlement import explain as explain_row
 from codex_gateway.cli.context import dump_json, settings_or_exit, table, with_store
-from codex_gateway.config import secret_in_file
+from codex_gateway.config import MAX_SECRET_FILE_BYTES, secret_in_file, text_in_key_file
 from codex_gateway.errors import CredentialError
 from codex_gateway.relay.chatgpt import RESPONSES_PATH, Quota
 from codex_gateway.sandbox import ACCOUNT_KEY as SANDBOX_KEY
@@ -83,24 +84,100 @@ def _name(_ctx: click.Context, _param: click.Parameter, value: str | None) -> st
     return value
 
 
-def _api_key(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+# `--api-key -`: the key is the first line of standard input.
+FROM_STDIN = "-"
+# How refusals name the two ways of giving a key that are not a typed --api-key.
+STDIN_HINT = "'--api-key -'"
+FILE_HINT = "'--api-key-file'"
+
+
+def _api_key(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """A key typed on the command line is checked as it is parsed; `-` is read later, once
+    the command knows the key is given no other way."""
+    if value is None or value == FROM_STDIN:
+        return value
+    return _checked_api_key(value)
+
+
+def _checked_api_key(value: str, option: str | None = None) -> str:
     """An upstream API key goes into an HTTP header as typed: one that a header cannot carry
     whole is refused, naming what is wrong with it and never repeating it (it is a secret)."""
     if not value:
-        raise click.BadParameter("must not be empty")
+        raise click.BadParameter("must not be empty", param_hint=option)
     if value != value.strip():
         raise click.BadParameter(
-            "must not start or end with spaces or line breaks (the key is stored as typed)"
+            "must not start or end with spaces or line breaks (the key is stored as typed)",
+            param_hint=option,
         )
     if not value.isascii():
-        raise click.BadParameter("must be ASCII text; the key has a character outside ASCII")
+        raise click.BadParameter(
+            "must be ASCII text; the key has a character outside ASCII", param_hint=option
+        )
     if not value.isprintable():
         raise click.BadParameter(
-            "must not hold control characters; the key has one (such as a line break or tab)"
+            "must not hold control characters; the key has one (such as a line break or tab)",
+            param_hint=option,
         )
     if " " in value:
-        raise click.BadParameter("must not hold spaces; the key has one inside it")
+        raise click.BadParameter(
+            "must not hold spaces; the key has one inside it", param_hint=option
+        )
     return value
+
+
+def _upstream_api_key(api_key: str | None, key_file: str | None) -> str:
+    """The key given by exactly one of --api-key-file, `--api-key -` and --api-key, checked
+    as a typed one is. A file or line is taken without its line break, and nothing else."""
+    if api_key is not None and key_file is not None:
+        raise click.UsageError(
+            "--api-key cannot be given with --api-key-file: give the upstream API key one way"
+        )
+    if key_file is not None:
+        return _checked_api_key(_api_key_in_file(key_file), FILE_HINT)
+    if api_key is None:
+        raise click.UsageError(
+            "give the upstream API key with --api-key-file PATH, --api-key - (one line of "
+            "standard input) or --api-key KEY"
+        )
+    if api_key == FROM_STDIN:
+        return _checked_api_key(_api_key_on_stdin(), STDIN_HINT)
+    return api_key
+
+
+def _api_key_on_stdin() -> str:
+    """The first line of standard input, as bounded as a key file is."""
+    line = sys.stdin.buffer.readline(MAX_SECRET_FILE_BYTES + 1)
+    if len(line) > MAX_SECRET_FILE_BYTES:
+        raise click.BadParameter(
+            f"the line read from standard input is longer than {MAX_SECRET_FILE_BYTES} bytes; "
+            "it must hold only the key",
+            param_hint=STDIN_HINT,
+        )
+    try:
+        return _without_line_break(line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise click.BadParameter(
+            f"not UTF-8 text (byte {exc.start})", param_hint=STDIN_HINT
+        ) from None
+
+
+def _api_key_in_file(path: str) -> str:
+    """The key in `path`, read as the secret key file is (a regular file of at most
+    MAX_SECRET_FILE_BYTES). An empty path is refused as such: as a Path it would be the
+    current directory."""
+    if not path:
+        raise click.BadParameter(
+            "is empty; give the path of the file holding the key", param_hint=FILE_HINT
+        )
+    try:
+        return _without_line_break(text_in_key_file(Path(path)))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=FILE_HINT) from None
+
+
+def _without_line_break(text: str) -> str:
+    """`text` without the one line break (LF or CR LF) an editor or `echo` ends it with."""
+    return text.removesuffix("\r\n") if text.endswith("\r\n") else text.removesuffix("\n")
 
 
 @click.group()
@@ -363,7 +440,21 @@ def accounts() -> None:
 @click.option(
     "--base-url", required=True, help="As OpenAI writes it, e.g. https://api.openai.com/v1"
 )
-@click.option("--api-key", required=True, callback=_api_key, help="The upstream API key.")
+@click.option(
+    "--api-key",
+    default=None,
+    callback=_api_key,
+    help="The upstream API key; - reads it from one line of standard input. On the command "
+    "line it shows in ps and the shell's history: prefer --api-key-file or -.",
+)
+@click.option(
+    "--api-key-file",
+    "key_file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="A file holding the upstream API key (read as CODEX_GATEWAY_SECRET_KEY_FILE is; "
+    "one trailing line break is dropped).",
+)
 @click.option("--priority", type=int, default=100, show_default=True, help="Lower goes first.")
 @click.option(
     "--max-concurrency",
@@ -391,7 +482,8 @@ def accounts_add(
     name: str,
     kind: str,
     base_url: str,
-    api_key: str,
+    api_key: str | None,
+    key_file: str | None,
     priority: int,
     max_concurrency: int | None,
     weight: int,
@@ -399,6 +491,9 @@ def accounts_add(
     secret_key_changed: bool,
 ) -> None:
     """Add an upstream account.
+
+    The API key is given by exactly one of --api-key-file PATH, --api-key - (a line of
+    standard input) or --api-key KEY (which ps and the shell's history show).
 
     With CODEX_GATEWAY_SECRET_KEY (or the key file) set, the API key is sealed with it before
     it is stored; without one it is stored unsealed, and a warning says so. A secret key that
@@ -408,10 +503,11 @@ def accounts_add(
         raise click.BadParameter("must start with http:// or https://", param_hint="--base-url")
     if replace:
         _refuse_with_replace(ctx, ("priority", "weight", "max_concurrency"))
+    key = _upstream_api_key(api_key, key_file)
     cipher = _cipher_or_none()
     if cipher is not None and not secret_key_changed:
         _refuse_another_secret_key(cipher, besides=name if replace else None)
-    stored = cipher.seal(api_key) if cipher else api_key
+    stored = cipher.seal(key) if cipher else key
     sealed = cipher is not None
     if replace:
         with_store(lambda store: store.replace_api_key(name, kind, base_url, stored, sealed=sealed))

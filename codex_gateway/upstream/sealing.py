@@ -242,7 +242,7 @@ class ApiKeyOpener:
             why = (
                 "does not open with this gateway's secret key (was the key changed?); start "
                 "with the key it was sealed with, or give the account its key again with "
-                f"`accounts add --name {account.name} --base-url URL --api-key KEY --replace`"
+                f"`accounts add --name {account.name} --base-url URL --api-key-file PATH --replace`"
             )
         else:
             why = (

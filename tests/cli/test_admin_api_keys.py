@@ -595,6 +595,160 @@ def test_an_api_key_a_header_cannot_carry_is_refused_without_repeating_it(
         assert name not in listed_names
 
 
+# The ways of giving a key off the command line, each with what it is given: a file or a
+# line of standard input, ended by a line break (LF or CR LF) that is not part of the key.
+KEY_OFF_THE_COMMAND_LINE = [
+    ("file", "\n"),
+    ("file", "\r\n"),
+    ("file", ""),
+    ("stdin", "\n"),
+    ("stdin", "\r\n"),
+    ("stdin", ""),
+]
+
+
+def add_off_the_command_line(
+    db: Gateway, tmp_path: Path, name: str, way: str, given: str, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """`accounts add` given the key `given` holds by --api-key-file or `--api-key -`."""
+    if way == "file":
+        path = tmp_path / f"api-key-{uuid.uuid4().hex[:8]}"
+        path.write_bytes(given.encode())
+        option, stdin = ["--api-key-file", str(path)], None
+    else:
+        option, stdin = ["--api-key", "-"], given
+    return db.cli(
+        "accounts", "add", "--name", name, "--base-url", BASE_URL, *option, *extra,
+        check=False, stdin=stdin,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("way", "line_break"), KEY_OFF_THE_COMMAND_LINE)
+@pytest.mark.parametrize("replace", [False, True])
+def test_a_key_given_in_a_file_or_on_standard_input_is_stored_without_its_line_break(
+    keyless: Gateway, tmp_path: Path, way: str, line_break: str, replace: bool
+) -> None:
+    name, key = fresh()
+    with_secret(keyless)
+    if replace:
+        add(keyless, name, "sk-upstream-old-key")
+
+    result = add_off_the_command_line(
+        keyless, tmp_path, name, way, key + line_break, *(["--replace"] if replace else [])
+    )
+
+    assert (result.returncode, result.stderr) == (0, "")
+    done = "gave a new key to" if replace else "added"
+    assert result.stdout == f"{done} openai account {name} -> {BASE_URL}/responses\n"
+    sealed = stored(keyless, name).api_key_sealed
+    assert sealed is not None and TokenCipher(SECRET).open(sealed) == key
+
+
+# Refused before any key is read: the key given no way, or more than one.
+KEY_WAYS_REFUSED = [
+    ([], "Error: give the upstream API key with --api-key-file PATH, --api-key - (one line"),
+    (
+        ["--api-key", "sk-upstream-typed", "--api-key-file", "{file}"],
+        "Error: --api-key cannot be given with --api-key-file: give the upstream API key one",
+    ),
+    (
+        ["--api-key", "-", "--api-key-file", "{file}"],
+        "Error: --api-key cannot be given with --api-key-file: give the upstream API key one",
+    ),
+]
+
+
+@pytest.mark.parametrize(("ways", "problem"), KEY_WAYS_REFUSED, ids=["none", "typed", "stdin"])
+@pytest.mark.parametrize("replace", [False, True])
+def test_accounts_add_refuses_a_key_given_no_way_or_two(
+    keyless: Gateway, tmp_path: Path, ways: list[str], problem: str, replace: bool
+) -> None:
+    name, good = fresh()
+    if replace:
+        add(keyless, name, good)
+    file = tmp_path / "api-key"
+    file.write_text("sk-upstream-in-file\n")
+    options = [option.format(file=file) for option in ways]
+
+    result = keyless.cli(
+        "accounts", "add", "--name", name, "--base-url", BASE_URL, *options,
+        *(["--replace"] if replace else []), check=False, stdin="sk-upstream-on-stdin\n",
+    )  # fmt: skip
+
+    assert (result.returncode, result.stdout) == (2, "")
+    assert problem in result.stderr
+    if replace:
+        assert stored(keyless, name).api_key == good
+    else:
+        assert name not in [a["name"] for a in keyless.cli_json("accounts", "list")]
+
+
+# A key file that cannot be read as the secret key file is: refused, naming the option.
+KEY_FILES_REFUSED = [
+    ("missing", "cannot be read: No such file or directory"),
+    ("directory", "File '{path}' is a directory."),
+    ("fifo", "must be a regular file, not a FIFO"),
+    ("huge", "is longer than 4096 bytes; the file must hold only the key"),
+]
+
+
+def unreadable_key_file(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / kind
+    if kind == "directory":
+        path.mkdir()
+    if kind == "fifo":
+        os.mkfifo(path)
+    if kind == "huge":
+        path.write_text("sk-" + "x" * 5000)
+    return path
+
+
+@pytest.mark.parametrize(("kind", "problem"), KEY_FILES_REFUSED)
+def test_a_key_file_that_cannot_be_read_is_refused_and_nothing_stored(
+    keyless: Gateway, tmp_path: Path, kind: str, problem: str
+) -> None:
+    name = fresh()[0]
+    path = unreadable_key_file(tmp_path, kind)
+
+    result = keyless.cli(
+        "accounts", "add", "--name", name, "--base-url", BASE_URL,
+        "--api-key-file", str(path), check=False,
+    )  # fmt: skip
+
+    assert (result.returncode, result.stdout) == (2, "")
+    assert f"Invalid value for '--api-key-file': {problem.format(path=path)}" in result.stderr
+    assert name not in [a["name"] for a in keyless.cli_json("accounts", "list")]
+
+
+# What a file or a line of standard input holds is checked as a typed key is, and refused
+# naming the way it was given and never the key.
+KEYS_REFUSED_OFF_THE_COMMAND_LINE = [
+    ("file", "", "must not be empty"),
+    ("file", "sk-x secret\n", "must not hold spaces"),
+    ("file", "sk-x-twice\n\n", "must not start or end with spaces or line breaks"),
+    ("stdin", "", "must not be empty"),
+    ("stdin", " sk-x-padded\n", "must not start or end with spaces or line breaks"),
+    ("stdin", "sk-x\tsecret\n", "must not hold control characters"),
+    ("stdin", "sk-x-sécret\n", "must be ASCII text"),
+]
+
+
+@pytest.mark.parametrize(("way", "given", "problem"), KEYS_REFUSED_OFF_THE_COMMAND_LINE)
+def test_a_key_given_off_the_command_line_is_checked_as_a_typed_one(
+    keyless: Gateway, tmp_path: Path, way: str, given: str, problem: str
+) -> None:
+    name = fresh()[0]
+
+    result = add_off_the_command_line(keyless, tmp_path, name, way, given)
+
+    option = "'--api-key-file'" if way == "file" else "'--api-key -'"
+    assert (result.returncode, result.stdout) == (2, "")
+    assert f"Invalid value for {option}: {problem}" in result.stderr
+    if given.strip():
+        assert given.strip() not in result.stderr
+    assert name not in [a["name"] for a in keyless.cli_json("accounts", "list")]
+
+
 def test_a_password_in_the_base_url_is_masked_wherever_the_url_is_shown(
     keyless: Gateway,
 ) -> None:
