@@ -162,17 +162,24 @@ def _api_key_on_stdin() -> str:
 
 
 def _api_key_in_file(path: str) -> str:
-    """The key in `path`, read as the secret key file is (a regular file of at most
-    MAX_SECRET_FILE_BYTES). An empty path is refused as such: as a Path it would be the
-    current directory."""
+    """The key in `path`, without its line break."""
+    return _without_line_break(_in_key_file(path, text_in_key_file, "the key", FILE_HINT))
+
+
+def _in_key_file(
+    path: str, read: Callable[[Path], str], what: str, param_hint: str | None = None
+) -> str:
+    """What `read` takes from the file at `path`, read as the secret key file is (a regular
+    file of at most MAX_SECRET_FILE_BYTES); `what` names what the file should hold. An empty
+    path is refused as such: as a Path it would be the current directory."""
     if not path:
         raise click.BadParameter(
-            "is empty; give the path of the file holding the key", param_hint=FILE_HINT
+            f"is empty; give the path of the file holding {what}", param_hint=param_hint
         )
     try:
-        return _without_line_break(text_in_key_file(Path(path)))
+        return read(Path(path))
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint=FILE_HINT) from None
+        raise click.BadParameter(str(exc), param_hint=param_hint) from None
 
 
 def _without_line_break(text: str) -> str:
@@ -594,14 +601,8 @@ def _cipher_or_none() -> TokenCipher | None:
 
 
 def _old_secret_key(_ctx: click.Context, _param: click.Parameter, path: str) -> TokenCipher:
-    """The cipher of the secret key in `path`, read as the secret key file is. An empty path
-    is refused as such: as a Path it would be the current directory."""
-    if not path:
-        raise click.BadParameter("is empty; give the path of the file holding the old key")
-    try:
-        return TokenCipher(secret_in_file(Path(path)))
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+    """The cipher of the secret key in `path`."""
+    return TokenCipher(_in_key_file(path, secret_in_file, "the old key"))
 
 
 @accounts.command("reseal")
