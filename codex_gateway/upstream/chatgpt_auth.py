@@ -29,7 +29,12 @@ from codex_gateway.store.credentials import (
     SealedTokens,
 )
 from codex_gateway.upstream.client import UpstreamResponse
-from codex_gateway.upstream.sealing import SET_A_SECRET_KEY, TokenCipher, configured_cipher
+from codex_gateway.upstream.sealing import (
+    SET_A_SECRET_KEY,
+    TokenCipher,
+    configured_cipher,
+    opens,
+)
 
 log = logging.getLogger(__name__)
 
@@ -262,11 +267,7 @@ class TokenRefresher:
     async def opens(self, account_id: int) -> bool:
         """Whether this process's secret key opens the account's stored tokens."""
         account = await self._credentials.account(account_id)
-        try:
-            self._cipher.open(account.tokens.refresh_token)
-        except CredentialError:
-            return False
-        return True
+        return opens(self._cipher, account.tokens.refresh_token)
 
     async def refresh(self, account_id: int, stale: str | None) -> str:
         """Refresh unless another process already replaced `stale`; returns the new token.

@@ -126,11 +126,17 @@ def same_secret_key(one: TokenCipher, other: TokenCipher) -> bool:
 
 def opens(cipher: TokenCipher, sealed: str) -> bool:
     """Whether a sealed value opens with `cipher`."""
+    return opened_or_none(cipher, sealed) is not None
+
+
+def opened_or_none(cipher: TokenCipher | None, sealed: str) -> str | None:
+    """A sealed value opened with `cipher`; None when it does not open, or with no cipher."""
+    if cipher is None:
+        return None
     try:
-        cipher.open(sealed)
+        return cipher.open(sealed)
     except CredentialError:
-        return False
-    return True
+        return None
 
 
 def _subkey(master: bytes, purpose: bytes) -> bytes:
@@ -208,7 +214,7 @@ class ApiKeyOpener:
         sealed = account.api_key_sealed
         if sealed is None:
             return account.api_key
-        key = self._opened.get(sealed) or self._open(sealed)
+        key = self._opened.get(sealed) or opened_or_none(self._cipher, sealed)
         if key is not None:
             opened[sealed] = key
             return key
@@ -219,14 +225,6 @@ class ApiKeyOpener:
         # worker it is: another worker may have kept it.
         self._report(account, sealed, kept=key is not None, dropped=where is not None and not key)
         return key
-
-    def _open(self, sealed: str) -> str | None:
-        if self._cipher is None:
-            return None
-        try:
-            return self._cipher.open(sealed)
-        except CredentialError:
-            return None
 
     def _report(
         self, account: AccountRecord, sealed: str, *, kept: bool, dropped: bool = False
