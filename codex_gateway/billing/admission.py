@@ -614,13 +614,7 @@ class Admission:
         rows waiting.
         """
         cost: Decimal = row["cost_usd"]
-        user, key = hold.user, hold.key
-        user_id, key_id = row.get("user_id"), row.get("key_id")
-        if user_id is not None and self._users.hold_cost(user_id, user, cost):
-            user = cost
-        if key_id is not None and key > 0 and self._keys.hold_cost(key_id, key, cost):
-            key = cost
-        return Hold(user, key)
+        return self._hold_instead(row.get("user_id"), row.get("key_id"), hold, Hold(cost, cost))
 
     def hold_at_most(
         self, user_id: int | None, key_id: int | None, hold: Hold, most: Decimal
@@ -628,11 +622,19 @@ class Admission:
         """The hold of a request whose cost can no longer exceed `most`, lowered to it (a
         hold already lower stays): what it held beyond that is free for other requests while
         the gateway counts the request's tokens itself."""
+        lowered = Hold(min(hold.user, most), min(hold.key, most))
+        return self._hold_instead(user_id, key_id, hold, lowered)
+
+    def _hold_instead(
+        self, user_id: int | None, key_id: int | None, hold: Hold, instead: Hold
+    ) -> Hold:
+        """A request's hold, `instead` of `hold` in the leases that have its owners (a key
+        without a cap holds nothing, and goes on holding nothing)."""
         user, key = hold.user, hold.key
-        if user_id is not None and most < user and self._users.hold_cost(user_id, user, most):
-            user = most
-        if key_id is not None and most < key and self._keys.hold_cost(key_id, key, most):
-            key = most
+        if user_id is not None and self._users.hold_cost(user_id, user, instead.user):
+            user = instead.user
+        if key_id is not None and key > 0 and self._keys.hold_cost(key_id, key, instead.key):
+            key = instead.key
         return Hold(user, key)
 
     def settled(self, row: dict[str, Any], hold: Hold, result: Settled | None) -> None:
