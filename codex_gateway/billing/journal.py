@@ -32,9 +32,10 @@ from typing import Any
 import orjson
 
 from codex_gateway.billing.admission import Hold
-from codex_gateway.billing.spool import decode_row, encode_value, of_another_database
+from codex_gateway.billing.spool import decode_row, of_another_database
 from codex_gateway.store.queries import Store
 from codex_gateway.store.tables import STATUS_INTERRUPTED
+from codex_gateway.store.types import json_decimal
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ def segments(directory: Path, stem: str) -> list[Path]:
 
 
 def _line(record: dict[str, Any]) -> bytes:
-    return orjson.dumps(record, default=encode_value) + b"\n"
+    return orjson.dumps(record, default=json_decimal) + b"\n"
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from codex_gateway.store.tables import UsageRecord
-from codex_gateway.store.types import Money, decimal_text
+from codex_gateway.store.types import Money, json_decimal
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Spool:
     def append(self, row: dict[str, Any]) -> None:
         """Write one row and flush it to disk before returning."""
         record = {**row, DATABASE_KEY: self.database} if self.database else row
-        line = orjson.dumps(record, default=encode_value) + b"\n"
+        line = orjson.dumps(record, default=json_decimal) + b"\n"
         with self._lock(".lock"):
             _append_durably(self.path, line)
         log.warning(
@@ -210,13 +210,6 @@ def _append_durably(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def encode_value(value: Any) -> Any:
-    """orjson's fallback for a usage row: Decimals as exact strings."""
-    if isinstance(value, Decimal):
-        return decimal_text(value)
-    raise TypeError(f"cannot spool a {type(value).__name__}")
 
 
 def decode_row(data: dict[str, Any]) -> dict[str, Any]:

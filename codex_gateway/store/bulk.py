@@ -45,7 +45,14 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from codex_gateway.store.direct import open_driver, sqlalchemy_errors
-from codex_gateway.store.types import Money, UTCDateTime, bind_money, bind_utc, decimal_text
+from codex_gateway.store.types import (
+    Money,
+    UTCDateTime,
+    bind_money,
+    bind_utc,
+    decimal_text,
+    json_decimal,
+)
 
 Converter = Callable[[Any], Any]
 # Rows per SQLite statement at most. A batch's rows go in statements of this many, and the
@@ -84,14 +91,6 @@ def _utc_text(value: Any) -> str | None:
 
 def _float(value: Any) -> float | None:
     return None if value is None else float(value)
-
-
-def _json_decimal(value: Any) -> str:
-    """orjson's fallback for a value it does not write itself: a Decimal, as its exact
-    decimal text."""
-    if isinstance(value, Decimal):
-        return decimal_text(value)
-    raise TypeError(f"no JSON form for {type(value).__name__}")
 
 
 def _without_nul(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -220,10 +219,10 @@ class BulkInsert:
         for record in records:
             for name, check in self._checks:
                 check(record.get(name))
-        document = orjson.dumps(records, default=_json_decimal).decode()
+        document = orjson.dumps(records, default=json_decimal).decode()
         if "\\u0000" in document:
             cleaned = [_without_nul(record) for record in records]
-            document = orjson.dumps(cleaned, default=_json_decimal).decode()
+            document = orjson.dumps(cleaned, default=json_decimal).decode()
         return document
 
     async def run(self, conn: AsyncConnection, records: Sequence[Mapping[str, Any]]) -> None:

@@ -27,6 +27,15 @@ def decimal_text(value: Decimal) -> str:
     return format(value, "f") if "E" in text else text
 
 
+def json_decimal(value: Any) -> str:
+    """orjson's fallback for a row it writes (a usage row, a batch for PostgreSQL, a journal
+    or spool line): a Decimal as its exact text; anything else it does not write itself is a
+    TypeError naming its type."""
+    if isinstance(value, Decimal):
+        return decimal_text(value)
+    raise TypeError(f"no JSON form for {type(value).__name__}")
+
+
 def bind_utc(value: Any) -> datetime | None:
     """A timestamp on its way into the database, in UTC; one without a zone is refused."""
     if value is None:
