@@ -53,8 +53,10 @@ UNSET: Final = Unset.TOKEN
 
 
 MAX_NAME_LENGTH = 200
-# What `accounts list` says of a sealed API key that does not open with the command's key.
+# What `accounts list` says of sealed credentials that do not open with the command's key:
+# an API key, or a ChatGPT account's tokens.
 KEY_DOES_NOT_OPEN = "sealed key does not open with this secret key"
+TOKENS_DO_NOT_OPEN = "sealed tokens do not open with this secret key"
 
 
 def _amount(_ctx: click.Context, param: click.Parameter, value: str | None) -> Decimal | None:
@@ -745,7 +747,8 @@ def accounts_list(as_json: bool) -> None:
     (keys and tokens are never shown).
 
     The serving gateways' secret key is not known here: with a secret key set, a sealed API
-    key that does not open with it is named in WHY; without one, it shows only as sealed.
+    key or ChatGPT token that does not open with it is named in WHY; without one, it shows
+    only as sealed.
     """
 
     async def load(store: Store) -> tuple[list[AccountRecord], dict[int, AccountState]]:
@@ -786,9 +789,9 @@ def _account_row(
         else None
     )
     state, why, until = _state(account, quota, now)
-    sealed = account.api_key_sealed
-    if cipher is not None and sealed is not None and not opens(cipher, sealed):
-        why = f"{why}; {KEY_DOES_NOT_OPEN}" if why else KEY_DOES_NOT_OPEN
+    shut = _not_opening(account, credentials, cipher) if cipher is not None else None
+    if shut:
+        why = f"{why}; {shut}" if why else shut
     return {
         "id": account.id,
         "name": account.name,
@@ -809,6 +812,20 @@ def _account_row(
         "quota": quota.to_json() if quota else None,
         "token_expires_at": credentials.token_expires_at if credentials else None,
     }
+
+
+def _not_opening(
+    account: AccountRecord, credentials: AccountState | None, cipher: TokenCipher
+) -> str | None:
+    """What WHY says when the account's sealed API key, or any of its sealed ChatGPT
+    tokens, does not open with `cipher`; None when all of them open."""
+    key = account.api_key_sealed
+    if key is not None and not opens(cipher, key):
+        return KEY_DOES_NOT_OPEN
+    tokens = credentials.sealed_tokens if credentials else ()
+    if not all(opens(cipher, token) for token in tokens):
+        return TOKENS_DO_NOT_OPEN
+    return None
 
 
 def _state(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -51,6 +51,9 @@ class AccountState:
     state_reason: str | None
     quota: str | None
     token_expires_at: datetime | None
+    # A ChatGPT account's access and refresh tokens, sealed, for `accounts list` to check
+    # against its own secret key; none for an API account.
+    sealed_tokens: tuple[str, ...] = field(default=(), repr=False)
 
 
 _COLUMNS = (
@@ -64,6 +67,10 @@ _COLUMNS = (
     UpstreamAccount.state,
     UpstreamAccount.state_reason,
 )
+
+
+def _held(*sealed: str | None) -> tuple[str, ...]:
+    return tuple(value for value in sealed if value is not None)
 
 
 def _account(row: Any) -> ChatGPTAccount:
@@ -213,11 +220,16 @@ class CredentialStore:
             UpstreamAccount.state_reason,
             UpstreamAccount.quota,
             UpstreamAccount.token_expires_at,
+            UpstreamAccount.access_token_sealed,
+            UpstreamAccount.refresh_token_sealed,
         )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
             await conn.rollback()
-        return {row[0]: AccountState(row[1], row[2], row[3], row[4]) for row in rows}
+        return {
+            row[0]: AccountState(row[1], row[2], row[3], row[4], _held(row[5], row[6]))
+            for row in rows
+        }
 
     @staticmethod
     def _select(account_id: int) -> Any:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from codex_gateway.errors import CredentialError
 from codex_gateway.sandbox import ACCOUNT_KEY as SANDBOX_KEY
@@ -823,3 +823,73 @@ def test_accounts_list_says_which_sealed_keys_do_not_open_with_its_secret_key(
     ]
     for key in (lost_key, kept_key, clear_key):
         assert key not in table.stdout + unreadable.stdout + unreadable.stderr
+
+
+def seal_again(db: Gateway, name: str, column: str, secret: str) -> None:
+    """Seal one of the account's stored values again, under `secret`."""
+
+    async def change() -> None:
+        engine = create_engine(db.database_url)
+        held = getattr(UpstreamAccount, column)
+        try:
+            async with engine.begin() as conn:
+                query = select(held).where(UpstreamAccount.name == name)
+                value = TokenCipher(SECRET).open((await conn.execute(query)).scalar_one())
+                sealed = TokenCipher(secret).seal(value)
+                await conn.execute(
+                    update(UpstreamAccount)
+                    .where(UpstreamAccount.name == name)
+                    .values({column: sealed})
+                )
+        finally:
+            await engine.dispose()
+
+    asyncio.run(change())
+
+
+def test_accounts_list_says_which_chatgpt_tokens_do_not_open_with_its_secret_key(
+    empty: Gateway, tmp_path: Path
+) -> None:
+    """Either token of a ChatGPT account that does not open is enough to name the account."""
+    lost = SECRET + "-lost"
+    with_secret(empty, lost)
+    import_codex(empty, tmp_path, "plus-lost")
+    with_secret(empty)
+    import_codex(empty, tmp_path, "plus-kept", "--secret-key-changed")
+    for name in ("plus-access", "plus-refresh"):
+        import_codex(empty, tmp_path, name)
+    seal_again(empty, "plus-access", "access_token_sealed", lost)
+    seal_again(empty, "plus-refresh", "refresh_token_sealed", lost)
+
+    def why() -> dict[str, tuple[str, str, str | None]]:
+        rows = empty.cli_json("accounts", "list")
+        return {a["name"]: (a["key"], a["state"], a["why"]) for a in rows}
+
+    checked = why()
+    table = empty.cli("accounts", "list")
+    empty.cli("accounts", "disable", "plus-lost")
+    disabled = why()["plus-lost"]
+    empty.env.pop("CODEX_GATEWAY_SECRET_KEY")
+    without_a_key = why()
+
+    shut = ("sealed", "ready", "sealed tokens do not open with this secret key")
+    assert checked == {
+        "plus-lost": shut,
+        "plus-kept": ("sealed", "ready", None),
+        "plus-access": shut,
+        "plus-refresh": shut,
+    }
+    assert "sealed tokens do not open with this secret key" in table.stdout
+    assert disabled == (
+        "sealed",
+        "disabled",
+        "disabled by the operator; sealed tokens do not open with this secret key",
+    )
+    assert without_a_key == {
+        "plus-lost": ("sealed", "disabled", "disabled by the operator"),
+        "plus-kept": ("sealed", "ready", None),
+        "plus-access": ("sealed", "ready", None),
+        "plus-refresh": ("sealed", "ready", None),
+    }
+    for name in checked:
+        assert f"rt-{name}" not in table.stdout + table.stderr
