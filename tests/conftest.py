@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import openai
@@ -135,7 +135,7 @@ class Gateway:
     extra_procs: list[Proc] = field(default_factory=list)
 
     def cli(
-        self, *args: str, check: bool = True, stdin: str | bytes | None = None
+        self, *args: str, check: bool = True, stdin: str | bytes | IO[bytes] | None = None
     ) -> subprocess.CompletedProcess[str]:
         """Run a command in this process: the same code as the installed CLI, started faster."""
         result = CliRunner().invoke(

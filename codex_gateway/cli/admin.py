@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import sys
 import time
 from collections.abc import Callable
@@ -91,6 +92,8 @@ FROM_STDIN = "-"
 # How refusals name the two ways of giving a key that are not a typed --api-key.
 STDIN_HINT = "'--api-key -'"
 FILE_HINT = "'--api-key-file'"
+# What `--api-key -` asks, on standard error, when standard input is a terminal.
+KEY_PROMPT = "Upstream API key: "
 
 
 def _api_key(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -147,8 +150,12 @@ def _upstream_api_key(api_key: str | None, key_file: str | None) -> str:
 
 
 def _api_key_on_stdin() -> str:
-    """The first line of standard input, as bounded as a key file is."""
-    line = sys.stdin.buffer.readline(MAX_SECRET_FILE_BYTES + 1)
+    """The first line of standard input, as bounded as a key file is; typed at a terminal,
+    it is read without echo, so the key does not show on the screen."""
+    if sys.stdin.isatty():
+        line = _typed_line()
+    else:
+        line = sys.stdin.buffer.readline(MAX_SECRET_FILE_BYTES + 1)
     if len(line) > MAX_SECRET_FILE_BYTES:
         raise click.BadParameter(
             f"the line read from standard input is longer than {MAX_SECRET_FILE_BYTES} bytes; "
@@ -158,9 +165,24 @@ def _api_key_on_stdin() -> str:
     try:
         return _without_line_break(line.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise click.BadParameter(
-            f"not UTF-8 text (byte {exc.start})", param_hint=STDIN_HINT
-        ) from None
+        raise _not_utf8(exc) from None
+
+
+def _typed_line() -> bytes:
+    """A line typed at the terminal, read without echo after a prompt on standard error, as
+    bytes for the checks a piped line gets; the end of input before any line is an empty
+    one."""
+    try:
+        typed = getpass.getpass(KEY_PROMPT, stream=sys.stderr)
+    except EOFError:
+        return b""
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(exc) from None
+    return typed.encode("utf-8", "surrogateescape")
+
+
+def _not_utf8(exc: UnicodeDecodeError) -> click.BadParameter:
+    return click.BadParameter(f"not UTF-8 text (byte {exc.start})", param_hint=STDIN_HINT)
 
 
 def _api_key_in_file(path: str) -> str:
@@ -453,8 +475,9 @@ def accounts() -> None:
     "--api-key",
     default=None,
     callback=_api_key,
-    help="The upstream API key; - reads it from one line of standard input. On the command "
-    "line it shows in ps and the shell's history: prefer --api-key-file or -.",
+    help="The upstream API key; - reads it from one line of standard input (without echo "
+    "at a terminal). On the command line it shows in ps and the shell's history: prefer "
+    "--api-key-file or -.",
 )
 @click.option(
     "--api-key-file",

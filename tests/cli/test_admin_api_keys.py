@@ -5,13 +5,19 @@ both backends."""
 from __future__ import annotations
 
 import asyncio
+import getpass
+import io
 import json
 import os
+import pty
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from select import select as wait_for_io
+from typing import IO, TextIO
 
 import pytest
 from sqlalchemy import select, update
@@ -24,7 +30,7 @@ from codex_gateway.store.db import create_engine
 from codex_gateway.store.queries import AccountRecord, Store
 from codex_gateway.store.tables import SEALED_COLUMNS, UpstreamAccount
 from codex_gateway.upstream.sealing import TokenCipher
-from tests.conftest import Gateway
+from tests.conftest import CLI, Gateway
 from tests.upstream.chatgpt_helpers import make_jwt
 
 SECRET = "operator-secret-key-0123456789abcdef"
@@ -595,8 +601,9 @@ def test_an_api_key_a_header_cannot_carry_is_refused_without_repeating_it(
         assert name not in listed_names
 
 
-# The ways of giving a key off the command line, each with what it is given: a file or a
-# line of standard input, ended by a line break (LF or CR LF) that is not part of the key.
+# The ways of giving a key off the command line, each with what it is given: a file, a
+# line of standard input, or one typed at a terminal, ended by a line break (LF or CR LF)
+# that is not part of the key.
 KEY_OFF_THE_COMMAND_LINE = [
     ("file", "\n"),
     ("file", "\r\n"),
@@ -604,19 +611,49 @@ KEY_OFF_THE_COMMAND_LINE = [
     ("stdin", "\n"),
     ("stdin", "\r\n"),
     ("stdin", ""),
+    # a terminal turns Enter into LF; a key ended by the end of input is taken as well
+    ("terminal", "\n"),
+    ("terminal", ""),
 ]
+
+
+class Terminal(io.BytesIO):
+    """Standard input that is a terminal; what it holds is never the key typed at it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def type_at_a_terminal(monkeypatch: pytest.MonkeyPatch, given: str) -> list[tuple[str, bool]]:
+    """Have getpass read `given` as it reads a UTF-8 terminal: up to the first LF, which it
+    drops, or the end of input, which it refuses before any line; a byte that is not UTF-8
+    (a lone surrogate in `given`) fails to decode. Each prompt is recorded, with whether it
+    went to standard error."""
+    asked: list[tuple[str, bool]] = []
+
+    def read(prompt: str, stream: TextIO | None = None) -> str:
+        asked.append((prompt, stream is sys.stderr))
+        if not given:
+            raise EOFError
+        line = given.partition("\n")[0]
+        return line.encode("utf-8", "surrogateescape").decode("utf-8")
+
+    monkeypatch.setattr(getpass, "getpass", read)
+    return asked
 
 
 def add_off_the_command_line(
     db: Gateway, tmp_path: Path, name: str, way: str, given: str, *extra: str
 ) -> subprocess.CompletedProcess[str]:
-    """`accounts add` given the key `given` holds by --api-key-file or `--api-key -`."""
+    """`accounts add` given the key `given` holds by --api-key-file or `--api-key -`, on
+    standard input or at a terminal (once `type_at_a_terminal` has given getpass the key)."""
     if way == "file":
         path = tmp_path / f"api-key-{uuid.uuid4().hex[:8]}"
         path.write_bytes(given.encode())
         option, stdin = ["--api-key-file", str(path)], None
     else:
-        option, stdin = ["--api-key", "-"], given
+        option = ["--api-key", "-"]
+        stdin = Terminal(b"sk-not-typed\n") if way == "terminal" else given
     return db.cli(
         "accounts", "add", "--name", name, "--base-url", BASE_URL, *option, *extra,
         check=False, stdin=stdin,
@@ -626,20 +663,83 @@ def add_off_the_command_line(
 @pytest.mark.parametrize(("way", "line_break"), KEY_OFF_THE_COMMAND_LINE)
 @pytest.mark.parametrize("replace", [False, True])
 def test_a_key_given_in_a_file_or_on_standard_input_is_stored_without_its_line_break(
-    keyless: Gateway, tmp_path: Path, way: str, line_break: str, replace: bool
+    keyless: Gateway,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    way: str,
+    line_break: str,
+    replace: bool,
 ) -> None:
     name, key = fresh()
     with_secret(keyless)
     if replace:
         add(keyless, name, "sk-upstream-old-key")
+    asked = type_at_a_terminal(monkeypatch, key + line_break)
 
     result = add_off_the_command_line(
         keyless, tmp_path, name, way, key + line_break, *(["--replace"] if replace else [])
     )
 
     assert (result.returncode, result.stderr) == (0, "")
+    assert asked == ([("Upstream API key: ", True)] if way == "terminal" else [])
     done = "gave a new key to" if replace else "added"
     assert result.stdout == f"{done} openai account {name} -> {BASE_URL}/responses\n"
+    sealed = stored(keyless, name).api_key_sealed
+    assert sealed is not None and TokenCipher(SECRET).open(sealed) == key
+
+
+def read_until(pipe: IO[bytes], wanted: bytes, seconds: float = 60) -> bytes:
+    """What comes from `pipe` until it holds `wanted`, it ends, or `seconds` pass."""
+    read, deadline = b"", time.monotonic() + seconds
+    while wanted not in read and wait_for_io([pipe], [], [], deadline - time.monotonic())[0]:
+        chunk = os.read(pipe.fileno(), 4096)
+        if not chunk:
+            break
+        read += chunk
+    return read
+
+
+def shown_on(controller: int) -> bytes:
+    """What a terminal's other end has left to show once the program at it has exited."""
+    shown = b""
+    while wait_for_io([controller], [], [], 0)[0]:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # EIO: the program's end is closed and everything has been read
+            break
+        if not chunk:
+            break
+        shown += chunk
+    return shown
+
+
+def test_a_key_typed_at_a_terminal_is_not_echoed(keyless: Gateway) -> None:
+    """As an operator types it: standard input is a terminal, of no session, so getpass turns
+    off the echo of standard input itself. The key is typed once the prompt is out."""
+    name, key = fresh()
+    with_secret(keyless)
+    controller, terminal = pty.openpty()
+    command = ["accounts", "add", "--name", name, "--base-url", BASE_URL, "--api-key", "-"]
+    proc = subprocess.Popen(
+        [*CLI, *command], stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=keyless.env, cwd=keyless.workdir, start_new_session=True,
+    )  # fmt: skip
+    os.close(terminal)
+    try:
+        assert proc.stderr is not None
+        prompt = read_until(proc.stderr, b"Upstream API key: ")
+        os.write(controller, key.encode() + b"\r")  # Enter
+        stdout, stderr = proc.communicate(timeout=60)
+        shown = shown_on(controller)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(controller)
+
+    assert (proc.returncode, prompt + stderr) == (0, b"Upstream API key: \n")
+    assert stdout == f"added openai account {name} -> {BASE_URL}/responses\n".encode()
+    assert b"sk-upstream" not in shown
     sealed = stored(keyless, name).api_key_sealed
     assert sealed is not None and TokenCipher(SECRET).open(sealed) == key
 
@@ -720,24 +820,39 @@ def test_a_key_file_that_cannot_be_read_is_refused_and_nothing_stored(
     assert name not in [a["name"] for a in keyless.cli_json("accounts", "list")]
 
 
-# What a file or a line of standard input holds is checked as a typed key is, and refused
-# naming the way it was given and never the key.
+# Lines refused alike on standard input and typed at a terminal, in the same words.
+LINES_REFUSED = [
+    ("", "must not be empty"),
+    (" sk-x-padded\n", "must not start or end with spaces or line breaks"),
+    ("sk-x secret\n", "must not hold spaces"),
+    ("sk-x\tsecret\n", "must not hold control characters"),
+    ("sk-x-sécret\n", "must be ASCII text"),
+    ("sk-x" + "x" * 4096 + "\n", "the line read from standard input is longer than 4096 bytes"),
+]
+
+# What a file, a line of standard input or one typed at a terminal holds is checked as a
+# typed key is, and refused naming the way it was given and never the key.
 KEYS_REFUSED_OFF_THE_COMMAND_LINE = [
     ("file", "", "must not be empty"),
     ("file", "sk-x secret\n", "must not hold spaces"),
     ("file", "sk-x-twice\n\n", "must not start or end with spaces or line breaks"),
-    ("stdin", "", "must not be empty"),
-    ("stdin", " sk-x-padded\n", "must not start or end with spaces or line breaks"),
-    ("stdin", "sk-x\tsecret\n", "must not hold control characters"),
-    ("stdin", "sk-x-sécret\n", "must be ASCII text"),
+    *[(way, line, problem) for way in ("stdin", "terminal") for line, problem in LINES_REFUSED],
+    # a byte that is not UTF-8, as a terminal read as UTF-8 gives it
+    ("terminal", "sk-x-\udcff\n", "not UTF-8 text (byte 5)"),
 ]
 
 
 @pytest.mark.parametrize(("way", "given", "problem"), KEYS_REFUSED_OFF_THE_COMMAND_LINE)
 def test_a_key_given_off_the_command_line_is_checked_as_a_typed_one(
-    keyless: Gateway, tmp_path: Path, way: str, given: str, problem: str
+    keyless: Gateway,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    way: str,
+    given: str,
+    problem: str,
 ) -> None:
     name = fresh()[0]
+    type_at_a_terminal(monkeypatch, given)
 
     result = add_off_the_command_line(keyless, tmp_path, name, way, given)
 
