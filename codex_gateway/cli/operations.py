@@ -16,7 +16,7 @@ from codex_gateway.billing.journal import recover as recover_journals
 from codex_gateway.cli.context import dump_json, settings_or_exit, table, with_store
 from codex_gateway.config import describe, load_settings
 from codex_gateway.errors import ConfigError
-from codex_gateway.store.db import create_engine, redact_url, schema_state
+from codex_gateway.store.db import Migration, create_engine, redact_url, schema_state
 from codex_gateway.store.db import migrate as migrate_schema
 from codex_gateway.store.queries import Store
 
@@ -52,27 +52,35 @@ def recover(journal_dir: Path | None) -> None:
 
 @click.command()
 def migrate() -> None:
-    """Bring the database schema to the newest migration, then exit."""
+    """Bring the database schema to the newest migration, say from which revision to which,
+    then exit."""
     settings = settings_or_exit()
 
-    async def run() -> str:
+    async def run() -> Migration | None:
         engine = create_engine(settings.database_url)
         try:
-            state = await schema_state(engine)
-            if state != "ahead":
-                await migrate_schema(engine)
-            return state
+            if await schema_state(engine) == "ahead":
+                return None
+            return await migrate_schema(engine)
         finally:
             await engine.dispose()
 
     try:
-        state = asyncio.run(run())
+        done = asyncio.run(run())
     except OSError as exc:
         raise click.ClickException(f"cannot reach the database: {exc}") from None
-    if state == "ahead":
+    if done is None:
         click.echo("database schema is newer than this version; left as it is")
     else:
-        click.echo(f"database schema is current ({redact_url(settings.database_url)})")
+        click.echo(f"{_migrated(done)} ({redact_url(settings.database_url)})")
+
+
+def _migrated(done: Migration) -> str:
+    if done.before is None:
+        return f"created the database schema at revision {done.after} on a new database"
+    if done.before != done.after:
+        return f"upgraded the database schema from revision {done.before} to {done.after}"
+    return f"database schema is current at revision {done.after}"
 
 
 @click.group()

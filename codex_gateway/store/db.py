@@ -9,6 +9,7 @@ while reads (connections with the READ_ONLY options) take none.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from codex_gateway.store.same_thread import SameThreadConnection, connector
 
@@ -124,8 +125,18 @@ def alembic_config() -> Config:
     return config
 
 
-async def migrate(engine: AsyncEngine) -> None:
-    """Bring the schema to the newest revision; concurrent starts on PostgreSQL take turns."""
+@dataclass(frozen=True)
+class Migration:
+    """The schema's revision before a migration (None for a database never migrated) and
+    after it."""
+
+    before: str | None
+    after: str | None
+
+
+async def migrate(engine: AsyncEngine) -> Migration:
+    """Bring the schema to the newest revision; concurrent starts on PostgreSQL take turns,
+    each reading the revision it starts from and ends at within its turn."""
     if engine.dialect.name == "postgresql":
         await _create_database_if_missing(engine)
     async with engine.connect() as connection:
@@ -133,8 +144,10 @@ async def migrate(engine: AsyncEngine) -> None:
             await connection.execute(text(f"SELECT pg_advisory_lock({_PG_MIGRATION_LOCK})"))
             await connection.commit()
         try:
+            before = await _revision(connection)
             await connection.run_sync(_upgrade)
             await connection.commit()
+            return Migration(before, await _revision(connection))
         finally:
             if engine.dialect.name == "postgresql":
                 await connection.execute(text(f"SELECT pg_advisory_unlock({_PG_MIGRATION_LOCK})"))
@@ -160,6 +173,16 @@ async def _create_database_if_missing(engine: AsyncEngine) -> None:
             raise
     finally:
         await server.dispose()
+
+
+async def _revision(connection: AsyncConnection) -> str | None:
+    """The schema's revision, read in a transaction of its own so that the migrations run
+    in theirs, as Alembic begins them."""
+    revision = await connection.run_sync(
+        lambda sync: MigrationContext.configure(sync).get_current_revision()
+    )
+    await connection.rollback()
+    return revision
 
 
 def _upgrade(connection: Connection) -> None:

@@ -3,13 +3,18 @@ migrate and the health probe."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import subprocess
 from pathlib import Path
 
 import pytest
+from alembic import command
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection
 
+from codex_gateway.store.db import alembic_config, create_engine
 from tests.conftest import CLI, free_port
 from tests.test_config import BROKEN_TOML
 
@@ -232,17 +237,52 @@ def test_version_asks_git_in_a_checkout() -> None:
     assert run("version").stdout.strip() == f"codex-gateway 0.1.0 (commit {commit})"
 
 
-def test_migrate_brings_a_new_database_to_the_newest_schema_and_can_run_again(
+def migrated_to(url: str, revision: str) -> None:
+    """Migrate the database at `url` only as far as `revision`, as an older version did."""
+
+    def upgrade(connection: Connection) -> None:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+    async def run_upgrade() -> None:
+        engine = create_engine(url)
+        try:
+            async with engine.connect() as connection:
+                await connection.run_sync(upgrade)
+                await connection.commit()
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run_upgrade())
+
+
+def test_migrate_says_whether_it_created_upgraded_or_found_the_schema_current(
     tmp_path: Path,
 ) -> None:
-    env = {"CODEX_GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path}/gateway.db"}
+    scripts = ScriptDirectory.from_config(alembic_config())
+    head = scripts.get_current_head()
+    assert head is not None
+    previous = str(scripts.get_revision(head).down_revision)
+    new, older = f"sqlite:///{tmp_path}/new.db", f"sqlite:///{tmp_path}/older.db"
+    migrated_to(older, previous)
 
-    first = run("migrate", env=env)
-    second = run("migrate", env=env)
+    created = run("migrate", env={"CODEX_GATEWAY_DATABASE_URL": new})
+    again = run("migrate", env={"CODEX_GATEWAY_DATABASE_URL": new})
+    upgraded = run("migrate", env={"CODEX_GATEWAY_DATABASE_URL": older})
 
-    assert first.returncode == second.returncode == 0
-    assert "database schema is current" in second.stdout
-    assert (tmp_path / "gateway.db").exists()
+    assert (created.returncode, created.stdout) == (
+        0,
+        f"created the database schema at revision {head} on a new database ({new})\n",
+    )
+    assert (again.returncode, again.stdout) == (
+        0,
+        f"database schema is current at revision {head} ({new})\n",
+    )
+    assert (upgraded.returncode, upgraded.stdout) == (
+        0,
+        f"upgraded the database schema from revision {previous} to {head} ({older})\n",
+    )
 
 
 def test_health_probe_fails_when_nothing_answers() -> None:

@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 from codex_gateway.billing.pricing import LIST_PRICES, Price
 from codex_gateway.store.db import (
+    Migration,
     alembic_config,
     create_engine,
     driver_url,
@@ -70,16 +71,17 @@ async def test_migrating_twice_changes_nothing_the_second_time(empty_database_ur
     try:
         assert not await is_current(engine)
 
-        await migrate(engine)
+        created = await migrate(engine)
         assert await is_current(engine)
         first = await dump(engine)
-        await migrate(engine)
+        again = await migrate(engine)
         second = await dump(engine)
     finally:
         await engine.dispose()
 
     assert second == first
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert (created, again) == (Migration(None, head), Migration(head, head))
     assert first["alembic_version"] == [(head,)]
     assert first["revision"] == [(1, 1)]
     assert len(first["model_pricings"]) == len(LIST_PRICES)
