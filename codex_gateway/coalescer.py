@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from threading import get_ident
 from typing import Protocol
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,12 @@ class Holder(Protocol):
 class WriteCoalescer:
     """One per gateway (`Gateway.coalescer`), shared by the server and the upstream client."""
 
-    __slots__ = ("_busy", "_due", "_loop", "_scheduled", "_wrote")
+    __slots__ = ("_busy", "_due", "_loop", "_scheduled", "_thread", "_wrote")
 
     def __init__(self) -> None:
         self._due: list[Holder] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0  # the thread `_loop` runs on
         self._scheduled = False
         # A write went out at once in this turn: the turn's other writes wait.
         self._wrote = False
@@ -57,11 +59,17 @@ class WriteCoalescer:
         self._due.append(holder)
 
     def _schedule(self) -> None:
+        # Asking for the running loop costs a system call (the interpreter checks the process
+        # id each time), and a request comes here several times: a flush already queued on
+        # the loop still running on this thread is all that is needed.
+        loop = self._loop
+        if self._scheduled and self._thread == get_ident() and loop and loop.is_running():
+            return
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             # A flush queued on a loop that has since stopped would never run; the writes it
             # held were for that loop's connections, which are gone with it.
-            self._loop, self._due = loop, []
+            self._loop, self._thread, self._due = loop, get_ident(), []
             self._scheduled = self._wrote = self._busy = False
         if not self._scheduled:
             self._scheduled = True

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -36,22 +38,30 @@ class RequestIds:
     one millisecond share 80 random bits one time in 2**80) and not guessable from the ones
     a client has seen. They come from a batch of RANDOM_BATCH bytes fetched from the system
     at a time rather than for each request: each fetch lets the usage writer's thread take the
-    interpreter, and the request then waits for it to let go. A forked worker drops the
-    batch it inherited, so parent and child never hand out the same bytes. Made and used on
-    the event loop's thread only.
+    interpreter, and the request then waits for it to let go. A forked child drops the batch
+    it inherited as it starts (told by the interpreter's fork hook, rather than by reading
+    the process id, a system call, for each request), so parent and child never hand out the
+    same bytes. Made and used on the event loop's thread only.
     """
 
     def __init__(self) -> None:
-        self._pid = 0
         self._batch = b""
         self._at = 0
+        os.register_at_fork(after_in_child=partial(_drop_batch, weakref.ref(self)))
 
     def __call__(self) -> str:
         at = self._at
-        if at + 10 > len(self._batch) or self._pid != os.getpid():
-            self._pid, self._batch, at = os.getpid(), os.urandom(RANDOM_BATCH), 0
+        if at + 10 > len(self._batch):
+            self._batch, at = os.urandom(RANDOM_BATCH), 0
         self._at = at + 10
         return f"req_{time.time_ns() // 1_000_000:012x}{self._batch[at : at + 10].hex()}"
+
+
+def _drop_batch(ids: weakref.ref[RequestIds]) -> None:
+    """In a forked child: forget the random bytes the parent may hand out too."""
+    request_ids = ids()
+    if request_ids is not None:
+        request_ids._batch, request_ids._at = b"", 0
 
 
 class Exchange:

@@ -87,7 +87,8 @@ class _Connection(asyncio.Protocol):
         self._header_name = b""
         self._timer: asyncio.TimerHandle | None = None
         self._last_read = 0.0
-        self._loop = asyncio.get_running_loop()
+        # The loop this connection belongs to, asked for once: asking costs a system call.
+        self.loop = asyncio.get_running_loop()
 
     @property
     def usable(self) -> bool:
@@ -102,7 +103,7 @@ class _Connection(asyncio.Protocol):
         if self.response is None:  # nothing was asked: a server talking out of turn
             self.close()
             return
-        self._last_read = self._loop.time()
+        self._last_read = self.loop.time()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -155,12 +156,12 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.response = response
         self._parser = httptools.HttpResponseParser(self)
-        self._last_read = self._loop.time()
+        self._last_read = self.loop.time()
         # The read timeout counts from here, up to one turn of the loop before a held request
         # is written (`coalescer.py`): a turn is far shorter than any timeout. A timer still
         # set for an earlier request fires sooner than this one's time and sets itself again.
         if self._timer is None:
-            self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._check_idle)
+            self._timer = self.loop.call_at(self._last_read + self._read_timeout, self._check_idle)
         coalescer = self._coalescer
         if coalescer is None or coalescer.may_write_now():
             self.transport.write(request)
@@ -180,15 +181,15 @@ class _Connection(asyncio.Protocol):
         """Fire the read timeout, unless bytes came since it was set (then set it again)."""
         self._timer = None
         due = self._last_read + self._read_timeout
-        if self._loop.time() < due:
-            self._timer = self._loop.call_at(due, self._check_idle)
+        if self.loop.time() < due:
+            self._timer = self.loop.call_at(due, self._check_idle)
             return
         response = self.response
         if response is None or response.complete:
             return
         if response.paused:  # the reader is behind, not the upstream
-            self._last_read = self._loop.time()
-            self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._check_idle)
+            self._last_read = self.loop.time()
+            self._timer = self.loop.call_at(self._last_read + self._read_timeout, self._check_idle)
             return
         if response.started:
             error = UpstreamTimeout(
@@ -244,6 +245,7 @@ class UpstreamResponse:
     def __init__(self, client: UpstreamClient, connection: _Connection):
         self._client = client
         self._connection: _Connection | None = connection
+        self._loop = connection.loop
         self.status = 0
         self.headers: Mapping[str, str] = Headers([])
         self.started = False
@@ -297,7 +299,7 @@ class UpstreamResponse:
             waiter.set_result(None)
 
     async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._loop.create_future()
         try:
             await self._waiter
         finally:
@@ -443,10 +445,10 @@ class UpstreamClient:
 
     def _take_idle(self, origin: _Origin) -> _Connection | None:
         idle = self._idle.get(origin)
-        now = asyncio.get_running_loop().time()
         while idle:
             connection = idle.pop()
-            if connection.usable and now - connection.idle_since < self.keepalive:
+            idle_for = connection.loop.time() - connection.idle_since
+            if connection.usable and idle_for < self.keepalive:
                 return connection
             connection.close()
         return None
@@ -489,7 +491,7 @@ class UpstreamClient:
         if self._closed:  # an answer that outlived the client's `close`
             connection.close()
             return
-        loop = asyncio.get_running_loop()
+        loop = connection.loop
         connection.idle_since = loop.time()
         origin = connection.origin
         idle = self._idle.get(origin)
