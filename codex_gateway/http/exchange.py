@@ -8,13 +8,16 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import orjson
 
 from codex_gateway.errors import BodyTooLarge, UnsupportedEncoding
-from codex_gateway.http.protocol import read_on, request_cycle
+from codex_gateway.http.protocol import on_client_lost, read_on, request_cycle
+
+if TYPE_CHECKING:
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -71,6 +74,7 @@ class Exchange:
         "_answered",
         "_on_disconnect",
         "_send",
+        "_told_by",
         "_watcher",
         "bytes_sent",
         "disconnected",
@@ -106,6 +110,8 @@ class Exchange:
         self.key_display: str | None = None
         self.disconnected = False
         self._watcher: asyncio.Task[None] | None = None
+        # The request whose connection tells this exchange that its client left.
+        self._told_by: RequestResponseCycle | None = None
         self._on_disconnect: Callable[[], None] | None = None
         self._answered: Callable[[], bool] | None = None
 
@@ -177,18 +183,28 @@ class Exchange:
             if on_disconnect is not None:
                 on_disconnect()
             return
-        if self._watcher is not None:
+        if self._watcher is not None or self._told_by is not None:
+            return
+        cycle = request_cycle(self._send)
+        if cycle is not None and on_client_lost(cycle, self._client_lost):
+            self._told_by = cycle
+            if cycle.disconnected:  # gone before the watch began
+                self.stop_watching()
+                self._client_lost()
             return
 
         async def watch() -> None:
             while (await self.receive())["type"] != "http.disconnect":
                 pass
-            if self.finished is None and not self._has_whole_answer():
-                self.disconnected = True
-                if self._on_disconnect is not None:
-                    self._on_disconnect()
+            self._client_lost()
 
         self._watcher = asyncio.get_running_loop().create_task(watch())
+
+    def _client_lost(self) -> None:
+        if self.finished is None and not self._has_whole_answer():
+            self.disconnected = True
+            if self._on_disconnect is not None:
+                self._on_disconnect()
 
     def _has_whole_answer(self) -> bool:
         """Whether the relay's last lines were handed to the server, though the stream is
@@ -207,6 +223,9 @@ class Exchange:
         return self.disconnected
 
     def stop_watching(self) -> None:
+        if self._told_by is not None:
+            on_client_lost(self._told_by, None)
+            self._told_by = None
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None

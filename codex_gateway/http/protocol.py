@@ -12,7 +12,7 @@ together with the turn's other writes (`coalescer.py`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
@@ -34,11 +34,21 @@ class HeadHoldingTransport:
     """A transport that keeps a response head back until the next write, or one loop turn,
     and the writes of a busy turn until the next turn."""
 
-    __slots__ = ("_coalescer", "_held", "_held_bytes", "_transport", "_until_next_turn")
+    __slots__ = (
+        "_coalescer",
+        "_held",
+        "_held_bytes",
+        "_transport",
+        "_until_next_turn",
+        "client_lost",
+    )
 
     def __init__(self, transport: asyncio.Transport, coalescer: WriteCoalescer):
         self._transport = transport
         self._coalescer = coalescer
+        # Who to tell when the client goes while the request is being answered, if anyone
+        # (`on_client_lost`).
+        self.client_lost: tuple[RequestResponseCycle, Callable[[], None]] | None = None
         # Bytes not written yet, in order; None when nothing is held.
         self._held: list[bytes] | None = None
         self._held_bytes = 0
@@ -127,6 +137,21 @@ def request_cycle(send: Any) -> RequestResponseCycle | None:
     return cycle if isinstance(cycle, RequestResponseCycle) else None
 
 
+def on_client_lost(cycle: RequestResponseCycle, callback: Callable[[], None] | None) -> bool:
+    """Have the connection call `callback` once it sees the client of `cycle` go (None: no
+    longer). False when the request did not come through `CoalescingProtocol`, whose
+    connections tell; the caller then has to watch `receive` instead. Told by the connection,
+    a stream needs no task of its own to learn that its client left."""
+    transport = cycle.transport
+    if not isinstance(transport, HeadHoldingTransport):
+        return False
+    if callback is not None:
+        transport.client_lost = (cycle, callback)
+    elif transport.client_lost is not None and transport.client_lost[0] is cycle:
+        transport.client_lost = None  # a request answered after it keeps its own
+    return True
+
+
 def read_on(cycle: RequestResponseCycle) -> None:
     """Let the server read the connection again after a request's whole body, so that it sees
     the client close it. uvicorn stops reading while more than 64 KiB of body wait for the app,
@@ -164,10 +189,17 @@ class CoalescingProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """uvicorn tells only its newest request that the client has gone. With a request
         pipelined behind a stream, the stream was never told, went on writing to the closed
-        connection and ended in an error; it is told too."""
+        connection and ended in an error; it is told too. A request that asked to be told
+        (`on_client_lost`) is called."""
         super().connection_lost(exc)
         answering = self._answering
-        if answering is None or answering is self.cycle or answering.response_complete:
-            return
-        answering.disconnected = True
-        answering.message_event.set()
+        if answering not in (None, self.cycle) and not answering.response_complete:
+            answering.disconnected = True
+            answering.message_event.set()
+        transport = self.transport
+        watch = transport.client_lost if isinstance(transport, HeadHoldingTransport) else None
+        if watch is not None:
+            transport.client_lost = None
+            cycle, callback = watch
+            if cycle.disconnected:
+                callback()

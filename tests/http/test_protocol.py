@@ -11,7 +11,13 @@ import pytest
 import uvicorn
 
 from codex_gateway.coalescer import WriteCoalescer
-from codex_gateway.http.protocol import HOLD_LIMIT, CoalescingProtocol, HeadHoldingTransport
+from codex_gateway.http.protocol import (
+    HOLD_LIMIT,
+    CoalescingProtocol,
+    HeadHoldingTransport,
+    on_client_lost,
+    request_cycle,
+)
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
 
@@ -197,9 +203,26 @@ async def _long(receive: Any, send: Any) -> None:
     watching.cancel()
 
 
+async def _told(send: Any) -> None:
+    """A stream that goes on until the connection tells it that the client has gone."""
+    gone = asyncio.Event()
+    cycle = request_cycle(send)
+    SEEN["asked"] = cycle is not None and on_client_lost(cycle, gone.set)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    for _ in range(200):
+        if gone.is_set():
+            break
+        await send({"type": "http.response.body", "body": b"tick\n", "more_body": True})
+        await asyncio.sleep(0.01)
+    SEEN["gone"] = gone.is_set()
+
+
 async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["path"] == "/long":
         await _long(receive, send)
+        return
+    if scope["path"] == "/told":
+        await _told(send)
         return
     body = b""
     while True:
@@ -340,15 +363,11 @@ async def test_a_pipelined_head_request_and_the_next_one_are_both_answered(serve
     assert second.endswith(b"\r\n\r\nping")
 
 
-async def test_a_stream_whose_client_left_with_a_request_pipelined_behind_it_learns_so(
-    server: int,
-) -> None:
+async def _leave_after_a_tick(port: int, requests: bytes) -> None:
+    """Send `requests`, hang up once the first tick came, and wait for the app to be done."""
     SEEN.clear()
-    reader, writer = await asyncio.open_connection("127.0.0.1", server)
-    writer.write(
-        b"GET /long HTTP/1.1\r\nhost: x\r\n\r\n"
-        b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nping"
-    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(requests)
     assert b"tick" in await asyncio.wait_for(reader.read(65536), 5)
     writer.close()
     for _ in range(300):
@@ -356,4 +375,47 @@ async def test_a_stream_whose_client_left_with_a_request_pipelined_behind_it_lea
             break
         await asyncio.sleep(0.01)
 
+
+async def test_a_stream_whose_client_left_with_a_request_pipelined_behind_it_learns_so(
+    server: int,
+) -> None:
+    await _leave_after_a_tick(
+        server,
+        b"GET /long HTTP/1.1\r\nhost: x\r\n\r\n"
+        b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nping",
+    )
+
     assert SEEN == {"gone": True}
+
+
+async def test_a_request_that_asked_is_told_by_its_connection_when_the_client_leaves(
+    server: int,
+) -> None:
+    await _leave_after_a_tick(server, b"GET /told HTTP/1.1\r\nhost: x\r\n\r\n")
+
+    assert SEEN["asked"] is True
+    assert SEEN["gone"] is True  # told, not run out of ticks
+
+
+def test_a_request_that_lets_go_leaves_the_next_ones_watch_in_place() -> None:
+    holding, _ = _holding()
+    # Stand-ins for uvicorn's request cycles: only their transport is read.
+    first = type("Cycle", (), {"transport": holding})()
+    second = type("Cycle", (), {"transport": holding})()
+
+    def told() -> None:
+        pass
+
+    assert on_client_lost(first, told)
+    on_client_lost(second, told)
+    on_client_lost(first, None)  # the first request's relay ends after the second began
+    assert holding.client_lost == (second, told)
+
+    on_client_lost(second, None)
+    assert holding.client_lost is None
+
+
+def test_a_request_not_served_through_the_protocol_is_not_told() -> None:
+    cycle = type("Cycle", (), {"transport": Recording()})()
+
+    assert on_client_lost(cycle, lambda: None) is False
