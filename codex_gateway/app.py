@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from codex_gateway.billing.admission import Admission, Hold
 from codex_gateway.billing.journal import HoldJournal, recover
 from codex_gateway.billing.settlement import Outcome, bill, cut_by_shutdown
@@ -19,7 +21,7 @@ from codex_gateway.billing.spool import Spool
 from codex_gateway.catalog import RELAYED_KINDS, Catalog
 from codex_gateway.coalescer import WriteCoalescer
 from codex_gateway.config import Settings
-from codex_gateway.errors import CredentialError
+from codex_gateway.errors import CredentialError, DatabaseUnavailable
 from codex_gateway.metrics import Metrics
 from codex_gateway.readiness import Readiness
 from codex_gateway.relay.chatgpt import SessionIds
@@ -27,7 +29,13 @@ from codex_gateway.relay.estimate import TokenCounter
 from codex_gateway.sandbox import ACCOUNT_KEY as SANDBOX_KEY
 from codex_gateway.sandbox import ACCOUNT_NAME as SANDBOX_ACCOUNT
 from codex_gateway.store.credentials import KIND_CHATGPT, CredentialStore
-from codex_gateway.store.db import create_engine, in_memory, is_sqlite, migrate, schema_state
+from codex_gateway.store.db import (
+    create_engine,
+    failure,
+    in_memory,
+    is_sqlite,
+    migrate_unless_newer,
+)
 from codex_gateway.store.queries import Settled, Store
 from codex_gateway.store.thread import GRANTS_POOL_SIZE, StoreThread
 from codex_gateway.upstream.chatgpt_auth import TokenRefresher
@@ -171,10 +179,12 @@ class Gateway:
         return ChatGPTKind(self.refresher, SessionIds(self.cipher.session_key))
 
     async def start(self) -> None:
-        if await schema_state(self.engine) == "ahead":
+        try:
+            migrated = await migrate_unless_newer(self.engine)
+        except (OSError, SQLAlchemyError) as exc:
+            raise DatabaseUnavailable(failure(self.settings.database_url, exc)) from None
+        if migrated is None:
             self._advise("the database was migrated by a newer version; serving it as it is")
-        else:
-            await migrate(self.engine)
         database = await self.store.database_id()
         self.spool.database = database
         self.journal.database = database

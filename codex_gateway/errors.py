@@ -22,8 +22,9 @@
         ├── UpstreamProtocolError   502, bytes that are not what the protocol promises
         └── TokenRefreshError       502, a ChatGPT account's token could not be refreshed
 
-Operator-facing problems, never sent to a client: ConfigError (settings) and CredentialError
-(a credential file, a missing secret key, a sealed token that will not open).
+Operator-facing problems, never sent to a client: ConfigError (settings), CredentialError
+(a credential file, a missing secret key, a sealed token that will not open) and
+DatabaseUnavailable (a database a start cannot open or migrate).
 
 Every error a client sees is rendered by `GatewayError.body()`.
 """
@@ -240,6 +241,11 @@ class TokenRefreshError(UpstreamError):
 
 class CredentialError(Exception):
     """A credential the gateway cannot use; the message says which and why, never its value."""
+
+
+class DatabaseUnavailable(Exception):
+    """The database a gateway starts on cannot be opened or migrated; the message is one line
+    naming it, its password hidden."""
 
 
 class ConfigError(Exception):

@@ -11,11 +11,12 @@ from typing import Any, TypeVar
 import click
 import orjson
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from codex_gateway.billing.pricing import plain
 from codex_gateway.config import Settings, load_settings
 from codex_gateway.errors import ConfigError
-from codex_gateway.store.db import create_engine, migrate, redact_url
+from codex_gateway.store.db import create_engine, failure, migrate
 from codex_gateway.store.queries import Store, StoreError
 
 T = TypeVar("T")
@@ -34,13 +35,22 @@ def settings_or_exit(*, local: bool = False) -> Settings:
 
 def with_store(action: Callable[[Store], Awaitable[T]]) -> T:
     """Open the database (creating and migrating it if needed), run `action`, close it."""
-    settings = settings_or_exit()
+
+    async def migrated(engine: AsyncEngine) -> T:
+        await migrate(engine)
+        return await action(Store(engine))
+
+    return with_engine(settings_or_exit(), migrated)
+
+
+def with_engine(settings: Settings, action: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    """Run `action` on an engine of the configured database, then close it; an error of the
+    data, the driver or the network ends the command with one line."""
 
     async def run() -> T:
         engine = create_engine(settings.database_url)
         try:
-            await migrate(engine)
-            return await action(Store(engine))
+            return await action(engine)
         finally:
             await engine.dispose()
 
@@ -53,13 +63,7 @@ def with_store(action: Callable[[Store], Awaitable[T]]) -> T:
         # the command quietly, as it does for output written after this returns.
         raise
     except (OSError, SQLAlchemyError) as exc:
-        where = redact_url(settings.database_url)
-        raise click.ClickException(f"database {where}: {_first_line(exc)}") from None
-
-
-def _first_line(error: BaseException) -> str:
-    cause = getattr(error, "orig", None) or error
-    return str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise click.ClickException(failure(settings.database_url, exc)) from None
 
 
 def dump_json(value: Any) -> str:

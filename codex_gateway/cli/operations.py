@@ -3,7 +3,6 @@ recovery of dead processes' hold journals."""
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import urllib.error
 import urllib.request
@@ -13,11 +12,10 @@ import click
 
 from codex_gateway.billing.journal import Recovered
 from codex_gateway.billing.journal import recover as recover_journals
-from codex_gateway.cli.context import dump_json, settings_or_exit, table, with_store
+from codex_gateway.cli.context import dump_json, settings_or_exit, table, with_engine, with_store
 from codex_gateway.config import describe, load_settings
 from codex_gateway.errors import ConfigError
-from codex_gateway.store.db import Migration, create_engine, redact_url, schema_state
-from codex_gateway.store.db import migrate as migrate_schema
+from codex_gateway.store.db import Migration, migrate_unless_newer, redact_url
 from codex_gateway.store.queries import Store
 
 PROBE_TIMEOUT = 5.0
@@ -55,20 +53,7 @@ def migrate() -> None:
     """Bring the database schema to the newest migration, say from which revision to which,
     then exit."""
     settings = settings_or_exit()
-
-    async def run() -> Migration | None:
-        engine = create_engine(settings.database_url)
-        try:
-            if await schema_state(engine) == "ahead":
-                return None
-            return await migrate_schema(engine)
-        finally:
-            await engine.dispose()
-
-    try:
-        done = asyncio.run(run())
-    except OSError as exc:
-        raise click.ClickException(f"cannot reach the database: {exc}") from None
+    done = with_engine(settings, migrate_unless_newer)
     if done is None:
         click.echo("database schema is newer than this version; left as it is")
     else:

@@ -19,12 +19,15 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from codex_gateway.store.same_thread import SameThreadConnection, connector
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 7_220_130_411
+# PostgreSQL's SQLSTATE for a connection naming a database the server does not have.
+_NO_SUCH_DATABASE = "3D000"
 # How long a SQLite connection waits for another's write lock.
 SQLITE_TIMEOUT_SECONDS = 30
 # Execution options for a connection that only reads.
@@ -50,6 +53,19 @@ def redact_url(url: str) -> str:
     credentials, _, host = tail.rpartition("@")
     user = credentials.split(":", 1)[0]
     return f"{head}://{user}:***@{host}" if ":" in credentials else url
+
+
+def failure(url: str, error: BaseException) -> str:
+    """One line on what the driver or the network answered for the database at `url`,
+    naming it with its password hidden."""
+    cause = getattr(error, "orig", None) or error
+    lines = str(cause).strip().splitlines()
+    return f"database {redact_url(url)}: {lines[0] if lines else type(cause).__name__}"
+
+
+def missing_database(error: BaseException) -> bool:
+    """Whether `error` is a PostgreSQL server's refusal of a database it has none by."""
+    return getattr(getattr(error, "orig", None), "sqlstate", None) == _NO_SUCH_DATABASE
 
 
 def create_engine(
@@ -134,10 +150,22 @@ class Migration:
     after: str | None
 
 
-async def migrate(engine: AsyncEngine) -> Migration:
-    """Bring the schema to the newest revision; concurrent starts on PostgreSQL take turns,
-    each reading the revision it starts from and ends at within its turn."""
+async def migrate_unless_newer(engine: AsyncEngine) -> Migration | None:
+    """What `migrate` and a gateway's start do: create the PostgreSQL database should the
+    server have none by that name, then migrate it, unless a newer version did (None): this
+    one serves that schema as it is, because migrations only add."""
     if engine.dialect.name == "postgresql":
+        await _create_database_if_missing(engine)
+    if await schema_state(engine) == "ahead":
+        return None
+    return await migrate(engine, create=False)
+
+
+async def migrate(engine: AsyncEngine, create: bool = True) -> Migration:
+    """Bring the schema to the newest revision; concurrent starts on PostgreSQL take turns,
+    each reading the revision it starts from and ends at within its turn. `create`: first
+    create the PostgreSQL database should the server have none by that name."""
+    if create and engine.dialect.name == "postgresql":
         await _create_database_if_missing(engine)
     async with engine.connect() as connection:
         if engine.dialect.name == "postgresql":
@@ -159,8 +187,8 @@ async def _create_database_if_missing(engine: AsyncEngine) -> None:
     try:
         async with engine.connect():
             return
-    except Exception as exc:
-        if "does not exist" not in str(exc) or engine.url.database is None:
+    except DBAPIError as exc:
+        if not missing_database(exc) or engine.url.database is None:
             raise
     name = engine.url.database
     server = create_async_engine(engine.url.set(database="postgres"), isolation_level="AUTOCOMMIT")

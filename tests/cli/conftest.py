@@ -1,12 +1,16 @@
-"""A database of each backend for the administration commands, run with no gateway process."""
+"""A database of each backend for the administration commands, run with no gateway process,
+and PostgreSQL databases that do not exist yet."""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import Gateway, make_gateway
+from codex_gateway.store.db import create_engine, schema_state
+from tests.conftest import PG_ADMIN_URL, Gateway, _drop_pg_database, make_gateway
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -17,3 +21,27 @@ def db(
     gateway = make_gateway(request.param, tmp_path_factory)
     yield gateway
     gateway.drop_database()
+
+
+@pytest.fixture
+def missing_database() -> Iterator[str]:
+    """The URL of a database the PostgreSQL server does not have, dropped after the test
+    should a command have created it."""
+    name = "cg_test_" + uuid.uuid4().hex[:12]
+    try:
+        yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    finally:
+        _drop_pg_database(name)
+
+
+def schema_at(url: str) -> str:
+    """The state of the schema of the database at `url`, as `store.db.schema_state` tells it."""
+
+    async def read() -> str:
+        engine = create_engine(url)
+        try:
+            return await schema_state(engine)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())

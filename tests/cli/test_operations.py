@@ -7,6 +7,7 @@ import asyncio
 import os
 import resource
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,12 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 
 from codex_gateway.store.db import alembic_config, create_engine
-from tests.conftest import CLI, free_port
+from tests.cli.conftest import schema_at
+from tests.conftest import CLI, PG_ADMIN_URL, free_port
 from tests.test_config import BROKEN_TOML
 
 BROKEN_SETTINGS = 8
+PASSWORD = "hunter2-db-password"
 
 
 def run(
@@ -209,18 +212,54 @@ def test_wrong_typed_settings_stop_a_command_with_one_line_each_and_exit_1(
     assert result.stdout == ""
 
 
-def test_serve_exits_1_without_a_traceback_when_the_database_is_unreachable(
-    tmp_path: Path,
+@pytest.fixture(params=["server down", "unknown user"])
+def unreachable(request: pytest.FixtureRequest) -> tuple[str, str, str]:
+    """A database URL with a password in it, the URL as messages show it, and what the
+    server's answer says."""
+    name = "cg_test_" + uuid.uuid4().hex[:12]
+    if request.param == "server down":
+        port = free_port()
+        url = f"postgresql://postgres:{PASSWORD}@127.0.0.1:{port}/{name}"
+        return url, f"postgresql://postgres:***@127.0.0.1:{port}/{name}", "[Errno 111]"
+    # A user the test server does not know: its trust authentication takes any password.
+    user = "cg_nobody_" + uuid.uuid4().hex[:8]
+    server = PG_ADMIN_URL.split("@", 1)[1].rsplit("/", 1)[0]
+    url = f"postgresql://{user}:{PASSWORD}@{server}/{name}"
+    return url, f"postgresql://{user}:***@{server}/{name}", f'role "{user}" does not exist'
+
+
+@pytest.mark.parametrize("command", [["migrate"], ["users", "list"]])
+def test_a_database_that_cannot_be_opened_stops_a_command_with_one_line_naming_it(
+    unreachable: tuple[str, str, str], command: list[str], tmp_path: Path
 ) -> None:
-    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/none"
+    url, shown, answer = unreachable
+
+    result = run(*command, env={"CODEX_GATEWAY_DATABASE_URL": url}, cwd=tmp_path)
+
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"Error: database {shown}: ")
+    assert answer in line
+    assert PASSWORD not in result.stdout + result.stderr
+
+
+def test_serve_exits_1_without_a_traceback_when_the_database_is_unreachable(
+    unreachable: tuple[str, str, str], tmp_path: Path
+) -> None:
+    url, shown, answer = unreachable
 
     result = run(
-        "serve", "--port", str(free_port()), env={"CODEX_GATEWAY_DATABASE_URL": dead}, cwd=tmp_path
+        "serve", "--port", str(free_port()), env={"CODEX_GATEWAY_DATABASE_URL": url}, cwd=tmp_path
     )
 
     assert result.returncode == 1
-    assert "startup failed" in result.stderr
-    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    [failed] = [line for line in lines if "startup failed: " in line]
+    assert f"startup failed: database {shown}: " in failed
+    assert answer in failed
+    # Every line is a log line, dated: no message runs on, no traceback follows.
+    assert all(line.startswith(failed[:4]) for line in lines), result.stderr
+    assert PASSWORD not in result.stdout + result.stderr
 
 
 def test_version_shows_the_commit_baked_into_the_image() -> None:
@@ -283,6 +322,20 @@ def test_migrate_says_whether_it_created_upgraded_or_found_the_schema_current(
         0,
         f"upgraded the database schema from revision {previous} to {head} ({older})\n",
     )
+
+
+def test_migrate_creates_a_postgresql_database_the_server_does_not_have_yet(
+    missing_database: str,
+) -> None:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+    result = run("migrate", env={"CODEX_GATEWAY_DATABASE_URL": missing_database})
+
+    assert (result.returncode, result.stdout) == (
+        0,
+        f"created the database schema at revision {head} on a new database ({missing_database})\n",
+    )
+    assert schema_at(missing_database) == "current"
 
 
 def test_health_probe_fails_when_nothing_answers() -> None:

@@ -1,4 +1,5 @@
-"""`codex-gateway serve --sandbox`: the quick start, from an empty directory."""
+"""`codex-gateway serve`: the quick start (`--sandbox`) from an empty directory, and a first
+start on a PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -16,14 +17,15 @@ import pytest
 from codex_gateway.store.db import create_engine
 from codex_gateway.store.queries import Store
 from codex_gateway.upstream.sealing import TokenCipher
+from tests.cli.conftest import schema_at
 from tests.conftest import CLI, fixture_path, free_port, wait_http
 
 
-def start(workdir: Path, port: int, **settings: str) -> subprocess.Popen[str]:
+def start(workdir: Path, port: int, sandbox: bool = True, **settings: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CODEX_GATEWAY_")}
     env.update(settings)
     return subprocess.Popen(
-        [*CLI, "serve", "--sandbox", "--port", str(port)],
+        [*CLI, "serve", *(["--sandbox"] if sandbox else []), "--port", str(port)],
         cwd=workdir,
         env=env,
         stdout=subprocess.PIPE,
@@ -94,6 +96,21 @@ def test_quick_start_answers_bills_and_survives_a_restart_on_another_port(
     users = run_cli(tmp_path, "users", "list", "--json")
     assert '"balance": "4.885705"' in users
     assert Decimal("5") - Decimal("0.114295") == Decimal("4.885705")
+
+
+@pytest.mark.parametrize("sandbox", [False, True])
+def test_serve_creates_a_postgresql_database_the_server_does_not_have_yet(
+    missing_database: str, sandbox: bool, tmp_path: Path
+) -> None:
+    port = free_port()
+    proc = start(tmp_path, port, sandbox, CODEX_GATEWAY_DATABASE_URL=missing_database)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+    finally:
+        output = stop(proc)
+
+    assert "Application startup complete" in output
+    assert schema_at(missing_database) == "current"
 
 
 def test_a_keyless_quick_start_still_answers_after_the_api_keys_are_sealed(
