@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from codex_gateway.billing.pricing import plain
 from codex_gateway.config import Settings, load_settings
 from codex_gateway.errors import ConfigError
-from codex_gateway.store.db import create_engine, failure, migrate
+from codex_gateway.store.db import create_engine, failure, migrate, missing_database, redact_url
 from codex_gateway.store.queries import Store, StoreError
 
 T = TypeVar("T")
@@ -33,11 +33,14 @@ def settings_or_exit(*, local: bool = False) -> Settings:
         sys.exit(1)
 
 
-def with_store(action: Callable[[Store], Awaitable[T]]) -> T:
-    """Open the database (creating and migrating it if needed), run `action`, close it."""
+def with_store(action: Callable[[Store], Awaitable[T]], create: bool = False) -> T:
+    """Open the database (migrating it if needed), run `action`, close it. A PostgreSQL
+    database the server does not have is created with `create`, as a start does, and refused
+    otherwise, so that a mistyped name never becomes a new, empty database. A SQLite file is
+    created in either case."""
 
     async def migrated(engine: AsyncEngine) -> T:
-        await migrate(engine)
+        await migrate(engine, create=create)
         return await action(Store(engine))
 
     return with_engine(settings_or_exit(), migrated)
@@ -63,6 +66,11 @@ def with_engine(settings: Settings, action: Callable[[AsyncEngine], Awaitable[T]
         # the command quietly, as it does for output written after this returns.
         raise
     except (OSError, SQLAlchemyError) as exc:
+        if missing_database(exc):
+            raise click.ClickException(
+                f"database {redact_url(settings.database_url)} does not exist; run "
+                "`codex-gateway migrate` (or start the gateway) to create it"
+            ) from None
         raise click.ClickException(failure(settings.database_url, exc)) from None
 
 

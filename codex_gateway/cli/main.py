@@ -154,7 +154,8 @@ def _serve_one(
 
 
 def _prepare_sandbox(host: str, port: int) -> None:
-    """Point a `sandbox` account at this process; on a fresh database add a demo user and key."""
+    """Point a `sandbox` account at this process; on a fresh database add a demo user and key.
+    A PostgreSQL database not created yet is created here, as the start would."""
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     base_url = f"http://{local}:{port}/sandbox/v1"
 
@@ -178,7 +179,7 @@ def _prepare_sandbox(host: str, port: int) -> None:
         raw, _ = await store.create_key(DEMO_USER, "quick start")
         return raw
 
-    key = with_store(prepare)
+    key = with_store(prepare, create=True)
     click.echo(f"sandbox upstream at {base_url}")
     if key:
         click.echo(f"created user {DEMO_USER} with ${DEMO_BALANCE}; API key (shown once):")

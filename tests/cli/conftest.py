@@ -4,6 +4,7 @@ and PostgreSQL databases that do not exist yet."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import uuid
 from collections.abc import Iterator
 
@@ -32,6 +33,16 @@ def missing_database() -> Iterator[str]:
         yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
     finally:
         _drop_pg_database(name)
+
+
+def pg_database_exists(url: str) -> bool:
+    """Whether the PostgreSQL server has the database at `url`, asked of it directly."""
+    name = url.rsplit("/", 1)[1]
+    query = f"SELECT count(*) FROM pg_database WHERE datname = '{name}'"
+    found = subprocess.run(
+        ["psql", PG_ADMIN_URL, "-Atc", query], check=True, capture_output=True, text=True
+    )
+    return found.stdout.strip() == "1"
 
 
 def schema_at(url: str) -> str:

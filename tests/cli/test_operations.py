@@ -16,7 +16,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 
 from codex_gateway.store.db import alembic_config, create_engine
-from tests.cli.conftest import schema_at
+from tests.cli.conftest import pg_database_exists, schema_at
 from tests.conftest import CLI, PG_ADMIN_URL, free_port
 from tests.test_config import BROKEN_TOML
 
@@ -241,6 +241,28 @@ def test_a_database_that_cannot_be_opened_stops_a_command_with_one_line_naming_i
     assert line.startswith(f"Error: database {shown}: ")
     assert answer in line
     assert PASSWORD not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["users", "create", "alice", "--balance", "1"],
+        ["keys", "create", "--user", "alice"],
+        ["ledger", "verify"],
+    ],
+)
+def test_an_admin_command_refuses_a_database_not_created_yet_and_names_migrate(
+    missing_database: str, command: list[str], tmp_path: Path
+) -> None:
+    result = run(*command, env={"CODEX_GATEWAY_DATABASE_URL": missing_database}, cwd=tmp_path)
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"Error: database {missing_database} does not exist; run `codex-gateway migrate` "
+        "(or start the gateway) to create it"
+    ]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not pg_database_exists(missing_database)
 
 
 def test_serve_exits_1_without_a_traceback_when_the_database_is_unreachable(
