@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
@@ -14,7 +14,14 @@ import click
 import orjson
 
 from codex_gateway.billing.pricing import plain
-from codex_gateway.billing.reconcile import Record, Report, normalise, reconcile
+from codex_gateway.billing.reconcile import (
+    ALIASES,
+    ID_FIELDS,
+    Record,
+    Report,
+    normalise,
+    reconcile,
+)
 from codex_gateway.cli.admin import usage
 from codex_gateway.cli.context import with_store
 from codex_gateway.store.queries import Store
@@ -110,25 +117,75 @@ def _open(output: Path | None) -> IO[str]:
     return output.open("w", encoding="utf-8", newline="")
 
 
-def read_rows(path: Path, fmt: str | None) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_rows(
+    path: Path, fmt: str | None, mapping: Mapping[str, str] | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """Rows of a CSV or JSON-lines file with the line each starts on, with progress on stderr
-    for large files. A JSON line that does not parse is an empty row, so it is reported."""
+    for large files. A JSON line that does not parse is an empty row, so it is reported; a
+    file that cannot be read as a whole (not UTF-8, a CSV line that does not parse, a CSV
+    with no id column) stops the command with one line saying where."""
     kind = fmt or ("jsonl" if path.suffix in (".jsonl", ".json", ".ndjson") else "csv")
-    with path.open(encoding="utf-8", newline="") as handle:
-        rows = _csv_rows(handle) if kind == "csv" else _json_rows(handle)
-        for count, row in enumerate(rows, 1):
-            if count % PROGRESS_EVERY == 0:
-                click.echo(f"read {count:,} rows of {path.name}…", err=True)
-            yield row
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        rows = _csv_rows(handle, path, mapping) if kind == "csv" else _json_rows(handle)
+        try:
+            for count, row in enumerate(rows, 1):
+                if count % PROGRESS_EVERY == 0:
+                    click.echo(f"read {count:,} rows of {path.name}…", err=True)
+                yield row
+        except UnicodeDecodeError:
+            raise click.ClickException(_not_utf8(path)) from None
 
 
-def _csv_rows(handle: IO[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+def _not_utf8(path: Path) -> str:
+    """Where the first byte of `path` that is not UTF-8 is. UTF-8 never uses a newline byte
+    inside a character, so each line can be decoded alone."""
+    offset = 0
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                where = f"line {number} (byte offset {offset + error.start})"
+                return f"{path}: {where} is not UTF-8; the file must be UTF-8"
+            offset += len(line)
+    return f"{path} is not UTF-8; the file must be UTF-8"
+
+
+def _csv_rows(
+    handle: IO[str], path: Path, mapping: Mapping[str, str] | None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     reader = csv.DictReader(handle)
-    _ = reader.fieldnames  # reads the header, so line_num counts from it
-    line = reader.line_num + 1
-    for row in reader:
-        yield line, row
+    line = 1
+    try:
+        _check_columns(path, reader.fieldnames, mapping)  # reads the header
         line = reader.line_num + 1
+        for row in reader:
+            yield line, row
+            line = reader.line_num + 1
+    except csv.Error as error:
+        raise click.ClickException(f"{path}: line {line}: {_csv_problem(error)}") from None
+
+
+def _check_columns(
+    path: Path, columns: Sequence[str] | None, mapping: Mapping[str, str] | None
+) -> None:
+    """Refuse a CSV whose rows could match none of ours: one with neither id column."""
+    if columns is None:
+        return
+    names = {**ALIASES, **(mapping or {})}
+    if any(names.get(column, column) in ID_FIELDS for column in columns):
+        return
+    found = ", ".join(repr(column) for column in columns) or "none"
+    raise click.ClickException(
+        f"{path} has no request_id column (nor response_id) to match rows by; "
+        f"its columns are {found} (--map THEIRS=request_id names one)"
+    )
+
+
+def _csv_problem(error: csv.Error) -> str:
+    if "field larger than field limit" in str(error):
+        return f"a field is longer than {csv.field_size_limit():,} characters"
+    return str(error)
 
 
 def _json_rows(handle: IO[str]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -170,7 +227,7 @@ def reconcile_command(
     """
     _check_span(start, end)
     mapping = dict(_pair(item) for item in mappings)
-    theirs = [normalise(row, mapping, line) for line, row in read_rows(file, fmt)]
+    theirs = [normalise(row, mapping, line) for line, row in read_rows(file, fmt, mapping)]
     days = sorted({record.day for record in theirs if record.day})
     if start is None and days:
         start = datetime.fromisoformat(days[0]).replace(tzinfo=UTC)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
 
 from codex_gateway.cli import reconcile as reconcile_cli
-from tests.conftest import Gateway
+from tests.conftest import CLI, Gateway
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +121,75 @@ def test_a_broken_json_line_is_reported_not_skipped(
     result = gateway.cli("reconcile", str(their_file), check=False)
     assert result.returncode == 1
     assert "unreadable in theirs: line 4" in result.stdout
+
+
+LONG_FIELD = "x" * (131_072 + 1)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        # Not UTF-8: from the first byte, on a later CSV line, in a JSON line.
+        ("first.csv", b"\xff\xfe garbage", "line 1 (byte offset 0) is not UTF-8"),
+        (
+            "later.csv",
+            b"request_id,cost_usd\nreq_1,1\nreq_2,\xe9\n",
+            "line 3 (byte offset 34) is not UTF-8",
+        ),
+        (
+            "lines.jsonl",
+            b'{"request_id": "req_1"}\n{"request_id": "\xff"}\n',
+            "line 2 (byte offset 40) is not UTF-8",
+        ),
+    ],
+)
+def test_a_file_that_is_not_utf8_is_refused_naming_where(
+    tmp_path: Path, name: str, content: bytes, message: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    result = reconcile_alone(path, tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == f"Error: {path}: {message}; the file must be UTF-8\n"
+
+
+def test_a_csv_field_over_the_limit_is_refused_naming_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "long.csv"
+    path.write_text(f"request_id,cost_usd\nreq_1,1\nreq_2,{LONG_FIELD}\n")
+    result = reconcile_alone(path, tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == f"Error: {path}: line 3: a field is longer than 131,072 characters\n"
+
+
+def test_a_csv_with_no_id_column_is_refused_naming_the_columns_it_has(tmp_path: Path) -> None:
+    path = tmp_path / "anonymous.csv"
+    path.write_text("ref,input_tokens,cost\nreq_1,10,0.5\n")
+    result = reconcile_alone(path, tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"Error: {path} has no request_id column (nor response_id) to match rows by; its "
+        "columns are 'ref', 'input_tokens', 'cost' (--map THEIRS=request_id names one)\n"
+    )
+
+
+def test_a_csv_whose_id_column_is_mapped_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "mapped.csv"
+    path.write_text("ref,input_tokens,cost\nreq_1,10,0.5\n")
+    result = reconcile_alone(path, tmp_path, "--map", "ref=request_id")
+    assert result.returncode == 1
+    assert "extra in theirs: req_1" in result.stdout
+
+
+def reconcile_alone(path: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`codex-gateway reconcile PATH` as its own process, so that a traceback would show."""
+    env = {"CODEX_GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path}/gateway.db", "PATH": ""}
+    result = subprocess.run(
+        [*CLI, "reconcile", str(path), *extra],
+        env=env,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        timeout=60,
+    )
+    assert "Traceback" not in result.stdout + result.stderr
+    return result
