@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from codex_gateway.billing.admission import NO_HOLD, Hold
+from codex_gateway.store.db import error_line
 from codex_gateway.store.queries import Settled
 
 log = logging.getLogger(__name__)
@@ -200,11 +201,12 @@ class Settler:
             try:
                 results = await self._store.settle_many(rows, self._holder)
                 break
-            except Exception:
+            except Exception as error:
                 if delay is None:
                     self._lost(batch)
                     return
-                log.warning("usage write failed; retrying in %.1fs", delay, exc_info=True)
+                log.warning("usage write failed (%s); retrying in %.1fs", error_line(error), delay)
+                log.debug("usage write failure in full", exc_info=True)
                 self._retrying = True
                 self._caught_up.set()
                 try:

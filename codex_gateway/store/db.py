@@ -8,6 +8,7 @@ while reads (connections with the READ_ONLY options) take none.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ _NO_SUCH_DATABASE = "3D000"
 SQLITE_TIMEOUT_SECONDS = 30
 # Execution options for a connection that only reads.
 READ_ONLY = {"read_only": True}
+# A URL within a message, up to the next space or quote.
+_URL = re.compile(r"""[A-Za-z][A-Za-z0-9+.-]*://[^\s'"<>]+""")
 
 
 def driver_url(url: str) -> str:
@@ -61,6 +64,14 @@ def failure(url: str, error: BaseException) -> str:
     cause = getattr(error, "orig", None) or error
     lines = str(cause).strip().splitlines()
     return f"database {redact_url(url)}: {lines[0] if lines else type(cause).__name__}"
+
+
+def error_line(error: BaseException) -> str:
+    """The type of `error` and the first line of its message, any URL's password hidden:
+    a database error may quote the URL it was connecting to."""
+    lines = str(error).strip().splitlines()
+    said = _URL.sub(lambda found: redact_url(found.group()), lines[0]) if lines else ""
+    return f"{type(error).__name__}: {said}" if said else type(error).__name__
 
 
 def missing_database(error: BaseException) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from decimal import Decimal
 from typing import Any
@@ -380,3 +381,47 @@ async def test_a_row_waiting_for_others_to_join_its_batch_is_handed_over_by_aban
     # The writer still writes it; replaying the spool then finds it written and skips it.
     assert written == [row["request_id"]]
     assert await store.usage(row["request_id"]) is not None
+
+
+class _DropsOnce:
+    """A real store whose first write fails as when the server ends the connection, with
+    a message of several lines that quotes the database URL, password and all."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.tries = 0
+
+    async def settle_many(
+        self, records: list[dict[str, Any]], holder: str | None = None
+    ) -> list[Settled]:
+        self.tries += 1
+        if self.tries == 1:
+            raise ConnectionResetError(
+                "connection to postgresql://cg:hunter2@127.0.0.1:5432/cg_usage was closed\n"
+                "[SQL: INSERT INTO usage ...]"
+            )
+        return await self.store.settle_many(records, holder)
+
+
+async def test_a_dropped_connection_is_one_warning_line_naming_the_error(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(settler_module, "RETRY_DELAYS", (0.01,))
+    _, user_id = await new_user(store, "5")
+    written: list[str] = []
+    flaky = _DropsOnce(store)
+    settler = Settler(flaky, None, lambda row, _hold, _result: written.append(row["request_id"]))
+    row = usage_row(user_id)
+    settler.submit(row)
+
+    with caplog.at_level(logging.WARNING, logger=settler_module.log.name):
+        settler.start()
+        await settler.drain()
+
+    assert flaky.tries == 2 and written == [row["request_id"]]
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.levelno, r.exc_info) for r in warnings] == [(logging.WARNING, None)]
+    assert warnings[0].getMessage() == (
+        "usage write failed (ConnectionResetError: connection to "
+        "postgresql://cg:***@127.0.0.1:5432/cg_usage was closed); retrying in 0.0s"
+    )
