@@ -74,18 +74,25 @@ def serve(host: str, port: int, sandbox: bool, log_level: str | None, workers: i
         sys.exit(1)
     bound = held.getsockname()[1]
     address = f"[{host}]" if ":" in host else host  # an IPv6 address keeps its brackets
-    click.echo(f"serving on http://{address}:{bound}")
+    listening = f"serving on http://{address}:{bound}"
     if sandbox:
         _prepare_sandbox(host, bound)
     _raise_open_file_limit()
     if workers == 1:
-        sys.exit(_serve_one(settings, host, port, sandbox, held, alone=True))
+        sys.exit(_serve_one(settings, host, port, sandbox, held, alone=True, listening=listening))
     sys.exit(
         serve_workers(
             workers,
             held,
             lambda sock, index: _serve_one(
-                settings, host, port, sandbox, sock, alone=False, advises=index == 0
+                settings,
+                host,
+                port,
+                sandbox,
+                sock,
+                alone=False,
+                advises=index == 0,
+                listening=listening if index == 0 else None,
             ),
         )
     )
@@ -109,9 +116,12 @@ def _serve_one(
     sock: socket.socket,
     alone: bool,
     advises: bool = True,
+    listening: str | None = None,
 ) -> int:
     """One gateway process on `sock` (bound to HOST:PORT), `alone` when it is the only
-    worker, `advises` unless another worker warns about what they share; its exit status."""
+    worker, `advises` unless another worker warns about what they share; its exit status.
+    `listening` is printed once the server listens: after the database checks, never
+    before a start that fails."""
     import uvicorn  # the server stack is imported only by the commands that serve
 
     from codex_gateway.app import Gateway
@@ -143,7 +153,9 @@ def _serve_one(
         proxy_headers=False,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_seconds),
     )
-    server = GracefulServer(config, gateway)
+    server = GracefulServer(
+        config, gateway, on_started=(lambda: click.echo(listening)) if listening else None
+    )
     try:
         server.run(sockets=[sock])
     except SystemExit as exc:  # uvicorn's own code 3 for a failed startup

@@ -30,6 +30,7 @@ import gc
 import logging
 import socket
 import sys
+from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -49,9 +50,15 @@ SIGNAL_EXIT_BASE = 128
 
 
 class GracefulServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, gateway: Gateway):
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        gateway: Gateway,
+        on_started: Callable[[], None] | None = None,
+    ):
         super().__init__(config)
         self.gateway = gateway
+        self.on_started = on_started  # called once the gateway has started and listens
         self.forced_by: int | None = None  # the signal that cut the drain short
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -61,6 +68,8 @@ class GracefulServer(uvicorn.Server):
             gc.freeze()
             gc.set_threshold(YOUNG_GENERATION_THRESHOLD, *gc.get_threshold()[1:])
             sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+            if self.on_started is not None:
+                self.on_started()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not passed on to uvicorn, which would re-raise the signal after a clean shutdown

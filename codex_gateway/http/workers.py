@@ -87,7 +87,7 @@ def serve_workers(count: int, guard: socket.socket, worker: Worker) -> int:
             if pid == 0:
                 _run_child(guard, host, port, worker, index)
             children[pid] = index
-        log.info("serving on %s:%d with %d workers: pids %s", host, port, count, list(children))
+        log.info("started %d workers for %s:%d: pids %s", count, host, port, list(children))
         status = 0
         while children:
             pid, code = os.wait()

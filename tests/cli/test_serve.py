@@ -21,11 +21,14 @@ from tests.cli.conftest import schema_at
 from tests.conftest import CLI, fixture_path, free_port, wait_http
 
 
-def start(workdir: Path, port: int, sandbox: bool = True, **settings: str) -> subprocess.Popen[str]:
+def start(
+    workdir: Path, port: int, sandbox: bool = True, workers: int = 1, **settings: str
+) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CODEX_GATEWAY_")}
     env.update(settings)
+    options = ["--port", str(port), "--workers", str(workers)]
     return subprocess.Popen(
-        [*CLI, "serve", *(["--sandbox"] if sandbox else []), "--port", str(port)],
+        [*CLI, "serve", *(["--sandbox"] if sandbox else []), *options],
         cwd=workdir,
         env=env,
         stdout=subprocess.PIPE,
@@ -96,6 +99,29 @@ def test_quick_start_answers_bills_and_survives_a_restart_on_another_port(
     users = run_cli(tmp_path, "users", "list", "--json")
     assert '"balance": "4.885705"' in users
     assert Decimal("5") - Decimal("0.114295") == Decimal("4.885705")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("sandbox", [False, True])
+def test_serve_says_it_is_serving_only_once_it_is(
+    sandbox: bool, workers: int, tmp_path: Path
+) -> None:
+    """A database that cannot be opened stops the start before anything listens, so no
+    `serving on` line is printed; one that opens is followed by the line."""
+    port = free_port()
+    unreachable = f"postgresql://postgres:pw@127.0.0.1:{free_port()}/cg_test_unreachable"
+    proc = start(tmp_path, port, sandbox, workers, CODEX_GATEWAY_DATABASE_URL=unreachable)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, output
+    assert "[Errno 111]" in output
+    assert "serving on" not in output
+
+    proc = start(tmp_path, port, sandbox, workers)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+    finally:
+        output = stop(proc)
+    assert output.count(f"serving on http://127.0.0.1:{port}\n") == 1, output
 
 
 @pytest.mark.parametrize("sandbox", [False, True])
