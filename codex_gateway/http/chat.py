@@ -151,6 +151,10 @@ async def _stream(
         if scanner.terminal is None:
             _record_failure(outcome, exc)
             outcome.flag("stream_interrupted")
+            # Worded as /v1/responses words the same cut: the client learns what happened.
+            error = {"type": exc.type, "code": exc.code or "upstream_error", "message": exc.message}
+            await _write_lines(exchange, translator.feed({"type": "error", "error": error}), True)
+            return
         await _end(gateway, exchange, outcome, chat, scanner, translator)
         return
     finally:

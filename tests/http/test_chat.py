@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
@@ -23,7 +23,13 @@ import pytest
 from codex_gateway.http.chat import _end
 from codex_gateway.relay.chat import DONE, ChatStreamTranslator
 from codex_gateway.relay.sse import StreamScanner
-from tests.conftest import Gateway, Sandbox, estimated_counts
+from tests.conftest import (
+    Gateway,
+    Sandbox,
+    add_sandbox_account,
+    estimated_counts,
+    make_gateway,
+)
 from tests.http.test_responses import (
     TRANSCRIPTS,
     assert_billed,
@@ -158,6 +164,59 @@ def test_a_stream_cut_before_its_final_event_is_an_sdk_error_billed_as_estimated
     assert "estimated" in row["flags"] and "no_terminal_event" in row["flags"]
     assert Decimal(row["cost_usd"]) > 0
     assert Decimal(gateway.balance(user)) == Decimal(2) - Decimal(row["cost_usd"])
+
+
+@pytest.fixture(scope="module")
+def impatient_gateway(
+    sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    """A gateway that gives up on an upstream silent for a second mid-stream."""
+    gw = make_gateway("sqlite", tmp_path_factory)
+    gw.env["CODEX_GATEWAY_UPSTREAM_READ_TIMEOUT"] = "1"
+    try:
+        add_sandbox_account(gw, sandbox)
+        gw.start()
+        yield gw
+    finally:
+        gw.stop()
+
+
+# how the upstream's stream stops short -> (the chat client's error code, its message)
+STREAM_STOPPED_SHORT = [
+    # it goes silent past the idle timeout: said as /v1/responses says it
+    pytest.param(
+        {"x-sandbox-fault": "hang-middle:5"}, "upstream_timeout",
+        "The upstream went silent for longer than the idle timeout before the response ended.",
+        id="idle",
+    ),
+    # it ends without its final event
+    pytest.param(
+        {"x-sandbox-transcript": "responses-no-terminal"}, "stream_incomplete",
+        "The upstream stream ended before its final event, so this response is incomplete.",
+        id="early-end",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("headers", "code", "message"), STREAM_STOPPED_SHORT)
+def test_a_chat_stream_that_stops_short_ends_in_an_error_that_says_why(
+    impatient_gateway: Gateway, headers: dict[str, str], code: str, message: str
+) -> None:
+    _, key = impatient_gateway.new_user("2")
+    body = {"model": "gpt-5.1-codex", "messages": MESSAGES, "stream": True}
+
+    response = httpx.post(
+        impatient_gateway.url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}", **headers},
+        timeout=30,
+    )
+
+    assert response.status_code == 200
+    *_, last, done = [line for line in response.text.splitlines() if line]
+    assert done == "data: [DONE]"
+    error = json.loads(last.removeprefix("data: "))["error"]
+    assert (error["code"], error["message"]) == (code, message)
 
 
 @pytest.mark.parametrize(
