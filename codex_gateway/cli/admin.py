@@ -171,12 +171,15 @@ def _api_key_on_stdin() -> str:
 def _typed_line() -> bytes:
     """A line typed at the terminal, read without echo after a prompt on standard error, as
     bytes for the checks a piped line gets; the end of input before any line is an empty
-    one."""
+    one. getpass ends the prompt's line only after a line was read: a read that ends
+    otherwise ends it here, so that what is said next starts on a line of its own."""
     try:
         typed = getpass.getpass(KEY_PROMPT, stream=sys.stderr)
     except EOFError:
+        sys.stderr.write("\n")
         return b""
     except UnicodeDecodeError as exc:
+        sys.stderr.write("\n")
         raise _not_utf8(exc) from None
     return typed.encode("utf-8", "surrogateescape")
 

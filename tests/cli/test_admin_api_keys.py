@@ -713,22 +713,22 @@ def shown_on(controller: int) -> bytes:
     return shown
 
 
-def test_a_key_typed_at_a_terminal_is_not_echoed(keyless: Gateway) -> None:
-    """As an operator types it: standard input is a terminal, of no session, so getpass turns
-    off the echo of standard input itself. The key is typed once the prompt is out."""
-    name, key = fresh()
-    with_secret(keyless)
+def type_at_a_pty(db: Gateway, name: str, typed: bytes) -> tuple[int, bytes, bytes, bytes]:
+    """`accounts add --api-key -` at a terminal, as an operator uses it: standard input is a
+    terminal, of no session, so getpass turns off the echo of standard input itself. `typed`
+    is typed once the prompt is out. The exit status, the prompt and standard error after
+    it, standard output, and what the terminal showed."""
     controller, terminal = pty.openpty()
     command = ["accounts", "add", "--name", name, "--base-url", BASE_URL, "--api-key", "-"]
     proc = subprocess.Popen(
         [*CLI, *command], stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=keyless.env, cwd=keyless.workdir, start_new_session=True,
+        env=db.env, cwd=db.workdir, start_new_session=True,
     )  # fmt: skip
     os.close(terminal)
     try:
         assert proc.stderr is not None
         prompt = read_until(proc.stderr, b"Upstream API key: ")
-        os.write(controller, key.encode() + b"\r")  # Enter
+        os.write(controller, typed)
         stdout, stderr = proc.communicate(timeout=60)
         shown = shown_on(controller)
     finally:
@@ -736,12 +736,34 @@ def test_a_key_typed_at_a_terminal_is_not_echoed(keyless: Gateway) -> None:
             proc.kill()
             proc.wait()
         os.close(controller)
+    return proc.returncode, prompt + stderr, stdout, shown
 
-    assert (proc.returncode, prompt + stderr) == (0, b"Upstream API key: \n")
+
+def test_a_key_typed_at_a_terminal_is_not_echoed(keyless: Gateway) -> None:
+    name, key = fresh()
+    with_secret(keyless)
+
+    status, stderr, stdout, shown = type_at_a_pty(keyless, name, key.encode() + b"\r")  # Enter
+
+    assert (status, stderr) == (0, b"Upstream API key: \n")
     assert stdout == f"added openai account {name} -> {BASE_URL}/responses\n".encode()
     assert b"sk-upstream" not in shown
     sealed = stored(keyless, name).api_key_sealed
     assert sealed is not None and TokenCipher(SECRET).open(sealed) == key
+
+
+def test_the_end_of_input_at_the_key_prompt_is_refused_on_a_line_of_its_own(
+    keyless: Gateway,
+) -> None:
+    name = fresh()[0]
+
+    status, stderr, stdout, _ = type_at_a_pty(keyless, name, b"\x04")  # Ctrl-D
+
+    assert (status, stdout) == (2, b"")
+    prompt, _, problem = stderr.partition(b"\n")
+    assert prompt == b"Upstream API key: "
+    assert problem.startswith(b"Usage: ")
+    assert name not in [a["name"] for a in keyless.cli_json("accounts", "list")]
 
 
 # Refused before any key is read: the key given no way, or more than one.
