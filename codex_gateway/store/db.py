@@ -62,16 +62,20 @@ def failure(url: str, error: BaseException) -> str:
     """One line on what the driver or the network answered for the database at `url`,
     naming it with its password hidden."""
     cause = getattr(error, "orig", None) or error
-    lines = str(cause).strip().splitlines()
-    return f"database {redact_url(url)}: {lines[0] if lines else type(cause).__name__}"
+    return f"database {redact_url(url)}: {_first_line(cause) or type(cause).__name__}"
 
 
 def error_line(error: BaseException) -> str:
     """The type of `error` and the first line of its message, any URL's password hidden:
     a database error may quote the URL it was connecting to."""
-    lines = str(error).strip().splitlines()
-    said = _URL.sub(lambda found: redact_url(found.group()), lines[0]) if lines else ""
+    said = _URL.sub(lambda found: redact_url(found.group()), _first_line(error))
     return f"{type(error).__name__}: {said}" if said else type(error).__name__
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of `error`'s message; empty when it has none."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def missing_database(error: BaseException) -> bool:
