@@ -170,6 +170,8 @@ class Gateway:
         # Set by a second SIGTERM: bills go straight to the spool instead of the database.
         self.forced = False
         self._tasks: list[asyncio.Task[None]] = []
+        # The loop the gateway serves on, once started (`settle` asks it for the running task).
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Dead processes' journals of other databases in the journal folder, reported once.
         self._foreign_journals: set[str] = set()
 
@@ -205,6 +207,7 @@ class Gateway:
         if self.grants is not None:
             self.grants.start()
         self.settler.start()
+        self._loop = asyncio.get_running_loop()
         self._tasks = [
             asyncio.create_task(self.catalog.poll(self.settings.catalog_refresh_seconds)),
             asyncio.create_task(self.admission.maintain(self.settings.lease_renew_seconds)),
@@ -307,7 +310,7 @@ class Gateway:
 
     def settle(self, outcome: Outcome) -> None:
         """Price the request and queue its usage row and debit for the writer."""
-        if cut_by_shutdown():
+        if cut_by_shutdown(self._loop):
             outcome.flag(FLAG_CANCELLED)
             if not outcome.usage_reported:
                 outcome.status = FLAG_CANCELLED

@@ -214,6 +214,16 @@ class UpstreamTimeout(UpstreamError):
     kind = "timeout"
 
 
+class DeadlinePassed(UpstreamTimeout):
+    """The time a caller gave an upstream request ran out (`UpstreamClient.post`'s `within`,
+    `UpstreamResponse.limit`); the caller knows which of its limits that was, and says so."""
+
+    kind = "deadline"
+
+    def __init__(self) -> None:
+        super().__init__("The upstream did not answer within the time given.")
+
+
 class UpstreamStatusError(UpstreamError):
     status = 502
     code = "upstream_status_error"

@@ -127,10 +127,11 @@ class Outcome:
         }
 
 
-def cut_by_shutdown() -> bool:
+def cut_by_shutdown(loop: asyncio.AbstractEventLoop | None = None) -> bool:
     """Whether the running request's task was cancelled, which only a shutdown does to a
-    relay (the grace period ran out, or a second SIGTERM): its bill says so."""
-    task = asyncio.current_task()
+    relay (the grace period ran out, or a second SIGTERM): its bill says so. `loop`: the
+    running loop, when the caller holds it (asking for it costs a system call)."""
+    task = asyncio.current_task(loop)
     return task is not None and task.cancelling() > 0
 
 

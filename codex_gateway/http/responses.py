@@ -490,7 +490,11 @@ async def estimate_unbilled(
     final event served the answer without usage it can bill; none for a request a shutdown
     cut, which costs what the upstream reported. Made once: a chat answer that tells its
     client the billed counts has it made before its last lines are sent."""
-    if outcome.estimate is not None or cut_by_shutdown():
+    if outcome.estimate is not None:
+        return
+    if scanner.terminal is not None and not outcome.served_without_usage():
+        return  # billed on the upstream's usage
+    if cut_by_shutdown():
         return
     if scanner.terminal is None:
         _hold_what_it_sent(gateway, outcome, scanner)

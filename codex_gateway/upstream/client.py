@@ -11,6 +11,7 @@ and no message carries a request's headers, so none carries the upstream credent
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, ItemsView, Iterator, Mapping
@@ -21,6 +22,7 @@ import httptools
 
 from codex_gateway.coalescer import WriteCoalescer
 from codex_gateway.errors import (
+    DeadlinePassed,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -86,6 +88,7 @@ class _Connection(asyncio.Protocol):
         self._pending_headers: list[tuple[bytes, bytes]] = []
         self._header_name = b""
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when `_timer` fires, in the loop's time
         self._last_read = 0.0
         # The loop this connection belongs to, asked for once: asking costs a system call.
         self.loop = asyncio.get_running_loop()
@@ -157,11 +160,11 @@ class _Connection(asyncio.Protocol):
         self.response = response
         self._parser = httptools.HttpResponseParser(self)
         self._last_read = self.loop.time()
-        # The read timeout counts from here, up to one turn of the loop before a held request
-        # is written (`coalescer.py`): a turn is far shorter than any timeout. A timer still
-        # set for an earlier request fires sooner than this one's time and sets itself again.
-        if self._timer is None:
-            self._timer = self.loop.call_at(self._last_read + self._read_timeout, self._check_idle)
+        # The read timeout and the response's own limit count from here, up to one turn of
+        # the loop before a held request is written (`coalescer.py`): a turn is far shorter
+        # than any timeout. A timer still set for an earlier request, due sooner than either,
+        # is kept: it fires early and sets itself again for the time left (`_check_idle`).
+        self.watch(response.due)
         coalescer = self._coalescer
         if coalescer is None or coalescer.may_write_now():
             self.transport.write(request)
@@ -177,19 +180,37 @@ class _Connection(asyncio.Protocol):
         self.transport.write(request)
         return True
 
+    def watch(self, due: float) -> None:
+        """Have the timer fire by `due` (loop time) as well as by the read timeout."""
+        due = min(due, self._last_read + self._read_timeout)
+        if self._timer is None or due < self._timer_at:
+            self._set_timer(due)
+
+    def _set_timer(self, due: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = due
+        self._timer = self.loop.call_at(due, self._check_idle)
+
     def _check_idle(self) -> None:
-        """Fire the read timeout, unless bytes came since it was set (then set it again)."""
+        """Fail the response if its own limit has passed, or the read timeout has (no bytes
+        for that long); if neither has yet, set the timer again for the sooner of the two.
+        A connection with no response in hand lets the timer go: the next request sets it."""
         self._timer = None
-        due = self._last_read + self._read_timeout
-        if self.loop.time() < due:
-            self._timer = self.loop.call_at(due, self._check_idle)
-            return
         response = self.response
         if response is None or response.complete:
             return
+        now = self.loop.time()
+        if now >= response.due:
+            self._fail(DeadlinePassed())
+            return
+        due = self._last_read + self._read_timeout
+        if now < due:
+            self._set_timer(min(due, response.due))
+            return
         if response.paused:  # the reader is behind, not the upstream
-            self._last_read = self.loop.time()
-            self._timer = self.loop.call_at(self._last_read + self._read_timeout, self._check_idle)
+            self._last_read = now
+            self._set_timer(min(now + self._read_timeout, response.due))
             return
         if response.started:
             error = UpstreamTimeout(
@@ -257,6 +278,9 @@ class UpstreamResponse:
         self.ends_with_close = False
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        # The loop time by which the answer must have come as far as its caller waits for
+        # (`UpstreamClient.post`, `limit`); past it the response fails with `DeadlinePassed`.
+        self.due = math.inf
 
     @property
     def content_type(self) -> str:
@@ -352,6 +376,15 @@ class UpstreamResponse:
                 )
         return bytes(parts)
 
+    def limit(self, within: float) -> None:
+        """Give the rest of the answer `within` seconds from now (`math.inf`: no limit of its
+        own; the read timeout still holds)."""
+        connection = self._connection
+        if connection is None:
+            return
+        self.due = connection.loop.time() + within
+        connection.watch(self.due)
+
     def close(self) -> None:
         """Drop the connection now (the response will not be read to its end)."""
         connection, self._connection = self._connection, None
@@ -409,31 +442,58 @@ class UpstreamClient:
             self._ssl = ssl.create_default_context()
         return self._ssl
 
-    async def post(self, url: str, headers: Mapping[str, str], body: bytes) -> UpstreamResponse:
+    async def post(
+        self, url: str, headers: Mapping[str, str], body: bytes, within: float = math.inf
+    ) -> UpstreamResponse:
+        """Send a request; its answer once the head has come. `within`: seconds for the head
+        to come, a wait for a free connection and a new one's connect included; past them
+        the request fails with `DeadlinePassed`, and the response keeps that limit until
+        `UpstreamResponse.limit` moves it. Kept by the connection's own timer, which stays set
+        from request to request, so a request that meets its limit costs no timer."""
         origin, start = self._target(url)
         request = start + _head(headers, len(body)) + body
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self._pool_size)
-        await self._slots.acquire()
+        slots = self._slots
+        if slots is None:
+            slots = self._slots = asyncio.Semaphore(self._pool_size)
+        if slots.locked():
+            within = await self._wait_for_slot(slots, within)
+        else:
+            await slots.acquire()  # a free slot: taken without waiting
         try:
-            return await self._exchange(origin, request)
+            return await self._exchange(origin, request, within)
         except BaseException:
-            self._slots.release()
+            slots.release()
             raise
 
-    async def _exchange(self, origin: _Origin, request: bytes) -> UpstreamResponse:
+    @staticmethod
+    async def _wait_for_slot(slots: asyncio.Semaphore, within: float) -> float:
+        """Wait for a connection to be free, within `within` seconds; the seconds left."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            async with asyncio.timeout(None if within == math.inf else within):
+                await slots.acquire()
+        except TimeoutError:
+            raise DeadlinePassed() from None
+        return within - (loop.time() - started)
+
+    async def _exchange(self, origin: _Origin, request: bytes, within: float) -> UpstreamResponse:
         """Send on an idle connection, or a new one; a reused connection that closes before
         any answer was one the server was dropping, and the request goes once more, new."""
         connection = self._take_idle(origin)
         if connection is not None:
+            due = connection.loop.time() + within
             try:
-                return await self._send(connection, request)
+                return await self._send(connection, request, due)
             except UpstreamConnectError:
                 pass
-        return await self._send(await self._connect(origin), request)
+        else:
+            due = asyncio.get_running_loop().time() + within
+        return await self._send(await self._connect(origin, due), request, due)
 
-    async def _send(self, connection: _Connection, request: bytes) -> UpstreamResponse:
+    async def _send(self, connection: _Connection, request: bytes, due: float) -> UpstreamResponse:
         response = UpstreamResponse(self, connection)
+        response.due = due
         connection.send(request, response)
         try:
             await response.started_event()
@@ -453,12 +513,17 @@ class UpstreamClient:
             connection.close()
         return None
 
-    async def _connect(self, origin: _Origin) -> _Connection:
+    async def _connect(self, origin: _Origin, due: float = math.inf) -> _Connection:
+        """A new connection, within the connect timeout and by `due` (loop time), whichever
+        comes first."""
         scheme, host, port = origin
         loop = asyncio.get_running_loop()
         tls = self._tls() if scheme == "https" else None
+        left = due - loop.time()
+        if left <= 0:
+            raise DeadlinePassed()
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with asyncio.timeout(min(self._connect_timeout, left)):
                 _, protocol = await loop.create_connection(
                     lambda: _Connection(origin, self._read_timeout, self._coalescer),
                     host,
@@ -467,6 +532,8 @@ class UpstreamClient:
                     server_hostname=host if tls is not None else None,
                 )
         except TimeoutError:
+            if left < self._connect_timeout:
+                raise DeadlinePassed() from None
             raise UpstreamTimeout(
                 "Connecting to the upstream took longer than the connect timeout.",
                 kind="timeout_connect",

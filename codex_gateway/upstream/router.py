@@ -14,7 +14,6 @@ earliest reset, as the ChatGPT backend words it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -27,6 +26,7 @@ import orjson
 
 from codex_gateway.config import Settings
 from codex_gateway.errors import (
+    DeadlinePassed,
     NoAccountAvailable,
     TokenRefreshError,
     UpstreamError,
@@ -197,27 +197,33 @@ class Router:
 
     async def _attempt(self, lease: Lease, outgoing: Outgoing, deadline: float) -> Answer:
         """One try: the first-byte timeout covers the answer's head and a stream's first
-        chunk; a whole JSON body, written only once the work is done, has until the deadline."""
+        chunk; a whole JSON body, written only once the work is done, has until the deadline.
+        The upstream client keeps both limits (`DeadlinePassed`), without a timer or a task
+        cancellation of the request's own."""
         first_byte = self._settings.upstream_first_byte_timeout
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise total_timeout()
         waiting_for_first_byte = remaining > first_byte
         try:
-            async with asyncio.timeout(min(first_byte, remaining)) as limit:
-                response = await self._client.post(outgoing.url, outgoing.headers, outgoing.body)
-                try:
-                    if response.status == 200 and response.content_type == "text/event-stream":
-                        return await _first_of_stream(lease, response, outgoing.credential)
-                    waiting_for_first_byte = False
-                    if not response.complete:  # a body that came with its head needs no time
-                        loop = asyncio.get_running_loop()
-                        limit.reschedule(loop.time() + deadline - time.monotonic())
-                    return await _whole(lease, response, outgoing.credential)
-                except BaseException:
-                    response.close()
-                    raise
-        except TimeoutError:
+            response = await self._client.post(
+                outgoing.url, outgoing.headers, outgoing.body, min(first_byte, remaining)
+            )
+            try:
+                if response.status == 200 and response.content_type == "text/event-stream":
+                    answer = await _first_of_stream(lease, response, outgoing.credential)
+                    # The rest of a stream is timed by the relay (`upstream_total_timeout`)
+                    # and the read timeout.
+                    response.limit(math.inf)
+                    return answer
+                waiting_for_first_byte = False
+                if not response.complete:  # a body that came with its head needs no time
+                    response.limit(deadline - time.monotonic())
+                return await _whole(lease, response, outgoing.credential)
+            except BaseException:
+                response.close()
+                raise
+        except DeadlinePassed:
             if not waiting_for_first_byte:
                 raise total_timeout() from None
             raise UpstreamTimeout(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -12,6 +13,7 @@ import pytest
 
 from codex_gateway.coalescer import Holder, WriteCoalescer
 from codex_gateway.errors import (
+    DeadlinePassed,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -360,9 +362,7 @@ async def test_a_reused_connection_that_goes_silent_times_out_counted_from_its_o
     upstream = UpstreamClient(connect_timeout=2, read_timeout=0.4, pool_size=4, keepalive=60)
     loop = asyncio.get_running_loop()
     async with KeepAliveServer([OK_JSON, reply]) as server:
-        first = await upstream.post(server.url, {}, b"{}")
-        assert await first.read() == b"{}"
-        first.release()
+        await _ok(upstream, server.url)
         await asyncio.sleep(0.25)  # the first request's timer is now due in 0.15 s
         sent = loop.time()
         second = await upstream.post(server.url, {}, b"{}")
@@ -374,6 +374,78 @@ async def test_a_reused_connection_that_goes_silent_times_out_counted_from_its_o
     assert server.connections == 1
     assert caught.value.kind == "timeout_idle"
     assert 0.35 <= waited < 2
+
+
+SILENT_STREAM = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n"
+
+
+async def test_a_head_that_does_not_come_in_the_time_given_fails_the_request() -> None:
+    upstream = UpstreamClient(connect_timeout=2, read_timeout=5, pool_size=4, keepalive=60)
+    loop = asyncio.get_running_loop()
+    async with KeepAliveServer([]) as server:  # reads the request, never answers
+        sent = loop.time()
+        with pytest.raises(DeadlinePassed):
+            await asyncio.wait_for(upstream.post(server.url, {}, b"{}", 0.3), 3)
+        waited = loop.time() - sent
+        await _until(lambda: server.hung_up == 1)  # the connection is not kept
+        await upstream.close()
+    assert 0.25 <= waited < 2
+
+
+async def test_the_time_given_holds_on_a_connection_whose_timer_was_set_for_later() -> None:
+    """A reused connection's timer, set by an earlier request for its read timeout, is due
+    long after this request's own limit: the limit still fires on time."""
+    upstream = UpstreamClient(connect_timeout=2, read_timeout=30, pool_size=4, keepalive=60)
+    loop = asyncio.get_running_loop()
+    async with KeepAliveServer([OK_JSON, SILENT_STREAM]) as server:
+        await _ok(upstream, server.url)  # sets the timer for its read timeout
+        sent = loop.time()
+        second = await upstream.post(server.url, {}, b"{}", 0.3)  # its head comes at once
+        with pytest.raises(DeadlinePassed):
+            await asyncio.wait_for(second.read(), 3)
+        waited = loop.time() - sent
+        second.close()
+        await upstream.close()
+    assert server.connections == 1
+    assert 0.25 <= waited < 2
+
+
+async def test_a_response_let_go_of_its_limit_is_timed_by_the_read_timeout() -> None:
+    upstream = UpstreamClient(connect_timeout=2, read_timeout=0.6, pool_size=4, keepalive=60)
+    loop = asyncio.get_running_loop()
+    async with KeepAliveServer([SILENT_STREAM]) as server:
+        response = await upstream.post(server.url, {}, b"{}", 0.3)
+        response.limit(math.inf)
+        sent = loop.time()
+        with pytest.raises(UpstreamTimeout) as caught:
+            await asyncio.wait_for(response.read(), 3)
+        waited = loop.time() - sent
+        response.close()
+        await upstream.close()
+    assert caught.value.kind == "timeout_idle"  # not the limit of 0.3 s given at first
+    assert 0.5 <= waited < 2
+
+
+async def test_a_wait_for_a_free_connection_counts_against_the_time_given() -> None:
+    upstream = UpstreamClient(connect_timeout=2, read_timeout=5, pool_size=1, keepalive=60)
+    async with KeepAliveServer([SILENT_STREAM, OK_JSON]) as server:
+        busy = await upstream.post(server.url, {}, b"{}")  # holds the one connection
+        with pytest.raises(DeadlinePassed):
+            await asyncio.wait_for(upstream.post(server.url, {}, b"{}", 0.3), 3)
+        busy.close()
+        # The request that gave up holds no connection: the next one gets one.
+        response = await asyncio.wait_for(upstream.post(server.url, {}, b"{}", 2), 3)
+        assert await response.read() == b"{}"
+        response.release()
+        await upstream.close()
+
+
+async def test_a_request_given_no_time_fails_without_connecting(client: UpstreamClient) -> None:
+    async with KeepAliveServer([OK_JSON]) as server:
+        with pytest.raises(DeadlinePassed):
+            await client.post(server.url, {}, b"{}", 0)
+        await client.close()
+    assert server.connections == 0
 
 
 async def test_a_header_with_a_line_break_is_never_sent(client: UpstreamClient) -> None:
