@@ -220,8 +220,12 @@ class DeadlinePassed(UpstreamTimeout):
 
     kind = "deadline"
 
-    def __init__(self) -> None:
-        super().__init__("The upstream did not answer within the time given.")
+    def __init__(
+        self,
+        message: str = "The upstream did not answer within the time given.",
+        **details: str | None,
+    ) -> None:
+        super().__init__(message, **details)
 
 
 class UpstreamStatusError(UpstreamError):

@@ -33,6 +33,9 @@ from codex_gateway.errors import (
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # Body bytes held for a reader that has not taken them yet before the socket stops reading.
 _HIGH_WATER = 1024 * 1024
+# The event loop's timers keep whole milliseconds: a timer may fire up to this much before
+# its time, which counts as come rather than setting the timer again for a moment.
+_TIMER_GRAIN = 0.001
 _Origin = tuple[str, str, int]
 
 
@@ -200,7 +203,7 @@ class _Connection(asyncio.Protocol):
         response = self.response
         if response is None or response.complete:
             return
-        now = self.loop.time()
+        now = self.loop.time() + _TIMER_GRAIN
         if now >= response.due:
             self._fail(DeadlinePassed())
             return
@@ -263,7 +266,7 @@ class _Connection(asyncio.Protocol):
 class UpstreamResponse:
     """One answer: status and headers first, then the body as it arrives."""
 
-    def __init__(self, client: UpstreamClient, connection: _Connection):
+    def __init__(self, client: UpstreamClient, connection: _Connection, due: float = math.inf):
         self._client = client
         self._connection: _Connection | None = connection
         self._loop = connection.loop
@@ -280,7 +283,7 @@ class UpstreamResponse:
         self._waiter: asyncio.Future[None] | None = None
         # The loop time by which the answer must have come as far as its caller waits for
         # (`UpstreamClient.post`, `limit`); past it the response fails with `DeadlinePassed`.
-        self.due = math.inf
+        self.due = due
 
     @property
     def content_type(self) -> str:
@@ -376,13 +379,16 @@ class UpstreamResponse:
                 )
         return bytes(parts)
 
-    def limit(self, within: float) -> None:
-        """Give the rest of the answer `within` seconds from now (`math.inf`: no limit of its
-        own; the read timeout still holds)."""
+    def limit(self, seconds: float) -> None:
+        """Give the rest of the answer `seconds` from now (`math.inf`: no limit of its own;
+        the read timeout still holds). A response that failed meanwhile raises its error,
+        its limit having passed, say, in the turn that brought the bytes its caller read."""
+        if self._error is not None:
+            raise self._error
         connection = self._connection
         if connection is None:
             return
-        self.due = connection.loop.time() + within
+        self.due = connection.loop.time() + seconds
         connection.watch(self.due)
 
     def close(self) -> None:
@@ -443,57 +449,60 @@ class UpstreamClient:
         return self._ssl
 
     async def post(
-        self, url: str, headers: Mapping[str, str], body: bytes, within: float = math.inf
+        self, url: str, headers: Mapping[str, str], body: bytes, timeout: float = math.inf
     ) -> UpstreamResponse:
-        """Send a request; its answer once the head has come. `within`: seconds for the head
+        """Send a request; its answer once the head has come. `timeout`: seconds for the head
         to come, a wait for a free connection and a new one's connect included; past them
         the request fails with `DeadlinePassed`, and the response keeps that limit until
-        `UpstreamResponse.limit` moves it. Kept by the connection's own timer, which stays set
-        from request to request, so a request that meets its limit costs no timer."""
+        `UpstreamResponse.limit` moves it. A connection keeps the limit on its read timer,
+        which stays set from request to request: a request sent on a free connection sets
+        no timer of its own (a wait for one has its own)."""
         origin, start = self._target(url)
         request = start + _head(headers, len(body)) + body
         slots = self._slots
         if slots is None:
             slots = self._slots = asyncio.Semaphore(self._pool_size)
         if slots.locked():
-            within = await self._wait_for_slot(slots, within)
+            timeout = await self._wait_for_slot(slots, timeout)
         else:
             await slots.acquire()  # a free slot: taken without waiting
         try:
-            return await self._exchange(origin, request, within)
+            return await self._exchange(origin, request, timeout)
         except BaseException:
             slots.release()
             raise
 
     @staticmethod
-    async def _wait_for_slot(slots: asyncio.Semaphore, within: float) -> float:
-        """Wait for a connection to be free, within `within` seconds; the seconds left."""
+    async def _wait_for_slot(slots: asyncio.Semaphore, timeout: float) -> float:
+        """Wait for a connection to be free, for up to `timeout` seconds; the seconds left."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            async with asyncio.timeout(None if within == math.inf else within):
+            async with asyncio.timeout(None if timeout == math.inf else timeout):
                 await slots.acquire()
         except TimeoutError:
             raise DeadlinePassed() from None
-        return within - (loop.time() - started)
+        return timeout - (loop.time() - started)
 
-    async def _exchange(self, origin: _Origin, request: bytes, within: float) -> UpstreamResponse:
+    async def _exchange(self, origin: _Origin, request: bytes, timeout: float) -> UpstreamResponse:
         """Send on an idle connection, or a new one; a reused connection that closes before
-        any answer was one the server was dropping, and the request goes once more, new."""
+        any answer was one the server was dropping, and the request goes once more, new. A
+        request with no time left is not sent: the upstream would do work nobody waits for."""
+        if timeout <= 0:
+            raise DeadlinePassed()
         connection = self._take_idle(origin)
         if connection is not None:
-            due = connection.loop.time() + within
+            due = connection.loop.time() + timeout
             try:
                 return await self._send(connection, request, due)
             except UpstreamConnectError:
                 pass
         else:
-            due = asyncio.get_running_loop().time() + within
+            due = asyncio.get_running_loop().time() + timeout
         return await self._send(await self._connect(origin, due), request, due)
 
     async def _send(self, connection: _Connection, request: bytes, due: float) -> UpstreamResponse:
-        response = UpstreamResponse(self, connection)
-        response.due = due
+        response = UpstreamResponse(self, connection, due)
         connection.send(request, response)
         try:
             await response.started_event()
@@ -578,9 +587,8 @@ class UpstreamClient:
         if not idle:
             return
         loop = asyncio.get_running_loop()
-        # A millisecond early: the loop's timers round to one, and a sweep that came a hair
-        # early would otherwise be due again at once.
-        now = loop.time() + 0.001
+        # A sweep that came a hair early would otherwise be due again at once.
+        now = loop.time() + _TIMER_GRAIN
         while idle and now - idle[0].idle_since >= self.keepalive:
             idle.popleft().close()
         if idle:

@@ -198,8 +198,8 @@ class Router:
     async def _attempt(self, lease: Lease, outgoing: Outgoing, deadline: float) -> Answer:
         """One try: the first-byte timeout covers the answer's head and a stream's first
         chunk; a whole JSON body, written only once the work is done, has until the deadline.
-        The upstream client keeps both limits (`DeadlinePassed`), without a timer or a task
-        cancellation of the request's own."""
+        The upstream client keeps both limits on the connection's read timer and reports one
+        that passed as `DeadlinePassed`, worded here as the limit it was."""
         first_byte = self._settings.upstream_first_byte_timeout
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -216,9 +216,9 @@ class Router:
                     # and the read timeout.
                     response.limit(math.inf)
                     return answer
-                waiting_for_first_byte = False
                 if not response.complete:  # a body that came with its head needs no time
                     response.limit(deadline - time.monotonic())
+                waiting_for_first_byte = False
                 return await _whole(lease, response, outgoing.credential)
             except BaseException:
                 response.close()

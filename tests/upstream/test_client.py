@@ -440,12 +440,31 @@ async def test_a_wait_for_a_free_connection_counts_against_the_time_given() -> N
         await upstream.close()
 
 
-async def test_a_request_given_no_time_fails_without_connecting(client: UpstreamClient) -> None:
-    async with KeepAliveServer([OK_JSON]) as server:
+async def test_a_request_given_no_time_is_never_sent(client: UpstreamClient) -> None:
+    async with KeepAliveServer([OK_JSON, OK_JSON]) as server:
         with pytest.raises(DeadlinePassed):
             await client.post(server.url, {}, b"{}", 0)
+        assert server.connections == 0  # not even connected
+        await _ok(client, server.url)
+        with pytest.raises(DeadlinePassed):  # nor sent on the connection kept idle
+            await client.post(server.url, {}, b"{}", 0)
+        await _ok(client, server.url)
         await client.close()
-    assert server.connections == 0
+    assert server.connections == 1
+    assert len(server.seen) == 2
+
+
+async def test_a_response_whose_limit_passed_says_so_when_given_another() -> None:
+    """A limit can pass in the turn that brought the bytes its caller goes on to read; the
+    caller learns it when it moves the limit, not later from the rest of the answer."""
+    upstream = UpstreamClient(connect_timeout=2, read_timeout=5, pool_size=4, keepalive=60)
+    async with KeepAliveServer([SILENT_STREAM]) as server:
+        response = await upstream.post(server.url, {}, b"{}", 0.2)
+        await asyncio.sleep(0.5)
+        with pytest.raises(DeadlinePassed):
+            response.limit(math.inf)
+        response.close()
+        await upstream.close()
 
 
 async def test_a_header_with_a_line_break_is_never_sent(client: UpstreamClient) -> None:

@@ -60,6 +60,8 @@ BEFORE_FIRST_BYTE = [
     # the connection is refused, or the upstream never answers
     ("refused", "connect", "cooling_down"),
     ("hang-before", "timeout_first_byte", "cooling_down"),
+    # a stream's head, and then no event within the first-byte timeout
+    ("hang-middle:0", "timeout_first_byte", "cooling_down"),
     # HTTP statuses that are about the account, not the request
     ("500", "http_500", "cooling_down"),
     ("503", "http_503", "cooling_down"),
