@@ -185,9 +185,19 @@ class _Connection(asyncio.Protocol):
 
     def watch(self, due: float) -> None:
         """Have the timer fire by `due` (loop time) as well as by the read timeout."""
-        due = min(due, self._last_read + self._read_timeout)
+        response = self.response
+        if response is not None:
+            due = min(due, self._idle_due(response))
         if self._timer is None or due < self._timer_at:
             self._set_timer(due)
+
+    def _idle_due(self, response: UpstreamResponse) -> float:
+        """When the read timeout runs out. Not while the response keeps the limit it was sent
+        with: the caller's time for the answer's head (and a stream's first event) stands in
+        for it, so that an upstream may think for longer than it may fall silent mid-answer."""
+        if response.sent_limit:
+            return math.inf
+        return self._last_read + self._read_timeout
 
     def _set_timer(self, due: float) -> None:
         if self._timer is not None:
@@ -207,7 +217,7 @@ class _Connection(asyncio.Protocol):
         if now >= response.due:
             self._fail(DeadlinePassed())
             return
-        due = self._last_read + self._read_timeout
+        due = self._idle_due(response)
         if now < due:
             self._set_timer(min(due, response.due))
             return
@@ -223,7 +233,7 @@ class _Connection(asyncio.Protocol):
             )
         else:
             error = UpstreamTimeout(
-                "The upstream did not answer within the first-byte timeout.",
+                "The upstream did not answer within the read timeout.",
                 kind="timeout_first_byte",
             )
         self._fail(error)
@@ -284,6 +294,8 @@ class UpstreamResponse:
         # The loop time by which the answer must have come as far as its caller waits for
         # (`UpstreamClient.post`, `limit`); past it the response fails with `DeadlinePassed`.
         self.due = due
+        # Whether `due` is still the limit the request was sent with (`_Connection._idle_due`).
+        self.sent_limit = due != math.inf
 
     @property
     def content_type(self) -> str:
@@ -389,6 +401,7 @@ class UpstreamResponse:
         if connection is None:
             return
         self.due = connection.loop.time() + seconds
+        self.sent_limit = False
         connection.watch(self.due)
 
     def close(self) -> None:

@@ -43,6 +43,8 @@ from codex_gateway.upstream.quota import QuotaBook
 from codex_gateway.upstream.stickiness import Stickiness
 
 log = logging.getLogger(__name__)
+# The kind of the error of a request that ran past `upstream_total_timeout`.
+TOTAL_TIMEOUT_KIND = "timeout_total"
 
 # What an SSE stream may start with: a field name or a comment.
 _SSE_STARTS = (b"event:", b"data:", b":", b"id:", b"retry:")
@@ -146,6 +148,8 @@ class Router:
         tried: set[int] = set()
         last: UpstreamError | None = None
         for _ in range(self._settings.upstream_max_attempts):
+            if last is not None and time.monotonic() >= deadline:
+                break  # no time left to try another account, nor to hold it against one
             lease = self.pool.choose(tried, preferred)
             if lease is None:
                 break
@@ -238,6 +242,8 @@ class Router:
             error.kind,
             extra={"account": account.name},
         )
+        if error.kind == TOTAL_TIMEOUT_KIND:
+            return  # the request ran out of its own time: that says nothing of the account
         settings = self._settings
         if isinstance(error, TokenRefreshError) and error.permanent:
             self.pool.needs_relogin(account, error.reason or error.message)
@@ -355,7 +361,7 @@ def _duration(seconds: int) -> str:
 
 def total_timeout() -> UpstreamTimeout:
     return UpstreamTimeout(
-        "The request took longer than the gateway's total time limit.", kind="timeout_total"
+        "The request took longer than the gateway's total time limit.", kind=TOTAL_TIMEOUT_KIND
     )
 
 

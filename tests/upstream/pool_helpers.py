@@ -95,6 +95,14 @@ def set_fault(sandbox: Sandbox, account: Account, fault: str | None) -> None:
     httpx.put(sandbox.url + "/sandbox/faults", json={"key": account.key, "fault": fault})
 
 
+def failing_first(gateway: Gateway, sandbox: Sandbox, fault: str) -> tuple[Account, Account]:
+    """Two fresh accounts, the preferred one with `fault`; what the sandbox saw is cleared."""
+    failing, spare = fresh_accounts(gateway, sandbox, [{"priority": 1}, {"priority": 2}])
+    set_fault(sandbox, failing, fault)
+    sandbox.clear()
+    return failing, spare
+
+
 def account_state(gateway: Gateway, account: Account) -> dict[str, Any]:
     return next(a for a in gateway.cli_json("accounts", "list") if a["name"] == account.name)
 

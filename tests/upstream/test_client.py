@@ -117,10 +117,12 @@ async def test_a_body_over_the_limit_is_refused(client: UpstreamClient) -> None:
 
 class KeepAliveServer:
     """A loopback server that answers request after request on one connection, in turn from
-    `replies`, then stays silent until the client hangs up."""
+    `replies`, each `delay` seconds after its request, then stays silent until the client
+    hangs up."""
 
-    def __init__(self, replies: list[bytes]):
+    def __init__(self, replies: list[bytes], delay: float = 0.0):
         self.replies = replies
+        self.delay = delay
         self.seen: list[bytes] = []
         self.connections = 0
         # Connections the client closed once it had its answers.
@@ -160,6 +162,8 @@ class KeepAliveServer:
                     if line.lower().startswith(b"content-length:")
                 )
                 self.seen.append(head + await reader.readexactly(length))
+                if self.delay:
+                    await asyncio.sleep(self.delay)
                 writer.write(self.replies.pop(0))
                 await writer.drain()
             await reader.read()
@@ -424,6 +428,17 @@ async def test_a_response_let_go_of_its_limit_is_timed_by_the_read_timeout() -> 
         await upstream.close()
     assert caught.value.kind == "timeout_idle"  # not the limit of 0.3 s given at first
     assert 0.5 <= waited < 2
+
+
+async def test_an_answer_slower_than_the_read_timeout_is_awaited_for_the_time_given() -> None:
+    """The read timeout is for an upstream that falls silent mid-answer; one that takes its
+    time before it answers has the time its caller gave it."""
+    upstream = UpstreamClient(connect_timeout=2, read_timeout=0.3, pool_size=4, keepalive=60)
+    async with KeepAliveServer([OK_JSON], delay=0.6) as server:
+        response = await asyncio.wait_for(upstream.post(server.url, {}, b"{}", 2), 3)
+        assert await response.read() == b"{}"
+        response.release()
+        await upstream.close()
 
 
 async def test_a_wait_for_a_free_connection_counts_against_the_time_given() -> None:

@@ -35,6 +35,7 @@ from tests.upstream.pool_helpers import (
     PROMPT,
     LoopbackUpstream,
     account_state,
+    failing_first,
     fresh_accounts,
     pool_gateway,
     served_by,
@@ -108,10 +109,8 @@ def test_failure_before_the_first_byte_moves_to_the_next_account_unnoticed(
 def test_a_quota_limited_account_rests_until_the_reset_the_upstream_gave(
     gateway: Gateway, sandbox: Sandbox
 ) -> None:
-    limited, healthy = fresh_accounts(gateway, sandbox, [{"priority": 1}, {"priority": 2}])
-    set_fault(sandbox, limited, "429")
+    limited, healthy = failing_first(gateway, sandbox, "429")
     _, key = gateway.new_user("10")
-    sandbox.clear()
     for _ in range(3):
         response, _ = stream_events(gateway, key, BODY)
         assert response.status_code == 200
