@@ -14,6 +14,7 @@ earliest reset, as the ChatGPT backend words it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -186,6 +187,10 @@ class Router:
                 if renewed or not _unauthorized(exc) or not await kind.renew(account, outgoing):
                     raise
                 continue
+            except asyncio.CancelledError:
+                # Cut by a shutdown: the row still names the account the request waited for.
+                attempts.append(Attempt(account.name, "cancelled", None, _ms(started), account.id))
+                raise
             attempts.append(Attempt(account.name, "ok", None, _ms(started), account.id))
             headers = answer.response.headers
             self._observer.upstream_answered(account.name, headers)

@@ -370,6 +370,9 @@ def test_requests_still_waiting_for_the_upstream_at_the_grace_limit_get_a_503_an
         answer.headers["x-request-id"] for answer in answers
     )
     assert {(row["status"], row["http_status"]) for row in rows} == {("cancelled", 503)}
+    for row in rows:  # each names the account it was waiting for
+        assert [(a["outcome"], a["error"]) for a in row["attempts"]] == [("cancelled", None)]
+        assert row["account"] == row["attempts"][0]["account"]
     assert log.count("cut by the shutdown before its answer began") == 3
     assert "Traceback" not in log and "CancelledError" not in log
 
