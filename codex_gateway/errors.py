@@ -215,7 +215,7 @@ class UpstreamTimeout(UpstreamError):
 
 
 class DeadlinePassed(UpstreamTimeout):
-    """The time a caller gave an upstream request ran out (`UpstreamClient.post`'s `within`,
+    """The time a caller gave an upstream request ran out (`UpstreamClient.post`'s `timeout`,
     `UpstreamResponse.limit`); the caller knows which of its limits that was, and says so."""
 
     kind = "deadline"
