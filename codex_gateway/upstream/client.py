@@ -217,13 +217,12 @@ class _Connection(asyncio.Protocol):
         if now >= response.due:
             self._fail(DeadlinePassed())
             return
-        due = self._idle_due(response)
-        if now < due:
-            self._set_timer(min(due, response.due))
+        if now < self._idle_due(response):
+            self.watch(response.due)
             return
         if response.paused:  # the reader is behind, not the upstream
-            self._last_read = now
-            self._set_timer(min(now + self._read_timeout, response.due))
+            self._last_read = self.loop.time()
+            self.watch(response.due)
             return
         if response.started:
             error = UpstreamTimeout(
