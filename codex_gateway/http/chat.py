@@ -137,8 +137,7 @@ async def _stream(
         take_terminal(gateway, answer, scanner, outcome)
         blocks = splitter.feed(buffered)
         lines = [exchange.unsent, *(line for b in blocks for line in translator.feed(_event(b)))]
-        error = {"type": "server_error", "code": SHUTDOWN_CODE, "message": SHUTDOWN_MESSAGE}
-        last = translator.feed({"type": "error", "error": error})
+        last = _gateway_error(translator, "server_error", SHUTDOWN_CODE, SHUTDOWN_MESSAGE)
         # A cut stream is billed what the upstream reported: no estimate, so no usage chunk.
         lines.extend(translator.finish())
         await end_cut_stream(exchange, outcome, scanner, b"".join(last), b"".join(lines))
@@ -152,8 +151,10 @@ async def _stream(
             _record_failure(outcome, exc)
             outcome.flag("stream_interrupted")
             # Worded as /v1/responses words the same cut: the client learns what happened.
-            error = {"type": exc.type, "code": exc.code or "upstream_error", "message": exc.message}
-            await _write_lines(exchange, translator.feed({"type": "error", "error": error}), True)
+            code = exc.code or "upstream_error"
+            await _write_lines(
+                exchange, _gateway_error(translator, exc.type, code, exc.message), True
+            )
             return
         await _end(gateway, exchange, outcome, chat, scanner, translator)
         return
@@ -221,6 +222,16 @@ async def _translate(
 async def _write(exchange: Exchange, translator: ChatStreamTranslator, blocks: list[bytes]) -> None:
     lines = [line for block in blocks for line in translator.feed(_event(block))]
     await _write_lines(exchange, lines, last=False)
+
+
+def _gateway_error(
+    translator: ChatStreamTranslator, kind: str, code: str, message: str
+) -> list[bytes]:
+    """The chat lines of an error the gateway ends a stream with, shaped as the upstream's
+    own `error` event would be translated."""
+    return translator.feed(
+        {"type": "error", "error": {"type": kind, "code": code, "message": message}}
+    )
 
 
 async def _write_lines(exchange: Exchange, lines: list[bytes], last: bool) -> None:
