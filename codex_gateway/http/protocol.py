@@ -161,6 +161,31 @@ def read_on(cycle: RequestResponseCycle) -> None:
         cycle.flow.resume_reading()
 
 
+class CloseDelimitedCycle(RequestResponseCycle):
+    """An HTTP/1.0 request, whose answer without a Content-Length is ended by closing the
+    connection. uvicorn frames such an answer (a stream) as chunked whatever the request's
+    version, and HTTP/1.0 knows no chunked framing (RFC 9112 section 6.1): its client would
+    read the chunk sizes as body. uvicorn already answers 1.0 with `connection: close` and
+    closes the connection after the answer."""
+
+    _close_delimited = False
+
+    async def send(self, message: Any) -> None:
+        if message["type"] == "http.response.start" and not self.response_started:
+            if not _framed(message.get("headers", [])):
+                self._close_delimited = True
+                self.chunked_encoding = False  # so uvicorn adds no Transfer-Encoding
+        elif message["type"] == "http.response.body" and self._close_delimited:
+            # uvicorn counts an unchunked body against a length: this write's is the length.
+            self.expected_content_length = len(message.get("body", b""))
+        await super().send(message)
+
+
+def _framed(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether an answer's headers give its framing (a length, or a transfer coding)."""
+    return any(name.lower() in (b"content-length", b"transfer-encoding") for name, _ in headers)
+
+
 class CoalescingProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol on a `HeadHoldingTransport`: give uvicorn.Config
     `http=CoalescingProtocol.through(coalescer)`, with the coalescer the upstream client
@@ -184,6 +209,9 @@ class CoalescingProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         self._answering = cycle
+        if cycle.scope.get("http_version") == "1.0":
+            # uvicorn builds the cycle itself and offers no way to choose its class.
+            cycle.__class__ = CloseDelimitedCycle
         super()._start_asgi_task(cycle, app)
 
     def connection_lost(self, exc: Exception | None) -> None:

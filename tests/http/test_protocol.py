@@ -318,6 +318,35 @@ async def test_a_streamed_answer_keeps_its_order_and_chunking(server: int) -> No
     assert body == b"4\r\none \r\n3\r\ntwo\r\n0\r\n\r\n"
 
 
+async def _until_closed(port: int, request: bytes) -> bytes:
+    """Send `request` and read the answer until the server closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    return answer
+
+
+async def test_an_http_1_0_client_gets_a_stream_unchunked_and_ended_by_the_close(
+    server: int,
+) -> None:
+    answer = await _until_closed(server, b"GET /stream HTTP/1.0\r\n\r\n")
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"transfer-encoding" not in head
+    assert b"connection: close" in head
+    assert body == b"one two"
+
+
+async def test_an_http_1_0_client_gets_an_answer_of_known_length_as_it_is(server: int) -> None:
+    answer = await _until_closed(server, b"POST /echo HTTP/1.0\r\ncontent-length: 4\r\n\r\nping")
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-length: 4" in head
+    assert b"transfer-encoding" not in head
+    assert body == b"ping"
+
+
 async def test_a_client_that_waits_for_100_continue_gets_it_before_sending_the_body(
     server: int,
 ) -> None:

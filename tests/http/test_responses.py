@@ -12,6 +12,7 @@ import gzip
 import json
 import logging
 import re
+import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -37,6 +38,7 @@ from tests.conftest import (
     free_port,
     make_gateway,
 )
+from tests.http.conftest import rows_by_id
 
 GPT_51_CODEX = (Decimal("1.25"), Decimal("0.125"), Decimal("10"))
 
@@ -164,6 +166,63 @@ def test_json_response_reaches_the_sdk_unchanged_and_is_billed(
     assert_billed(row, status, counts)
     assert row["stream"] is False
     assert Decimal(gateway.balance(user)) == Decimal(3) - expected_cost(counts)
+
+
+def _http_1_0(url: str, path: str, key: str, body: bytes) -> tuple[bytes, bytes]:
+    """POST `body` as an HTTP/1.0 client does, and read the answer until the gateway closes
+    the connection; its head and body."""
+    host, port = url.removeprefix("http://").split(":")
+    request = (
+        f"POST {path} HTTP/1.0\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    return head.lower(), rest
+
+
+@pytest.mark.parametrize(
+    ("path", "stream"),
+    [
+        # streams: no chunk framing, the close ends them
+        ("/v1/responses", True),
+        ("/v1/chat/completions", True),
+        # JSON answers: a length, as for any client
+        ("/v1/responses", False),
+        ("/v1/chat/completions", False),
+    ],
+)
+def test_an_http_1_0_client_gets_no_chunked_framing_and_is_billed_once(
+    gateway: Gateway, path: str, stream: bool
+) -> None:
+    user, key = gateway.new_user("3")
+    message = {"messages": [{"role": "user", "content": "hi"}]}
+    body = json.dumps({"model": "gpt-5.1-codex", "stream": stream, **message}).encode()
+
+    head, rest = _http_1_0(gateway.url, path, key, body)
+
+    assert head.startswith(b"http/1.1 200 ")
+    assert b"transfer-encoding" not in head
+    assert b"\r\nconnection: close" in head
+    if stream:
+        assert b"content-length" not in head
+        assert rest.startswith(b"event: response.created" if "responses" in path else b"data: ")
+        assert rest.endswith(b"\n\n")
+        assert b'"response.completed"' in rest or rest.endswith(b"data: [DONE]\n\n")
+    else:
+        assert f"\r\ncontent-length: {len(rest)}\r\n".encode() in head
+        json.loads(rest)
+    request_id = re.search(rb"x-request-id: (\S+)", head)
+    assert request_id is not None
+    row = gateway.usage_row(request_id.group(1).decode())
+    assert_billed(row, "completed", TRANSCRIPTS["responses-text"][1])
+    assert "client_disconnected" not in row["flags"]  # the close ended a whole answer
+    assert list(rows_by_id(gateway, user)) == [row["request_id"]]
+    assert Decimal(gateway.balance(user)) == Decimal(3) - Decimal(row["cost_usd"])
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
