@@ -70,6 +70,13 @@ def _amount(_ctx: click.Context, param: click.Parameter, value: str | None) -> D
 
 
 def _positive_amount(ctx: click.Context, param: click.Parameter, value: str) -> Decimal:
+    """An amount that only adds to a balance. Its command takes a leading `-` as part of
+    the amount, not as an option, so that `-1` is refused as the negative amount it is."""
+    if value.strip().startswith("-"):
+        raise click.BadParameter(
+            f"must be positive, not {value!r}: a {ctx.command.name} adds to the balance; "
+            "to take USD from a balance, use 'users adjust NAME -USD'"
+        )
     amount = _amount(ctx, param, value)
     if amount is None or amount <= 0:
         raise click.BadParameter(f"must be more than 0, not {value!r}")
@@ -87,7 +94,20 @@ def _name(_ctx: click.Context, _param: click.Parameter, value: str | None) -> st
     return value
 
 
-# `--api-key -`: the key is the first line of standard input.
+def _user_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A user's name is also one word: it is matched as typed, listed in columns split by
+    spaces, and given to `--user` options, where a space inside it would be easy to lose."""
+    name = _name(ctx, param, value)
+    if name is not None and any(character.isspace() for character in name):
+        raise click.BadParameter(
+            f"must not hold spaces or other whitespace, as {value!r} does: a user name is "
+            f"one word of at most {MAX_NAME_LENGTH} printable characters, such as 'alice' or "
+            "'team-1'"
+        )
+    return name
+
+
+# `--api-key -`: the key is the one line of standard input.
 FROM_STDIN = "-"
 # How refusals name the two ways of giving a key that are not a typed --api-key.
 STDIN_HINT = "'--api-key -'"
@@ -150,12 +170,12 @@ def _upstream_api_key(api_key: str | None, key_file: str | None) -> str:
 
 
 def _api_key_on_stdin() -> str:
-    """The first line of standard input, as bounded as a key file is; typed at a terminal,
+    """The one line of standard input, as bounded as a key file is; typed at a terminal,
     it is read without echo, so the key does not show on the screen."""
     if sys.stdin.isatty():
         line = _typed_line()
     else:
-        line = sys.stdin.buffer.readline(MAX_SECRET_FILE_BYTES + 1)
+        line = _only_line(sys.stdin.buffer.read(MAX_SECRET_FILE_BYTES + 1))
     if len(line) > MAX_SECRET_FILE_BYTES:
         raise click.BadParameter(
             f"the line read from standard input is longer than {MAX_SECRET_FILE_BYTES} bytes; "
@@ -166,6 +186,20 @@ def _api_key_on_stdin() -> str:
         return _without_line_break(line.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise _not_utf8(exc) from None
+
+
+def _only_line(piped: bytes) -> bytes:
+    """The first line of what was piped in, with its line break; blank lines may follow it,
+    but a second line that holds anything is refused, since which line is the key would be a
+    guess (a file of several keys, a key broken over two lines)."""
+    first, _, rest = piped.partition(b"\n")
+    if rest.strip():
+        raise click.BadParameter(
+            "standard input holds more than one line that is not blank; it must hold only "
+            "the key, on one line",
+            param_hint=STDIN_HINT,
+        )
+    return piped[: len(first) + 1]
 
 
 def _typed_line() -> bytes:
@@ -220,7 +254,7 @@ def users() -> None:
 
 
 @users.command("create")
-@click.argument("name", callback=_name)
+@click.argument("name", callback=_user_name)
 @click.option("--balance", default="0", callback=_amount, help="Starting balance in USD.")
 def users_create(name: str, balance: Decimal) -> None:
     """Create a user with a starting balance."""
@@ -228,7 +262,7 @@ def users_create(name: str, balance: Decimal) -> None:
     click.echo(f"created user {name} with balance ${plain(balance)}")
 
 
-@users.command("topup")
+@users.command("topup", context_settings={"ignore_unknown_options": True})
 @click.argument("name")
 @click.argument("usd", callback=_positive_amount)
 @click.option("--note", default=None, help="Why, for the ledger.")
@@ -238,7 +272,7 @@ def users_topup(name: str, usd: Decimal, note: str | None) -> None:
     click.echo(f"{name}: balance is now ${plain(balance)}")
 
 
-@users.command("refund")
+@users.command("refund", context_settings={"ignore_unknown_options": True})
 @click.argument("name")
 @click.argument("usd", callback=_positive_amount)
 @click.option("--reason", required=True, help="Why, for the ledger.")
@@ -271,6 +305,11 @@ def users_adjust(name: str, usd: str, reason: str, operator: str) -> None:
     amount = magnitude.copy_negate() if negative else magnitude
     done = with_store(lambda store: store.correct(name, "adjustment", amount, reason, operator))
     click.echo(f"{name}: adjusted by ${plain(amount)}; balance is now ${plain(done.balance)}")
+    if amount < 0:
+        click.echo(
+            f"warning: the amount is negative: {name}'s balance went down by ${plain(magnitude)}",
+            err=True,
+        )
     if amount < 0 and done.reserved > 0 and done.balance < done.reserved:
         click.echo(
             f"warning: the balance is now below the ${plain(done.reserved)} that gateway "

@@ -104,7 +104,14 @@ def test_topups_are_exact_and_in_the_ledger(db: Gateway) -> None:
 REFUSED = [
     # amounts that would not store what was typed, or make no sense
     (["users", "topup", "exact", "0"], "more than 0"),
-    (["users", "topup", "exact", "--", "-1"], "plain decimal"),
+    # a negative amount is an amount (no `--` needed), and only `users adjust` takes one
+    (["users", "topup", "exact", "-1"], "must be positive, not '-1': a topup adds"),
+    (["users", "topup", "exact", "--", "-1"], "must be positive"),
+    (["users", "topup", "exact", "-0.5", "--note", "x"], "use 'users adjust NAME -USD'"),
+    (
+        ["users", "refund", "exact", "-1", "--reason", "r", "--operator", "o"],
+        "must be positive, not '-1': a refund adds",
+    ),
     (["users", "topup", "exact", "1e400"], "plain decimal"),
     (["users", "topup", "exact", "NaN"], "plain decimal"),
     (["users", "topup", "exact", "1_000"], "plain decimal"),
@@ -117,6 +124,8 @@ REFUSED = [
     (["users", "create", ""], "must not be empty"),
     (["users", "create", "alice "], "spaces"),
     (["users", "create", "a\tb"], "printable"),
+    (["users", "create", "alice smith"], "must not hold spaces or other whitespace"),
+    (["users", "create", "a b"], "a user name is one word of at most 200 printable characters"),
     (["users", "create", "x" * 201], "at most 200"),
     (
         ["pricing", "set", "", "--input", "1", "--cached-input", "1", "--output", "1"],
@@ -228,7 +237,24 @@ def test_an_adjustment_below_zero_warns_of_leases_only_when_there_are_some(db: G
                       "--operator", "ops@example.test")  # fmt: skip
 
     assert db.balance("nothing-held") == "-2"
-    assert "warning" not in adjusted.stderr
+    assert "open leases" not in adjusted.stderr
+
+
+def test_an_adjustment_below_zero_says_in_one_line_that_the_balance_went_down(
+    db: Gateway,
+) -> None:
+    db.cli("users", "create", "lowered", "--balance", "2")
+
+    lowered = db.cli("users", "adjust", "lowered", "-0.5", "--reason", "duplicate top-up",
+                     "--operator", "ops@example.test")  # fmt: skip
+    raised = db.cli("users", "adjust", "lowered", "0.25", "--reason", "goodwill",
+                    "--operator", "ops@example.test")  # fmt: skip
+
+    assert db.balance("lowered") == "1.75"
+    assert lowered.stderr == (
+        "warning: the amount is negative: lowered's balance went down by $0.5\n"
+    )
+    assert raised.stderr == ""
 
 
 def readme_commands(prefix: str) -> list[list[str]]:

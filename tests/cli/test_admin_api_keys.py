@@ -805,6 +805,42 @@ def test_accounts_add_refuses_a_key_given_no_way_or_two(
         assert name not in [a["name"] for a in keyless.cli_json("accounts", "list")]
 
 
+# What standard input may hold besides the key's one line: blank lines, and nothing else.
+STDIN_WITH_MORE_LINES = [
+    # which line is the key would be a guess
+    ("sk-upstream-first\nsk-upstream-second\n", False),
+    ("sk-upstream-first\r\nsk-upstream-second", False),
+    ("sk-upstream-first\n\n  second-half\n", False),
+    # blank lines after the key say nothing more
+    ("sk-upstream-first\n\n", True),
+    ("sk-upstream-first\r\n \r\n", True),
+]
+
+
+@pytest.mark.parametrize(("given", "taken"), STDIN_WITH_MORE_LINES)
+def test_standard_input_with_a_second_line_that_is_not_blank_is_refused(
+    keyless: Gateway, given: str, taken: bool
+) -> None:
+    name, _ = fresh()
+
+    result = keyless.cli(
+        "accounts", "add", "--name", name, "--base-url", BASE_URL, "--api-key", "-",
+        check=False, stdin=given,
+    )  # fmt: skip
+
+    if taken:
+        assert result.returncode == 0, result.stderr
+        assert stored(keyless, name).api_key == "sk-upstream-first"
+        return
+    assert (result.returncode, result.stdout) == (2, "")
+    assert (
+        "Invalid value for '--api-key -': standard input holds more than one line that is "
+        "not blank; it must hold only the key, on one line"
+    ) in result.stderr
+    assert "sk-upstream" not in result.stderr
+    assert name not in [a["name"] for a in keyless.cli_json("accounts", "list")]
+
+
 # A key file that cannot be read as the secret key file is: refused, naming the option.
 KEY_FILES_REFUSED = [
     ("missing", "cannot be read: No such file or directory"),
