@@ -4,10 +4,12 @@ On the first SIGTERM (or SIGINT) the server stops accepting and lets requests in
 finish within `shutdown_grace_seconds`; their bills settle as each one ends. Then it cancels
 what still runs, and a cut stream ends with an `error` event saying the gateway is shutting
 down (the relay handles the cancellation; see `end_cut_stream`), and the process exits 0:
-stopping on request is not a failure. A second signal stops waiting: bills still to be
-written go to the spool file, which the next start replays, and the process exits 128 plus
-the signal's number (143 for SIGTERM, 130 for SIGINT), as a shell reports a process that
-signal ended, so that a supervisor can tell a cut drain from a clean one.
+stopping on request is not a failure, and uvicorn's line about the cancelling is logged as a
+warning rather than the error uvicorn makes it (`OrderlyCancel`). A second signal stops
+waiting: bills still to be written go to the spool file, which the next start replays, and
+the process exits 128 plus the signal's number (143 for SIGTERM, 130 for SIGINT), as a shell
+reports a process that signal ended, so that a supervisor can tell a cut drain from a clean
+one.
 
 Once started, the server tunes the interpreter for one busy event loop beside the usage
 writer's threads. What start-up built, and lives as long as the process, is frozen out of the
@@ -47,6 +49,22 @@ SWITCH_INTERVAL_SECONDS = 0.0001
 YOUNG_GENERATION_THRESHOLD = 20_000
 # A process that a signal cut short exits with this plus the signal's number.
 SIGNAL_EXIT_BASE = 128
+# uvicorn's line, on its `uvicorn.error` logger, when the grace period ends with requests
+# still running (`uvicorn.Server.shutdown`).
+UVICORN_LOGGER = "uvicorn.error"
+CANCEL_LINE = "Cancel %s running task(s), timeout graceful shutdown exceeded"
+
+
+class OrderlyCancel(logging.Filter):
+    """uvicorn logs the cancelling of requests still running when the grace period ends at
+    ERROR. For the gateway that is an orderly shutdown, not a fault: each cut request ends
+    with an error its client can read, is billed, and is logged at WARNING. So that line is
+    a WARNING too; every other record passes as it came."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == CANCEL_LINE and record.levelno == logging.ERROR:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 class GracefulServer(uvicorn.Server):
@@ -70,6 +88,15 @@ class GracefulServer(uvicorn.Server):
             sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
             if self.on_started is not None:
                 self.on_started()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        orderly = OrderlyCancel()
+        uvicorn_log = logging.getLogger(UVICORN_LOGGER)
+        uvicorn_log.addFilter(orderly)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            uvicorn_log.removeFilter(orderly)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not passed on to uvicorn, which would re-raise the signal after a clean shutdown

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import signal
 import socket
 import sys
@@ -23,9 +24,12 @@ import pytest
 import uvicorn
 
 from codex_gateway.http.server import (
+    CANCEL_LINE,
     SWITCH_INTERVAL_SECONDS,
+    UVICORN_LOGGER,
     YOUNG_GENERATION_THRESHOLD,
     GracefulServer,
+    OrderlyCancel,
 )
 from codex_gateway.relay.sse import parse_events
 from tests.conftest import Gateway, Sandbox, make_gateway
@@ -283,6 +287,8 @@ def test_streams_still_running_at_the_grace_limit_are_cut_and_billed_as_cancelle
         cut = [line for line in log.splitlines() if "cut by the shutdown" in line]
         assert len([line for line in cut if client.request_id in line]) == 1, log
     assert "Traceback" not in log and "CancelledError" not in log
+    assert " ERROR " not in log  # the cancelling line included: an orderly shutdown
+    assert f"WARNING uvicorn.error Cancel {STREAMS} running task(s)" in log
 
 
 def test_a_request_whose_body_is_still_coming_at_the_grace_limit_gets_a_503(
@@ -400,3 +406,48 @@ async def test_a_started_server_tunes_the_collector_and_the_switch_interval() ->
         gc.unfreeze()
         gc.set_threshold(*thresholds)
         sys.setswitchinterval(previous)
+
+
+async def test_requests_cancelled_at_the_grace_limit_are_logged_at_warning_not_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def app(scope: object, receive: object, send: object) -> None:
+        raise AssertionError("no request is sent")
+
+    config = uvicorn.Config(app, lifespan="off", log_config=None, timeout_graceful_shutdown=0)
+    config.load()
+    server = GracefulServer(config, gateway=None)  # type: ignore[arg-type]
+    server.servers, server.lifespan = [], config.lifespan_class(config)  # nothing listens
+    running = asyncio.create_task(asyncio.sleep(60))  # a request still in flight
+    server.server_state.tasks.add(running)
+
+    with caplog.at_level(logging.INFO, logger=UVICORN_LOGGER):
+        await server.shutdown()
+
+    cancelled = [r for r in caplog.records if r.msg == CANCEL_LINE]
+    assert [(r.levelname, r.getMessage()) for r in cancelled] == [
+        ("WARNING", "Cancel 1 running task(s), timeout graceful shutdown exceeded")
+    ]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert running.cancelling()
+    assert logging.getLogger(UVICORN_LOGGER).filters == []  # only for the shutdown
+
+
+@pytest.mark.parametrize(
+    ("message", "level", "logged_as"),
+    [
+        # the cancelling of the requests left at the grace limit
+        (CANCEL_LINE, logging.ERROR, "WARNING"),
+        # real errors keep their level
+        ("Exception in ASGI application\n", logging.ERROR, "ERROR"),
+        ("Cancel %s running task(s) after something else", logging.ERROR, "ERROR"),
+    ],
+)
+def test_only_the_grace_limits_cancel_line_is_lowered(
+    message: str, level: int, logged_as: str
+) -> None:
+    record = logging.LogRecord(UVICORN_LOGGER, level, __file__, 1, message, (1,), None)
+
+    assert OrderlyCancel().filter(record) is True
+    assert record.levelname == logged_as
+    assert record.levelno == logging.getLevelName(logged_as)
