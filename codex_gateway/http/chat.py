@@ -145,7 +145,7 @@ async def _stream(
     except UpstreamError as exc:
         take_terminal(gateway, answer, scanner, outcome)
         if exchange.disconnected:
-            client_left(outcome, whole=scanner.terminal is not None)
+            client_left(outcome, whole=scanner.terminal is not None, failure=exc)
             return
         if scanner.terminal is None:
             _record_failure(outcome, exc)

@@ -53,7 +53,7 @@ from codex_gateway.relay.sse import TERMINAL_STATUS, StreamScanner, error_event,
 from codex_gateway.relay.usage import response_id_of, upstream_model_of, usage_from_terminal
 from codex_gateway.store.queries import KeyRecord, hash_key
 from codex_gateway.upstream.kinds import COMPACT, RESPONSES, Call
-from codex_gateway.upstream.router import Answer, Attempt, total_timeout
+from codex_gateway.upstream.router import TOTAL_TIMEOUT_KIND, Answer, Attempt, total_timeout
 from codex_gateway.upstream.stickiness import conversation_key
 
 if TYPE_CHECKING:
@@ -466,7 +466,7 @@ async def _relay_stream(
         shutdown = closing + error_event(SHUTDOWN_CODE, SHUTDOWN_MESSAGE)
         await end_cut_stream(exchange, outcome, scanner, shutdown, tail)
     elif exchange.disconnected:
-        client_left(outcome, whole=scanner.terminal is not None)
+        client_left(outcome, whole=scanner.terminal is not None, failure=failure)
     elif failure is not None:
         _record_failure(outcome, failure)
         outcome.flag("stream_interrupted")
@@ -634,13 +634,21 @@ def _on_disconnect(gateway: Gateway, answer: Answer, stop_later: list[asyncio.Ti
     stop_later.append(loop.call_later(settings.disconnect_finish_seconds, answer.response.close))
 
 
-def client_left(outcome: Outcome, whole: bool) -> None:
+def client_left(outcome: Outcome, whole: bool, failure: UpstreamError | None = None) -> None:
     """Mark a request whose client left mid-stream; `whole` says whether the upstream's
-    answer had reached its final event, which leaves the answer's own status standing."""
+    answer had reached its final event, which leaves the answer's own status standing.
+    The upstream is read on after the client left, to bill what it did; when the request's
+    total time limit ended that reading (`failure`), the row says so, as it does for a client
+    still there. Other failures after the client left may be the gateway's own closing of
+    the upstream (the disconnect policy), which says nothing about the upstream."""
     outcome.flag(FLAG_CLIENT_DISCONNECTED)
-    if not whole:
-        outcome.status = "client_disconnected"
-        outcome.error = "The client disconnected before the response ended."
+    if whole:
+        return
+    outcome.status = "client_disconnected"
+    outcome.error = "The client disconnected before the response ended."
+    if failure is not None and failure.kind == TOTAL_TIMEOUT_KIND:
+        outcome.flag(TOTAL_TIMEOUT_KIND)
+        outcome.error += " The upstream was then read until the total time limit ended it."
 
 
 def take_terminal(

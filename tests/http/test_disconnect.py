@@ -52,15 +52,22 @@ def gateway(
     yield from pool_gateway(backend, tmp_path_factory, {"CODEX_GATEWAY_DISCONNECT_POLICY": policy})
 
 
+# What a streamed request sends, by route.
+STREAMED = {
+    "/v1/responses": {"model": "gpt-5.1-codex", "input": PROMPT, "stream": True},
+    "/v1/chat/completions": {**CHAT, "stream": True},
+}
+
+
 def read_then_hang_up(
-    gateway: Gateway, key: str, events: int, pipelined: bytes = b""
+    gateway: Gateway, key: str, events: int, pipelined: bytes = b"", path: str = "/v1/responses"
 ) -> tuple[str, int]:
-    """Stream a request (with `pipelined` sent right behind it), read `events` events, close
-    the socket; (request id, bytes read)."""
-    body = json.dumps({"model": "gpt-5.1-codex", "input": PROMPT, "stream": True}).encode()
+    """Stream a request to `path` (with `pipelined` sent right behind it), read `events`
+    events, close the socket; (request id, bytes read)."""
+    body = json.dumps(STREAMED[path]).encode()
     host, port = gateway.url.removeprefix("http://").split(":")
     head = (
-        f"POST /v1/responses HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
         "x-sandbox-delay-ms: 20\r\n\r\n"
     ).encode()

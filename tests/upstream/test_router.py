@@ -28,6 +28,7 @@ from codex_gateway.http.responses import MISSING_TERMINAL_MESSAGE
 from codex_gateway.relay.sse import error_event, parse_events
 from codex_gateway.upstream.router import _first_chunk
 from tests.conftest import Gateway, Sandbox, estimated_counts, fixture_path
+from tests.http.test_disconnect import STREAMED, read_then_hang_up
 from tests.http.test_responses import expected_cost, transcript_events
 from tests.upstream.pool_helpers import (
     CHAT,
@@ -312,6 +313,28 @@ def test_a_chat_completion_slower_than_the_total_time_limit_is_cut_and_billed_it
     assert row["output_tokens"] > 0
     assert Decimal(gateway.balance(user)) == Decimal(10) - Decimal(row["cost_usd"])
     assert Decimal(row["cost_usd"]) > 0
+
+
+@pytest.mark.parametrize("path", list(STREAMED))
+def test_a_stream_its_client_left_and_the_total_time_limit_ended_says_both(
+    gateway: Gateway, sandbox: Sandbox, path: str
+) -> None:
+    """The gateway reads on an upstream whose client left, to bill what it did; a drip slower
+    than the total time limit (17 events 300 ms apart, against 4 s) is then ended by that
+    limit, and the row says so beside the client's leaving, as it does for a client still
+    there."""
+    (dripping,) = fresh_accounts(gateway, sandbox, [{}])
+    set_fault(sandbox, dripping, "drip:300")
+    user, key = gateway.new_user("10")
+
+    request_id, _ = read_then_hang_up(gateway, key, 2, path=path)
+
+    row = gateway.usage_row(request_id)
+    assert row["status"] == "client_disconnected"
+    assert {"client_disconnected", "timeout_total", "estimated"} <= set(row["flags"])
+    assert "total time limit" in row["error"]
+    assert row["output_tokens"] > 0
+    assert Decimal(gateway.balance(user)) == Decimal(10) - Decimal(row["cost_usd"]) < 10
 
 
 ACCOUNT_KEY = "upstream-account-key-0123456789"
