@@ -173,8 +173,7 @@ class Router:
         self, lease: Lease, call: Call, attempts: list[Attempt], deadline: float
     ) -> Answer:
         """Try one account; a 401 that its kind answers by renewing the credential (a ChatGPT
-        account's token refresh) earns the same account one more try, while the request has
-        time left for it."""
+        account's token refresh) earns the same account one more try."""
         account = lease.account
         kind = self._kinds[account.kind]
         for renewed in (False, True):
@@ -187,10 +186,6 @@ class Router:
                 self._refused(account, exc)
                 if renewed or not _unauthorized(exc) or not await kind.renew(account, outgoing):
                     raise
-                if time.monotonic() >= deadline:
-                    # The renewal took what was left: a try now would fail at once, and
-                    # an out-of-time request holds nothing against the account (`_judge`).
-                    raise total_timeout() from None
                 continue
             except asyncio.CancelledError:
                 # Cut by a shutdown: the row still names the account the request waited for.
