@@ -172,13 +172,20 @@ class CloseDelimitedCycle(RequestResponseCycle):
 
     async def send(self, message: Any) -> None:
         if message["type"] == "http.response.start" and not self.response_started:
-            if not _framed(message.get("headers", [])):
+            if _has_body(self.scope["method"], message["status"]) and not _framed(
+                message.get("headers", [])
+            ):
                 self._close_delimited = True
                 self.chunked_encoding = False  # so uvicorn adds no Transfer-Encoding
         elif message["type"] == "http.response.body" and self._close_delimited:
             # uvicorn counts an unchunked body against a length: this write's is the length.
             self.expected_content_length = len(message.get("body", b""))
         await super().send(message)
+
+
+def _has_body(method: str, status: int) -> bool:
+    """Whether an answer carries a body at all, as uvicorn judges before it frames one."""
+    return method != "HEAD" and status not in (204, 304)
 
 
 def _framed(headers: Iterable[tuple[bytes, bytes]]) -> bool:
@@ -212,6 +219,9 @@ class CoalescingProtocol(HttpToolsProtocol):
         if cycle.scope.get("http_version") == "1.0":
             # uvicorn builds the cycle itself and offers no way to choose its class.
             cycle.__class__ = CloseDelimitedCycle
+            # HTTP/1.0 knows no interim answers: its `Expect: 100-continue` is ignored
+            # (RFC 9110 section 10.1.1).
+            cycle.waiting_for_100_continue = False
         super()._start_asgi_task(cycle, app)
 
     def connection_lost(self, exc: Exception | None) -> None:

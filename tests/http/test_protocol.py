@@ -230,6 +230,10 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         body += message.get("body", b"")
         if not message.get("more_body"):
             break
+    if scope["path"] == "/empty":  # no body, and no framing header
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+        return
     if scope["path"] == "/stream":
         await send({"type": "http.response.start", "status": 200, "headers": []})
         for part in (b"one ", b"two"):
@@ -345,6 +349,28 @@ async def test_an_http_1_0_client_gets_an_answer_of_known_length_as_it_is(server
     assert b"content-length: 4" in head
     assert b"transfer-encoding" not in head
     assert body == b"ping"
+
+
+async def test_an_http_1_0_client_gets_an_answer_without_a_body_as_it_is(server: int) -> None:
+    answer = await _until_closed(server, b"GET /empty HTTP/1.0\r\n\r\n")
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 204 ")
+    assert b"transfer-encoding" not in head
+    assert body == b""
+
+
+async def test_an_http_1_0_client_that_expects_100_continue_gets_only_the_answer(
+    server: int,
+) -> None:
+    answer = await _until_closed(
+        server,
+        b"POST /echo HTTP/1.0\r\ncontent-length: 4\r\nexpect: 100-continue\r\n\r\nping",
+    )
+
+    assert answer.startswith(b"HTTP/1.1 200 OK")
+    assert b"100 Continue" not in answer
+    assert answer.endswith(b"\r\n\r\nping")
 
 
 async def test_a_client_that_waits_for_100_continue_gets_it_before_sending_the_body(
