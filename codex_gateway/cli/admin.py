@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -54,6 +55,8 @@ UNSET: Final = Unset.TOKEN
 
 
 MAX_NAME_LENGTH = 200
+# What a negative amount looks like where only a positive one is taken: `-1`, ` -0.5`, `-.5`.
+NEGATIVE_AMOUNT = re.compile(r"\s*-[\d.]")
 # What `accounts list` says of sealed credentials that do not open with the command's key:
 # an API key, or a ChatGPT account's tokens.
 KEY_DOES_NOT_OPEN = "sealed key does not open with this secret key"
@@ -72,11 +75,14 @@ def _amount(_ctx: click.Context, param: click.Parameter, value: str | None) -> D
 def _positive_amount(ctx: click.Context, param: click.Parameter, value: str) -> Decimal:
     """An amount that only adds to a balance. Its command takes a leading `-` as part of
     the amount, not as an option, so that `-1` is refused as the negative amount it is."""
-    if value.strip().startswith("-"):
+    if NEGATIVE_AMOUNT.match(value):
         raise click.BadParameter(
             f"must be positive, not {value!r}: a {ctx.command.name} adds to the balance; "
             "to take USD from a balance, use 'users adjust NAME -USD'"
         )
+    if value.startswith("-"):
+        # Not an amount: an option this command does not have, taken here as one.
+        raise click.NoSuchOption(value, ctx=ctx)
     amount = _amount(ctx, param, value)
     if amount is None or amount <= 0:
         raise click.BadParameter(f"must be more than 0, not {value!r}")
@@ -98,9 +104,9 @@ def _user_name(ctx: click.Context, param: click.Parameter, value: str | None) ->
     """A user's name is also one word: it is matched as typed, listed in columns split by
     spaces, and given to `--user` options, where a space inside it would be easy to lose."""
     name = _name(ctx, param, value)
-    if name is not None and any(character.isspace() for character in name):
+    if name is not None and " " in name:
         raise click.BadParameter(
-            f"must not hold spaces or other whitespace, as {value!r} does: a user name is "
+            f"must not hold spaces, as {value!r} does: a user name is "
             f"one word of at most {MAX_NAME_LENGTH} printable characters, such as 'alice' or "
             "'team-1'"
         )
