@@ -15,6 +15,33 @@ _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime
 _KEY = re.compile(r"(?<![A-Za-z0-9])sk-[A-Za-z0-9_-]{12,}")
 
 
+# Characters that would let text a client chose (a path, a model name) break a plain line,
+# drive the terminal it is read on or reorder what it shows: C0 and C1 controls, DEL, the
+# Unicode line and paragraph separators and the bidirectional controls. Each is written as its
+# Python escape, so a forged line stays inside the real one.
+_UNSAFE = {
+    code: ascii(chr(code))[1:-1]
+    for code in (
+        *range(0x20),
+        0x7F,
+        *range(0x80, 0xA0),
+        0x200E,
+        0x200F,
+        0x2028,
+        0x2029,
+        *range(0x202A, 0x202F),
+        *range(0x2066, 0x206A),
+    )
+}
+
+
+def escape_controls(text: str) -> str:
+    """`text` on one line, each control character in it written as its escape (`\\n`)."""
+    if text.isprintable():
+        return text
+    return text.translate(_UNSAFE)
+
+
 def hide_keys(text: str) -> str:
     """`text` with every API key in it cut to its first six and last four characters."""
     if "sk-" not in text:
@@ -29,7 +56,7 @@ class PlainFormatter(logging.Formatter):
         prefix = f"{stamp}Z {record.levelname:<5} {record.name}"
         if request_id:
             prefix += f" [{request_id}]"
-        line = f"{prefix} {record.getMessage()}"
+        line = f"{prefix} {escape_controls(record.getMessage())}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return hide_keys(line)

@@ -62,6 +62,32 @@ def test_levels_per_logger_override_the_gateway_level() -> None:
     assert isinstance(logging.getLogger().handlers[0].formatter, logs.JsonFormatter)
 
 
+# what a client put in a path or a model name, and how a plain line shows it
+FORGED = [
+    # a line break that would start a line of the client's own
+    (
+        "GET /x\n2026-12-06T14:31:00.000Z ERROR codex_gateway.billing forged 404",
+        "GET /x\\n2026-12-06T14:31:00.000Z ERROR codex_gateway.billing forged 404",
+    ),
+    ("GET /x\r\x00 404", "GET /x\\r\\x00 404"),
+    # a terminal's colour code, and text turned right to left
+    ("model=\x1b[31mred\x9b", "model=\\x1b[31mred\\x9b"),
+    ("model=\u202egnp.exe", "model=\\u202egnp.exe"),
+    # printable text, whatever its script, is left as it is
+    ("model=ünïcødé-模型", "model=ünïcødé-模型"),
+]
+
+
+@pytest.mark.parametrize(("message", "shown"), FORGED)
+def test_a_plain_line_shows_what_a_client_sent_on_one_line_with_controls_escaped(
+    message: str, shown: str
+) -> None:
+    line = logs.PlainFormatter().format(record("codex_gateway.access", message))
+
+    assert "\n" not in line
+    assert line.endswith(f" INFO  codex_gateway.access {shown}")
+
+
 KEY = "sk-cg-Dw0TvM6FRvCc8frFUeUno1Ki20jh03sTlrxOLIJYu-I"
 UPSTREAM_KEY = "sk-proj-abcdefghijklmnopqrstuvwxyz0123"
 
