@@ -41,6 +41,9 @@ from codex_gateway.store.tables import (
 )
 
 KEY_PREFIX = "sk-cg-"
+# A usage row's flag when the account that served the request was removed before the row was
+# written: the row names it in its attempts only.
+FLAG_ACCOUNT_REMOVED = "account_removed"
 
 
 class StoreError(Exception):
@@ -832,7 +835,19 @@ class Store:
         except IntegrityError:
             if await self.usage(record["request_id"]) is not None:
                 return Settled(record["request_id"], record.get("user_id"), None)
-            raise
+            account_id = record.get("account_id")
+            if account_id is None or await self._account_exists(account_id):
+                raise
+        # The account was removed while it served the request (`remove_account` sees only
+        # rows already written): the bill stands, without the id of an account that is gone.
+        return await self._settle_alone(_without_account(record), holder)
+
+    async def _account_exists(self, account_id: int) -> bool:
+        async with self._read() as conn:
+            found = await conn.scalar(
+                select(UpstreamAccount.id).where(UpstreamAccount.id == account_id)
+            )
+        return found is not None
 
     async def _settle_batch(
         self, conn: AsyncConnection, records: list[dict[str, Any]], holder: str | None
@@ -1320,3 +1335,12 @@ def _usage_query() -> Select[Any]:
         .outerjoin(ApiKey, ApiKey.id == UsageRecord.key_id)
         .outerjoin(UpstreamAccount, UpstreamAccount.id == UsageRecord.account_id)
     )
+
+
+def _without_account(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` naming no account, flagged FLAG_ACCOUNT_REMOVED; its attempts still say which
+    account served it."""
+    flags = orjson.loads(record["flags"]) if record.get("flags") else []
+    if FLAG_ACCOUNT_REMOVED not in flags:
+        flags.append(FLAG_ACCOUNT_REMOVED)
+    return {**record, "account_id": None, "flags": orjson.dumps(flags).decode()}

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -208,6 +209,28 @@ async def test_settling_the_same_request_twice_changes_nothing_the_second_time(
     assert await dump(engine) == before
     assert (await user_named(store, name))["balance"] == Decimal("0.885705")
     assert [entry["kind"] for entry in await store.ledger(name)] == ["topup", "settle"]
+
+
+async def test_a_row_whose_account_was_removed_meanwhile_is_billed_and_names_it_in_attempts(
+    store: Store,
+) -> None:
+    name, user_id = await new_user(store, "1")
+    account = unique("acct")
+    account_id = await store.add_account(account, "openai", "http://127.0.0.1:9/v1", "sk-x")
+    row = usage_row(user_id)
+    row["account_id"] = account_id
+    row["attempts"] = orjson.dumps([{"account": account, "result": "ok"}]).decode()
+    await store.remove_account(account)  # while the request was still being served
+
+    [settled] = await store.settle_many([row])
+
+    assert settled.balance == Decimal("0.885705")
+    assert (await user_named(store, name))["balance"] == Decimal("0.885705")
+    stored = await store.usage(row["request_id"])
+    assert stored is not None
+    assert stored["account_id"] is None
+    assert orjson.loads(stored["flags"]) == [*orjson.loads(row["flags"]), "account_removed"]
+    assert orjson.loads(stored["attempts"])[0]["account"] == account
 
 
 async def test_settle_without_a_user_writes_the_row_and_debits_no_one(store: Store) -> None:
