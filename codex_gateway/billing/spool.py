@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from codex_gateway.store.db import error_line
 from codex_gateway.store.tables import UsageRecord
 from codex_gateway.store.types import Money, json_decimal
 
@@ -152,12 +153,13 @@ class Spool:
     ) -> bool:
         try:
             await settle_many([row for row, _ in batch])
-        except Exception:
+        except Exception as error:
             log.warning(
-                "a batch of %d spooled usage rows was refused; settling them one by one",
+                "a batch of %d spooled usage rows was refused (%s); settling them one by one",
                 len(batch),
-                exc_info=True,
+                error_line(error),
             )
+            log.debug("spooled batch refusal in full", exc_info=True)
             return False
         return True
 
@@ -169,13 +171,14 @@ class Spool:
         for row, line in batch:
             try:
                 await settle_many([row])
-            except Exception:
+            except Exception as error:
                 log.error(
-                    "spooled usage row still not settled; kept in %s",
+                    "spooled usage row still not settled (%s); kept in %s",
+                    error_line(error),
                     self.path,
-                    exc_info=True,
                     extra={"request_id": row.get("request_id")},
                 )
+                log.debug("spooled row refusal in full", exc_info=True)
                 kept.append(line)
         return kept
 

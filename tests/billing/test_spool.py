@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -172,7 +173,7 @@ async def test_a_replay_that_settles_nothing_leaves_the_file_untouched(
 
 
 async def test_a_row_the_database_refuses_stays_spooled_and_the_rest_are_settled(
-    tmp_path: Path, store: Store
+    tmp_path: Path, store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     await store.create_user("bob", Decimal("1"))
     user_id = (await store.list_users())[0]["id"]
@@ -180,11 +181,17 @@ async def test_a_row_the_database_refuses_stays_spooled_and_the_rest_are_settled
     spool.append(usage_row("req_for_a_missing_user", user_id + 1000))
     spool.append(usage_row("req_good", user_id))
 
-    replayed = await spool.replay(store.settle_many)
+    with caplog.at_level(logging.INFO, logger="codex_gateway.billing.spool"):
+        replayed = await spool.replay(store.settle_many)
 
     assert replayed == 1
     assert [row["request_id"] for row in spool.rows()] == ["req_for_a_missing_user"]
     assert await store.usage("req_good") is not None
+    # One line each, naming what the database said; the traceback only at DEBUG.
+    kept = [record for record in caplog.records if "still not settled" in record.getMessage()]
+    assert [record.levelno for record in kept] == [logging.ERROR]
+    assert "(NoResultFound: " in kept[0].getMessage()  # the user it names is not there
+    assert all(record.exc_info is None for record in caplog.records)
 
 
 async def test_a_second_replay_leaves_the_spool_to_the_first_and_appends_go_on(
