@@ -95,8 +95,33 @@ def _name(_ctx: click.Context, _param: click.Parameter, value: str | None) -> st
         return None
     if not value or value != value.strip():
         raise click.BadParameter(f"must not be empty or start or end with spaces: {value!r}")
-    if len(value) > MAX_NAME_LENGTH or not value.isprintable():
-        raise click.BadParameter(f"must be at most {MAX_NAME_LENGTH} printable characters")
+    if not value.isprintable():
+        raise click.BadParameter(
+            f"must hold only printable characters, and {value!r} holds {_unprintable(value)}"
+        )
+    if len(value) > MAX_NAME_LENGTH:
+        raise click.BadParameter(f"must be at most {MAX_NAME_LENGTH} characters, not {len(value)}")
+    return value
+
+
+def _unprintable(value: str) -> str:
+    """The first character of `value` that is not printable, named by its code point."""
+    character = next(character for character in value if not character.isprintable())
+    return f"U+{ord(character):04X}"
+
+
+def _ledger_text(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A note, reason or operator for the ledger: an audit trail that is read in a terminal,
+    so it says something and holds no character that would move or colour what is shown."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise click.BadParameter("must not be empty: the ledger keeps it as the why and who")
+    if not value.isprintable():
+        raise click.BadParameter(
+            f"must hold only printable characters (one line, no control characters); "
+            f"it holds {_unprintable(value)}"
+        )
     return value
 
 
@@ -271,7 +296,7 @@ def users_create(name: str, balance: Decimal) -> None:
 @users.command("topup", context_settings={"ignore_unknown_options": True})
 @click.argument("name")
 @click.argument("usd", callback=_positive_amount)
-@click.option("--note", default=None, help="Why, for the ledger.")
+@click.option("--note", default=None, callback=_ledger_text, help="Why, for the ledger.")
 def users_topup(name: str, usd: Decimal, note: str | None) -> None:
     """Add USD to a user's balance."""
     balance = with_store(lambda store: store.topup(name, usd, note))
@@ -281,8 +306,8 @@ def users_topup(name: str, usd: Decimal, note: str | None) -> None:
 @users.command("refund", context_settings={"ignore_unknown_options": True})
 @click.argument("name")
 @click.argument("usd", callback=_positive_amount)
-@click.option("--reason", required=True, help="Why, for the ledger.")
-@click.option("--operator", required=True, help="Who is making the refund.")
+@click.option("--reason", required=True, callback=_ledger_text, help="Why, for the ledger.")
+@click.option("--operator", required=True, callback=_ledger_text, help="Who is making the refund.")
 @click.option("--request", "request_id", default=None, help="The request this refund undoes.")
 def users_refund(
     name: str, usd: Decimal, reason: str, operator: str, request_id: str | None
@@ -297,8 +322,10 @@ def users_refund(
 @users.command("adjust", context_settings={"ignore_unknown_options": True})
 @click.argument("name")
 @click.argument("usd", metavar="[-]USD")
-@click.option("--reason", required=True, help="Why, for the ledger.")
-@click.option("--operator", required=True, help="Who is making the adjustment.")
+@click.option("--reason", required=True, callback=_ledger_text, help="Why, for the ledger.")
+@click.option(
+    "--operator", required=True, callback=_ledger_text, help="Who is making the adjustment."
+)
 def users_adjust(name: str, usd: str, reason: str, operator: str) -> None:
     """Add (or, with a leading minus, take) USD, as a ledger entry; history is never edited."""
     negative = usd.startswith("-")

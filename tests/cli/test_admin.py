@@ -125,13 +125,28 @@ REFUSED = [
     # names that would not match what an operator types later
     (["users", "create", ""], "must not be empty"),
     (["users", "create", "alice "], "spaces"),
-    (["users", "create", "a\tb"], "printable"),
+    (["users", "create", "a\tb"], "printable characters, and 'a\\tb' holds U+0009"),
+    (["users", "create", "a\u200bb"], "holds U+200B"),
     (["users", "create", "alice smith"], "must not hold spaces, as"),
     (["users", "create", "a b"], "a user name is one word of at most 200 printable characters"),
     (["users", "create", "x" * 201], "at most 200"),
     (
         ["pricing", "set", "", "--input", "1", "--cached-input", "1", "--output", "1"],
         "must not be empty",
+    ),
+    # the ledger's why and who: something said, on one line, nothing that drives a terminal
+    (["users", "topup", "exact", "1", "--note", "evil\x1b[31mred"], "it holds U+001B"),
+    (
+        ["users", "refund", "exact", "0.5", "--reason", "", "--operator", "o"],
+        "must not be empty",
+    ),
+    (
+        ["users", "adjust", "exact", "1", "--reason", "r", "--operator", " "],
+        "must not be empty",
+    ),
+    (
+        ["users", "adjust", "exact", "1", "--reason", "a\nb", "--operator", "o"],
+        "one line, no control characters",
     ),
     # things that do not exist
     (["users", "topup", "nobody", "1"], "no user named 'nobody'"),
