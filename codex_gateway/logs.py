@@ -15,31 +15,21 @@ _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime
 _KEY = re.compile(r"(?<![A-Za-z0-9])sk-[A-Za-z0-9_-]{12,}")
 
 
-# Characters that would let text a client chose (a path, a model name) break a plain line,
-# drive the terminal it is read on or reorder what it shows: C0 and C1 controls, DEL, the
-# Unicode line and paragraph separators and the bidirectional controls. Each is written as its
-# Python escape, so a forged line stays inside the real one.
-_UNSAFE = {
-    code: ascii(chr(code))[1:-1]
-    for code in (
-        *range(0x20),
-        0x7F,
-        *range(0x80, 0xA0),
-        0x200E,
-        0x200F,
-        0x2028,
-        0x2029,
-        *range(0x202A, 0x202F),
-        *range(0x2066, 0x206A),
-    )
-}
-
-
 def escape_controls(text: str) -> str:
-    """`text` on one line, each control character in it written as its escape (`\\n`)."""
+    """`text` on one line, each character in it that is not printable written as its escape
+    (`\\n`, `\\x1b`, `\\u202e`): text a client chose (a path, a model name) can then neither
+    start a line of its own nor drive or reorder the terminal it is read on."""
     if text.isprintable():
         return text
-    return text.translate(_UNSAFE)
+    return "".join(
+        character if character.isprintable() else ascii(character)[1:-1] for character in text
+    )
+
+
+def _indented(traceback: str) -> str:
+    """A traceback's lines indented, so that none of them (its last holds the error's message,
+    which may quote a client) starts at the beginning of a line as a log line does."""
+    return "\n".join("  " + line for line in traceback.splitlines())
 
 
 def hide_keys(text: str) -> str:
@@ -58,7 +48,7 @@ class PlainFormatter(logging.Formatter):
             prefix += f" [{request_id}]"
         line = f"{prefix} {escape_controls(record.getMessage())}"
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            line += "\n" + _indented(self.formatException(record.exc_info))
         return hide_keys(line)
 
 

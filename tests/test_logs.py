@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -73,6 +74,8 @@ FORGED = [
     # a terminal's colour code, and text turned right to left
     ("model=\x1b[31mred\x9b", "model=\\x1b[31mred\\x9b"),
     ("model=\u202egnp.exe", "model=\\u202egnp.exe"),
+    # invisible characters that make two names look alike
+    ("model=gpt\u200b-5\ufeff", "model=gpt\\u200b-5\\ufeff"),
     # printable text, whatever its script, is left as it is
     ("model=ünïcødé-模型", "model=ünïcødé-模型"),
 ]
@@ -86,6 +89,21 @@ def test_a_plain_line_shows_what_a_client_sent_on_one_line_with_controls_escaped
 
     assert "\n" not in line
     assert line.endswith(f" INFO  codex_gateway.access {shown}")
+
+
+def test_a_traceback_stays_under_its_line_whatever_its_error_says() -> None:
+    try:
+        raise ValueError("bad model 'x\n2026-12-06T14:31:00.000Z ERROR codex_gateway forged'")
+    except ValueError:
+        failure = logging.getLogger("codex_gateway").makeRecord(
+            "codex_gateway", logging.ERROR, __file__, 1, "refused", (), sys.exc_info()
+        )
+
+    lines = logs.PlainFormatter().format(failure).splitlines()
+
+    assert lines[0].endswith(" ERROR codex_gateway refused")
+    assert "Traceback (most recent call last):" in lines[1]
+    assert all(line.startswith("  ") for line in lines[1:])
 
 
 KEY = "sk-cg-Dw0TvM6FRvCc8frFUeUno1Ki20jh03sTlrxOLIJYu-I"
