@@ -37,6 +37,9 @@ FLAG_EXCEEDED_HOLD = "exceeded_hold"
 FLAG_TRUNCATED = "upstream_field_truncated"
 # The gateway's own count raised: the row bills what the upstream reported, and is reviewed.
 FLAG_ESTIMATE_FAILED = "estimate_failed"
+# The account that served the request was removed before its row was written: the row names
+# it in its attempts only.
+FLAG_ACCOUNT_REMOVED = "account_removed"
 MAX_TEXT = 200
 UNBILLABLE_FLAGS = frozenset({FLAG_INVALID, FLAG_MISSING})
 # Statuses of an answer the upstream served in full or in part: the work was done.

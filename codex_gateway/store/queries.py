@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from codex_gateway.billing.pricing import MONEY, ZERO, Price, plain
+from codex_gateway.billing.settlement import FLAG_ACCOUNT_REMOVED
 from codex_gateway.store.audit import Snapshot, ledger_problems
 from codex_gateway.store.bulk import BulkInsert
 from codex_gateway.store.db import READ_ONLY
@@ -41,9 +42,6 @@ from codex_gateway.store.tables import (
 )
 
 KEY_PREFIX = "sk-cg-"
-# A usage row's flag when the account that served the request was removed before the row was
-# written: the row names it in its attempts only.
-FLAG_ACCOUNT_REMOVED = "account_removed"
 
 
 class StoreError(Exception):
@@ -718,7 +716,16 @@ class Store:
                     f"account {name!r} has served {served} requests that its usage rows name; "
                     "disable it instead"
                 )
-            result = await conn.execute(delete(UpstreamAccount).where(UpstreamAccount.name == name))
+            try:
+                result = await conn.execute(
+                    delete(UpstreamAccount).where(UpstreamAccount.name == name)
+                )
+            except IntegrityError:
+                # A bill naming it was written between the count and the delete.
+                raise StoreError(
+                    f"account {name!r} has just served a request that its usage row names; "
+                    "disable it instead"
+                ) from None
             if result.rowcount == 0:
                 raise StoreError(f"no account named {name!r}")
             await self._bump(conn)
@@ -843,6 +850,7 @@ class Store:
         return await self._settle_alone(_without_account(record), holder)
 
     async def _account_exists(self, account_id: int) -> bool:
+        """Whether the account is still there, read after the refused write rolled back."""
         async with self._read() as conn:
             found = await conn.scalar(
                 select(UpstreamAccount.id).where(UpstreamAccount.id == account_id)

@@ -211,15 +211,20 @@ async def test_settling_the_same_request_twice_changes_nothing_the_second_time(
     assert [entry["kind"] for entry in await store.ledger(name)] == ["topup", "settle"]
 
 
+async def served_by_an_account(store: Store, user_id: int) -> tuple[str, dict[str, Any]]:
+    """A new account, and the row of a request it served for the user."""
+    account = unique("acct")
+    row = usage_row(user_id)
+    row["account_id"] = await store.add_account(account, "openai", "http://127.0.0.1:9/v1", "k")
+    row["attempts"] = orjson.dumps([{"account": account, "result": "ok"}]).decode()
+    return account, row
+
+
 async def test_a_row_whose_account_was_removed_meanwhile_is_billed_and_names_it_in_attempts(
     store: Store,
 ) -> None:
     name, user_id = await new_user(store, "1")
-    account = unique("acct")
-    account_id = await store.add_account(account, "openai", "http://127.0.0.1:9/v1", "sk-x")
-    row = usage_row(user_id)
-    row["account_id"] = account_id
-    row["attempts"] = orjson.dumps([{"account": account, "result": "ok"}]).decode()
+    account, row = await served_by_an_account(store, user_id)
     await store.remove_account(account)  # while the request was still being served
 
     [settled] = await store.settle_many([row])
@@ -231,6 +236,28 @@ async def test_a_row_whose_account_was_removed_meanwhile_is_billed_and_names_it_
     assert stored["account_id"] is None
     assert orjson.loads(stored["flags"]) == [*orjson.loads(row["flags"]), "account_removed"]
     assert orjson.loads(stored["attempts"])[0]["account"] == account
+
+
+async def test_a_batch_with_a_removed_accounts_row_still_settles_each_request_once(
+    store: Store,
+) -> None:
+    name, user_id = await new_user(store, "1")
+    account, removed = await served_by_an_account(store, user_id)
+    settled_before, plain_row = usage_row(user_id), usage_row(user_id)
+    await store.settle(settled_before)
+    await store.remove_account(account)
+
+    await store.settle_many([removed, plain_row, dict(settled_before)])
+
+    charges = [
+        entry["request_id"] for entry in await store.ledger(name) if entry["kind"] == "settle"
+    ]
+    assert sorted(charges) == sorted(
+        row["request_id"] for row in (settled_before, removed, plain_row)
+    )
+    assert (await user_named(store, name))["balance"] == Decimal(1) - 3 * Decimal("0.114295")
+    stored = await store.usage(removed["request_id"])
+    assert stored is not None and stored["account_id"] is None
 
 
 async def test_settle_without_a_user_writes_the_row_and_debits_no_one(store: Store) -> None:
