@@ -55,8 +55,8 @@ UNSET: Final = Unset.TOKEN
 
 
 MAX_NAME_LENGTH = 200
-# What a negative amount looks like where only a positive one is taken: `-1`, ` -0.5`, `-.5`.
-NEGATIVE_AMOUNT = re.compile(r"\s*-[\d.]")
+# What a negative amount looks like where only a positive one is taken: `-1`, ` -0.5`, `-inf`.
+NEGATIVE_AMOUNT = re.compile(r"\s*-([\d.]|inf|nan)", re.IGNORECASE)
 # What `accounts list` says of sealed credentials that do not open with the command's key:
 # an API key, or a ChatGPT account's tokens.
 KEY_DOES_NOT_OPEN = "sealed key does not open with this secret key"
@@ -119,8 +119,7 @@ def _ledger_text(_ctx: click.Context, param: click.Parameter, value: str | None)
         raise click.BadParameter("must not be empty: the ledger keeps it as the why and who")
     if not value.isprintable():
         raise click.BadParameter(
-            f"must hold only printable characters (one line, no control characters); "
-            f"it holds {_unprintable(value)}"
+            f"must be printable text on one line; it holds {_unprintable(value)}"
         )
     return value
 

@@ -146,7 +146,7 @@ REFUSED = [
     ),
     (
         ["users", "adjust", "exact", "1", "--reason", "a\nb", "--operator", "o"],
-        "one line, no control characters",
+        "must be printable text on one line; it holds U+000A",
     ),
     # things that do not exist
     (["users", "topup", "nobody", "1"], "no user named 'nobody'"),
