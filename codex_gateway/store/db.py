@@ -192,6 +192,11 @@ async def migrate(engine: AsyncEngine, create: bool = True) -> Migration:
             await connection.commit()
             return Migration(before, await _revision(connection))
         finally:
+            if engine.dialect.name == "sqlite":
+                await connection.rollback()
+                if not await connection.run_sync(_foreign_keys, True):
+                    # Still off (`_upgrade`): the connection must serve nothing more.
+                    await connection.invalidate()
             if engine.dialect.name == "postgresql":
                 await connection.execute(text(f"SELECT pg_advisory_unlock({_PG_MIGRATION_LOCK})"))
                 await connection.commit()
@@ -231,7 +236,31 @@ async def _revision(connection: AsyncConnection) -> str | None:
 def _upgrade(connection: Connection) -> None:
     config = alembic_config()
     config.attributes["connection"] = connection
+    if connection.dialect.name != "sqlite":
+        command.upgrade(config, "head")
+        return
+    # SQLite changes a table by building it anew and dropping the old one, which the rows
+    # that refer to it would refuse; the pragma holds only outside a transaction, so it is
+    # set on the driver's connection before the migrations begin theirs, and set back once
+    # they have ended (`migrate`). A migration that builds a table anew checks the
+    # references itself before it commits.
+    _foreign_keys(connection, on=False)
     command.upgrade(config, "head")
+
+
+def _foreign_keys(connection: Connection, on: bool) -> bool:
+    """Turn a SQLite connection's foreign keys on or off, outside SQLAlchemy's transactions;
+    whether they are on now."""
+    driver = connection.connection.dbapi_connection
+    if driver is None:
+        raise RuntimeError("the migration's connection is closed")
+    cursor = driver.cursor()
+    try:
+        cursor.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
+        cursor.execute("PRAGMA foreign_keys")
+        return cursor.fetchone() == (1,)
+    finally:
+        cursor.close()
 
 
 async def is_current(engine: AsyncEngine) -> bool:

@@ -117,6 +117,9 @@ class KeyLease(_Lease, Base):
 
 class UpstreamAccount(Base):
     __tablename__ = "upstream_accounts"
+    # An id is never given to another account (migration 0011), so a bill written after its
+    # account was removed cannot name a newer one.
+    __table_args__ = ({"sqlite_autoincrement": True},)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(200), unique=True, nullable=False)

@@ -1,7 +1,8 @@
 """Migrations on both backends: 0004 adds the ChatGPT account columns and takes them away
 again; 0007 opens the books of reservations so an older database still verifies; 0009's
 identity survives a downgrade; 0010 keeps keys in clear as they were and is undone only
-while no key is sealed."""
+while no key is sealed; 0011 keeps accounts and the rows naming them, and gives no removed
+account's id to another."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from alembic import command
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from codex_gateway.store.db import alembic_config, create_engine, migrate
@@ -147,5 +149,60 @@ async def test_0010_keeps_keys_in_clear_and_downgrades_only_without_sealed_ones(
             await conn.run_sync(_downgrade, "0009")
             await conn.commit()
             assert "api_key_sealed" not in await conn.run_sync(_columns)
+    finally:
+        await engine.dispose()
+
+
+# Two accounts at 0010; a usage row names the first.
+BEFORE_0011 = [
+    *(
+        "INSERT INTO upstream_accounts (name, kind, base_url, api_key, priority, enabled,"
+        f" created_at, weight, state) VALUES ('{name}', 'openai', 'http://127.0.0.1:9/v1', 'k',"
+        " 100, true, '2026-12-01 00:00:00', 1, 'ready')"
+        for name in ("served", "idle")
+    ),
+    "INSERT INTO usage_records (request_id, started_at, account_id, endpoint, model, stream,"
+    " status, http_status, input_tokens, cached_tokens, uncached_input_tokens, output_tokens,"
+    " reasoning_tokens, cost_uncached_input, cost_cached_input, cost_output,"
+    " cost_before_markup, cost_usd, flags, duration_ms, client_bytes) VALUES ('req_1',"
+    " '2026-12-01 00:00:00', (SELECT id FROM upstream_accounts WHERE name = 'served'),"
+    " 'responses', 'm', false, 'completed', 200, 0, 0, 0, 0, 0, '0', '0', '0', '0', '0', '[]',"
+    " 1, 0)",
+]
+
+
+async def test_0011_keeps_accounts_and_their_rows_and_never_gives_a_removed_ones_id_again(
+    empty_database_url: str,
+) -> None:
+    engine = create_engine(empty_database_url)
+    try:
+        store = await _migrated_after(engine, "0010", BEFORE_0011)
+        served, idle = await store.accounts()
+        assert (served.name, idle.name) == ("served", "idle") and idle.id > served.id
+        assert (await store.usage("req_1") or {})["account_id"] == served.id
+
+        await store.remove_account("idle")  # the account with the highest id
+        added = await store.add_account("added", "openai", "http://127.0.0.1:9/v1", "k")
+
+        assert added > idle.id
+    finally:
+        await engine.dispose()
+
+
+async def test_a_migrated_database_still_refuses_a_row_naming_no_account(
+    empty_database_url: str,
+) -> None:
+    # SQLite's migrations run with its foreign keys off; the connections that serve after
+    # them have them on.
+    engine = create_engine(empty_database_url)
+    try:
+        await migrate(engine)
+        async with engine.begin() as conn:
+            with pytest.raises(IntegrityError):
+                await conn.exec_driver_sql(
+                    BEFORE_0011[-1].replace(
+                        "(SELECT id FROM upstream_accounts WHERE name = 'served')", "999"
+                    )
+                )
     finally:
         await engine.dispose()
