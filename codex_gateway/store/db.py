@@ -193,10 +193,7 @@ async def migrate(engine: AsyncEngine, create: bool = True) -> Migration:
             return Migration(before, await _revision(connection))
         finally:
             if engine.dialect.name == "sqlite":
-                await connection.rollback()
-                if not await connection.run_sync(_foreign_keys, True):
-                    # Still off (`_upgrade`): the connection must serve nothing more.
-                    await connection.invalidate()
+                await _foreign_keys_back_on(connection)
             if engine.dialect.name == "postgresql":
                 await connection.execute(text(f"SELECT pg_advisory_unlock({_PG_MIGRATION_LOCK})"))
                 await connection.commit()
@@ -246,6 +243,19 @@ def _upgrade(connection: Connection) -> None:
     # references itself before it commits.
     _foreign_keys(connection, on=False)
     command.upgrade(config, "head")
+
+
+async def _foreign_keys_back_on(connection: AsyncConnection) -> None:
+    """Foreign keys on again after the migrations (`_upgrade`); a connection that could not
+    have them back, however that failed, is closed and serves nothing more."""
+    try:
+        await connection.rollback()
+        if await connection.run_sync(_foreign_keys, True):
+            return
+    except BaseException:
+        await connection.invalidate()
+        raise
+    await connection.invalidate()
 
 
 def _foreign_keys(connection: Connection, on: bool) -> bool:

@@ -118,7 +118,8 @@ class KeyLease(_Lease, Base):
 class UpstreamAccount(Base):
     __tablename__ = "upstream_accounts"
     # An id is never given to another account (migration 0011), so a bill written after its
-    # account was removed cannot name a newer one.
+    # account was removed cannot name a newer one. A migration that builds this table anew on
+    # SQLite must keep it (`table_kwargs={"sqlite_autoincrement": True}`).
     __table_args__ = ({"sqlite_autoincrement": True},)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import pytest
 from alembic import command
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -204,5 +204,27 @@ async def test_a_migrated_database_still_refuses_a_row_naming_no_account(
                         "(SELECT id FROM upstream_accounts WHERE name = 'served')", "999"
                     )
                 )
+    finally:
+        await engine.dispose()
+
+
+async def test_at_head_account_ids_come_from_a_counter_that_never_goes_back(
+    empty_database_url: str,
+) -> None:
+    # A later migration that builds the table anew on SQLite must keep AUTOINCREMENT.
+    engine = create_engine(empty_database_url)
+    try:
+        await migrate(engine)
+        async with engine.connect() as conn:
+            if engine.dialect.name == "sqlite":
+                counter = await conn.scalar(
+                    text("SELECT sql FROM sqlite_master WHERE name = 'upstream_accounts'")
+                )
+                assert "PRIMARY KEY AUTOINCREMENT" in counter
+            else:
+                counter = await conn.scalar(
+                    text("SELECT pg_get_serial_sequence('upstream_accounts', 'id')")
+                )
+                assert counter == "public.upstream_accounts_id_seq"
     finally:
         await engine.dispose()

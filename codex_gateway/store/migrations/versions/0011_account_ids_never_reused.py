@@ -3,6 +3,11 @@ AUTOINCREMENT, so that an account added after one was removed cannot take its id
 written later for a request the removed one served (`account_removed`) or spooled before the
 removal cannot name the new one. PostgreSQL's sequences never hand an id out twice.
 
+The counter starts above the highest id the table holds then: an account removed before this
+migration, with an id above every account left, may see its id given once more. A later
+migration that builds this table anew must pass `table_kwargs={"sqlite_autoincrement": True}`
+again, or the table loses AUTOINCREMENT and its counter.
+
 A downgrade leaves the table as it is: older versions read and write it the same.
 
 Revision ID: 0011
@@ -30,7 +35,10 @@ def upgrade() -> None:
         pass
     dangling = bind.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
     if dangling:
-        raise RuntimeError(f"rows refer to accounts that are not there: {dangling[:5]}")
+        raise RuntimeError(
+            "rows refer to rows that are not there (table, row id, referred table, key): "
+            f"{dangling[:5]}; remove or mend them, then migrate again"
+        )
 
 
 def downgrade() -> None:
