@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from codex_gateway.billing.pricing import plain
 from codex_gateway.config import Settings, load_settings
 from codex_gateway.errors import ConfigError
+from codex_gateway.logs import escape_controls
 from codex_gateway.store.db import create_engine, failure, migrate, missing_database, redact_url
 from codex_gateway.store.queries import Store, StoreError
 
@@ -94,6 +95,9 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def _cell(value: Any) -> str:
+    """A value as a table shows it; text on one line, with any character that is not
+    printable escaped (a note stored before such notes were refused, an upstream's words in
+    an account's state), so that no cell moves or colours the terminal's output."""
     if value is None:
         return "-"
     if isinstance(value, Decimal):
@@ -102,4 +106,4 @@ def _cell(value: Any) -> str:
         return "yes" if value else "no"
     if hasattr(value, "strftime"):
         return str(value.strftime("%Y-%m-%d %H:%M:%S"))
-    return str(value)
+    return escape_controls(str(value))
